@@ -273,3 +273,14 @@ def test_score_parquet_reads_pipeline_output(tmp_path):
     assert result["image_caption_exact"] == pytest.approx(2 / 3) and result["vqa_acc"] == 1.0
     assert result["video_caption_f1"] == 1.0 and result["n_missing"] == 0
     assert sum(result["counts"][k] for k in ("image_caption", "video_caption", "image_vqa", "video_vqa")) == len(rows)
+
+
+def test_write_corpus_through_a_non_local_filesystem():
+    """Guards against open()/os.path on user paths: the corpus must go through fsspec to any filesystem."""
+    manifest_uri = corpus.write_corpus("memory://shapes-test/c", num_images=2, num_videos=1, seed=0)
+    entries = corpus.read_manifest(manifest_uri)
+    assert manifest_uri.startswith("memory://") and len(entries) == 3
+    for e in entries:
+        with fsspec.open(e["uri"], "rb") as f:
+            assert len(f.read()) > 100
+    fsspec.filesystem("memory").rm("/shapes-test", recursive=True)
