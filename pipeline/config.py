@@ -1,0 +1,137 @@
+"""RunConfig: everything one labeling run needs, validated once, frozen.
+
+The CLI maps its flags onto this dataclass and holds no logic; `pipeline.graph.run`
+takes one. Storage options are given as KEY=VALUE strings (as on the command line) and
+parsed here: dotted keys nest (`client_kwargs.region_name=x`), `true`/`false` become bools.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+TASKS = ("caption", "vqa")
+
+
+def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE strings -> fsspec storage options (dotted keys nest, true/false -> bool)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"storage option {pair!r} is not KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:8333)")
+        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
+        *parents, leaf = key.split(".")
+        node = options
+        for parent in parents:
+            node = node.setdefault(parent, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"storage option {key!r} nests under a key that already has a value")
+        node[leaf] = parsed
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One labeling run: inputs -> Parquet at `out`. See `lavi-label run --help` for each field."""
+
+    inputs: tuple[str, ...]
+    out: str
+    task: str = "caption"
+    prompt: str | None = None
+    questions: tuple[str, ...] = ()
+    model: str | None = None  # None: the bundled model (lavi.engine.DEFAULT_MODEL)
+    batch_size: int = 32
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5  # CPU actors take a fraction so read/decode tasks always fit
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    frames: int | None = None  # None: the model's default
+    clip_seconds: float | None = None  # None: the decoder's default
+    max_clips: int | None = None  # None: the decoder's default
+    storage_options: tuple[str, ...] = ()  # KEY=VALUE, as given on the command line
+    address: str | None = None  # None: start a local Ray bound to 127.0.0.1
+    overwrite: bool = False
+    max_error_rate: float = 1.0
+    job_id: str | None = None  # None: reuse the output's job id, else a fresh one
+    rows_per_file: int = 5000
+    decode_batch_size: int = 4  # items per decode task
+    progress_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "questions", tuple(self.questions))
+        object.__setattr__(self, "storage_options", tuple(self.storage_options))
+        if not self.inputs:
+            raise ValueError("give at least one INPUT (a file, directory, glob, s3:// prefix or manifest)")
+        if not self.out:
+            raise ValueError("give --out, the output directory URI (local path, s3://..., gs://...)")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "caption" and self.questions:
+            raise ValueError("--question is for --task vqa; for captions use --prompt")
+        if self.task == "vqa" and self.prompt is not None:
+            raise ValueError("--prompt is for --task caption; for vqa use --question (repeatable)")
+        if self.task == "vqa" and not self.questions and not _has_manifest(self.inputs):
+            raise ValueError("--task vqa needs questions: give --question, or a manifest with a questions column")
+        if any(not q.strip() for q in self.questions):
+            raise ValueError("--question must not be empty")
+        _positive("batch-size", self.batch_size)
+        _positive("workers", self.workers)
+        _positive("max-new-tokens", self.max_new_tokens)
+        _positive("rows_per_file", self.rows_per_file)
+        _positive("decode_batch_size", self.decode_batch_size)
+        if self.frames is not None:
+            _positive("frames", self.frames)
+        if self.max_clips is not None:
+            _positive("max-clips", self.max_clips)
+        if self.clip_seconds is not None and not (self.clip_seconds > 0 and math.isfinite(self.clip_seconds)):
+            raise ValueError(f"--clip-seconds must be a positive number, got {self.clip_seconds}")
+        if not (self.gpus_per_worker >= 0 and math.isfinite(self.gpus_per_worker)):
+            raise ValueError(f"--gpus-per-worker must be >= 0 (0 runs on CPU), got {self.gpus_per_worker}")
+        if not 0 < self.cpus_per_worker <= 64:
+            raise ValueError(f"cpus_per_worker must be in (0, 64], got {self.cpus_per_worker}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ValueError(f"--max-error-rate must be a fraction in [0, 1], got {self.max_error_rate}")
+        if self.job_id is not None and not self.job_id.strip():
+            raise ValueError("--job-id must not be empty (leave it out to get one)")
+        parse_storage_options(self.storage_options)  # raises on malformed pairs
+
+    @property
+    def storage(self) -> dict[str, Any]:
+        """The parsed fsspec storage options (apply to remote URIs only)."""
+        return parse_storage_options(self.storage_options)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+    def generation_settings(self) -> dict[str, Any]:
+        """The generation settings recorded in the Parquet metadata and checked on resume."""
+        return {
+            "task": self.task,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "frames": self.frames,
+            "clip_seconds": self.clip_seconds,
+            "max_clips": self.max_clips,
+        }
+
+
+def _positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"--{flag} must be a positive integer, got {value!r}")
+
+
+def _has_manifest(inputs: tuple[str, ...]) -> bool:
+    return any(i.lower().endswith((".jsonl", ".csv", ".parquet")) for i in inputs)

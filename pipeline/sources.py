@@ -1,0 +1,189 @@
+"""INPUT list -> a stream of manifest items {item_id, uri, media_type, prompts, error}.
+
+An INPUT is a local file or directory, a glob, an s3:// / gs:// / file:// prefix, or a
+manifest (.jsonl / .csv / .parquet) with a `uri` column and optional `questions` (a list;
+a JSON list in CSV), `prompt` and `media_type` columns. Directories and prefixes are walked
+one directory listing at a time (`fs.walk`), manifests are read in record batches: the
+driver never holds the whole listing. Items are written to Parquet listing shards
+(`write_shards`) that Ray Data reads, so the listing streams into the cluster in chunks.
+
+Problems with one item (a vqa item with no questions) become items with `error` set: they
+flow through the pipeline as error rows instead of disappearing. Walks skip files whose
+extension is neither image nor video (counted in the log); manifest entries are kept
+whatever their extension (the decoder sniffs the content). ITEM_SCHEMA is
+schemas.manifest.MANIFEST_SCHEMA plus `error`, with `prompt` nullable: null means the
+model's default caption prompt for the item's (decoded) media type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.storage import filesystem, full_uri, is_local
+from schemas.manifest import media_type_from_name
+from schemas.rows import UNKNOWN
+from schemas.rows import item_id as make_item_id
+
+log = logging.getLogger(__name__)
+
+MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
+GLOB_CHARS = re.compile(r"[*?\[]")
+
+PROMPT_TYPE = pa.struct([("task", pa.string()), ("prompt", pa.string())])
+ITEM_SCHEMA = pa.schema([
+    ("item_id", pa.string()),
+    ("uri", pa.string()),
+    ("media_type", pa.string()),
+    ("prompts", pa.list_(PROMPT_TYPE)),  # prompt null: the model's default caption prompt
+    ("error", pa.string()),  # set: the item becomes error rows (stage read) without a fetch
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """How each item's prompts are made: the task and the run-wide prompt/questions."""
+
+    task: str = "caption"
+    prompt: str | None = None
+    questions: tuple[str, ...] = ()
+
+
+def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[str, Any] | None = None,
+               skip: set[str] | frozenset[str] = frozenset()) -> Iterator[dict]:
+    """Stream items for every INPUT, each uri once; items whose item_id is in `skip` are left out."""
+    seen: set[str] = set()
+    duplicates = 0
+    for spec_uri in inputs:
+        for entry in _iter_entries(spec_uri, storage_options or {}):
+            item = _make_item(entry, spec)
+            if item["item_id"] in seen:
+                duplicates += 1
+                continue
+            seen.add(item["item_id"])
+            if item["item_id"] not in skip:
+                yield item
+    if duplicates:
+        log.warning("%d duplicate uris in the inputs were labeled once", duplicates)
+
+
+def write_shards(items: Iterable[dict], base_uri: str, storage_options: dict[str, Any] | None = None,
+                 shard_size: int = 10_000) -> tuple[list[str], int]:
+    """Write items as Parquet shards under base_uri; returns (shard URIs, number of items)."""
+    fs, base = filesystem(base_uri, storage_options)
+    fs.makedirs(base, exist_ok=True)
+    shards: list[str] = []
+    total = 0
+    chunk: list[dict] = []
+
+    def flush() -> None:
+        path = f"{base.rstrip('/')}/shard-{len(shards):06d}.parquet"
+        with fs.open(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(chunk, schema=ITEM_SCHEMA), f)
+        shards.append(full_uri(fs, path))
+        chunk.clear()
+
+    for item in items:
+        chunk.append(item)
+        total += 1
+        if len(chunk) >= shard_size:
+            flush()
+    if chunk:
+        flush()
+    return shards, total
+
+
+def _make_item(entry: dict, spec: PromptSpec) -> dict:
+    uri = entry["uri"]
+    media_type = entry.get("media_type") or media_type_from_name(uri)  # the decoder may still sniff "unknown"
+    error = None
+    if spec.task == "caption":
+        prompts = [{"task": "caption", "prompt": entry.get("prompt") or spec.prompt}]
+    else:
+        questions = list(dict.fromkeys([*spec.questions, *(entry.get("questions") or [])]))
+        prompts = [{"task": "vqa", "prompt": q} for q in questions]
+        if not prompts:
+            prompts = [{"task": "vqa", "prompt": ""}]
+            error = error or "no questions for this item: give --question or a questions column in the manifest"
+    return {"item_id": make_item_id(uri), "uri": uri, "media_type": media_type, "prompts": prompts, "error": error}
+
+
+def _iter_entries(spec_uri: str, storage_options: dict[str, Any]) -> Iterator[dict]:
+    fs, path = filesystem(spec_uri, storage_options)
+    if GLOB_CHARS.search(path):
+        yield from _iter_glob(fs, path)
+    elif path.lower().endswith(MANIFEST_EXTS) and fs.isfile(path):
+        yield from _iter_manifest(fs, path)
+    elif fs.isdir(path):
+        yield from _iter_walk(fs, path, None)
+    elif fs.isfile(path):
+        yield {"uri": full_uri(fs, path)}
+    else:
+        raise ValueError(f"input {spec_uri!r} does not exist (a file, directory, glob, prefix or manifest)")
+
+
+def _iter_glob(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[dict]:
+    root = GLOB_CHARS.split(pattern, 1)[0].rsplit("/", 1)[0] or "/"
+    regex = re.compile(fsspec.utils.glob_translate(pattern))
+    if not fs.isdir(root):
+        raise ValueError(f"input glob {pattern!r}: its directory {root!r} does not exist")
+    yield from _iter_walk(fs, root, regex)
+
+
+def _iter_walk(fs: fsspec.AbstractFileSystem, root: str, regex: re.Pattern | None) -> Iterator[dict]:
+    unknown = 0
+    for dirpath, dirnames, filenames in fs.walk(root):
+        dirnames.sort()  # walk order is deterministic
+        for name in sorted(filenames):
+            path = f"{dirpath.rstrip('/')}/{name}"
+            if regex is not None and not regex.match(path):
+                continue
+            if media_type_from_name(name) == UNKNOWN:
+                unknown += 1
+                continue
+            yield {"uri": full_uri(fs, path)}
+    if unknown:
+        log.info("skipped %d files under %s that are neither images nor videos (by extension)", unknown, root)
+
+
+def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
+    base = posixpath.dirname(path)
+    for record in _iter_records(fs, path):
+        uri = record.get("uri")
+        if not isinstance(uri, str) or not uri:
+            raise ValueError(f"manifest {path!r} has a record without a uri: {record!r:.200}")
+        if "://" not in uri and not uri.startswith("/"):
+            uri = full_uri(fs, f"{base}/{uri}")  # relative to the manifest
+        elif "://" not in uri and is_local(full_uri(fs, path)):
+            uri = f"file://{uri}"
+        questions = record.get("questions")
+        if isinstance(questions, str):  # CSV: a JSON list or one question
+            questions = json.loads(questions) if questions.startswith("[") else [questions] if questions else []
+        yield {"uri": uri, "media_type": record.get("media_type"), "prompt": record.get("prompt"),
+               "questions": questions}
+
+
+def _iter_records(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
+    lower = path.lower()
+    with fs.open(path, "rb") as f:
+        if lower.endswith(".jsonl"):
+            for line in io.TextIOWrapper(f, encoding="utf-8"):
+                if line.strip():
+                    yield json.loads(line)
+        elif lower.endswith(".csv"):
+            for batch in pacsv.open_csv(f):
+                yield from batch.to_pylist()
+        else:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
+                yield from batch.to_pylist()

@@ -1,0 +1,116 @@
+"""pipeline.sources and pipeline.config: INPUT specs -> items, prompts, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import RunConfig, parse_storage_options
+from pipeline.sources import ITEM_SCHEMA, PromptSpec, iter_items, write_shards
+from schemas.rows import item_id
+
+
+def _tree(root) -> None:
+    (root / "a" / "deep").mkdir(parents=True)
+    for rel in ("x.png", "a/y.JPG", "a/deep/z.mp4", "a/notes.txt", "b.mov"):
+        (root / rel).write_bytes(b"not really media")
+
+
+def test_directory_walk_is_recursive_sorted_and_skips_non_media(tmp_path):
+    """Guards against a walk that stops at the top level, yields README/sidecar files as items, or
+    changes order between runs (file names and resume rely on a stable listing)."""
+    _tree(tmp_path)
+    items = list(iter_items([str(tmp_path)], PromptSpec()))
+    uris = [i["uri"] for i in items]
+    assert [u.rsplit("/", 1)[1] for u in uris] == ["b.mov", "x.png", "y.JPG", "z.mp4"]
+    assert all(u.startswith("file:///") for u in uris)
+    assert [i["media_type"] for i in items if i["uri"].endswith(".mp4")] == ["video"]
+    assert all(i["item_id"] == item_id(i["uri"]) for i in items)
+    assert uris == [i["uri"] for i in iter_items([str(tmp_path)], PromptSpec())]
+
+
+def test_glob_and_file_and_prefix_uri_and_duplicates(tmp_path):
+    """Guards against globs matching non-matching files, file:// prefixes not walked, and the same
+    file listed by two INPUTs being labeled twice (duplicate rows)."""
+    _tree(tmp_path)
+    globbed = list(iter_items([f"{tmp_path}/**/*.mp4"], PromptSpec()))
+    assert [i["uri"].rsplit("/", 1)[1] for i in globbed] == ["z.mp4"]
+    both = list(iter_items([f"file://{tmp_path}/a", str(tmp_path / "a" / "y.JPG")], PromptSpec()))
+    assert sorted(i["uri"].rsplit("/", 1)[1] for i in both) == ["y.JPG", "z.mp4"]
+
+
+def test_missing_input_raises():
+    """Guards against a typo in INPUT silently producing an empty run."""
+    with pytest.raises(ValueError, match="does not exist"):
+        list(iter_items(["/nonexistent/dir/for/lavi"], PromptSpec()))
+
+
+def test_manifest_prompts_caption_and_vqa(tmp_path):
+    """Guards against per-item questions being dropped, CLI questions not added to every item,
+    relative manifest uris resolved against the cwd, and a vqa item without questions vanishing."""
+    (tmp_path / "img.png").write_bytes(b"x")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"uri": "img.png", "questions": ["what color is the circle?"]},
+        {"uri": str(tmp_path / "v.mp4"), "prompt": "describe it."},
+        {"uri": "s3://bucket/k.weird"},
+    ]) + "\n")
+    vqa = list(iter_items([str(manifest)], PromptSpec(task="vqa", questions=("how many objects are there?",))))
+    assert vqa[0]["uri"] == f"file://{tmp_path}/img.png"
+    assert [p["prompt"] for p in vqa[0]["prompts"]] == ["how many objects are there?", "what color is the circle?"]
+    assert vqa[1]["uri"] == f"file://{tmp_path}/v.mp4"
+    assert vqa[2]["media_type"] == "unknown" and vqa[2]["error"] is None
+    bare = list(iter_items([str(manifest)], PromptSpec(task="vqa")))
+    assert bare[1]["error"] and "no questions" in bare[1]["error"] and len(bare[1]["prompts"]) == 1
+    cap = list(iter_items([str(manifest)], PromptSpec(task="caption")))
+    assert [i["prompts"] for i in cap[:2]] == [[{"task": "caption", "prompt": None}],
+                                               [{"task": "caption", "prompt": "describe it."}]]
+
+
+def test_csv_and_parquet_manifests(tmp_path):
+    """Guards against CSV question lists read as one string and Parquet manifests not supported."""
+    (tmp_path / "m.csv").write_text('uri,questions\n/d/a.png,"[""q1?"", ""q2?""]"\n/d/b.png,\n')
+    items = list(iter_items([str(tmp_path / "m.csv")], PromptSpec(task="vqa", questions=("q0?",))))
+    assert [[p["prompt"] for p in i["prompts"]] for i in items] == [["q0?", "q1?", "q2?"], ["q0?"]]
+    pq.write_table(pa.table({"uri": ["/d/a.png", "/d/c.mp4"], "questions": [["q1?"], None]}), tmp_path / "m.parquet")
+    items = list(iter_items([str(tmp_path / "m.parquet")], PromptSpec(task="vqa")))
+    assert [i["uri"] for i in items] == ["file:///d/a.png", "file:///d/c.mp4"]
+    assert items[1]["error"] is not None
+
+
+def test_skip_and_shards_round_trip(tmp_path):
+    """Guards against resume not skipping finished items and shards losing items at chunk edges."""
+    for i in range(7):
+        (tmp_path / f"{i}.png").write_bytes(b"x")
+    all_items = list(iter_items([str(tmp_path)], PromptSpec()))
+    skip = {all_items[0]["item_id"], all_items[3]["item_id"]}
+    shards, n = write_shards(iter_items([str(tmp_path)], PromptSpec(), skip=skip), str(tmp_path / "_listing"),
+                             shard_size=2)
+    assert n == 5 and len(shards) == 3
+    tables = [pq.read_table(s.removeprefix("file://")) for s in shards]
+    assert all(t.schema.equals(ITEM_SCHEMA) for t in tables)
+    ids = [x for t in tables for x in t.column("item_id").to_pylist()]
+    assert ids == [i["item_id"] for i in all_items if i["item_id"] not in skip]
+
+
+def test_run_config_validation_messages():
+    """Guards against invalid flags reaching the cluster and failing there, late and obscurely."""
+    RunConfig(inputs=("x",), out="o")
+    for kwargs, match in [({"task": "ocr"}, "--task"), ({"task": "vqa"}, "needs questions"),
+                          ({"questions": ("q?",)}, "--question is for"), ({"batch_size": 0}, "batch-size"),
+                          ({"gpus_per_worker": -1.0}, "gpus-per-worker"), ({"top_p": 0.0}, "top-p"),
+                          ({"max_error_rate": 2.0}, "max-error-rate"), ({"storage_options": ("novalue",)}, "KEY=VALUE")]:
+        with pytest.raises(ValueError, match=match):
+            RunConfig(inputs=("x",), out="o", **kwargs)
+    with pytest.raises(ValueError, match="INPUT"):
+        RunConfig(inputs=(), out="o")
+    RunConfig(inputs=("m.jsonl",), out="o", task="vqa")
+
+
+def test_storage_options_parse():
+    """Guards against dotted keys (client_kwargs.endpoint_url) not nesting and 'false' being truthy."""
+    assert parse_storage_options(("client_kwargs.endpoint_url=http://h:1", "anon=false", "key=a=b")) == {
+        "client_kwargs": {"endpoint_url": "http://h:1"}, "anon": False, "key": "a=b"}
