@@ -1,0 +1,184 @@
+"""Configs: the decoder, the vision tower and LaVi itself. Small frozen dataclasses that serialise."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SITES = ("attn", "ffn", "both")
+FUSIONS = ("viln", "concat")
+
+
+def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """A Qwen2/Llama-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2: q/k/v have a bias, o does not
+    o_bias: bool = False  # Llama attention_bias=True: all four have one
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "DecoderConfig":
+        """Map a transformers Qwen2/Llama config.json onto ours; refuse what we do not implement."""
+        kind = hf.get("model_type", "")
+        if kind not in ("qwen2", "llama"):
+            raise ValueError(f"decoder model_type {kind!r} is not supported: use a qwen2 or llama checkpoint")
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"rope scaling {rope_type!r} is not supported yet (only plain RoPE)")
+        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+        bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0,
+            rope_theta=float(theta),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            qkv_bias=True if kind == "qwen2" else bias,
+            o_bias=bias if kind == "llama" else False,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A SigLIP-family ViT: conv patch embedding, learned positions, pre-norm blocks."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "VisionConfig":
+        """Map a SiglipVisionConfig (or a SiglipConfig's vision_config) onto ours."""
+        hf = hf.get("vision_config", hf)
+        if hf.get("model_type", "siglip_vision_model") not in ("siglip_vision_model", "siglip"):
+            raise ValueError(f"vision model_type {hf.get('model_type')!r} is not supported: use a SigLIP checkpoint")
+        act = hf.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"vision hidden_act {act!r} is not supported (SigLIP uses gelu_pytorch_tanh)")
+        return cls(
+            image_size=hf.get("image_size", 224),
+            patch_size=hf.get("patch_size", 16),
+            hidden_size=hf.get("hidden_size", 768),
+            intermediate_size=hf.get("intermediate_size", 3072),
+            num_layers=hf.get("num_hidden_layers", 12),
+            num_heads=hf.get("num_attention_heads", 12),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
+            num_channels=hf.get("num_channels", 3),
+        )
+
+
+@dataclass(frozen=True)
+class LaViConfig:
+    """LaVi = decoder + ViT + a fusion: `viln` (modulated norms) or `concat` (LLaVA-style baseline)."""
+
+    decoder: DecoderConfig
+    vision: VisionConfig
+    fusion: str = "viln"
+    sites: str = "both"  # which norms are modulated: attn, ffn or both
+    layer_stride: int = 1  # modulate every k-th layer (1 = all)
+    num_stages: int = 4  # ViT taps, mapped onto contiguous groups of LLM layers
+    cond_dim: int = 256  # conditioner width d_c
+    cond_heads: int = 4
+    max_frames: int = 32  # size of the learned temporal embedding
+    default_frames: int = 8  # frames per video clip when the caller does not say
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    prompt_template: str = "{prompt}"  # text fed to the decoder; generation starts after it
+    bos_token_id: int | None = None
+    eos_token_id: int = 0
+    pad_token_id: int = 0
+    default_prompts: dict[str, str] = field(
+        default_factory=lambda: {"image": "describe the image.", "video": "describe the video."}
+    )
+    name: str = "lavi"
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.sites not in SITES:
+            raise ValueError(f"sites must be one of {SITES}, got {self.sites!r}")
+        if self.layer_stride < 1:
+            raise ValueError("layer_stride must be >= 1")
+        if not 1 <= self.num_stages <= self.vision.num_layers:
+            raise ValueError(f"num_stages must be in [1, {self.vision.num_layers}] (the ViT's depth)")
+        if self.cond_dim % self.cond_heads:
+            raise ValueError(f"cond_dim {self.cond_dim} must be divisible by cond_heads {self.cond_heads}")
+        if not 1 <= self.default_frames <= self.max_frames:
+            raise ValueError(f"default_frames must be in [1, max_frames={self.max_frames}]")
+        object.__setattr__(self, "image_mean", tuple(self.image_mean))
+        object.__setattr__(self, "image_std", tuple(self.image_std))
+
+    # -- where modulation goes ------------------------------------------------------------
+    def modulated_layers(self) -> list[int]:
+        return list(range(0, self.decoder.num_layers, self.layer_stride))
+
+    def site_names(self) -> list[str]:
+        return ["attn", "ffn"] if self.sites == "both" else [self.sites]
+
+    def stage_of_layer(self, layer: int) -> int:
+        """Contiguous LLM layer groups, shallow to shallow: layer l -> stage floor(l*K/L)."""
+        return layer * self.num_stages // self.decoder.num_layers
+
+    def vision_taps(self) -> list[int]:
+        """ViT layer indices (0-based block outputs) feeding each stage, evenly spaced, last = deepest."""
+        n = self.vision.num_layers
+        return [round((g + 1) * n / self.num_stages) - 1 for g in range(self.num_stages)]
+
+    # -- serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LaViConfig":
+        d = dict(d)
+        d["decoder"] = DecoderConfig(**_known(DecoderConfig, d["decoder"]))
+        d["vision"] = VisionConfig(**_known(VisionConfig, d["vision"]))
+        return cls(**_known(cls, d))

@@ -1,0 +1,111 @@
+"""The engine: a loaded LaVi, its tokenizer and static caches, from uint8 frames and prompt text to text.
+
+This is what the labeler actor holds (one per replica) and what eval and the benchmarks call.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .generate import GenerationConfig, generate, setup_caches
+from .model import LaVi
+from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL = str(Path(__file__).parent / "weights" / "tiny-shapes")
+
+
+@dataclass
+class Generation:
+    text: str
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finished: bool  # False: stopped by max_new_tokens (status "truncated")
+
+
+def pixels_from_frames(frames: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...],
+                       size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 clips [(F_i, S, S, 3)] -> normalised pixels (N, F_max, 3, S, S) and frame mask (N, F_max)."""
+    fmax = max(f.shape[0] for f in frames)
+    pixels = torch.zeros(len(frames), fmax, 3, size, size)
+    mask = torch.zeros(len(frames), fmax, dtype=torch.bool)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    for i, clip in enumerate(frames):
+        if clip.ndim != 4 or clip.shape[1:] != (size, size, 3):
+            raise ValueError(f"frames must be (F, {size}, {size}, 3) uint8, got {tuple(clip.shape)}")
+        x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, S, S)
+        pixels[i, : len(clip)] = (x - m) / s
+        mask[i, : len(clip)] = True
+    return pixels, mask
+
+
+class Engine:
+    def __init__(self, model: LaVi, tokenizer: Tokenizer, max_batch: int = 32, name: str | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch = max_batch
+        self.name = name or self.config.name
+        self.eos_id = self.config.eos_token_id
+        self.pad_id = self.config.pad_token_id
+        self._cache = (0, 0)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32) -> "Engine":
+        model = checkpoint.load(path, device=device, dtype=dtype)
+        return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def default_frames(self) -> int:
+        return self.config.default_frames
+
+    def default_prompt(self, media_type: str) -> str:
+        return self.config.default_prompts.get(media_type, self.config.default_prompts["image"])
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(self.config.prompt_template.format(prompt=text))
+        return ([self.config.bos_token_id] if self.config.bos_token_id is not None else []) + ids
+
+    def _ensure_cache(self, batch: int, seq: int) -> None:
+        """Static caches, allocated once; reallocated only if a request needs more slots than ever before."""
+        if batch > self._cache[0] or seq > self._cache[1]:
+            b, s = max(batch, self._cache[0]), max(2 ** math.ceil(math.log2(seq)), self._cache[1])
+            setup_caches(self.model, b, s)
+            self._cache = (b, s)
+
+    @torch.no_grad()
+    def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
+                 gen: GenerationConfig = GenerationConfig()) -> list[Generation]:
+        """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Generation each.
+        The visual state of each clip is computed once, whatever the number of prompts asked of it."""
+        out: list[Generation] = []
+        for start in range(0, len(requests), self.max_batch):
+            out.extend(self._generate_batch(visuals, requests[start:start + self.max_batch], gen))
+        return out
+
+    def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
+                        gen: GenerationConfig) -> list[Generation]:
+        used = sorted({v for v, _ in requests})
+        local = {v: i for i, v in enumerate(used)}
+        pixels, fmask = pixels_from_frames([visuals[v] for v in used], self.config.image_mean,
+                                           self.config.image_std, self.image_size)
+        device = self.model.device
+        vis = self.model.encode(pixels.to(device), fmask.to(device))
+        prompts = [self.encode_prompt(p) for _, p in requests]
+        prefix = vis.tokens.shape[1] if vis.tokens is not None else 0
+        self._ensure_cache(len(requests), prefix + max(map(len, prompts)) + gen.max_new_tokens)
+        rows = torch.tensor([local[v] for v, _ in requests])
+        results = generate(self.model, vis, rows, prompts, gen, self.eos_id, self.pad_id)
+        return [Generation(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
+                           num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
+                for r, p in zip(results, prompts)]

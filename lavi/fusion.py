@@ -1,0 +1,126 @@
+"""How vision reaches the decoder: ViLN (vision-conditioned norm deltas) or the concat baseline.
+
+ViLN, per DESIGN.md:
+    x_t        = RMSNorm_unscaled(h_t)
+    V_g        = proj_g(LN(ViT tap g)) + temporal embedding            (N, Nv, d_c)
+    K, U       = W_k^g V_g, W_v^g V_g                                   once per item per stage
+    q_t        = W_q^{l,s} x_t                                          d -> d_c
+    c_t        = MultiHeadAttn(q_t, K, U)                               text -> vision, no causal mask
+    [dg; db]   = W_o^{l,s} c_t                                          d_c -> 2d, zero-initialised
+    ViLN(h_t)  = (gamma + dg) * x_t + db
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LaViConfig
+from .decoder import LayerConds, NormCond
+
+
+@dataclass
+class Visual:
+    """The visual state of a batch of items, computed once and reused by every decode step.
+
+    viln: `kv[g] = (K, U)` per stage, each (N, Hc, Nv, Dh). concat: `tokens` (N, Nv, d).
+    `mask` (N, Nv) bool marks real (not padded-frame) visual tokens.
+    """
+
+    mask: Tensor
+    kv: list[tuple[Tensor, Tensor]] | None = None
+    tokens: Tensor | None = None
+
+    def select(self, rows: Tensor) -> "Visual":
+        """Gather per text row: rows (B,) item index -> a Visual with B entries."""
+        kv = [(k.index_select(0, rows), u.index_select(0, rows)) for k, u in self.kv] if self.kv else None
+        tokens = self.tokens.index_select(0, rows) if self.tokens is not None else None
+        return Visual(mask=self.mask.index_select(0, rows), kv=kv, tokens=tokens)
+
+
+def frames_to_tokens(feats: Tensor, n: int, f: int, temporal: Tensor) -> Tensor:
+    """(N*F, P, d) frame features -> (N, F*P, d), with a learned temporal embedding per frame."""
+    p, d = feats.shape[1:]
+    x = feats.view(n, f, p, d) + temporal[:f].view(1, f, 1, d)
+    return x.reshape(n, f * p, d)
+
+
+class StageKV(nn.Module):
+    """One ViT stage -> the conditioner's keys and values."""
+
+    def __init__(self, d_vit: int, d_c: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_vit, eps=eps)
+        self.proj = nn.Linear(d_vit, d_c)
+        self.k_proj = nn.Linear(d_c, d_c, bias=False)
+        self.v_proj = nn.Linear(d_c, d_c, bias=False)
+
+
+class SiteHead(nn.Module):
+    """Per (layer, site): the text query and the zero-initialised output to (dg, db)."""
+
+    def __init__(self, d: int, d_c: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d, d_c, bias=False)
+        self.o_proj = nn.Linear(d_c, 2 * d)
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.zeros_(self.o_proj.bias)
+
+
+class ViLN(nn.Module):
+    def __init__(self, c: LaViConfig) -> None:
+        super().__init__()
+        self.c = c
+        d, d_c = c.decoder.hidden_size, c.cond_dim
+        self.stages = nn.ModuleList(
+            StageKV(c.vision.hidden_size, d_c, c.vision.layer_norm_eps) for _ in range(c.num_stages))
+        self.temporal = nn.Parameter(torch.randn(c.max_frames, d_c) * 0.02)
+        self.heads = nn.ModuleDict(
+            {f"{l}_{s}": SiteHead(d, d_c) for l in c.modulated_layers() for s in c.site_names()})
+
+    def visual(self, taps: list[Tensor], n: int, f: int, mask: Tensor) -> Visual:
+        h = self.c.cond_heads
+        kv = []
+        for stage, feats in zip(self.stages, taps):
+            v = frames_to_tokens(stage.proj(stage.norm(feats)), n, f, self.temporal)  # (N, Nv, d_c)
+            k, u = stage.k_proj(v), stage.v_proj(v)
+            kv.append(tuple(t.view(n, t.shape[1], h, -1).transpose(1, 2) for t in (k, u)))  # (N, Hc, Nv, Dh)
+        return Visual(mask=mask, kv=kv)
+
+    def _cond(self, head: SiteHead, k: Tensor, u: Tensor, vis_mask: Tensor) -> NormCond:
+        def cond(x: Tensor) -> tuple[Tensor, Tensor]:
+            b, t, _ = x.shape
+            q = head.q_proj(x).view(b, t, self.c.cond_heads, -1).transpose(1, 2)  # (B, Hc, T, Dh)
+            ctx = F.scaled_dot_product_attention(q, k, u, attn_mask=vis_mask)  # (B, Hc, T, Dh)
+            dg, db = head.o_proj(ctx.transpose(1, 2).reshape(b, t, -1)).chunk(2, dim=-1)  # 2 x (B, T, d)
+            return dg, db
+        return cond
+
+    def conds(self, vis: Visual) -> LayerConds:
+        """Per-layer norm conditioners for a batch whose visual state is already gathered per row."""
+        vis_mask = vis.mask[:, None, None, :]  # (B, 1, 1, Nv)
+        table: dict[int, tuple[NormCond | None, NormCond | None]] = {}
+        for l in self.c.modulated_layers():
+            k, u = vis.kv[self.c.stage_of_layer(l)]
+            sites = self.c.site_names()
+            table[l] = tuple(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask) if s in sites else None
+                             for s in ("attn", "ffn"))
+        return lambda layer: table.get(layer, (None, None))
+
+
+class Projector(nn.Module):
+    """The concat baseline: a 2-layer MLP from ViT features to decoder embeddings (LLaVA)."""
+
+    def __init__(self, c: LaViConfig) -> None:
+        super().__init__()
+        d = c.decoder.hidden_size
+        self.norm = nn.LayerNorm(c.vision.hidden_size, eps=c.vision.layer_norm_eps)
+        self.fc1 = nn.Linear(c.vision.hidden_size, d)
+        self.fc2 = nn.Linear(d, d)
+        self.temporal = nn.Parameter(torch.randn(c.max_frames, d) * 0.02)
+
+    def visual(self, last: Tensor, n: int, f: int, mask: Tensor) -> Visual:
+        x = self.fc2(F.gelu(self.fc1(self.norm(last))))  # (N*F, P, d)
+        return Visual(mask=mask, tokens=frames_to_tokens(x, n, f, self.temporal))

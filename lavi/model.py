@@ -1,0 +1,77 @@
+"""LaVi: a decoder, a ViT and a fusion (ViLN or the concat baseline) in one module."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import LaViConfig
+from .decoder import Decoder, LayerConds
+from .fusion import Projector, ViLN, Visual
+from .vision import VisionTower
+
+
+def attention_mask(valid: Tensor, q_slots: Tensor, q_valid: Tensor) -> Tensor:
+    """Key mask for cached attention. valid (B, S) marks real keys; q_slots (T,) the queries' cache slots;
+    q_valid (B, T). Real queries see real keys at or before their slot; pad queries see every earlier
+    slot (their outputs are discarded; this only keeps them finite). -> (B, 1, T, S) bool."""
+    s = valid.shape[1]
+    causal = torch.arange(s, device=valid.device)[None, :] <= q_slots[:, None]  # (T, S)
+    return (causal[None] & (valid[:, None, :] | ~q_valid[:, :, None]))[:, None]
+
+
+class LaVi(nn.Module):
+    def __init__(self, config: LaViConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.decoder = Decoder(config.decoder)
+        self.vision = VisionTower(config.vision)
+        self.viln = ViLN(config) if config.fusion == "viln" else None
+        self.projector = Projector(config) if config.fusion == "concat" else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype
+
+    def encode(self, pixels: Tensor, frame_mask: Tensor | None = None) -> Visual:
+        """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real).
+        Frames are encoded independently; their features are concatenated along the token axis."""
+        n, f = pixels.shape[:2]
+        if f > self.config.max_frames:
+            raise ValueError(f"{f} frames per item exceeds the model's max_frames={self.config.max_frames}")
+        if frame_mask is None:
+            frame_mask = torch.ones(n, f, dtype=torch.bool, device=pixels.device)
+        p = self.config.vision.num_patches
+        mask = frame_mask.repeat_interleave(p, dim=1)  # (N, F*P)
+        flat = pixels.reshape(n * f, *pixels.shape[2:]).to(self.dtype)  # (N*F, 3, S, S)
+        if self.viln is not None:
+            _, taps = self.vision(flat, self.config.vision_taps())
+            return self.viln.visual(taps, n, f, mask)
+        last, _ = self.vision(flat)
+        return self.projector.visual(last, n, f, mask)
+
+    def inputs(self, vis: Visual, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, LayerConds | None]:
+        """Text ids (B, T) + a per-row visual -> decoder embeddings, key validity and norm conditioners.
+        concat prepends the visual tokens: (B, Nv + T, d); viln leaves the context text-only."""
+        embeds = self.decoder.embed_tokens(ids)
+        if self.viln is not None:
+            return embeds, valid, self.viln.conds(vis)
+        return torch.cat([vis.tokens.to(embeds.dtype), embeds], 1), torch.cat([vis.mask, valid], 1), None
+
+    def forward(self, ids: Tensor, valid: Tensor, vis: Visual) -> Tensor:
+        """Full-sequence forward for training and reference: ids (B, T), valid (B, T), vis gathered per
+        row. Returns logits for the text positions (B, T, V); no cache is touched."""
+        embeds, kvalid, conds = self.inputs(vis, ids, valid)
+        s = embeds.shape[1]
+        slots = torch.arange(s, device=ids.device)
+        positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads do not advance RoPE
+        logits, _ = self.decoder(embeds, positions, attention_mask(kvalid, slots, kvalid), None, conds)
+        return logits[:, s - ids.shape[1]:]
+
+    def freeze_backbones(self) -> None:
+        """Train the fusion only: the decoder and the ViT keep their weights."""
+        for p in list(self.decoder.parameters()) + list(self.vision.parameters()):
+            p.requires_grad_(False)
