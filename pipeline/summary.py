@@ -1,0 +1,129 @@
+"""Run summary (`_summary.json`, written last) and the progress line shown while a run works.
+
+Totals (rows, items, clips, statuses, tokens) are read back from the committed Parquet
+files, so they describe the whole output, including rows from earlier resumed attempts;
+`this_run` holds what this attempt did and how fast.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import time
+from typing import Any
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.storage import filesystem
+from schemas.rows import ERROR, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "_summary.json"
+_COLUMNS = ["item_id", "clip_index", "status", "error_stage", "num_prompt_tokens", "num_generated_tokens"]
+
+
+def totals(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Counts over every committed part file of `out`."""
+    fs, base = filesystem(out, storage_options)
+    rows = 0
+    items: set[str] = set()
+    clips: set[tuple[str, int | None]] = set()
+    status: collections.Counter = collections.Counter()
+    stage: collections.Counter = collections.Counter()
+    prompt_tokens = generated_tokens = 0
+    for path in sorted(fs.glob(f"{base.rstrip('/')}/part-*.parquet")):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=_COLUMNS)
+        rows += table.num_rows
+        ids = table.column("item_id").to_pylist()
+        items.update(ids)
+        clips.update(zip(ids, table.column("clip_index").to_pylist()))
+        status.update(table.column("status").to_pylist())
+        stage.update(s for s in table.column("error_stage").to_pylist() if s is not None)
+        prompt_tokens += pc.sum(table.column("num_prompt_tokens")).as_py() or 0
+        generated_tokens += pc.sum(table.column("num_generated_tokens")).as_py() or 0
+    return {
+        "rows": rows, "items": len(items), "clips": len(clips),
+        "status": dict(sorted(status.items())), "error_stage": dict(sorted(stage.items())),
+        "error_rate": (status.get(ERROR, 0) / rows) if rows else 0.0,
+        "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
+    }
+
+
+def build_summary(out: str, storage_options: dict[str, Any] | None, *, job_id: str, model: str,
+                  generation: dict, wall_s: float, items_listed: int, items_skipped: int,
+                  rows_written: int, items_written: int, generated_tokens: int, files_written: int) -> dict:
+    """The `_summary.json` document."""
+    total = totals(out, storage_options)
+    wall = max(wall_s, 1e-9)
+    return {
+        "schema_version": SCHEMA_VERSION, "job_id": job_id, "model": model, "generation": generation,
+        "complete": True, **total,
+        "this_run": {
+            "wall_s": round(wall_s, 3), "items_listed": items_listed, "items_skipped": items_skipped,
+            "items": items_written, "rows": rows_written, "files": files_written,
+            "generated_tokens": generated_tokens,
+            "items_per_s": round(items_written / wall, 3), "rows_per_s": round(rows_written / wall, 3),
+            "tokens_per_s": round(generated_tokens / wall, 3),
+        },
+    }
+
+
+def write_summary(out: str, storage_options: dict[str, Any] | None, summary: dict) -> str:
+    """Write `_summary.json` (the completion marker: written after every part file)."""
+    fs, base = filesystem(out, storage_options)
+    path = f"{base.rstrip('/')}/{SUMMARY_NAME}"
+    fs.pipe_file(path, json.dumps(summary, indent=2, sort_keys=True).encode())
+    return fs.unstrip_protocol(path)
+
+
+def read_summary(out: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The output's `_summary.json`, or None when the run never finished."""
+    fs, base = filesystem(out, storage_options)
+    path = f"{base.rstrip('/')}/{SUMMARY_NAME}"
+    if not fs.exists(path):
+        return None
+    return json.loads(fs.cat_file(path))
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines a person reads at the end of a run."""
+    run = summary["this_run"]
+    status = ", ".join(f"{k} {v}" for k, v in summary["status"].items()) or "none"
+    lines = [
+        f"job {summary['job_id']}: {summary['rows']} rows for {summary['items']} items "
+        f"({summary['clips']} clips); status: {status}",
+        f"this run: {run['items']} items, {run['rows']} rows in {run['wall_s']:.1f} s "
+        f"({run['items_per_s']:.2f} items/s, {run['tokens_per_s']:.1f} tokens/s); "
+        f"{run['items_skipped']} items already done",
+    ]
+    if summary["error_stage"]:
+        stages = ", ".join(f"{k} {v}" for k, v in summary["error_stage"].items())
+        lines.append(f"errors by stage: {stages} (error rate {summary['error_rate']:.1%})")
+    return "\n".join(lines)
+
+
+class Progress:
+    """Logs rows done, items done / total, rate and ETA every `every_s` seconds."""
+
+    def __init__(self, total_items: int, every_s: float = 10.0):
+        self.total_items = total_items
+        self.every_s = every_s
+        self.start = self._last = time.monotonic()
+
+    def update(self, items_done: int, rows_done: int, force: bool = False) -> str | None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return None
+        self._last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = items_done / elapsed
+        left = self.total_items - items_done
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        line = (f"progress: {items_done}/{self.total_items} items, {rows_done} rows, "
+                f"{rate:.2f} items/s, {rows_done / elapsed:.1f} rows/s, ETA {eta}")
+        log.info(line)
+        return line

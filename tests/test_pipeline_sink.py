@@ -1,0 +1,110 @@
+"""pipeline.sink and pipeline.summary without Ray: whole items per file, resume state, totals."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.sink import ITEM_ROWS, ParquetSink, clear_output, part_name, scan_output
+from pipeline.summary import Progress, build_summary, format_summary, read_summary, write_summary
+from schemas.rows import LABEL_SCHEMA, item_id, metadata, read_metadata, row_id, table_from_rows
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+META = metadata("tiny", {"task": "caption", "max_new_tokens": 8}, "job-1")
+
+
+def _rows(uri: str, clips: int, prompts: list[str], error: bool = False) -> pa.Table:
+    iid = item_id(uri)
+    rows = []
+    for c in range(clips):
+        for p in prompts:
+            rows.append({
+                "row_id": row_id(iid, c, p, "vqa"), "item_id": iid, "uri": uri, "media_type": "video",
+                "clip_index": c, "clip_start_s": float(c), "clip_end_s": c + 1.0, "frame_timestamps_s": [float(c)],
+                "width": 8, "height": 8, "task": "vqa", "prompt": p,
+                "text": None if error else "yes", "status": "error" if error else "ok",
+                "error_stage": "decode" if error else None, "error": "bad" if error else None,
+                "num_prompt_tokens": None if error else 3, "num_generated_tokens": None if error else 2,
+                "model": "tiny", "job_id": "job-1", "created_at": NOW,
+            })
+    table = table_from_rows(rows)
+    return table.append_column(ITEM_ROWS, pa.array([clips * len(prompts)] * len(rows), pa.int32()))
+
+
+def test_items_split_across_batches_commit_whole(tmp_path):
+    """Guards against a part file holding only some of an item's rows: resume would then skip the
+    item and its missing rows would never be written."""
+    out = str(tmp_path / "out")
+    a, b = _rows("s3://x/a.mp4", 3, ["q1?", "q2?"]), _rows("s3://x/b.mp4", 1, ["q1?", "q2?"])
+    sink = ParquetSink(out, META, rows_per_file=2)
+    sink.add(a.slice(0, 4))  # a is incomplete: nothing may be written
+    assert sink.files == [] and scan_output(out).done_items == frozenset()
+    sink.add(pa.concat_tables([b, a.slice(4)]))
+    sink.close()
+    state = scan_output(out)
+    assert state.rows == 8 and state.done_items == {item_id("s3://x/a.mp4"), item_id("s3://x/b.mp4")}
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata().equals(LABEL_SCHEMA) and table.num_rows == 8
+    assert sorted(table.column("row_id").to_pylist()) == sorted(a["row_id"].to_pylist() + b["row_id"].to_pylist())
+    assert read_metadata(pq.read_schema(state.files[0].removeprefix("file://")).metadata)["model"] == "tiny"
+    assert state.metadata["job_id"] == "job-1"
+
+
+def test_part_names_are_deterministic():
+    """Guards against random file names: a rerun of the same items must not create a second copy."""
+    assert part_name(["b", "a"]) == part_name(["a", "b", "a"]) != part_name(["a"])
+
+
+def test_leftover_temp_files_are_not_counted(tmp_path):
+    """Guards against a killed run's half-written file being read as finished work on resume."""
+    out = tmp_path / "out"
+    (out / "_tmp").mkdir(parents=True)
+    (out / "_tmp" / "x-part-0000.parquet").write_bytes(b"PAR1 half written")
+    assert scan_output(str(out)).rows == 0
+    sink = ParquetSink(str(out), META)
+    sink.add(_rows("/a.png", 1, ["q?"]))
+    sink.close()
+    assert scan_output(str(out)).rows == 1
+    assert pq.read_table(str(out)).num_rows == 1  # readers skip _tmp/
+    assert clear_output(str(out)) == 1 and scan_output(str(out)).rows == 0 and not (out / "_tmp").exists()
+
+
+def test_duplicate_and_missing_rows_raise(tmp_path):
+    """Guards against a duplicated row or a lost row passing silently into the output."""
+    sink = ParquetSink(str(tmp_path / "o1"), META)
+    rows = _rows("/a.png", 1, ["q?", "r?"])
+    sink.add(rows.slice(0, 1))
+    with pytest.raises(AssertionError, match="duplicated"):
+        sink.add(rows.slice(0, 2))
+    sink = ParquetSink(str(tmp_path / "o2"), META)
+    sink.add(rows.slice(0, 1))
+    with pytest.raises(AssertionError, match="rows missing"):
+        sink.close()
+
+
+def test_summary_counts_and_text(tmp_path):
+    """Guards against a summary that counts only this attempt's rows or drops error stages."""
+    out = str(tmp_path / "out")
+    sink = ParquetSink(out, META, rows_per_file=1)
+    sink.add(_rows("/a.mp4", 2, ["q?"]))
+    sink.add(_rows("/b.mp4", 1, ["q?", "r?"], error=True))
+    sink.close()
+    assert len(sink.files) == 2
+    summary = build_summary(out, None, job_id="job-1", model="tiny", generation={}, wall_s=2.0, items_listed=2,
+                            items_skipped=0, rows_written=4, items_written=2, generated_tokens=4, files_written=2)
+    assert (summary["rows"], summary["items"], summary["clips"]) == (4, 2, 3)
+    assert summary["status"] == {"error": 2, "ok": 2} and summary["error_stage"] == {"decode": 2}
+    assert summary["generated_tokens"] == 4 and summary["this_run"]["tokens_per_s"] == 2.0
+    write_summary(out, None, summary)
+    assert read_summary(out) == summary
+    assert "errors by stage: decode 2" in format_summary(summary)
+    assert pq.read_table(out).num_rows == 4  # _summary.json is ignored by readers
+
+
+def test_progress_line_has_rate_and_eta():
+    """Guards against a progress display with no ETA on long runs."""
+    line = Progress(total_items=10, every_s=0).update(5, 7, force=True)
+    assert "5/10 items" in line and "ETA" in line
