@@ -1,0 +1,192 @@
+"""LaVi invariants: zero-init identity, conditioning, cache == recompute, batch == rows, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lavi import checkpoint
+from lavi.generate import GenerationConfig, generate, setup_caches
+from lavi.model import LaVi
+from lavi.tiny import tiny_config
+
+FUSIONS = ["viln", "concat"]
+
+
+def _model(fusion: str = "viln", seed: int = 0, random_heads: bool = True, **options) -> LaVi:
+    torch.manual_seed(seed)
+    model = LaVi(tiny_config(40, fusion, **options)).eval()
+    if random_heads and model.viln is not None:
+        for head in model.viln.heads.values():
+            torch.nn.init.normal_(head.o_proj.weight, std=0.2)
+    return model
+
+
+def _pixels(n: int, f: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, f, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _ids(b: int = 2, t: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(4, 40, (b, t), generator=torch.Generator().manual_seed(2)), torch.ones(b, t, dtype=torch.bool)
+
+
+def test_zero_init_is_the_base_llm():
+    """Guards against a modulation that is not the identity at init (a trained LLM would be damaged)."""
+    model = _model(random_heads=False, sites="both")
+    ids, valid = _ids()
+    with torch.no_grad():
+        base = model.decoder(model.decoder.embed_tokens(ids), torch.arange(7)[None].expand(2, 7),
+                             torch.ones(2, 1, 7, 7, dtype=torch.bool).tril())[0]
+        for seed in (1, 2):
+            logits = model(ids, valid, model.encode(_pixels(2, seed=seed)))
+            assert torch.equal(logits, base)
+
+
+@pytest.mark.parametrize("sites,stride", [("both", 1), ("attn", 1), ("ffn", 2)])
+def test_image_changes_logits_and_gradients_reach_conditioner(sites, stride):
+    """Guards against a conditioner that is not wired in, or that leaks gradients into frozen backbones."""
+    model = _model(sites=sites, layer_stride=stride)
+    model.freeze_backbones()
+    ids, valid = _ids()
+    a = model(ids, valid, model.encode(_pixels(2, seed=1)))
+    b = model(ids, valid, model.encode(_pixels(2, seed=2)))
+    assert (a - b).abs().max() > 1e-4
+    a.logsumexp(-1).mean().backward()
+    assert all(p.grad is None for p in model.decoder.parameters())
+    assert all(p.grad is None for p in model.vision.parameters())
+    grads = {n: p.grad for n, p in model.viln.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "q_proj" in n or "o_proj" in n)
+    assert grads["stages.0.k_proj.weight"].abs().sum() > 0
+
+
+def test_unfrozen_backbones_get_gradients():
+    """Guards against a freeze that happens by accident (e.g. tensors detached in the fusion)."""
+    model = _model()
+    ids, valid = _ids()
+    model(ids, valid, model.encode(_pixels(2))).sum().backward()
+    assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert model.decoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def _greedy_by_recompute(model: LaVi, pixels: torch.Tensor, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    vis = model.encode(pixels)
+    for _ in range(steps):
+        x = torch.tensor([ids])
+        ids.append(int(model(x, torch.ones_like(x, dtype=torch.bool), vis)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_cached_generation_equals_full_recompute(fusion):
+    """Guards against KV-cache slot/position bugs: cached decode must equal recomputing everything."""
+    model = _model(fusion)
+    setup_caches(model, 4, 128)
+    pixels = _pixels(1, f=2)
+    prompt = [5, 9, 11, 3]
+    with torch.no_grad():
+        want = _greedy_by_recompute(model, pixels, prompt, 12)
+        got = generate(model, model.encode(pixels), torch.tensor([0]), [prompt],
+                       GenerationConfig(max_new_tokens=12), eos_id=10_000)
+    assert got[0].tokens == want and not got[0].finished
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_batch_equals_rows_alone(fusion):
+    """Guards against padding leaking into attention or RoPE: uneven prompts in a batch give each row's
+    own tokens, including rows sharing one item's visual state and items with fewer frames."""
+    model = _model(fusion)
+    setup_caches(model, 8, 128)
+    pixels = _pixels(2, f=3)
+    fmask = torch.tensor([[True, True, True], [True, False, False]])
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    rows = torch.tensor([0, 1, 0])
+    gen = GenerationConfig(max_new_tokens=10)
+    with torch.no_grad():
+        batch = generate(model, model.encode(pixels, fmask), rows, prompts, gen, eos_id=10_000)
+        for i, p in enumerate(prompts):
+            item = int(rows[i])
+            f = int(fmask[item].sum())
+            alone = generate(model, model.encode(pixels[item:item + 1, :f]), torch.tensor([0]), [p], gen,
+                             eos_id=10_000)
+            assert batch[i].tokens == alone[0].tokens
+
+
+def test_eos_stops_each_row_and_sampling_is_seeded():
+    """Guards against rows running past their EOS, and unseeded sampling (irreproducible labels)."""
+    model = _model()
+    setup_caches(model, 4, 64)
+    vis = model.encode(_pixels(1))
+    prompts = [[5, 6, 7], [8, 9]]
+    rows = torch.tensor([0, 0])
+    with torch.no_grad():
+        free = generate(model, vis, rows, prompts, GenerationConfig(max_new_tokens=8), eos_id=10_000)
+        eos = free[0].tokens[2]  # make the third greedy token of row 0 the EOS
+        stopped = generate(model, vis, rows, prompts, GenerationConfig(max_new_tokens=8), eos_id=eos)
+        assert stopped[0].finished and stopped[0].tokens == free[0].tokens[:free[0].tokens.index(eos)]
+        s = GenerationConfig(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+        one, two = (generate(model, vis, rows, prompts, s, eos_id=10_000) for _ in range(2))
+        assert [r.tokens for r in one] == [r.tokens for r in two]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    """Guards against a top-p filter that drops the top token or keeps the tail."""
+    from lavi.generate import sample
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, 0.8, g)) for _ in range(200)}
+    assert draws == {0, 1}
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_save_load_round_trip_is_bit_exact(tmp_path, fusion):
+    """Guards against lost or re-initialised tensors (e.g. tied lm_head, temporal embedding) on save/load."""
+    model = _model(fusion)
+    checkpoint.save(model, tmp_path)
+    loaded = checkpoint.load(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config == model.config
+    assert loaded.decoder.lm_head.weight is loaded.decoder.embed_tokens.weight
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    """Guards against unpickling untrusted weights (arbitrary code execution)."""
+    model = _model()
+    (tmp_path / "config.json").write_text(json.dumps(model.config.to_dict()))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(checkpoint.CheckpointError, match="pickled"):
+        checkpoint.load(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_missing_file_is_named(tmp_path, missing):
+    """Guards against an opaque KeyError/OSError when a checkpoint directory is incomplete."""
+    from lavi.engine import Engine
+    from lavi.tiny import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path)
+    (tmp_path / missing).unlink()
+    with pytest.raises(ValueError, match=missing):
+        Engine.load(str(tmp_path))
+
+
+def test_from_backbones_starts_as_the_base_llm(tmp_path):
+    """Guards against from_backbones losing backbone weights or starting with a non-identity fusion."""
+    import transformers
+    torch.manual_seed(0)
+    dec = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    vit = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2))
+    dec.save_pretrained(tmp_path / "dec")
+    vit.save_pretrained(tmp_path / "vit")
+    model = checkpoint.from_backbones(tmp_path / "dec", tmp_path / "vit", num_stages=2, cond_dim=16,
+                                      cond_heads=2).eval()
+    ids, valid = torch.randint(0, 50, (1, 6)), torch.ones(1, 6, dtype=torch.bool)
+    with torch.no_grad():
+        assert_close(model(ids, valid, model.encode(_pixels(1))), dec(ids).logits, atol=2e-5, rtol=1e-4)
