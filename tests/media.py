@@ -1,0 +1,144 @@
+"""Builds test media in memory or under a tmp dir: valid files in unusual modes and bad ones.
+
+Also holds the test-only decoder functions (hang, crash) that tests pass to the isolated
+runner: they live here, importable by the spawned child, and never in the product path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def noise_rgb(w: int, h: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def image_bytes(im: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def jpeg(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
+    return image_bytes(Image.fromarray(noise_rgb(w, h, seed)), "JPEG", quality=90)
+
+
+def png(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
+    return image_bytes(Image.fromarray(noise_rgb(w, h, seed)), "PNG")
+
+
+def exif_rotated_jpeg(w: int = 80, h: int = 40, orientation: int = 6) -> bytes:
+    """Stored w x h; EXIF orientation 6 says 'rotate 90 degrees', so upright it is h x w."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return image_bytes(Image.fromarray(noise_rgb(w, h)), "JPEG", exif=exif.tobytes())
+
+
+def unusual_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    """name -> (bytes, upright (width, height)) for valid images in awkward modes."""
+    rgb = Image.fromarray(noise_rgb(40, 30))
+    grey16 = Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16))
+    frames = [Image.new("P", (32, 24), i) for i in range(3)]
+    anim = io.BytesIO()
+    frames[0].save(anim, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    return {
+        "grey.png": (image_bytes(rgb.convert("L"), "PNG"), (40, 30)),
+        "grey_alpha.png": (image_bytes(rgb.convert("LA"), "PNG"), (40, 30)),
+        "rgba.png": (image_bytes(rgb.convert("RGBA"), "PNG"), (40, 30)),
+        "palette.png": (image_bytes(rgb.convert("P"), "PNG"), (40, 30)),
+        "grey16.png": (image_bytes(grey16, "PNG"), (40, 30)),
+        "cmyk.jpg": (image_bytes(rgb.convert("CMYK"), "JPEG"), (40, 30)),
+        "bilevel.png": (image_bytes(rgb.convert("1"), "PNG"), (40, 30)),
+        "bilevel.tiff": (image_bytes(rgb.convert("1"), "TIFF"), (40, 30)),
+        "animated.gif": (anim.getvalue(), (32, 24)),
+        "photo.webp": (image_bytes(rgb, "WEBP"), (40, 30)),
+        "photo.bmp": (image_bytes(rgb, "BMP"), (40, 30)),
+        "rotated.jpg": (exif_rotated_jpeg(80, 40), (40, 80)),
+        "one_pixel.png": (image_bytes(Image.new("RGB", (1, 1), (9, 8, 7)), "PNG"), (1, 1)),
+        "very_wide.png": (image_bytes(Image.fromarray(noise_rgb(4000, 3)), "PNG"), (4000, 3)),
+    }
+
+
+def png_bomb(side: int = 100_000) -> bytes:
+    """A valid-looking PNG of a few hundred bytes that declares side x side pixels:
+    decoding it would need side*side bytes (10 GB at the default side)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    row = b"\x00" + b"\x00" * side
+    comp = zlib.compressobj(9)
+    idat = comp.compress(row * 16) + comp.flush()  # only 16 rows: the file stays tiny
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststart: bool = True) -> bytes:
+    """An H.264 MP4 whose frame i is filled with grey level 2*i mod 256 plus noise.
+
+    faststart puts the index (moov) first, so a truncated copy keeps its index and the
+    frames before the cut are recoverable. Written to `path` (faststart needs a real file)."""
+    import av
+
+    n = int(round(seconds * fps))
+    rng = np.random.default_rng(0)
+    opts = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format="mp4", options=opts) as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(n):
+            level = np.full((size, size, 3), (2 * i) % 256, np.int16)
+            pixels = np.clip(level + rng.integers(-8, 9, level.shape), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path.read_bytes()
+
+
+def write(path: Path, data: bytes) -> str:
+    """Write bytes to path (creating folders) and return its file:// uri."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path.as_uri()
+
+
+# test-only decoders for the isolated runner (module-level so the spawned child can import them)
+
+
+def sleep_forever(*_args) -> None:
+    time.sleep(3600)
+
+
+def segfault(*_args) -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def echo(*args):
+    return args
+
+
+def raise_value_error(*_args) -> None:
+    raise ValueError("a programmer error in the decoder")
+
+
+def hang_or_crash_by_name(item: dict, settings, data: bytes) -> list[dict]:
+    """decode_item, except items whose uri contains 'HANG' sleep and 'CRASH' segfault."""
+    from workers.decode import decode_item
+
+    if "HANG" in item["uri"]:
+        time.sleep(3600)
+    if "CRASH" in item["uri"]:
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return decode_item(item, settings, data)

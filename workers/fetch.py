@@ -1,0 +1,138 @@
+"""Read one input's bytes through fsspec, with retries on transient errors.
+
+Filesystems are cached per (protocol, storage options) in the process, so a Ray worker
+opens one S3/HTTP client and reuses it for every item.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import fsspec
+from fsspec.core import split_protocol
+
+log = logging.getLogger(__name__)
+
+# errors that retrying cannot fix
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+_FS_CACHE: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
+_FS_LOCK = threading.Lock()
+
+
+class FetchError(Exception):
+    """A read that failed for good; `str(err)` is a message fit for a row."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.transient = transient  # True when retries ran out on a transient error
+
+
+def _optional_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(transient, permanent) exception types of the HTTP and S3 clients, when installed."""
+    transient: list[type] = []
+    permanent: list[type] = []
+    try:
+        import aiohttp
+
+        transient += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError]
+    except ImportError:
+        pass
+    try:
+        import botocore.exceptions as bx
+
+        transient += [bx.ConnectionError, bx.HTTPClientError]
+        permanent += [bx.NoCredentialsError, bx.PartialCredentialsError]
+    except ImportError:
+        pass
+    return tuple(transient), tuple(permanent)
+
+
+_CLIENT_TRANSIENT, _CLIENT_PERMANENT = _optional_errors()
+
+
+def _classify(err: BaseException) -> str | None:
+    """'transient', 'permanent', or None for an error this module does not know."""
+    status = getattr(err, "status", None)  # aiohttp.ClientResponseError
+    if isinstance(status, int) and status >= 400:
+        return "transient" if status >= 500 or status in (408, 429) else "permanent"
+    if isinstance(err, _PERMANENT + _CLIENT_PERMANENT):
+        return "permanent"
+    if isinstance(err, (OSError, TimeoutError) + _CLIENT_TRANSIENT):
+        return "transient"
+    return None
+
+
+def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(cached filesystem, path within it) for `uri`; raises FetchError on an unknown protocol."""
+    protocol, _ = split_protocol(uri)
+    protocol = protocol or "file"
+    options = storage_options or {}
+    key = (protocol, json.dumps(options, sort_keys=True, default=repr))
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            try:
+                fs = fsspec.filesystem(protocol, **options)
+            except (ValueError, ImportError) as err:  # "Protocol not known", missing backend
+                raise FetchError(f"cannot open {protocol}:// filesystem: {err}") from err
+            _FS_CACHE[key] = fs
+    return fs, fs._strip_protocol(uri)
+
+
+def _read(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int | None) -> bytes:
+    if max_bytes is None:
+        return fs.cat_file(path)
+    with fs.open(path, "rb") as f:
+        data = f.read(max_bytes + 1)  # never holds more than the limit plus one byte
+    if len(data) > max_bytes:
+        raise FetchError(f"file too large: over the limit of {max_bytes} bytes")
+    return data
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "not found"
+    if isinstance(err, PermissionError):
+        return f"permission denied: {err}"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory"
+    text = str(err).strip() or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+def fetch_bytes(
+    uri: str,
+    storage_options: dict | None = None,
+    retries: int = 3,
+    max_bytes: int | None = None,
+    backoff_s: float = 0.5,
+) -> bytes:
+    """All bytes of `uri`, read through fsspec.
+
+    Retries `retries` times after the first attempt on transient errors (connection,
+    timeout, HTTP 5xx/429, other OSErrors), sleeping backoff_s * 2**attempt between tries;
+    never retries not-found or permission errors. Files over `max_bytes` are refused.
+    Raises FetchError with a message fit for a row on final failure.
+    """
+    fs, path = filesystem(uri, storage_options)
+    for attempt in range(retries + 1):
+        try:
+            return _read(fs, path, max_bytes)
+        except FetchError:
+            raise
+        except Exception as err:  # classified right below; an unknown error re-raises
+            kind = _classify(err)
+            if kind is None:
+                raise
+            if kind == "permanent":
+                raise FetchError(_describe(err)) from err
+            if attempt == retries:
+                raise FetchError(f"read failed after {retries + 1} attempts: {_describe(err)}", transient=True) from err
+            log.warning("transient read error on %s (attempt %d): %s", uri, attempt + 1, _describe(err))
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")

@@ -1,0 +1,68 @@
+"""Shared types of the decoders: the error, the decoded results, and the resize to model input."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+class DecodeError(Exception):
+    """Bad input media; `str(err)` is a message fit for a row."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    frames: np.ndarray  # (1, S, S, 3) uint8, RGB
+    width: int  # original size, after EXIF orientation
+    height: int
+
+
+@dataclass(frozen=True)
+class Clip:
+    index: int
+    start_s: float
+    end_s: float
+    timestamps_s: list[float]  # presentation time of each frame given to the model
+    frames: np.ndarray  # (F, S, S, 3) uint8, RGB
+
+
+@dataclass(frozen=True)
+class DecodedVideo:
+    clips: list[Clip]
+    width: int
+    height: int
+    duration_s: float
+    decoder: str  # "decord" or "pyav"
+    note: str | None = None  # e.g. why the fallback ran; for logs, never for rows
+
+
+def to_model_input(im: Image.Image, size: int) -> np.ndarray:
+    """An RGB PIL image -> (size, size, 3) uint8, squashed (no crop, no pad) with bicubic."""
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def rgb_array_to_model_input(frame: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, the same resize as images get."""
+    if frame.shape[:2] == (size, size):
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+    return to_model_input(Image.fromarray(frame), size)
+
+
+_DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\]\s*\S+:\d+:\s*")  # "[15:22:00] /src/x.cc:83: "
+_AV_NOISE = re.compile(r"\[Errno -?\d+\] |: '<none>'|last error log: \[[^\]]*\] ")  # PyAV's wrapping
+
+
+def clean_message(text: str, limit: int = 200) -> str:
+    """A decoder message made safe for a row: printable ASCII, no source paths, no raw bytes."""
+    text = _AV_NOISE.sub("", _DECORD_PREFIX.sub("", text))
+    # decord: "ERROR opening: <the raw input bytes>, <reason>" -> keep the reason
+    if text.startswith("ERROR opening:") and "," in text:
+        text = "cannot open: " + text.rsplit(",", 1)[-1].strip()
+    text = "".join(c if " " <= c <= "~" else " " for c in text)
+    text = " ".join(text.split())
+    return text[:limit] if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,144 @@
+"""Run a function in a long-lived child process, so a hang or a crash costs one call.
+
+decord is reported to hang and segfault on files in the wild. The child is a fresh
+interpreter (`python -c ...` via subprocess: no fork, since Ray workers are threaded, and
+unlike multiprocessing's spawn it never re-imports the parent's __main__), reused across
+calls, killed on timeout and restarted on the next call after it dies. Messages are
+pickles over a socketpair; functions travel by reference, so they must be importable
+module-level functions (the child gets the parent's sys.path).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+class IsolationError(Exception):
+    """The isolated call did not return: it timed out, or the child died."""
+
+
+def _child_main(fd: int) -> None:
+    """Child loop: receive (fn, args), send ("ok", result) or ("raise", exception)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    conn = Connection(fd)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        try:
+            fn, args = pickle.loads(message)
+            reply = ("ok", fn(*args))
+        except Exception as err:  # sent back and re-raised in the parent, unchanged
+            reply = ("raise", err)
+        try:
+            conn.send(reply)
+        except Exception as err:  # unpicklable result or exception
+            conn.send(("raise", RuntimeError(f"isolated call returned an unpicklable value: {err!r}")))
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(code).name
+    except ValueError:
+        return "unknown"
+
+
+class IsolatedRunner:
+    """One child process reused across calls; thread-safe (calls are serialised)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self.starts = 0  # how many children were started (1 + restarts)
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        code = f"from workers.isolate import _child_main; _child_main({child.fileno()})"
+        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()],
+                                      stdin=subprocess.DEVNULL, env=env)
+        child.close()
+        self._conn = Connection(parent.detach())
+        self.starts += 1
+
+    def _reap(self, kill: bool) -> int | None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()  # the child's recv sees EOF and it exits
+        if proc is None:
+            return None
+        if kill and proc.poll() is None:
+            proc.kill()
+        try:
+            return proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def call(self, fn, *args, timeout_s: float):
+        """fn(*args) in the child. Exceptions from fn re-raise here as they are;
+        IsolationError if it takes over timeout_s seconds or the child dies."""
+        message = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)  # programmer errors raise here
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._reap(kill=True)
+                self._start()
+            try:
+                self._conn.send_bytes(message)
+                ready = self._conn.poll(timeout_s)
+            except (BrokenPipeError, ConnectionResetError, EOFError):  # died between calls
+                ready = True
+            if not ready:
+                self._reap(kill=True)
+                raise IsolationError(f"decoder timed out after {timeout_s:g} s")
+            try:
+                kind, value = self._conn.recv()
+            except (EOFError, ConnectionResetError, OSError):
+                code = self._reap(kill=False)
+                raise IsolationError(self._died_message(code)) from None
+        if kind == "raise":
+            raise value
+        return value
+
+    @staticmethod
+    def _died_message(code: int | None) -> str:
+        if code is not None and code < 0:
+            return f"decoder crashed (signal {-code}, {_signal_name(-code)})"
+        return f"decoder exited unexpectedly (exit code {code})"
+
+    def close(self) -> None:
+        with self._lock:
+            self._reap(kill=True)
+
+
+_RUNNER: IsolatedRunner | None = None
+_RUNNER_LOCK = threading.Lock()
+
+
+def default_runner() -> IsolatedRunner:
+    """The process-wide runner (one child per worker process)."""
+    global _RUNNER
+    with _RUNNER_LOCK:
+        if _RUNNER is None:
+            _RUNNER = IsolatedRunner()
+        return _RUNNER
+
+
+def run_isolated(fn, *args, timeout_s: float):
+    """fn(*args) in this process's long-lived decoder child; fn and args must pickle
+    (fn a module-level function). Raises IsolationError on a timeout or a crash;
+    exceptions raised by fn re-raise unchanged."""
+    return default_runner().call(fn, *args, timeout_s=timeout_s)
