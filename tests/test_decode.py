@@ -293,3 +293,13 @@ def test_hang_and_crash_cost_one_item_each(tmp_path):
     one_error(results[1], "decode", "decoder timed out after 2 s")
     one_error(results[3], "decode", "decoder crashed (signal 11")
     assert all(r[0]["frames"].shape == (1, S, S, 3) for r in results[::2])
+
+
+def test_isolated_child_is_recycled_after_max_calls():
+    """Guards against a leaky decoder library growing one child's memory without bound."""
+    runner = IsolatedRunner(max_calls=2)
+    try:
+        assert [runner.call(media.echo, i, timeout_s=30) for i in range(5)] == [(0,), (1,), (2,), (3,), (4,)]
+        assert runner.starts == 3
+    finally:
+        runner.close()

@@ -53,18 +53,17 @@ def _optional_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 
 _CLIENT_TRANSIENT, _CLIENT_PERMANENT = _optional_errors()
+_KNOWN = (OSError, TimeoutError) + _CLIENT_TRANSIENT + _CLIENT_PERMANENT
 
 
-def _classify(err: BaseException) -> str | None:
-    """'transient', 'permanent', or None for an error this module does not know."""
+def _classify(err: BaseException) -> str:
+    """'transient' or 'permanent', for an error of the _KNOWN types."""
     status = getattr(err, "status", None)  # aiohttp.ClientResponseError
     if isinstance(status, int) and status >= 400:
         return "transient" if status >= 500 or status in (408, 429) else "permanent"
     if isinstance(err, _PERMANENT + _CLIENT_PERMANENT):
         return "permanent"
-    if isinstance(err, (OSError, TimeoutError) + _CLIENT_TRANSIENT):
-        return "transient"
-    return None
+    return "transient"  # connection, timeout, other OSErrors (s3fs maps 5xx to OSError EIO)
 
 
 def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -123,13 +122,8 @@ def fetch_bytes(
     for attempt in range(retries + 1):
         try:
             return _read(fs, path, max_bytes)
-        except FetchError:
-            raise
-        except Exception as err:  # classified right below; an unknown error re-raises
-            kind = _classify(err)
-            if kind is None:
-                raise
-            if kind == "permanent":
+        except _KNOWN as err:
+            if _classify(err) == "permanent":
                 raise FetchError(_describe(err)) from err
             if attempt == retries:
                 raise FetchError(f"read failed after {retries + 1} attempts: {_describe(err)}", transient=True) from err
