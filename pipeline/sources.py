@@ -61,21 +61,28 @@ class PromptSpec:
 
 
 def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[str, Any] | None = None,
-               skip: set[str] | frozenset[str] = frozenset()) -> Iterator[dict]:
-    """Stream items for every INPUT, each uri once; items whose item_id is in `skip` are left out."""
+               skip: set[str] | frozenset[str] = frozenset(), stats: dict[str, int] | None = None) -> Iterator[dict]:
+    """Stream items for every INPUT, each uri once; items whose item_id is in `skip` are left out.
+
+    `stats`, when given, receives counts: listed (distinct items), skipped, duplicates.
+    """
+    stats = stats if stats is not None else {}
+    stats.update(listed=0, skipped=0, duplicates=0)
     seen: set[str] = set()
-    duplicates = 0
     for spec_uri in inputs:
         for entry in _iter_entries(spec_uri, storage_options or {}):
             item = _make_item(entry, spec)
             if item["item_id"] in seen:
-                duplicates += 1
+                stats["duplicates"] += 1
                 continue
             seen.add(item["item_id"])
-            if item["item_id"] not in skip:
+            stats["listed"] += 1
+            if item["item_id"] in skip:
+                stats["skipped"] += 1
+            else:
                 yield item
-    if duplicates:
-        log.warning("%d duplicate uris in the inputs were labeled once", duplicates)
+    if stats["duplicates"]:
+        log.warning("%d duplicate uris in the inputs were labeled once", stats["duplicates"])
 
 
 def write_shards(items: Iterable[dict], base_uri: str, storage_options: dict[str, Any] | None = None,

@@ -28,6 +28,11 @@ import pytest
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["HF_HUB_OFFLINE"] = "1"
+# token auth with a session token (read when ray is imported; inherited by subprocess drivers),
+# so ~/.ray/auth_token is never created or read
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +146,9 @@ def s3_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session, every listener on 127.0.0.1; yields its GCS address."""
+    """One local Ray for the session, every listener on 127.0.0.1; yields its GCS address.
+
+    Subprocess drivers join it with `--address` and this process's environment (the token)."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit

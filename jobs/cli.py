@@ -1,0 +1,18 @@
+"""The `lavi-label` command group."""
+
+from __future__ import annotations
+
+import click
+
+from jobs.run import run
+
+
+@click.group()
+def main() -> None:
+    """lavi-label: batch captioning and VQA of image and video corpora with LaVi, on Ray."""
+
+
+main.add_command(run)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`lavi-label run INPUT... --out URI`: flags -> RunConfig -> pipeline.graph.run. No logic here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from pipeline.config import RunConfig
+
+
+@click.command("run")
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+@click.option("--out", required=True, help="Output directory URI for the Parquet labels (path, s3://, gs://).")
+@click.option("--task", type=click.Choice(["caption", "vqa"]), default="caption", show_default=True)
+@click.option("--prompt", default=None, help="Caption prompt (default: the model's prompt for the media type).")
+@click.option("--question", "questions", multiple=True, help="A VQA question, asked of every item (repeatable).")
+@click.option("--model", default=None, help="LaVi checkpoint directory, local or object storage (default: bundled).")
+@click.option("--batch-size", default=32, show_default=True, help="Clips per labeler batch.")
+@click.option("--workers", default=1, show_default=True, help="Labeler actors (model replicas).")
+@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor; 0 runs on CPU.")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--frames", type=int, default=None, help="Frames per video clip (default: the model's).")
+@click.option("--clip-seconds", type=float, default=None, help="Cut videos into clips this long (default: one clip).")
+@click.option("--max-clips", type=int, default=None, help="Keep the first N clips of each video.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for remote URIs, e.g. client_kwargs.endpoint_url=http://127.0.0.1:8333 (repeatable).")
+@click.option("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1).")
+@click.option("--overwrite", is_flag=True, help="Delete existing labels in --out first (default: resume).")
+@click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
+@click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")
+@click.option("--rows-per-file", default=5000, show_default=True, help="Rows per committed Parquet file.")
+def run(inputs: tuple[str, ...], **flags) -> None:
+    """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
+    from pipeline.graph import run as run_pipeline
+    from pipeline.summary import format_summary
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = RunConfig(inputs=inputs, **flags)
+        summary = run_pipeline(config)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(format_summary(summary))
+    click.echo(f"labels: {config.out}")
+    if summary["error_rate_exceeded"]:
+        click.echo(f"error rate {summary['error_rate']:.1%} is above --max-error-rate {config.max_error_rate:.1%}",
+                   err=True)
+        sys.exit(3)

@@ -1,0 +1,151 @@
+"""The Ray Data graph of one labeling run, and `run(config)`, its driver.
+
+    listing shards (pipeline.sources) -> read_parquet
+      -> map_batches(decode_batch)            CPU tasks: fetch + decode, one row per clip
+      -> map_batches(Labeler, actor pool)     one engine per actor (GPU, or a CPU fraction)
+      -> iter_batches on the driver -> ParquetSink (whole items per file) -> _summary.json
+
+The local default Ray binds every listener to 127.0.0.1; `address` joins a running cluster.
+CPU actors take a fraction of a CPU so read/decode tasks can always be scheduled (on two
+cores, two actors at num_cpus=1 starve the reader and Ray Data waits forever).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.sink import ParquetSink, clear_output, clear_scratch, scan_output
+from pipeline.sources import PromptSpec, iter_items, write_shards
+from pipeline.storage import arrow_filesystem, filesystem
+from pipeline.summary import Progress, build_summary, write_summary
+from schemas.rows import metadata
+from workers.decode import DecodeSettings
+from workers.labeler import Labeler, decode_batch
+
+log = logging.getLogger(__name__)
+
+
+def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """name, image_size and default_frames of a LaVi checkpoint, from its config.json only."""
+    from lavi.config import LaViConfig
+
+    fs, path = filesystem(model, storage_options)
+    config_path = f"{path.rstrip('/')}/config.json"
+    if not fs.exists(config_path):
+        raise ValueError(f"--model {model!r} is not a LaVi checkpoint directory (no config.json)")
+    config = LaViConfig.from_dict(json.loads(fs.cat_file(config_path)))
+    return {"name": config.name, "image_size": config.vision.image_size, "default_frames": config.default_frames}
+
+
+def connect_ray(address: str | None) -> bool:
+    """Start (address None) or join a Ray cluster unless one is connected; True if we must shut it down."""
+    if not address:  # set before ray is imported: it reads them once
+        # keep the node IP (and so every listener) on loopback: see shared/SERVICES.md
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if "RAY_AUTH_TOKEN" not in os.environ:  # a per-run token: ~/.ray/auth_token stays untouched
+            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return True
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: DecodeSettings,
+                  model: str, job_id: str):
+    """The lazy Ray Data dataset of labeler output batches (LABEL_SCHEMA + _item_rows)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver prints its own progress line
+    paths = [listing_fs._strip_protocol(s) for s in shards]
+    ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs))
+    ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow",
+                        fn_kwargs={"settings": settings}, num_cpus=1)
+    gpu = config.gpus_per_worker > 0
+    return ds.map_batches(
+        Labeler, batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.workers),
+        num_gpus=config.gpus_per_worker if gpu else None, num_cpus=None if gpu else config.cpus_per_worker,
+        fn_constructor_kwargs={"model": model, "job_id": job_id, "storage_options": config.storage,
+                               "device": config.device, "max_batch": config.batch_size,
+                               "generation": {"max_new_tokens": config.max_new_tokens, "seed": config.seed,
+                                              "temperature": config.temperature, "top_p": config.top_p}})
+
+
+def run(config: RunConfig) -> dict:
+    """Label every input item into Parquet at config.out; returns the `_summary.json` document.
+
+    Resumes: items already committed in config.out are skipped (unless config.overwrite).
+    Raises ValueError on unusable inputs, model or an output written with other settings.
+    """
+    start = time.monotonic()
+    options = config.storage
+    model = config.model or _default_model()
+    info = model_info(model, options)
+    generation = config.generation_settings()
+    if config.overwrite:
+        log.info("--overwrite: removed %d files from %s", clear_output(config.out, options), config.out)
+    state = scan_output(config.out, options)
+    if state.metadata and (state.metadata.get("model") != info["name"] or state.metadata.get("generation") != generation):
+        raise ValueError(f"{config.out} holds labels from model {state.metadata.get('model')!r} with settings "
+                         f"{state.metadata.get('generation')}; this run uses {info['name']!r} with {generation}: "
+                         "pass --overwrite to replace them, or choose another --out")
+    job_id = config.job_id or state.metadata.get("job_id") or f"lavi-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    clear_scratch(config.out, options)
+    listing_fs, out_base = filesystem(config.out, options)
+    spec = PromptSpec(task=config.task, prompt=config.prompt, questions=config.questions)
+    listed: dict[str, int] = {}
+    shards, n_items = write_shards(iter_items(config.inputs, spec, options, skip=state.done_items, stats=listed),
+                                   listing_fs.unstrip_protocol(f"{out_base.rstrip('/')}/_listing"), options)
+    log.info("job %s: %d items to label, %d already done in %s", job_id, n_items, listed["skipped"], config.out)
+    sink = ParquetSink(config.out, metadata(info["name"], generation, job_id), options, config.rows_per_file)
+    tokens = rows_seen = 0
+    if n_items:
+        settings = DecodeSettings(
+            image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
+            clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
+            max_clips=config.max_clips, storage_options=options)
+        owned = connect_ray(config.address)
+        try:
+            progress = Progress(n_items, config.progress_seconds)
+            for batch in build_dataset(shards, listing_fs, config, settings, model, job_id).iter_batches(
+                    batch_size=None, batch_format="pyarrow"):
+                sink.add(batch)
+                rows_seen += batch.num_rows
+                tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
+                progress.update(sink.items_written, rows_seen)
+            sink.close()
+            progress.update(sink.items_written, rows_seen, force=True)
+        finally:
+            if owned:
+                import ray
+
+                ray.shutdown()
+    clear_scratch(config.out, options)
+    summary = build_summary(
+        config.out, options, job_id=job_id, model=info["name"], generation=generation,
+        wall_s=time.monotonic() - start, items_listed=listed["listed"],
+        items_skipped=listed["skipped"], rows_written=sink.rows_written, items_written=sink.items_written,
+        generated_tokens=tokens, files_written=len(sink.files))
+    summary["max_error_rate"] = config.max_error_rate
+    summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
+    write_summary(config.out, options, summary)
+    return summary
+
+
+def _default_model() -> str:
+    from lavi.engine import DEFAULT_MODEL
+
+    return DEFAULT_MODEL

@@ -1,0 +1,173 @@
+"""End to end on local files: sources -> Ray Data (decode tasks, labeler actors) -> Parquet.
+
+Real parts throughout: a tiny random LaVi, the shapes corpus writer, the session's local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.graph import run
+from pipeline.sink import ITEM_ROWS
+from pipeline.sources import PromptSpec, iter_items
+from pipeline.summary import read_summary
+from schemas.rows import LABEL_SCHEMA, read_metadata
+from shapes.corpus import write_corpus
+from workers.decode import DecodeSettings, fetch_and_decode
+from workers.labeler import CLIP_SCHEMA, Labeler
+
+pytestmark = pytest.mark.timeout(300)
+Q = "how many objects are there?"
+
+
+def _corpus(root: Path, images: int = 3, videos: int = 2) -> Path:
+    """shapes corpus + a corrupt image, an empty file and a missing file in the manifest."""
+    manifest = Path(write_corpus(str(root), images, videos, seed=1).removeprefix("file://"))
+    (root / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    lines += [{"uri": str(root / "images" / "corrupt.png"), "questions": ["is it broken?"]},
+              {"uri": str(root / "images" / "empty.jpg")},
+              {"uri": str(root / "images" / "missing.png")}]
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return manifest
+
+
+def _expected_rows(config: RunConfig, image_size: int, frames: int) -> int:
+    """sum over items of clips x prompts, with clips counted by the decoder itself."""
+    settings = DecodeSettings(image_size=image_size, frames_per_clip=frames,
+                              clip_seconds=config.clip_seconds or 0.0, isolate=False)
+    spec = PromptSpec(config.task, config.prompt, config.questions)
+    return sum(len(fetch_and_decode(item, settings)) * len(item["prompts"]) for item in iter_items(config.inputs, spec))
+
+
+def test_vqa_manifest_end_to_end_with_bad_inputs(ray_local, tiny_model, tmp_path):
+    """Guards against dropped rows (n out != clips x prompts), per-item questions ignored, bad inputs
+    lost instead of becoming error rows with their stage, output unreadable by pandas/HF datasets,
+    and a rerun of a finished job adding rows."""
+    from lavi.engine import Engine
+
+    engine = Engine.load(tiny_model)
+    manifest = _corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    config = RunConfig(inputs=(str(manifest),), out=str(out), task="vqa", questions=(Q,), model=tiny_model,
+                       max_new_tokens=4, batch_size=4, clip_seconds=1.0, rows_per_file=5)
+    summary = run(config)
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata().equals(LABEL_SCHEMA)
+    assert table.num_rows == summary["rows"] == _expected_rows(config, engine.image_size, engine.default_frames)
+    assert len(set(table.column("row_id").to_pylist())) == table.num_rows
+    rows = table.to_pylist()
+    by_uri = {r["uri"].rsplit("/", 1)[1]: r for r in rows if r["status"] == "error"}
+    assert by_uri["corrupt.png"]["error_stage"] == "decode" and by_uri["empty.jpg"]["error_stage"] == "decode"
+    assert by_uri["missing.png"]["error_stage"] == "read" and by_uri["missing.png"]["text"] is None
+    assert {r["prompt"] for r in rows if r["uri"].endswith("corrupt.png")} == {Q, "is it broken?"}
+    videos = [r for r in rows if r["media_type"] == "video"]
+    assert videos and {r["clip_index"] for r in videos} == {0, 1} and all(r["frame_timestamps_s"] for r in videos)
+    ok = [r for r in rows if r["status"] != "error"]
+    assert ok and all(r["text"] is not None and r["num_generated_tokens"] > 0 for r in ok)
+    assert summary["error_stage"] == {"decode": 3, "read": 1} and summary["status"].get("error") == 4
+    meta = read_metadata(pq.read_schema(next(out.glob("part-*.parquet"))).metadata)
+    assert meta["model"] == engine.name and meta["generation"]["max_new_tokens"] == 4
+    assert not (out / "_tmp").exists() and not (out / "_listing").exists()
+
+    import datasets
+    import pandas as pd
+
+    assert len(pd.read_parquet(out)) == table.num_rows
+    hf = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert hf.num_rows == table.num_rows and set(hf.column_names) == set(LABEL_SCHEMA.names)
+
+    again = run(config)
+    assert again["this_run"]["rows"] == 0 and again["this_run"]["items_skipped"] == again["items"]
+    assert pq.read_table(out).num_rows == table.num_rows
+    with pytest.raises(ValueError, match="--overwrite"):
+        run(RunConfig(**{**config.__dict__, "max_new_tokens": 5}))
+
+
+def test_caption_directory_uses_model_default_prompts(ray_local, tiny_model, tmp_path):
+    """Guards against caption rows without a prompt, or videos captioned with the image prompt."""
+    from lavi.engine import Engine
+
+    engine = Engine.load(tiny_model)
+    write_corpus(str(tmp_path / "corpus"), 2, 1, seed=2)
+    out = tmp_path / "out"
+    summary = run(RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(out), model=tiny_model, max_new_tokens=3))
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == summary["rows"] == 3 and summary["status"].get("error", 0) == 0
+    for r in rows:
+        assert r["task"] == "caption" and r["prompt"] == engine.default_prompt(r["media_type"])
+        assert r["status"] == "ok" or (r["status"] == "truncated" and r["num_generated_tokens"] == 3)
+
+
+def test_labeler_inference_error_becomes_infer_rows(tiny_model):
+    """Guards against one bad batch killing the job or losing rows: frames the engine refuses
+    become error rows of stage infer, one per prompt, and good clips in the batch still label."""
+    from lavi.engine import Engine
+
+    size = Engine.load(tiny_model).image_size
+    labeler = Labeler(tiny_model, "job", {"max_new_tokens": 2}, max_batch=8)
+    good = np.zeros((1, size, size, 3), np.uint8)
+    bad = np.zeros((1, 3, 3, 3), np.uint8)
+
+    def clip(name, frames, status="ok"):
+        return {"item_id": name, "uri": f"/{name}.png", "media_type": "image",
+                "prompts": [{"task": "vqa", "prompt": Q}, {"task": "vqa", "prompt": "is it red?"}],
+                "clip_index": None, "clip_start_s": None, "clip_end_s": None, "frame_timestamps_s": None,
+                "width": 4, "height": 4, "frames": frames.tobytes(), "frame_shape": list(frames.shape),
+                "status": status, "error_stage": "decode" if status == "error" else None,
+                "error": "boom" if status == "error" else None, ITEM_ROWS: 2}
+
+    labeler.max_batch = 2  # one sub-batch per clip: the bad clip's failure stays its own
+    out = labeler(pa.Table.from_pylist([clip("a", good), clip("b", bad), clip("c", good[:0], "error")],
+                                       schema=CLIP_SCHEMA))
+    rows = out.to_pylist()
+    assert [(r["item_id"], r["status"], r["error_stage"]) for r in rows] == [
+        ("a", rows[0]["status"], None), ("a", rows[1]["status"], None),
+        ("b", "error", "infer"), ("b", "error", "infer"), ("c", "error", "decode"), ("c", "error", "decode")]
+    assert {rows[0]["status"], rows[1]["status"]} <= {"ok", "truncated"} and "ValueError" in rows[2]["error"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "run", *args]
+
+
+def test_killed_run_resumes_without_duplicates(ray_local, tiny_model, tmp_path):
+    """Guards against a SIGKILLed run leaving a half-written file that is counted, losing items, or
+    writing some rows twice when rerun; and a finished job's rerun adding rows."""
+    corpus = tmp_path / "corpus"
+    write_corpus(str(corpus), 24, 0, seed=3)
+    out = tmp_path / "out"
+    args = _cli(str(corpus), "--out", str(out), "--model", tiny_model, "--batch-size", "1", "--rows-per-file", "1",
+                "--max-new-tokens", "8", "--address", ray_local)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len(list(out.glob("part-*.parquet"))) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = pq.read_table(out).num_rows
+    assert not (out / "_summary.json").exists(), "the run finished before it was killed: the test proved nothing"
+    assert 3 <= written < 24
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pq.read_table(out)
+    assert table.num_rows == 24 and len(set(table.column("item_id").to_pylist())) == 24
+    summary = read_summary(str(out))
+    assert summary["this_run"]["items_skipped"] >= 3 and summary["this_run"]["rows"] == 24 - summary["this_run"]["items_skipped"]
+    assert "24 rows for 24 items" in done.stdout
