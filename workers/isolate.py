@@ -10,6 +10,7 @@ module-level functions (the child gets the parent's sys.path).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -27,10 +28,17 @@ class IsolationError(Exception):
     """The isolated call did not return: it timed out, or the child died."""
 
 
-def _child_main(fd: int) -> None:
-    """Child loop: receive (fn, args), send ("ok", result) or ("raise", exception)."""
+def _child_main(fd: int, preload: tuple[str, ...] = ()) -> None:
+    """Child: import `preload`, say ready, then loop: receive (fn, args), send ("ok", result)
+    or ("raise", exception)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     conn = Connection(fd)
+    for name in preload:  # heavy imports before the first timed call, not inside it
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            log.warning("isolated child: cannot preload %s: %s", name, err)
+    conn.send(("ready", None))
     while True:
         try:
             message = conn.recv_bytes()
@@ -61,7 +69,9 @@ class IsolatedRunner:
     decoder library can accumulate; a restart costs one interpreter start (~0.3-0.8 s).
     """
 
-    def __init__(self, max_calls: int | None = 5000):
+    def __init__(self, max_calls: int | None = 5000, preload: tuple[str, ...] = (), start_timeout_s: float = 120.0):
+        self.preload = tuple(preload)  # modules the child imports before its first call
+        self.start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -72,13 +82,20 @@ class IsolatedRunner:
     def _start(self) -> None:
         parent, child = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        code = f"from workers.isolate import _child_main; _child_main({child.fileno()})"
+        code = f"from workers.isolate import _child_main; _child_main({child.fileno()}, {self.preload!r})"
         self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child.fileno()],
                                       stdin=subprocess.DEVNULL, env=env)
         child.close()
         self._conn = Connection(parent.detach())
         self.starts += 1
         self._calls = 0
+        try:  # the start is not charged to the first call's timeout
+            if self._conn.poll(self.start_timeout_s) and self._conn.recv()[0] == "ready":
+                return
+        except (EOFError, OSError):
+            pass
+        exit_code = self._reap(kill=True)
+        raise RuntimeError(f"the isolated decoder process failed to start (exit code {exit_code}); see its stderr")
 
     def _reap(self, kill: bool) -> int | None:
         proc, conn = self._proc, self._conn
@@ -142,7 +159,7 @@ def default_runner() -> IsolatedRunner:
     global _RUNNER
     with _RUNNER_LOCK:
         if _RUNNER is None:
-            _RUNNER = IsolatedRunner()
+            _RUNNER = IsolatedRunner(preload=("workers.decode", "decord", "av"))
         return _RUNNER
 
 

@@ -54,6 +54,8 @@ def decode_video(
     args = (image_size, frames_per_clip, clip_seconds, max_clips)
     try:
         return _decode_decord(data, *args)
+    except ImportError:  # e.g. no decord wheel for this platform
+        note = "decord is not installed; used PyAV"
     except (_decord_error(), RuntimeError, ValueError, OSError) as err:
         note = f"decord failed ({clean_message(str(err))}); used PyAV"
     video = _decode_pyav(data, *args)
