@@ -102,10 +102,13 @@ def test_bad_images_give_one_readable_error_row(name):
     one_error(decode_item(item(f"s3://b/{name}"), SETTINGS, data), "decode", message)
 
 
-def test_pixel_limit_is_checked_before_decoding():
-    """Guards against the limit being applied after load() (a bomb would already be in memory)."""
-    rows = decode_item(item("p.png"), DecodeSettings(image_size=S, max_pixels=1000, isolate=False), media.png(64, 48))
-    one_error(rows, "decode", "64x48 = 3072 pixels, over the limit of 1000")
+def test_pixel_limit_is_checked_before_decoding(video10):
+    """Guards against the limit being applied after load() (a bomb would already be in memory),
+    and against videos escaping it."""
+    settings = DecodeSettings(image_size=S, max_pixels=1000, isolate=False)
+    one_error(decode_item(item("p.png"), settings, media.png(64, 48)), "decode",
+              "64x48 = 3072 pixels, over the limit of 1000")
+    one_error(decode_item(item("v.mp4"), settings, video10), "decode", "64x64 frames, over the limit of 1000")
 
 
 # video

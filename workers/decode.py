@@ -90,7 +90,7 @@ def error_row(item: dict, stage: str, message: str, image_size: int, media_type:
 def _decode_as(kind: str, data: bytes, s: DecodeSettings) -> DecodedImage | DecodedVideo:
     if kind == IMAGE:
         return decode_image(data, s.image_size, s.max_pixels)
-    return decode_video(data, s.image_size, s.frames_per_clip, s.clip_seconds, s.max_clips)
+    return decode_video(data, s.image_size, s.frames_per_clip, s.clip_seconds, s.max_clips, s.max_pixels)
 
 
 def decode_item(item: dict, settings: DecodeSettings, data: bytes) -> list[dict]:

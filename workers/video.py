@@ -43,14 +43,20 @@ def frame_for(starts: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def decode_video(
-    data: bytes, image_size: int, frames_per_clip: int, clip_seconds: float, max_clips: int | None
+    data: bytes, image_size: int, frames_per_clip: int, clip_seconds: float, max_clips: int | None,
+    max_pixels: int | None = None,
 ) -> DecodedVideo:
     """Video bytes -> DecodedVideo; each clip has frames (F, S, S, 3) uint8 RGB.
 
-    Times are seconds from the first frame. Raises DecodeError with a row-ready message.
+    Times are seconds from the first frame. A frame size over `max_pixels` (read from the
+    stream header) is refused before decoding. Raises DecodeError with a row-ready message.
     """
     if not data:
         raise DecodeError("empty file")
+    if max_pixels is not None:
+        size = _probe_size(data)
+        if size and size[0] * size[1] > max_pixels:
+            raise DecodeError(f"video too large: {size[0]}x{size[1]} frames, over the limit of {max_pixels} pixels")
     args = (image_size, frames_per_clip, clip_seconds, max_clips)
     try:
         return _decode_decord(data, *args)
@@ -61,6 +67,20 @@ def decode_video(
     video = _decode_pyav(data, *args)
     log.debug(note)
     return DecodedVideo(video.clips, video.width, video.height, video.duration_s, video.decoder, note)
+
+
+def _probe_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the first video stream from the header, or None if unreadable."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if container.streams.video:
+                ctx = container.streams.video[0].codec_context
+                return ctx.width, ctx.height
+    except av.error.FFmpegError:
+        pass  # the decoders below report why
+    return None
 
 
 def _decord_error() -> type:
