@@ -16,7 +16,10 @@ from schemas.rows import IMAGE, TASKS, UNKNOWN, VIDEO, item_id
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "mkv", "webm", "avi", "m4v"})
 
-PROMPT_TYPE = pa.struct([pa.field("task", pa.string(), nullable=False), pa.field("prompt", pa.string(), nullable=False)])
+PROMPT_TYPE = pa.struct([
+    pa.field("task", pa.string(), nullable=False),  # caption / vqa
+    pa.field("prompt", pa.string(), nullable=False),
+])
 
 MANIFEST_SCHEMA = pa.schema(
     [
