@@ -69,10 +69,16 @@ def decode_video(
     return DecodedVideo(video.clips, video.width, video.height, video.duration_s, video.decoder, note)
 
 
-def _probe_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of the first video stream from the header, or None if unreadable."""
+def _av():
     import av
 
+    av.logging.set_level(av.logging.PANIC)  # ffmpeg's own stderr chatter; errors come as exceptions
+    return av
+
+
+def _probe_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the first video stream from the header, or None if unreadable."""
+    av = _av()
     try:
         with av.open(io.BytesIO(data)) as container:
             if container.streams.video:
@@ -111,20 +117,20 @@ def _decode_decord(data: bytes, image_size: int, frames_per_clip: int, clip_seco
     times = vr.get_frame_timestamp(np.arange(n))  # (n, 2): start, end in seconds
     t0 = float(times[0, 0])
     starts, duration = times[:, 0] - t0, float(times[-1, 1]) - t0
-    height, width = vr[0].shape[:2]
+    shape = []
 
     def read(idx: np.ndarray) -> list[np.ndarray]:
-        return list(vr.get_batch(list(idx)).asnumpy())
+        batch = vr.get_batch(list(idx)).asnumpy()  # (F, H, W, 3) at native size
+        shape[:] = batch.shape[1:3]
+        return list(batch)
 
     clips = _clips(starts, duration, read, image_size, frames_per_clip, clip_seconds, max_clips)
-    return DecodedVideo(clips, int(width), int(height), duration, "decord")
+    return DecodedVideo(clips, int(shape[1]), int(shape[0]), duration, "decord")
 
 
 def _decode_pyav(data: bytes, image_size: int, frames_per_clip: int, clip_seconds: float,
                  max_clips: int | None) -> DecodedVideo:
-    import av
-
-    av.logging.set_level(av.logging.PANIC)  # ffmpeg's own stderr chatter; errors come as exceptions
+    av = _av()
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
@@ -152,54 +158,64 @@ def _decode_pyav(data: bytes, image_size: int, frames_per_clip: int, clip_second
         raise DecodeError("no decodable video frames")
     clips = []
     for k, (a, b, idx) in enumerate(plan):
-        frames = np.stack([got[float(starts[i])] for i in idx])  # (F, S, S, 3)
-        clips.append(Clip(k, float(a), float(b), [float(starts[i]) for i in idx], frames))
+        picked = [got[float(starts[i])] for i in idx]
+        frames = np.stack([f for f, _ in picked])  # (F, S, S, 3)
+        clips.append(Clip(k, float(a), float(b), [t for _, t in picked], frames))
     return DecodedVideo(clips, size[0], size[1], duration, "pyav")
 
 
 def _packets(container, stream):
     """Demuxed packets until the end or the first break in the file (truncation)."""
-    import av
-
+    av = _av()
     try:
         yield from container.demux(stream)
     except av.error.FFmpegError as err:
         log.debug("demux stopped: %s", clean_message(str(err)))
 
 
-def _decode_wanted(data: bytes, wanted: list[float], t0: float, image_size: int):
-    """Decode once through the stream; keep only the wanted frames, resized. A wanted frame
-    that does not decode is replaced by the last frame that did (or the next, at the start)."""
-    import av
+def _frames(container, stream):
+    """Decoded frames in presentation order; broken packets (a truncated tail) are skipped
+    and the decoder is flushed at the end, so the frames it still holds come out too."""
+    av = _av()
+    for packet in _packets(container, stream):
+        try:
+            yield from packet.decode()
+        except av.error.FFmpegError:
+            continue
+    try:
+        yield from stream.codec_context.decode(None)  # flush (a no-op after demux's own flush packet)
+    except av.error.FFmpegError:
+        pass
 
-    got: dict[float, np.ndarray] = {}
+
+def _decode_wanted(data: bytes, wanted: list[float], t0: float, image_size: int):
+    """Decode once through the stream; keep only the wanted frames, resized, as
+    {wanted time: (frame, its actual time)}. A wanted frame that does not decode is replaced
+    by the last frame that did (or the next, at the start), with that frame's time."""
+    got: dict[float, tuple[np.ndarray, float]] = {}
     size = (0, 0)
-    j, prev = 0, None  # next wanted time; last decoded frame (not converted)
-    with av.open(io.BytesIO(data)) as container:
+    j, prev, prev_t = 0, None, 0.0  # next wanted time; last decoded frame (not converted), its time
+    with _av().open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         stream.thread_count = 1
-        for packet in _packets(container, stream):
-            try:
-                decoded = packet.decode()  # the final empty packet flushes the decoder
-            except av.error.FFmpegError:
-                continue  # a broken packet (the truncated tail): skip it, keep going
-            for frame in decoded:
-                if frame.pts is None:
-                    continue
-                t = float(frame.pts * frame.time_base) - t0
-                size = (frame.width, frame.height)
-                while j < len(wanted) and wanted[j] < t - 1e-6:  # that frame never decoded
-                    got[wanted[j]] = _to_input(prev if prev is not None else frame, image_size)
-                    j += 1
-                if j < len(wanted) and abs(wanted[j] - t) <= 1e-6:
-                    got[wanted[j]] = _to_input(frame, image_size)
-                    j += 1
-                prev = frame
+        for frame in _frames(container, stream):
+            if frame.pts is None:
+                continue
+            t = float(frame.pts * frame.time_base) - t0
+            size = (frame.width, frame.height)
+            while j < len(wanted) and wanted[j] < t - 1e-6:  # that frame never decoded
+                got[wanted[j]] = (_to_input(frame, image_size), t) if prev is None else (
+                    _to_input(prev, image_size), prev_t)
+                j += 1
+            if j < len(wanted) and abs(wanted[j] - t) <= 1e-6:
+                got[wanted[j]] = (_to_input(frame, image_size), t)
+                j += 1
+            prev, prev_t = frame, t
             if j == len(wanted):
                 break  # every sampled frame is in: stop decoding
     for w in wanted[j:]:
         if prev is not None:
-            got[w] = _to_input(prev, image_size)
+            got[w] = (_to_input(prev, image_size), prev_t)
     return got, size
 
 
