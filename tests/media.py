@@ -108,10 +108,11 @@ def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststar
 
 
 def write(path: Path, data: bytes) -> str:
-    """Write bytes to path (creating folders) and return its file:// uri."""
+    """Write bytes to path (creating folders) and return its file:// uri, as fsspec lists it
+    (not Path.as_uri(): fsspec does not undo percent-encoding)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-    return path.as_uri()
+    return f"file://{path}"
 
 
 # test-only decoders for the isolated runner (module-level so the spawned child can import them)

@@ -307,3 +307,27 @@ def test_isolated_child_is_recycled_after_max_calls():
         assert runner.starts == 3
     finally:
         runner.close()
+
+
+def test_decoder_messages_are_cleaned():
+    """Guards against decord's messages putting raw input bytes and C++ source paths in rows."""
+    from workers.frames import clean_message
+
+    raw = ("[15:22:00] /github/workspace/src/video/video_reader.cc:83: ERROR opening: \x00\x9fhello\x01, "
+           "Invalid data found when processing input")
+    assert clean_message(raw) == "cannot open: Invalid data found when processing input"
+    assert clean_message("[Errno 1094995529] Invalid data found when processing input: '<none>'") == \
+        "Invalid data found when processing input"
+    assert len(clean_message("x" * 1000)) == 200
+
+
+def test_isolated_decode_equals_in_process(tmp_path, video10):
+    """Guards against the process boundary changing rows (dtype, shapes, key set, order)."""
+    for name, data in (("i.png", media.png()), ("v.mp4", video10)):
+        uri = media.write(tmp_path / name, data)
+        a = fetch_and_decode(item(uri), DecodeSettings(image_size=S, clip_seconds=4.0, isolate=False))
+        b = fetch_and_decode(item(uri), DecodeSettings(image_size=S, clip_seconds=4.0))
+        assert len(a) == len(b) >= 1
+        for ra, rb in zip(a, b):
+            assert ra.keys() == rb.keys() and np.array_equal(ra.pop("frames"), rb.pop("frames"))
+            assert ra == rb
