@@ -71,6 +71,9 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
     ctx.enable_progress_bars = False  # the driver prints its own progress line
     paths = [listing_fs._strip_protocol(s) for s in shards]
     ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs))
+    # a shard is one block: split it (streaming) so decode tasks run in parallel and results
+    # reach the sink as they finish rather than one whole shard at a time
+    ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
     ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"settings": settings}, num_cpus=1)
     gpu = config.gpus_per_worker > 0
