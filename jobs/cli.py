@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.run import run
+from jobs.train import train_cmd
 
 
 @click.group()
@@ -13,6 +14,7 @@ def main() -> None:
 
 
 main.add_command(run)
+main.add_command(train_cmd, name="train")
 
 if __name__ == "__main__":
     main()

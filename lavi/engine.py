@@ -39,7 +39,7 @@ def pixels_from_frames(frames: list[np.ndarray], mean: tuple[float, ...], std: t
     for i, clip in enumerate(frames):
         if clip.ndim != 4 or clip.shape[1:] != (size, size, 3):
             raise ValueError(f"frames must be (F, {size}, {size}, 3) uint8, got {tuple(clip.shape)}")
-        x = torch.from_numpy(np.ascontiguousarray(clip)).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, S, S)
+        x = torch.from_numpy(np.array(clip, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float() / 255.0  # (F, 3, S, S)
         pixels[i, : len(clip)] = (x - m) / s
         mask[i, : len(clip)] = True
     return pixels, mask

@@ -64,3 +64,16 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, fusion: str = "viln", 
             torch.nn.init.normal_(head.o_proj.weight, std=0.05)
     checkpoint.save(model, path)
     return str(path)
+
+
+def tiny_shapes_config(vocab_size: int, fusion: str = "viln") -> LaViConfig:
+    """The bundled model's shape: ~1.8M parameters, 128x128 input in 16 px patches (64 tokens a frame)."""
+    decoder = DecoderConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4,
+                            num_heads=4, num_kv_heads=2, qkv_bias=True, tie_word_embeddings=True,
+                            max_position_embeddings=1024)
+    vision = VisionConfig(image_size=128, patch_size=16, hidden_size=128, intermediate_size=384, num_layers=4,
+                          num_heads=4)
+    return LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=2, cond_dim=64,
+                      cond_heads=4, max_frames=16, default_frames=4, prompt_template="{prompt} <sep>",
+                      eos_token_id=SPECIAL.index("<eos>"), pad_token_id=SPECIAL.index("<pad>"),
+                      name="tiny-shapes" if fusion == "viln" else "tiny-shapes-concat")

@@ -1,0 +1,96 @@
+"""`lavi-label train`: train a LaVi (or the concat baseline) on shapes-v1 or a Parquet of targets."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from lavi import checkpoint
+from lavi.tiny import save_word_tokenizer, tiny_shapes_config
+from lavi.train import TrainConfig, init_from_scratch, train
+
+log = logging.getLogger(__name__)
+
+
+def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool) -> tuple:
+    """The model to train and its tokenizer directory: resumed, from backbones, or tiny-shapes from scratch."""
+    if resume and (out / "train_state.json").exists():
+        return checkpoint.load(out), out
+    if decoder or vision:
+        if not (decoder and vision):
+            raise click.UsageError("--decoder and --vision go together (two local Hugging Face directories)")
+        return checkpoint.from_backbones(decoder, vision, fusion=fusion), Path(decoder)
+    from shapes.spec import vocabulary
+    tok_dir = out / "_tokenizer"
+    tok = save_word_tokenizer(vocabulary(), tok_dir)
+    model = checkpoint.LaVi(tiny_shapes_config(tok.get_vocab_size(), fusion))
+    init_from_scratch(model)
+    return model, tok_dir
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds one).")
+@click.option("--fusion", type=click.Choice(["viln", "concat"]), default="viln", show_default=True,
+              help="viln: LaVi. concat: the LLaVA-style baseline on the same backbones, data and budget.")
+@click.option("--decoder", type=click.Path(exists=True, file_okay=False), help="Local HF Qwen2/Llama directory.")
+@click.option("--vision", type=click.Path(exists=True, file_okay=False), help="Local HF SigLIP directory.")
+@click.option("--freeze-backbones", is_flag=True, help="Train only the fusion (conditioner or projector).")
+@click.option("--data", default="shapes", show_default=True, help="'shapes' (shapes-v1, rendered online) or a Parquet URI.")
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup", type=int, default=200, show_default=True)
+@click.option("--images", type=int, default=24, show_default=True, help="shapes: images per step.")
+@click.option("--videos", type=int, default=8, show_default=True, help="shapes: videos per step.")
+@click.option("--questions", type=int, default=3, show_default=True, help="shapes: VQA pairs per item beside the caption.")
+@click.option("--batch-items", type=int, default=32, show_default=True, help="Parquet: rows per step.")
+@click.option("--frames", type=int, default=4, show_default=True, help="Frames per video clip.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=250, show_default=True)
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
+@click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
+def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
+              steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
+              frames: int, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
+    """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    outp = Path(out)
+    outp.mkdir(parents=True, exist_ok=True)
+    model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume)
+    model.to(device)
+    size = model.config.vision.image_size
+    if data == "shapes":
+        from shapes.batches import ShapesData
+        source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=(frames,))
+    else:
+        from workers.train_data import ParquetData
+        source = ParquetData(data, image_size=size, frames=frames, batch_items=batch_items, seed=seed)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
+                      checkpoint_every=checkpoint_every)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
+    click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
+               f"on {data} for {steps} steps on {device} -> {out}")
+    logf = (outp / "train_log.jsonl").open("a")
+    t0 = time.time()
+
+    def on_log(rec: dict) -> None:
+        eta = (steps - rec["step"]) * (time.time() - t0) / max(1, rec["step"] - start)
+        click.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                   f"{rec['rows_per_s']:.1f} rows/s  eta {eta / 60:.1f} min")
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+
+    start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
+    last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log)
+    wall = time.time() - t0
+    (outp / "train_summary.json").write_text(json.dumps(
+        {"steps": steps, "final": last, "wall_s": wall, "device": device, "threads": torch.get_num_threads(),
+         "resumed_from": start}, indent=2))
+    click.echo(f"done in {wall / 60:.1f} min: final loss {last.get('loss', float('nan')):.4f}; checkpoint in {out}")

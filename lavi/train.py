@@ -1,0 +1,178 @@
+"""Training LaVi: batches of (frames, prompt, target), next-token loss on the target, AdamW, resumable.
+
+torch only: the data comes in as an iterator of `Example` lists from the caller (shapes-v1 renderer,
+a Parquet of media and targets, ...). A checkpoint is a LaVi directory plus `train_state.safetensors`
+(optimizer moments) and `train_state.json` (step, config), so a run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from . import checkpoint
+from .engine import pixels_from_frames
+from .fusion import Visual
+from .model import LaVi
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Example:
+    frames: np.ndarray  # uint8 (F, S, S, 3)
+    pairs: tuple[tuple[str, str], ...]  # (prompt, target) pairs asked of these frames
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    lr: float = 1e-3
+    warmup: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    freeze_backbones: bool = False
+    checkpoint_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.warmup < 0:
+            raise ValueError("steps must be >= 1, lr > 0 and warmup >= 0")
+
+
+@dataclass
+class Batch:
+    pixels: Tensor  # (N, F, 3, S, S)
+    frame_mask: Tensor  # (N, F)
+    rows: Tensor  # (B,) item of each text row
+    ids: Tensor  # (B, T) right-padded prompt + target + EOS
+    valid: Tensor  # (B, T)
+    labels: Tensor  # (B, T) next-token targets, -100 where not scored
+
+
+def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
+    c = model.config
+    pixels, fmask = pixels_from_frames([e.frames for e in examples], c.image_mean, c.image_std, c.vision.image_size)
+    seqs, rows = [], []
+    for i, e in enumerate(examples):
+        for prompt, target in e.pairs:
+            p = ([c.bos_token_id] if c.bos_token_id is not None else []) + tok.encode(c.prompt_template.format(prompt=prompt))
+            seqs.append((p, tok.encode(target) + [c.eos_token_id]))
+            rows.append(i)
+    t = max(len(p) + len(y) for p, y in seqs)
+    ids = torch.full((len(seqs), t), c.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
+    valid = torch.zeros(len(seqs), t, dtype=torch.bool)
+    for i, (p, y) in enumerate(seqs):
+        n = len(p) + len(y)
+        ids[i, :n] = torch.tensor(p + y)
+        valid[i, :n] = True
+        labels[i, len(p) - 1:n - 1] = torch.tensor(y)  # logits at t predict token t + 1
+    return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels)
+
+
+def lm_loss(model: LaVi, b: Batch) -> Tensor:
+    dev = model.device
+    vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev)).select(b.rows.to(dev))
+    logits = model(b.ids.to(dev), b.valid.to(dev), vis)  # (B, T, V)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.to(dev).flatten())
+
+
+def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
+    """GPT-style init for backbones trained from scratch: N(0, std) weights, zero biases. ViLN's output
+    heads stay at zero, so the model still starts as its (untrained) base LLM."""
+    for name, m in model.named_modules():
+        if name.startswith("viln.heads") and name.endswith("o_proj"):
+            continue  # zero-initialised: the identity at the start
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
+            torch.nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                torch.nn.init.zeros_(m.bias)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _optimizer(model: LaVi, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def save_state(out: Path, model: LaVi, opt: torch.optim.AdamW, step: int, cfg: TrainConfig, tok_dir: Path) -> None:
+    """Write the model (a loadable LaVi directory) and the optimizer state, then the step marker last."""
+    checkpoint.save(model, out, tokenizer_dir=tok_dir)
+    state = opt.state_dict()
+    tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "train_state.safetensors"))
+    (out / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
+
+
+def load_state(out: Path, opt: torch.optim.AdamW) -> int:
+    """Restore optimizer moments into `opt` (built for the same model); returns the step to resume at."""
+    meta = json.loads((out / "train_state.json").read_text())
+    flat = load_file(str(out / "train_state.safetensors"))
+    state = opt.state_dict()
+    for pid in range(sum(len(g["params"]) for g in state["param_groups"])):
+        keys = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == str(pid)}
+        if keys:
+            state["state"][pid] = keys
+    opt.load_state_dict(state)
+    return int(meta["step"])
+
+
+def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
+          resume: bool = True, on_log: Callable[[dict], None] | None = None) -> dict:
+    """Train for cfg.steps; `data(step)` returns that step's examples (deterministic per step, so a resumed
+    run sees the same batches). Checkpoints to `out` every cfg.checkpoint_every steps and at the end."""
+    torch.manual_seed(cfg.seed)
+    if cfg.freeze_backbones:
+        model.freeze_backbones()
+    model.train()
+    tok = Tokenizer(tok_dir)
+    opt = _optimizer(model, cfg)
+    start = 0
+    if resume and (out / "train_state.json").exists():
+        start = load_state(out, opt)
+        log.info("resuming from step %d in %s", start, out)
+    t0, seen, last = time.time(), 0, {}
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        batch = collate(data(step), model, tok)
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        seen += len(batch.ids)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            dt = time.time() - t0
+            last = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, cfg),
+                    "rows_per_s": seen / dt, "elapsed_s": dt}
+            if on_log:
+                on_log(last)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            save_state(out, model, opt, step + 1, cfg, tok_dir)
+            model.train()
+    model.eval()
+    return last

@@ -1,0 +1,66 @@
+"""Training examples from the shapes-v1 renderer: mixed captioning + VQA over images and videos.
+
+Each step's examples are a pure function of (seed, step), so a resumed run sees the same data.
+To train for the spec and not for one renderer, images and frames pass through what the pipeline
+and other encoders do to them: JPEG at random quality (which also subsamples chroma, as H.264
+yuv420p does), and a mild blur now and then.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from lavi.train import Example
+from shapes import render, spec
+
+
+@dataclass(frozen=True)
+class ShapesData:
+    seed: int = 0
+    images: int = 24  # per step
+    videos: int = 8
+    questions: int = 3  # VQA pairs per item beside its caption
+    frames: tuple[int, ...] = (4,)  # frames per video clip, drawn per example
+    augment: bool = True
+
+    def __call__(self, step: int) -> list[Example]:
+        rng = np.random.default_rng([self.seed, step])
+        out = [self._image(rng) for _ in range(self.images)]
+        return out + [self._video(rng) for _ in range(self.videos)]
+
+    def _pairs(self, rng: np.random.Generator, prompt: str, caption: str, qa) -> tuple[tuple[str, str], ...]:
+        k = min(self.questions, len(qa))
+        picked = [qa[i] for i in rng.choice(len(qa), size=k, replace=False)] if k else []
+        return ((prompt, caption), *picked)
+
+    def _image(self, rng: np.random.Generator) -> Example:
+        item = render.sample_image(rng)
+        frame = self._augment(item.pixels, rng)[None]
+        return Example(frame, self._pairs(rng, spec.IMAGE_PROMPT, item.caption, item.qa))
+
+    def _video(self, rng: np.random.Generator) -> Example:
+        item = render.sample_video(rng)
+        f = int(rng.choice(self.frames))
+        idx = sample_indices(len(item.frames), f)
+        frames = np.stack([self._augment(item.frames[i], rng) for i in idx])
+        return Example(frames, self._pairs(rng, spec.VIDEO_PROMPT, item.caption, item.qa))
+
+    def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if not self.augment:
+            return pixels
+        im = Image.fromarray(pixels)
+        if rng.random() < 0.2:
+            im = im.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.3, 0.8))))
+        if rng.random() < 0.6:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=int(rng.integers(80, 97)))
+            im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        return np.asarray(im)
+
+
+def sample_indices(num_frames: int, f: int) -> list[int]:
+    """Uniform sampling: the centre of each of f equal segments (as the pipeline's decoder does)."""
+    return [min(num_frames - 1, int((j + 0.5) * num_frames / f)) for j in range(f)]
