@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,6 @@ import pytest
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["HF_HUB_OFFLINE"] = "1"
 # token auth with a session token (read when ray is imported; inherited by subprocess drivers),
 # so ~/.ray/auth_token is never created or read
 os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -108,6 +108,7 @@ def _start_seaweedfs(workdir: Path, key: str, secret: str, bucket: str):
     if not ready.wait(60) or proc.poll() is not None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
+        warnings.warn(f"SeaweedFS did not start (falling back to moto): {''.join(lines[-15:])}")
         return None
     return proc, f"http://127.0.0.1:{ports['s3']}"
 
@@ -153,6 +154,7 @@ def ray_local():
 
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     os.environ["RAY_TMPDIR"] = tmp
+    os.environ["LAVI_CACHE"] = f"{tmp}/lavi-cache"  # labeler actors cache remote models here, not in ~
     context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
                        _temp_dir=tmp, log_to_driver=False, configure_logging=False)
     try:
