@@ -56,9 +56,11 @@ def connect_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False)
+        context = ray.init(address=address, log_to_driver=False)
+        log.info("Ray: joined the cluster at %s", context.address_info["gcs_address"])
         return True
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    log.info("Ray: started a local cluster at %s", context.address_info["gcs_address"])
     return True
 
 
