@@ -40,7 +40,25 @@ def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dic
     if not fs.exists(config_path):
         raise ValueError(f"--model {model!r} is not a LaVi checkpoint directory (no config.json)")
     config = LaViConfig.from_dict(json.loads(fs.cat_file(config_path)))
-    return {"name": config.name, "image_size": config.vision.image_size, "default_frames": config.default_frames}
+    return {"name": config.name, "image_size": config.vision.image_size, "default_frames": config.default_frames,
+            "max_frames": config.max_frames}
+
+
+def check_resources(config: RunConfig) -> None:
+    """Refuse an actor pool the cluster cannot hold next to the read/decode tasks (it would hang)."""
+    import ray
+
+    have = ray.cluster_resources()
+    if config.gpus_per_worker > 0:
+        need, total = config.workers * config.gpus_per_worker, have.get("GPU", 0)
+        if need > total:
+            raise ValueError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs {need} "
+                             f"GPUs; the cluster has {total}: lower them, or use --gpus-per-worker 0 for CPU")
+    else:
+        need, total = config.workers * config.cpus_per_worker, have.get("CPU", 0)
+        if need > total - 1:
+            raise ValueError(f"--workers {config.workers} CPU actors need {need} CPUs and read/decode needs 1 more; "
+                             f"the cluster has {total}: lower --workers")
 
 
 def connect_ray(address: str | None) -> bool:
@@ -99,6 +117,8 @@ def run(config: RunConfig) -> dict:
     options = config.storage
     model = config.model or _default_model()
     info = model_info(model, options)
+    if config.frames is not None and config.frames > info["max_frames"]:
+        raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
     generation = config.generation_settings()
     if config.overwrite:
         log.info("--overwrite: removed %d files from %s", clear_output(config.out, options), config.out)
@@ -124,6 +144,7 @@ def run(config: RunConfig) -> dict:
             max_clips=config.max_clips, storage_options=options)
         owned = connect_ray(config.address)
         try:
+            check_resources(config)
             progress = Progress(n_items, config.progress_seconds)
             for batch in build_dataset(shards, listing_fs, config, settings, model, job_id).iter_batches(
                     batch_size=None, batch_format="pyarrow"):

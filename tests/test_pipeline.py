@@ -171,3 +171,14 @@ def test_killed_run_resumes_without_duplicates(ray_local, tiny_model, tmp_path):
     summary = read_summary(str(out))
     assert summary["this_run"]["items_skipped"] >= 3 and summary["this_run"]["rows"] == 24 - summary["this_run"]["items_skipped"]
     assert "24 rows for 24 items" in done.stdout
+
+
+def test_unschedulable_pool_and_bad_frames_are_refused(ray_local, tiny_model, tmp_path):
+    """Guards against an actor pool taking every CPU (Ray Data then waits forever with no error) and
+    --frames beyond the model's temporal embedding failing every row at inference."""
+    write_corpus(str(tmp_path / "corpus"), 1, 0, seed=5)
+    base = RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(tmp_path / "out"), model=tiny_model)
+    with pytest.raises(ValueError, match="lower --workers"):
+        run(RunConfig(**{**base.__dict__, "workers": 4}))
+    with pytest.raises(ValueError, match="max_frames"):
+        run(RunConfig(**{**base.__dict__, "frames": 10_000}))
