@@ -23,7 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.sink import ParquetSink, clear_output, clear_scratch, scan_output
 from pipeline.sources import PromptSpec, iter_items, write_shards
 from pipeline.storage import arrow_filesystem, filesystem
-from pipeline.summary import Progress, build_summary, write_summary
+from pipeline.summary import Progress, build_summary, clear_summary, write_summary
 from schemas.rows import metadata
 from workers.decode import DecodeSettings
 from workers.labeler import Labeler, decode_batch
@@ -128,6 +128,7 @@ def run(config: RunConfig) -> dict:
                          f"{state.metadata.get('generation')}; this run uses {info['name']!r} with {generation}: "
                          "pass --overwrite to replace them, or choose another --out")
     job_id = config.job_id or state.metadata.get("job_id") or f"lavi-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    clear_summary(config.out, options)  # the completion marker goes until this run completes
     clear_scratch(config.out, options)
     listing_fs, out_base = filesystem(config.out, options)
     spec = PromptSpec(task=config.task, prompt=config.prompt, questions=config.questions)

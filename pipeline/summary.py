@@ -80,6 +80,14 @@ def write_summary(out: str, storage_options: dict[str, Any] | None, summary: dic
     return fs.unstrip_protocol(path)
 
 
+def clear_summary(out: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove `_summary.json` as a run starts: while it works, the output is not complete."""
+    fs, base = filesystem(out, storage_options)
+    path = f"{base.rstrip('/')}/{SUMMARY_NAME}"
+    if fs.exists(path):
+        fs.rm(path)
+
+
 def read_summary(out: str, storage_options: dict[str, Any] | None = None) -> dict | None:
     """The output's `_summary.json`, or None when the run never finished."""
     fs, base = filesystem(out, storage_options)

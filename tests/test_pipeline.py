@@ -164,6 +164,14 @@ def test_killed_run_resumes_without_duplicates(ray_local, tiny_model, tmp_path):
     written = pq.read_table(out).num_rows
     assert not (out / "_summary.json").exists(), "the run finished before it was killed: the test proved nothing"
     assert 3 <= written < 24
+    (out / "_summary.json").write_text("{}")  # a stale marker from an earlier run must not survive a rerun
+    killed = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    while (out / "_summary.json").exists() and killed.poll() is None:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (out / "_summary.json").exists()
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     table = pq.read_table(out)
