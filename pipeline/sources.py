@@ -145,12 +145,14 @@ def _iter_glob(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[dict]:
     regex = re.compile(fsspec.utils.glob_translate(pattern))
     if not fs.isdir(root):
         raise ValueError(f"input glob {pattern!r}: its directory {root!r} does not exist")
-    yield from _iter_walk(fs, root, regex)
+    depth = None if "**" in pattern else pattern[len(root):].strip("/").count("/") + 1  # no deeper than it can match
+    yield from _iter_walk(fs, root, regex, depth)
 
 
-def _iter_walk(fs: fsspec.AbstractFileSystem, root: str, regex: re.Pattern | None) -> Iterator[dict]:
+def _iter_walk(fs: fsspec.AbstractFileSystem, root: str, regex: re.Pattern | None,
+               maxdepth: int | None = None) -> Iterator[dict]:
     unknown = 0
-    for dirpath, dirnames, filenames in fs.walk(root):
+    for dirpath, dirnames, filenames in fs.walk(root, maxdepth=maxdepth):
         dirnames.sort()  # walk order is deterministic
         for name in sorted(filenames):
             path = f"{dirpath.rstrip('/')}/{name}"

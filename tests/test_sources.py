@@ -38,6 +38,8 @@ def test_glob_and_file_and_prefix_uri_and_duplicates(tmp_path):
     _tree(tmp_path)
     globbed = list(iter_items([f"{tmp_path}/**/*.mp4"], PromptSpec()))
     assert [i["uri"].rsplit("/", 1)[1] for i in globbed] == ["z.mp4"]
+    assert [i["uri"].rsplit("/", 1)[1] for i in iter_items([f"{tmp_path}/*/*.JPG"], PromptSpec())] == ["y.JPG"]
+    assert [i["uri"].rsplit("/", 1)[1] for i in iter_items([f"{tmp_path}/*"], PromptSpec())] == ["b.mov", "x.png"]
     both = list(iter_items([f"file://{tmp_path}/a", str(tmp_path / "a" / "y.JPG")], PromptSpec()))
     assert sorted(i["uri"].rsplit("/", 1)[1] for i in both) == ["y.JPG", "z.mp4"]
 
