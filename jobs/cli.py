@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
+from jobs.evaluate import eval_cmd
+from jobs.manage import list_jobs, logs, status, stop
 from jobs.run import run
+from jobs.submit import submit
 from jobs.train import train_cmd
 
 
@@ -15,6 +18,10 @@ def main() -> None:
 
 main.add_command(run)
 main.add_command(train_cmd, name="train")
+main.add_command(eval_cmd, name="eval")
+main.add_command(submit)
+for _cmd in (status, logs, stop, list_jobs):
+    main.add_command(_cmd)
 
 if __name__ == "__main__":
     main()

@@ -74,7 +74,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None,
+                kv: "KVPrefix | None" = None) -> Tensor:
         b, t, _ = x.shape
         c = self.c
         q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -83,6 +84,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S_max, D)
+        elif kv is not None:
+            k, v = kv.attend(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.num_kv_heads != c.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
 
@@ -107,9 +110,33 @@ class Block(nn.Module):
         self.mlp = MLP(c)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None,
-                cond_attn: NormCond | None = None, cond_ffn: NormCond | None = None) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h, cond_attn), cos, sin, mask, input_pos)
+                cond_attn: NormCond | None = None, cond_ffn: NormCond | None = None,
+                kv: "KVPrefix | None" = None) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h, cond_attn), cos, sin, mask, input_pos, kv)
         return h + self.mlp(self.post_attention_layernorm(h, cond_ffn))
+
+
+class KVPrefix:
+    """Training-time shared prefix (the concat baseline's visual tokens): `record` keeps each layer's K/V of
+    a prefix pass over N items; `replay(rows)` then prepends item rows[b]'s prefix K/V to text row b's own.
+    Same attention as running every row's full sequence, without recomputing a prefix per text row."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple[Tensor, Tensor]] = []
+        self.rows: Tensor | None = None
+        self.i = 0
+
+    def replay(self, rows: Tensor) -> "KVPrefix":
+        self.rows, self.i = rows, 0
+        return self
+
+    def attend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.rows is None:
+            self.layers.append((k, v))  # recording: (N, Hkv, Nv, D)
+            return k, v
+        pk, pv = self.layers[self.i]
+        self.i += 1
+        return torch.cat([pk.index_select(0, self.rows), k], 2), torch.cat([pv.index_select(0, self.rows), v], 2)
 
 
 # conds(layer) -> (cond for the attention norm, cond for the ffn norm)
@@ -135,16 +162,18 @@ class Decoder(nn.Module):
             layer.self_attn.kv_cache = KVCache(max_batch, c.num_kv_heads, max_seq, c.head_dim, dtype).to(device)
 
     def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor | None = None,
-                conds: LayerConds | None = None, output_hidden_states: bool = False) -> tuple[Tensor, list[Tensor]]:
+                conds: LayerConds | None = None, output_hidden_states: bool = False,
+                kv: KVPrefix | None = None) -> tuple[Tensor, list[Tensor]]:
         """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend;
-        input_pos (T,) cache slots to write (None: no cache). Returns logits (B, T, V) and hidden states."""
+        input_pos (T,) cache slots to write (None: no cache); kv: a shared prefix being recorded or replayed.
+        Returns logits (B, T, V) and hidden states."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h, hidden = embeds, []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(h)
             ca, cf = conds(i) if conds is not None else (None, None)
-            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, input_pos, ca, cf)
+            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, input_pos, ca, cf, kv)
         h = self.norm(h)
         if output_hidden_states:
             hidden.append(h)

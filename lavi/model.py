@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LaViConfig
-from .decoder import Decoder, LayerConds
+from .decoder import Decoder, KVPrefix, LayerConds
 from .fusion import Projector, ViLN, Visual
 from .vision import VisionTower
 
@@ -70,6 +70,25 @@ class LaVi(nn.Module):
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads do not advance RoPE
         logits, _ = self.decoder(embeds, positions, attention_mask(kvalid, slots, kvalid), None, conds)
         return logits[:, s - ids.shape[1]:]
+
+    def forward_shared(self, ids: Tensor, valid: Tensor, vis: Visual, rows: Tensor) -> Tensor:
+        """`forward` for many text rows per item, with `vis` per item (N) and rows (B,) -> item. concat runs
+        each item's visual prefix through the decoder once and lets its rows attend to the recorded K/V;
+        the logits equal `forward(ids, valid, vis.select(rows))`. viln needs no prefix: it gathers."""
+        if self.viln is not None:
+            return self(ids, valid, vis.select(rows))
+        prefix, pvalid = vis.tokens.to(self.dtype), vis.mask
+        n_p = prefix.shape[1]
+        slots = torch.arange(n_p, device=ids.device)
+        kv = KVPrefix()
+        self.decoder(prefix, (pvalid.long().cumsum(1) - 1).clamp(min=0), attention_mask(pvalid, slots, pvalid),
+                     kv=kv)  # records each layer's prefix K/V; its logits are not used
+        t = ids.shape[1]
+        kvalid = torch.cat([pvalid.index_select(0, rows), valid], 1)  # (B, Nv + T)
+        positions = ((kvalid.long().cumsum(1) - 1).clamp(min=0))[:, n_p:]  # (B, T)
+        mask = attention_mask(kvalid, torch.arange(n_p, n_p + t, device=ids.device), valid)
+        logits, _ = self.decoder(self.decoder.embed_tokens(ids), positions, mask, kv=kv.replay(rows))
+        return logits
 
     def freeze_backbones(self) -> None:
         """Train the fusion only: the decoder and the ViT keep their weights."""

@@ -84,8 +84,8 @@ def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
 
 def lm_loss(model: LaVi, b: Batch) -> Tensor:
     dev = model.device
-    vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev)).select(b.rows.to(dev))
-    logits = model(b.ids.to(dev), b.valid.to(dev), vis)  # (B, T, V)
+    vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
+    logits = model.forward_shared(b.ids.to(dev), b.valid.to(dev), vis, b.rows.to(dev))  # (B, T, V)
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.to(dev).flatten())
 
 

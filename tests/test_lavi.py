@@ -190,3 +190,20 @@ def test_from_backbones_starts_as_the_base_llm(tmp_path):
     ids, valid = torch.randint(0, 50, (1, 6)), torch.ones(1, 6, dtype=torch.bool)
     with torch.no_grad():
         assert_close(model(ids, valid, model.encode(_pixels(1))), dec(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_shared_prefix_forward_equals_per_row_forward(fusion):
+    """Guards against the training shortcut (one visual prefix per item, replayed for each of its text rows)
+    computing a different model than the per-row sequence it stands for (RoPE offsets, masks, padding)."""
+    model = _model(fusion)
+    fmask = torch.tensor([[True, True], [True, False]])
+    vis = model.encode(_pixels(2, f=2), fmask)
+    rows = torch.tensor([0, 1, 0, 1])
+    ids = torch.randint(4, 40, (4, 6), generator=torch.Generator().manual_seed(3))
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    valid[1, 4:] = False  # right padding, as in training
+    with torch.no_grad():
+        want = model(ids, valid, vis.select(rows))
+        got = model.forward_shared(ids, valid, vis, rows)
+    assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,129 @@
+"""`lavi-label eval`: score checkpoints on a held-out shapes-v1 split, and write the figures.
+
+The split is written as real files (PNG/JPEG/MP4, shapes.corpus) with a seed the training never
+uses, decoded by the labeling pipeline's own decoder, labelled by the engine (the caption and every
+question of each item) and scored as SHAPES.md says. Several models are scored on the same split.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from lavi.engine import DEFAULT_MODEL, Engine
+from lavi.generate import GenerationConfig
+from shapes.corpus import read_manifest, write_corpus
+from shapes.score import score_rows
+from workers.decode import DecodeSettings, decode_item
+from workers.fetch import fetch_bytes
+
+HELD_OUT_SEED = 1_000_003  # training draws from seeds 0..; this split is disjoint by construction
+CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
+
+
+def label_manifest(engine: Engine, entries: list[dict], frames: int, batch: int = 64,
+                   gen: GenerationConfig = GenerationConfig(max_new_tokens=48)) -> list[dict]:
+    """Decode every entry with the pipeline's decoder, then ask its caption prompt and all its questions."""
+    settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=frames)
+    rows: list[dict] = []
+    for start in range(0, len(entries), batch):
+        visuals, requests, meta = [], [], []
+        for e in entries[start:start + batch]:
+            item = {"item_id": e["uri"], "uri": e["uri"], "media_type": e["media_type"], "prompts": []}
+            decoded = decode_item(item, settings, fetch_bytes(e["uri"]))[0]
+            asks = [("caption", engine.default_prompt(e["media_type"]))] + [("vqa", q) for q in e["questions"]]
+            if decoded["status"] == "error":
+                rows += [dict(uri=e["uri"], task=t, prompt=p, text=None, status="error") for t, p in asks]
+                continue
+            visuals.append(decoded["frames"])
+            for task, prompt in asks:
+                requests.append((len(visuals) - 1, prompt))
+                meta.append((e["uri"], task, prompt))
+        for (uri, task, prompt), g in zip(meta, engine.generate(visuals, requests, gen)):
+            rows.append(dict(uri=uri, task=task, prompt=prompt, text=g.text,
+                             status="ok" if g.finished else "truncated"))
+    return rows
+
+
+def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
+             device: str = "cpu") -> dict:
+    manifest = f"{workdir}/manifest.jsonl"
+    if not Path(manifest).exists():
+        write_corpus(workdir, images, videos, seed)
+    entries = read_manifest(manifest)
+    engine = Engine.load(model, device=device, max_batch=256)
+    t0 = time.time()
+    rows = label_manifest(engine, entries, frames or engine.default_frames)
+    figures = score_rows(rows, {e["uri"]: e for e in entries})
+    return {"model": engine.name, "path": model, "fusion": engine.config.fusion, "figures": figures,
+            "label_wall_s": time.time() - t0, "rows": len(rows)}
+
+
+def card_section(results: list[dict], split: dict, command: str) -> str:
+    keys = [("image_caption_f1", "image caption object F1", 0.95), ("video_caption_f1", "video caption object F1", 0.90),
+            ("image_vqa_acc", "image VQA accuracy", 0.95), ("video_vqa_acc", "video VQA accuracy", 0.95),
+            ("image_caption_exact", "image caption exact match", None),
+            ("video_caption_exact", "video caption exact match", None)]
+    head = "| figure | target | " + " | ".join(f"{r['model']} ({r['fusion']})" for r in results) + " |"
+    lines = [CARD_BEGIN, f"Held-out shapes-v1: {split['images']} images, {split['videos']} videos, seed {split['seed']} "
+             f"(written as PNG/JPEG/MP4 files and decoded by the pipeline's decoder), {split['frames']} frames per video.",
+             f"Written by: `{command}` on {split['device']}, torch {torch.__version__}, {split['when']}.", "",
+             head, "|" + " --- |" * (2 + len(results))]
+    for key, label, target in keys:
+        vals = [r["figures"].get(key) for r in results]
+        cells = " | ".join("n/a" if v is None else f"{v:.4f}" for v in vals)
+        lines.append(f"| {label} | {'>= ' + str(target) if target else ''} | {cells} |")
+    lines.append("| rows labelled per second (CPU, eval loop) | | " +
+                 " | ".join(f"{r['rows'] / r['label_wall_s']:.1f}" for r in results) + " |")
+    lines.append(CARD_END)
+    return "\n".join(lines)
+
+
+def write_card(card: Path, section: str) -> None:
+    text = card.read_text() if card.exists() else f"{CARD_BEGIN}\n{CARD_END}\n"
+    if CARD_BEGIN not in text:
+        text += f"\n{CARD_BEGIN}\n{CARD_END}\n"
+    pattern = re.compile(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END), re.S)
+    card.write_text(pattern.sub(lambda _: section, text))
+
+
+@click.command("eval")
+@click.option("--model", "models", multiple=True, help="Checkpoint directory (repeatable). Default: the bundled model.")
+@click.option("--images", type=int, default=300, show_default=True)
+@click.option("--videos", type=int, default=150, show_default=True)
+@click.option("--seed", type=int, default=HELD_OUT_SEED, show_default=True, help="Split seed (not a training seed).")
+@click.option("--frames", type=int, default=None, help="Frames per video (default: the model's).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
+@click.option("--card", type=click.Path(dir_okay=False), help="Replace the figures section of this model card.")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
+             card: str | None, device: str) -> None:
+    """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
+    models = models or (DEFAULT_MODEL,)
+    with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
+        click.echo(f"writing the held-out split ({images} images, {videos} videos, seed {seed}) ...")
+        results = []
+        for m in models:
+            r = evaluate(m, images, videos, seed, frames, tmp, device)
+            results.append(r)
+            f = r["figures"]
+            click.echo(f"{r['model']} ({r['fusion']}): " + ", ".join(
+                f"{k} {f[k]:.4f}" for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc",
+                                            "video_vqa_acc", "image_caption_exact", "video_caption_exact")
+                if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")
+    split = {"images": images, "videos": videos, "seed": seed, "device": device,
+             "frames": frames or "model default", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    command = "lavi-label " + " ".join(sys.argv[1:])
+    if out:
+        Path(out).write_text(json.dumps({"split": split, "results": results, "command": command,
+                                         "torch": torch.__version__, "python": platform.python_version()}, indent=2))
+    if card:
+        write_card(Path(card), card_section(results, split, command))
+        click.echo(f"figures written to {card}")
