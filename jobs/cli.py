@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from jobs.demo import demo_cmd
 from jobs.evaluate import eval_cmd
 from jobs.manage import list_jobs, logs, status, stop
 from jobs.run import run
@@ -19,6 +20,7 @@ def main() -> None:
 main.add_command(run)
 main.add_command(train_cmd, name="train")
 main.add_command(eval_cmd, name="eval")
+main.add_command(demo_cmd, name="demo")
 main.add_command(submit)
 for _cmd in (status, logs, stop, list_jobs):
     main.add_command(_cmd)
