@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -92,5 +93,6 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     wall = time.time() - t0
     (outp / "train_summary.json").write_text(json.dumps(
         {"steps": steps, "final": last, "wall_s": wall, "device": device, "threads": torch.get_num_threads(),
-         "resumed_from": start}, indent=2))
+         "resumed_from": start, "command": "lavi-label " + " ".join(sys.argv[1:]), "torch": torch.__version__},
+        indent=2))
     click.echo(f"done in {wall / 60:.1f} min: final loss {last.get('loss', float('nan')):.4f}; checkpoint in {out}")
