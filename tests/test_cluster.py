@@ -1,0 +1,216 @@
+"""`lavi-label submit/status/logs/stop/list` against a real two-node Ray cluster (tests/cluster.py).
+
+Every command runs as a user runs it: a subprocess with the cluster token in its environment.
+The pipeline inside each job is the real one (`jobs.cli run`) with a tiny random model on a
+small shapes corpus. Faults are real: processes killed by PID mid-job.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster import RayCluster, free_port, loopback_hostname, start_cluster
+
+pytestmark = [pytest.mark.ray_cluster, pytest.mark.timeout(900)]
+ROOT = Path(__file__).parents[1]
+QUESTIONS = ("what shape is it?", "what color is it?")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (2 CPUs) and, where the hostname resolves to loopback, a worker node (1 CPU)."""
+    c = start_cluster(secrets.token_hex(16), head_cpus=2)
+    try:
+        if loopback_hostname() is not None:
+            try:
+                c.add_worker(num_cpus=1)
+            except RuntimeError:  # a loaded machine: once more
+                c.add_worker(num_cpus=1)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, int]:
+    """(input directory, item count): 16 shapes images (a directory: no per-item manifest questions)."""
+    from shapes.corpus import write_corpus
+
+    root = str(tmp_path_factory.mktemp("corpus"))
+    write_corpus(root, 16, 0, seed=0)
+    return f"{root}/images", 16
+
+
+def lavi(cluster: RayCluster, *args: str, timeout: float = 600, env: dict | None = None,
+         address: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "jobs.cli", *args]
+    if args[0] in ("submit", "status", "logs", "stop", "list"):
+        cmd += ["--address", address or cluster.address]
+    return subprocess.run(cmd, env={**(env or cluster.env), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def submit(cluster: RayCluster, corpus: str, out: Path, model: str, *extra: str, wait: bool = False,
+           **kw) -> subprocess.CompletedProcess:
+    args = ["submit", "--python", sys.executable, corpus, "--out", str(out), "--model", model,
+            "--task", "vqa", *[a for q in QUESTIONS for a in ("--question", q)], "--max-new-tokens", "3", *extra]
+    return lavi(cluster, *args, *(["--wait"] if wait else []), **kw)
+
+
+def job_id_of(result: subprocess.CompletedProcess) -> str:
+    match = re.search(r"^submitted (\S+) to ", result.stdout, re.M)
+    assert match, result.stdout + result.stderr[-3000:]
+    return match.group(1)
+
+
+def status_of(cluster: RayCluster, job: str) -> str:
+    result = lavi(cluster, "status", job)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return re.search(r"^status:\s+(\S+)", result.stdout, re.M).group(1)
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_end(cluster: RayCluster, job: str, timeout: float = 480) -> str:
+    return wait_for(lambda: (s := status_of(cluster, job)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+                    timeout, f"job {job} to end", poll=3)
+
+
+def parts(out: Path) -> list[str]:
+    return glob.glob(str(out / "part-*.parquet"))
+
+
+def assert_exactly_once(out: Path, items: int) -> None:
+    rows = pq.read_table(str(out)).to_pylist()
+    row_ids = [r["row_id"] for r in rows]
+    assert len(row_ids) == len(set(row_ids)), "duplicate row_id"
+    assert len({r["item_id"] for r in rows}) == items
+    assert len(rows) == items * len(QUESTIONS)
+    assert {r["prompt"] for r in rows} == set(QUESTIONS)
+    assert not [r for r in rows if r["status"] == "error"], [r["error"] for r in rows if r["status"] == "error"][:3]
+
+
+def test_submit_wait_status_logs_list(cluster, corpus, tiny_model, tmp_path):
+    """Guards against a submitted job that cannot find the project code or a local model on the
+    cluster, rows lost or duplicated between the job and the Parquet output, --wait exiting 0 on a
+    job that did not succeed, and views that do not show the job."""
+    manifest, items = corpus
+    out = tmp_path / "out"
+    done = submit(cluster, manifest, out, tiny_model, wait=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    job = job_id_of(done)
+    assert f"job {job} SUCCEEDED" in done.stdout
+    assert "--address auto" in done.stdout and "_model/" in done.stdout  # the model travelled with the job
+    assert_exactly_once(out, items)
+
+    status = lavi(cluster, "status", job)
+    assert status.returncode == 0 and re.search(r"^status:\s+SUCCEEDED$", status.stdout, re.M), status.stdout
+    assert re.search(rf"^output:\s+{re.escape(str(out))}$", status.stdout, re.M)
+    logs = lavi(cluster, "logs", job)
+    assert logs.returncode == 0 and f"labels: {out}" in logs.stdout
+    listing = lavi(cluster, "list")
+    assert listing.returncode == 0 and re.search(rf"^{job}\s+SUCCEEDED\s.*{re.escape(str(out))}$", listing.stdout, re.M)
+    missing = lavi(cluster, "status", "lavi-nosuchjob")
+    assert missing.returncode == 1 and "lavi-nosuchjob" in missing.stderr
+
+
+def test_stop_then_resubmit_resumes(cluster, corpus, tiny_model, tmp_path):
+    """Guards against a second submit of a running output starting a second copy, a stopped job
+    that cannot be resubmitted (its id taken), and a resubmission that redoes or duplicates the
+    items the stopped job committed."""
+    manifest, items = corpus
+    out = tmp_path / "out"
+    first = submit(cluster, manifest, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = job_id_of(first)
+    again = submit(cluster, manifest, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2")
+    assert again.returncode == 0 and f"job {job} is already" in again.stdout and "submitted" not in again.stdout
+    wait_for(lambda: len(parts(out)) >= 2, 300, "two committed part files")
+    stopped = lavi(cluster, "stop", job)
+    assert stopped.returncode == 0 and f"job {job} STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    committed = len(pq.read_table(str(out)))
+    assert 0 < committed < items * len(QUESTIONS), "the job was not stopped mid-way"
+
+    resumed = submit(cluster, manifest, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2", wait=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert job_id_of(resumed) == f"{job}-2"
+    skipped = re.search(r"(\d+) already done", resumed.stdout)
+    assert skipped and int(skipped.group(1)) * len(QUESTIONS) == committed, resumed.stdout[-2000:]
+    assert_exactly_once(out, items)
+
+
+def test_actor_killed_mid_job(cluster, corpus, tiny_model, tmp_path):
+    """Guards against a labeler actor's death losing its batch (no restart/retry) or delivering
+    its rows twice (a retried batch written again)."""
+    manifest, items = corpus
+    out = tmp_path / "out"
+    started = submit(cluster, manifest, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2")
+    job = job_id_of(started)
+    wait_for(lambda: parts(out), 300, "a committed part file")
+    actors = wait_for(lambda: cluster.find("Labeler"), 60, "a Labeler actor process")
+    os.kill(actors[0], signal.SIGKILL)
+    assert wait_end(cluster, job) == "SUCCEEDED", lavi(cluster, "logs", job).stdout[-3000:]
+    assert_exactly_once(out, items)
+
+
+def test_errors_are_clear_and_never_show_the_token(cluster, corpus, tiny_model, tmp_path):
+    """Guards against a wrong address, a wrong token or an unwritable output ending in a traceback
+    or exit 0, and against the token appearing in any output."""
+    manifest, _ = corpus
+    nowhere = submit(cluster, manifest, tmp_path / "a", tiny_model, address=f"http://127.0.0.1:{free_port()}")
+    assert nowhere.returncode == 1 and "cannot reach the Ray Jobs API" in nowhere.stderr, nowhere.stderr[-2000:]
+    assert "Traceback" not in nowhere.stderr
+
+    wrong = "f" * 32
+    for env in ({**cluster.env, "RAY_AUTH_TOKEN": wrong}, {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_TOKEN"}):
+        refused = submit(cluster, manifest, tmp_path / "b", tiny_model, env=env)
+        listed = lavi(cluster, "list", env=env)
+        for r in (refused, listed):
+            assert r.returncode == 1 and "token" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+            assert wrong not in r.stdout + r.stderr and cluster.token not in r.stdout + r.stderr
+
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.token + "\n")
+    no_env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+    unwritable = submit(cluster, manifest, Path("/proc/lavi-out"), tiny_model, "--token-file", str(token_file),
+                        wait=True, env=no_env)
+    assert unwritable.returncode == 1, unwritable.stdout[-2000:] + unwritable.stderr[-2000:]
+    assert re.search(r"job \S+ FAILED: .*(/proc/lavi-out|Error)", unwritable.stderr), unwritable.stderr[-2000:]
+    assert cluster.token not in unwritable.stdout + unwritable.stderr
+
+
+def test_worker_node_killed_mid_job(cluster, corpus, tiny_model, tmp_path):
+    """Guards against a job that hangs or fails when a worker node dies under it, and against rows
+    lost or duplicated when its tasks and actors are redone on the remaining node."""
+    if not cluster.workers:
+        pytest.skip("the hostname does not resolve to 127.0.0.1: no second node on this machine")
+    node = cluster.workers[0]
+    manifest, items = corpus
+    out = tmp_path / "out"
+    started = submit(cluster, manifest, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2",
+                     "--workers", "2")
+    job = job_id_of(started)
+    wait_for(lambda: cluster.find("Labeler", node), 300, "a Labeler actor on the worker node")
+    wait_for(lambda: parts(out), 300, "a committed part file")
+    cluster.kill_node(node)
+    assert wait_end(cluster, job) == "SUCCEEDED", lavi(cluster, "logs", job).stdout[-3000:]
+    assert_exactly_once(out, items)
