@@ -1,0 +1,109 @@
+"""The shapes the benchmarks run at, and random-weight models built on the device without a CPU copy.
+
+Visual settings (frames x tokens per frame):
+    tiny-random      image 1 x 16, video 4 x 16                      (lavi.tiny.tiny_config, 32 px, patch 8)
+    tiny-shapes      image 1 x 64, anyres 10 x 64, video 16 x 64      (lavi.tiny.tiny_shapes_config(60))
+    qwen2-7b-siglip  image 1 x 729 (384 px, fed as 378 px: see settings()), anyres 10 x 729 = 7,290 (ten crops),
+                     video 32 x 196 (frames given at 196 px = 14 x 14 patches of 14 px)
+
+The 7B decoder is Qwen2-7B (hidden 3584, 28 layers, 28 heads, 4 KV heads, FFN 18944, vocab 152064,
+q/k/v bias, untied head); the ViT is SigLIP-so400m-patch14-384 with 26 layers (LLaVA-OneVision drops
+the 27th). Video: LLaVA-OneVision encodes each frame at 384 px (729 tokens) and pools 2x2 to 196;
+here the frame itself is 196 px, so the ViT does ~3.7x less work per frame than LLaVA-OV's and the
+token count the decoder/conditioner sees (196 per frame) is the same.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from lavi.config import DecoderConfig, LaViConfig, VisionConfig
+from lavi.model import LaVi
+
+SHAPES = ("tiny-random", "tiny-shapes", "qwen2-7b-siglip")
+TINY_VOCAB = 60  # the brief's tiny_shapes_config(60): shapes-v1's 56 words + specials, rounded
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One visual input shape: `frames` images of `image_size` px per item."""
+
+    name: str
+    frames: int
+    image_size: int
+
+    def visual_tokens(self, patch_size: int) -> int:
+        return self.frames * (self.image_size // patch_size) ** 2
+
+
+def settings(shapes: str) -> list[Setting]:
+    if shapes == "tiny-random":
+        return [Setting("image", 1, 32), Setting("video", 4, 32)]
+    if shapes == "tiny-shapes":
+        return [Setting("image", 1, 128), Setting("anyres", 10, 128), Setting("video", 16, 128)]
+    if shapes == "qwen2-7b-siglip":
+        # 378 = 27 x 14: SigLIP's stride-14 conv floors a 384 px input to the same 27 x 27 = 729 patches
+        # (same tokens, same FLOPs); lavi's VisionConfig refuses image_size % patch_size != 0
+        return [Setting("image", 1, 378), Setting("anyres", 10, 378), Setting("video", 32, 196)]
+    raise ValueError(f"shapes must be one of {SHAPES}, got {shapes!r}")
+
+
+def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
+    """The LaViConfig of `shapes` with `fusion` (viln or concat), its ViT input sized for `setting`."""
+    from lavi.tiny import tiny_config, tiny_shapes_config
+
+    if shapes == "tiny-random":
+        base = tiny_config(TINY_VOCAB, fusion)
+    elif shapes == "tiny-shapes":
+        base = tiny_shapes_config(TINY_VOCAB, fusion)
+    elif shapes == "qwen2-7b-siglip":
+        decoder = DecoderConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                                num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
+                                max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=False)
+        vision = VisionConfig(image_size=378, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                              num_layers=26, num_heads=16)
+        base = LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=4, cond_dim=256,
+                          cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645,
+                          pad_token_id=151643, name=f"qwen2-7b-siglip-{fusion}")
+    else:
+        raise ValueError(f"shapes must be one of {SHAPES}, got {shapes!r}")
+    if setting.frames > base.max_frames:
+        base = dataclasses.replace(base, max_frames=setting.frames)
+    return dataclasses.replace(base, vision=dataclasses.replace(base.vision, image_size=setting.image_size))
+
+
+@torch.no_grad()
+def random_model(config: LaViConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                 std: float = 0.02) -> LaVi:
+    """A LaVi with random weights, built on the meta device and materialised directly on `device` in
+    `dtype` (a 7B model never exists in fp32 on the host). Matrices ~ N(0, std) (ViLN outputs included,
+    so the conditioner is not the identity), norm weights 1, biases 0."""
+    with torch.device("meta"):
+        model = LaVi(config)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.decoder.tie_word_embeddings:  # to_empty gives each module its own storage: tie again
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0.0, std, generator=gen)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)  # RMSNorm / LayerNorm weights
+    return model.eval()
+
+
+def weight_bytes(model: LaVi) -> dict[str, int]:
+    """Bytes of weights by part; `decode` = what one decode step reads (decoder without the embedding
+    table unless it is the tied lm_head, plus ViLN's per-site heads)."""
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    dec = model.decoder
+    decode = size(dec.layers.parameters()) + size(dec.norm.parameters()) + size(dec.lm_head.parameters())
+    if model.viln is not None:
+        decode += size(model.viln.heads.parameters())
+    return {"decoder": size(dec.parameters()), "vision": size(model.vision.parameters()),
+            "fusion": size(model.viln.parameters() if model.viln is not None else model.projector.parameters()),
+            "decode": decode}

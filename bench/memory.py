@@ -1,0 +1,85 @@
+"""Peak memory of a measured run, and the device's copy bandwidth (for the decode-step roofline).
+
+GPU: `torch.cuda.max_memory_allocated` after a reset (weights, caches and activations; not the
+allocator's cached-but-free blocks). CPU: the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs, Linux >= 4.0) minus the RSS right before the model was built:
+weights, caches and activations plus whatever the allocator kept; null with a reason elsewhere.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+_STATUS = "/proc/self/status"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open(_STATUS) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """reset() before a run, peak() after: bytes, or None (then `reason` says why)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reason: str | None = None
+        rss = _status_kib("VmRSS")
+        self.baseline = rss * 1024 if rss is not None else 0
+        if device.type == "cpu" and rss is None:
+            self.reason = "no /proc/self/status: peak RSS unavailable on this OS"
+
+    def rebase(self) -> None:
+        """Take the current RSS as the zero (call right before building a model)."""
+        rss = _status_kib("VmRSS")
+        self.baseline = rss * 1024 if rss is not None else 0
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.reason is None:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current RSS
+            except OSError as err:
+                self.reason = f"cannot reset peak RSS ({err}); reporting null"
+
+    def peak(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.reason is not None:
+            return None
+        hwm = _status_kib("VmHWM")
+        return None if hwm is None else max(0, hwm * 1024 - self.baseline)
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated (weights + caches + activations)"
+        return self.reason or "peak RSS (VmHWM reset per run) minus the RSS right before the model was built"
+
+
+@torch.no_grad()
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write (2 x size per copy)."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**27)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm up (page faults on CPU, first-touch on GPU)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    return 2 * nbytes / best

@@ -1,0 +1,349 @@
+"""`lavi-label bench model`: LaVi vs the concat baseline in the same engine (and transformers' LLaVA-OV),
+side by side in one run, at a 64-token prompt and exactly 48 new tokens (EOS never stops a row).
+
+Per (model, visual setting, batch size): captions/s, time to first token, decode tokens/s, peak memory,
+prefill FLOPs (counted on the real modules, shapes only, and the analytic formula beside it). Per
+(model, setting) at batch 1: the decode-step roofline, weights + per-row state read per step over the
+measured copy bandwidth, against the measured step time. Writes JSON and its BENCHMARKS.md section.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bench import flops as F
+from bench.compiled import FastGenerator
+from bench.configs import SHAPES, Setting, model_config, random_model, settings, weight_bytes
+from bench.memory import PeakMemory, copy_bandwidth
+from lavi.model import LaVi
+from bench.report import command_line, device_description, table, versions, write_json, write_section
+
+log = logging.getLogger(__name__)
+MODELS = ("lavi", "concat", "hf-llava-ov")
+NEVER = -1  # an EOS id argmax never returns: every row generates exactly new_tokens
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+@dataclass(frozen=True)
+class ModelBenchConfig:
+    """One `bench model` run. Empty tuples mean: the default for the device (see `resolve`)."""
+
+    device: str = "cpu"
+    shapes: str = "tiny-shapes"
+    settings: tuple[str, ...] = ()  # image, anyres, video (empty: all of the shapes' settings)
+    models: tuple[str, ...] = ()  # empty: lavi, concat (+ hf-llava-ov on CUDA or tiny-random)
+    batch_sizes: tuple[int, ...] = ()  # empty: CPU 1, 8, 32; CUDA 1 and the largest that fits (probed)
+    prompt_tokens: int = 64
+    new_tokens: int = 48
+    repeats: int = 3
+    compile: bool | None = None  # None: on CUDA only
+    max_batch: int = 512  # the probe's ceiling
+    memory_fraction: float = 0.85  # the probe keeps peak memory under this share of the device
+    peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
+    seed: int = 0
+    out: str = "bench-model.json"
+    markdown: str | None = "BENCHMARKS.md"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", tuple(self.settings))
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        if self.shapes not in SHAPES:
+            raise ValueError(f"--shapes must be one of {SHAPES}, got {self.shapes!r}")
+        known = {s.name for s in settings(self.shapes)}
+        if set(self.settings) - known:
+            raise ValueError(f"--settings for {self.shapes} must be among {sorted(known)}, got {self.settings}")
+        if set(self.models) - set(MODELS):
+            raise ValueError(f"--models must be among {MODELS}, got {self.models}")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"--batch-sizes must be positive, got {self.batch_sizes}")
+        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1:
+            raise ValueError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is visible to torch here")
+        if self.device.startswith("cpu") and self.shapes == "qwen2-7b-siglip":
+            raise ValueError("qwen2-7b-siglip is for --device cuda (a random 7B in fp32 on CPU is not a benchmark)")
+
+
+def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype, bool]:
+    cuda = c.device.startswith("cuda")
+    chosen = [s for s in settings(c.shapes) if not c.settings or s.name in c.settings]
+    if not c.settings and c.shapes == "tiny-shapes" and not cuda:
+        chosen = [s for s in chosen if s.name in ("image", "video")]  # the CPU default stays a few minutes
+    models = list(c.models) or ["lavi", "concat"] + (["hf-llava-ov"] if cuda or c.shapes == "tiny-random" else [])
+    dtype = torch.bfloat16 if cuda else torch.float32
+    return chosen, models, dtype, cuda if c.compile is None else c.compile
+
+
+def peak_flops(device: torch.device, given: float | None) -> float | None:
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+class Runner:
+    """Holds the device-wide state of one run: the peak-memory meter, the bandwidth, the config."""
+
+    def __init__(self, c: ModelBenchConfig) -> None:
+        self.c = c
+        self.device = torch.device(c.device)
+        self.settings, self.models, self.dtype, self.compile = resolve(c)
+        self.mem = PeakMemory(self.device)
+        self.bandwidth = copy_bandwidth(self.device)
+        self.peak = peak_flops(self.device, c.peak_flops)
+        self.gen = torch.Generator().manual_seed(c.seed)
+
+    def _inputs(self, config, setting: Setting, batch: int):
+        size = config.vision.image_size
+        pixels = torch.randn(batch, setting.frames, 3, size, size, generator=self.gen).to(self.device, self.dtype)
+        ids = torch.randint(4, config.decoder.vocab_size, (batch, self.c.prompt_tokens), generator=self.gen)
+        ids = ids.to(self.device)
+        return pixels, torch.arange(batch), ids, torch.ones_like(ids, dtype=torch.bool)
+
+    def _generator(self, model, batch: int, max_seq: int, compile: bool) -> FastGenerator:
+        return FastGenerator(model, batch, max_seq, compile=compile)
+
+    def _release(self, model) -> None:
+        model.decoder.setup_caches(0, 0)  # drop the previous static cache before allocating the next
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def probe(self, try_batch, release) -> list[dict]:
+        """Double the batch from 1 until `try_batch(b)` (a short generation) runs out of memory or its peak
+        passes memory_fraction of the device; `release()` frees caches between tries."""
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        tried, b = [], 1
+        while b <= self.c.max_batch:
+            release()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                try_batch(b)
+                peak = torch.cuda.max_memory_allocated(self.device)
+            except torch.cuda.OutOfMemoryError:
+                tried.append({"batch_size": b, "fits": False, "peak_mem_bytes": None})
+                break
+            fits = peak <= self.c.memory_fraction * total
+            tried.append({"batch_size": b, "fits": fits, "peak_mem_bytes": int(peak)})
+            if not fits:
+                break
+            b *= 2
+        release()
+        return tried
+
+    def _try_engine(self, model, setting: Setting, max_seq: int):
+        def run_once(b: int) -> None:
+            pixels, rows, ids, valid = self._inputs(model.config, setting, b)
+            self._generator(model, b, max_seq, compile=False).generate(pixels, None, rows, ids, valid, 2, NEVER)
+        return run_once
+
+    def _sizes(self, probe: list[dict], default: list[int]) -> list[int]:
+        if self.c.batch_sizes:
+            return list(self.c.batch_sizes)
+        if not probe:
+            return default
+        best = max([p["batch_size"] for p in probe if p["fits"]], default=0)
+        return sorted({1, best} - {0})
+
+    def measure(self, model, setting: Setting, batch: int, max_seq: int) -> dict:
+        gen = self._generator(model, batch, max_seq, compile=self.compile)
+        pixels, rows, ids, valid = self._inputs(model.config, setting, batch)
+        for _ in range(2 if self.compile else 1):  # compile + CUDA-graph recording happen here
+            gen.generate(pixels, None, rows, ids, valid, self.c.new_tokens, NEVER)
+        self.mem.reset()
+        runs = [gen.generate(pixels, None, rows, ids, valid, self.c.new_tokens, NEVER)[1]
+                for _ in range(self.c.repeats)]
+        peak = self.mem.peak()
+        total = statistics.median(r.total_s for r in runs)
+        ttft = statistics.median(r.ttft_s for r in runs)
+        decode = statistics.median(r.total_s - r.ttft_s for r in runs)
+        del gen
+        self._release(model)
+        return {"batch_size": batch, "captions_per_s": batch / total, "ttft_s": ttft,
+                "decode_tokens_per_s": batch * (self.c.new_tokens - 1) / decode, "peak_mem_bytes": peak,
+                "encode_s": statistics.median(r.encode_s for r in runs), "total_s": total,
+                "decode_step_s": decode / (self.c.new_tokens - 1)}
+
+    def bench_engine(self, kind: str, setting: Setting) -> tuple[list[dict], dict | None]:
+        c = self.c
+        config = model_config(c.shapes, "viln" if kind == "lavi" else "concat", setting)
+        nv = setting.visual_tokens(config.vision.patch_size)
+        context = c.prompt_tokens + (nv if kind == "concat" else 0)
+        max_seq = context + c.new_tokens
+        with torch.device("meta"):
+            shadow = LaVi(config)  # shapes only: counts the FLOPs of any size on any machine
+        counted = F.counted_prefill_flops(shadow, setting.frames, c.prompt_tokens, key_slots=max_seq, logits="last")
+        analytic = F.prefill_flops(config, setting.frames, c.prompt_tokens, key_slots=max_seq, logits="last")
+        per_caption = F.caption_flops(config, setting.frames, c.prompt_tokens, c.new_tokens, key_slots=max_seq)
+        del shadow
+        self.mem.rebase()
+        model = random_model(config, self.device, self.dtype, seed=c.seed)
+        probe = self.probe(self._try_engine(model, setting, max_seq), lambda: self._release(model)) \
+            if self.device.type == "cuda" and not c.batch_sizes else []
+        sizes = self._sizes(probe, [1, 8, 32])
+        common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
+                  "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
+                  "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
+                  "compiled": self.compile, "generator": "bench.compiled.FastGenerator",
+                  "prefill_flops": counted.total, "prefill_flops_analytic": analytic.total,
+                  "prefill_flops_breakdown": counted.to_dict(), "caption_flops": per_caption}
+        rows = []
+        for b in sizes:
+            log.info("bench %s %s batch %d", kind, setting.name, b)
+            try:
+                r = {**common, **self.measure(model, setting, b, max_seq)}
+            except torch.cuda.OutOfMemoryError as err:
+                self._release(model)
+                rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
+                continue
+            r["flop_utilization"] = r["captions_per_s"] * per_caption / self.peak if self.peak else None
+            if probe:
+                r["probe"] = probe
+            rows.append(r)
+        roof = self.roofline(model, config, setting, max_seq, kind, next((r for r in rows if r["batch_size"] == 1
+                                                                          and "error" not in r), None))
+        del model
+        self._release_all()
+        return rows, roof
+
+    def roofline(self, model, config, setting: Setting, max_seq: int, kind: str, row: dict | None) -> dict | None:
+        if row is None:
+            return None
+        d = config.decoder
+        elt = torch.finfo(self.dtype).bits // 8
+        state = d.num_layers * 2 * d.num_kv_heads * max_seq * d.head_dim * elt  # the static KV cache, all slots
+        if kind == "lavi":
+            sites = len(config.modulated_layers()) * len(config.site_names())
+            state += sites * 2 * setting.visual_tokens(config.vision.patch_size) * config.cond_dim * elt  # K, U
+        weights = weight_bytes(model)["decode"]
+        bound = (weights + state) / self.bandwidth
+        return {"model": kind, "setting": setting.name, "weight_bytes_per_step": weights,
+                "state_bytes_per_step": state, "copy_bandwidth_bytes_per_s": self.bandwidth,
+                "roofline_step_s": bound, "measured_step_s": row["decode_step_s"],
+                "measured_over_roofline": row["decode_step_s"] / bound}
+
+    def _release_all(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def bench_hf(self, setting: Setting) -> tuple[list[dict], str | None]:
+        from bench import hf
+
+        c = self.c
+        if c.shapes not in ("qwen2-7b-siglip", "tiny-random"):
+            return [], f"hf-llava-ov is built for qwen2-7b-siglip and tiny-random, not {c.shapes}"
+        self.mem.rebase()
+        try:
+            model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
+        except ImportError as err:
+            return [], f"transformers has no LlavaOnevision here: {err}"
+        def try_batch(b: int) -> None:
+            hf.timed_generate(model, hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)[0], 2)
+
+        probe = self.probe(try_batch, self._release_all) if self.device.type == "cuda" and not c.batch_sizes else []
+        sizes = self._sizes(probe, [1, 8])
+        rows = []
+        for b in sizes:
+            kwargs, nv = hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)
+            try:
+                hf.timed_generate(model, kwargs, 2)  # warm-up
+                self.mem.reset()
+                ttft, total = hf.timed_generate(model, kwargs, c.new_tokens)
+            except torch.cuda.OutOfMemoryError as err:
+                rows.append({"model": "hf-llava-ov", "setting": setting.name, "batch_size": b,
+                             "error": f"OutOfMemoryError: {str(err)[:200]}"})
+                self._release_all()
+                break
+            rows.append({"model": "hf-llava-ov", "shapes": c.shapes, "setting": setting.name,
+                         "frames": setting.frames, "visual_tokens": nv, "batch_size": b,
+                         "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens,
+                         "dtype": str(self.dtype).removeprefix("torch."), "generator": "transformers generate()",
+                         "captions_per_s": b / total, "ttft_s": ttft,
+                         "decode_tokens_per_s": b * (c.new_tokens - 1) / max(total - ttft, 1e-9),
+                         "peak_mem_bytes": self.mem.peak(), "prefill_flops": None, "total_s": total,
+                         **({"probe": probe} if probe else {})})
+        del model
+        self._release_all()
+        return rows, None
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """LaVi over the others, per setting: at equal batch size, and best captions/s against best."""
+    out = []
+    ok = [r for r in results if "error" not in r]
+    for setting in dict.fromkeys(r["setting"] for r in ok):
+        lavi = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == "lavi"}
+        if not lavi:
+            continue
+        best_lavi = max(r["captions_per_s"] for r in lavi.values())
+        for other in ("concat", "hf-llava-ov"):
+            theirs = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == other}
+            if not theirs:
+                continue
+            for b in sorted(set(lavi) & set(theirs)):
+                out.append({"setting": setting, "versus": other, "batch_size": b,
+                            "captions_per_s_ratio": lavi[b]["captions_per_s"] / theirs[b]["captions_per_s"],
+                            "ttft_ratio": theirs[b]["ttft_s"] / lavi[b]["ttft_s"]})
+            out.append({"setting": setting, "versus": other, "batch_size": "best",
+                        "captions_per_s_ratio": best_lavi / max(r["captions_per_s"] for r in theirs.values())})
+    return out
+
+
+def run(c: ModelBenchConfig) -> dict:
+    """Run the benchmark, write c.out (JSON) and c.markdown's section; returns the JSON document."""
+    r = Runner(c)
+    results, roofline, skipped = [], [], []
+    for setting in r.settings:
+        for kind in r.models:
+            if kind == "hf-llava-ov":
+                rows, reason = r.bench_hf(setting)
+                if reason:
+                    skipped.append({"model": kind, "setting": setting.name, "reason": reason})
+                results.extend(rows)
+                continue
+            rows, roof = r.bench_engine(kind, setting)
+            results.extend(rows)
+            if roof:
+                roofline.append(roof)
+    doc = {"results": results, "ratios": ratios(results), "roofline": roofline, "skipped": skipped,
+           "device": device_description(c.device), "versions": versions(), "command": command_line(),
+           "config": asdict(c), "peak_mem_method": r.mem.method, "copy_bandwidth_bytes_per_s": r.bandwidth,
+           "peak_flops": r.peak}
+    write_json(doc, c.out)
+    if c.markdown:
+        key = f"model-{c.shapes}-{r.device.type}-{'+'.join(s.name for s in r.settings)}"
+        write_section(c.markdown, key, markdown(doc))
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    c = doc["config"]
+    lines = [f"## bench model: {c['shapes']} on {doc['device']}", "",
+             f"`{doc['command']}`", "",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
+             f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
+             f"random weights. Peak memory: {doc['peak_mem_method']}.", ""]
+    lines.append(table(doc["results"], [
+        ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"), ("batch_size", "batch"),
+        ("captions_per_s", "captions/s"), ("ttft_s", "TTFT s"), ("decode_tokens_per_s", "decode tok/s"),
+        ("peak_mem_bytes", "peak mem B"), ("prefill_flops", "prefill FLOPs/item"),
+        ("flop_utilization", "FLOP util"), ("error", "error")]))
+    if doc["ratios"]:
+        lines += ["", "LaVi over the others:", "", table(doc["ratios"], [
+            ("setting", "setting"), ("versus", "versus"), ("batch_size", "batch"),
+            ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio")])]
+    if doc["roofline"]:
+        lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
+                  f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "", table(doc["roofline"], [
+                      ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
+                      ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
+                      ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]
+    for s in doc["skipped"]:
+        lines.append(f"\nskipped {s['model']} ({s['setting']}): {s['reason']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,97 @@
+"""`lavi-label bench model|pipeline`: flags -> bench configs -> bench.model.run / bench.pipeline.run.
+
+Imports nothing heavy at import time: `python -m bench model --device cuda` runs on a machine that has
+torch and transformers but no ray, decord or av.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@click.group("bench")
+def bench() -> None:
+    """Benchmarks measured side by side in one run; each writes JSON and its BENCHMARKS.md section."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@bench.command("model")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--shapes", default="tiny-shapes", show_default=True,
+              help="tiny-random, tiny-shapes or qwen2-7b-siglip (random weights of those shapes).")
+@click.option("--settings", default="", help="Visual settings, comma-separated: image, anyres, video "
+              "(default: all; CPU tiny-shapes: image,video).")
+@click.option("--models", default="", help="lavi, concat, hf-llava-ov, comma-separated "
+              "(default: lavi,concat, plus hf-llava-ov on CUDA and for tiny-random).")
+@click.option("--batch-sizes", default="", help="Comma-separated (default: CPU 1,8,32; CUDA 1 and the largest "
+              "batch that fits, found by a probe).")
+@click.option("--prompt-tokens", default=64, show_default=True)
+@click.option("--new-tokens", default=48, show_default=True, help="Exactly this many per caption (EOS ignored).")
+@click.option("--repeats", default=3, show_default=True, help="Timed runs per point (the median is reported).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the decode step with CUDA graphs (default: on CUDA only).")
+@click.option("--max-batch", default=512, show_default=True, help="The batch probe's ceiling.")
+@click.option("--memory-fraction", default=0.85, show_default=True, help="The probe keeps peak memory under this.")
+@click.option("--peak-tflops", type=float, default=None, help="Dense bf16 TFLOP/s for the FLOP-utilisation column "
+              "(default: known from the GPU's name).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="bench-model.json", show_default=True, help="JSON output path or URI.")
+@click.option("--markdown", default="BENCHMARKS.md", show_default=True,
+              help="Markdown file whose section this run writes ('' for none).")
+def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_tokens, repeats, compile_,
+              max_batch, memory_fraction, peak_tflops, seed, out, markdown) -> None:
+    """LaVi vs the concat baseline (and transformers' LLaVA-OneVision): captions/s, TTFT, memory, FLOPs."""
+    from bench.model import ModelBenchConfig, run
+
+    try:
+        config = ModelBenchConfig(
+            device=device, shapes=shapes, settings=_names(settings), models=_names(models),
+            batch_sizes=_ints(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
+            compile=compile_, max_batch=max_batch, memory_fraction=memory_fraction,
+            peak_flops=peak_tflops * 1e12 if peak_tflops else None, seed=seed, out=out, markdown=markdown or None)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    doc = run(config)
+    from bench.model import markdown as render
+
+    click.echo(render(doc))
+    click.echo(f"results: {out}")
+
+
+@bench.command("pipeline")
+@click.option("--images", default=200, show_default=True, help="Images in the generated shapes-v1 corpus.")
+@click.option("--videos", default=0, show_default=True, help="Videos in the generated corpus.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--model", default=None, help="LaVi checkpoint dir (default: the bundled one, else a random tiny-shapes).")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--workdir", default=None, help="Keep the corpus and labels here (default: a temp dir, removed).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="bench-pipeline.json", show_default=True)
+@click.option("--markdown", default="BENCHMARKS.md", show_default=True, help="'' for none.")
+def pipeline_cmd(images, videos, batch_size, device, model, max_new_tokens, workdir, seed, out, markdown) -> None:
+    """`lavi-label run` on a generated corpus vs a plain model loop over the same decoded items."""
+    from bench.pipeline import PipelineBenchConfig, markdown as render, run
+
+    try:
+        config = PipelineBenchConfig(images=images, videos=videos, batch_size=batch_size, device=device, model=model,
+                                     max_new_tokens=max_new_tokens, workdir=workdir, seed=seed, out=out,
+                                     markdown=markdown or None)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    doc = run(config)
+    click.echo(render(doc))
+    click.echo(json.dumps({"wall_time_ratio": doc["wall_time_ratio"]}))

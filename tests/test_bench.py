@@ -1,0 +1,179 @@
+"""The benchmark harness: FLOP counts, the fast generation path and the `bench` commands, on tiny models."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench import flops as F
+from bench.compiled import FastGenerator, trim
+from bench.configs import Setting, model_config, random_model, settings
+from bench.report import write_section
+from jobs.bench import bench
+from lavi.generate import GenerationConfig, generate, left_pad, setup_caches
+from lavi.model import LaVi
+from lavi.tiny import tiny_config
+
+NEVER = -1
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]  # unequal: left padding is exercised
+
+
+def chaotic_model(fusion: str, seed: int = 0) -> LaVi:
+    """A tiny LaVi whose greedy tokens vary from step to step and with the image (untied head, large
+    weights, ViLN outputs non-zero): token equality between two paths then means something."""
+    c = tiny_config(40, fusion)
+    c = dataclasses.replace(c, decoder=dataclasses.replace(c.decoder, tie_word_embeddings=False))
+    torch.manual_seed(seed)
+    model = LaVi(c).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+def engine_tokens(model: LaVi, pixels, rows, prompts, new_tokens: int, eos_id: int) -> list[list[int]]:
+    setup_caches(model, len(prompts), 256)
+    out = generate(model, model.encode(pixels), rows, prompts, GenerationConfig(max_new_tokens=new_tokens),
+                   eos_id=eos_id, pad_id=0)
+    return [g.tokens for g in out]
+
+
+def fast_tokens(gen: FastGenerator, pixels, rows, prompts, new_tokens: int, eos_id: int) -> list[list[int]]:
+    ids, valid = left_pad(prompts, 0, gen.model.device)
+    out, timing = gen.generate(pixels, None, rows, ids, valid, new_tokens, eos_id)
+    assert 0 < timing.encode_s <= timing.ttft_s <= timing.total_s
+    return trim(out, eos_id)
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_counted_flops_equal_the_formula(fusion):
+    """Guards against an analytic FLOP formula (the figures BENCHMARKS.md reports) drifting from what the
+    engine actually multiplies: the ViT, ViLN's per-stage K/V and per-(layer, site) q/attention/o, the
+    projector, the decoder over Nv + T tokens for concat, the cache's key length, lm_head positions.
+    Only matmuls count on both sides (norms, softmax, RoPE, activations are not matmuls)."""
+    torch.manual_seed(0)
+    model = LaVi(tiny_config(40, fusion)).eval()
+    for frames, text, batch, keys, logits in ((2, 5, 2, None, "all"), (3, 7, 1, 300, "last")):
+        counted = F.counted_prefill_flops(model, frames, text, batch=batch, key_slots=keys, logits=logits)
+        analytic = F.prefill_flops(model.config, frames, text, batch=batch, key_slots=keys, logits=logits)
+        assert counted.to_dict() == analytic.to_dict()
+        assert counted.vision > 0 and counted.fusion > 0 and counted.decoder > 0 and counted.lm_head > 0
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_counted_flops_at_7b_shapes_on_meta(fusion):
+    """Guards against the formula being right only at toy sizes (e.g. a GQA or head_dim term that
+    cancels when heads are few): the real 7B + SigLIP shapes, counted on the meta device, no memory."""
+    setting = next(s for s in settings("qwen2-7b-siglip") if s.name == "image")
+    config = model_config("qwen2-7b-siglip", fusion, setting)
+    with torch.device("meta"):
+        model = LaVi(config)
+    counted = F.counted_prefill_flops(model, setting.frames, 64, key_slots=64 + 729 + 48, logits="last")
+    analytic = F.prefill_flops(config, setting.frames, 64, key_slots=64 + 729 + 48, logits="last")
+    assert counted.to_dict() == analytic.to_dict()
+    assert 0.5e12 < counted.vision < 0.8e12  # ~400M-parameter ViT over 729 patches
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_fast_generator_equals_engine(fusion):
+    """Guards against the benchmark's fast path (last-position prefill, sync-free step, EOS handled on the
+    device) measuring something other than the engine: greedy tokens must equal lavi.generate's,
+    with left-padded prompts and with a row stopping at EOS."""
+    model = chaotic_model(fusion)
+    pixels, rows = torch.randn(3, 2, 3, 32, 32), torch.tensor([0, 1, 2])
+    gen = FastGenerator(model, 4, 256)
+    ref = engine_tokens(model, pixels, rows, PROMPTS, 10, NEVER)
+    assert len({t for r in ref for t in r}) > 3, "degenerate model: the test would prove nothing"
+    assert fast_tokens(gen, pixels, rows, PROMPTS, 10, NEVER) == ref
+    eos = ref[0][4]  # a token that does occur: row 0 (at least) stops early
+    ref_eos = engine_tokens(model, pixels, rows, PROMPTS, 10, eos)
+    assert len(ref_eos[0]) < 10
+    assert fast_tokens(gen, pixels, rows, PROMPTS, 10, eos) == ref_eos
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_fast_generator_batched_equals_single(fusion):
+    """Guards against batch-size effects (padding masks, cache rows, per-row visual state) changing what a
+    row generates: the batch result equals each row generated alone."""
+    model = chaotic_model(fusion, seed=1)
+    pixels, rows = torch.randn(3, 2, 3, 32, 32), torch.tensor([0, 1, 2])
+    gen = FastGenerator(model, 3, 128)
+    batched = fast_tokens(gen, pixels, rows, PROMPTS, 8, NEVER)
+    alone = [fast_tokens(gen, pixels[i:i + 1], torch.tensor([0]), [p], 8, NEVER)[0] for i, p in enumerate(PROMPTS)]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_decode_step_compiles_whole_and_equals_eager(fusion):
+    """Guards against a graph break in the decode step (a .tolist(), a host sync, an untraceable closure),
+    which would stop CUDA graphs on the GPU: torch.compile(fullgraph=True) raises on any break. The
+    'eager' backend checks the trace without spending minutes in the CPU code generator."""
+    model = chaotic_model(fusion, seed=2)
+    pixels, rows = torch.randn(2, 2, 3, 32, 32), torch.tensor([0, 1])
+    eager = fast_tokens(FastGenerator(model, 2, 64), pixels, rows, PROMPTS[:2], 6, NEVER)
+    compiled = fast_tokens(FastGenerator(model, 2, 64, compile=True, backend="eager"), pixels, rows, PROMPTS[:2], 6,
+                           NEVER)
+    assert compiled == eager
+
+
+@pytest.mark.slow
+def test_decode_step_inductor_equals_eager():
+    """Guards against the inductor-compiled step (what runs on the GPU) computing different tokens."""
+    model = chaotic_model("viln", seed=3)
+    pixels, rows = torch.randn(2, 2, 3, 32, 32), torch.tensor([0, 1])
+    eager = fast_tokens(FastGenerator(model, 2, 64), pixels, rows, PROMPTS[:2], 6, NEVER)
+    compiled = fast_tokens(FastGenerator(model, 2, 64, compile=True), pixels, rows, PROMPTS[:2], 6, NEVER)
+    assert compiled == eager
+
+
+def test_random_model_is_built_without_a_host_copy_and_keeps_ties():
+    """Guards against the meta-device build leaving weights uninitialised (NaN/garbage) or untying the
+    tied lm_head (a second vocab x d matrix: wrong memory and wrong weights-read roofline)."""
+    config = model_config("tiny-shapes", "viln", Setting("image", 1, 128))
+    model = random_model(config, "cpu", torch.float32, seed=0)
+    assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    assert torch.equal(model.decoder.norm.weight, torch.ones_like(model.decoder.norm.weight))
+    again = random_model(config, "cpu", torch.float32, seed=0)
+    assert torch.equal(model.vision.embeddings.patch_embedding.weight, again.vision.embeddings.patch_embedding.weight)
+
+
+def test_write_section_replaces_only_its_own(tmp_path):
+    """Guards against a rerun appending a second copy of its section, or clobbering another run's."""
+    md = tmp_path / "BENCHMARKS.md"
+    write_section(md, "a", "first a")
+    write_section(md, "b", "only b")
+    write_section(md, "a", "second a")
+    text = md.read_text()
+    assert "second a" in text and "first a" not in text and "only b" in text
+    assert text.count("<!-- bench:a -->") == 1
+
+
+def test_bench_model_command_end_to_end(tmp_path):
+    """Guards against the bench command breaking (flags, measurement, JSON contract, markdown) without a GPU:
+    tiny shapes, two batch sizes, 4 new tokens, LaVi, concat and transformers' LLaVA-OneVision."""
+    out, md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
+    result = CliRunner().invoke(bench, [
+        "model", "--device", "cpu", "--shapes", "tiny-random", "--settings", "image", "--batch-sizes", "1,2",
+        "--new-tokens", "4", "--repeats", "1", "--out", str(out), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert {"results", "device", "versions", "command"} <= doc.keys()
+    keys = {"model", "visual_tokens", "batch_size", "captions_per_s", "ttft_s", "decode_tokens_per_s",
+            "peak_mem_bytes", "prefill_flops"}
+    got = {(r["model"], r["batch_size"]) for r in doc["results"]}
+    assert got == {(m, b) for m in ("lavi", "concat", "hf-llava-ov") for b in (1, 2)}
+    for r in doc["results"]:
+        assert keys <= r.keys(), r
+        assert r["captions_per_s"] > 0 and 0 < r["ttft_s"] and r["decode_tokens_per_s"] > 0
+    lavi = next(r for r in doc["results"] if r["model"] == "lavi")
+    concat = next(r for r in doc["results"] if r["model"] == "concat")
+    assert lavi["visual_tokens"] == concat["visual_tokens"] == 16
+    assert lavi["prefill_flops"] == lavi["prefill_flops_analytic"]
+    assert {r["model"] for r in doc["roofline"]} == {"lavi", "concat"}
+    assert "bench model: tiny-random" in md.read_text()
