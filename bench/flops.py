@@ -193,10 +193,10 @@ def _layers(dec, embeds: Tensor, mask: Tensor, conds, keys: int) -> Tensor:
         dec.setup_caches(b, keys)
     try:
         h = embeds
+        slots = torch.arange(s, device=h.device) if use_cache else None
         for i, layer in enumerate(dec.layers):
             ca, cf = conds(i) if conds is not None else (None, None)
-            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, torch.arange(s, device=h.device) if use_cache else None,
-                      ca, cf)
+            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, slots, ca, cf)
     finally:
         for layer, cache in zip(dec.layers, saved):
             layer.self_attn.kv_cache = cache

@@ -19,8 +19,8 @@ from bench import flops as F
 from bench.compiled import FastGenerator
 from bench.configs import SHAPES, Setting, model_config, random_model, settings, weight_bytes
 from bench.memory import PeakMemory, copy_bandwidth
-from lavi.model import LaVi
 from bench.report import command_line, device_description, table, versions, write_json, write_section
+from lavi.model import LaVi
 
 log = logging.getLogger(__name__)
 MODELS = ("lavi", "concat", "hf-llava-ov")
@@ -41,6 +41,7 @@ class ModelBenchConfig:
     new_tokens: int = 48
     repeats: int = 3
     compile: bool | None = None  # None: on CUDA only
+    compile_backend: str = "inductor"  # inductor (+ CUDA graphs on CUDA) or cudagraphs (no codegen: compiles fast)
     max_batch: int = 512  # the probe's ceiling
     memory_fraction: float = 0.85  # the probe keeps peak memory under this share of the device
     peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
@@ -63,6 +64,8 @@ class ModelBenchConfig:
             raise ValueError(f"--batch-sizes must be positive, got {self.batch_sizes}")
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1:
             raise ValueError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
+        if self.compile_backend not in ("inductor", "cudagraphs", "eager"):
+            raise ValueError(f"--compile-backend must be inductor, cudagraphs or eager, got {self.compile_backend!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch here")
         if self.device.startswith("cpu") and self.shapes == "qwen2-7b-siglip":
@@ -106,7 +109,7 @@ class Runner:
         return pixels, torch.arange(batch), ids, torch.ones_like(ids, dtype=torch.bool)
 
     def _generator(self, model, batch: int, max_seq: int, compile: bool) -> FastGenerator:
-        return FastGenerator(model, batch, max_seq, compile=compile)
+        return FastGenerator(model, batch, max_seq, compile=compile, backend=self.c.compile_backend)
 
     def _release(self, model) -> None:
         model.decoder.setup_caches(0, 0)  # drop the previous static cache before allocating the next
@@ -189,7 +192,7 @@ class Runner:
         common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
                   "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
                   "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
-                  "compiled": self.compile, "generator": "bench.compiled.FastGenerator",
+                  "compiled": self.compile and c.compile_backend, "generator": "bench.compiled.FastGenerator",
                   "prefill_flops": counted.total, "prefill_flops_analytic": analytic.total,
                   "prefill_flops_breakdown": counted.to_dict(), "caption_flops": per_caption}
         rows = []
@@ -239,13 +242,18 @@ class Runner:
         if c.shapes not in ("qwen2-7b-siglip", "tiny-random"):
             return [], f"hf-llava-ov is built for qwen2-7b-siglip and tiny-random, not {c.shapes}"
         self.mem.rebase()
-        try:
-            model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
-        except ImportError as err:
-            return [], f"transformers has no LlavaOnevision here: {err}"
+
         def try_batch(b: int) -> None:
             hf.timed_generate(model, hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)[0], 2)
 
+        # transformers' API moves between releases: an incompatible version is a recorded skip, so the
+        # LaVi and concat figures of the same run are still written
+        try:
+            model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
+            try_batch(1)
+        except (ImportError, TypeError, ValueError) as err:
+            self._release_all()
+            return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
         probe = self.probe(try_batch, self._release_all) if self.device.type == "cuda" and not c.batch_sizes else []
         sizes = self._sizes(probe, [1, 8])
         rows = []

@@ -90,3 +90,16 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def merge_sections(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy every run section of `src` (e.g. a BENCHMARKS.md written on the GPU machine) into `dst`,
+    replacing those keys there. Returns the keys copied."""
+    text = Path(src).read_text()
+    keys = re.findall(r"<!-- bench:(\S+) -->", text)
+    for key in keys:
+        body = re.search(re.escape(f"<!-- bench:{key} -->") + r"\n(.*?)" + re.escape(f"<!-- /bench:{key} -->"),
+                         text, re.S)
+        if body:
+            write_section(dst, key, body.group(1))
+    return keys

@@ -43,6 +43,8 @@ def bench() -> None:
 @click.option("--repeats", default=3, show_default=True, help="Timed runs per point (the median is reported).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step with CUDA graphs (default: on CUDA only).")
+@click.option("--compile-backend", type=click.Choice(["inductor", "cudagraphs", "eager"]), default="inductor",
+              show_default=True, help="inductor (+ CUDA graphs on CUDA), or cudagraphs alone (compiles in seconds).")
 @click.option("--max-batch", default=512, show_default=True, help="The batch probe's ceiling.")
 @click.option("--memory-fraction", default=0.85, show_default=True, help="The probe keeps peak memory under this.")
 @click.option("--peak-tflops", type=float, default=None, help="Dense bf16 TFLOP/s for the FLOP-utilisation column "
@@ -52,7 +54,7 @@ def bench() -> None:
 @click.option("--markdown", default="BENCHMARKS.md", show_default=True,
               help="Markdown file whose section this run writes ('' for none).")
 def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_tokens, repeats, compile_,
-              max_batch, memory_fraction, peak_tflops, seed, out, markdown) -> None:
+              compile_backend, max_batch, memory_fraction, peak_tflops, seed, out, markdown) -> None:
     """LaVi vs the concat baseline (and transformers' LLaVA-OneVision): captions/s, TTFT, memory, FLOPs."""
     from bench.model import ModelBenchConfig, run
 
@@ -60,7 +62,7 @@ def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_
         config = ModelBenchConfig(
             device=device, shapes=shapes, settings=_names(settings), models=_names(models),
             batch_sizes=_ints(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
-            compile=compile_, max_batch=max_batch, memory_fraction=memory_fraction,
+            compile=compile_, compile_backend=compile_backend, max_batch=max_batch, memory_fraction=memory_fraction,
             peak_flops=peak_tflops * 1e12 if peak_tflops else None, seed=seed, out=out, markdown=markdown or None)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
@@ -76,7 +78,8 @@ def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_
 @click.option("--videos", default=0, show_default=True, help="Videos in the generated corpus.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--model", default=None, help="LaVi checkpoint dir (default: the bundled one, else a random tiny-shapes).")
+@click.option("--model", default=None,
+              help="LaVi checkpoint dir (default: the bundled one, else a random tiny-shapes).")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--workdir", default=None, help="Keep the corpus and labels here (default: a temp dir, removed).")
 @click.option("--seed", default=0, show_default=True)

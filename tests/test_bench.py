@@ -177,3 +177,35 @@ def test_bench_model_command_end_to_end(tmp_path):
     assert lavi["prefill_flops"] == lavi["prefill_flops_analytic"]
     assert {r["model"] for r in doc["roofline"]} == {"lavi", "concat"}
     assert "bench model: tiny-random" in md.read_text()
+
+
+def test_model_bench_imports_without_ray_av_decord_fsspec():
+    """Guards against `python -m bench model --device cuda` failing on the GPU machine, which has torch and
+    transformers but no ray, decord or av (and maybe no fsspec or click): importing them at module level
+    anywhere on the model-bench path would break it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('ray', 'av', 'decord', 'fsspec', 'click', 'pyarrow'):\n"
+            "    sys.modules[name] = None  # any import of these now raises ImportError\n"
+            "import bench.__main__, bench.model, bench.hf, bench.compiled, bench.flops\n"
+            "bench.__main__.parser().parse_args(['model', '--device', 'cpu'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_bench_pipeline_command_end_to_end(ray_local, tmp_path):
+    """Guards against the pipeline benchmark drifting from the real `lavi-label run` entry point (RunConfig
+    fields, summary keys) or comparing different work: both sides must label every corpus item."""
+    out = tmp_path / "pipeline.json"
+    result = CliRunner().invoke(bench, [
+        "pipeline", "--images", "6", "--batch-size", "4", "--max-new-tokens", "3", "--workdir", str(tmp_path / "w"),
+        "--out", str(out), "--markdown", str(tmp_path / "BENCHMARKS.md")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    pipeline, plain = doc["results"]
+    assert pipeline["mode"] == "pipeline" and plain["mode"] == "plain"
+    assert pipeline["rows"] == plain["rows"] == 6
+    assert doc["wall_time_ratio"] > 0
+    assert "bench pipeline" in (tmp_path / "BENCHMARKS.md").read_text()
