@@ -159,6 +159,19 @@ def pick_submission_id(client, base: str):
     return f"{base}-{n}", None
 
 
+def submit_job(client, retry_s: float = 60.0, **kwargs) -> str:
+    """client.submit_job, retried while a just-started head has no job agent yet."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            log.info("the head has no job agent yet; retrying")
+            time.sleep(2)
+
+
 def cluster_gpus(address: str, token: str | None) -> float | None:
     """Total GPUs of the cluster's alive nodes now (None when the state API does not answer)."""
     import requests
@@ -177,6 +190,8 @@ def follow(client, job_id: str, token: str | None) -> str:
     """Print the job's logs until it ends; returns its final status (a JobStatus value string)."""
     import asyncio
 
+    import aiohttp
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             click.echo(redact(chunk, token), nl=False)
@@ -185,7 +200,7 @@ def follow(client, job_id: str, token: str | None) -> str:
         with cli_errors(token, client.get_address()):
             try:
                 asyncio.run(tail())
-            except (OSError, asyncio.TimeoutError) as err:  # the log stream dropped: poll instead
+            except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as err:  # the stream dropped: poll instead
                 click.echo(f"(log stream ended: {type(err).__name__}; waiting for the job to end)", err=True)
             while not (info := client.get_job_info(job_id)).status.is_terminal():
                 time.sleep(2)
@@ -258,20 +273,18 @@ def submit(address: str, token_file: str | None, submission_id: str | None, wait
     if config.gpus_per_worker > 0:
         gpus = cluster_gpus(address, token)
         want = config.workers * config.gpus_per_worker
-        if gpus is not None and gpus < want:
-            click.echo(f"warning: the job asks for {config.workers} workers x {config.gpus_per_worker:g} GPUs = "
-                       f"{want:g} GPUs; the cluster has {gpus:g} now: its actors wait until GPU nodes join",
-                       err=True)
+        if gpus is not None and gpus < want:  # `run` refuses this too (pipeline.graph.check_resources)
+            raise click.UsageError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g} = "
+                                   f"{want:g} GPUs; the cluster has {gpus:g}: lower them, or add GPU nodes first")
     working_dir, model_arg = stage_working_dir(config.model)
     try:
         run_options["model"] = model_arg
         args = run_arguments(inputs, run_options)
         entrypoint = shlex.join([python, "-m", "jobs.cli", "run", *args, "--address", "auto"])
         with cli_errors(token, address):
-            client.submit_job(
-                entrypoint=entrypoint, submission_id=job_id,
-                runtime_env={"working_dir": working_dir, "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
-                metadata={"lavi_out": config.out, "lavi_base_id": base})
+            submit_job(client, entrypoint=entrypoint, submission_id=job_id,
+                       runtime_env={"working_dir": working_dir, "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+                       metadata={"lavi_out": config.out, "lavi_base_id": base})
     finally:
         shutil.rmtree(Path(working_dir).parent, ignore_errors=True)
     click.echo(f"submitted {job_id} to {address} (output {config.out})")

@@ -194,7 +194,8 @@ def _wait(ready, timeout: float, proc: subprocess.Popen, log: str, what: str) ->
         except (requests.RequestException, KeyError, ValueError):
             pass
         time.sleep(1)
-    raise RuntimeError(f"timed out after {timeout}s waiting for {what}: {Path(log).read_text(errors='replace')[-3000:]}")
+    raise RuntimeError(f"timed out after {timeout}s waiting for {what}: "
+                       f"{Path(log).read_text(errors='replace')[-3000:]}")
 
 
 def start_cluster(token: str, head_cpus: int = 2, timeout: float = 600, attempts: int = 2) -> RayCluster:
