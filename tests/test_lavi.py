@@ -207,3 +207,29 @@ def test_shared_prefix_forward_equals_per_row_forward(fusion):
         want = model(ids, valid, vis.select(rows))
         got = model.forward_shared(ids, valid, vis, rows)
     assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_generation_in_half_precision(tmp_path, fusion, dtype):
+    """Guards against dtype mismatches (fp32 masks, RoPE tables or pixels meeting half weights) and
+    against a half-precision model drifting from the fp32 one on the first greedy token."""
+    from lavi.engine import Engine
+    from lavi.tiny import make_tiny_checkpoint
+    import numpy as np
+    make_tiny_checkpoint(tmp_path, fusion=fusion)
+    frames = [np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)]
+    full = Engine.load(str(tmp_path))
+    half = Engine.load(str(tmp_path), dtype=dtype)
+    assert half.model.dtype == dtype
+    gen = GenerationConfig(max_new_tokens=6)
+    a = full.generate(frames, [(0, "describe the video.")], gen)
+    b = half.generate(frames, [(0, "describe the video.")], gen)
+    assert b[0].num_generated_tokens == 6 and not b[0].finished
+    pixels = torch.zeros(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        ids, valid = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.bool)
+        lf = full.model(ids, valid, full.model.encode(pixels))[0, -1]
+        lh = half.model(ids, valid, half.model.encode(pixels))[0, -1].float()
+    assert_close(lh, lf, atol=0.05, rtol=0.05)
+    assert a[0].text is not None
