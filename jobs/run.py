@@ -51,3 +51,7 @@ def run(inputs: tuple[str, ...], **flags) -> None:
         click.echo(f"error rate {summary['error_rate']:.1%} is above --max-error-rate {config.max_error_rate:.1%}",
                    err=True)
         sys.exit(3)
+
+
+if __name__ == "__main__":  # `python -m jobs.run ...`: the same command without the other subcommands' imports
+    run()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import sys
 import time
 from typing import Any
 
@@ -62,13 +63,19 @@ def check_resources(config: RunConfig) -> None:
 
 
 def connect_ray(address: str | None) -> bool:
-    """Start (address None) or join a Ray cluster unless one is connected; True if we must shut it down."""
-    if not address:  # set before ray is imported: it reads them once
+    """Start (address None) or join a Ray cluster unless one is connected; True if we must shut it down.
+
+    $RAY_ADDRESS (set for a Ray Jobs entrypoint) counts as `address`."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
         # keep the node IP (and so every listener) on loopback: see shared/SERVICES.md
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if "RAY_AUTH_TOKEN" not in os.environ:  # a per-run token: ~/.ray/auth_token stays untouched
-            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        # a per-run token, so ~/.ray/auth_token stays untouched; ray reads these when imported, so
+        # only before that (a token given to a cluster but not to this driver would lock us out)
+        if "RAY_AUTH_TOKEN" not in os.environ and "ray" not in sys.modules:
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     import ray
 
     if ray.is_initialized():

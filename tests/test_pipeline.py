@@ -142,7 +142,7 @@ def test_labeler_inference_error_becomes_infer_rows(tiny_model):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.cli", "run", *args]
+    return [sys.executable, "-m", "jobs.run", *args]
 
 
 def test_killed_run_resumes_without_duplicates(ray_local, tiny_model, tmp_path):

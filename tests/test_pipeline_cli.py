@@ -25,7 +25,7 @@ def test_cli_local_ray_on_loopback_and_max_error_rate(tiny_model, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "jobs.cli", "run", str(corpus), "--out", str(out), "--model", tiny_model,
+    cmd = [sys.executable, "-m", "jobs.run", str(corpus), "--out", str(out), "--model", tiny_model,
            "--max-new-tokens", "2"]
     bad = subprocess.run(cmd + ["--top-p", "0"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--top-p" in bad.stderr
