@@ -27,11 +27,6 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
     return fs, path
 
 
-def join(fs: fsspec.AbstractFileSystem, base: str, *parts: str) -> str:
-    """Join path parts inside `fs` (paths as fs returns them: no protocol)."""
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path returned by `fs` (walk/find/glob) -> a URI that `filesystem` opens again."""
     return fs.unstrip_protocol(path)
