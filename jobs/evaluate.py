@@ -62,8 +62,10 @@ def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None
     t0 = time.time()
     rows = label_manifest(engine, entries, frames or engine.default_frames)
     figures = score_rows(rows, {e["uri"]: e for e in entries})
+    summary = Path(model) / "train_summary.json"
     return {"model": engine.name, "path": model, "fusion": engine.config.fusion, "figures": figures,
-            "label_wall_s": time.time() - t0, "rows": len(rows)}
+            "label_wall_s": time.time() - t0, "rows": len(rows),
+            "training": json.loads(summary.read_text()) if summary.exists() else None}
 
 
 def card_section(results: list[dict], split: dict, command: str) -> str:
@@ -82,6 +84,12 @@ def card_section(results: list[dict], split: dict, command: str) -> str:
         lines.append(f"| {label} | {'>= ' + str(target) if target else ''} | {cells} |")
     lines.append("| rows labelled per second (CPU, eval loop) | | " +
                  " | ".join(f"{r['rows'] / r['label_wall_s']:.1f}" for r in results) + " |")
+    for r in results:
+        t = r.get("training")
+        if t:
+            lines.append(f"\n{r['model']}: trained {t['steps']} steps in {t['wall_s'] / 60:.1f} min on {t['device']} "
+                         f"({t.get('threads', '?')} threads), final training loss {t['final']['loss']:.4f} "
+                         f"(from its train_summary.json).")
     lines.append(CARD_END)
     return "\n".join(lines)
 
