@@ -26,6 +26,9 @@ from jobs.submit import derived_submission_id, redact_command, run_arguments
 
 ROOT = Path(__file__).parents[1]
 QUESTIONS = ("what shape is it?", "what color is it?")
+# fault tests: one item per batch and long generations (a random model never stops early), so
+# labeling outlasts the actor start-up and a kill or a stop lands mid-job; a file per item
+SLOW = ("--rows-per-file", "2", "--batch-size", "1", "--max-new-tokens", "200")
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +175,10 @@ def test_stop_then_resubmit_resumes(cluster, corpus, tiny_model, tmp_path):
     items the stopped job committed."""
     inputs, items = corpus["large"]
     out = tmp_path / "out"
-    first = submit(cluster, inputs, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2")
+    first = submit(cluster, inputs, out, tiny_model, *SLOW)
     assert first.returncode == 0, first.stderr[-3000:]
     job = job_id_of(first)
-    again = submit(cluster, inputs, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2")
+    again = submit(cluster, inputs, out, tiny_model, *SLOW)
     assert again.returncode == 0 and f"job {job} is already" in again.stdout and "submitted" not in again.stdout
     wait_for(lambda: parts(out), 600, "a committed part file")
     stopped = lavi(cluster, "stop", job)
@@ -183,7 +186,7 @@ def test_stop_then_resubmit_resumes(cluster, corpus, tiny_model, tmp_path):
     committed = len(pq.read_table(str(out)))
     assert 0 < committed < items * len(QUESTIONS), "the job was not stopped mid-way"
 
-    resumed = submit(cluster, inputs, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2", wait=True)
+    resumed = submit(cluster, inputs, out, tiny_model, *SLOW, wait=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert job_id_of(resumed) == f"{job}-2"
     skipped = re.search(r"(\d+) already done", resumed.stdout)
@@ -198,7 +201,7 @@ def test_actor_killed_mid_job(cluster, corpus, tiny_model, tmp_path):
     its rows twice (a retried batch written again)."""
     inputs, items = corpus["small"]
     out = tmp_path / "out"
-    started = submit(cluster, inputs, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2")
+    started = submit(cluster, inputs, out, tiny_model, *SLOW)
     job = job_id_of(started)
     wait_for(lambda: parts(out), 300, "a committed part file")
     actors = wait_for(lambda: cluster.find("Labeler"), 60, "a Labeler actor process")
@@ -246,8 +249,7 @@ def test_worker_node_killed_mid_job(cluster, corpus, tiny_model, tmp_path):
     node = cluster.workers[0]
     inputs, items = corpus["small"]
     out = tmp_path / "out"
-    started = submit(cluster, inputs, out, tiny_model, "--rows-per-file", "2", "--batch-size", "2",
-                     "--workers", "2")
+    started = submit(cluster, inputs, out, tiny_model, *SLOW, "--workers", "2")
     job = job_id_of(started)
     wait_for(lambda: cluster.find("Labeler", node), 300, "a Labeler actor on the worker node")
     wait_for(lambda: parts(out), 300, "a committed part file")
