@@ -155,8 +155,13 @@ def ray_local():
     tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     os.environ["RAY_TMPDIR"] = tmp
     os.environ["LAVI_CACHE"] = f"{tmp}/lavi-cache"  # labeler actors cache remote models here, not in ~
-    context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-                       _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+    try:
+        context = ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+                           _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+    except Exception:  # e.g. "node timed out during startup" on an overloaded machine: leave nothing behind
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         yield context.address_info["gcs_address"]
     finally:
