@@ -14,23 +14,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
-import torch
+from typing import TYPE_CHECKING
 
-from lavi.engine import DEFAULT_MODEL, Engine
-from lavi.generate import GenerationConfig
-from shapes.corpus import read_manifest, write_corpus
-from shapes.score import score_rows
-from workers.decode import DecodeSettings, decode_item
-from workers.fetch import fetch_bytes
+import click
+
+if TYPE_CHECKING:  # torch, the engine and the decoders load when a command runs, not when the CLI starts
+    from lavi.engine import Engine
+    from lavi.generate import GenerationConfig
 
 HELD_OUT_SEED = 1_000_003  # training draws from seeds 0..; this split is disjoint by construction
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
 
 
-def label_manifest(engine: Engine, entries: list[dict], frames: int, batch: int = 64,
-                   gen: GenerationConfig = GenerationConfig(max_new_tokens=48)) -> list[dict]:
+def label_manifest(engine: "Engine", entries: list[dict], frames: int, batch: int = 64,
+                   gen: "GenerationConfig | None" = None) -> list[dict]:
     """Decode every entry with the pipeline's decoder, then ask its caption prompt and all its questions."""
+    from lavi.generate import GenerationConfig
+    from workers.decode import DecodeSettings, decode_item
+    from workers.fetch import fetch_bytes
+
+    gen = gen or GenerationConfig(max_new_tokens=48)
     settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=frames)
     rows: list[dict] = []
     for start in range(0, len(entries), batch):
@@ -54,6 +57,10 @@ def label_manifest(engine: Engine, entries: list[dict], frames: int, batch: int 
 
 def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
              device: str = "cpu") -> dict:
+    from lavi.engine import Engine
+    from shapes.corpus import read_manifest, write_corpus
+    from shapes.score import score_rows
+
     manifest = f"{workdir}/manifest.jsonl"
     if not Path(manifest).exists():
         write_corpus(workdir, images, videos, seed)
@@ -69,6 +76,8 @@ def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None
 
 
 def card_section(results: list[dict], split: dict, command: str) -> str:
+    import torch
+
     keys = [("image_caption_f1", "image caption object F1", 0.95), ("video_caption_f1", "video caption object F1", 0.90),
             ("image_vqa_acc", "image VQA accuracy", 0.95), ("video_vqa_acc", "video VQA accuracy", 0.95),
             ("image_caption_exact", "image caption exact match", None),
@@ -110,10 +119,16 @@ def write_card(card: Path, section: str) -> None:
 @click.option("--frames", type=int, default=None, help="Frames per video (default: the model's).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
 @click.option("--card", type=click.Path(dir_okay=False), help="Replace the figures section of this model card.")
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
              card: str | None, device: str) -> None:
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
+    import torch
+
+    from lavi.engine import DEFAULT_MODEL
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     models = models or (DEFAULT_MODEL,)
     with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
         click.echo(f"writing the held-out split ({images} images, {videos} videos, seed {seed}) ...")

@@ -8,17 +8,15 @@ import time
 from pathlib import Path
 
 import click
-import torch
-
-from lavi import checkpoint
-from lavi.tiny import save_word_tokenizer, tiny_shapes_config
-from lavi.train import TrainConfig, init_from_scratch, train
 
 log = logging.getLogger(__name__)
 
 
 def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool) -> tuple:
     """The model to train and its tokenizer directory: resumed, from backbones, or tiny-shapes from scratch."""
+    from lavi import checkpoint
+    from lavi.tiny import save_word_tokenizer, tiny_shapes_config
+    from lavi.train import init_from_scratch
     if resume and (out / "train_state.json").exists():
         return checkpoint.load(out), out
     if decoder or vision:
@@ -51,13 +49,19 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--frames", type=int, default=4, show_default=True, help="Frames per video clip.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=250, show_default=True)
-@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
               frames: int, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+    import torch
+
+    from lavi.train import TrainConfig, train
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if threads:
         torch.set_num_threads(threads)
