@@ -85,14 +85,14 @@ class VisionConfig:
     num_channels: int = 3
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.patch_size > self.image_size:
+            raise ValueError(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
     @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return (self.image_size // self.patch_size) ** 2  # floored, as the patch conv does (SigLIP 384/14: 729)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "VisionConfig":

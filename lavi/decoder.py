@@ -163,10 +163,10 @@ class Decoder(nn.Module):
 
     def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor | None = None,
                 conds: LayerConds | None = None, output_hidden_states: bool = False,
-                kv: KVPrefix | None = None) -> tuple[Tensor, list[Tensor]]:
+                kv: KVPrefix | None = None, last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
         """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend;
         input_pos (T,) cache slots to write (None: no cache); kv: a shared prefix being recorded or replayed.
-        Returns logits (B, T, V) and hidden states."""
+        Returns logits (B, T, V) (last_only: (B, 1, V), as prefill needs) and hidden states."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h, hidden = embeds, []
         for i, layer in enumerate(self.layers):
@@ -174,6 +174,8 @@ class Decoder(nn.Module):
                 hidden.append(h)
             ca, cf = conds(i) if conds is not None else (None, None)
             h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, input_pos, ca, cf, kv)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         if output_hidden_states:
             hidden.append(h)

@@ -4,7 +4,6 @@ This is what the labeler actor holds (one per replica) and what eval and the ben
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +78,7 @@ class Engine:
     def _ensure_cache(self, batch: int, seq: int) -> None:
         """Static caches, allocated once; reallocated only if a request needs more slots than ever before."""
         if batch > self._cache[0] or seq > self._cache[1]:
-            b, s = max(batch, self._cache[0]), max(2 ** math.ceil(math.log2(seq)), self._cache[1])
+            b, s = max(batch, self._cache[0]), max(-(-seq // 64) * 64, self._cache[1])  # slots: multiple of 64
             setup_caches(self.model, b, s)
             self._cache = (b, s)
 

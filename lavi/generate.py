@@ -71,8 +71,8 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
 
 def prefill(model: LaVi, embeds: Tensor, positions: Tensor, mask: Tensor, slots: Tensor,
             conds: LayerConds | None) -> Tensor:
-    logits, _ = model.decoder(embeds, positions, mask, slots, conds)
-    return logits[:, -1]  # (B, V)
+    logits, _ = model.decoder(embeds, positions, mask, slots, conds, last_only=True)
+    return logits[:, -1]  # (B, V): the lm_head runs on the last position only
 
 
 def decode_one_token(model: LaVi, tok: Tensor, position: Tensor, mask: Tensor, slot: Tensor,

@@ -90,7 +90,7 @@ def connect_ray(address: str | None) -> bool:
 
 
 def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: DecodeSettings,
-                  model: str, job_id: str):
+                  model: str | None, job_id: str):
     """The lazy Ray Data dataset of labeler output batches (LABEL_SCHEMA + _item_rows)."""
     import ray.data
 
@@ -154,7 +154,8 @@ def run(config: RunConfig) -> dict:
         try:
             check_resources(config)
             progress = Progress(n_items, config.progress_seconds)
-            for batch in build_dataset(shards, listing_fs, config, settings, model, job_id).iter_batches(
+            # config.model, not `model`: None lets each actor find the bundled model on its own node
+            for batch in build_dataset(shards, listing_fs, config, settings, config.model, job_id).iter_batches(
                     batch_size=None, batch_format="pyarrow"):
                 sink.add(batch)
                 rows_seen += batch.num_rows

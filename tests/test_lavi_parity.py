@@ -55,15 +55,17 @@ def test_decoder_matches_transformers(tmp_path, name):
         assert_close(a, b, **TOL)
 
 
-def test_vision_matches_transformers(tmp_path):
-    """Guards against a mis-mapped ViT weight, wrong patch order, GELU variant or post-norm placement."""
+@pytest.mark.parametrize("image_size", [32, 36])
+def test_vision_matches_transformers(tmp_path, image_size):
+    """Guards against a mis-mapped ViT weight, wrong patch order, GELU variant or post-norm placement,
+    and against refusing sizes the patch does not divide (SigLIP-so400m is 384 px in 14 px patches)."""
     torch.manual_seed(0)
-    cfg = transformers.SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=96,
+    cfg = transformers.SiglipVisionConfig(image_size=image_size, patch_size=8, hidden_size=48, intermediate_size=96,
                                           num_hidden_layers=3, num_attention_heads=4)
     ref = transformers.SiglipVisionModel(cfg).eval()
     ref.save_pretrained(tmp_path, safe_serialization=True)
     ours = load_vision(tmp_path).eval()
-    pixels = torch.randn(2, 3, 32, 32)
+    pixels = torch.randn(2, 3, image_size, image_size)
     with torch.no_grad():
         want = ref(pixel_values=pixels, output_hidden_states=True)
         last, taps = ours(pixels, taps=[0, 1, 2])

@@ -85,12 +85,13 @@ def local_model_dir(path: str, storage_options: dict[str, Any] | None = None, ca
 class Labeler:
     """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ _item_rows)."""
 
-    def __init__(self, model: str, job_id: str, generation: dict, storage_options: dict | None = None,
+    def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int = 32):
         import torch  # noqa: F401  (workers only: the driver never loads torch for this)
-        from lavi.engine import Engine, GenerationConfig
+        from lavi.engine import DEFAULT_MODEL, Engine, GenerationConfig
 
-        self.engine = Engine.load(local_model_dir(model, storage_options), device=device, max_batch=max_batch)
+        # None: the bundled model of this node's installation (a driver's path may not exist here)
+        self.engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device, max_batch=max_batch)
         self.gen = GenerationConfig(**generation)
         self.job_id = job_id
         self.max_batch = max_batch
