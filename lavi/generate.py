@@ -109,6 +109,7 @@ def generate(model: LaVi, vis: Visual, rows: Tensor, prompts: list[list[int]], g
     out = torch.full((b, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     ones = torch.ones(b, 1, dtype=torch.bool, device=device)
+    step_slots = torch.arange(t0, t0 + gen.max_new_tokens, device=device)  # allocated once, sliced per step
     for i in range(gen.max_new_tokens):
         tok = sample(logits, gen.temperature, gen.top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -116,7 +117,7 @@ def generate(model: LaVi, vis: Visual, rows: Tensor, prompts: list[list[int]], g
         done |= tok == eos_id
         if bool(done.all()) or i == gen.max_new_tokens - 1:
             break
-        slot = torch.tensor([t0 + i], device=device)
+        slot = step_slots[i:i + 1]
         slot_valid[:, t0 + i] = True
         logits = decode_one_token(model, tok[:, None], next_pos, attention_mask(slot_valid, slot, ones), slot, conds)
         next_pos = next_pos + 1
