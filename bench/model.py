@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bench import flops as F
-from bench.compiled import FastGenerator
+from bench.compiled import TimedGenerator
 from bench.configs import SHAPES, Setting, model_config, random_model, settings, weight_bytes
 from bench.memory import PeakMemory, copy_bandwidth
 from bench.report import command_line, device_description, table, versions, write_json, write_section
@@ -105,11 +105,10 @@ class Runner:
         size = config.vision.image_size
         pixels = torch.randn(batch, setting.frames, 3, size, size, generator=self.gen).to(self.device, self.dtype)
         ids = torch.randint(4, config.decoder.vocab_size, (batch, self.c.prompt_tokens), generator=self.gen)
-        ids = ids.to(self.device)
-        return pixels, torch.arange(batch), ids, torch.ones_like(ids, dtype=torch.bool)
+        return pixels, torch.arange(batch), ids.tolist()
 
-    def _generator(self, model, batch: int, max_seq: int, compile: bool) -> FastGenerator:
-        return FastGenerator(model, batch, max_seq, compile=compile, backend=self.c.compile_backend)
+    def _generator(self, model, batch: int, max_seq: int, compile: bool) -> TimedGenerator:
+        return TimedGenerator(model, batch, max_seq, compile=compile, backend=self.c.compile_backend)
 
     def _release(self, model) -> None:
         model.decoder.setup_caches(0, 0)  # drop the previous static cache before allocating the next
@@ -141,8 +140,8 @@ class Runner:
 
     def _try_engine(self, model, setting: Setting, max_seq: int):
         def run_once(b: int) -> None:
-            pixels, rows, ids, valid = self._inputs(model.config, setting, b)
-            self._generator(model, b, max_seq, compile=False).generate(pixels, None, rows, ids, valid, 2, NEVER)
+            pixels, rows, prompts = self._inputs(model.config, setting, b)
+            self._generator(model, b, max_seq, compile=False).generate(pixels, None, rows, prompts, 2, NEVER)
         return run_once
 
     def _sizes(self, probe: list[dict], default: list[int]) -> list[int]:
@@ -155,11 +154,11 @@ class Runner:
 
     def measure(self, model, setting: Setting, batch: int, max_seq: int) -> dict:
         gen = self._generator(model, batch, max_seq, compile=self.compile)
-        pixels, rows, ids, valid = self._inputs(model.config, setting, batch)
+        pixels, rows, prompts = self._inputs(model.config, setting, batch)
         for _ in range(2 if self.compile else 1):  # compile + CUDA-graph recording happen here
-            gen.generate(pixels, None, rows, ids, valid, self.c.new_tokens, NEVER)
+            gen.generate(pixels, None, rows, prompts, self.c.new_tokens, NEVER)
         self.mem.reset()
-        runs = [gen.generate(pixels, None, rows, ids, valid, self.c.new_tokens, NEVER)[1]
+        runs = [gen.generate(pixels, None, rows, prompts, self.c.new_tokens, NEVER)[1]
                 for _ in range(self.c.repeats)]
         peak = self.mem.peak()
         total = statistics.median(r.total_s for r in runs)
@@ -192,7 +191,7 @@ class Runner:
         common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
                   "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
                   "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
-                  "compiled": self.compile and c.compile_backend, "generator": "bench.compiled.FastGenerator",
+                  "compiled": self.compile and c.compile_backend, "generator": "lavi.generate.Generator",
                   "prefill_flops": counted.total, "prefill_flops_analytic": analytic.total,
                   "prefill_flops_breakdown": counted.to_dict(), "caption_flops": per_caption}
         rows = []

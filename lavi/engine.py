@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .generate import GenerationConfig, generate, setup_caches
+from .generate import GenerationConfig, Generator, setup_caches
 from .model import LaVi
 from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
 from .tokenizer import Tokenizer
@@ -45,8 +45,10 @@ def pixels_from_frames(frames: list[np.ndarray], mean: tuple[float, ...], std: t
 
 
 class Engine:
-    def __init__(self, model: LaVi, tokenizer: Tokenizer, max_batch: int = 32, name: str | None = None) -> None:
+    def __init__(self, model: LaVi, tokenizer: Tokenizer, max_batch: int = 32, name: str | None = None,
+                 compile: bool = False) -> None:
         self.model = model.eval()
+        self.generator = Generator(self.model, compile=compile)
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_batch = max_batch
@@ -56,9 +58,11 @@ class Engine:
         self._cache = (0, 0)
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32) -> "Engine":
+    def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
+             compile: bool = False) -> "Engine":
+        """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`)."""
         model = checkpoint.load(path, device=device, dtype=dtype)
-        return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name)
+        return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property
     def image_size(self) -> int:
@@ -104,7 +108,7 @@ class Engine:
         prefix = vis.tokens.shape[1] if vis.tokens is not None else 0
         self._ensure_cache(len(requests), prefix + max(map(len, prompts)) + gen.max_new_tokens)
         rows = torch.tensor([local[v] for v, _ in requests])
-        results = generate(self.model, vis, rows, prompts, gen, self.eos_id, self.pad_id)
+        results = self.generator(vis, rows, prompts, gen, self.eos_id, self.pad_id)
         return [Generation(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
                            num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
                 for r, p in zip(results, prompts)]

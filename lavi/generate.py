@@ -7,6 +7,7 @@ of items (`LaVi.encode`) and gathered per text row; visual tokens never enter th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -75,55 +76,112 @@ def prefill(model: LaVi, embeds: Tensor, positions: Tensor, mask: Tensor, slots:
     return logits[:, -1]  # (B, V): the lm_head runs on the last position only
 
 
-def decode_one_token(model: LaVi, tok: Tensor, position: Tensor, mask: Tensor, slot: Tensor,
-                     conds: LayerConds | None) -> Tensor:
-    """tok (B, 1); position (B, 1) RoPE position; mask (B, 1, 1, S); slot (1,) cache slot -> logits (B, V)."""
-    embeds = model.decoder.embed_tokens(tok)
-    logits, _ = model.decoder(embeds, position, mask, slot, conds)
+def decode_one_token(model: LaVi, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor, vis_mask: Tensor,
+                     kv: list[Tensor]) -> Tensor:
+    """One decode step for B rows, tensors in and tensors out, so that it compiles whole (CUDA graphs):
+    tok (B, 1) last token; pos (B, 1) its RoPE position; slot_valid (B, S) real cache slots, the new one
+    included; slot (1,) its cache slot; vis_mask (B, Nv) and kv [K_0, U_0, K_1, U_1, ...] the per-row
+    visual state (ViLN; empty for concat, whose visual tokens are in the cache) -> logits (B, V)."""
+    conds = None
+    if model.viln is not None:
+        conds = model.viln.conds(Visual(mask=vis_mask, kv=[(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]))
+    mask = attention_mask(slot_valid, slot, torch.ones_like(tok, dtype=torch.bool))  # (B, 1, 1, S)
+    logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, mask, slot, conds)
     return logits[:, -1]
 
 
-@torch.no_grad()
+class Generator:
+    """Batched generation over the model's static KV cache (`setup_caches`), gpt-fast style.
+
+    Every per-batch tensor the decode step reads (slot validity, visual mask and K/U) lives in a buffer
+    at a fixed address; the step takes and returns tensors only; EOS is tracked on the device, and the
+    host looks at it once every `check_every` steps (to stop when every row is done), not every step.
+    compile=True wraps the step in torch.compile(fullgraph=True): CUDA graphs ("reduce-overhead") on CUDA
+    with the inductor backend; backend="eager" checks on CPU that the step traces whole.
+    """
+
+    def __init__(self, model: LaVi, compile: bool = False, backend: str = "inductor", check_every: int = 8) -> None:
+        self.model = model
+        self.cuda = model.device.type == "cuda"
+        self.compiled = compile
+        self.check_every = check_every
+        self.step = decode_one_token
+        if compile:
+            for name in ("cache_size_limit", "recompile_limit"):  # one graph per batch shape
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+            mode = "reduce-overhead" if backend == "inductor" and self.cuda else None
+            self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False, backend=backend)
+        self._static: dict[tuple, list[Tensor]] = {}
+
+    def _buffers(self, like: list[Tensor]) -> list[Tensor]:
+        """Fixed-address copies of per-batch tensors (CUDA graphs replay reads from fixed addresses)."""
+        key = tuple((tuple(t.shape), t.dtype) for t in like)
+        bufs = self._static.get(key)
+        if bufs is None:
+            bufs = [torch.empty_like(t) for t in like]
+            if self.compiled:
+                for t in bufs:
+                    torch._dynamo.mark_static_address(t)
+            self._static = {key: bufs}  # one shape at a time: the previous buffers are freed
+        for buf, t in zip(bufs, like):
+            buf.copy_(t)
+        return bufs
+
+    @torch.no_grad()
+    def __call__(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig, eos_id: int,
+                 pad_id: int = 0, on_first_token: Callable[[], None] | None = None) -> list[Generated]:
+        """Generate for B text rows; row i is conditioned on item `rows[i]` of `vis` (N items, N <= B), so one
+        item's visual state serves all of its prompts. `on_first_token` is called once the first token of
+        every row exists (benchmarks time it)."""
+        model, device = self.model, self.model.device
+        b = len(prompts)
+        ids, valid = left_pad(prompts, pad_id, device)
+        vis = vis.select(rows.to(device))
+        embeds, kvalid, conds = model.inputs(vis, ids, valid)
+        t0 = embeds.shape[1]
+        max_batch, max_seq = getattr(model, "cache_shape", (0, 0))
+        if b > max_batch or t0 + gen.max_new_tokens > max_seq:
+            raise ValueError(f"batch {b} x {t0 + gen.max_new_tokens} slots does not fit the cache "
+                             f"({max_batch} x {max_seq}): call setup_caches with larger sizes")
+        slot_valid = torch.zeros(b, max_seq, dtype=torch.bool, device=device)
+        slot_valid[:, :t0] = kvalid
+        kv = [t for pair in vis.kv for t in pair] if vis.kv else []
+        slot_valid, vis_mask, *kv = self._buffers([slot_valid, vis.mask, *kv])
+        slots = torch.arange(t0, device=device)
+        positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, T0): pads do not advance RoPE
+        pos = kvalid.long().sum(1, keepdim=True)  # (B, 1): the next token's position
+        generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
+
+        logits = prefill(model, embeds, positions, attention_mask(slot_valid, slots, kvalid), slots, conds)
+        out = torch.full((b, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        slot = torch.empty(1, dtype=torch.long, device=device)
+        for i in range(gen.max_new_tokens):
+            if i:
+                slot.fill_(t0 + i - 1)
+                slot_valid[:, t0 + i - 1] = True
+                if self.compiled and self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self.step(model, tok[:, None], pos, slot_valid, slot, vis_mask, kv)
+                pos = pos + 1
+            tok = sample(logits, gen.temperature, gen.top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out[:, i] = tok
+            done |= tok == eos_id
+            if i == 0 and on_first_token is not None:
+                on_first_token()
+            if (i + 1) % self.check_every == 0 and bool(done.all()):  # one host sync every check_every steps
+                break
+
+        results = []
+        for row in out.tolist():
+            finished = eos_id in row
+            results.append(Generated(tokens=row[: row.index(eos_id)] if finished else row, finished=finished))
+        return results
+
+
 def generate(model: LaVi, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
              eos_id: int, pad_id: int = 0) -> list[Generated]:
-    """Generate for B text rows; row i is conditioned on item `rows[i]` of `vis` (N items, N <= B),
-    so one item's visual state serves all of its prompts."""
-    device = model.device
-    b = len(prompts)
-    ids, valid = left_pad(prompts, pad_id, device)
-    embeds, kvalid, conds = model.inputs(vis.select(rows.to(device)), ids, valid)
-    t0 = embeds.shape[1]
-    need = t0 + gen.max_new_tokens
-    max_batch, max_seq = getattr(model, "cache_shape", (0, 0))
-    if b > max_batch or need > max_seq:
-        raise ValueError(f"batch {b} x {need} slots does not fit the cache ({max_batch} x {max_seq}): "
-                         "call setup_caches with larger sizes")
-    slot_valid = torch.zeros(b, max_seq, dtype=torch.bool, device=device)
-    slot_valid[:, :t0] = kvalid
-    slots = torch.arange(t0, device=device)
-    positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, T0)
-    next_pos = kvalid.long().sum(1, keepdim=True)  # (B, 1)
-    generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
-
-    logits = prefill(model, embeds, positions, attention_mask(slot_valid, slots, kvalid), slots, conds)
-    out = torch.full((b, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    ones = torch.ones(b, 1, dtype=torch.bool, device=device)
-    step_slots = torch.arange(t0, t0 + gen.max_new_tokens, device=device)  # allocated once, sliced per step
-    for i in range(gen.max_new_tokens):
-        tok = sample(logits, gen.temperature, gen.top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        out[:, i] = tok
-        done |= tok == eos_id
-        if bool(done.all()) or i == gen.max_new_tokens - 1:
-            break
-        slot = step_slots[i:i + 1]
-        slot_valid[:, t0 + i] = True
-        logits = decode_one_token(model, tok[:, None], next_pos, attention_mask(slot_valid, slot, ones), slot, conds)
-        next_pos = next_pos + 1
-
-    results = []
-    for row in out.tolist():
-        finished = eos_id in row
-        results.append(Generated(tokens=row[: row.index(eos_id)] if finished else row, finished=finished))
-    return results
+    """Eager generation with a throwaway `Generator` (see there)."""
+    return Generator(model)(vis, rows, prompts, gen, eos_id, pad_id)

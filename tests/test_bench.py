@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from bench import flops as F
-from bench.compiled import FastGenerator, trim
+from bench.compiled import TimedGenerator
 from bench.configs import Setting, model_config, random_model, settings
 from bench.report import write_section
 from jobs.bench import bench
-from lavi.generate import GenerationConfig, generate, left_pad, setup_caches
+from lavi.generate import GenerationConfig, Generator, generate, setup_caches
 from lavi.model import LaVi
 from lavi.tiny import tiny_config
 
@@ -42,11 +42,10 @@ def engine_tokens(model: LaVi, pixels, rows, prompts, new_tokens: int, eos_id: i
     return [g.tokens for g in out]
 
 
-def fast_tokens(gen: FastGenerator, pixels, rows, prompts, new_tokens: int, eos_id: int) -> list[list[int]]:
-    ids, valid = left_pad(prompts, 0, gen.model.device)
-    out, timing = gen.generate(pixels, None, rows, ids, valid, new_tokens, eos_id)
+def timed_tokens(gen: TimedGenerator, pixels, rows, prompts, new_tokens: int, eos_id: int) -> list[list[int]]:
+    out, timing = gen.generate(pixels, None, rows, prompts, new_tokens, eos_id)
     assert 0 < timing.encode_s <= timing.ttft_s <= timing.total_s
-    return trim(out, eos_id)
+    return [g.tokens for g in out]
 
 
 @pytest.mark.parametrize("fusion", ["viln", "concat"])
@@ -79,32 +78,43 @@ def test_counted_flops_at_7b_shapes_on_meta(fusion):
 
 
 @pytest.mark.parametrize("fusion", ["viln", "concat"])
-def test_fast_generator_equals_engine(fusion):
-    """Guards against the benchmark's fast path (last-position prefill, sync-free step, EOS handled on the
-    device) measuring something other than the engine: greedy tokens must equal lavi.generate's,
-    with left-padded prompts and with a row stopping at EOS."""
+def test_timed_generator_measures_the_engine_loop(fusion):
+    """Guards against the benchmark measuring something other than what `lavi-label run` runs: the timed
+    path gives the engine's greedy tokens, with left-padded prompts and with a row stopping at EOS."""
     model = chaotic_model(fusion)
     pixels, rows = torch.randn(3, 2, 3, 32, 32), torch.tensor([0, 1, 2])
-    gen = FastGenerator(model, 4, 256)
+    gen = TimedGenerator(model, 4, 256)
     ref = engine_tokens(model, pixels, rows, PROMPTS, 10, NEVER)
     assert len({t for r in ref for t in r}) > 3, "degenerate model: the test would prove nothing"
-    assert fast_tokens(gen, pixels, rows, PROMPTS, 10, NEVER) == ref
+    assert timed_tokens(gen, pixels, rows, PROMPTS, 10, NEVER) == ref
     eos = ref[0][4]  # a token that does occur: row 0 (at least) stops early
     ref_eos = engine_tokens(model, pixels, rows, PROMPTS, 10, eos)
     assert len(ref_eos[0]) < 10
-    assert fast_tokens(gen, pixels, rows, PROMPTS, 10, eos) == ref_eos
+    assert timed_tokens(gen, pixels, rows, PROMPTS, 10, eos) == ref_eos
 
 
-@pytest.mark.parametrize("fusion", ["viln", "concat"])
-def test_fast_generator_batched_equals_single(fusion):
-    """Guards against batch-size effects (padding masks, cache rows, per-row visual state) changing what a
-    row generates: the batch result equals each row generated alone."""
-    model = chaotic_model(fusion, seed=1)
-    pixels, rows = torch.randn(3, 2, 3, 32, 32), torch.tensor([0, 1, 2])
-    gen = FastGenerator(model, 3, 128)
-    batched = fast_tokens(gen, pixels, rows, PROMPTS, 8, NEVER)
-    alone = [fast_tokens(gen, pixels[i:i + 1], torch.tensor([0]), [p], 8, NEVER)[0] for i, p in enumerate(PROMPTS)]
-    assert batched == alone
+def test_host_looks_at_eos_every_k_steps_and_stops_when_all_rows_are_done():
+    """Guards against the decode loop syncing with the host every step (a stall per token on a GPU) and
+    against it running on once every row has stopped: the EOS is looked at every check_every tokens, the
+    loop stops at the first look after the last row's EOS, and the tokens do not depend on check_every."""
+    model = chaotic_model("viln", seed=4)
+    pixels, rows, prompt = torch.randn(1, 2, 3, 32, 32), torch.tensor([0]), PROMPTS[:1]
+    setup_caches(model, 1, 64)
+    vis = model.encode(pixels)
+    free = Generator(model)(vis, rows, prompt, GenerationConfig(max_new_tokens=12), NEVER)[0].tokens
+    eos = free[2]
+    j = free.index(eos)  # the EOS is token j (j <= 2)
+
+    def run(k: int, eos_id: int) -> tuple[list[int], int]:
+        gen, calls = Generator(model, check_every=k), []
+        step = gen.step
+        gen.step = lambda *a: calls.append(1) or step(*a)
+        out = gen(vis, rows, prompt, GenerationConfig(max_new_tokens=12), eos_id)
+        return out[0].tokens, len(calls)
+
+    assert run(1, eos) == (free[:j], j)  # looked at every token: stops right after the EOS
+    assert run(4, eos) == (free[:j], 3)  # looked at after token 4 (3 decode steps after the prefill)
+    assert run(4, NEVER) == (free, 11)  # no EOS: every step runs
 
 
 @pytest.mark.parametrize("fusion", ["viln", "concat"])
@@ -114,9 +124,9 @@ def test_decode_step_compiles_whole_and_equals_eager(fusion):
     'eager' backend checks the trace without spending minutes in the CPU code generator."""
     model = chaotic_model(fusion, seed=2)
     pixels, rows = torch.randn(2, 2, 3, 32, 32), torch.tensor([0, 1])
-    eager = fast_tokens(FastGenerator(model, 2, 64), pixels, rows, PROMPTS[:2], 6, NEVER)
-    compiled = fast_tokens(FastGenerator(model, 2, 64, compile=True, backend="eager"), pixels, rows, PROMPTS[:2], 6,
-                           NEVER)
+    eager = timed_tokens(TimedGenerator(model, 2, 64), pixels, rows, PROMPTS[:2], 6, NEVER)
+    compiled = timed_tokens(TimedGenerator(model, 2, 64, compile=True, backend="eager"), pixels, rows, PROMPTS[:2],
+                            6, NEVER)
     assert compiled == eager
 
 
@@ -125,8 +135,8 @@ def test_decode_step_inductor_equals_eager():
     """Guards against the inductor-compiled step (what runs on the GPU) computing different tokens."""
     model = chaotic_model("viln", seed=3)
     pixels, rows = torch.randn(2, 2, 3, 32, 32), torch.tensor([0, 1])
-    eager = fast_tokens(FastGenerator(model, 2, 64), pixels, rows, PROMPTS[:2], 6, NEVER)
-    compiled = fast_tokens(FastGenerator(model, 2, 64, compile=True), pixels, rows, PROMPTS[:2], 6, NEVER)
+    eager = timed_tokens(TimedGenerator(model, 2, 64), pixels, rows, PROMPTS[:2], 6, NEVER)
+    compiled = timed_tokens(TimedGenerator(model, 2, 64, compile=True), pixels, rows, PROMPTS[:2], 6, NEVER)
     assert compiled == eager
 
 
