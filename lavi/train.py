@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class Example:
     frames: np.ndarray  # uint8 (F, S, S, 3)
     pairs: tuple[tuple[str, str], ...]  # (prompt, target) pairs asked of these frames
+    grid: np.ndarray | None = None  # int (F, G*G, A): per-frame, per-cell attribute classes; -100 = unknown
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class TrainConfig:
     freeze_backbones: bool = False
     checkpoint_every: int = 500
     log_every: int = 50
+    grid_weight: float = 0.0  # weight of the auxiliary grid probe loss on the ViT (0: off)
+    grid_classes: tuple[int, ...] = ()  # classes per attribute of Example.grid
+    grid_side: int = 3
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0:
@@ -59,6 +63,7 @@ class Batch:
     ids: Tensor  # (B, T) right-padded prompt + target + EOS
     valid: Tensor  # (B, T)
     labels: Tensor  # (B, T) next-token targets, -100 where not scored
+    grid: Tensor | None = None  # (N, F, G*G, A) probe targets, -100 where unknown or padded
 
 
 def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
@@ -79,7 +84,37 @@ def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
         ids[i, :n] = torch.tensor(p + y)
         valid[i, :n] = True
         labels[i, len(p) - 1:n - 1] = torch.tensor(y)  # logits at t predict token t + 1
-    return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels)
+    grid = None
+    if any(e.grid is not None for e in examples):
+        g = next(e.grid for e in examples if e.grid is not None)
+        grid = torch.full((len(examples), pixels.shape[1], *g.shape[1:]), -100, dtype=torch.long)
+        for i, e in enumerate(examples):
+            if e.grid is not None:
+                grid[i, :len(e.grid)] = torch.from_numpy(e.grid)
+    return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels, grid)
+
+
+class GridProbe(torch.nn.Module):
+    """An auxiliary training head on the ViT's last block: pool the patch grid onto a G x G grid of cells
+    and classify each cell's attributes. Dense supervision teaches a tower trained from scratch where
+    things are far sooner than the caption loss alone, which reaches it only through the fusion. It is
+    not part of the model: inference never runs it and checkpoints do not hold it."""
+
+    def __init__(self, d: int, classes: tuple[int, ...], side: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.classes, self.side = tuple(classes), side
+        self.norm = torch.nn.LayerNorm(d, eps=eps)
+        self.head = torch.nn.Linear(d, sum(classes))
+
+    def loss(self, feats: Tensor, target: Tensor) -> Tensor:
+        """feats (N*F, P, d) block output; target (N*F, G*G, A) classes, -100 ignored."""
+        nf, p, d = feats.shape
+        h = int(round(p ** 0.5))
+        grid = self.norm(feats).transpose(1, 2).reshape(nf, d, h, h)
+        cells = torch.nn.functional.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)  # (NF, G*G, d)
+        logits = self.head(cells).split(self.classes, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1).float(), target[..., a].flatten())
+                   for a, lg in enumerate(logits)) / len(logits)
 
 
 def lm_loss(model: LaVi, b: Batch) -> Tensor:
@@ -90,15 +125,17 @@ def lm_loss(model: LaVi, b: Batch) -> Tensor:
 
 
 def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
-    """GPT-style init for backbones trained from scratch: N(0, std) weights, zero biases. ViLN's output
-    heads stay at zero, so the model still starts as its (untrained) base LLM."""
-    for name, m in model.named_modules():
-        if name.startswith("viln.heads") and name.endswith("o_proj"):
-            continue  # zero-initialised: the identity at the start
+    """GPT-style init for backbones trained from scratch: N(0, std) weights, zero biases; the ViT's position
+    embeddings at N(0, 1/sqrt(d)) so that where a patch is is not drowned by what it shows. The fusion
+    keeps its own init, as on real backbones (fan-in scaled, so the conditioner's attention is not flat
+    from the start; ViLN's output heads at zero, so the model still starts as its base LLM)."""
+    for m in [*model.decoder.modules(), *model.vision.modules()]:
         if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
             torch.nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:
                 torch.nn.init.zeros_(m.bias)
+    pos = model.vision.embeddings.position_embedding.weight
+    torch.nn.init.normal_(pos, std=pos.shape[1] ** -0.5)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -109,27 +146,35 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _optimizer(model: LaVi, cfg: TrainConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(model: LaVi, cfg: TrainConfig, probe: GridProbe | None = None) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad] + (list(probe.parameters()) if probe else [])
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
 
-def save_state(out: Path, model: LaVi, opt: torch.optim.AdamW, step: int, cfg: TrainConfig, tok_dir: Path) -> None:
-    """Write the model (a loadable LaVi directory) and the optimizer state, then the step marker last."""
+def save_state(out: Path, model: LaVi, opt: torch.optim.AdamW, step: int, cfg: TrainConfig, tok_dir: Path,
+               probe: GridProbe | None = None) -> None:
+    """Write the model (a loadable LaVi directory) and the optimizer state (and the training-only probe's
+    weights), then the step marker last."""
     checkpoint.save(model, out, tokenizer_dir=tok_dir)
     state = opt.state_dict()
     tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    if probe is not None:
+        tensors.update({f"probe.{k}": v for k, v in probe.state_dict().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "train_state.safetensors"))
     (out / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
 
 
-def load_state(out: Path, opt: torch.optim.AdamW) -> int:
-    """Restore optimizer moments into `opt` (built for the same model); returns the step to resume at."""
+def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None) -> int:
+    """Restore optimizer moments into `opt` (built for the same model) and the probe's weights; returns the
+    step to resume at."""
     meta = json.loads((out / "train_state.json").read_text())
     flat = load_file(str(out / "train_state.safetensors"))
+    if probe is not None:
+        probe.load_state_dict({k[len("probe."):]: v for k, v in flat.items() if k.startswith("probe.")})
+        flat = {k: v for k, v in flat.items() if not k.startswith("probe.")}
     state = opt.state_dict()
     for pid in range(sum(len(g["params"]) for g in state["param_groups"])):
         keys = {k.split(".", 1)[1]: v for k, v in flat.items() if k.split(".", 1)[0] == str(pid)}
@@ -148,17 +193,27 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         model.freeze_backbones()
     model.train()
     tok = Tokenizer(tok_dir)
-    opt = _optimizer(model, cfg)
+    probe, feats = None, {}
+    if cfg.grid_weight > 0:
+        vc = model.config.vision
+        probe = GridProbe(vc.hidden_size, cfg.grid_classes, cfg.grid_side, vc.layer_norm_eps).to(model.device)
+        deepest = max(model.config.vision_taps()) if model.viln is not None else -1  # viln stops at its last tap
+        hook = model.vision.encoder.layers[deepest].register_forward_hook(lambda _m, _i, o: feats.__setitem__("x", o))
+    opt = _optimizer(model, cfg, probe)
     start = 0
     if resume and (out / "train_state.json").exists():
-        start = load_state(out, opt)
+        start = load_state(out, opt, probe)
         log.info("resuming from step %d in %s", start, out)
     t0, seen, last = time.time(), 0, {}
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = collate(data(step), model, tok)
-        loss = lm_loss(model, batch)
+        loss = lm = lm_loss(model, batch)
+        aux = None
+        if probe is not None and batch.grid is not None:
+            aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(model.device))
+            loss = lm + cfg.grid_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -166,13 +221,17 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         seen += len(batch.ids)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             dt = time.time() - t0
-            last = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, cfg),
+            last = {"step": step + 1, "loss": float(lm.detach()), "lr": lr_at(step, cfg),
                     "rows_per_s": seen / dt, "elapsed_s": dt}
+            if aux is not None:
+                last["grid_loss"] = float(aux.detach())
             if on_log:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             model.eval()
-            save_state(out, model, opt, step + 1, cfg, tok_dir)
+            save_state(out, model, opt, step + 1, cfg, tok_dir, probe)
             model.train()
+    if probe is not None:
+        hook.remove()
     model.eval()
     return last

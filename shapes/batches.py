@@ -25,6 +25,7 @@ class ShapesData:
     questions: int = 3  # VQA pairs per item beside its caption
     frames: tuple[int, ...] = (4,)  # frames per video clip, drawn per example
     augment: bool = True
+    grid: bool = False  # per-frame cell labels (Example.grid) for the training-only grid probe
 
     def __call__(self, step: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, step])
@@ -39,14 +40,16 @@ class ShapesData:
     def _image(self, rng: np.random.Generator) -> Example:
         item = render.sample_image(rng)
         frame = self._augment(item.pixels, rng)[None]
-        return Example(frame, self._pairs(rng, spec.IMAGE_PROMPT, item.caption, item.qa))
+        grid = grid_labels(item.placed, [0]) if self.grid else None
+        return Example(frame, self._pairs(rng, spec.IMAGE_PROMPT, item.caption, item.qa), grid)
 
     def _video(self, rng: np.random.Generator) -> Example:
         item = render.sample_video(rng)
         f = int(rng.choice(self.frames))
         idx = sample_indices(len(item.frames), f)
         frames = np.stack([self._augment(item.frames[i], rng) for i in idx])
-        return Example(frames, self._pairs(rng, spec.VIDEO_PROMPT, item.caption, item.qa))
+        grid = grid_labels(item.placed, idx) if self.grid else None
+        return Example(frames, self._pairs(rng, spec.VIDEO_PROMPT, item.caption, item.qa), grid)
 
     def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not self.augment:
@@ -59,6 +62,24 @@ class ShapesData:
             im.save(buf, format="JPEG", quality=int(rng.integers(80, 97)))
             im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
         return np.asarray(im)
+
+
+GRID_CLASSES = (1 + len(spec.COLOURS), 1 + len(spec.SHAPES), 1 + len(spec.SIZES))  # class 0: empty cell
+
+
+def grid_labels(placed, frame_indices: list[int]) -> np.ndarray:
+    """(F, 9, 3) per-frame cell labels: (colour, shape, size) class of the object whose centre is in the
+    cell that frame, 0 for an empty cell, -100 (ignored) where two centres share a cell."""
+    out = np.zeros((len(frame_indices), 9, 3), dtype=np.int64)
+    colours, shapes, sizes = list(spec.COLOURS), list(spec.SHAPES), list(spec.SIZES)
+    for j, f in enumerate(frame_indices):
+        taken: set[int] = set()
+        for p in placed:
+            cell = render.cell_of(*p.centres[min(f, len(p.centres) - 1)])
+            label = (1 + colours.index(p.colour), 1 + shapes.index(p.shape), 1 + sizes.index(p.size))
+            out[j, cell] = -100 if cell in taken else label
+            taken.add(cell)
+    return out
 
 
 def sample_indices(num_frames: int, f: int) -> list[int]:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -14,20 +15,25 @@ from lavi import checkpoint
 from lavi.model import LaVi
 from lavi.tiny import save_word_tokenizer, tiny_config
 from lavi.train import Example, TrainConfig, init_from_scratch, train
-from shapes.batches import ShapesData
+from shapes import render, spec
+from shapes.batches import GRID_CLASSES, ShapesData, grid_labels
 from shapes.corpus import encode_image
-from shapes.render import sample_image
+from shapes.render import sample_image, sample_video
 from shapes.spec import vocabulary
 
 
-def _small_shapes(step: int) -> list[Example]:
-    """shapes-v1 examples shrunk to the tiny test model's 32 px input."""
+def _small_shapes(step: int, grid: bool = False) -> list[Example]:
+    """shapes-v1 examples shrunk to the tiny test model's 32 px input (the cell labels stay true)."""
     from PIL import Image
     out = []
-    for e in ShapesData(seed=0, images=6, videos=2, questions=1, augment=False)(step):
+    for e in ShapesData(seed=0, images=6, videos=2, questions=1, augment=False, grid=grid)(step):
         frames = np.stack([np.asarray(Image.fromarray(f).resize((32, 32), Image.BILINEAR)) for f in e.frames])
-        out.append(Example(frames, e.pairs))
+        out.append(Example(frames, e.pairs, e.grid))
     return out
+
+
+def _with_grid(step: int) -> list[Example]:
+    return _small_shapes(step, grid=True)
 
 
 def test_short_training_lowers_loss_and_round_trips(tmp_path):
@@ -47,9 +53,51 @@ def test_short_training_lowers_loss_and_round_trips(tmp_path):
     assert json.loads((tmp_path / "ck" / "train_state.json").read_text())["step"] == 40
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path):
-    """Guards against a resume that restarts from step 0 or drops the optimizer state: 10 steps + 10
-    resumed steps must equal 20 steps in one go."""
+def test_grid_probe_learns_the_cells_and_stays_out_of_the_checkpoint(tmp_path):
+    """Guards against the training-only grid probe not training the ViT (loss flat: wrong targets or a hook
+    on a layer that never runs) and against its head leaking into the model's checkpoint."""
+    tok = save_word_tokenizer(vocabulary(), tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LaVi(tiny_config(tok.get_vocab_size()))
+    init_from_scratch(model)
+    logs: list[dict] = []
+    cfg = TrainConfig(steps=40, lr=3e-3, warmup=5, log_every=1, checkpoint_every=40, grid_weight=1.0,
+                      grid_classes=GRID_CLASSES)
+    train(model, tmp_path / "tok", _with_grid, cfg, tmp_path / "ck", on_log=logs.append)
+    assert logs[-1]["grid_loss"] < 0.7 * logs[0]["grid_loss"], logs
+    assert set(checkpoint.load(tmp_path / "ck").state_dict()) == set(model.state_dict())
+    assert not model.vision.encoder.layers[-1]._forward_hooks  # the hook is gone after training
+
+
+def test_grid_labels_follow_the_objects():
+    """Guards against cell labels that disagree with the truth (wrong cell, wrong class index, a frame's
+    labels taken from the first frame): every object is in its cell, every other cell is empty."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        item = sample_image(rng)
+        g = grid_labels(item.placed, [0])[0]
+        want = {cell: (1 + list(spec.COLOURS).index(c), 1 + spec.SHAPES.index(s), 1 + list(spec.SIZES).index(z))
+                for c, s, z, cell in item.objects}
+        assert {i: tuple(g[i]) for i in range(9) if g[i, 0] != 0} == want
+    rng = np.random.default_rng(6)
+    for _ in range(50):  # a video whose moving object changes cell, alone in both cells
+        video = sample_video(rng)
+        for p in video.placed:
+            cells = [render.cell_of(*p.centres[f]) for f in (0, 15)]
+            others = {render.cell_of(*q.centres[f]) for q in video.placed if q is not p for f in (0, 15)}
+            if cells[0] != cells[1] and not set(cells) & others:
+                g = grid_labels(video.placed, [0, 15])
+                colour = 1 + list(spec.COLOURS).index(p.colour)
+                assert g[0, cells[0], 0] == colour and g[1, cells[1], 0] == colour
+                assert g[0, cells[1], 0] == 0 and g[1, cells[0], 0] == 0
+                return
+    raise AssertionError("no moving object changed cell in 50 videos")
+
+
+@pytest.mark.parametrize("grid", [0.0, 1.0])
+def test_resume_continues_from_the_checkpoint(tmp_path, grid):
+    """Guards against a resume that restarts from step 0 or drops the optimizer state (or the grid probe's
+    weights): 3 steps + 3 resumed steps must equal 6 steps in one go."""
     tok_dir = tmp_path / "tok"
     save_word_tokenizer(vocabulary(), tok_dir)
 
@@ -59,13 +107,15 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
         init_from_scratch(m)
         return m
 
-    cfg = TrainConfig(steps=6, lr=2e-3, warmup=2, checkpoint_every=3, log_every=3)
+    cfg = TrainConfig(steps=6, lr=2e-3, warmup=2, checkpoint_every=3, log_every=3, grid_weight=grid,
+                      grid_classes=GRID_CLASSES)
+    data = _with_grid if grid else _small_shapes
     whole = fresh()
-    train(whole, tok_dir, _small_shapes, cfg, tmp_path / "whole")
+    train(whole, tok_dir, data, cfg, tmp_path / "whole")
     half = fresh()
-    train(half, tok_dir, _small_shapes, TrainConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "split")
+    train(half, tok_dir, data, TrainConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "split")
     resumed = checkpoint.load(tmp_path / "split").train()
-    train(resumed, tok_dir, _small_shapes, cfg, tmp_path / "split", resume=True)
+    train(resumed, tok_dir, data, cfg, tmp_path / "split", resume=True)
     a, b = whole.state_dict(), resumed.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
