@@ -15,6 +15,7 @@ from PIL import Image, ImageFilter
 
 from lavi.train import Example
 from shapes import render, spec
+from workers.video import frame_for, sample_times
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ def grid_labels(placed, frame_indices: list[int]) -> np.ndarray:
     return out
 
 
-def sample_indices(num_frames: int, f: int) -> list[int]:
-    """Uniform sampling: the centre of each of f equal segments (as the pipeline's decoder does)."""
-    return [min(num_frames - 1, int((j + 0.5) * num_frames / f)) for j in range(f)]
+def sample_indices(num_frames: int, f: int, fps: float = spec.FPS) -> list[int]:
+    """The frames the pipeline's video decoder shows the model for one clip of `num_frames` (its rule, not a copy)."""
+    starts = np.arange(num_frames) / fps
+    return frame_for(starts, sample_times(0.0, num_frames / fps, f)).tolist()
