@@ -49,6 +49,9 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--frames", type=int, default=4, show_default=True, help="Frames per video clip.")
 @click.option("--grid-probe", type=float, default=0.0, show_default=True,
               help="shapes: weight of a training-only probe that classifies each grid cell from the ViT (0: off).")
+@click.option("--loss-per", type=click.Choice(["token", "row"]), default="token", show_default=True,
+              help="token: mean over all target tokens. row: mean per row, then over rows (answers weigh as "
+                   "much as captions).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=250, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
@@ -56,8 +59,8 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
-              frames: int, grid_probe: float, seed: int, checkpoint_every: int, device: str, threads: int,
-              no_resume: bool) -> None:
+              frames: int, grid_probe: float, loss_per: str, seed: int, checkpoint_every: int, device: str,
+              threads: int, no_resume: bool) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     import torch
 
@@ -84,7 +87,7 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
         source = ParquetData(data, image_size=size, frames=frames, batch_items=batch_items, seed=seed)
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
                       checkpoint_every=checkpoint_every, grid_weight=grid_probe if data == "shapes" else 0.0,
-                      grid_classes=GRID_CLASSES)
+                      grid_classes=GRID_CLASSES, row_mean=loss_per == "row")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
     click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
                f"on {data} for {steps} steps on {device} -> {out}")

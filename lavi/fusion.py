@@ -2,7 +2,7 @@
 
 ViLN, per DESIGN.md:
     x_t        = RMSNorm_unscaled(h_t)
-    V_g        = proj_g(LN(ViT tap g)) + temporal embedding            (N, Nv, d_c)
+    V_g        = proj_g(LN(ViT tap g)) + spatial + temporal embedding  (N, Nv, d_c)
     K, U       = W_k^g V_g, W_v^g V_g                                   once per item per stage
     q_t        = W_q^{l,s} x_t                                          d -> d_c
     c_t        = MultiHeadAttn(q_t, K, U)                               text -> vision, no causal mask
@@ -76,7 +76,13 @@ class ViLN(nn.Module):
         d, d_c = c.decoder.hidden_size, c.cond_dim
         self.stages = nn.ModuleList(
             StageKV(c.vision.hidden_size, d_c, c.vision.layer_norm_eps) for _ in range(c.num_stages))
-        self.temporal = nn.Parameter(torch.randn(c.max_frames, d_c) * 0.02)
+        # Where a visual token is (patch index) and when (frame), added after the stage's norm and projection,
+        # on an equal footing with what it shows (a projected unit-variance feature has std ~0.5 at init).
+        # A ViT's own position embedding can be drowned by its patch features (seen training from scratch:
+        # 0.4% of the variance), and unlike concat, whose visual tokens get RoPE positions in the decoder,
+        # the conditioner's keys and values have no other source of place and time.
+        self.spatial = nn.Parameter(torch.randn(c.vision.num_patches, d_c) * 0.5)
+        self.temporal = nn.Parameter(torch.randn(c.max_frames, d_c) * 0.5)
         self.heads = nn.ModuleDict(
             {f"{l}_{s}": SiteHead(d, d_c) for l in c.modulated_layers() for s in c.site_names()})
 
@@ -84,7 +90,7 @@ class ViLN(nn.Module):
         h = self.c.cond_heads
         kv = []
         for stage, feats in zip(self.stages, taps):
-            v = frames_to_tokens(stage.proj(stage.norm(feats)), n, f, self.temporal)  # (N, Nv, d_c)
+            v = frames_to_tokens(stage.proj(stage.norm(feats)) + self.spatial, n, f, self.temporal)  # (N, Nv, d_c)
             k, u = stage.k_proj(v), stage.v_proj(v)
             kv.append(tuple(t.view(n, t.shape[1], h, -1).transpose(1, 2) for t in (k, u)))  # (N, Hc, Nv, Dh)
         return Visual(mask=mask, kv=kv)

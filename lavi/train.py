@@ -49,6 +49,8 @@ class TrainConfig:
     grid_weight: float = 0.0  # weight of the auxiliary grid probe loss on the ViT (0: off)
     grid_classes: tuple[int, ...] = ()  # classes per attribute of Example.grid
     grid_side: int = 3
+    row_mean: bool = False  # loss: mean over each row's target tokens, then over rows (short answers weigh as
+    # much as long captions); False: mean over all target tokens
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0:
@@ -117,11 +119,32 @@ class GridProbe(torch.nn.Module):
                    for a, lg in enumerate(logits)) / len(logits)
 
 
-def lm_loss(model: LaVi, b: Batch) -> Tensor:
+def length_groups(lengths: Tensor) -> list[Tensor]:
+    """Split rows into at most two groups by length, at the cut that pads the fewest positions: short VQA
+    answers and long captions in one batch need not all be padded to the longest caption."""
+    order = lengths.argsort()
+    srt = lengths[order].tolist()
+    n = len(srt)
+    cost = [k * srt[k - 1] + (n - k) * srt[-1] for k in range(1, n)]
+    if not cost or min(cost) >= n * srt[-1] * 0.9:
+        return [order]
+    k = 1 + min(range(len(cost)), key=cost.__getitem__)
+    return [order[:k], order[k:]]
+
+
+def lm_loss(model: LaVi, b: Batch, row_mean: bool = False) -> Tensor:
+    """Next-token loss on the targets: mean over all target tokens, or (row_mean) over each row's target
+    tokens, then over rows. The visual state is computed once; rows run in length groups (same result)."""
     dev = model.device
     vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
-    logits = model.forward_shared(b.ids.to(dev), b.valid.to(dev), vis, b.rows.to(dev))  # (B, T, V)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b.labels.to(dev).flatten())
+    total = torch.zeros((), device=dev)
+    for g in length_groups(b.valid.sum(1)):
+        t = int(b.valid[g].sum(1).max())
+        ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
+        logits = model.forward_shared(ids, valid, vis, b.rows[g].to(dev))  # (B_g, t, V)
+        tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B_g, t)
+        total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
+    return total / (len(b.ids) if row_mean else (b.labels != -100).sum().clamp(min=1).to(dev))
 
 
 def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
@@ -209,7 +232,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = collate(data(step), model, tok)
-        loss = lm = lm_loss(model, batch)
+        loss = lm = lm_loss(model, batch, cfg.row_mean)
         aux = None
         if probe is not None and batch.grid is not None:
             aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(model.device))

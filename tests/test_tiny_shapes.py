@@ -7,8 +7,10 @@ import pytest
 
 from jobs.evaluate import HELD_OUT_SEED, evaluate, label_manifest
 from lavi.engine import DEFAULT_MODEL, Engine
+from pipeline.config import RunConfig
+from pipeline.graph import run
 from shapes.corpus import read_manifest, write_corpus
-from shapes.score import parse_caption
+from shapes.score import parse_caption, score_parquet
 
 TARGETS = {"image_caption_f1": 0.95, "video_caption_f1": 0.90, "image_vqa_acc": 0.95, "video_vqa_acc": 0.95}
 BELOW_TARGETS = pytest.mark.xfail(strict=True, reason="tiny-shapes is below its quality targets (MODEL_CARD.md)")
@@ -58,3 +60,31 @@ def test_bundled_model_quality_on_the_full_held_out_split(tmp_path):
     """The model card's split (300 images, 150 videos)."""
     r = evaluate(DEFAULT_MODEL, images=300, videos=150, seed=HELD_OUT_SEED, frames=None, workdir=str(tmp_path))
     _check(r["figures"])
+
+
+def _through_the_pipeline(tmp_path, images: int, videos: int, seed: int) -> dict:
+    """`lavi-label run` (Ray Data, the labeler actors, the Parquet sink) with the default model, captions and
+    the manifest's questions, scored from the Parquet it wrote."""
+    write_corpus(str(tmp_path / "corpus"), images, videos, seed)
+    manifest = str(tmp_path / "corpus" / "manifest.jsonl")
+    figures = {}
+    for task in ("caption", "vqa"):
+        summary = run(RunConfig(inputs=(manifest,), out=str(tmp_path / task), task=task))
+        assert summary["status"].get("error", 0) == 0, summary
+        figures.update({k: v for k, v in score_parquet(str(tmp_path / task), manifest).items() if k in TARGETS})
+    return figures
+
+
+@BELOW_TARGETS
+@pytest.mark.timeout(600)
+def test_bundled_model_quality_through_the_pipeline(ray_local, tmp_path):
+    """The targets on ~50 held-out items labeled by the whole pipeline (the default model, as a user gets it)."""
+    _check(_through_the_pipeline(tmp_path, 30, 20, HELD_OUT_SEED + 3))
+
+
+@pytest.mark.slow
+@BELOW_TARGETS
+@pytest.mark.timeout(1800)
+def test_bundled_model_quality_through_the_pipeline_at_scale(ray_local, tmp_path):
+    """The same on 300 images and 150 videos."""
+    _check(_through_the_pipeline(tmp_path, 300, 150, HELD_OUT_SEED + 4))

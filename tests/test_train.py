@@ -1,6 +1,7 @@
 """Training: a short CPU run learns, checkpoints round-trip, resume continues, Parquet data works."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,8 @@ from jobs.cli import main
 from lavi import checkpoint
 from lavi.model import LaVi
 from lavi.tiny import save_word_tokenizer, tiny_config
-from lavi.train import Example, TrainConfig, init_from_scratch, train
+from lavi.tokenizer import Tokenizer
+from lavi.train import Example, TrainConfig, collate, init_from_scratch, lm_loss, train
 from shapes import render, spec
 from shapes.batches import GRID_CLASSES, ShapesData, grid_labels
 from shapes.corpus import encode_image
@@ -140,3 +142,21 @@ def test_train_command_on_a_parquet_of_targets(tmp_path):
                                        "--steps", "2", "--batch-items", "4", "--warmup", "1", "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").exists() and "step 2/2" in result.output
+
+
+def test_row_mean_loss_weighs_each_row_equally(tmp_path):
+    """Guards against --loss-per row averaging over tokens after all (a long caption then outweighs a
+    one-word answer): the loss equals the mean over rows of each row's mean token loss."""
+    tok = save_word_tokenizer(vocabulary(), tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LaVi(tiny_config(tok.get_vocab_size()))
+    frames = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    example = Example(frames, (("describe the image.", "a small red circle at the top left."),
+                               ("how many objects are there?", "one")))
+    batch = collate([example], model, Tokenizer(tmp_path / "tok"))
+    per_row = [lm_loss(model, dataclasses.replace(batch, rows=batch.rows[i:i + 1], ids=batch.ids[i:i + 1],
+                                                  valid=batch.valid[i:i + 1], labels=batch.labels[i:i + 1]))
+               for i in range(2)]
+    torch.testing.assert_close(lm_loss(model, batch, row_mean=True), (per_row[0] + per_row[1]) / 2)
+    by_token = lm_loss(model, batch)
+    assert not torch.allclose(by_token, (per_row[0] + per_row[1]) / 2)  # the two weightings differ here
