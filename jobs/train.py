@@ -49,6 +49,9 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--frames", type=int, default=4, show_default=True, help="Frames per video clip.")
 @click.option("--grid-probe", type=float, default=0.0, show_default=True,
               help="shapes: weight of a training-only probe that classifies each grid cell from the ViT (0: off).")
+@click.option("--focus", type=float, default=0.0, show_default=True,
+              help="shapes: weight of a training-only loss that teaches one attention head per layer to look at "
+                   "the object a question names (0: off).")
 @click.option("--loss-per", type=click.Choice(["token", "row"]), default="token", show_default=True,
               help="token: mean over all target tokens. row: mean per row, then over rows (answers weigh as "
                    "much as captions).")
@@ -59,7 +62,7 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
-              frames: int, grid_probe: float, loss_per: str, seed: int, checkpoint_every: int, device: str,
+              frames: int, grid_probe: float, focus: float, loss_per: str, seed: int, checkpoint_every: int, device: str,
               threads: int, no_resume: bool) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     import torch
@@ -81,13 +84,14 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     if data == "shapes":
         from shapes.batches import ShapesData
         source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=(frames,),
-                            grid=grid_probe > 0)
+                            grid=grid_probe > 0, focus=focus > 0)
     else:
         from workers.train_data import ParquetData
         source = ParquetData(data, image_size=size, frames=frames, batch_items=batch_items, seed=seed)
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
                       checkpoint_every=checkpoint_every, grid_weight=grid_probe if data == "shapes" else 0.0,
-                      grid_classes=GRID_CLASSES, row_mean=loss_per == "row")
+                      grid_classes=GRID_CLASSES, row_mean=loss_per == "row",
+                      focus_weight=focus if data == "shapes" else 0.0)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
     click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
                f"on {data} for {steps} steps on {device} -> {out}")
@@ -97,6 +101,7 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     def on_log(rec: dict) -> None:
         eta = (steps - rec["step"]) * (time.time() - t0) / max(1, rec["step"] - start)
         probe = f"  grid {rec['grid_loss']:.4f}" if "grid_loss" in rec else ""
+        probe += f"  focus {rec['focus_loss']:.4f}" if "focus_loss" in rec else ""
         click.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}{probe}  lr {rec['lr']:.2e}  "
                    f"{rec['rows_per_s']:.1f} rows/s  eta {eta / 60:.1f} min")
         logf.write(json.dumps(rec) + "\n")

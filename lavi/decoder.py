@@ -64,6 +64,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
+def head0_probs(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    """Attention probabilities of head 0: q (B, H, T, D), k (B, Hk, S, D), mask broadcastable to (B, 1, T, S)
+    bool -> (B, T, S). For the training-only focus loss, which teaches one head to find what a question
+    names (a layer's other heads stay free)."""
+    logits = (q[:, 0].float() @ k[:, 0].float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, T, S)
+    return logits.masked_fill(~mask[:, 0].expand_as(logits), float("-inf")).softmax(-1)
+
+
 class Attention(nn.Module):
     def __init__(self, c: DecoderConfig) -> None:
         super().__init__()
@@ -73,6 +81,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.kv_cache: KVCache | None = None
+        self.focus_probs: list[Tensor] | None = None  # training: set to [] to record head 0's attention (focus loss)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None,
                 kv: "KVPrefix | None" = None) -> Tensor:
@@ -86,6 +95,8 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S_max, D)
         elif kv is not None:
             k, v = kv.attend(k, v)
+        if self.focus_probs is not None and (kv is None or kv.rows is not None):  # not while recording a prefix
+            self.focus_probs.append(head0_probs(q, k, mask))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.num_kv_heads != c.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
 

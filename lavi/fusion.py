@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LaViConfig
-from .decoder import LayerConds, NormCond
+from .decoder import LayerConds, NormCond, head0_probs
 
 
 @dataclass
@@ -85,6 +85,7 @@ class ViLN(nn.Module):
         self.temporal = nn.Parameter(torch.randn(c.max_frames, d_c) * 0.5)
         self.heads = nn.ModuleDict(
             {f"{l}_{s}": SiteHead(d, d_c) for l in c.modulated_layers() for s in c.site_names()})
+        self.focus_probs: list[Tensor] | None = None  # training: set to [] to record head 0's attention (focus loss)
 
     def visual(self, taps: list[Tensor], n: int, f: int, mask: Tensor) -> Visual:
         h = self.c.cond_heads
@@ -95,10 +96,12 @@ class ViLN(nn.Module):
             kv.append(tuple(t.view(n, t.shape[1], h, -1).transpose(1, 2) for t in (k, u)))  # (N, Hc, Nv, Dh)
         return Visual(mask=mask, kv=kv)
 
-    def _cond(self, head: SiteHead, k: Tensor, u: Tensor, vis_mask: Tensor) -> NormCond:
+    def _cond(self, head: SiteHead, k: Tensor, u: Tensor, vis_mask: Tensor, record: bool = False) -> NormCond:
         def cond(x: Tensor) -> tuple[Tensor, Tensor]:
             b, t, _ = x.shape
             q = head.q_proj(x).view(b, t, self.c.cond_heads, -1).transpose(1, 2)  # (B, Hc, T, Dh)
+            if record and self.focus_probs is not None:
+                self.focus_probs.append(head0_probs(q, k, vis_mask))
             ctx = F.scaled_dot_product_attention(q, k, u, attn_mask=vis_mask)  # (B, Hc, T, Dh)
             dg, db = head.o_proj(ctx.transpose(1, 2).reshape(b, t, -1)).chunk(2, dim=-1)  # 2 x (B, T, d)
             return dg, db
@@ -111,7 +114,7 @@ class ViLN(nn.Module):
         for l in self.c.modulated_layers():
             k, u = vis.kv[self.c.stage_of_layer(l)]
             sites = self.c.site_names()
-            table[l] = tuple(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask) if s in sites else None
+            table[l] = tuple(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask, record=l > 0) if s in sites else None
                              for s in ("attn", "ffn"))
         return lambda layer: table.get(layer, (None, None))
 

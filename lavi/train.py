@@ -33,6 +33,8 @@ class Example:
     frames: np.ndarray  # uint8 (F, S, S, 3)
     pairs: tuple[tuple[str, str], ...]  # (prompt, target) pairs asked of these frames
     grid: np.ndarray | None = None  # int (F, G*G, A): per-frame, per-cell attribute classes; -100 = unknown
+    focus: tuple[np.ndarray | None, ...] | None = None  # per pair: bool (F, G*G), the cells (per frame) of the
+    # one object its prompt asks about, or None (a count, a caption, an absent object)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class TrainConfig:
     grid_weight: float = 0.0  # weight of the auxiliary grid probe loss on the ViT (0: off)
     grid_classes: tuple[int, ...] = ()  # classes per attribute of Example.grid
     grid_side: int = 3
+    focus_weight: float = 0.0  # weight of the focus loss: one attention head per layer learns to look at the object
+    # a question names (Example.focus); 0: off
     row_mean: bool = False  # loss: mean over each row's target tokens, then over rows (short answers weigh as
     # much as long captions); False: mean over all target tokens
 
@@ -66,6 +70,7 @@ class Batch:
     valid: Tensor  # (B, T)
     labels: Tensor  # (B, T) next-token targets, -100 where not scored
     grid: Tensor | None = None  # (N, F, G*G, A) probe targets, -100 where unknown or padded
+    focus: Tensor | None = None  # (B, F*P) bool: the visual tokens each text row's prompt is about (none: no target)
 
 
 def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
@@ -93,7 +98,27 @@ def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
         for i, e in enumerate(examples):
             if e.grid is not None:
                 grid[i, :len(e.grid)] = torch.from_numpy(e.grid)
-    return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels, grid)
+    focus = None
+    if any(e.focus is not None for e in examples):
+        p = c.vision.num_patches
+        side = int(round(p ** 0.5))
+        focus = torch.zeros(len(seqs), pixels.shape[1] * p, dtype=torch.bool)
+        r = 0
+        for e in examples:
+            for j in range(len(e.pairs)):
+                cells = e.focus[j] if e.focus is not None else None
+                if cells is not None:
+                    focus[r, :len(cells) * p] = torch.from_numpy(cells_to_patches(cells, side)).flatten()
+                r += 1
+    return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels, grid, focus)
+
+
+def cells_to_patches(cells: np.ndarray, side: int) -> np.ndarray:
+    """(F, G*G) per-cell flags -> (F, side*side) per-patch flags: a patch belongs to the cell its centre is in."""
+    g = int(round(cells.shape[1] ** 0.5))
+    of = ((np.arange(side) + 0.5) * g / side).astype(int)  # patch row/column -> cell row/column
+    idx = (of[:, None] * g + of[None, :]).flatten()  # (side*side,) cell of each patch
+    return cells[:, idx]
 
 
 class GridProbe(torch.nn.Module):
@@ -135,16 +160,51 @@ def length_groups(lengths: Tensor) -> list[Tensor]:
 def lm_loss(model: LaVi, b: Batch, row_mean: bool = False) -> Tensor:
     """Next-token loss on the targets: mean over all target tokens, or (row_mean) over each row's target
     tokens, then over rows. The visual state is computed once; rows run in length groups (same result)."""
+    return losses(model, b, row_mean)[0]
+
+
+def _focus_modules(model: LaVi) -> list:
+    """Where head 0's attention is recorded for the focus loss: ViLN's conditioner (its sites from layer 1;
+    layer 0's attention site sees only the token itself), or the concat decoder's attention from layer 1."""
+    return [model.viln] if model.viln is not None else [l.self_attn for l in model.decoder.layers[1:]]
+
+
+def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(next-token loss, focus loss or None). The focus loss: at the position that predicts a row's first
+    target token, -log of the attention mass head 0 puts on the visual tokens of the object the prompt
+    names, averaged over the rows that name one and over the recorded layers/sites."""
     dev = model.device
     vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
     total = torch.zeros((), device=dev)
-    for g in length_groups(b.valid.sum(1)):
-        t = int(b.valid[g].sum(1).max())
-        ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
-        logits = model.forward_shared(ids, valid, vis, b.rows[g].to(dev))  # (B_g, t, V)
-        tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B_g, t)
-        total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
-    return total / (len(b.ids) if row_mean else (b.labels != -100).sum().clamp(min=1).to(dev))
+    focus = focus and b.focus is not None and bool(b.focus.any())
+    mods = _focus_modules(model) if focus else []
+    f_sum, f_n = torch.zeros((), device=dev), 0
+    nv = vis.mask.shape[1]
+    try:
+        for g in length_groups(b.valid.sum(1)):
+            t = int(b.valid[g].sum(1).max())
+            ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
+            for m in mods:
+                m.focus_probs = []
+            logits = model.forward_shared(ids, valid, vis, b.rows[g].to(dev))  # (B_g, t, V)
+            tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+            total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
+            if mods:
+                target = b.focus[g].to(dev)  # (B_g, Nv)
+                has = target.any(1)
+                if has.any():
+                    first = (labels != -100).float().argmax(1)  # the position predicting the first target token
+                    ar = torch.arange(len(first), device=dev)
+                    for probs in (p for m in mods for p in m.focus_probs):
+                        at = probs[ar, first, :nv]  # (B_g, Nv): viln's keys are the visual tokens; concat's begin with them
+                        mass = (at * target).sum(-1)[has]
+                        f_sum = f_sum - torch.log(mass + 1e-6).sum()
+                        f_n += int(has.sum())
+    finally:
+        for m in mods:
+            m.focus_probs = None
+    lm = total / (len(b.ids) if row_mean else (b.labels != -100).sum().clamp(min=1).to(dev))
+    return lm, (f_sum / f_n if f_n else None)
 
 
 def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
@@ -232,7 +292,8 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = collate(data(step), model, tok)
-        loss = lm = lm_loss(model, batch, cfg.row_mean)
+        lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
+        loss = lm if foc is None else lm + cfg.focus_weight * foc
         aux = None
         if probe is not None and batch.grid is not None:
             aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(model.device))
@@ -248,6 +309,8 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
                     "rows_per_s": seen / dt, "elapsed_s": dt}
             if aux is not None:
                 last["grid_loss"] = float(aux.detach())
+            if foc is not None:
+                last["focus_loss"] = float(foc.detach())
             if on_log:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

@@ -27,6 +27,7 @@ class ShapesData:
     frames: tuple[int, ...] = (4,)  # frames per video clip, drawn per example
     augment: bool = True
     grid: bool = False  # per-frame cell labels (Example.grid) for the training-only grid probe
+    focus: bool = False  # per-question cells of the object it names (Example.focus) for the focus loss
 
     def __call__(self, step: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, step])
@@ -38,19 +39,22 @@ class ShapesData:
         picked = [qa[i] for i in rng.choice(len(qa), size=k, replace=False)] if k else []
         return ((prompt, caption), *picked)
 
+    def _example(self, frames: np.ndarray, pairs, placed, idx: list[int]) -> Example:
+        grid = grid_labels(placed, idx) if self.grid else None
+        focus = tuple(focus_cells(q, placed, idx) for q, _ in pairs) if self.focus else None
+        return Example(frames, pairs, grid, focus)
+
     def _image(self, rng: np.random.Generator) -> Example:
         item = render.sample_image(rng)
         frame = self._augment(item.pixels, rng)[None]
-        grid = grid_labels(item.placed, [0]) if self.grid else None
-        return Example(frame, self._pairs(rng, spec.IMAGE_PROMPT, item.caption, item.qa), grid)
+        return self._example(frame, self._pairs(rng, spec.IMAGE_PROMPT, item.caption, item.qa), item.placed, [0])
 
     def _video(self, rng: np.random.Generator) -> Example:
         item = render.sample_video(rng)
         f = int(rng.choice(self.frames))
         idx = sample_indices(len(item.frames), f)
         frames = np.stack([self._augment(item.frames[i], rng) for i in idx])
-        grid = grid_labels(item.placed, idx) if self.grid else None
-        return Example(frames, self._pairs(rng, spec.VIDEO_PROMPT, item.caption, item.qa), grid)
+        return self._example(frames, self._pairs(rng, spec.VIDEO_PROMPT, item.caption, item.qa), item.placed, idx)
 
     def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if not self.augment:
@@ -80,6 +84,25 @@ def grid_labels(placed, frame_indices: list[int]) -> np.ndarray:
             label = (1 + colours.index(p.colour), 1 + shapes.index(p.shape), 1 + sizes.index(p.size))
             out[j, cell] = -100 if cell in taken else label
             taken.add(cell)
+    return out
+
+
+def focus_cells(question: str, placed, frame_indices: list[int]) -> np.ndarray | None:
+    """(F, 9) bool: the cell, in each frame, of the one object `question` names (by colour and shape, or by
+    the only colour or shape it gives), or None when it names none present (counts, captions, absent ones)."""
+    words = set(spec.tokenize_words(question))
+    if "many" in words:
+        return None
+    colours, shapes = words & set(spec.COLOURS), words & set(spec.SHAPES)
+    if not (colours or shapes):
+        return None
+    match = [p for p in placed if (not colours or p.colour in colours) and (not shapes or p.shape in shapes)]
+    if len(match) != 1:
+        return None
+    out = np.zeros((len(frame_indices), 9), dtype=bool)
+    centres = match[0].centres
+    for j, f in enumerate(frame_indices):
+        out[j, render.cell_of(*centres[min(f, len(centres) - 1)])] = True
     return out
 
 

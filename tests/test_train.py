@@ -16,7 +16,7 @@ from lavi import checkpoint
 from lavi.model import LaVi
 from lavi.tiny import save_word_tokenizer, tiny_config
 from lavi.tokenizer import Tokenizer
-from lavi.train import Example, TrainConfig, collate, init_from_scratch, lm_loss, train
+from lavi.train import Example, TrainConfig, collate, init_from_scratch, length_groups, lm_loss, train
 from shapes import render, spec
 from shapes.batches import GRID_CLASSES, ShapesData, grid_labels
 from shapes.corpus import encode_image
@@ -160,3 +160,24 @@ def test_row_mean_loss_weighs_each_row_equally(tmp_path):
     torch.testing.assert_close(lm_loss(model, batch, row_mean=True), (per_row[0] + per_row[1]) / 2)
     by_token = lm_loss(model, batch)
     assert not torch.allclose(by_token, (per_row[0] + per_row[1]) / 2)  # the two weightings differ here
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+@pytest.mark.parametrize("row_mean", [False, True])
+def test_length_groups_leave_the_loss_unchanged(tmp_path, fusion, row_mean):
+    """Rows run in two length groups (short answers apart from long captions); the loss must equal one
+    forward over the whole batch padded to its longest row."""
+    tok = save_word_tokenizer(vocabulary(), tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LaVi(tiny_config(tok.get_vocab_size(), fusion))
+    if model.viln is not None:  # non-zero outputs, so the image matters
+        for head in model.viln.heads.values():
+            torch.nn.init.normal_(head.o_proj.weight, std=0.05)
+    batch = collate(_small_shapes(0) + _small_shapes(1), model, Tokenizer(tmp_path / "tok"))
+    assert len(length_groups(batch.valid.sum(1))) == 2  # the split actually happens on this batch
+    vis = model.encode(batch.pixels, batch.frame_mask)
+    logits = model.forward_shared(batch.ids, batch.valid, vis, batch.rows)
+    tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
+    scored = (batch.labels != -100).sum(1)
+    ref = (tok_loss.sum(1) / scored).mean() if row_mean else tok_loss.sum() / scored.sum()
+    torch.testing.assert_close(lm_loss(model, batch, row_mean), ref)
