@@ -28,13 +28,18 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+# (start, end, cells): characters [start, end) of a target text are about one object, whose cells per frame
+# are cells, bool (F, G*G). A VQA answer is one span; a caption has one span per object phrase.
+Span = tuple[int, int, np.ndarray]
+
+
 @dataclass(frozen=True)
 class Example:
     frames: np.ndarray  # uint8 (F, S, S, 3)
     pairs: tuple[tuple[str, str], ...]  # (prompt, target) pairs asked of these frames
     grid: np.ndarray | None = None  # int (F, G*G, A): per-frame, per-cell attribute classes; -100 = unknown
-    focus: tuple[np.ndarray | None, ...] | None = None  # per pair: bool (F, G*G), the cells (per frame) of the
-    # one object its prompt asks about, or None (a count, a caption, an absent object)
+    focus: tuple[tuple[Span, ...], ...] | None = None  # per pair: the spans of its target that are about one
+    # object, each with that object's cells per frame (none: a count, an absent object)
 
 
 @dataclass(frozen=True)
@@ -70,18 +75,21 @@ class Batch:
     valid: Tensor  # (B, T)
     labels: Tensor  # (B, T) next-token targets, -100 where not scored
     grid: Tensor | None = None  # (N, F, G*G, A) probe targets, -100 where unknown or padded
-    focus: Tensor | None = None  # (B, F*P) bool: the visual tokens each text row's prompt is about (none: no target)
+    focus: Tensor | None = None  # (B, T, F*P) bool: per position, the visual tokens of the object the token it
+    # predicts is about (none: no target)
 
 
 def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
     c = model.config
     pixels, fmask = pixels_from_frames([e.frames for e in examples], c.image_mean, c.image_std, c.vision.image_size)
-    seqs, rows = [], []
+    seqs, rows, offsets = [], [], []
     for i, e in enumerate(examples):
         for prompt, target in e.pairs:
             p = ([c.bos_token_id] if c.bos_token_id is not None else []) + tok.encode(c.prompt_template.format(prompt=prompt))
-            seqs.append((p, tok.encode(target) + [c.eos_token_id]))
+            y, off = tok.encode_offsets(target)
+            seqs.append((p, y + [c.eos_token_id]))
             rows.append(i)
+            offsets.append(off)
     t = max(len(p) + len(y) for p, y in seqs)
     ids = torch.full((len(seqs), t), c.pad_token_id, dtype=torch.long)
     labels = torch.full((len(seqs), t), -100, dtype=torch.long)
@@ -100,16 +108,16 @@ def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
                 grid[i, :len(e.grid)] = torch.from_numpy(e.grid)
     focus = None
     if any(e.focus is not None for e in examples):
-        p = c.vision.num_patches
-        side = int(round(p ** 0.5))
-        focus = torch.zeros(len(seqs), pixels.shape[1] * p, dtype=torch.bool)
-        r = 0
-        for e in examples:
-            for j in range(len(e.pairs)):
-                cells = e.focus[j] if e.focus is not None else None
-                if cells is not None:
-                    focus[r, :len(cells) * p] = torch.from_numpy(cells_to_patches(cells, side)).flatten()
-                r += 1
+        npatch = c.vision.num_patches
+        side = int(round(npatch ** 0.5))
+        focus = torch.zeros(len(seqs), t, pixels.shape[1] * npatch, dtype=torch.bool)
+        spans = [sp for e in examples for sp in (e.focus or ((),) * len(e.pairs))]
+        for r, ((p, _), off, row_spans) in enumerate(zip(seqs, offsets, spans)):
+            for start, end, cells in row_spans:
+                patches = torch.from_numpy(cells_to_patches(cells, side)).flatten()  # (F*P,)
+                for k, (a, b) in enumerate(off):
+                    if a < end and b > start:  # target token k overlaps the span: the position predicting it
+                        focus[r, len(p) - 1 + k, :len(patches)] = patches
     return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels, grid, focus)
 
 
@@ -170,9 +178,9 @@ def _focus_modules(model: LaVi) -> list:
 
 
 def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(next-token loss, focus loss or None). The focus loss: at the position that predicts a row's first
-    target token, -log of the attention mass head 0 puts on the visual tokens of the object the prompt
-    names, averaged over the rows that name one and over the recorded layers/sites."""
+    """(next-token loss, focus loss or None). The focus loss: at each position that predicts a target token
+    about one object (Batch.focus), -log of the attention mass head 0 puts on that object's visual tokens,
+    averaged over those positions and over the recorded layers/sites."""
     dev = model.device
     vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
     total = torch.zeros((), device=dev)
@@ -190,13 +198,11 @@ def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -
             tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
             total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
             if mods:
-                target = b.focus[g].to(dev)  # (B_g, Nv)
-                has = target.any(1)
+                target = b.focus[g, :t].to(dev)  # (B_g, t, Nv)
+                has = target.any(-1)  # (B_g, t)
                 if has.any():
-                    first = (labels != -100).float().argmax(1)  # the position predicting the first target token
-                    ar = torch.arange(len(first), device=dev)
                     for probs in (p for m in mods for p in m.focus_probs):
-                        at = probs[ar, first, :nv]  # (B_g, Nv): viln's keys are the visual tokens; concat's begin with them
+                        at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with them
                         mass = (at * target).sum(-1)[has]
                         f_sum = f_sum - torch.log(mass + 1e-6).sum()
                         f_n += int(has.sum())
@@ -297,7 +303,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         aux = None
         if probe is not None and batch.grid is not None:
             aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(model.device))
-            loss = lm + cfg.grid_weight * aux
+            loss = loss + cfg.grid_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

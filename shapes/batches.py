@@ -27,7 +27,7 @@ class ShapesData:
     frames: tuple[int, ...] = (4,)  # frames per video clip, drawn per example
     augment: bool = True
     grid: bool = False  # per-frame cell labels (Example.grid) for the training-only grid probe
-    focus: bool = False  # per-question cells of the object it names (Example.focus) for the focus loss
+    focus: bool = False  # per pair, the target spans about one object and its cells (Example.focus), for the focus loss
 
     def __call__(self, step: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, step])
@@ -41,7 +41,7 @@ class ShapesData:
 
     def _example(self, frames: np.ndarray, pairs, placed, idx: list[int]) -> Example:
         grid = grid_labels(placed, idx) if self.grid else None
-        focus = tuple(focus_cells(q, placed, idx) for q, _ in pairs) if self.focus else None
+        focus = tuple(focus_spans(q, a, placed, idx) for q, a in pairs) if self.focus else None
         return Example(frames, pairs, grid, focus)
 
     def _image(self, rng: np.random.Generator) -> Example:
@@ -88,21 +88,39 @@ def grid_labels(placed, frame_indices: list[int]) -> np.ndarray:
 
 
 def focus_cells(question: str, placed, frame_indices: list[int]) -> np.ndarray | None:
-    """(F, 9) bool: the cell, in each frame, of the one object `question` names (by colour and shape, or by
-    the only colour or shape it gives), or None when it names none present (counts, captions, absent ones)."""
+    """(F, 9) bool: the cells, in each frame, of the objects `question` is about: all of them for "how many
+    objects", those of the shape for "how many {shape}s", else the one object it names (by colour and shape,
+    or by the only colour or shape it gives); None when there is none (a count of zero, an absent object)."""
     words = set(spec.tokenize_words(question))
-    if "many" in words:
-        return None
-    colours, shapes = words & set(spec.COLOURS), words & set(spec.SHAPES)
-    if not (colours or shapes):
-        return None
+    colours = words & set(spec.COLOURS)
+    shapes = {w.removesuffix("s") for w in words} & set(spec.SHAPES)
     match = [p for p in placed if (not colours or p.colour in colours) and (not shapes or p.shape in shapes)]
-    if len(match) != 1:
+    if not match or ("many" not in words and len(match) != 1):
         return None
+    return np.logical_or.reduce([_cells(p, frame_indices) for p in match])
+
+
+def focus_spans(prompt: str, target: str, placed, frame_indices: list[int]) -> tuple:
+    """The spans of `target` about objects in `placed`, with their cells per frame (lavi.train.Span): a
+    caption's object phrases, each about its object (`placed` is in caption order); an answer, whole, about
+    the objects its question is about (focus_cells); none for the rest."""
+    if prompt in (spec.IMAGE_PROMPT, spec.VIDEO_PROMPT):
+        spans, pos = [], 0
+        for p in placed:
+            phrase = (spec.image_phrase(p.colour, p.shape, p.size, p.cell) if p.motion is None
+                      else spec.video_phrase(p.colour, p.shape, p.size, p.motion))
+            start = target.index(phrase, pos)
+            pos = start + len(phrase)
+            spans.append((start, pos, _cells(p, frame_indices)))
+        return tuple(spans)
+    cells = focus_cells(prompt, placed, frame_indices)
+    return () if cells is None else ((0, len(target), cells),)
+
+
+def _cells(p, frame_indices: list[int]) -> np.ndarray:
     out = np.zeros((len(frame_indices), 9), dtype=bool)
-    centres = match[0].centres
     for j, f in enumerate(frame_indices):
-        out[j, render.cell_of(*centres[min(f, len(centres) - 1)])] = True
+        out[j, render.cell_of(*p.centres[min(f, len(p.centres) - 1)])] = True
     return out
 
 

@@ -16,21 +16,23 @@ from lavi import checkpoint
 from lavi.model import LaVi
 from lavi.tiny import save_word_tokenizer, tiny_config
 from lavi.tokenizer import Tokenizer
-from lavi.train import Example, TrainConfig, collate, init_from_scratch, length_groups, lm_loss, train
+from lavi.train import (Example, TrainConfig, cells_to_patches, collate, init_from_scratch, length_groups, lm_loss,
+                        losses, train)
 from shapes import render, spec
-from shapes.batches import GRID_CLASSES, ShapesData, grid_labels
+from shapes.batches import GRID_CLASSES, ShapesData, focus_cells, focus_spans, grid_labels
 from shapes.corpus import encode_image
 from shapes.render import sample_image, sample_video
+from shapes.score import parse_caption
 from shapes.spec import vocabulary
 
 
-def _small_shapes(step: int, grid: bool = False) -> list[Example]:
+def _small_shapes(step: int, grid: bool = False, focus: bool = False, questions: int = 1) -> list[Example]:
     """shapes-v1 examples shrunk to the tiny test model's 32 px input (the cell labels stay true)."""
     from PIL import Image
     out = []
-    for e in ShapesData(seed=0, images=6, videos=2, questions=1, augment=False, grid=grid)(step):
+    for e in ShapesData(seed=0, images=6, videos=2, questions=questions, augment=False, grid=grid, focus=focus)(step):
         frames = np.stack([np.asarray(Image.fromarray(f).resize((32, 32), Image.BILINEAR)) for f in e.frames])
-        out.append(Example(frames, e.pairs, e.grid))
+        out.append(Example(frames, e.pairs, e.grid, e.focus))
     return out
 
 
@@ -181,3 +183,96 @@ def test_length_groups_leave_the_loss_unchanged(tmp_path, fusion, row_mean):
     scored = (batch.labels != -100).sum(1)
     ref = (tok_loss.sum(1) / scored).mean() if row_mean else tok_loss.sum() / scored.sum()
     torch.testing.assert_close(lm_loss(model, batch, row_mean), ref)
+
+
+def test_focus_cells_name_the_object_each_question_asks_about():
+    """Guards against focus targets on the wrong object or cell (the loss would then teach the head to look
+    away from what the question names), counts that miss objects, and targets for absent objects."""
+    rng = np.random.default_rng(3)
+    for item in [sample_image(rng) for _ in range(30)] + [sample_video(rng) for _ in range(10)]:
+        idx = [0] if len(item.placed[0].centres) == 1 else [0, 5, 10, 15]
+        for q, a in item.qa:
+            cells = focus_cells(q, item.placed, idx)
+            if a in ("no", "zero"):
+                assert cells is None, q
+                continue
+            assert cells is not None and cells.shape == (len(idx), 9), q
+            if "many" in q:
+                if len(idx) == 1:  # image objects have cells of their own
+                    assert cells[0].sum() == spec.NUMBER_WORDS.index(a), q
+                continue
+            assert (cells.sum(1) == 1).all(), q
+            named = [p for p in item.placed if p.colour in q.split() or p.shape in q.rstrip("?").split()]
+            target = [p for p in named if all(w in (p.colour, p.shape) for w in q.rstrip("?").split()
+                                              if w in spec.COLOURS or w in spec.SHAPES)]
+            assert len(target) == 1, q
+            assert [render.cell_of(*target[0].centres[i]) for i in idx] == cells.argmax(1).tolist(), q
+            if q.startswith("where"):
+                assert spec.CELL_ANSWER[int(cells[0].argmax())] == a
+
+
+def test_caption_focus_spans_cover_each_object_phrase_with_its_cells():
+    """Guards against caption focus targets that pair a phrase with another object's cells (the head would
+    learn to look at the wrong object while the words are written) or spans that cut phrases."""
+    rng = np.random.default_rng(4)
+    for item in [sample_image(rng) for _ in range(30)] + [sample_video(rng) for _ in range(10)]:
+        video = len(item.placed[0].centres) > 1
+        idx = [0, 5, 10, 15] if video else [0]
+        spans = focus_spans(spec.VIDEO_PROMPT if video else spec.IMAGE_PROMPT, item.caption, item.placed, idx)
+        assert len(spans) == len(item.placed)
+        truth = parse_caption(item.caption, "video" if video else "image")
+        for (start, end, cells), p, obj in zip(spans, item.placed, truth):
+            assert parse_caption(item.caption[start:end], "video" if video else "image") == [obj]
+            assert obj[:3] == (p.size, p.colour, p.shape)
+            assert [render.cell_of(*p.centres[i]) for i in idx] == cells.argmax(1).tolist()
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_collate_marks_the_positions_that_predict_each_span(tmp_path):
+    """Guards against focus targets off by one position (on the token itself rather than the position that
+    predicts it) or on prompt, punctuation and EOS positions."""
+    tok_dir = tmp_path / "tok"
+    save_word_tokenizer(vocabulary(), tok_dir)
+    tok = Tokenizer(tok_dir)
+    model = LaVi(tiny_config(tok.vocab_size))
+    examples = _small_shapes(0, focus=True, questions=3)
+    batch = collate(examples, model, tok)
+    words = [[tok.tok.id_to_token(int(i)) for i in row] for row in batch.ids]
+    r = 0
+    for e in examples:
+        for (prompt, target), spans in zip(e.pairs, e.focus):
+            marked = [words[r][j + 1] for j in range(batch.ids.shape[1] - 1) if batch.focus[r, j].any()]
+            assert marked == [w for a, b, _ in spans for w in spec.tokenize_words(target[a:b])], (prompt, target)
+            r += 1
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_focus_loss_teaches_head_0_to_find_the_named_object(tmp_path, fusion):
+    """Guards against a focus loss that is recorded on the wrong positions or tokens (it would not fall),
+    that changes the model's outputs, or that leaves recording switched on after a step."""
+    tok = save_word_tokenizer(vocabulary(), tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LaVi(tiny_config(tok.get_vocab_size(), fusion))
+    init_from_scratch(model)
+    data = lambda step: _small_shapes(step, grid=True, focus=True, questions=4)  # noqa: E731
+    batch = collate(data(0), model, Tokenizer(tmp_path / "tok"))
+    assert batch.focus is not None and batch.focus.any(-1).any(-1).sum() >= 8
+    plain, _ = losses(model, batch, row_mean=True)
+    with_focus, foc = losses(model, batch, row_mean=True, focus=True)
+    torch.testing.assert_close(plain, with_focus)
+    assert foc is not None and foc > 0
+    logs: list[dict] = []
+    cfg = TrainConfig(steps=40, lr=3e-3, warmup=5, log_every=1, checkpoint_every=40, focus_weight=1.0, row_mean=True)
+    train(model, tmp_path / "tok", data, cfg, tmp_path / "ck", on_log=logs.append)
+    first, last = np.mean([r["focus_loss"] for r in logs[:5]]), np.mean([r["focus_loss"] for r in logs[-5:]])
+    assert last < 0.7 * first, (first, last)
+    mods = [model.viln] if model.viln is not None else [l.self_attn for l in model.decoder.layers]
+    assert all(m.focus_probs is None for m in mods)
+
+
+def test_cells_to_patches_maps_each_patch_to_the_cell_of_its_centre():
+    cells = np.zeros((1, 9), dtype=bool)
+    cells[0, 4] = True  # the centre cell
+    assert cells_to_patches(cells, 3).reshape(3, 3).tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    four = cells_to_patches(cells, 4).reshape(4, 4)  # 32 px in 8 px patches: centres 4, 12, 20, 28 -> cells 0, 1, 1, 2
+    assert four.tolist() == [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]
