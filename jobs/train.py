@@ -52,6 +52,11 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--focus", type=float, default=0.0, show_default=True,
               help="shapes: weight of a training-only loss that teaches one attention head per layer to look at "
                    "the object a question names (0: off).")
+@click.option("--vision-steps", type=int, default=0, show_default=True,
+              help="shapes: a first phase of this many of the --steps that trains the ViT alone through the grid "
+                   "probe (needs --grid-probe), on larger batches of images and videos of its own.")
+@click.option("--vision-images", type=int, default=64, show_default=True, help="shapes: images per vision step.")
+@click.option("--vision-videos", type=int, default=16, show_default=True, help="shapes: videos per vision step.")
 @click.option("--loss-per", type=click.Choice(["token", "row"]), default="token", show_default=True,
               help="token: mean over all target tokens. row: mean per row, then over rows (answers weigh as "
                    "much as captions).")
@@ -62,8 +67,8 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
-              frames: int, grid_probe: float, focus: float, loss_per: str, seed: int, checkpoint_every: int, device: str,
-              threads: int, no_resume: bool) -> None:
+              frames: int, grid_probe: float, focus: float, vision_steps: int, vision_images: int, vision_videos: int,
+              loss_per: str, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     import torch
 
@@ -81,17 +86,23 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume)
     model.to(device)
     size = model.config.vision.image_size
+    vision_source = None
+    if vision_steps and (data != "shapes" or grid_probe <= 0):
+        raise click.UsageError("--vision-steps trains the ViT through the grid probe on shapes-v1: it needs "
+                               "--data shapes and --grid-probe > 0")
     if data == "shapes":
         from shapes.batches import ShapesData
         source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=(frames,),
                             grid=grid_probe > 0, focus=focus > 0)
+        vision_source = ShapesData(seed=seed, images=vision_images, videos=vision_videos, questions=0,
+                                   frames=(frames,), grid=True, stream=1)
     else:
         from workers.train_data import ParquetData
         source = ParquetData(data, image_size=size, frames=frames, batch_items=batch_items, seed=seed)
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
                       checkpoint_every=checkpoint_every, grid_weight=grid_probe if data == "shapes" else 0.0,
                       grid_classes=GRID_CLASSES, row_mean=loss_per == "row",
-                      focus_weight=focus if data == "shapes" else 0.0)
+                      focus_weight=focus if data == "shapes" else 0.0, vision_steps=vision_steps)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
     click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
                f"on {data} for {steps} steps on {device} -> {out}")
@@ -100,15 +111,16 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
 
     def on_log(rec: dict) -> None:
         eta = (steps - rec["step"]) * (time.time() - t0) / max(1, rec["step"] - start)
-        probe = f"  grid {rec['grid_loss']:.4f}" if "grid_loss" in rec else ""
-        probe += f"  focus {rec['focus_loss']:.4f}" if "focus_loss" in rec else ""
-        click.echo(f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}{probe}  lr {rec['lr']:.2e}  "
-                   f"{rec['rows_per_s']:.1f} rows/s  eta {eta / 60:.1f} min")
+        losses = "".join(f"  {name} {rec[key]:.4f}" for key, name in
+                         (("loss", "loss"), ("grid_loss", "grid"), ("focus_loss", "focus")) if key in rec)
+        rate = f"{rec['rows_per_s']:.1f} rows/s" if "rows_per_s" in rec else f"{rec['frames_per_s']:.1f} frames/s"
+        click.echo(f"step {rec['step']}/{steps} {rec['phase']}{losses}  lr {rec['lr']:.2e}  {rate}  "
+                   f"eta {eta / 60:.1f} min")
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
 
     start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
-    last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log)
+    last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log, vision_data=vision_source)
     wall = time.time() - t0
     (outp / "train_summary.json").write_text(json.dumps(
         {"steps": steps, "final": last, "wall_s": wall, "device": device, "threads": torch.get_num_threads(),

@@ -60,10 +60,16 @@ class TrainConfig:
     # a question names (Example.focus); 0: off
     row_mean: bool = False  # loss: mean over each row's target tokens, then over rows (short answers weigh as
     # much as long captions); False: mean over all target tokens
+    vision_steps: int = 0  # a first phase of this many steps (within `steps`) that trains the ViT alone through
+    # the grid probe, on its own data, with its own warmup and decay; then the main phase starts afresh
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.lr <= 0 or self.warmup < 0:
             raise ValueError("steps must be >= 1, lr > 0 and warmup >= 0")
+        if not 0 <= self.vision_steps < self.steps:
+            raise ValueError(f"vision_steps must be in [0, steps={self.steps})")
+        if self.vision_steps and self.grid_weight <= 0:
+            raise ValueError("a vision phase trains the ViT through the grid probe: give grid_weight > 0")
 
 
 @dataclass
@@ -228,10 +234,12 @@ def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
+    """Linear warmup, then cosine decay to 10% of the peak, over the vision phase and again over the main one."""
+    v = cfg.vision_steps
+    step, steps = (step, v) if step < v else (step - v, cfg.steps - v)
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    frac = (step - cfg.warmup) / max(1, steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
@@ -274,9 +282,13 @@ def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None
 
 
 def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
-          resume: bool = True, on_log: Callable[[dict], None] | None = None) -> dict:
+          resume: bool = True, on_log: Callable[[dict], None] | None = None,
+          vision_data: Callable[[int], list[Example]] | None = None) -> dict:
     """Train for cfg.steps; `data(step)` returns that step's examples (deterministic per step, so a resumed
-    run sees the same batches). Checkpoints to `out` every cfg.checkpoint_every steps and at the end."""
+    run sees the same batches), `vision_data(step)` those of the vision phase (examples with grid labels).
+    Checkpoints to `out` every cfg.checkpoint_every steps and at the end."""
+    if cfg.vision_steps and vision_data is None:
+        raise ValueError("cfg.vision_steps > 0 needs vision_data")
     torch.manual_seed(cfg.seed)
     if cfg.freeze_backbones:
         model.freeze_backbones()
@@ -295,28 +307,35 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         log.info("resuming from step %d in %s", start, out)
     t0, seen, last = time.time(), 0, {}
     for step in range(start, cfg.steps):
+        vision = step < cfg.vision_steps
+        if step == cfg.vision_steps and step > 0:
+            t0, seen = time.time(), 0  # rates of the main phase
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = collate(data(step), model, tok)
-        lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
-        loss = lm if foc is None else lm + cfg.focus_weight * foc
-        aux = None
-        if probe is not None and batch.grid is not None:
-            aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(model.device))
-            loss = loss + cfg.grid_weight * aux
+        batch = collate((vision_data if vision else data)(step), model, tok)
+        dev = model.device
+        lm = foc = aux = None
+        if vision:  # the ViT alone: the fusion's output is not part of the loss, so nothing else moves
+            model.encode(batch.pixels.to(dev), batch.frame_mask.to(dev))
+            loss = aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(dev))
+        else:
+            lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
+            loss = lm if foc is None else lm + cfg.focus_weight * foc
+            if probe is not None and batch.grid is not None:
+                aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(dev))
+                loss = loss + cfg.grid_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        seen += len(batch.ids)
+        seen += int(batch.frame_mask.sum()) if vision else len(batch.ids)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             dt = time.time() - t0
-            last = {"step": step + 1, "loss": float(lm.detach()), "lr": lr_at(step, cfg),
-                    "rows_per_s": seen / dt, "elapsed_s": dt}
-            if aux is not None:
-                last["grid_loss"] = float(aux.detach())
-            if foc is not None:
-                last["focus_loss"] = float(foc.detach())
+            last = {"step": step + 1, "phase": "vision" if vision else "main", "lr": lr_at(step, cfg),
+                    "frames_per_s" if vision else "rows_per_s": seen / dt, "elapsed_s": dt}
+            for key, value in (("loss", lm), ("grid_loss", aux), ("focus_loss", foc)):
+                if value is not None:
+                    last[key] = float(value.detach())
             if on_log:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:

@@ -1,9 +1,9 @@
 """Training examples from the shapes-v1 renderer: mixed captioning + VQA over images and videos.
 
 Each step's examples are a pure function of (seed, step), so a resumed run sees the same data.
-To train for the spec and not for one renderer, images and frames pass through what the pipeline
-and other encoders do to them: JPEG at random quality (which also subsamples chroma, as H.264
-yuv420p does), and a mild blur now and then.
+To train for the spec and not for one renderer, edges are drawn hard or anti-aliased over a random
+band, and images and frames pass through what the pipeline and other encoders do to them: JPEG at
+random quality (which also subsamples chroma, as H.264 yuv420p does), and a mild blur now and then.
 """
 from __future__ import annotations
 
@@ -28,9 +28,10 @@ class ShapesData:
     augment: bool = True
     grid: bool = False  # per-frame cell labels (Example.grid) for the training-only grid probe
     focus: bool = False  # per pair, the target spans about one object and its cells (Example.focus), for the focus loss
+    stream: int = 0  # another stream of items for the same seed (the vision phase's items are not the main phase's)
 
     def __call__(self, step: int) -> list[Example]:
-        rng = np.random.default_rng([self.seed, step])
+        rng = np.random.default_rng([self.seed, step, self.stream])
         out = [self._image(rng) for _ in range(self.images)]
         return out + [self._video(rng) for _ in range(self.videos)]
 
@@ -44,16 +45,21 @@ class ShapesData:
         focus = tuple(focus_spans(q, a, placed, idx) for q, a in pairs) if self.focus else None
         return Example(frames, pairs, grid, focus)
 
+    def _ramp(self, rng: np.random.Generator) -> float:
+        """Edge anti-aliasing, which the spec leaves open: hard edges (a plain polygon fill) or a 0.5-2 px ramp."""
+        if not self.augment:
+            return 1.0
+        return 0.0 if rng.random() < 0.25 else float(rng.uniform(0.5, 2.0))
+
     def _image(self, rng: np.random.Generator) -> Example:
-        item = render.sample_image(rng)
+        item = render.sample_image(rng, ramp=self._ramp(rng))
         frame = self._augment(item.pixels, rng)[None]
         return self._example(frame, self._pairs(rng, spec.IMAGE_PROMPT, item.caption, item.qa), item.placed, [0])
 
     def _video(self, rng: np.random.Generator) -> Example:
-        item = render.sample_video(rng)
-        f = int(rng.choice(self.frames))
-        idx = sample_indices(len(item.frames), f)
-        frames = np.stack([self._augment(item.frames[i], rng) for i in idx])
+        idx = sample_indices(spec.NUM_FRAMES, int(rng.choice(self.frames)))
+        item = render.sample_video(rng, ramp=self._ramp(rng), draw=idx)  # only the frames the model is shown
+        frames = np.stack([self._augment(f, rng) for f in item.frames])
         return self._example(frames, self._pairs(rng, spec.VIDEO_PROMPT, item.caption, item.qa), item.placed, idx)
 
     def _augment(self, pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Seeded rendering of shapes-v1 images and videos (numpy only), with captions and QA.
 
 Coordinates are continuous pixels: pixel (row i, col j) covers [j, j+1) x [i, i+1), centre (j+.5, i+.5).
-Edges are anti-aliased with a 1 px ramp on the signed distance to the outline.
+Edges are anti-aliased with a ramp on the signed distance to the outline: 1 px by default, 0 for hard edges.
 An object's cell is that of its centre (first-frame centre for videos): column = min(floor(x / (128/3)), 2),
 likewise the row; a centre exactly on a border goes to the lower-right cell. Video objects that share a
 first-frame cell are ordered by that centre's y, then x.
@@ -64,8 +64,9 @@ def cell_of(x: float, y: float) -> int:
 
 
 # ---- drawing ----
-def _coverage(shape: str, s: float, cx: float, cy: float) -> tuple[slice, slice, np.ndarray]:
-    """Anti-aliased coverage in [0, 1] of one shape over its bounding box (clipped to the image)."""
+def _coverage(shape: str, s: float, cx: float, cy: float, ramp: float = 1.0) -> tuple[slice, slice, np.ndarray]:
+    """Coverage in [0, 1] of one shape over its bounding box (clipped to the image), anti-aliased over a
+    `ramp` px wide band of the signed distance (0: hard edges, as a plain polygon fill draws them)."""
     h = s / 2
     x0, x1 = max(int(cx - h - 1), 0), min(int(math.ceil(cx + h + 1)), S)
     y0, y1 = max(int(cy - h - 1), 0), min(int(math.ceil(cy + h + 1)), S)
@@ -78,11 +79,12 @@ def _coverage(shape: str, s: float, cx: float, cy: float) -> tuple[slice, slice,
     else:  # triangle, apex up: apex (cx, cy - h), base y = cy + h from cx - h to cx + h
         side = ((dy + h) / 2 - np.abs(dx)) * (2 / math.sqrt(5))  # distance to the slanted edges
         inside = np.minimum(h - dy, side)
-    return slice(y0, y1), slice(x0, x1), np.clip(inside + 0.5, 0.0, 1.0)[..., None]
+    cov = (inside > 0).astype(np.float32) if ramp <= 0 else np.clip(inside / ramp + 0.5, 0.0, 1.0)
+    return slice(y0, y1), slice(x0, x1), cov[..., None]
 
 
-def _draw(canvas: np.ndarray, p: Placed, frame: int = 0) -> None:
-    ys, xs, cov = _coverage(p.shape, p.s, *p.centres[frame])
+def _draw(canvas: np.ndarray, p: Placed, frame: int = 0, ramp: float = 1.0) -> None:
+    ys, xs, cov = _coverage(p.shape, p.s, *p.centres[frame], ramp)
     region = canvas[ys, xs]
     region += (np.asarray(p.rgb, np.float32) - region) * cov
 
@@ -141,8 +143,9 @@ def _image_qa(rng: np.random.Generator, objs: list[Placed]) -> list[tuple[str, s
 
 
 # ---- images ----
-def sample_image(rng: np.random.Generator) -> ImageItem:
-    """One shapes-v1 image: 1-3 objects in distinct cells, caption in canonical form, all QA."""
+def sample_image(rng: np.random.Generator, ramp: float = 1.0) -> ImageItem:
+    """One shapes-v1 image: 1-3 objects in distinct cells, caption in canonical form, all QA. `ramp`: the
+    anti-aliasing band in px (the spec leaves edges open; training varies it)."""
     canvas, bg, sigma = _background(rng)
     n = int(rng.integers(1, spec.MAX_IMAGE_OBJECTS + 1))
     cells = sorted(int(c) for c in rng.choice(9, n, replace=False))
@@ -153,7 +156,7 @@ def sample_image(rng: np.random.Generator) -> ImageItem:
         cy = (cell // 3 + 0.5) * spec.CELL_SIDE + float(jy)
         objs.append(Placed(colour, shape, size, s, rgb, ((cx, cy),)))
     for p in objs:
-        _draw(canvas, p)
+        _draw(canvas, p, ramp=ramp)
     caption = spec.join_image_phrases([spec.image_phrase(o.colour, o.shape, o.size, o.cell) for o in objs])
     return ImageItem(
         pixels=_to_uint8(canvas),
@@ -181,8 +184,11 @@ def _sample_path(rng: np.random.Generator, s: float, motion: str, num_frames: in
     return tuple((x0 + ux * dist * f, y0 + uy * dist * f) for f in steps)
 
 
-def sample_video(rng: np.random.Generator, num_frames: int = spec.NUM_FRAMES) -> VideoItem:
-    """One shapes-v1 video: 1-2 moving or still objects that stay inside and never overlap."""
+def sample_video(rng: np.random.Generator, num_frames: int = spec.NUM_FRAMES, ramp: float = 1.0,
+                 draw: list[int] | None = None) -> VideoItem:
+    """One shapes-v1 video: 1-2 moving or still objects that stay inside and never overlap (`ramp` as for
+    sample_image). `draw`: render only these frame indices (`frames` then holds them in that order; the
+    objects, paths, caption and answers are those of the whole clip)."""
     canvas, bg, sigma = _background(rng)
     n = int(rng.integers(1, spec.MAX_VIDEO_OBJECTS + 1))
     objs: list[Placed] = []
@@ -194,12 +200,13 @@ def sample_video(rng: np.random.Generator, num_frames: int = spec.NUM_FRAMES) ->
                 break
         objs.append(p)
     objs.sort(key=lambda o: (o.cell, o.centres[0][1], o.centres[0][0]))
-    frames = np.empty((num_frames, S, S, 3), np.uint8)
-    for t in range(num_frames):
+    draw = list(range(num_frames)) if draw is None else draw
+    frames = np.empty((len(draw), S, S, 3), np.uint8)
+    for i, t in enumerate(draw):
         frame = canvas.copy()
         for p in objs:
-            _draw(frame, p, t)
-        frames[t] = _to_uint8(frame)
+            _draw(frame, p, t, ramp)
+        frames[i] = _to_uint8(frame)
     caption = spec.join_video_phrases([spec.video_phrase(o.colour, o.shape, o.size, o.motion) for o in objs])
     qa = [(spec.q_count(), spec.NUMBER_WORDS[n])]
     qa += [(spec.q_motion(o.colour, o.shape), o.motion) for o in objs]

@@ -80,6 +80,22 @@ def test_images_follow_the_spec(images):
     assert counts == {1, 2, 3}
 
 
+def test_edge_ramp_changes_only_the_edges():
+    """Guards against the training-only edge variation (hard or wider anti-aliasing) changing what is drawn
+    (objects, captions, answers) or leaving blended pixels with hard edges."""
+    for seed in range(5):
+        soft, hard, wide = (render.sample_image(np.random.default_rng(seed), ramp=r) for r in (1.0, 0.0, 2.0))
+        assert soft.caption == hard.caption == wide.caption and soft.qa == hard.qa == wide.qa
+        rgbs = {p.rgb for p in hard.placed}
+        px = hard.pixels.reshape(-1, 3)
+        exact = np.array([tuple(v) in rgbs for v in px.tolist()])
+        assert (exact | (px.min(1) >= 200)).all()  # object colour or background, nothing in between
+        assert not np.array_equal(soft.pixels, hard.pixels) and not np.array_equal(soft.pixels, wide.pixels)
+        assert abs(int(exact.sum()) - sum(_area(p.shape, p.s) for p in hard.placed)) <= 0.1 * exact.sum()
+    v = render.sample_video(np.random.default_rng(0), ramp=0.0)
+    assert v.caption == render.sample_video(np.random.default_rng(0)).caption
+
+
 def test_videos_follow_the_spec(videos):
     """Guards against objects leaving the frame, overlapping, wrong travel distance or a changing background."""
     motions = set()

@@ -17,7 +17,7 @@ from lavi.model import LaVi
 from lavi.tiny import save_word_tokenizer, tiny_config
 from lavi.tokenizer import Tokenizer
 from lavi.train import (Example, TrainConfig, cells_to_patches, collate, init_from_scratch, length_groups, lm_loss,
-                        losses, train)
+                        losses, lr_at, train)
 from shapes import render, spec
 from shapes.batches import GRID_CLASSES, ShapesData, focus_cells, focus_spans, grid_labels
 from shapes.corpus import encode_image
@@ -73,6 +73,39 @@ def test_grid_probe_learns_the_cells_and_stays_out_of_the_checkpoint(tmp_path):
     assert not model.vision.encoder.layers[-1]._forward_hooks  # the hook is gone after training
 
 
+def test_vision_phase_trains_the_vit_alone_then_the_main_phase_trains_all(tmp_path):
+    """Guards against a vision phase that moves the decoder or the fusion (its loss must reach the ViT only),
+    that does not train the ViT, or a main phase that does not take over after it (with its own warmup)."""
+    tok = save_word_tokenizer(vocabulary(), tmp_path / "tok")
+    torch.manual_seed(0)
+    model = LaVi(tiny_config(tok.get_vocab_size()))
+    init_from_scratch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logs: list[dict] = []
+    snapshots: dict[int, dict] = {}
+
+    def on_log(rec: dict) -> None:
+        logs.append(rec)
+        snapshots[rec["step"]] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    cfg = TrainConfig(steps=30, vision_steps=20, lr=3e-3, warmup=5, log_every=1, checkpoint_every=30,
+                      grid_weight=1.0, grid_classes=GRID_CLASSES)
+    assert lr_at(0, cfg) == lr_at(20, cfg) == 3e-3 / 5 and lr_at(19, cfg) < lr_at(24, cfg) == 3e-3
+    seen: list[int] = []
+    train(model, tmp_path / "tok", _with_grid, cfg, tmp_path / "ck", on_log=on_log,
+          vision_data=lambda step: seen.append(step) or _with_grid(step))
+    assert seen == list(range(20))
+    mid = snapshots[20]  # the end of the vision phase
+    moved = {k for k in before if not torch.equal(before[k], mid[k])}
+    assert moved and all(k.startswith("vision.") for k in moved), sorted(moved)
+    assert [r["phase"] for r in logs] == ["vision"] * 20 + ["main"] * 10
+    assert logs[19]["grid_loss"] < 0.7 * logs[0]["grid_loss"] and "loss" not in logs[0]
+    after = model.state_dict()
+    assert not torch.equal(after["decoder.embed_tokens.weight"], mid["decoder.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="grid_weight"):
+        TrainConfig(steps=30, vision_steps=10)
+
+
 def test_grid_labels_follow_the_objects():
     """Guards against cell labels that disagree with the truth (wrong cell, wrong class index, a frame's
     labels taken from the first frame): every object is in its cell, every other cell is empty."""
@@ -98,10 +131,10 @@ def test_grid_labels_follow_the_objects():
     raise AssertionError("no moving object changed cell in 50 videos")
 
 
-@pytest.mark.parametrize("grid", [0.0, 1.0])
-def test_resume_continues_from_the_checkpoint(tmp_path, grid):
+@pytest.mark.parametrize("grid,vision", [(0.0, 0), (1.0, 0), (1.0, 2)])
+def test_resume_continues_from_the_checkpoint(tmp_path, grid, vision):
     """Guards against a resume that restarts from step 0 or drops the optimizer state (or the grid probe's
-    weights): 3 steps + 3 resumed steps must equal 6 steps in one go."""
+    weights, or the phase it was in): 3 steps + 3 resumed steps must equal 6 steps in one go."""
     tok_dir = tmp_path / "tok"
     save_word_tokenizer(vocabulary(), tok_dir)
 
@@ -112,14 +145,14 @@ def test_resume_continues_from_the_checkpoint(tmp_path, grid):
         return m
 
     cfg = TrainConfig(steps=6, lr=2e-3, warmup=2, checkpoint_every=3, log_every=3, grid_weight=grid,
-                      grid_classes=GRID_CLASSES)
+                      grid_classes=GRID_CLASSES, vision_steps=vision)
     data = _with_grid if grid else _small_shapes
     whole = fresh()
-    train(whole, tok_dir, data, cfg, tmp_path / "whole")
+    train(whole, tok_dir, data, cfg, tmp_path / "whole", vision_data=_with_grid)
     half = fresh()
-    train(half, tok_dir, data, TrainConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "split")
+    train(half, tok_dir, data, TrainConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "split", vision_data=_with_grid)
     resumed = checkpoint.load(tmp_path / "split").train()
-    train(resumed, tok_dir, data, cfg, tmp_path / "split", resume=True)
+    train(resumed, tok_dir, data, cfg, tmp_path / "split", resume=True, vision_data=_with_grid)
     a, b = whole.state_dict(), resumed.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
