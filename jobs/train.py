@@ -12,8 +12,9 @@ import click
 log = logging.getLogger(__name__)
 
 
-def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool) -> tuple:
-    """The model to train and its tokenizer directory: resumed, from backbones, or tiny-shapes from scratch."""
+def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict) -> tuple:
+    """The model to train and its tokenizer directory: resumed, from backbones, or tiny-shapes from scratch.
+    A new model takes its default and max frames per clip from `frames` (those it is trained on)."""
     from lavi import checkpoint
     from lavi.tiny import save_word_tokenizer, tiny_shapes_config
     from lavi.train import init_from_scratch
@@ -22,11 +23,11 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
     if decoder or vision:
         if not (decoder and vision):
             raise click.UsageError("--decoder and --vision go together (two local Hugging Face directories)")
-        return checkpoint.from_backbones(decoder, vision, fusion=fusion), Path(decoder)
+        return checkpoint.from_backbones(decoder, vision, fusion=fusion, **frames), Path(decoder)
     from shapes.spec import vocabulary
     tok_dir = out / "_tokenizer"
     tok = save_word_tokenizer(vocabulary(), tok_dir)
-    model = checkpoint.LaVi(tiny_shapes_config(tok.get_vocab_size(), fusion))
+    model = checkpoint.LaVi(tiny_shapes_config(tok.get_vocab_size(), fusion, **frames))
     init_from_scratch(model)
     return model, tok_dir
 
@@ -46,7 +47,9 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--videos", type=int, default=8, show_default=True, help="shapes: videos per step.")
 @click.option("--questions", type=int, default=3, show_default=True, help="shapes: VQA pairs per item beside the caption.")
 @click.option("--batch-items", type=int, default=32, show_default=True, help="Parquet: rows per step.")
-@click.option("--frames", type=int, default=4, show_default=True, help="Frames per video clip.")
+@click.option("--frames", default="4", show_default=True,
+              help="Frames per video clip; shapes: a comma-separated list is drawn from per clip. A new model's "
+                   "default frames per clip is the first, its max_frames the largest.")
 @click.option("--grid-probe", type=float, default=0.0, show_default=True,
               help="shapes: weight of a training-only probe that classifies each grid cell from the ViT (0: off).")
 @click.option("--focus", type=float, default=0.0, show_default=True,
@@ -67,7 +70,7 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
-              frames: int, grid_probe: float, focus: float, vision_steps: int, vision_images: int, vision_videos: int,
+              frames: str, grid_probe: float, focus: float, vision_steps: int, vision_images: int, vision_videos: int,
               loss_per: str, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     import torch
@@ -81,9 +84,20 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
+    try:
+        clip_frames = tuple(int(f) for f in frames.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected a number or a comma-separated list, got {frames!r}",
+                                 param_hint="--frames") from None
+    if not clip_frames or min(clip_frames) < 1:
+        raise click.BadParameter("frames per clip must be >= 1", param_hint="--frames")
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume)
+    model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume,
+                            frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)})
+    if max(clip_frames) > model.config.max_frames:
+        raise click.BadParameter(f"{max(clip_frames)} frames per clip is over the model's max_frames "
+                                 f"{model.config.max_frames}", param_hint="--frames")
     model.to(device)
     size = model.config.vision.image_size
     vision_source = None
@@ -92,13 +106,13 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
                                "--data shapes and --grid-probe > 0")
     if data == "shapes":
         from shapes.batches import ShapesData
-        source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=(frames,),
+        source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=clip_frames,
                             grid=grid_probe > 0, focus=focus > 0)
         vision_source = ShapesData(seed=seed, images=vision_images, videos=vision_videos, questions=0,
-                                   frames=(frames,), grid=True, stream=1)
+                                   frames=clip_frames, grid=True, stream=1)
     else:
         from workers.train_data import ParquetData
-        source = ParquetData(data, image_size=size, frames=frames, batch_items=batch_items, seed=seed)
+        source = ParquetData(data, image_size=size, frames=clip_frames[0], batch_items=batch_items, seed=seed)
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
                       checkpoint_every=checkpoint_every, grid_weight=grid_probe if data == "shapes" else 0.0,
                       grid_classes=GRID_CLASSES, row_mean=loss_per == "row",

@@ -66,7 +66,8 @@ def make_tiny_checkpoint(path: str | Path, seed: int = 0, fusion: str = "viln", 
     return str(path)
 
 
-def tiny_shapes_config(vocab_size: int, fusion: str = "viln") -> LaViConfig:
+def tiny_shapes_config(vocab_size: int, fusion: str = "viln", default_frames: int = 4,
+                       max_frames: int = 16) -> LaViConfig:
     """The bundled model's shape: ~2.4M parameters; 128x128 input in 42 px patches, a 3 x 3 grid of tokens a
     frame that lines up with shapes-v1's 3 x 3 cells (a smaller patch sees parts of objects and leaves a
     ViT trained from scratch on two CPU cores far more to learn, at 7x the visual tokens). The last 2 px
@@ -77,6 +78,6 @@ def tiny_shapes_config(vocab_size: int, fusion: str = "viln") -> LaViConfig:
     vision = VisionConfig(image_size=128, patch_size=42, hidden_size=128, intermediate_size=384, num_layers=4,
                           num_heads=4)
     return LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=2, cond_dim=64,
-                      cond_heads=4, max_frames=16, default_frames=4, prompt_template="{prompt} <sep>",
+                      cond_heads=4, max_frames=max_frames, default_frames=default_frames, prompt_template="{prompt} <sep>",
                       eos_token_id=SPECIAL.index("<eos>"), pad_token_id=SPECIAL.index("<pad>"),
                       name="tiny-shapes" if fusion == "viln" else "tiny-shapes-concat")

@@ -329,7 +329,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         seen += int(batch.frame_mask.sum()) if vision else len(batch.ids)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.vision_steps, cfg.steps):
             dt = time.time() - t0
             last = {"step": step + 1, "phase": "vision" if vision else "main", "lr": lr_at(step, cfg),
                     "frames_per_s" if vision else "rows_per_s": seen / dt, "elapsed_s": dt}

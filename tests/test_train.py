@@ -179,6 +179,24 @@ def test_train_command_on_a_parquet_of_targets(tmp_path):
     assert (out / "model.safetensors").exists() and "step 2/2" in result.output
 
 
+def test_train_command_on_shapes_with_a_vision_phase_and_frame_counts(tmp_path):
+    """Guards against the shapes path of `lavi-label train` (vision phase, focus, frames per clip) being broken,
+    a model whose default and max frames are not those it was trained on, and bad flags reaching training."""
+    out = tmp_path / "ck"
+    args = ["train", "--out", str(out), "--steps", "3", "--vision-steps", "2", "--grid-probe", "1", "--focus", "1",
+            "--images", "2", "--videos", "1", "--questions", "1", "--vision-images", "2", "--vision-videos", "1",
+            "--frames", "3,2", "--warmup", "1", "--threads", "1", "--checkpoint-every", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "step 2/3 vision" in result.output.replace("  ", " ") and "step 3/3 main" in result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["default_frames"] == 3 and config["max_frames"] == 3
+    assert [r["phase"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())][-1] == "main"
+    for bad, message in ((["--frames", "x"], "--frames"), (["--grid-probe", "0"], "--vision-steps")):
+        result = CliRunner().invoke(main, args[:-4] + ["--no-resume", "--out", str(tmp_path / "bad")] + bad)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
 def test_row_mean_loss_weighs_each_row_equally(tmp_path):
     """Guards against --loss-per row averaging over tokens after all (a long caption then outweighs a
     one-word answer): the loss equals the mean over rows of each row's mean token loss."""
