@@ -89,8 +89,8 @@ class RunConfig:
             _positive("frames", self.frames)
         if self.max_clips is not None:
             _positive("max-clips", self.max_clips)
-        if self.clip_seconds is not None and not (self.clip_seconds > 0 and math.isfinite(self.clip_seconds)):
-            raise ValueError(f"--clip-seconds must be a positive number, got {self.clip_seconds}")
+        if self.clip_seconds is not None and not (self.clip_seconds >= 0 and math.isfinite(self.clip_seconds)):
+            raise ValueError(f"--clip-seconds must be >= 0 (0: one clip per video), got {self.clip_seconds}")
         if not (self.gpus_per_worker >= 0 and math.isfinite(self.gpus_per_worker)):
             raise ValueError(f"--gpus-per-worker must be >= 0 (0 runs on CPU), got {self.gpus_per_worker}")
         if not 0 < self.cpus_per_worker <= 64:
@@ -118,6 +118,8 @@ class RunConfig:
         """The generation settings recorded in the Parquet metadata and checked on resume."""
         return {
             "task": self.task,
+            "prompt": self.prompt,  # a resume with other prompts or questions would skip items it never asked
+            "questions": list(self.questions),
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,

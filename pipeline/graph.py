@@ -163,6 +163,9 @@ def run(config: RunConfig) -> dict:
                 progress.update(sink.items_written, rows_seen)
             sink.close()
             progress.update(sink.items_written, rows_seen, force=True)
+            if sink.items_written != n_items:  # every listed item yields its rows, error rows included
+                raise RuntimeError(f"{n_items} items were listed but {sink.items_written} came out of the pipeline; "
+                                   "the finished ones are committed: rerun into the same --out to label the rest")
         finally:
             if owned:
                 import ray

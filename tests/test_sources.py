@@ -104,12 +104,14 @@ def test_run_config_validation_messages():
     for kwargs, match in [({"task": "ocr"}, "--task"), ({"task": "vqa"}, "needs questions"),
                           ({"questions": ("q?",)}, "--question is for"), ({"batch_size": 0}, "batch-size"),
                           ({"gpus_per_worker": -1.0}, "gpus-per-worker"), ({"top_p": 0.0}, "top-p"),
-                          ({"max_error_rate": 2.0}, "max-error-rate"), ({"storage_options": ("novalue",)}, "KEY=VALUE")]:
+                          ({"max_error_rate": 2.0}, "max-error-rate"), ({"storage_options": ("novalue",)}, "KEY=VALUE"),
+                          ({"clip_seconds": -1.0}, "clip-seconds"), ({"clip_seconds": float("inf")}, "clip-seconds")]:
         with pytest.raises(ValueError, match=match):
             RunConfig(inputs=("x",), out="o", **kwargs)
     with pytest.raises(ValueError, match="INPUT"):
         RunConfig(inputs=(), out="o")
     RunConfig(inputs=("m.jsonl",), out="o", task="vqa")
+    RunConfig(inputs=("x",), out="o", clip_seconds=0.0)  # 0: one clip per video, as the README says
 
 
 def test_storage_options_parse():

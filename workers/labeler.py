@@ -87,11 +87,13 @@ class Labeler:
 
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int = 32):
-        import torch  # noqa: F401  (workers only: the driver never loads torch for this)
+        import torch  # workers only: the driver never loads torch for this
         from lavi.engine import DEFAULT_MODEL, Engine, GenerationConfig
 
-        # None: the bundled model of this node's installation (a driver's path may not exist here)
-        self.engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device, max_batch=max_batch)
+        # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs
+        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        self.engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device,
+                                  dtype=dtype, max_batch=max_batch)
         self.gen = GenerationConfig(**generation)
         self.job_id = job_id
         self.max_batch = max_batch
