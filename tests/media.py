@@ -107,6 +107,31 @@ def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststar
     return path.read_bytes()
 
 
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, the message its error row must hold) for images that cannot be labelled."""
+    return {
+        "empty.jpg": (b"", "empty file"),
+        "notes named.jpg": (b"shopping list: eggs, milk\n", "not an image: cannot identify format"),
+        "random.png": (np.random.default_rng(1).integers(0, 256, 5000, np.uint8).tobytes(), "not an image"),
+        "truncated.jpg": (jpeg(200, 200)[:3000], "truncated image"),
+        "truncated.png": (png(200, 200)[:3000], "truncated image"),
+        "bomb.png": (png_bomb(100_000), "image too large"),  # PIL's own limit fires at open
+        "bomb9k.png": (png_bomb(9_000), "over the limit of 67108864"),  # ours, from the header
+    }
+
+
+def bad_videos(tmp: Path) -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, the message its error row must hold) for videos that cannot be labelled."""
+    no_index = mp4(tmp / "slow.mp4", seconds=2, faststart=False)[:3000]  # moov at the end: gone
+    return {
+        "empty.mp4": (b"", "empty file"),
+        "random.mp4": (np.random.default_rng(2).integers(0, 256, 5000, np.uint8).tobytes(), "not a video"),
+        "text.mp4": (b"hello this is text, not a video\n" * 10, "not a video"),
+        "cut.mp4": (no_index, "moov atom not found"),
+        "mystery.bin": (b"\x00\x01\x02 not anything", "unrecognised media"),
+    }
+
+
 def write(path: Path, data: bytes) -> str:
     """Write bytes to path (creating folders) and return its file:// uri, as fsspec lists it
     (not Path.as_uri(): fsspec does not undo percent-encoding)."""

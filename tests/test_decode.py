@@ -82,23 +82,11 @@ def test_alpha_over_white_and_16_bit_scaling():
     assert abs(int(decode_item(item("g.png"), SETTINGS, mid)[0]["frames"].mean()) - 128) <= 1
 
 
-def bad_images() -> dict[str, tuple[bytes, str]]:
-    return {
-        "empty.jpg": (b"", "empty file"),
-        "notes named.jpg": (b"shopping list: eggs, milk\n", "not an image: cannot identify format"),
-        "random.png": (np.random.default_rng(1).integers(0, 256, 5000, np.uint8).tobytes(), "not an image"),
-        "truncated.jpg": (media.jpeg(200, 200)[:3000], "truncated image"),
-        "truncated.png": (media.png(200, 200)[:3000], "truncated image"),
-        "bomb.png": (media.png_bomb(100_000), "image too large"),  # PIL's own limit fires at open
-        "bomb9k.png": (media.png_bomb(9_000), "over the limit of 67108864"),  # ours, from the header
-    }
-
-
-@pytest.mark.parametrize("name", sorted(bad_images()))
+@pytest.mark.parametrize("name", sorted(media.bad_images()))
 def test_bad_images_give_one_readable_error_row(name):
     """Guards against corrupt/hostile images crashing the worker, exhausting memory or
     producing rows without a clear message."""
-    data, message = bad_images()[name]
+    data, message = media.bad_images()[name]
     one_error(decode_item(item(f"s3://b/{name}"), SETTINGS, data), "decode", message)
 
 
@@ -158,15 +146,7 @@ def test_truncated_mp4_recovers_frames_via_pyav(video10):
 
 def test_bad_videos_give_one_readable_error_row(tmp_path, video10):
     """Guards against broken videos crashing the stage or leaking raw bytes into messages."""
-    no_index = media.mp4(tmp_path / "slow.mp4", seconds=2, faststart=False)[:3000]  # moov at the end: gone
-    cases = {
-        "empty.mp4": (b"", "empty file"),
-        "random.mp4": (np.random.default_rng(2).integers(0, 256, 5000, np.uint8).tobytes(), "not a video"),
-        "text.mp4": (b"hello this is text, not a video\n" * 10, "not a video"),
-        "cut.mp4": (no_index, "moov atom not found"),
-        "mystery.bin": (b"\x00\x01\x02 not anything", "unrecognised media"),
-    }
-    for name, (data, message) in cases.items():
+    for name, (data, message) in media.bad_videos(tmp_path).items():
         row = one_error(decode_item(item(f"s3://b/{name}"), SETTINGS, data), "decode", message)
         assert "hello" not in row["error"] and row["error"].isprintable()
 

@@ -98,6 +98,37 @@ def test_vqa_manifest_end_to_end_with_bad_inputs(ray_local, tiny_model, tmp_path
         run(RunConfig(**{**config.__dict__, "max_new_tokens": 5}))
 
 
+def test_a_corpus_of_bad_and_unusual_files_gives_one_row_each(ray_local, tiny_model, tmp_path):
+    """Guards against a hostile or odd file (empty, truncated, random bytes, text named .jpg, decompression
+    bombs, 16-bit, CMYK, palette, GIF, EXIF-rotated, 1x1, very wide) or a name with spaces or non-ASCII
+    costing the job or its row: the walk finds each, the run completes, one row each with the right status."""
+    import media
+
+    root = tmp_path / "in put ünïcode"
+    expect: dict[str, tuple[str, str | None]] = {}  # file name -> (status, message in the error)
+    for name, (data, message) in {**media.bad_images(), **media.bad_videos(tmp_path)}.items():
+        if name.rsplit(".", 1)[1] in ("jpg", "png", "mp4"):  # the walk lists media extensions only
+            expect[f"bad {name}"] = ("error", message)
+            media.write(root / "bad" / f"bad {name}", data)
+    for name, (data, _) in media.unusual_images().items():
+        expect[f"ok é {name}"] = ("ok", None)
+        media.write(root / "ok" / f"ok é {name}", data)
+    expect["clip 日本.mp4"] = ("ok", None)
+    media.mp4(root / "clip 日本.mp4", seconds=1)
+    out = tmp_path / "out"
+    summary = run(RunConfig(inputs=(str(root),), out=str(out), model=tiny_model, max_new_tokens=2, batch_size=8))
+    rows = pq.read_table(out).to_pylist()
+    got = {r["uri"].rsplit("/", 1)[1]: r for r in rows}
+    assert len(rows) == len(got) == len(expect) == summary["rows"], sorted(got)
+    for name, (status, message) in expect.items():
+        row = got[name]
+        if status == "ok":
+            assert row["status"] in ("ok", "truncated") and row["text"] is not None, (name, row["error"])
+        else:
+            assert row["status"] == "error" and row["error_stage"] == "decode" and message in row["error"], row
+    assert summary["status"]["error"] == sum(s == "error" for s, _ in expect.values())
+
+
 def test_caption_directory_uses_model_default_prompts(ray_local, tiny_model, tmp_path):
     """Guards against caption rows without a prompt, or videos captioned with the image prompt."""
     from lavi.engine import Engine

@@ -88,3 +88,20 @@ def test_bundled_model_quality_through_the_pipeline(ray_local, tmp_path):
 def test_bundled_model_quality_through_the_pipeline_at_scale(ray_local, tmp_path):
     """The same on 300 images and 150 videos."""
     _check(_through_the_pipeline(tmp_path, 300, 150, HELD_OUT_SEED + 4))
+
+
+@pytest.mark.timeout(600)
+def test_demo_labels_a_sample_corpus_and_scores_it(ray_local, tmp_path):
+    """Guards against `make demo` (the README's first command) breaking: corpus, both runs, scores."""
+    import json
+
+    from click.testing import CliRunner
+
+    from jobs.demo import demo_cmd
+
+    result = CliRunner().invoke(demo_cmd, ["--out", str(tmp_path), "--images", "4", "--videos", "2"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["caption"]["counts"]["image_caption"] == 4 and scores["caption"]["counts"]["video_caption"] == 2
+    assert scores["vqa"]["n_missing"] == 0 and scores["vqa"]["counts"]["n_errors"] == 0
+    assert "image_caption_f1" in result.output and (tmp_path / "captions" / "_summary.json").exists()
