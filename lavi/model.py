@@ -47,11 +47,18 @@ class LaVi(nn.Module):
         p = self.config.vision.num_patches
         mask = frame_mask.repeat_interleave(p, dim=1)  # (N, F*P)
         flat = pixels.reshape(n * f, *pixels.shape[2:]).to(self.dtype)  # (N*F, 3, S, S)
+        real = frame_mask.reshape(-1)
+        padded = not bool(real.all())  # padding frames (an image beside videos) skip the ViT: zeros, masked out
+
+        def unpad(x: Tensor) -> Tensor:  # (R, P, d) real frames -> (N*F, P, d)
+            return x.new_zeros(n * f, *x.shape[1:]).index_copy_(0, real.nonzero().flatten(), x) if padded else x
+
+        frames = flat[real] if padded else flat
         if self.viln is not None:
-            _, taps = self.vision(flat, self.config.vision_taps())
-            return self.viln.visual(taps, n, f, mask)
-        last, _ = self.vision(flat)
-        return self.projector.visual(last, n, f, mask)
+            _, taps = self.vision(frames, self.config.vision_taps())
+            return self.viln.visual([unpad(t) for t in taps], n, f, mask)
+        last, _ = self.vision(frames)
+        return self.projector.visual(unpad(last), n, f, mask)
 
     def inputs(self, vis: Visual, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, LayerConds | None]:
         """Text ids (B, T) + a per-row visual -> decoder embeddings, key validity and norm conditioners.

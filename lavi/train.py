@@ -158,6 +158,11 @@ class GridProbe(torch.nn.Module):
                    for a, lg in enumerate(logits)) / len(logits)
 
 
+def _real_frames(grid: Tensor, frame_mask: Tensor) -> Tensor:
+    """(N, F, G*G, A) probe targets -> those of the real frames, in the order the ViT sees them (LaVi.encode)."""
+    return grid.flatten(0, 1)[frame_mask.flatten()]
+
+
 def length_groups(lengths: Tensor) -> list[Tensor]:
     """Split rows into at most two groups by length, at the cut that pads the fewest positions: short VQA
     answers and long captions in one batch need not all be padded to the longest caption."""
@@ -317,12 +322,12 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         lm = foc = aux = None
         if vision:  # the ViT alone: the fusion's output is not part of the loss, so nothing else moves
             model.encode(batch.pixels.to(dev), batch.frame_mask.to(dev))
-            loss = aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(dev))
+            loss = aux = probe.loss(feats.pop("x"), _real_frames(batch.grid, batch.frame_mask).to(dev))
         else:
             lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
             loss = lm if foc is None else lm + cfg.focus_weight * foc
             if probe is not None and batch.grid is not None:
-                aux = probe.loss(feats.pop("x"), batch.grid.flatten(0, 1).to(dev))
+                aux = probe.loss(feats.pop("x"), _real_frames(batch.grid, batch.frame_mask).to(dev))
                 loss = loss + cfg.grid_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
