@@ -78,18 +78,37 @@ class ShapesData:
 GRID_CLASSES = (1 + len(spec.COLOURS), 1 + len(spec.SHAPES), 1 + len(spec.SIZES))  # class 0: empty cell
 
 
+OVERLAP = 0.15  # an object is in a cell that holds at least this fraction of its bounding box
+
+
+def cell_overlaps(p, frame: int) -> np.ndarray:
+    """(9,) the fraction of object p's bounding box in each cell at `frame`. An image's object lies in one cell
+    (its centre's); a moving one straddles up to four, and every cell it covers shows part of it."""
+    cx, cy = p.centres[min(frame, len(p.centres) - 1)]
+    edges = np.arange(4) * spec.CELL_SIDE
+    h = p.s / 2
+
+    def spans(c: float) -> np.ndarray:  # (3,) length of [c - h, c + h] inside each cell row/column
+        return np.clip(np.minimum(c + h, edges[1:]) - np.maximum(c - h, edges[:-1]), 0, None)
+
+    return (spans(cy)[:, None] * spans(cx)[None, :]).flatten() / (p.s * p.s)
+
+
 def grid_labels(placed, frame_indices: list[int]) -> np.ndarray:
-    """(F, 9, 3) per-frame cell labels: (colour, shape, size) class of the object whose centre is in the
-    cell that frame, 0 for an empty cell, -100 (ignored) where two centres share a cell."""
+    """(F, 9, 3) per-frame cell labels: (colour, shape, size) class of the object in the cell that frame
+    (holding >= OVERLAP of its bounding box, so that every cell a moving object straddles must know the
+    whole object), 0 for an empty cell, -100 (ignored) for a cell with only a sliver of one or parts of two."""
     out = np.zeros((len(frame_indices), 9, 3), dtype=np.int64)
     colours, shapes, sizes = list(spec.COLOURS), list(spec.SHAPES), list(spec.SIZES)
     for j, f in enumerate(frame_indices):
-        taken: set[int] = set()
-        for p in placed:
-            cell = render.cell_of(*p.centres[min(f, len(p.centres) - 1)])
-            label = (1 + colours.index(p.colour), 1 + shapes.index(p.shape), 1 + sizes.index(p.size))
-            out[j, cell] = -100 if cell in taken else label
-            taken.add(cell)
+        cover = np.stack([cell_overlaps(p, f) for p in placed])  # (objects, 9)
+        for cell in range(9):
+            inside = np.flatnonzero(cover[:, cell] >= OVERLAP)
+            if len(inside) == 1 and (cover[:, cell] > 0).sum() == 1:
+                p = placed[inside[0]]
+                out[j, cell] = (1 + colours.index(p.colour), 1 + shapes.index(p.shape), 1 + sizes.index(p.size))
+            elif (cover[:, cell] > 0).any():
+                out[j, cell] = -100
     return out
 
 
@@ -124,10 +143,8 @@ def focus_spans(prompt: str, target: str, placed, frame_indices: list[int]) -> t
 
 
 def _cells(p, frame_indices: list[int]) -> np.ndarray:
-    out = np.zeros((len(frame_indices), 9), dtype=bool)
-    for j, f in enumerate(frame_indices):
-        out[j, render.cell_of(*p.centres[min(f, len(p.centres) - 1)])] = True
-    return out
+    """(F, 9) bool: the cells object p is in (cell_overlaps >= OVERLAP), per frame."""
+    return np.stack([cell_overlaps(p, f) >= OVERLAP for f in frame_indices])
 
 
 def sample_indices(num_frames: int, f: int, fps: float = spec.FPS) -> list[int]:

@@ -117,18 +117,25 @@ def test_grid_labels_follow_the_objects():
                 for c, s, z, cell in item.objects}
         assert {i: tuple(g[i]) for i in range(9) if g[i, 0] != 0} == want
     rng = np.random.default_rng(6)
-    for _ in range(50):  # a video whose moving object changes cell, alone in both cells
-        video = sample_video(rng)
-        for p in video.placed:
-            cells = [render.cell_of(*p.centres[f]) for f in (0, 15)]
-            others = {render.cell_of(*q.centres[f]) for q in video.placed if q is not p for f in (0, 15)}
-            if cells[0] != cells[1] and not set(cells) & others:
-                g = grid_labels(video.placed, [0, 15])
-                colour = 1 + list(spec.COLOURS).index(p.colour)
-                assert g[0, cells[0], 0] == colour and g[1, cells[1], 0] == colour
-                assert g[0, cells[1], 0] == 0 and g[1, cells[0], 0] == 0
-                return
-    raise AssertionError("no moving object changed cell in 50 videos")
+    edges = [round(k * spec.CELL_SIDE) for k in range(4)]  # pixel centres of cell k: [edges[k], edges[k + 1])
+    straddled = 0
+    for _ in range(30):  # moving objects: every cell that shows part of one is labelled with it, or ignored
+        video = sample_video(rng, ramp=0.0, draw=[0, 7, 15])  # hard edges: an object's pixels are its colour
+        g = grid_labels(video.placed, [0, 7, 15])
+        for j, frame in enumerate(video.frames):
+            for cell in range(9):
+                r, c = divmod(cell, 3)
+                px = frame[edges[r]:edges[r + 1], edges[c]:edges[c + 1]].reshape(-1, 3)
+                shown = [p for p in video.placed if (px == p.rgb).all(1).any()]
+                label = tuple(g[j, cell])
+                if label[0] == 0:
+                    assert not shown, (cell, j)
+                elif label[0] > 0:
+                    assert len(shown) == 1 and label == (1 + list(spec.COLOURS).index(shown[0].colour),
+                                                         1 + spec.SHAPES.index(shown[0].shape),
+                                                         1 + list(spec.SIZES).index(shown[0].size)), (cell, j)
+            straddled += sum((g[j, :, 0] > 0).sum() > len(video.placed) for j in range(3))
+    assert straddled > 5  # objects over cell borders were labelled in more than one cell
 
 
 @pytest.mark.parametrize("grid,vision", [(0.0, 0), (1.0, 0), (1.0, 2)])
@@ -252,12 +259,12 @@ def test_focus_cells_name_the_object_each_question_asks_about():
                 if len(idx) == 1:  # image objects have cells of their own
                     assert cells[0].sum() == spec.NUMBER_WORDS.index(a), q
                 continue
-            assert (cells.sum(1) == 1).all(), q
+            assert (cells.sum(1) >= 1).all() and (len(idx) > 1 or cells.sum() == 1), q
             named = [p for p in item.placed if p.colour in q.split() or p.shape in q.rstrip("?").split()]
             target = [p for p in named if all(w in (p.colour, p.shape) for w in q.rstrip("?").split()
                                               if w in spec.COLOURS or w in spec.SHAPES)]
             assert len(target) == 1, q
-            assert [render.cell_of(*target[0].centres[i]) for i in idx] == cells.argmax(1).tolist(), q
+            assert all(cells[j, render.cell_of(*target[0].centres[i])] for j, i in enumerate(idx)), q
             if q.startswith("where"):
                 assert spec.CELL_ANSWER[int(cells[0].argmax())] == a
 
@@ -275,7 +282,8 @@ def test_caption_focus_spans_cover_each_object_phrase_with_its_cells():
         for (start, end, cells), p, obj in zip(spans, item.placed, truth):
             assert parse_caption(item.caption[start:end], "video" if video else "image") == [obj]
             assert obj[:3] == (p.size, p.colour, p.shape)
-            assert [render.cell_of(*p.centres[i]) for i in idx] == cells.argmax(1).tolist()
+            assert all(cells[j, render.cell_of(*p.centres[i])] for j, i in enumerate(idx))
+            assert video or cells.sum() == 1
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
