@@ -54,6 +54,20 @@ def test_bundled_model_quality_on_a_small_held_out_set(tmp_path):
     _check(r["figures"])
 
 
+@BELOW_TARGETS
+def test_bundled_model_quality_on_an_independent_renderer(tmp_path):
+    """Guards against a model tied to shapes.render's pixels rather than to the spec: the targets on ~50 items
+    drawn by a second implementation of SHAPES.md (PIL's ImageDraw: hard edges, its own rasterisation)."""
+    import alt_shapes
+
+    from shapes.score import score_rows
+
+    entries = read_manifest(alt_shapes.write(tmp_path, 30, 20, HELD_OUT_SEED + 5))
+    engine = Engine.load(DEFAULT_MODEL)
+    rows = label_manifest(engine, entries, frames=engine.default_frames)
+    _check(score_rows(rows, {e["uri"]: e for e in entries}))
+
+
 @pytest.mark.slow
 @BELOW_TARGETS
 def test_bundled_model_quality_on_the_full_held_out_split(tmp_path):
