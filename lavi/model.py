@@ -48,7 +48,9 @@ class LaVi(nn.Module):
         mask = frame_mask.repeat_interleave(p, dim=1)  # (N, F*P)
         flat = pixels.reshape(n * f, *pixels.shape[2:]).to(self.dtype)  # (N*F, 3, S, S)
         real = frame_mask.reshape(-1)
-        padded = not bool(real.all())  # padding frames (an image beside videos) skip the ViT: zeros, masked out
+        # padding frames (an image beside videos) skip the ViT: zeros, masked out. On the meta device (FLOP
+        # counting at real shapes) nothing can be read back, so every frame counts as real.
+        padded = pixels.device.type != "meta" and not bool(real.all())
 
         def unpad(x: Tensor) -> Tensor:  # (R, P, d) real frames -> (N*F, P, d)
             return x.new_zeros(n * f, *x.shape[1:]).index_copy_(0, real.nonzero().flatten(), x) if padded else x
