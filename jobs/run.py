@@ -10,6 +10,23 @@ import click
 from pipeline.config import RunConfig
 
 
+class BatchSize(click.ParamType):
+    """A positive int, or "auto" (None)."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto":
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number or 'auto'", param, ctx)
+
+
+BATCH = BatchSize()
+
+
 @click.command("run")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", required=True, help="Output directory URI for the Parquet labels (path, s3://, gs://).")
@@ -17,9 +34,12 @@ from pipeline.config import RunConfig
 @click.option("--prompt", default=None, help="Caption prompt (default: the model's prompt for the media type).")
 @click.option("--question", "questions", multiple=True, help="A VQA question, asked of every item (repeatable).")
 @click.option("--model", default=None, help="LaVi checkpoint directory, local or object storage (default: bundled).")
-@click.option("--batch-size", default=32, show_default=True, help="Clips per labeler batch.")
+@click.option("--batch-size", type=BATCH, default="auto", show_default=True,
+              help="Rows per generation batch; auto: as many as GPU memory holds (measured at load), 32 on CPU.")
 @click.option("--workers", default=1, show_default=True, help="Labeler actors (model replicas).")
 @click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor; 0 runs on CPU.")
+@click.option("--compile/--no-compile", "compile", default=None,
+              help="torch.compile the decode step (CUDA graphs). Default: on a GPU, not on CPU.")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True)

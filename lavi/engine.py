@@ -4,6 +4,7 @@ This is what the labeler actor holds (one per replica) and what eval and the ben
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from .generate import GenerationConfig, Generator, setup_caches
 from .model import LaVi
 from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = str(Path(__file__).parent / "weights" / "tiny-shapes")
 
@@ -42,6 +45,17 @@ def pixels_from_frames(frames: list[np.ndarray], mean: tuple[float, ...], std: t
         pixels[i, : len(clip)] = (x - m) / s
         mask[i, : len(clip)] = True
     return pixels, mask
+
+
+def rows_that_fit(budget_bytes: float, per_row_bytes: float, ceiling: int = 1024, multiple: int = 8) -> int:
+    """Generation rows that fit `budget_bytes` at `per_row_bytes` each: at least 1, at most `ceiling`, rounded
+    down to a multiple of `multiple` once more than that fit."""
+    if per_row_bytes <= 0:
+        return ceiling
+    rows = int(budget_bytes // per_row_bytes)
+    if rows >= multiple:
+        rows -= rows % multiple
+    return max(1, min(ceiling, rows))
 
 
 class Engine:
@@ -75,6 +89,35 @@ class Engine:
     def default_prompt(self, media_type: str) -> str:
         return self.config.default_prompts.get(media_type, self.config.default_prompts["image"])
 
+    @torch.no_grad()
+    def fit_batch(self, share: float = 1.0, prompt_tokens: int = 64, new_tokens: int = 48, frames: int | None = None,
+                  probe: int = 8, ceiling: int = 1024, headroom: float = 0.85) -> int:
+        """Set `max_batch` from GPU memory and return it: one `probe`-row generation is measured (static caches,
+        visual state, prefill activations: peak bytes above the loaded model, per row), and as many rows as fit
+        `headroom` of this replica's memory (free memory, and at most `share` of the device when replicas share
+        it) become the batch. CUDA only: on CPU the batch is what the caller asks for."""
+        device = self.model.device
+        if device.type != "cuda":
+            raise ValueError("fit_batch measures GPU memory; on CPU give the batch size")
+        frames = frames or self.default_frames
+        clip = np.zeros((frames, self.image_size, self.image_size, 3), np.uint8)
+        prompt = " ".join(["a"] * max(1, prompt_tokens))
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        saved, self.max_batch = self.max_batch, probe
+        try:
+            self.generate([clip] * probe, [(i, prompt) for i in range(probe)],
+                          GenerationConfig(max_new_tokens=new_tokens))
+        finally:
+            self.max_batch = saved
+        torch.cuda.synchronize(device)
+        per_row = (torch.cuda.max_memory_allocated(device) - base) / probe
+        free, total = torch.cuda.mem_get_info(device)
+        budget = headroom * min(free, share * total - base)
+        self.max_batch = rows_that_fit(budget, per_row, ceiling)
+        return self.max_batch
+
     def encode_prompt(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(self.config.prompt_template.format(prompt=text))
         return ([self.config.bos_token_id] if self.config.bos_token_id is not None else []) + ids
@@ -93,7 +136,15 @@ class Engine:
         The visual state of each clip is computed once, whatever the number of prompts asked of it."""
         out: list[Generation] = []
         for start in range(0, len(requests), self.max_batch):
-            out.extend(self._generate_batch(visuals, requests[start:start + self.max_batch], gen))
+            chunk = requests[start:start + self.max_batch]
+            try:
+                out.extend(self._generate_batch(visuals, chunk, gen))
+            except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
+                if not self.generator.compiled:
+                    raise
+                log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
+                self.generator = Generator(self.model)
+                out.extend(self._generate_batch(visuals, chunk, gen))
         return out
 
     def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],

@@ -12,6 +12,8 @@ import math
 from typing import Any
 
 TASKS = ("caption", "vqa")
+CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
+GPU_AUTO_BLOCK = 256  # clips per labeler input block when --batch-size is auto on a GPU
 
 
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -42,7 +44,8 @@ class RunConfig:
     prompt: str | None = None
     questions: tuple[str, ...] = ()
     model: str | None = None  # None: the bundled model (lavi.engine.DEFAULT_MODEL)
-    batch_size: int = 32
+    batch_size: int | None = None  # None ("auto"): from GPU memory on a GPU, workers.labeler.CPU_BATCH on CPU
+    compile: bool | None = None  # compiled decode step; None: on a GPU, not on CPU
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 0.5  # CPU actors take a fraction so read/decode tasks always fit
@@ -80,7 +83,8 @@ class RunConfig:
             raise ValueError("--task vqa needs questions: give --question, or a manifest with a questions column")
         if any(not q.strip() for q in self.questions):
             raise ValueError("--question must not be empty")
-        _positive("batch-size", self.batch_size)
+        if self.batch_size is not None:
+            _positive("batch-size", self.batch_size)
         _positive("workers", self.workers)
         _positive("max-new-tokens", self.max_new_tokens)
         _positive("rows_per_file", self.rows_per_file)
@@ -113,6 +117,18 @@ class RunConfig:
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+    @property
+    def block_rows(self) -> int:
+        """Clips per labeler input batch: the batch size, or with auto on a GPU a block large enough for the
+        batch GPU memory allows (the actor splits it into batches of what fits)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return GPU_AUTO_BLOCK if self.gpus_per_worker > 0 else CPU_BATCH
+
+    @property
+    def use_compile(self) -> bool:
+        return self.gpus_per_worker > 0 if self.compile is None else self.compile
 
     def generation_settings(self) -> dict[str, Any]:
         """The generation settings recorded in the Parquet metadata and checked on resume."""

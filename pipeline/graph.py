@@ -105,11 +105,13 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
                         fn_kwargs={"settings": settings}, num_cpus=1)
     gpu = config.gpus_per_worker > 0
     return ds.map_batches(
-        Labeler, batch_size=config.batch_size, batch_format="pyarrow",
+        Labeler, batch_size=config.block_rows, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_gpus=config.gpus_per_worker if gpu else None, num_cpus=None if gpu else config.cpus_per_worker,
         fn_constructor_kwargs={"model": model, "job_id": job_id, "storage_options": config.storage,
                                "device": config.device, "max_batch": config.batch_size,
+                               "compile": config.use_compile, "memory_share": min(1.0, config.gpus_per_worker),
+                               "frames": settings.frames_per_clip,
                                "generation": {"max_new_tokens": config.max_new_tokens, "seed": config.seed,
                                               "temperature": config.temperature, "top_p": config.top_p}})
 

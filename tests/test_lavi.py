@@ -233,3 +233,54 @@ def test_generation_in_half_precision(tmp_path, fusion, dtype):
         lh = half.model(ids, valid, half.model.encode(pixels))[0, -1].float()
     assert_close(lh, lf, atol=0.05, rtol=0.05)
     assert a[0].text is not None
+
+
+def test_rows_that_fit_a_memory_budget():
+    """Guards the auto batch size: floor of budget / per-row bytes, rounded to a multiple of 8, clamped."""
+    from lavi.engine import rows_that_fit
+    assert rows_that_fit(1000, 10) == 96  # 100 fit, 96 is the multiple of 8 below
+    assert rows_that_fit(70, 10) == 7  # under 8: exact
+    assert rows_that_fit(5, 10) == 1  # nothing fits: one row still runs (and may fail as an infer error)
+    assert rows_that_fit(10**12, 10, ceiling=512) == 512
+    assert rows_that_fit(100, 0, ceiling=64) == 64
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(tmp_path):
+    """Guards against a compiler failure (no C++ toolchain, a Triton bug) failing a whole labeling job:
+    the engine continues eager, with the same greedy tokens."""
+    from lavi.engine import Engine
+    from lavi.tiny import make_tiny_checkpoint
+    import numpy as np
+    make_tiny_checkpoint(tmp_path)
+    frames = [np.random.default_rng(0).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)]
+    gen = GenerationConfig(max_new_tokens=5)
+    eager = Engine.load(str(tmp_path)).generate(frames, [(0, "describe the image.")], gen)
+    engine = Engine.load(str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("simulated compiler failure")
+
+    engine.generator.compiled, engine.generator.step = True, broken
+    out = engine.generate(frames, [(0, "describe the image.")], gen)
+    assert not engine.generator.compiled
+    assert [g.text for g in out] == [g.text for g in eager]
+    engine.generator.step = broken  # eager (not compiled) errors propagate: they are real
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+        engine.generate(frames, [(0, "describe the image.")], gen)
+
+
+@pytest.mark.gpu
+def test_fit_batch_fills_gpu_memory(tmp_path):
+    """The auto batch on a GPU: measured per-row memory, and the chosen batch actually runs."""
+    from lavi.engine import Engine
+    from lavi.tiny import make_tiny_checkpoint
+    import numpy as np
+    make_tiny_checkpoint(tmp_path)
+    engine = Engine.load(str(tmp_path), device="cuda", dtype=torch.bfloat16)
+    b = engine.fit_batch(new_tokens=8, ceiling=256)
+    assert 8 <= b <= 256 and engine.max_batch == b
+    frames = [np.zeros((1, 32, 32, 3), np.uint8)] * b
+    assert len(engine.generate(frames, [(i, "describe the image.") for i in range(b)],
+                               GenerationConfig(max_new_tokens=8))) == b
+    with pytest.raises(ValueError, match="CPU"):
+        Engine.load(str(tmp_path)).fit_batch()

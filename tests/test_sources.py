@@ -114,6 +114,23 @@ def test_run_config_validation_messages():
     RunConfig(inputs=("x",), out="o", clip_seconds=0.0)  # 0: one clip per video, as the README says
 
 
+def test_auto_batch_and_compile_defaults():
+    """Guards the defaults: auto batch is CPU_BATCH on CPU and a large block on a GPU (the actor sizes its batch
+    from memory); compile is on for GPUs only; `--batch-size auto|N` parses and junk is refused by name."""
+    from click.testing import CliRunner
+
+    from jobs.run import BATCH, run as run_cmd
+    from pipeline.config import CPU_BATCH, GPU_AUTO_BLOCK
+    cpu, gpu = RunConfig(inputs=("x",), out="o"), RunConfig(inputs=("x",), out="o", gpus_per_worker=0.5)
+    assert (cpu.batch_size, cpu.block_rows, cpu.use_compile) == (None, CPU_BATCH, False)
+    assert (gpu.block_rows, gpu.use_compile) == (GPU_AUTO_BLOCK, True)
+    fixed = RunConfig(inputs=("x",), out="o", gpus_per_worker=1.0, batch_size=12, compile=False)
+    assert (fixed.block_rows, fixed.use_compile) == (12, False)
+    assert BATCH.convert("auto", None, None) is None and BATCH.convert("7", None, None) == 7
+    result = CliRunner().invoke(run_cmd, ["x", "--out", "o", "--batch-size", "many"])
+    assert result.exit_code == 2 and "'many' is not a whole number or 'auto'" in result.output
+
+
 def test_storage_options_parse():
     """Guards against dotted keys (client_kwargs.endpoint_url) not nesting and 'false' being truthy."""
     assert parse_storage_options(("client_kwargs.endpoint_url=http://h:1", "anon=false", "key=a=b")) == {

@@ -23,6 +23,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import CPU_BATCH
 from schemas.rows import ERROR, IMAGE, INFER, OK, READ, TRUNCATED, VIDEO, row_id, table_from_rows
 from workers.decode import DecodeSettings, error_row, fetch_and_decode
 
@@ -86,17 +87,24 @@ class Labeler:
     """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ _item_rows)."""
 
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
-                 device: str = "cpu", max_batch: int = 32):
+                 device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
+                 frames: int | None = None):
+        """max_batch None: on a GPU, as many rows as its memory holds (`Engine.fit_batch`, measured once at load,
+        `memory_share` of the device when replicas share it); on CPU, CPU_BATCH. compile: the decode step."""
         import torch  # workers only: the driver never loads torch for this
         from lavi.engine import DEFAULT_MODEL, Engine, GenerationConfig
 
         # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs
-        dtype = torch.bfloat16 if device.startswith("cuda") else None
+        cuda = device.startswith("cuda")
         self.engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device,
-                                  dtype=dtype, max_batch=max_batch)
+                                  dtype=torch.bfloat16 if cuda else None, max_batch=max_batch or CPU_BATCH,
+                                  compile=compile)
         self.gen = GenerationConfig(**generation)
+        if max_batch is None and cuda:
+            self.engine.fit_batch(share=memory_share, new_tokens=self.gen.max_new_tokens, frames=frames)
+            log.info("labeler batch from GPU memory: %d rows", self.engine.max_batch)
         self.job_id = job_id
-        self.max_batch = max_batch
+        self.max_batch = self.engine.max_batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         clips = batch.to_pylist()
