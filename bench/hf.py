@@ -97,6 +97,16 @@ def inputs(model, setting: Setting, batch: int, prompt_tokens: int, seed: int = 
 
 
 @torch.no_grad()
+def prefill_flops(model, kwargs: dict) -> int:
+    """Counted FLOPs of one forward over the whole context (vision tower, projector, decoder, lm_head at the
+    last position only, as generation needs), per row of `kwargs`."""
+    from bench.flops import count
+
+    flops, _ = count(model, **kwargs, logits_to_keep=1, use_cache=False)
+    return flops // kwargs["input_ids"].shape[0]
+
+
+@torch.no_grad()
 def timed_generate(model, kwargs: dict, new_tokens: int) -> tuple[float, float]:
     """(time to first token, total) of greedy generate() with exactly `new_tokens` tokens (EOS suppressed)."""
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)

@@ -253,6 +253,7 @@ class Runner:
         except (ImportError, TypeError, ValueError) as err:
             self._release_all()
             return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
+        counted = hf.prefill_flops(model, hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0])
         probe = self.probe(try_batch, self._release_all) if self.device.type == "cuda" and not c.batch_sizes else []
         sizes = self._sizes(probe, [1, 8])
         rows = []
@@ -273,7 +274,7 @@ class Runner:
                          "dtype": str(self.dtype).removeprefix("torch."), "generator": "transformers generate()",
                          "captions_per_s": b / total, "ttft_s": ttft,
                          "decode_tokens_per_s": b * (c.new_tokens - 1) / max(total - ttft, 1e-9),
-                         "peak_mem_bytes": self.mem.peak(), "prefill_flops": None, "total_s": total,
+                         "peak_mem_bytes": self.mem.peak(), "prefill_flops": counted, "total_s": total,
                          **({"probe": probe} if probe else {})})
         del model
         self._release_all()

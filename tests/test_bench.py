@@ -185,6 +185,8 @@ def test_bench_model_command_end_to_end(tmp_path):
     concat = next(r for r in doc["results"] if r["model"] == "concat")
     assert lavi["visual_tokens"] == concat["visual_tokens"] == 16
     assert lavi["prefill_flops"] == lavi["prefill_flops_analytic"]
+    hf = next(r for r in doc["results"] if r["model"] == "hf-llava-ov")  # the same visual tokens in its context
+    assert concat["prefill_flops"] < hf["prefill_flops"] < 2 * concat["prefill_flops"]
     assert {r["model"] for r in doc["roofline"]} == {"lavi", "concat"}
     assert "bench model: tiny-random" in md.read_text()
 
