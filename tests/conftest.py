@@ -175,3 +175,15 @@ def tiny_model(tmp_path_factory) -> str:
     from lavi.engine import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-lavi")), seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`-m gpu` on a machine without CUDA: skipped with the reason, not failed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

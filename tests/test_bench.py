@@ -140,6 +140,19 @@ def test_decode_step_inductor_equals_eager():
     assert compiled == eager
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fusion", ["viln", "concat"])
+def test_cuda_graph_decode_equals_eager_on_gpu(fusion):
+    """Guards the GPU path: the inductor + CUDA graphs decode step ("reduce-overhead") gives the eager tokens,
+    and on replay of the recorded graph."""
+    model = chaotic_model(fusion, seed=4).to("cuda")
+    pixels, rows = torch.randn(3, 2, 3, 32, 32, device="cuda"), torch.tensor([0, 1, 2])
+    eager = timed_tokens(TimedGenerator(model, 3, 64), pixels, rows, PROMPTS[:3], 8, NEVER)
+    compiled = TimedGenerator(model, 3, 64, compile=True)
+    assert timed_tokens(compiled, pixels, rows, PROMPTS[:3], 8, NEVER) == eager
+    assert timed_tokens(compiled, pixels, rows, PROMPTS[:3], 8, NEVER) == eager  # graph replay
+
+
 def test_random_model_is_built_without_a_host_copy_and_keeps_ties():
     """Guards against the meta-device build leaving weights uninitialised (NaN/garbage) or untying the
     tied lm_head (a second vocab x d matrix: wrong memory and wrong weights-read roofline)."""
