@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # torch, the engine and the decoders load when a command runs
 
 HELD_OUT_SEED = 1_000_003  # training draws from seeds 0..; this split is disjoint by construction
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
+RENDERERS = ("shapes", "pil")  # this repository's renderer (shapes.render), and an independent one (shapes.pil)
+RENDERER_TEXT = {"shapes": "drawn by this repository's renderer (shapes.render, which training also uses)",
+                 "pil": "drawn by an independent implementation of SHAPES.md (shapes.pil: PIL ImageDraw, hard "
+                        "edges, its own sampling code)"}
 
 
 def label_manifest(engine: "Engine", entries: list[dict], frames: int, batch: int = 64,
@@ -55,47 +59,65 @@ def label_manifest(engine: "Engine", entries: list[dict], frames: int, batch: in
     return rows
 
 
-def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
-             device: str = "cpu") -> dict:
-    from lavi.engine import Engine
-    from shapes.corpus import read_manifest, write_corpus
-    from shapes.score import score_rows
+def write_split(workdir: str, images: int, videos: int, seed: int, renderer: str = "shapes") -> str:
+    """The held-out split's files and manifest.jsonl in `workdir` (once), drawn by `renderer`."""
+    from shapes import pil
+    from shapes.corpus import write_corpus
 
+    if renderer not in RENDERERS:
+        raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
     manifest = f"{workdir}/manifest.jsonl"
     if not Path(manifest).exists():
-        write_corpus(workdir, images, videos, seed)
+        (pil.write if renderer == "pil" else write_corpus)(workdir, images, videos, seed)
+    return manifest
+
+
+def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
+             device: str = "cpu", renderer: str = "shapes") -> dict:
+    from lavi.engine import Engine
+    from shapes.corpus import read_manifest
+    from shapes.score import score_rows
+
+    manifest = write_split(workdir, images, videos, seed, renderer)
     entries = read_manifest(manifest)
     engine = Engine.load(model, device=device, max_batch=256)
     t0 = time.time()
     rows = label_manifest(engine, entries, frames or engine.default_frames)
     figures = score_rows(rows, {e["uri"]: e for e in entries})
     summary = Path(model) / "train_summary.json"
-    return {"model": engine.name, "path": model, "fusion": engine.config.fusion, "figures": figures,
+    return {"model": engine.name, "path": model, "fusion": engine.config.fusion, "renderer": renderer,
+            "figures": figures,
             "label_wall_s": time.time() - t0, "rows": len(rows),
             "training": json.loads(summary.read_text()) if summary.exists() else None}
 
 
 def card_section(results: list[dict], split: dict, command: str) -> str:
+    """The model card's figures: one table per renderer, the models side by side, then each training record."""
     import torch
 
     keys = [("image_caption_f1", "image caption object F1", 0.95), ("video_caption_f1", "video caption object F1", 0.90),
             ("image_vqa_acc", "image VQA accuracy", 0.95), ("video_vqa_acc", "video VQA accuracy", 0.95),
             ("image_caption_exact", "image caption exact match", None),
             ("video_caption_exact", "video caption exact match", None)]
-    head = "| figure | target | " + " | ".join(f"{r['model']} ({r['fusion']})" for r in results) + " |"
     lines = [CARD_BEGIN, f"Held-out shapes-v1: {split['images']} images, {split['videos']} videos, seed {split['seed']} "
              f"(written as PNG/JPEG/MP4 files and decoded by the pipeline's decoder), {split['frames']} frames per video.",
-             f"Written by: `{command}` on {split['device']}, torch {torch.__version__}, {split['when']}.", "",
-             head, "|" + " --- |" * (2 + len(results))]
-    for key, label, target in keys:
-        vals = [r["figures"].get(key) for r in results]
-        cells = " | ".join("n/a" if v is None else f"{v:.4f}" for v in vals)
-        lines.append(f"| {label} | {'>= ' + str(target) if target else ''} | {cells} |")
-    lines.append("| rows labelled per second (CPU, eval loop) | | " +
-                 " | ".join(f"{r['rows'] / r['label_wall_s']:.1f}" for r in results) + " |")
+             f"Written by: `{command}` on {split['device']}, torch {torch.__version__}, {split['when']}."]
+    renderers = list(dict.fromkeys(r.get("renderer", "shapes") for r in results))
+    for renderer in renderers:
+        rs = [r for r in results if r.get("renderer", "shapes") == renderer]
+        lines += ["", f"Split {RENDERER_TEXT.get(renderer, renderer)}:", "",
+                  "| figure | target | " + " | ".join(f"{r['model']} ({r['fusion']})" for r in rs) + " |",
+                  "|" + " --- |" * (2 + len(rs))]
+        for key, label, target in keys:
+            cells = " | ".join("n/a" if r["figures"].get(key) is None else f"{r['figures'][key]:.4f}" for r in rs)
+            lines.append(f"| {label} | {'>= ' + str(target) if target else ''} | {cells} |")
+        lines.append(f"| rows labelled per second ({split['device']}, eval loop) | | " +
+                     " | ".join(f"{r['rows'] / r['label_wall_s']:.1f}" for r in rs) + " |")
+    seen = set()
     for r in results:
         t = r.get("training")
-        if t:
+        if t and r["path"] not in seen:
+            seen.add(r["path"])
             lines.append(f"\n{r['model']}: trained {t['steps']} steps in {t['wall_s'] / 60:.1f} min on {t['device']} "
                          f"({t.get('threads', '?')} threads), final training loss {t['final']['loss']:.4f} "
                          f"(from its train_summary.json).")
@@ -120,8 +142,11 @@ def write_card(card: Path, section: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
 @click.option("--card", type=click.Path(dir_okay=False), help="Replace the figures section of this model card.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
+@click.option("--renderer", "renderers", multiple=True, type=click.Choice(RENDERERS),
+              help="Who draws the split (repeatable; default: both): shapes (this repository's renderer) or pil "
+                   "(an independent implementation of SHAPES.md).")
 def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
-             card: str | None, device: str) -> None:
+             card: str | None, device: str, renderers: tuple[str, ...]) -> None:
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
     import torch
 
@@ -130,17 +155,19 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     models = models or (DEFAULT_MODEL,)
-    with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
-        click.echo(f"writing the held-out split ({images} images, {videos} videos, seed {seed}) ...")
-        results = []
-        for m in models:
-            r = evaluate(m, images, videos, seed, frames, tmp, device)
-            results.append(r)
-            f = r["figures"]
-            click.echo(f"{r['model']} ({r['fusion']}): " + ", ".join(
-                f"{k} {f[k]:.4f}" for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc",
-                                            "video_vqa_acc", "image_caption_exact", "video_caption_exact")
-                if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")
+    results = []
+    for renderer in renderers or RENDERERS:
+        with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
+            click.echo(f"writing the held-out split ({images} images, {videos} videos, seed {seed}, "
+                       f"renderer {renderer}) ...")
+            for m in models:
+                r = evaluate(m, images, videos, seed, frames, tmp, device, renderer)
+                results.append(r)
+                f = r["figures"]
+                click.echo(f"[{renderer}] {r['model']} ({r['fusion']}): " + ", ".join(
+                    f"{k} {f[k]:.4f}" for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc",
+                                                "video_vqa_acc", "image_caption_exact", "video_caption_exact")
+                    if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")
     split = {"images": images, "videos": videos, "seed": seed, "device": device,
              "frames": frames or "model default", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     command = "lavi-label " + " ".join(sys.argv[1:])

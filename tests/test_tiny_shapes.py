@@ -1,6 +1,6 @@
 """The bundled tiny-shapes model: it loads, labels shapes-v1 in well-formed text, and its quality
-against the project's targets (not reached yet: see MODEL_CARD.md; the xfail is strict, so a model
-that reaches them turns these tests red until the marker goes)."""
+against the project's targets, one test per (check, target): those it does not reach are listed in
+BELOW and xfail strictly (MODEL_CARD.md has the figures)."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,6 @@ from shapes.corpus import read_manifest, write_corpus
 from shapes.score import parse_caption, score_parquet
 
 TARGETS = {"image_caption_f1": 0.95, "video_caption_f1": 0.90, "image_vqa_acc": 0.95, "video_vqa_acc": 0.95}
-BELOW_TARGETS = pytest.mark.xfail(strict=True, reason="tiny-shapes is below its quality targets (MODEL_CARD.md)")
 
 
 def test_bundled_model_loads():
@@ -42,38 +41,59 @@ def test_bundled_model_writes_well_formed_labels(tmp_path):
                                            "bottom right"}, r
 
 
-def _check(figures: dict) -> None:
-    short = {k: round(figures[k], 4) for k in TARGETS}
-    assert all(figures[k] >= t for k, t in TARGETS.items()), f"below target: {short} vs {TARGETS}"
+# targets the bundled model does not reach yet, per check (MODEL_CARD.md has the figures); strict, so a model
+# that reaches one turns its test red until it leaves this list
+BELOW = {
+    "held_out": {"image_caption_f1", "video_caption_f1", "image_vqa_acc", "video_vqa_acc"},
+    "independent_renderer": {"image_caption_f1", "video_caption_f1", "image_vqa_acc", "video_vqa_acc"},
+    "pipeline": {"image_caption_f1", "video_caption_f1", "image_vqa_acc", "video_vqa_acc"},
+}
 
 
-@BELOW_TARGETS
-def test_bundled_model_quality_on_a_small_held_out_set(tmp_path):
-    """The targets on ~50 held-out items written as real files and decoded by the pipeline's decoder."""
-    r = evaluate(DEFAULT_MODEL, images=30, videos=20, seed=HELD_OUT_SEED + 1, frames=None, workdir=str(tmp_path))
-    _check(r["figures"])
+def _targets(check: str) -> list:
+    reason = "tiny-shapes is below this quality target (MODEL_CARD.md)"
+    return [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=reason)) if k in BELOW[check] else k
+            for k in TARGETS]
 
 
-@BELOW_TARGETS
-def test_bundled_model_quality_on_an_independent_renderer(tmp_path):
+def _check(figures: dict, metric: str) -> None:
+    assert figures[metric] >= TARGETS[metric], f"{metric} {figures[metric]:.4f} < {TARGETS[metric]} ({figures})"
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> dict:
+    """~50 held-out items written as real files and decoded by the pipeline's decoder."""
+    r = evaluate(DEFAULT_MODEL, images=30, videos=20, seed=HELD_OUT_SEED + 1, frames=None,
+                 workdir=str(tmp_path_factory.mktemp("held_out")))
+    return r["figures"]
+
+
+@pytest.mark.parametrize("metric", _targets("held_out"))
+def test_bundled_model_quality_on_a_small_held_out_set(held_out, metric):
+    """The targets on ~50 held-out items of shapes.render."""
+    _check(held_out, metric)
+
+
+@pytest.fixture(scope="module")
+def independent_renderer(tmp_path_factory) -> dict:
+    r = evaluate(DEFAULT_MODEL, images=30, videos=20, seed=HELD_OUT_SEED + 5, frames=None,
+                 workdir=str(tmp_path_factory.mktemp("pil")), renderer="pil")
+    return r["figures"]
+
+
+@pytest.mark.parametrize("metric", _targets("independent_renderer"))
+def test_bundled_model_quality_on_an_independent_renderer(independent_renderer, metric):
     """Guards against a model tied to shapes.render's pixels rather than to the spec: the targets on ~50 items
     drawn by a second implementation of SHAPES.md (PIL's ImageDraw: hard edges, its own rasterisation)."""
-    import alt_shapes
-
-    from shapes.score import score_rows
-
-    entries = read_manifest(alt_shapes.write(tmp_path, 30, 20, HELD_OUT_SEED + 5))
-    engine = Engine.load(DEFAULT_MODEL)
-    rows = label_manifest(engine, entries, frames=engine.default_frames)
-    _check(score_rows(rows, {e["uri"]: e for e in entries}))
+    _check(independent_renderer, metric)
 
 
 @pytest.mark.slow
-@BELOW_TARGETS
 def test_bundled_model_quality_on_the_full_held_out_split(tmp_path):
-    """The model card's split (300 images, 150 videos)."""
+    """The model card's split (300 images, 150 videos): every target, as the card reports them."""
     r = evaluate(DEFAULT_MODEL, images=300, videos=150, seed=HELD_OUT_SEED, frames=None, workdir=str(tmp_path))
-    _check(r["figures"])
+    missed = {k: round(r["figures"][k], 4) for k, t in TARGETS.items() if r["figures"][k] < t}
+    assert set(missed) == BELOW["held_out"], f"missed {missed}; BELOW says {sorted(BELOW['held_out'])}"
 
 
 def _through_the_pipeline(tmp_path, images: int, videos: int, seed: int) -> dict:
@@ -89,19 +109,25 @@ def _through_the_pipeline(tmp_path, images: int, videos: int, seed: int) -> dict
     return figures
 
 
-@BELOW_TARGETS
+@pytest.fixture(scope="module")
+def through_the_pipeline(ray_local, tmp_path_factory) -> dict:
+    return _through_the_pipeline(tmp_path_factory.mktemp("pipeline"), 30, 20, HELD_OUT_SEED + 3)
+
+
 @pytest.mark.timeout(600)
-def test_bundled_model_quality_through_the_pipeline(ray_local, tmp_path):
+@pytest.mark.parametrize("metric", _targets("pipeline"))
+def test_bundled_model_quality_through_the_pipeline(through_the_pipeline, metric):
     """The targets on ~50 held-out items labeled by the whole pipeline (the default model, as a user gets it)."""
-    _check(_through_the_pipeline(tmp_path, 30, 20, HELD_OUT_SEED + 3))
+    _check(through_the_pipeline, metric)
 
 
 @pytest.mark.slow
-@BELOW_TARGETS
 @pytest.mark.timeout(1800)
 def test_bundled_model_quality_through_the_pipeline_at_scale(ray_local, tmp_path):
-    """The same on 300 images and 150 videos."""
-    _check(_through_the_pipeline(tmp_path, 300, 150, HELD_OUT_SEED + 4))
+    """The same on 300 images and 150 videos: the targets missed are those of the model card's split."""
+    figures = _through_the_pipeline(tmp_path, 300, 150, HELD_OUT_SEED + 4)
+    missed = {k: round(figures[k], 4) for k, t in TARGETS.items() if figures[k] < t}
+    assert set(missed) == BELOW["held_out"], f"missed {missed}; BELOW says {sorted(BELOW['held_out'])}"
 
 
 @pytest.mark.timeout(600)

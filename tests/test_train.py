@@ -204,6 +204,32 @@ def test_train_command_on_shapes_with_a_vision_phase_and_frame_counts(tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
 
 
+def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_path):
+    """Guards `lavi-label eval` (the model card's figures): a split from each renderer, every model on each,
+    the JSON, and the card's section replaced in place (a rerun leaves one copy, the prose around it kept)."""
+    ck = tmp_path / "ck"
+    train_args = ["train", "--out", str(ck), "--steps", "2", "--images", "2", "--videos", "1", "--questions", "1",
+                  "--frames", "2", "--warmup", "1", "--threads", "1", "--checkpoint-every", "2"]
+    assert CliRunner().invoke(main, train_args).exit_code == 0
+    card = tmp_path / "CARD.md"
+    card.write_text("# card\nprose before\n<!-- eval:begin -->\nold figures\n<!-- eval:end -->\nprose after\n")
+    args = ["eval", "--model", str(ck), "--model", str(ck), "--images", "3", "--videos", "2", "--device", "cpu",
+            "--out", str(tmp_path / "eval.json"), "--card", str(card)]
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert [(r["renderer"], r["path"]) for r in doc["results"]] == [(x, str(ck)) for x in ("shapes", "shapes", "pil", "pil")]
+    for r in doc["results"]:
+        f = r["figures"]
+        assert all(0 <= f[k] <= 1 for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc", "video_vqa_acc"))
+        assert r["rows"] >= 2 * 5  # per item: its caption and at least one question
+    text = card.read_text()
+    assert text.count("<!-- eval:begin -->") == 1 and "old figures" not in text
+    assert "prose before" in text and "prose after" in text and "independent implementation" in text
+    assert text.count("| image caption object F1 | >= 0.95 |") == 2 and "trained 2 steps" in text
+
+
 def test_row_mean_loss_weighs_each_row_equally(tmp_path):
     """Guards against --loss-per row averaging over tokens after all (a long caption then outweighs a
     one-word answer): the loss equals the mean over rows of each row's mean token loss."""

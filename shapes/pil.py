@@ -1,4 +1,4 @@
-"""A second, independent renderer of shared/SHAPES.md for tests: PIL's ImageDraw (hard edges, its own pixel
+"""A second, independent renderer of shared/SHAPES.md (`lavi-label eval --renderer pil`): PIL's ImageDraw (hard edges, its own pixel
 conventions, triangle and circle rasterisation), its own sampling code, and shapes.corpus's encoders and
 manifest format. It checks that a model trained on shapes.render is scored on the spec, not on one renderer.
 The text (captions, questions) is the spec's canonical form, from shapes.spec.
@@ -100,9 +100,10 @@ def video(rng: np.random.Generator) -> tuple[np.ndarray, str, list[tuple[str, st
     return np.stack(frames), caption, qa
 
 
-def write(root: Path, images: int, videos: int, seed: int) -> str:
+def write(root: Path | str, images: int, videos: int, seed: int) -> str:
     """Files and a manifest.jsonl in shapes.corpus's format (uri, media_type, caption, questions, answers)."""
     rng = np.random.default_rng(seed)
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(images + videos):
