@@ -105,12 +105,13 @@ class Engine:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        saved, self.max_batch = self.max_batch, probe
+        saved = self.max_batch, self.generator
+        self.max_batch, self.generator = probe, Generator(self.model)  # eager: no CUDA graph for the probe's shape
         try:
             self.generate([clip] * probe, [(i, prompt) for i in range(probe)],
                           GenerationConfig(max_new_tokens=new_tokens))
         finally:
-            self.max_batch = saved
+            self.max_batch, self.generator = saved
         torch.cuda.synchronize(device)
         per_row = (torch.cuda.max_memory_allocated(device) - base) / probe
         free, total = torch.cuda.mem_get_info(device)

@@ -44,7 +44,7 @@ class RunConfig:
     prompt: str | None = None
     questions: tuple[str, ...] = ()
     model: str | None = None  # None: the bundled model (lavi.engine.DEFAULT_MODEL)
-    batch_size: int | None = None  # None ("auto"): from GPU memory on a GPU, workers.labeler.CPU_BATCH on CPU
+    batch_size: int | None = None  # None ("auto"): from GPU memory on a GPU, CPU_BATCH on CPU
     compile: bool | None = None  # compiled decode step; None: on a GPU, not on CPU
     workers: int = 1
     gpus_per_worker: float = 0.0
