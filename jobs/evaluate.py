@@ -118,8 +118,9 @@ def card_section(results: list[dict], split: dict, command: str) -> str:
         t = r.get("training")
         if t and r["path"] not in seen:
             seen.add(r["path"])
+            resumed = f", resumed at step {t['resumed_from']}" if t.get("resumed_from") else ""
             lines.append(f"\n{r['model']}: trained {t['steps']} steps in {t['wall_s'] / 60:.1f} min on {t['device']} "
-                         f"({t.get('threads', '?')} threads), final training loss {t['final']['loss']:.4f} "
+                         f"({t.get('threads', '?')} threads{resumed}), final training loss {t['final']['loss']:.4f} "
                          f"(from its train_summary.json).")
     lines.append(CARD_END)
     return "\n".join(lines)

@@ -120,7 +120,12 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
     click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
                f"on {data} for {steps} steps on {device} -> {out}")
-    logf = (outp / "train_log.jsonl").open("a")
+    start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
+    log_path = outp / "train_log.jsonl"
+    if log_path.exists():  # a resumed run redoes the steps after its checkpoint: their old records go
+        kept = [line for line in log_path.read_text().splitlines() if start and json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    logf = log_path.open("a")
     t0 = time.time()
 
     def on_log(rec: dict) -> None:
@@ -133,11 +138,12 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
         logf.write(json.dumps(rec) + "\n")
         logf.flush()
 
-    start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
     last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log, vision_data=vision_source)
-    wall = time.time() - t0
+    session = time.time() - t0
+    wall = json.loads((outp / "train_state.json").read_text())["wall_s"]  # every session's, to the last step
     (outp / "train_summary.json").write_text(json.dumps(
-        {"steps": steps, "final": last, "wall_s": wall, "device": device, "threads": torch.get_num_threads(),
-         "resumed_from": start, "command": "lavi-label " + " ".join(sys.argv[1:]), "torch": torch.__version__},
-        indent=2))
-    click.echo(f"done in {wall / 60:.1f} min: final loss {last.get('loss', float('nan')):.4f}; checkpoint in {out}")
+        {"steps": steps, "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
+         "threads": torch.get_num_threads(), "resumed_from": start, "command": "lavi-label " + " ".join(sys.argv[1:]),
+         "torch": torch.__version__}, indent=2))
+    click.echo(f"done in {wall / 60:.1f} min of training ({session / 60:.1f} min this session): final loss "
+               f"{last.get('loss', float('nan')):.4f}; checkpoint in {out}")

@@ -257,16 +257,18 @@ def _optimizer(model: LaVi, cfg: TrainConfig, probe: GridProbe | None = None) ->
 
 
 def save_state(out: Path, model: LaVi, opt: torch.optim.AdamW, step: int, cfg: TrainConfig, tok_dir: Path,
-               probe: GridProbe | None = None) -> None:
+               probe: GridProbe | None = None, wall_s: float = 0.0) -> None:
     """Write the model (a loadable LaVi directory) and the optimizer state (and the training-only probe's
-    weights), then the step marker last."""
+    weights), then the step marker last, with the training wall time up to this step (over every session
+    that led to it: the work after the last checkpoint of an interrupted session is redone, not counted)."""
     checkpoint.save(model, out, tokenizer_dir=tok_dir)
     state = opt.state_dict()
     tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
     if probe is not None:
         tensors.update({f"probe.{k}": v for k, v in probe.state_dict().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "train_state.safetensors"))
-    (out / "train_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
+    (out / "train_state.json").write_text(json.dumps({"step": step, "wall_s": wall_s, "config": asdict(cfg)},
+                                                     indent=2))
 
 
 def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None) -> int:
@@ -306,11 +308,13 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         deepest = max(model.config.vision_taps()) if model.viln is not None else -1  # viln stops at its last tap
         hook = model.vision.encoder.layers[deepest].register_forward_hook(lambda _m, _i, o: feats.__setitem__("x", o))
     opt = _optimizer(model, cfg, probe)
-    start = 0
+    start, wall0 = 0, 0.0
     if resume and (out / "train_state.json").exists():
         start = load_state(out, opt, probe)
+        wall0 = json.loads((out / "train_state.json").read_text()).get("wall_s", 0.0)
         log.info("resuming from step %d in %s", start, out)
-    t0, seen, last = time.time(), 0, {}
+    session, seen, last = time.time(), 0, {}
+    t0 = session
     for step in range(start, cfg.steps):
         vision = step < cfg.vision_steps
         if step == cfg.vision_steps and step > 0:
@@ -345,7 +349,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             model.eval()
-            save_state(out, model, opt, step + 1, cfg, tok_dir, probe)
+            save_state(out, model, opt, step + 1, cfg, tok_dir, probe, wall_s=wall0 + time.time() - session)
             model.train()
     if probe is not None:
         hook.remove()

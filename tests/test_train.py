@@ -158,11 +158,14 @@ def test_resume_continues_from_the_checkpoint(tmp_path, grid, vision):
     train(whole, tok_dir, data, cfg, tmp_path / "whole", vision_data=_with_grid)
     half = fresh()
     train(half, tok_dir, data, TrainConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "split", vision_data=_with_grid)
+    first = json.loads((tmp_path / "split" / "train_state.json").read_text())["wall_s"]
     resumed = checkpoint.load(tmp_path / "split").train()
     train(resumed, tok_dir, data, cfg, tmp_path / "split", resume=True, vision_data=_with_grid)
     a, b = whole.state_dict(), resumed.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    total = json.loads((tmp_path / "split" / "train_state.json").read_text())["wall_s"]
+    assert 0 < first < total  # the training time of both sessions, not only the last one's
 
 
 def test_train_command_on_a_parquet_of_targets(tmp_path):
@@ -202,6 +205,24 @@ def test_train_command_on_shapes_with_a_vision_phase_and_frame_counts(tmp_path):
     for bad, message in ((["--frames", "x"], "--frames"), (["--grid-probe", "0"], "--vision-steps")):
         result = CliRunner().invoke(main, args[:-4] + ["--no-resume", "--out", str(tmp_path / "bad")] + bad)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_resumed_train_command_keeps_one_log_record_per_step_and_sums_its_sessions(tmp_path):
+    """Guards against a resumed run's log holding the redone steps twice (records written after the last
+    checkpoint of a killed session) and its summary giving only the last session's time."""
+    out = tmp_path / "ck"
+    args = ["train", "--out", str(out), "--images", "1", "--videos", "1", "--questions", "1", "--frames", "2",
+            "--warmup", "1", "--threads", "1", "--checkpoint-every", "2"]
+    assert CliRunner().invoke(main, args + ["--steps", "2"]).exit_code == 0
+    first = json.loads((out / "train_summary.json").read_text())["wall_s"]
+    with (out / "train_log.jsonl").open("a") as f:  # what a session killed after step 3 would have left
+        f.write(json.dumps({"step": 3, "phase": "main", "loss": 9.0}) + "\n")
+    result = CliRunner().invoke(main, args + ["--steps", "4"])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["wall_s"] > first and summary["wall_s"] > summary["session_wall_s"]
 
 
 def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_path):
