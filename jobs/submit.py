@@ -67,6 +67,9 @@ def run_arguments(inputs: tuple[str, ...], options: dict[str, Any]) -> list[str]
         if not isinstance(param, click.Option) or param.name == "address" or param.name not in options:
             continue
         value = options[param.name]
+        if value is False and param.secondary_opts:  # an on/off pair, turned off: --no-...
+            args.append(param.secondary_opts[0])
+            continue
         if value is None or value is False or (param.multiple and not value):
             continue
         flag = next(o for o in param.opts if o.startswith("--"))
