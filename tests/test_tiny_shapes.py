@@ -43,7 +43,11 @@ def test_bundled_model_writes_well_formed_labels(tmp_path):
 
 # targets the bundled model does not reach yet, per check (MODEL_CARD.md has the figures); strict, so a model
 # that reaches one turns its test red until it leaves this list
-BELOW: dict[str, set[str]] = {"held_out": set(), "independent_renderer": set(), "pipeline": set()}
+# Video caption object F1 is about 0.92 on the card's 150-video splits (both renderers), near its 0.90 target, and
+# a 20-video set moves it by a few hundredths: on these sets it was >= 0.90 (held_out), 0.893 (independent_renderer)
+# and 0.867 (pipeline), measured 2026-12-02. Those two are recorded as misses, not hidden by picking other seeds.
+BELOW: dict[str, set[str]] = {"held_out": set(), "independent_renderer": {"video_caption_f1"},
+                              "pipeline": {"video_caption_f1"}}
 
 
 def _targets(check: str) -> list:
@@ -101,7 +105,8 @@ def _through_the_pipeline(tmp_path, images: int, videos: int, seed: int) -> dict
     for task in ("caption", "vqa"):
         summary = run(RunConfig(inputs=(manifest,), out=str(tmp_path / task), task=task))
         assert summary["status"].get("error", 0) == 0, summary
-        figures.update({k: v for k, v in score_parquet(str(tmp_path / task), manifest).items() if k in TARGETS})
+        scored = score_parquet(str(tmp_path / task), manifest)  # the other task's figures are None here
+        figures.update({k: v for k, v in scored.items() if k in TARGETS and v is not None})
     return figures
 
 
