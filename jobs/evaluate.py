@@ -143,11 +143,14 @@ def write_card(card: Path, section: str) -> None:
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
 @click.option("--card", type=click.Path(dir_okay=False), help="Replace the figures section of this model card.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
+@click.option("--include", "includes", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Results written by an earlier `lavi-label eval --out` on the same split, shown beside these "
+                   "(repeatable): a model need not be scored twice.")
 @click.option("--renderer", "renderers", multiple=True, type=click.Choice(RENDERERS),
               help="Who draws the split (repeatable; default: both): shapes (this repository's renderer) or pil "
                    "(an independent implementation of SHAPES.md).")
 def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
-             card: str | None, device: str, renderers: tuple[str, ...]) -> None:
+             card: str | None, device: str, includes: tuple[str, ...], renderers: tuple[str, ...]) -> None:
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
     import torch
 
@@ -156,6 +159,14 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     models = models or (DEFAULT_MODEL,)
+    split = {"images": images, "videos": videos, "seed": seed, "device": device,
+             "frames": frames or "model default", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    earlier = [json.loads(Path(f).read_text()) for f in includes]
+    for doc, f in zip(earlier, includes):
+        same = {k: doc["split"].get(k) for k in ("images", "videos", "seed", "frames")}
+        if same != {k: split[k] for k in same}:
+            raise click.UsageError(f"--include {f} was scored on another split ({same}); this one is "
+                                   f"{ {k: split[k] for k in same} }")
     results = []
     for renderer in renderers or RENDERERS:
         with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
@@ -169,9 +180,10 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
                     f"{k} {f[k]:.4f}" for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc",
                                                 "video_vqa_acc", "image_caption_exact", "video_caption_exact")
                     if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")
-    split = {"images": images, "videos": videos, "seed": seed, "device": device,
-             "frames": frames or "model default", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     command = "lavi-label " + " ".join(sys.argv[1:])
+    if earlier:
+        results = [r for doc in earlier for r in doc["results"]] + results
+        command = "; ".join([doc["command"] for doc in earlier] + [command])
     if out:
         Path(out).write_text(json.dumps({"split": split, "results": results, "command": command,
                                          "torch": torch.__version__, "python": platform.python_version()}, indent=2))

@@ -249,6 +249,15 @@ def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_pa
     assert text.count("<!-- eval:begin -->") == 1 and "old figures" not in text
     assert "prose before" in text and "prose after" in text and "independent implementation" in text
     assert text.count("| image caption object F1 | >= 0.95 |") == 2 and "trained 2 steps" in text
+    # a model scored earlier joins the card without being scored again; another split is refused
+    result = CliRunner().invoke(main, ["eval", "--model", str(ck), "--images", "3", "--videos", "2", "--device", "cpu",
+                                       "--renderer", "shapes", "--include", str(tmp_path / "eval.json"),
+                                       "--card", str(card), "--out", str(tmp_path / "both.json")])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "both.json").read_text())["results"]) == 5
+    result = CliRunner().invoke(main, ["eval", "--model", str(ck), "--images", "4", "--videos", "2",
+                                       "--include", str(tmp_path / "eval.json")])
+    assert result.exit_code == 2 and "another split" in result.output
 
 
 def test_row_mean_loss_weighs_each_row_equally(tmp_path):
