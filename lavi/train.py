@@ -271,9 +271,9 @@ def save_state(out: Path, model: LaVi, opt: torch.optim.AdamW, step: int, cfg: T
                                                      indent=2))
 
 
-def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None) -> int:
+def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None) -> tuple[int, float]:
     """Restore optimizer moments into `opt` (built for the same model) and the probe's weights; returns the
-    step to resume at."""
+    step to resume at and the training wall time up to it."""
     meta = json.loads((out / "train_state.json").read_text())
     flat = load_file(str(out / "train_state.safetensors"))
     if probe is not None:
@@ -285,7 +285,7 @@ def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None
         if keys:
             state["state"][pid] = keys
     opt.load_state_dict(state)
-    return int(meta["step"])
+    return int(meta["step"]), float(meta.get("wall_s", 0.0))
 
 
 def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
@@ -310,11 +310,10 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
     opt = _optimizer(model, cfg, probe)
     start, wall0 = 0, 0.0
     if resume and (out / "train_state.json").exists():
-        start = load_state(out, opt, probe)
-        wall0 = json.loads((out / "train_state.json").read_text()).get("wall_s", 0.0)
+        start, wall0 = load_state(out, opt, probe)
         log.info("resuming from step %d in %s", start, out)
-    session, seen, last = time.time(), 0, {}
-    t0 = session
+    t0 = session = time.time()
+    seen, last = 0, {}
     for step in range(start, cfg.steps):
         vision = step < cfg.vision_steps
         if step == cfg.vision_steps and step > 0:
