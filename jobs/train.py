@@ -12,14 +12,23 @@ import click
 log = logging.getLogger(__name__)
 
 
-def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict) -> tuple:
-    """The model to train and its tokenizer directory: resumed, from backbones, or tiny-shapes from scratch.
-    A new model takes its default and max frames per clip from `frames` (those it is trained on)."""
+def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict,
+           init: str | None = None) -> tuple:
+    """The model to train and its tokenizer directory: resumed, fine-tuned from a LaVi checkpoint (`init`), from
+    backbones, or tiny-shapes from scratch. A new model takes its default and max frames per clip from `frames`
+    (those it is trained on); a fine-tuned one keeps its own."""
     from lavi import checkpoint
     from lavi.tiny import save_word_tokenizer, tiny_shapes_config
     from lavi.train import init_from_scratch
     if resume and (out / "train_state.json").exists():
         return checkpoint.load(out), out
+    if init:
+        if decoder or vision:
+            raise click.UsageError("--init starts from a whole LaVi checkpoint: leave out --decoder and --vision")
+        model = checkpoint.load(init)
+        if model.config.fusion != fusion:
+            raise click.UsageError(f"--init {init} is a {model.config.fusion} model; pass --fusion {model.config.fusion}")
+        return model.train(), Path(init)
     if decoder or vision:
         if not (decoder and vision):
             raise click.UsageError("--decoder and --vision go together (two local Hugging Face directories)")
@@ -38,6 +47,9 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
               help="viln: LaVi. concat: the LLaVA-style baseline on the same backbones, data and budget.")
 @click.option("--decoder", type=click.Path(exists=True, file_okay=False), help="Local HF Qwen2/Llama directory.")
 @click.option("--vision", type=click.Path(exists=True, file_okay=False), help="Local HF SigLIP directory.")
+@click.option("--init", type=click.Path(exists=True, file_okay=False),
+              help="Fine-tune: start from this LaVi checkpoint directory (weights and tokenizer), with a fresh "
+                   "optimizer and schedule.")
 @click.option("--freeze-backbones", is_flag=True, help="Train only the fusion (conditioner or projector).")
 @click.option("--data", default="shapes", show_default=True, help="'shapes' (shapes-v1, rendered online) or a Parquet URI.")
 @click.option("--steps", type=int, default=3000, show_default=True)
@@ -68,7 +80,8 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
-def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, freeze_backbones: bool, data: str,
+def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, init: str | None,
+              freeze_backbones: bool, data: str,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
               frames: str, grid_probe: float, focus: float, vision_steps: int, vision_images: int, vision_videos: int,
               loss_per: str, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
@@ -94,7 +107,7 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, fr
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume,
-                            frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)})
+                            frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)}, init=init)
     if max(clip_frames) > model.config.max_frames:
         raise click.BadParameter(f"{max(clip_frames)} frames per clip is over the model's max_frames "
                                  f"{model.config.max_frames}", param_hint="--frames")

@@ -225,6 +225,25 @@ def test_resumed_train_command_keeps_one_log_record_per_step_and_sums_its_sessio
     assert summary["resumed_from"] == 2 and summary["wall_s"] > first and summary["wall_s"] > summary["session_wall_s"]
 
 
+def test_train_command_fine_tunes_from_a_checkpoint(tmp_path):
+    """Guards against --init losing the checkpoint it starts from (weights, tokenizer, its frames per clip) or
+    training a model of another fusion than the one asked for."""
+    ck, tuned = tmp_path / "ck", tmp_path / "tuned"
+    base = ["train", "--images", "1", "--videos", "1", "--questions", "1", "--warmup", "1", "--threads", "1"]
+    result = CliRunner().invoke(main, base + ["--out", str(ck), "--steps", "2", "--frames", "2", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, base + ["--out", str(tuned), "--init", str(ck), "--steps", "1", "--lr", "1e-9",
+                                              "--frames", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tuned / "config.json").read_text()) == json.loads((ck / "config.json").read_text())
+    assert (tuned / "tokenizer.json").read_text() == (ck / "tokenizer.json").read_text()
+    a, b = checkpoint.load(ck).state_dict(), checkpoint.load(tuned).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # started from ck: one step at lr 1e-9 moves nothing
+    assert json.loads((tuned / "train_state.json").read_text())["step"] == 1
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "x"), "--init", str(ck), "--fusion", "concat"])
+    assert result.exit_code == 2 and "--fusion viln" in result.output, result.output
+
+
 def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_path):
     """Guards `lavi-label eval` (the model card's figures): a split from each renderer, every model on each,
     the JSON, and the card's section replaced in place (a rerun leaves one copy, the prose around it kept)."""
