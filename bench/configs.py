@@ -2,7 +2,7 @@
 
 Visual settings (frames x tokens per frame):
     tiny-random      image 1 x 16, video 4 x 16                      (lavi.tiny.tiny_config, 32 px, patch 8)
-    tiny-shapes      image 1 x 9, anyres 10 x 9, video 16 x 9          (lavi.tiny.tiny_shapes_config(60))
+    tiny-shapes      image 1 x 36, anyres 10 x 36, video 16 x 36       (lavi.tiny.tiny_shapes_config(60))
     qwen2-7b-siglip  image 1 x 729 (384 px, fed as 378 px: see settings()), anyres 10 x 729 = 7,290 (ten crops),
                      video 32 x 196 (frames given at 196 px = 14 x 14 patches of 14 px)
 
