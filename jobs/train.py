@@ -27,7 +27,8 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
             raise click.UsageError("--init starts from a whole LaVi checkpoint: leave out --decoder and --vision")
         model = checkpoint.load(init)
         if model.config.fusion != fusion:
-            raise click.UsageError(f"--init {init} is a {model.config.fusion} model; pass --fusion {model.config.fusion}")
+            raise click.UsageError(f"--init {init} is a {model.config.fusion} model: pass --fusion "
+                                   f"{model.config.fusion}")
         return model.train(), Path(init)
     if decoder or vision:
         if not (decoder and vision):

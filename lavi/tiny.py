@@ -71,9 +71,9 @@ def tiny_shapes_config(vocab_size: int, fusion: str = "viln", default_frames: in
     """The bundled model's shape: ~1.9M parameters; 128x128 input in 21 px patches, a 6 x 6 grid of tokens a
     frame, 2 x 2 patches to a shapes-v1 cell. The earlier 42 px patch (one token a cell) lines up with the
     cells of an image, but a video's objects lie anywhere: a small object at a random offset inside a 42 px
-    patch, seen through one linear patch embedding, had its shape named right 70% of the time (tests/
-    test_tiny_shapes.py), which held video caption F1 at ~0.92. The last 2 px row and column fall outside the grid,
-    as with SigLIP at 384/14."""
+    patch, seen through one linear patch embedding, had its shape named right 70% of the time
+    (tests/test_tiny_shapes.py), which held video caption F1 at ~0.92. The last 2 px row and column fall
+    outside the grid, as with SigLIP at 384/14."""
     decoder = DecoderConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_layers=4,
                             num_heads=4, num_kv_heads=2, qkv_bias=True, tie_word_embeddings=True,
                             max_position_embeddings=1024)
