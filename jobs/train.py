@@ -29,7 +29,7 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
         if model.config.fusion != fusion:
             raise click.UsageError(f"--init {init} is a {model.config.fusion} model: pass --fusion "
                                    f"{model.config.fusion}")
-        return model.train(), Path(init)
+        return model, Path(init)  # train() puts it in training mode
     if decoder or vision:
         if not (decoder and vision):
             raise click.UsageError("--decoder and --vision go together (two local Hugging Face directories)")
