@@ -154,7 +154,7 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
     import torch
 
-    from lavi.engine import DEFAULT_MODEL
+    from lavi.bundled import DEFAULT_MODEL
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

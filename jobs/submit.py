@@ -121,7 +121,7 @@ def stage_working_dir(model: str | None) -> tuple[str, str | None]:
     shutil.copytree(REPO_ROOT, package, ignore=_ignore(REPO_ROOT), symlinks=False)
     model_arg = model
     if model is None:  # the bundled model: the driver's absolute path would name its own node's copy
-        from lavi.engine import DEFAULT_MODEL
+        from lavi.bundled import DEFAULT_MODEL
 
         model = DEFAULT_MODEL
     if is_local(model):

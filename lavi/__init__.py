@@ -1,5 +1,16 @@
-"""LaVi: a vision-language model whose vision reaches the LLM only through modulated norms."""
+"""LaVi: a vision-language model whose vision reaches the LLM only through modulated norms.
+
+Importing the package loads no torch: the driver reads configs (`lavi.config`) and the bundled
+paths (`lavi.bundled`) without it. `LaVi` itself loads on first use.
+"""
 from .config import DecoderConfig, LaViConfig, VisionConfig
-from .model import LaVi
 
 __all__ = ["DecoderConfig", "LaViConfig", "LaVi", "VisionConfig"]
+
+
+def __getattr__(name: str):
+    if name == "LaVi":  # torch, on demand
+        from .model import LaVi
+
+        return LaVi
+    raise AttributeError(f"module 'lavi' has no attribute {name!r}")

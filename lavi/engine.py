@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,10 +15,9 @@ from .generate import GenerationConfig, Generator, setup_caches
 from .model import LaVi
 from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
 from .tokenizer import Tokenizer
+from .bundled import DEFAULT_MODEL  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = str(Path(__file__).parent / "weights" / "tiny-shapes")
 
 
 @dataclass

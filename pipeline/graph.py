@@ -186,6 +186,6 @@ def run(config: RunConfig) -> dict:
 
 
 def _default_model() -> str:
-    from lavi.engine import DEFAULT_MODEL
+    from lavi.bundled import DEFAULT_MODEL
 
     return DEFAULT_MODEL

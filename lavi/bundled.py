@@ -1,0 +1,7 @@
+"""The bundled checkpoints' directories. Torch-free: the driver reads these paths without loading the model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS = Path(__file__).parent / "weights"
+DEFAULT_MODEL = str(WEIGHTS / "tiny-shapes")
