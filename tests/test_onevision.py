@@ -1,0 +1,154 @@
+"""LLaVA-OneVision in our engine against transformers' LlavaOnevisionForConditionalGeneration and its processor,
+on tiny random checkpoints written by `save_pretrained` (tests/onevision_fixture.py). fp32, CPU, seconds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lavi import anyres
+from lavi.onevision import pixels
+from tests.onevision_fixture import PINPOINTS, make_onevision
+from workers.tiles import anyres_tiles
+
+transformers = pytest.importorskip("transformers")
+
+# (height, width): base resolution, wide, tall, tiny, larger than the largest pinpoint, odd sizes
+SIZES = [(35, 35), (30, 97), (101, 33), (5, 9), (400, 260), (64, 70), (71, 36)]
+
+
+@pytest.fixture(scope="module")
+def ov_dir(tmp_path_factory):
+    return make_onevision(tmp_path_factory.mktemp("ov") / "tiny-ov")
+
+
+@pytest.fixture(scope="module")
+def hf_model(ov_dir):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(ov_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(ov_dir):
+    from lavi import onevision_checkpoint
+
+    return onevision_checkpoint.load(ov_dir)
+
+
+def _image(size: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    img[: size[0] // 2] //= 2  # some structure, so resampling matters
+    return img
+
+
+def _reference_pixels(ov_dir, img: np.ndarray) -> torch.Tensor:
+    from PIL import Image
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    proc = LlavaOnevisionImageProcessorPil.from_pretrained(ov_dir)
+    return proc(images=Image.fromarray(img), return_tensors="pt")["pixel_values"][0]
+
+
+def _reference_tokens(ov_dir, size: tuple[int, int]) -> int:
+    """The processor's own count of <image> tokens (LlavaOnevisionProcessor._get_number_of_features; the
+    processor itself cannot be built here: its video processor needs torchvision)."""
+    from types import SimpleNamespace
+
+    from transformers import LlavaOnevisionProcessor
+
+    ns = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=PINPOINTS), num_image_tokens=25,
+                         vision_aspect_ratio="anyres_max_2")
+    ns._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(ns, *a)
+    return LlavaOnevisionProcessor._get_number_of_features(ns, *size, 35, 35)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_anyres_pixels_equal_the_reference_processor(ov_dir, size):
+    """Our uint8 tiles, scaled and normalised, are the pixels LlavaOnevisionImageProcessor makes: a wrong best
+    resolution, fit, padding side, crop order, resampling filter or rescale arithmetic breaks equality."""
+    img = _image(size, seed=sum(size))
+    ref = _reference_pixels(ov_dir, img)
+    from lavi.onevision_config import OneVisionConfig
+
+    c = OneVisionConfig.from_dir(ov_dir)
+    ours = pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_image_token_count_equals_the_processors(ours, ov_dir, size):
+    """The number of visual tokens an image becomes (base, unpadded grid, newlines, anyres_max shrink) is what
+    the processor expands <image> into; a mismatch makes transformers refuse the prompt."""
+    c = ours.config
+    tiles = pixels(anyres_tiles(_image(size, 0), c.pinpoints, c.tile_size, c.resample), c)
+    with torch.no_grad():
+        n = ours.image_tokens(tiles, size).shape[0]
+    assert n == _reference_tokens(ov_dir, size) == anyres.image_tokens(size, c.pinpoints, c.tile_size, c.side, c.max_tiles)
+
+
+def _prompt_ids(ov_dir, prompt: str, media: str) -> list[int]:
+    """Our rendering and tokenisation of one user turn (the checkpoint's template, its tokenizer)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from lavi.chat import ChatTemplate, find_template, special_tokens
+
+    cfg = json.loads((ov_dir / "tokenizer_config.json").read_text())
+    text = ChatTemplate(find_template(ov_dir), special_tokens(cfg)).render(prompt, media)
+    return Tokenizer.from_file(str(ov_dir / "tokenizer.json")).encode(text).ids
+
+
+def _logits(model, embeds: torch.Tensor) -> torch.Tensor:
+    t = embeds.shape[0]
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+    logits, _ = model.decoder(embeds[None], torch.arange(t)[None], mask)
+    return logits[0]
+
+
+def test_prompt_renders_as_the_tokenizers_chat_template(ov_dir):
+    """Our jinja rendering equals transformers' apply_chat_template for one image (or video) then the text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ov_dir)
+    for media in ("image", "video"):
+        msgs = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": "what is it?"}]}]
+        ref = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert _prompt_ids(ov_dir, "what is it?", media) == tok(ref)["input_ids"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_image_logits_equal_transformers(ours, hf_model, ov_dir, size):
+    """fp32 logits of a prompt with one image, at every position, equal LlavaOnevisionForConditionalGeneration's:
+    a wrong feature layer, projector, crop layout, unpadding, newline or splice position changes them."""
+    c = ours.config
+    img = _image(size, seed=7)
+    ids = _prompt_ids(ov_dir, "describe the image.", "image")
+    with torch.no_grad():
+        feats = ours.image_tokens(pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c), size)
+        got = _logits(ours, ours.splice(ids, feats))
+        k = ids.index(c.image_token_id)
+        expanded = ids[:k] + [c.image_token_id] * feats.shape[0] + ids[k + 1:]
+        ref = hf_model(input_ids=torch.tensor([expanded]), pixel_values=_reference_pixels(ov_dir, img)[None],
+                       image_sizes=torch.tensor([size])).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_video_logits_equal_transformers(ours, hf_model, ov_dir):
+    """A clip of frames (given as pixels: the video processor needs torchvision, absent here): pooled 2x2 with
+    rounding up, one newline, spliced at <video>; logits equal transformers'."""
+    c = ours.config
+    frames = torch.randn(4, 3, 35, 35, generator=torch.Generator().manual_seed(3))
+    ids = _prompt_ids(ov_dir, "describe the video.", "video")
+    with torch.no_grad():
+        feats = ours.video_tokens(frames)
+        assert feats.shape[0] == anyres.video_tokens(4, c.side) == 4 * 9 + 1
+        got = _logits(ours, ours.splice(ids, feats))
+        k = ids.index(c.video_token_id)
+        expanded = ids[:k] + [c.video_token_id] * feats.shape[0] + ids[k + 1:]
+        ref = hf_model(input_ids=torch.tensor([expanded]), pixel_values_videos=frames[None]).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
