@@ -12,34 +12,18 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from . import checkpoint
-from .engine import pixels_from_frames
-from .fusion import Visual
+from .collate import Example, collate
+from .losses import GridProbe, losses, real_frames
 from .model import LaVi
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-# (start, end, cells): characters [start, end) of a target text are about one object, whose cells per frame
-# are cells, bool (F, G*G). A VQA answer is one span; a caption has one span per object phrase.
-Span = tuple[int, int, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Example:
-    frames: np.ndarray  # uint8 (F, S, S, 3)
-    pairs: tuple[tuple[str, str], ...]  # (prompt, target) pairs asked of these frames
-    grid: np.ndarray | None = None  # int (F, G*G, A): per-frame, per-cell attribute classes; -100 = unknown
-    focus: tuple[tuple[Span, ...], ...] | None = None  # per pair: the spans of its target that are about one
-    # object, each with that object's cells per frame (none: a count, an absent object)
 
 
 @dataclass(frozen=True)
@@ -70,158 +54,6 @@ class TrainConfig:
             raise ValueError(f"vision_steps must be in [0, steps={self.steps})")
         if self.vision_steps and self.grid_weight <= 0:
             raise ValueError("a vision phase trains the ViT through the grid probe: give grid_weight > 0")
-
-
-@dataclass
-class Batch:
-    pixels: Tensor  # (N, F, 3, S, S)
-    frame_mask: Tensor  # (N, F)
-    rows: Tensor  # (B,) item of each text row
-    ids: Tensor  # (B, T) right-padded prompt + target + EOS
-    valid: Tensor  # (B, T)
-    labels: Tensor  # (B, T) next-token targets, -100 where not scored
-    grid: Tensor | None = None  # (N, F, G*G, A) probe targets, -100 where unknown or padded
-    focus: Tensor | None = None  # (B, T, F*P) bool: per position, the visual tokens of the object the token it
-    # predicts is about (none: no target)
-
-
-def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
-    c = model.config
-    pixels, fmask = pixels_from_frames([e.frames for e in examples], c.image_mean, c.image_std, c.vision.image_size)
-    seqs, rows, offsets = [], [], []
-    for i, e in enumerate(examples):
-        for prompt, target in e.pairs:
-            p = ([c.bos_token_id] if c.bos_token_id is not None else []) + tok.encode(c.prompt_template.format(prompt=prompt))
-            y, off = tok.encode_offsets(target)
-            seqs.append((p, y + [c.eos_token_id]))
-            rows.append(i)
-            offsets.append(off)
-    t = max(len(p) + len(y) for p, y in seqs)
-    ids = torch.full((len(seqs), t), c.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(seqs), t), -100, dtype=torch.long)
-    valid = torch.zeros(len(seqs), t, dtype=torch.bool)
-    for i, (p, y) in enumerate(seqs):
-        n = len(p) + len(y)
-        ids[i, :n] = torch.tensor(p + y)
-        valid[i, :n] = True
-        labels[i, len(p) - 1:n - 1] = torch.tensor(y)  # logits at t predict token t + 1
-    grid = None
-    if any(e.grid is not None for e in examples):
-        g = next(e.grid for e in examples if e.grid is not None)
-        grid = torch.full((len(examples), pixels.shape[1], *g.shape[1:]), -100, dtype=torch.long)
-        for i, e in enumerate(examples):
-            if e.grid is not None:
-                grid[i, :len(e.grid)] = torch.from_numpy(e.grid)
-    focus = None
-    if any(e.focus is not None for e in examples):
-        npatch = c.vision.num_patches
-        side = int(round(npatch ** 0.5))
-        focus = torch.zeros(len(seqs), t, pixels.shape[1] * npatch, dtype=torch.bool)
-        spans = [sp for e in examples for sp in (e.focus or ((),) * len(e.pairs))]
-        for r, ((p, _), off, row_spans) in enumerate(zip(seqs, offsets, spans)):
-            for start, end, cells in row_spans:
-                patches = torch.from_numpy(cells_to_patches(cells, side)).flatten()  # (F*P,)
-                for k, (a, b) in enumerate(off):
-                    if a < end and b > start:  # target token k overlaps the span: the position predicting it
-                        focus[r, len(p) - 1 + k, :len(patches)] = patches
-    return Batch(pixels, fmask, torch.tensor(rows), ids, valid, labels, grid, focus)
-
-
-def cells_to_patches(cells: np.ndarray, side: int) -> np.ndarray:
-    """(F, G*G) per-cell flags -> (F, side*side) per-patch flags: a patch belongs to the cell its centre is in."""
-    g = int(round(cells.shape[1] ** 0.5))
-    of = ((np.arange(side) + 0.5) * g / side).astype(int)  # patch row/column -> cell row/column
-    idx = (of[:, None] * g + of[None, :]).flatten()  # (side*side,) cell of each patch
-    return cells[:, idx]
-
-
-class GridProbe(torch.nn.Module):
-    """An auxiliary training head on the ViT's last block: pool the patch grid onto a G x G grid of cells
-    and classify each cell's attributes. Dense supervision teaches a tower trained from scratch where
-    things are far sooner than the caption loss alone, which reaches it only through the fusion. It is
-    not part of the model: inference never runs it and checkpoints do not hold it."""
-
-    def __init__(self, d: int, classes: tuple[int, ...], side: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.classes, self.side = tuple(classes), side
-        self.norm = torch.nn.LayerNorm(d, eps=eps)
-        self.head = torch.nn.Linear(d, sum(classes))
-
-    def loss(self, feats: Tensor, target: Tensor) -> Tensor:
-        """feats (N*F, P, d) block output; target (N*F, G*G, A) classes, -100 ignored."""
-        nf, p, d = feats.shape
-        h = int(round(p ** 0.5))
-        grid = self.norm(feats).transpose(1, 2).reshape(nf, d, h, h)
-        cells = torch.nn.functional.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)  # (NF, G*G, d)
-        logits = self.head(cells).split(self.classes, dim=-1)
-        return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1).float(), target[..., a].flatten())
-                   for a, lg in enumerate(logits)) / len(logits)
-
-
-def _real_frames(grid: Tensor, frame_mask: Tensor) -> Tensor:
-    """(N, F, G*G, A) probe targets -> those of the real frames, in the order the ViT sees them (LaVi.encode)."""
-    return grid.flatten(0, 1)[frame_mask.flatten()]
-
-
-def length_groups(lengths: Tensor) -> list[Tensor]:
-    """Split rows into at most two groups by length, at the cut that pads the fewest positions: short VQA
-    answers and long captions in one batch need not all be padded to the longest caption."""
-    order = lengths.argsort()
-    srt = lengths[order].tolist()
-    n = len(srt)
-    cost = [k * srt[k - 1] + (n - k) * srt[-1] for k in range(1, n)]
-    if not cost or min(cost) >= n * srt[-1] * 0.9:
-        return [order]
-    k = 1 + min(range(len(cost)), key=cost.__getitem__)
-    return [order[:k], order[k:]]
-
-
-def lm_loss(model: LaVi, b: Batch, row_mean: bool = False) -> Tensor:
-    """Next-token loss on the targets: mean over all target tokens, or (row_mean) over each row's target
-    tokens, then over rows. The visual state is computed once; rows run in length groups (same result)."""
-    return losses(model, b, row_mean)[0]
-
-
-def _focus_modules(model: LaVi) -> list:
-    """Where head 0's attention is recorded for the focus loss: ViLN's conditioner (its sites from layer 1;
-    layer 0's attention site sees only the token itself), or the concat decoder's attention from layer 1."""
-    return [model.viln] if model.viln is not None else [l.self_attn for l in model.decoder.layers[1:]]
-
-
-def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -> tuple[Tensor, Tensor | None]:
-    """(next-token loss, focus loss or None). The focus loss: at each position that predicts a target token
-    about one object (Batch.focus), -log of the attention mass head 0 puts on that object's visual tokens,
-    averaged over those positions and over the recorded layers/sites."""
-    dev = model.device
-    vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
-    total = torch.zeros((), device=dev)
-    focus = focus and b.focus is not None and bool(b.focus.any())
-    mods = _focus_modules(model) if focus else []
-    f_sum, f_n = torch.zeros((), device=dev), 0
-    nv = vis.mask.shape[1]
-    try:
-        for g in length_groups(b.valid.sum(1)):
-            t = int(b.valid[g].sum(1).max())
-            ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
-            for m in mods:
-                m.focus_probs = []
-            logits = model.forward_shared(ids, valid, vis, b.rows[g].to(dev))  # (B_g, t, V)
-            tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-            total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
-            if mods:
-                target = b.focus[g, :t].to(dev)  # (B_g, t, Nv)
-                has = target.any(-1)  # (B_g, t)
-                if has.any():
-                    for probs in (p for m in mods for p in m.focus_probs):
-                        at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with them
-                        mass = (at * target).sum(-1)[has]
-                        f_sum = f_sum - torch.log(mass + 1e-6).sum()
-                        f_n += int(has.sum())
-    finally:
-        for m in mods:
-            m.focus_probs = None
-    lm = total / (len(b.ids) if row_mean else (b.labels != -100).sum().clamp(min=1).to(dev))
-    return lm, (f_sum / f_n if f_n else None)
 
 
 def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
@@ -325,12 +157,12 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         lm = foc = aux = None
         if vision:  # the ViT alone: the fusion's output is not part of the loss, so nothing else moves
             model.encode(batch.pixels.to(dev), batch.frame_mask.to(dev))
-            loss = aux = probe.loss(feats.pop("x"), _real_frames(batch.grid, batch.frame_mask).to(dev))
+            loss = aux = probe.loss(feats.pop("x"), real_frames(batch.grid, batch.frame_mask).to(dev))
         else:
             lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
             loss = lm if foc is None else lm + cfg.focus_weight * foc
             if probe is not None and batch.grid is not None:
-                aux = probe.loss(feats.pop("x"), _real_frames(batch.grid, batch.frame_mask).to(dev))
+                aux = probe.loss(feats.pop("x"), real_frames(batch.grid, batch.frame_mask).to(dev))
                 loss = loss + cfg.grid_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,11 +13,12 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from lavi import checkpoint
+from lavi.collate import Example, cells_to_patches, collate
+from lavi.losses import length_groups, lm_loss, losses
 from lavi.model import LaVi
 from lavi.tiny import save_word_tokenizer, tiny_config
 from lavi.tokenizer import Tokenizer
-from lavi.train import (Example, TrainConfig, cells_to_patches, collate, init_from_scratch, length_groups, lm_loss,
-                        losses, lr_at, train)
+from lavi.train import TrainConfig, init_from_scratch, lr_at, train
 from shapes import render, spec
 from shapes.batches import GRID_CLASSES, ShapesData, focus_cells, focus_spans, grid_labels
 from shapes.corpus import encode_image

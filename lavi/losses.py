@@ -1,0 +1,101 @@
+"""Training losses: next-token on the targets, the focus loss on one attention head, the ViT's grid probe.
+
+None of this is part of the model: inference never runs it, checkpoints do not hold it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .collate import Batch
+from .fusion import Visual
+from .model import LaVi
+
+
+class GridProbe(torch.nn.Module):
+    """An auxiliary training head on the ViT's last block: pool the patch grid onto a G x G grid of cells
+    and classify each cell's attributes. Dense supervision teaches a tower trained from scratch where
+    things are far sooner than the caption loss alone, which reaches it only through the fusion. It is
+    not part of the model: inference never runs it and checkpoints do not hold it."""
+
+    def __init__(self, d: int, classes: tuple[int, ...], side: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.classes, self.side = tuple(classes), side
+        self.norm = torch.nn.LayerNorm(d, eps=eps)
+        self.head = torch.nn.Linear(d, sum(classes))
+
+    def loss(self, feats: Tensor, target: Tensor) -> Tensor:
+        """feats (N*F, P, d) block output; target (N*F, G*G, A) classes, -100 ignored."""
+        nf, p, d = feats.shape
+        h = int(round(p ** 0.5))
+        grid = self.norm(feats).transpose(1, 2).reshape(nf, d, h, h)
+        cells = torch.nn.functional.adaptive_avg_pool2d(grid, self.side).flatten(2).transpose(1, 2)  # (NF, G*G, d)
+        logits = self.head(cells).split(self.classes, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1).float(), target[..., a].flatten())
+                   for a, lg in enumerate(logits)) / len(logits)
+
+
+def real_frames(grid: Tensor, frame_mask: Tensor) -> Tensor:
+    """(N, F, G*G, A) probe targets -> those of the real frames, in the order the ViT sees them (LaVi.encode)."""
+    return grid.flatten(0, 1)[frame_mask.flatten()]
+
+
+def length_groups(lengths: Tensor) -> list[Tensor]:
+    """Split rows into at most two groups by length, at the cut that pads the fewest positions: short VQA
+    answers and long captions in one batch need not all be padded to the longest caption."""
+    order = lengths.argsort()
+    srt = lengths[order].tolist()
+    n = len(srt)
+    cost = [k * srt[k - 1] + (n - k) * srt[-1] for k in range(1, n)]
+    if not cost or min(cost) >= n * srt[-1] * 0.9:
+        return [order]
+    k = 1 + min(range(len(cost)), key=cost.__getitem__)
+    return [order[:k], order[k:]]
+
+
+def lm_loss(model: LaVi, b: Batch, row_mean: bool = False) -> Tensor:
+    """Next-token loss on the targets: mean over all target tokens, or (row_mean) over each row's target
+    tokens, then over rows. The visual state is computed once; rows run in length groups (same result)."""
+    return losses(model, b, row_mean)[0]
+
+
+def _focus_modules(model: LaVi) -> list:
+    """Where head 0's attention is recorded for the focus loss: ViLN's conditioner (its sites from layer 1;
+    layer 0's attention site sees only the token itself), or the concat decoder's attention from layer 1."""
+    return [model.viln] if model.viln is not None else [l.self_attn for l in model.decoder.layers[1:]]
+
+
+def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(next-token loss, focus loss or None). The focus loss: at each position that predicts a target token
+    about one object (Batch.focus), -log of the attention mass head 0 puts on that object's visual tokens,
+    averaged over those positions and over the recorded layers/sites."""
+    dev = model.device
+    vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
+    total = torch.zeros((), device=dev)
+    focus = focus and b.focus is not None and bool(b.focus.any())
+    mods = _focus_modules(model) if focus else []
+    f_sum, f_n = torch.zeros((), device=dev), 0
+    nv = vis.mask.shape[1]
+    try:
+        for g in length_groups(b.valid.sum(1)):
+            t = int(b.valid[g].sum(1).max())
+            ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
+            for m in mods:
+                m.focus_probs = []
+            logits = model.forward_shared(ids, valid, vis, b.rows[g].to(dev))  # (B_g, t, V)
+            tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+            total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
+            if mods:
+                target = b.focus[g, :t].to(dev)  # (B_g, t, Nv)
+                has = target.any(-1)  # (B_g, t)
+                if has.any():
+                    for probs in (p for m in mods for p in m.focus_probs):
+                        at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with them
+                        mass = (at * target).sum(-1)[has]
+                        f_sum = f_sum - torch.log(mass + 1e-6).sum()
+                        f_n += int(has.sum())
+    finally:
+        for m in mods:
+            m.focus_probs = None
+    lm = total / (len(b.ids) if row_mean else (b.labels != -100).sum().clamp(min=1).to(dev))
+    return lm, (f_sum / f_n if f_n else None)
