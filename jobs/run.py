@@ -8,6 +8,7 @@ import sys
 import click
 
 from pipeline.config import RunConfig
+from schemas.rows import CAPTION, TASKS
 
 
 class BatchSize(click.ParamType):
@@ -30,7 +31,7 @@ BATCH = BatchSize()
 @click.command("run")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", required=True, help="Output directory URI for the Parquet labels (path, s3://, gs://).")
-@click.option("--task", type=click.Choice(["caption", "vqa"]), default="caption", show_default=True)
+@click.option("--task", type=click.Choice(TASKS), default=CAPTION, show_default=True)
 @click.option("--prompt", default=None, help="Caption prompt (default: the model's prompt for the media type).")
 @click.option("--question", "questions", multiple=True, help="A VQA question, asked of every item (repeatable).")
 @click.option("--model", default=None, help="LaVi checkpoint directory, local or object storage (default: bundled).")

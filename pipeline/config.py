@@ -11,7 +11,9 @@ import dataclasses
 import math
 from typing import Any
 
-TASKS = ("caption", "vqa")
+from schemas.manifest import MANIFEST_EXTS
+from schemas.rows import CAPTION, TASKS, VQA
+
 CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
 GPU_AUTO_BLOCK = 256  # clips per labeler input block when --batch-size is auto on a GPU
 
@@ -40,10 +42,10 @@ class RunConfig:
 
     inputs: tuple[str, ...]
     out: str
-    task: str = "caption"
+    task: str = CAPTION
     prompt: str | None = None
     questions: tuple[str, ...] = ()
-    model: str | None = None  # None: the bundled model (lavi.engine.DEFAULT_MODEL)
+    model: str | None = None  # None: the bundled model (lavi.bundled.DEFAULT_MODEL)
     batch_size: int | None = None  # None ("auto"): from GPU memory on a GPU, CPU_BATCH on CPU
     compile: bool | None = None  # compiled decode step; None: on a GPU, not on CPU
     workers: int = 1
@@ -75,11 +77,11 @@ class RunConfig:
             raise ValueError("give --out, the output directory URI (local path, s3://..., gs://...)")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.task == "caption" and self.questions:
+        if self.task == CAPTION and self.questions:
             raise ValueError("--question is for --task vqa; for captions use --prompt")
-        if self.task == "vqa" and self.prompt is not None:
+        if self.task == VQA and self.prompt is not None:
             raise ValueError("--prompt is for --task caption; for vqa use --question (repeatable)")
-        if self.task == "vqa" and not self.questions and not _has_manifest(self.inputs):
+        if self.task == VQA and not self.questions and not _has_manifest(self.inputs):
             raise ValueError("--task vqa needs questions: give --question, or a manifest with a questions column")
         if any(not q.strip() for q in self.questions):
             raise ValueError("--question must not be empty")
@@ -127,6 +129,14 @@ class RunConfig:
         return GPU_AUTO_BLOCK if self.gpus_per_worker > 0 else CPU_BATCH
 
     @property
+    def labeler_batch(self) -> int | None:
+        """Generation rows per batch for each labeler actor: the batch size; with auto, CPU_BATCH on CPU and None
+        on a GPU (the actor measures what its memory holds)."""
+        if self.batch_size is not None or self.gpus_per_worker > 0:
+            return self.batch_size
+        return CPU_BATCH
+
+    @property
     def use_compile(self) -> bool:
         return self.gpus_per_worker > 0 if self.compile is None else self.compile
 
@@ -152,4 +162,4 @@ def _positive(flag: str, value: int) -> None:
 
 
 def _has_manifest(inputs: tuple[str, ...]) -> bool:
-    return any(i.lower().endswith((".jsonl", ".csv", ".parquet")) for i in inputs)
+    return any(i.lower().endswith(MANIFEST_EXTS) for i in inputs)

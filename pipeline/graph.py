@@ -21,13 +21,14 @@ import time
 from typing import Any
 
 from pipeline.config import RunConfig
-from pipeline.sink import ParquetSink, clear_output, clear_scratch, scan_output
+from pipeline.output import Output
+from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items, write_shards
 from pipeline.storage import arrow_filesystem, filesystem
-from pipeline.summary import Progress, build_summary, clear_summary, write_summary
+from pipeline.summary import Progress, build_summary
 from schemas.rows import metadata
-from workers.decode import DecodeSettings
-from workers.labeler import Labeler, decode_batch
+from workers.decode import DecodeSettings, decode_batch
+from workers.labeler import Labeler
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_gpus=config.gpus_per_worker if gpu else None, num_cpus=None if gpu else config.cpus_per_worker,
         fn_constructor_kwargs={"model": model, "job_id": job_id, "storage_options": config.storage,
-                               "device": config.device, "max_batch": config.batch_size,
+                               "device": config.device, "max_batch": config.labeler_batch,
                                "compile": config.use_compile, "memory_share": min(1.0, config.gpus_per_worker),
                                "frames": settings.frames_per_clip,
                                "generation": {"max_new_tokens": config.max_new_tokens, "seed": config.seed,
@@ -124,65 +125,70 @@ def run(config: RunConfig) -> dict:
     """
     start = time.monotonic()
     options = config.storage
-    model = config.model or _default_model()
-    info = model_info(model, options)
+    info = model_info(config.model or _default_model(), options)
     if config.frames is not None and config.frames > info["max_frames"]:
         raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
     generation = config.generation_settings()
+    output = Output(config.out, options)
     if config.overwrite:
-        log.info("--overwrite: removed %d files from %s", clear_output(config.out, options), config.out)
-    state = scan_output(config.out, options)
+        log.info("--overwrite: removed %d files from %s", output.clear(), config.out)
+    state = output.scan()
     if state.metadata and (state.metadata.get("model") != info["name"] or state.metadata.get("generation") != generation):
         raise ValueError(f"{config.out} holds labels from model {state.metadata.get('model')!r} with settings "
                          f"{state.metadata.get('generation')}; this run uses {info['name']!r} with {generation}: "
                          "pass --overwrite to replace them, or choose another --out")
     job_id = config.job_id or state.metadata.get("job_id") or f"lavi-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    clear_summary(config.out, options)  # the completion marker goes until this run completes
-    clear_scratch(config.out, options)
-    listing_fs, out_base = filesystem(config.out, options)
+    output.clear_summary()  # the completion marker goes until this run completes
+    output.clear_scratch()
     spec = PromptSpec(task=config.task, prompt=config.prompt, questions=config.questions)
     listed: dict[str, int] = {}
     shards, n_items = write_shards(iter_items(config.inputs, spec, options, skip=state.done_items, stats=listed),
-                                   listing_fs.unstrip_protocol(f"{out_base.rstrip('/')}/_listing"), options)
+                                   output.fs, output.listing)
     log.info("job %s: %d items to label, %d already done in %s", job_id, n_items, listed["skipped"], config.out)
-    sink = ParquetSink(config.out, metadata(info["name"], generation, job_id), options, config.rows_per_file)
-    tokens = rows_seen = 0
-    if n_items:
-        settings = DecodeSettings(
-            image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
-            clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
-            max_clips=config.max_clips, storage_options=options)
-        owned = connect_ray(config.address)
-        try:
-            check_resources(config)
-            progress = Progress(n_items, config.progress_seconds)
-            # config.model, not `model`: None lets each actor find the bundled model on its own node
-            for batch in build_dataset(shards, listing_fs, config, settings, config.model, job_id).iter_batches(
-                    batch_size=None, batch_format="pyarrow"):
-                sink.add(batch)
-                rows_seen += batch.num_rows
-                tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
-                progress.update(sink.items_written, rows_seen)
-            sink.close()
-            progress.update(sink.items_written, rows_seen, force=True)
-            if sink.items_written != n_items:  # every listed item yields its rows, error rows included
-                raise RuntimeError(f"{n_items} items were listed but {sink.items_written} came out of the pipeline; "
-                                   "the finished ones are committed: rerun into the same --out to label the rest")
-        finally:
-            if owned:
-                import ray
-
-                ray.shutdown()
-    clear_scratch(config.out, options)
+    sink = ParquetSink(output, metadata(info["name"], generation, job_id), config.rows_per_file)
+    tokens = _label(config, info, shards, n_items, output, sink, job_id) if n_items else 0
+    output.clear_scratch()
     summary = build_summary(
-        config.out, options, job_id=job_id, model=info["name"], generation=generation,
+        output, job_id=job_id, model=info["name"], generation=generation,
         wall_s=time.monotonic() - start, items_listed=listed["listed"],
         items_skipped=listed["skipped"], rows_written=sink.rows_written, items_written=sink.items_written,
         generated_tokens=tokens, files_written=len(sink.files))
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
-    write_summary(config.out, options, summary)
+    output.write_summary(summary)
     return summary
+
+
+def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: int, output: Output,
+           sink: ParquetSink, job_id: str) -> int:
+    """Run the Ray Data graph over the listing shards into the sink; returns the tokens generated."""
+    settings = DecodeSettings(
+        image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
+        clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
+        max_clips=config.max_clips, storage_options=config.storage)
+    tokens = rows_seen = 0
+    owned = connect_ray(config.address)
+    try:
+        check_resources(config)
+        progress = Progress(n_items, config.progress_seconds)
+        # config.model, not the resolved default: None lets each actor find the bundled model on its own node
+        for batch in build_dataset(shards, output.fs, config, settings, config.model, job_id).iter_batches(
+                batch_size=None, batch_format="pyarrow"):
+            sink.add(batch)
+            rows_seen += batch.num_rows
+            tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
+            progress.update(sink.items_written, rows_seen)
+        sink.close()
+        progress.update(sink.items_written, rows_seen, force=True)
+        if sink.items_written != n_items:  # every listed item yields its rows, error rows included
+            raise RuntimeError(f"{n_items} items were listed but {sink.items_written} came out of the pipeline; "
+                               "the finished ones are committed: rerun into the same --out to label the rest")
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+    return tokens
 
 
 def _default_model() -> str:

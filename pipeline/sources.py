@@ -7,12 +7,12 @@ one directory listing at a time (`fs.walk`), manifests are read in record batche
 driver never holds the whole listing. Items are written to Parquet listing shards
 (`write_shards`) that Ray Data reads, so the listing streams into the cluster in chunks.
 
-Problems with one item (a vqa item with no questions) become items with `error` set: they
-flow through the pipeline as error rows instead of disappearing. Walks skip files whose
+Items are built by schemas.manifest.make_item and written as its ITEM_SCHEMA. Problems with
+one item (a vqa item with no questions) become items with `error` set: they flow through the
+pipeline as error rows of stage "list" instead of disappearing. Walks skip files whose
 extension is neither image nor video (counted in the log); manifest entries are kept
-whatever their extension (the decoder sniffs the content). ITEM_SCHEMA is
-schemas.manifest.MANIFEST_SCHEMA plus `error`, with `prompt` nullable: null means the
-model's default caption prompt for the item's (decoded) media type.
+whatever their extension (the decoder sniffs the content). A caption prompt of None means
+the model's default caption prompt for the item's (decoded) media type.
 """
 
 from __future__ import annotations
@@ -32,30 +32,19 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.storage import filesystem, full_uri, is_local
-from schemas.manifest import media_type_from_name
-from schemas.rows import UNKNOWN
-from schemas.rows import item_id as make_item_id
+from schemas.manifest import ITEM_SCHEMA, MANIFEST_EXTS, make_item, media_type_from_name
+from schemas.rows import CAPTION, UNKNOWN, VQA
 
 log = logging.getLogger(__name__)
 
-MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")
 GLOB_CHARS = re.compile(r"[*?\[]")
-
-PROMPT_TYPE = pa.struct([("task", pa.string()), ("prompt", pa.string())])
-ITEM_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("uri", pa.string()),
-    ("media_type", pa.string()),
-    ("prompts", pa.list_(PROMPT_TYPE)),  # prompt null: the model's default caption prompt
-    ("error", pa.string()),  # set: the item becomes error rows (stage read) without a fetch
-])
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptSpec:
     """How each item's prompts are made: the task and the run-wide prompt/questions."""
 
-    task: str = "caption"
+    task: str = CAPTION
     prompt: str | None = None
     questions: tuple[str, ...] = ()
 
@@ -85,10 +74,9 @@ def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[st
         log.warning("%d duplicate uris in the inputs were labeled once", stats["duplicates"])
 
 
-def write_shards(items: Iterable[dict], base_uri: str, storage_options: dict[str, Any] | None = None,
+def write_shards(items: Iterable[dict], fs: fsspec.AbstractFileSystem, base: str,
                  shard_size: int = 10_000) -> tuple[list[str], int]:
-    """Write items as Parquet shards under base_uri; returns (shard URIs, number of items)."""
-    fs, base = filesystem(base_uri, storage_options)
+    """Write items as ITEM_SCHEMA Parquet shards under `base` in `fs`; returns (shard URIs, number of items)."""
     fs.makedirs(base, exist_ok=True)
     shards: list[str] = []
     total = 0
@@ -113,17 +101,13 @@ def write_shards(items: Iterable[dict], base_uri: str, storage_options: dict[str
 
 def _make_item(entry: dict, spec: PromptSpec) -> dict:
     uri = entry["uri"]
-    media_type = entry.get("media_type") or media_type_from_name(uri)  # the decoder may still sniff "unknown"
-    error = None
-    if spec.task == "caption":
-        prompts = [{"task": "caption", "prompt": entry.get("prompt") or spec.prompt}]
-    else:
-        questions = list(dict.fromkeys([*spec.questions, *(entry.get("questions") or [])]))
-        prompts = [{"task": "vqa", "prompt": q} for q in questions]
-        if not prompts:
-            prompts = [{"task": "vqa", "prompt": ""}]
-            error = error or "no questions for this item: give --question or a questions column in the manifest"
-    return {"item_id": make_item_id(uri), "uri": uri, "media_type": media_type, "prompts": prompts, "error": error}
+    if spec.task == CAPTION:
+        return make_item(uri, [{"task": CAPTION, "prompt": entry.get("prompt") or spec.prompt}], entry.get("media_type"))
+    questions = list(dict.fromkeys([*spec.questions, *(entry.get("questions") or [])]))
+    if not questions:  # refused when listed: one error row per item, with an empty question
+        return make_item(uri, [{"task": VQA, "prompt": ""}], entry.get("media_type"),
+                         error="no questions for this item: give --question or a questions column in the manifest")
+    return make_item(uri, [{"task": VQA, "prompt": q} for q in questions], entry.get("media_type"))
 
 
 def _iter_entries(spec_uri: str, storage_options: dict[str, Any]) -> Iterator[dict]:

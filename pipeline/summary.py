@@ -8,7 +8,6 @@ files, so they describe the whole output, including rows from earlier resumed at
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import time
 from typing import Any
@@ -16,26 +15,24 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import filesystem
+from pipeline.output import Output
 from schemas.rows import ERROR, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "_summary.json"
 _COLUMNS = ["item_id", "clip_index", "status", "error_stage", "num_prompt_tokens", "num_generated_tokens"]
 
 
-def totals(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Counts over every committed part file of `out`."""
-    fs, base = filesystem(out, storage_options)
+def totals(output: Output) -> dict[str, Any]:
+    """Counts over every committed part file of the output."""
     rows = 0
     items: set[str] = set()
     clips: set[tuple[str, int | None]] = set()
     status: collections.Counter = collections.Counter()
     stage: collections.Counter = collections.Counter()
     prompt_tokens = generated_tokens = 0
-    for path in sorted(fs.glob(f"{base.rstrip('/')}/part-*.parquet")):
-        with fs.open(path, "rb") as f:
+    for path in output.part_paths():
+        with output.fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=_COLUMNS)
         rows += table.num_rows
         ids = table.column("item_id").to_pylist()
@@ -53,11 +50,11 @@ def totals(out: str, storage_options: dict[str, Any] | None = None) -> dict[str,
     }
 
 
-def build_summary(out: str, storage_options: dict[str, Any] | None, *, job_id: str, model: str,
+def build_summary(output: Output, *, job_id: str, model: str,
                   generation: dict, wall_s: float, items_listed: int, items_skipped: int,
                   rows_written: int, items_written: int, generated_tokens: int, files_written: int) -> dict:
     """The `_summary.json` document."""
-    total = totals(out, storage_options)
+    total = totals(output)
     wall = max(wall_s, 1e-9)
     return {
         "schema_version": SCHEMA_VERSION, "job_id": job_id, "model": model, "generation": generation,
@@ -70,31 +67,6 @@ def build_summary(out: str, storage_options: dict[str, Any] | None, *, job_id: s
             "tokens_per_s": round(generated_tokens / wall, 3),
         },
     }
-
-
-def write_summary(out: str, storage_options: dict[str, Any] | None, summary: dict) -> str:
-    """Write `_summary.json` (the completion marker: written after every part file)."""
-    fs, base = filesystem(out, storage_options)
-    path = f"{base.rstrip('/')}/{SUMMARY_NAME}"
-    fs.pipe_file(path, json.dumps(summary, indent=2, sort_keys=True).encode())
-    return fs.unstrip_protocol(path)
-
-
-def clear_summary(out: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove `_summary.json` as a run starts: while it works, the output is not complete."""
-    fs, base = filesystem(out, storage_options)
-    path = f"{base.rstrip('/')}/{SUMMARY_NAME}"
-    if fs.exists(path):
-        fs.rm(path)
-
-
-def read_summary(out: str, storage_options: dict[str, Any] | None = None) -> dict | None:
-    """The output's `_summary.json`, or None when the run never finished."""
-    fs, base = filesystem(out, storage_options)
-    path = f"{base.rstrip('/')}/{SUMMARY_NAME}"
-    if not fs.exists(path):
-        return None
-    return json.loads(fs.cat_file(path))
 
 
 def format_summary(summary: dict) -> str:

@@ -1,8 +1,8 @@
-"""The input contract: one manifest item per source file.
+"""The input contract: one item per source file, as the listing writes it (ITEM_SCHEMA).
 
-An item is `{item_id, uri, media_type, prompts: [{task, prompt}, ...]}`. `media_type` comes
-from the file name here; the decoder also sniffs the content and may correct it (a `.jpg`
-that is really an MP4 decodes as video).
+An item is `{item_id, uri, media_type, prompts: [{task, prompt}, ...], error}`, built by
+`make_item` only. `media_type` comes from the file name (or a manifest column); the decoder
+also sniffs the content and may correct it (a `.jpg` that is really an MP4 decodes as video).
 """
 
 from __future__ import annotations
@@ -11,22 +11,24 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
-from schemas.rows import IMAGE, TASKS, UNKNOWN, VIDEO, item_id
+from schemas.rows import CAPTION, IMAGE, TASKS, UNKNOWN, VIDEO, item_id
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff"})
 VIDEO_EXTENSIONS = frozenset({"mp4", "mov", "mkv", "webm", "avi", "m4v"})
+MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")  # an INPUT ending so is a manifest (a `uri` column), not media
 
 PROMPT_TYPE = pa.struct([
     pa.field("task", pa.string(), nullable=False),  # caption / vqa
-    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt", pa.string()),  # null (caption only): the model's default prompt for the media type
 ])
 
-MANIFEST_SCHEMA = pa.schema(
+ITEM_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("media_type", pa.string(), nullable=False),  # image / video / unknown
         pa.field("prompts", pa.list_(PROMPT_TYPE), nullable=False),
+        pa.field("error", pa.string()),  # set: refused when listed; the item becomes error rows of stage "list"
     ]
 )
 
@@ -45,16 +47,22 @@ def media_type_from_name(uri: str) -> str:
     return UNKNOWN
 
 
-def make_item(uri: str, prompts: list[dict]) -> dict:
-    """A manifest item for `uri`; prompts are [{"task": "caption"|"vqa", "prompt": str}, ...]."""
+def make_item(uri: str, prompts: list[dict], media_type: str | None = None, error: str | None = None) -> dict:
+    """An item of ITEM_SCHEMA for `uri`: prompts are [{"task": "caption"|"vqa", "prompt": str}, ...].
+
+    A caption prompt may be None (the model's default prompt for the decoded media type).
+    `media_type` None: from the file name. `error`: the item was refused when listed."""
     if not prompts:
         raise ValueError(f"item {uri!r} has no prompts: give at least one {{task, prompt}}")
     for p in prompts:
-        if set(p) != {"task", "prompt"} or p["task"] not in TASKS or not isinstance(p["prompt"], str):
-            raise ValueError(f"bad prompt {p!r} for {uri!r}: expected {{'task': one of {TASKS}, 'prompt': str}}")
+        if (set(p) != {"task", "prompt"} or p["task"] not in TASKS
+                or not (isinstance(p["prompt"], str) or (p["prompt"] is None and p["task"] == CAPTION))):
+            raise ValueError(f"bad prompt {p!r} for {uri!r}: expected {{'task': one of {TASKS}, 'prompt': str}} "
+                             "(prompt None: the default caption prompt)")
     return {
         "item_id": item_id(uri),
         "uri": uri,
-        "media_type": media_type_from_name(uri),
+        "media_type": media_type or media_type_from_name(uri),
         "prompts": [{"task": p["task"], "prompt": p["prompt"]} for p in prompts],
+        "error": error,
     }

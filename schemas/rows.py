@@ -20,11 +20,13 @@ TRUNCATED = "truncated"  # generation hit max_new_tokens; text is kept
 ERROR = "error"
 STATUSES = (OK, TRUNCATED, ERROR)
 
-# error stages
-READ = "read"
-DECODE = "decode"
-INFER = "infer"
-STAGES = (READ, DECODE, INFER)
+# error stages: where an item's rows failed
+LIST = "list"  # refused when listed (a vqa item with no questions); never fetched
+READ = "read"  # the bytes could not be read (missing, forbidden, too large, unreachable)
+DECODE = "decode"  # the bytes are not a decodable image or video (or the decoder hung or crashed)
+INFER = "infer"  # the model failed on the clip's batch
+STAGES = (LIST, READ, DECODE, INFER)
+MAX_ERROR_CHARS = 500  # error messages are cut to this length in rows
 
 # tasks
 CAPTION = "caption"
@@ -79,6 +81,16 @@ def item_id(uri: str) -> str:
 def row_id(item_id: str, clip_index: int | None, prompt: str, task: str) -> str:
     """Stable id of an output row: 24 hex chars of sha1 over (item_id, clip, task, prompt)."""
     return _hex(json.dumps([item_id, clip_index, task, prompt], ensure_ascii=False), 24)
+
+
+def error_columns(stage: str, message: str) -> dict:
+    """The status columns of a row that failed at `stage`: {status, error_stage, error}.
+
+    The one constructor of error rows: decode's clip rows and the labeler's output rows
+    both take their failure through it. Raises ValueError on an unknown stage."""
+    if stage not in STAGES:
+        raise ValueError(f"error stage {stage!r} is not one of {STAGES}")
+    return {"status": ERROR, "error_stage": stage, "error": message[:MAX_ERROR_CHARS]}
 
 
 def _check_row(i: int, row: dict) -> None:

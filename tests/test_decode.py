@@ -9,8 +9,9 @@ import media
 import numpy as np
 import pytest
 
+from schemas.clips import DECODED_KEYS
 from schemas.manifest import make_item
-from workers.decode import DECODED_KEYS, DecodeSettings, decode_item, fetch_and_decode, sniff_media_type
+from workers.decode import DecodeSettings, decode_item, fetch_and_decode, sniff_media_type
 from workers.fetch import FetchError, fetch_bytes
 from workers.isolate import IsolatedRunner, IsolationError
 from workers.video import _decode_decord, _decode_pyav, decode_video, plan_clips

@@ -20,13 +20,13 @@ import pytest
 
 from pipeline.config import RunConfig
 from pipeline.graph import run
-from pipeline.sink import ITEM_ROWS
+from pipeline.output import Output
 from pipeline.sources import PromptSpec, iter_items
-from pipeline.summary import read_summary
+from schemas.clips import CLIP_SCHEMA, ITEM_ROWS
 from schemas.rows import LABEL_SCHEMA, read_metadata
 from shapes.corpus import write_corpus
 from workers.decode import DecodeSettings, fetch_and_decode
-from workers.labeler import CLIP_SCHEMA, Labeler
+from workers.labeler import Labeler
 
 pytestmark = pytest.mark.timeout(300)
 Q = "how many objects are there?"
@@ -166,10 +166,32 @@ def test_labeler_inference_error_becomes_infer_rows(tiny_model):
     out = labeler(pa.Table.from_pylist([clip("a", good), clip("b", bad), clip("c", good[:0], "error")],
                                        schema=CLIP_SCHEMA))
     rows = out.to_pylist()
-    assert [(r["item_id"], r["status"], r["error_stage"]) for r in rows] == [
-        ("a", rows[0]["status"], None), ("a", rows[1]["status"], None),
+    labelled = {"ok", "truncated"}
+    assert [(r["item_id"], "labelled" if r["status"] in labelled else r["status"], r["error_stage"]) for r in rows] == [
+        ("a", "labelled", None), ("a", "labelled", None),
         ("b", "error", "infer"), ("b", "error", "infer"), ("c", "error", "decode"), ("c", "error", "decode")]
-    assert {rows[0]["status"], rows[1]["status"]} <= {"ok", "truncated"} and "ValueError" in rows[2]["error"]
+    assert {rows[0]["status"], rows[1]["status"]} <= labelled and "ValueError" in rows[2]["error"]
+    assert rows[0]["text"] is not None and rows[2]["text"] is None and rows[4]["error"] == "boom"
+
+
+def test_labeler_refuses_to_return_rows_it_never_labelled(tiny_model):
+    """Guards against the labeler's every-row-once check being one that cannot fail: a request that is never
+    asked (here: inference skipped) must raise, not leave rows without a status."""
+    from lavi.engine import Engine
+
+    engine = Engine.load(tiny_model)
+    labeler = Labeler.from_engine(engine, "job", {"max_new_tokens": 2})
+    frames = np.zeros((1, engine.image_size, engine.image_size, 3), np.uint8)
+    clip = {"item_id": "a", "uri": "/a.png", "media_type": "image", "prompts": [{"task": "caption", "prompt": None}],
+            "clip_index": None, "clip_start_s": None, "clip_end_s": None, "frame_timestamps_s": None,
+            "width": 4, "height": 4, "frames": frames.tobytes(), "frame_shape": list(frames.shape),
+            "status": "ok", "error_stage": None, "error": None, ITEM_ROWS: 1}
+    batch = pa.Table.from_pylist([clip], schema=CLIP_SCHEMA)
+    row = labeler(batch).to_pylist()[0]
+    assert row["status"] in ("ok", "truncated") and row["prompt"] == engine.default_prompt("image")
+    labeler._infer = lambda clips, asks, out: None
+    with pytest.raises(AssertionError, match="without a status"):
+        labeler(batch)
 
 
 def _cli(*args: str) -> list[str]:
@@ -207,7 +229,7 @@ def test_killed_run_resumes_without_duplicates(ray_local, tiny_model, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     table = pq.read_table(out)
     assert table.num_rows == 24 and len(set(table.column("item_id").to_pylist())) == 24
-    summary = read_summary(str(out))
+    summary = Output(str(out)).read_summary()
     assert summary["this_run"]["items_skipped"] >= 3 and summary["this_run"]["rows"] == 24 - summary["this_run"]["items_skipped"]
     assert "24 rows for 24 items" in done.stdout
 

@@ -1,4 +1,4 @@
-"""pipeline.sink and pipeline.summary without Ray: whole items per file, resume state, totals."""
+"""pipeline.sink, pipeline.output and pipeline.summary without Ray: whole items per file, resume state, totals."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sink import ITEM_ROWS, ParquetSink, clear_output, part_name, scan_output
-from pipeline.summary import Progress, build_summary, format_summary, read_summary, write_summary
+from pipeline.output import Output, part_name
+from pipeline.sink import ParquetSink
+from pipeline.summary import Progress, build_summary, format_summary
+from schemas.clips import ITEM_ROWS
 from schemas.rows import LABEL_SCHEMA, item_id, metadata, read_metadata, row_id, table_from_rows
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -39,12 +41,12 @@ def test_items_split_across_batches_commit_whole(tmp_path):
     item and its missing rows would never be written."""
     out = str(tmp_path / "out")
     a, b = _rows("s3://x/a.mp4", 3, ["q1?", "q2?"]), _rows("s3://x/b.mp4", 1, ["q1?", "q2?"])
-    sink = ParquetSink(out, META, rows_per_file=2)
+    sink = ParquetSink(Output(out), META, rows_per_file=2)
     sink.add(a.slice(0, 4))  # a is incomplete: nothing may be written
-    assert sink.files == [] and scan_output(out).done_items == frozenset()
+    assert sink.files == [] and Output(out).scan().done_items == frozenset()
     sink.add(pa.concat_tables([b, a.slice(4)]))
     sink.close()
-    state = scan_output(out)
+    state = Output(out).scan()
     assert state.rows == 8 and state.done_items == {item_id("s3://x/a.mp4"), item_id("s3://x/b.mp4")}
     table = pq.read_table(out)
     assert table.schema.remove_metadata().equals(LABEL_SCHEMA) and table.num_rows == 8
@@ -63,23 +65,24 @@ def test_leftover_temp_files_are_not_counted(tmp_path):
     out = tmp_path / "out"
     (out / "_tmp").mkdir(parents=True)
     (out / "_tmp" / "x-part-0000.parquet").write_bytes(b"PAR1 half written")
-    assert scan_output(str(out)).rows == 0
-    sink = ParquetSink(str(out), META)
+    output = Output(str(out))
+    assert output.scan().rows == 0
+    sink = ParquetSink(output, META)
     sink.add(_rows("/a.png", 1, ["q?"]))
     sink.close()
-    assert scan_output(str(out)).rows == 1
+    assert output.scan().rows == 1
     assert pq.read_table(str(out)).num_rows == 1  # readers skip _tmp/
-    assert clear_output(str(out)) == 1 and scan_output(str(out)).rows == 0 and not (out / "_tmp").exists()
+    assert output.clear() == 1 and output.scan().rows == 0 and not (out / "_tmp").exists()
 
 
 def test_duplicate_and_missing_rows_raise(tmp_path):
     """Guards against a duplicated row or a lost row passing silently into the output."""
-    sink = ParquetSink(str(tmp_path / "o1"), META)
+    sink = ParquetSink(Output(str(tmp_path / "o1")), META)
     rows = _rows("/a.png", 1, ["q?", "r?"])
     sink.add(rows.slice(0, 1))
     with pytest.raises(AssertionError, match="duplicated"):
         sink.add(rows.slice(0, 2))
-    sink = ParquetSink(str(tmp_path / "o2"), META)
+    sink = ParquetSink(Output(str(tmp_path / "o2")), META)
     sink.add(rows.slice(0, 1))
     with pytest.raises(AssertionError, match="rows missing"):
         sink.close()
@@ -88,18 +91,19 @@ def test_duplicate_and_missing_rows_raise(tmp_path):
 def test_summary_counts_and_text(tmp_path):
     """Guards against a summary that counts only this attempt's rows or drops error stages."""
     out = str(tmp_path / "out")
-    sink = ParquetSink(out, META, rows_per_file=1)
+    output = Output(out)
+    sink = ParquetSink(output, META, rows_per_file=1)
     sink.add(_rows("/a.mp4", 2, ["q?"]))
     sink.add(_rows("/b.mp4", 1, ["q?", "r?"], error=True))
     sink.close()
     assert len(sink.files) == 2
-    summary = build_summary(out, None, job_id="job-1", model="tiny", generation={}, wall_s=2.0, items_listed=2,
+    summary = build_summary(output, job_id="job-1", model="tiny", generation={}, wall_s=2.0, items_listed=2,
                             items_skipped=0, rows_written=4, items_written=2, generated_tokens=4, files_written=2)
     assert (summary["rows"], summary["items"], summary["clips"]) == (4, 2, 3)
     assert summary["status"] == {"error": 2, "ok": 2} and summary["error_stage"] == {"decode": 2}
     assert summary["generated_tokens"] == 4 and summary["this_run"]["tokens_per_s"] == 2.0
-    write_summary(out, None, summary)
-    assert read_summary(out) == summary
+    output.write_summary(summary)
+    assert Output(out).read_summary() == summary
     assert "errors by stage: decode 2" in format_summary(summary)
     assert pq.read_table(out).num_rows == 4  # _summary.json is ignored by readers
 

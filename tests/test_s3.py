@@ -9,12 +9,12 @@ import pytest
 
 from pipeline.config import RunConfig, parse_storage_options
 from pipeline.graph import run
-from pipeline.sink import ParquetSink, scan_output
+from pipeline.output import Output
+from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items
-from pipeline.summary import read_summary
 from schemas.rows import LABEL_SCHEMA
 from shapes.corpus import write_corpus
-from workers.labeler import local_model_dir
+from workers.model_cache import local_model_dir
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,11 +52,11 @@ def test_walk_prefix_and_sink_on_s3(s3_server, tmp_path):
     from tests.test_pipeline_sink import META, _rows
 
     out = f"s3://{s3_server.bucket}/sink-out"
-    sink = ParquetSink(out, META, s3_server.storage_options, rows_per_file=1)
+    sink = ParquetSink(Output(out, s3_server.storage_options), META, rows_per_file=1)
     sink.add(_rows("s3://x/a.mp4", 2, ["q?"]))
     sink.add(_rows("s3://x/b.mp4", 1, ["q?"]))
     sink.close()
-    state = scan_output(out, s3_server.storage_options)
+    state = Output(out, s3_server.storage_options).scan()
     assert state.rows == 3 and len(state.files) == 2 and all(f.startswith("s3://") for f in state.files)
     # (SeaweedFS may keep listing an emptied prefix: look for files, not for an empty listing)
     assert [p for p in fs.find(f"{s3_server.bucket}/sink-out/_tmp") if p.endswith(".parquet")] == []
@@ -86,7 +86,7 @@ def test_s3_to_s3_end_to_end(ray_local, s3_server, tiny_model, tmp_path):
                        storage_options=tuple(s3_server.cli_options[1::2]))
     summary = run(config)
     assert summary["rows"] >= 3 and summary["status"].get("error", 0) == 0
-    assert read_summary(out, opts)["rows"] == summary["rows"]
+    assert Output(out, opts).read_summary()["rows"] == summary["rows"]
     files = sorted(fs.glob(f"{s3_server.bucket}/labels/part-*.parquet"))
     table = pq.read_table(files, filesystem=fs)
     assert table.schema.remove_metadata().equals(LABEL_SCHEMA) and table.num_rows == summary["rows"]

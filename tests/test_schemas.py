@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
+import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.manifest import MANIFEST_SCHEMA, make_item, media_type_from_name
+from schemas.manifest import ITEM_SCHEMA, make_item, media_type_from_name
 from schemas.rows import (
-    COLUMNS, ERROR, LABEL_SCHEMA, OK, SCHEMA_VERSION, item_id, metadata, read_metadata, row_id, table_from_rows,
+    COLUMNS, ERROR, LABEL_SCHEMA, OK, SCHEMA_VERSION, STAGES, error_columns, item_id, metadata, read_metadata, row_id,
+    table_from_rows,
 )
+
+ROOT = Path(__file__).parents[1]
+DESIGN = Path(__file__).parents[2] / "shared" / "DESIGN.md"  # CI keeps a copy of shared/ beside the clone
+DOC_TYPES = {"string": pa.string(), "int32": pa.int32(), "float64": pa.float64(),
+             "list<float64>": pa.list_(pa.float64()), "timestamp[us, UTC]": pa.timestamp("us", tz="UTC")}
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
 
@@ -40,14 +49,45 @@ def error_row() -> dict:
                   height=None, num_prompt_tokens=None, num_generated_tokens=None)
 
 
-def test_schema_has_the_design_columns_and_types():
-    """Guards against drift between DESIGN.md's table and the schema writers use."""
-    assert COLUMNS[:3] == ("row_id", "item_id", "uri") and len(COLUMNS) == 21
-    assert LABEL_SCHEMA.field("created_at").type == pa.timestamp("us", tz="UTC")
-    assert LABEL_SCHEMA.field("frame_timestamps_s").type == pa.list_(pa.float64())
-    for name in ("clip_index", "width", "height", "num_prompt_tokens", "num_generated_tokens"):
-        assert LABEL_SCHEMA.field(name).type == pa.int32(), name
+def output_table(markdown: str) -> list[tuple[str, pa.DataType]]:
+    """(column, type) pairs of the `| column | type | notes |` table: a row names one or more columns
+    (`width, height`) with one type for all or one type each (`int32, float64, float64`)."""
+    lines = markdown.split("| column | type | notes |", 1)[1].splitlines()[2:]
+    pairs = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        names_cell, types_cell = (c.strip() for c in line.strip("|").split("|")[:2])
+        names = [n.strip() for n in names_cell.split(",")]
+        types = [t.strip() for t in re.split(r",\s*(?![^\[]*\])", types_cell)]  # not inside [...]
+        assert len(types) in (1, len(names)), line
+        for name, kind in zip(names, types * len(names) if len(types) == 1 else types):
+            assert kind in DOC_TYPES, f"unknown type {kind!r} for {name!r} in the table"
+            pairs.append((name, DOC_TYPES[kind]))
+    return pairs
+
+
+@pytest.mark.parametrize("doc", ["README.md", "DESIGN.md"])
+def test_schema_has_the_design_columns_and_types(doc):
+    """Guards against drift between the output-schema tables (DESIGN.md's, the README's) and the schema writers
+    use: the same column names in the same order, each with the documented Arrow type."""
+    path = ROOT / doc if doc == "README.md" else DESIGN
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared/ is not beside this clone)")
+    documented = output_table(path.read_text())
+    assert [n for n, _ in documented] == list(COLUMNS)
+    for name, kind in documented:
+        assert LABEL_SCHEMA.field(name).type == kind, name
     assert not LABEL_SCHEMA.field("row_id").nullable and LABEL_SCHEMA.field("text").nullable
+
+
+def test_error_columns_are_the_one_error_row_constructor():
+    """Guards against error rows with a stage the contract does not know, or unbounded messages in rows."""
+    assert STAGES == ("list", "read", "decode", "infer")
+    assert error_columns("list", "no questions") == {"status": ERROR, "error_stage": "list", "error": "no questions"}
+    assert len(error_columns("infer", "x" * 10_000)["error"]) == 500
+    with pytest.raises(ValueError, match="upload"):
+        error_columns("upload", "x")
 
 
 def test_parquet_round_trip_keeps_types_values_and_metadata(tmp_path):
@@ -101,7 +141,7 @@ def test_ids_are_stable_and_distinct():
     ids = {row_id(iid, c, p, t) for c in (None, 0, 1) for p in ("describe the image.", "how many?")
            for t in ("caption", "vqa")}
     assert len(ids) == 12 and all(len(i) == 24 for i in ids)
-    assert row_id(iid, 0, "q", "vqa") == row_id(iid, 0, "q", "vqa")
+    assert row_id(iid, 0, "q", "vqa") == hashlib.sha1(json.dumps([iid, 0, "vqa", "q"]).encode()).hexdigest()[:24]
 
 
 @pytest.mark.parametrize("uri, kind", [
@@ -114,15 +154,18 @@ def test_media_type_from_name(uri, kind):
     assert media_type_from_name(uri) == kind
 
 
-def test_manifest_items_fit_the_manifest_schema():
-    """Guards against make_item producing items the manifest schema cannot hold, or bad prompts passing."""
+def test_manifest_items_fit_the_item_schema():
+    """Guards against make_item producing items the item schema cannot hold, or bad prompts passing."""
     items = [make_item("s3://b/a.png", [{"task": "caption", "prompt": "describe the image."}]),
              make_item("s3://b/v.mov", [{"task": "vqa", "prompt": "how many objects are there?"},
                                          {"task": "caption", "prompt": "describe the video."}])]
-    table = pa.Table.from_pylist(items, schema=MANIFEST_SCHEMA)
+    table = pa.Table.from_pylist(items, schema=ITEM_SCHEMA)
     assert table.column("media_type").to_pylist() == ["image", "video"]
     assert items[0]["item_id"] == item_id("s3://b/a.png")
     with pytest.raises(ValueError, match="no prompts"):
         make_item("s3://b/a.png", [])
     with pytest.raises(ValueError, match="bad prompt"):
         make_item("s3://b/a.png", [{"task": "summarise", "prompt": "x"}])
+    with pytest.raises(ValueError, match="bad prompt"):  # only a caption may take the default prompt
+        make_item("s3://b/a.png", [{"task": "vqa", "prompt": None}])
+    assert make_item("s3://b/a.png", [{"task": "caption", "prompt": None}], "video", error="e")["media_type"] == "video"

@@ -9,8 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig, parse_storage_options
-from pipeline.sources import ITEM_SCHEMA, PromptSpec, iter_items, write_shards
+from pipeline.sources import PromptSpec, iter_items, write_shards
+from pipeline.storage import filesystem
+from schemas.clips import ITEM_ROWS
+from schemas.manifest import ITEM_SCHEMA
 from schemas.rows import item_id
+from workers.decode import DecodeSettings, decode_batch
 
 
 def _tree(root) -> None:
@@ -72,6 +76,18 @@ def test_manifest_prompts_caption_and_vqa(tmp_path):
                                                [{"task": "caption", "prompt": "describe it."}]]
 
 
+def test_an_item_refused_when_listed_becomes_a_list_error_row(tmp_path):
+    """Guards against a vqa item without questions vanishing, being fetched, or being recorded as a failed read:
+    it is one error row of stage "list" (never fetched: its file does not exist, a fetch would say "read")."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"uri": str(tmp_path / "nowhere.png")}) + "\n")
+    items = list(iter_items([str(manifest)], PromptSpec(task="vqa")))
+    clips = decode_batch(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), DecodeSettings(image_size=8, isolate=False))
+    assert clips.num_rows == 1
+    row = clips.to_pylist()[0]
+    assert (row["status"], row["error_stage"], row[ITEM_ROWS]) == ("error", "list", 1) and "no questions" in row["error"]
+
+
 def test_csv_and_parquet_manifests(tmp_path):
     """Guards against CSV question lists read as one string and Parquet manifests not supported."""
     (tmp_path / "m.csv").write_text('uri,questions\n/d/a.png,"[""q1?"", ""q2?""]"\n/d/b.png,\n')
@@ -89,8 +105,8 @@ def test_skip_and_shards_round_trip(tmp_path):
         (tmp_path / f"{i}.png").write_bytes(b"x")
     all_items = list(iter_items([str(tmp_path)], PromptSpec()))
     skip = {all_items[0]["item_id"], all_items[3]["item_id"]}
-    shards, n = write_shards(iter_items([str(tmp_path)], PromptSpec(), skip=skip), str(tmp_path / "_listing"),
-                             shard_size=2)
+    shards, n = write_shards(iter_items([str(tmp_path)], PromptSpec(), skip=skip),
+                             *filesystem(str(tmp_path / "_listing")), shard_size=2)
     assert n == 5 and len(shards) == 3
     tables = [pq.read_table(s.removeprefix("file://")) for s in shards]
     assert all(t.schema.equals(ITEM_SCHEMA) for t in tables)
@@ -115,17 +131,18 @@ def test_run_config_validation_messages():
 
 
 def test_auto_batch_and_compile_defaults():
-    """Guards the defaults: auto batch is CPU_BATCH on CPU and a large block on a GPU (the actor sizes its batch
-    from memory); compile is on for GPUs only; `--batch-size auto|N` parses and junk is refused by name."""
+    """Guards the defaults: auto batch is 32 rows on CPU, as `run --help` says, resolved by the driver (the actor
+    gets a number), and on a GPU a large block with the actor sizing its batch from memory (None); compile is on
+    for GPUs only; `--batch-size auto|N` parses and junk is refused by name."""
     from click.testing import CliRunner
 
     from jobs.run import BATCH, run as run_cmd
-    from pipeline.config import CPU_BATCH, GPU_AUTO_BLOCK
     cpu, gpu = RunConfig(inputs=("x",), out="o"), RunConfig(inputs=("x",), out="o", gpus_per_worker=0.5)
-    assert (cpu.batch_size, cpu.block_rows, cpu.use_compile) == (None, CPU_BATCH, False)
-    assert (gpu.block_rows, gpu.use_compile) == (GPU_AUTO_BLOCK, True)
+    assert (cpu.batch_size, cpu.block_rows, cpu.labeler_batch, cpu.use_compile) == (None, 32, 32, False)
+    assert (gpu.block_rows, gpu.labeler_batch, gpu.use_compile) == (256, None, True)
     fixed = RunConfig(inputs=("x",), out="o", gpus_per_worker=1.0, batch_size=12, compile=False)
-    assert (fixed.block_rows, fixed.use_compile) == (12, False)
+    assert (fixed.block_rows, fixed.labeler_batch, fixed.use_compile) == (12, 12, False)
+    assert "32 on CPU" in " ".join(CliRunner().invoke(run_cmd, ["--help"]).output.split())
     assert BATCH.convert("auto", None, None) is None and BATCH.convert("7", None, None) == 7
     result = CliRunner().invoke(run_cmd, ["x", "--out", "o", "--batch-size", "many"])
     assert result.exit_code == 2 and "'many' is not a whole number or 'auto'" in result.output

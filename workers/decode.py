@@ -1,8 +1,10 @@
 """The CPU stage: item -> bytes -> frames at the model's input size, one row per clip.
 
-`fetch_and_decode` is what the pipeline calls per item. It never raises for bad input:
-a failed read or decode gives ONE error row for the item (status="error", error_stage
-"read" or "decode", a readable message). Every row has the same keys (`DECODED_KEYS`).
+`decode_batch` is the Ray Data stage (ITEM_SCHEMA items -> CLIP_SCHEMA clips); it calls
+`fetch_and_decode` per item. Neither raises for bad input: an item refused when listed, a
+failed read or a failed decode gives ONE error row for the item (status="error", error_stage
+"list", "read" or "decode", a readable message). Every row has the same keys
+(schemas.clips.DECODED_KEYS).
 """
 
 from __future__ import annotations
@@ -11,20 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
+from schemas.clips import CLIP_SCHEMA, DECODED_KEYS, ITEM_ROWS
 from schemas.manifest import media_type_from_name
-from schemas.rows import DECODE, ERROR, IMAGE, OK, READ, UNKNOWN, VIDEO
+from schemas.rows import DECODE, IMAGE, LIST, OK, READ, UNKNOWN, VIDEO, error_columns
 from workers.fetch import FetchError, fetch_bytes
 from workers.frames import Clip, DecodedImage, DecodedVideo, DecodeError  # noqa: F401 (re-exported)
 from workers.image import decode_image
 from workers.isolate import IsolationError, run_isolated
 from workers.video import decode_video
-
-DECODED_KEYS = (
-    "item_id", "uri", "media_type", "prompts", "clip_index", "clip_start_s", "clip_end_s",
-    "frame_timestamps_s", "width", "height", "frames", "status", "error_stage", "error",
-)
-
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -81,10 +79,10 @@ def _row(item: dict, media_type: str, frames: np.ndarray, **fields) -> dict:
 
 
 def error_row(item: dict, stage: str, message: str, image_size: int, media_type: str | None = None) -> dict:
-    """The one row of an item that failed at `stage` ("read" / "decode")."""
+    """The one row of an item that failed at `stage` ("list" / "read" / "decode")."""
     media = media_type or item.get("media_type") or media_type_from_name(item["uri"])
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)  # same dtype/rank as real frames
-    return _row(item, media, empty, status=ERROR, error_stage=stage, error=message)
+    return _row(item, media, empty, **error_columns(stage, message))
 
 
 def _decode_as(kind: str, data: bytes, s: DecodeSettings) -> DecodedImage | DecodedVideo:
@@ -148,3 +146,23 @@ def fetch_and_decode(
         return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s)
     except IsolationError as err:
         return [error_row(item, DECODE, str(err), settings.image_size)]
+
+
+def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:
+    """Items (schemas.manifest.ITEM_SCHEMA) -> decoded clips (schemas.clips.CLIP_SCHEMA), with ITEM_ROWS.
+
+    An item refused when listed (its `error` set, e.g. a vqa item without questions) is not
+    fetched: it gives one error row of stage "list"."""
+    out: list[dict] = []
+    for item in items.to_pylist():
+        if item.get("error"):
+            rows = [error_row(item, LIST, item["error"], settings.image_size)]
+        else:
+            rows = fetch_and_decode(item, settings)
+        n = len(rows) * len(item["prompts"])
+        for row in rows:
+            frames = np.ascontiguousarray(row.pop("frames"))
+            row.update(frames=frames.tobytes(), frame_shape=list(frames.shape), prompts=item["prompts"])
+            row[ITEM_ROWS] = n
+            out.append(row)
+    return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)

@@ -1,26 +1,23 @@
 """Read one input's bytes through fsspec, with retries on transient errors.
 
-Filesystems are cached per (protocol, storage options) in the process, so a Ray worker
-opens one S3/HTTP client and reuses it for every item.
+Filesystems come from workers.storage (cached per protocol and storage options, so a Ray
+worker opens one S3/HTTP client and reuses it for every item).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 
 import fsspec
 from fsspec.core import split_protocol
 
+from workers.storage import filesystem
+
 log = logging.getLogger(__name__)
 
 # errors that retrying cannot fix
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-
-_FS_CACHE: dict[tuple[str, str], fsspec.AbstractFileSystem] = {}
-_FS_LOCK = threading.Lock()
 
 
 class FetchError(Exception):
@@ -66,21 +63,12 @@ def _classify(err: BaseException) -> str:
     return "transient"  # connection, timeout, other OSErrors (s3fs maps 5xx to OSError EIO)
 
 
-def filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(cached filesystem, path within it) for `uri`; raises FetchError on an unknown protocol."""
-    protocol, _ = split_protocol(uri)
-    protocol = protocol or "file"
-    options = storage_options or {}
-    key = (protocol, json.dumps(options, sort_keys=True, default=repr))
-    with _FS_LOCK:
-        fs = _FS_CACHE.get(key)
-        if fs is None:
-            try:
-                fs = fsspec.filesystem(protocol, **options)
-            except (ValueError, ImportError) as err:  # "Protocol not known", missing backend
-                raise FetchError(f"cannot open {protocol}:// filesystem: {err}") from err
-            _FS_CACHE[key] = fs
-    return fs, fs._strip_protocol(uri)
+def open_filesystem(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """workers.storage.filesystem for a read: an unknown protocol or missing backend is a FetchError."""
+    try:
+        return filesystem(uri, storage_options)
+    except (ValueError, ImportError) as err:  # "Protocol not known", missing backend
+        raise FetchError(f"cannot open {split_protocol(uri)[0] or 'file'}:// filesystem: {err}") from err
 
 
 def _read(fs: fsspec.AbstractFileSystem, path: str, max_bytes: int | None) -> bytes:
@@ -118,7 +106,7 @@ def fetch_bytes(
     never retries not-found or permission errors. Files over `max_bytes` are refused.
     Raises FetchError with a message fit for a row on final failure.
     """
-    fs, path = filesystem(uri, storage_options)
+    fs, path = open_filesystem(uri, storage_options)
     for attempt in range(retries + 1):
         try:
             return _read(fs, path, max_bytes)

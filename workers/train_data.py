@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 
 from lavi.train import Example
 from workers.decode import DecodeSettings, decode_item
-from workers.fetch import fetch_bytes, filesystem
+from workers.fetch import fetch_bytes
+from workers.storage import filesystem
 
 log = logging.getLogger(__name__)
 
