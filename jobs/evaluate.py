@@ -32,30 +32,28 @@ RENDERER_TEXT = {"shapes": "drawn by this repository's renderer (shapes.render, 
 
 def label_manifest(engine: "Engine", entries: list[dict], frames: int, batch: int = 64,
                    gen: "GenerationConfig | None" = None) -> list[dict]:
-    """Decode every entry with the pipeline's decoder, then ask its caption prompt and all its questions."""
-    from lavi.generate import GenerationConfig
-    from workers.decode import DecodeSettings, decode_item
-    from workers.fetch import fetch_bytes
+    """LABEL_SCHEMA rows (as dicts) for every manifest entry: its caption (the model's default prompt for its media
+    type) and all its questions, through the pipeline's own stages: items built as the listing builds them, decoded
+    by `decode_batch` (in this process: the split is our own files) and labelled by the labeler actor's code.
+    A read or decode failure is an error row, scored as wrong."""
+    import dataclasses
 
-    gen = gen or GenerationConfig(max_new_tokens=48)
-    settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=frames)
+    import pyarrow as pa
+
+    from schemas.manifest import ITEM_SCHEMA, make_item
+    from schemas.rows import CAPTION, VQA
+    from workers.decode import DecodeSettings, decode_batch
+    from workers.labeler import Labeler
+
+    generation = dataclasses.asdict(gen) if gen is not None else {"max_new_tokens": 48}
+    labeler = Labeler.from_engine(engine, job_id="eval", generation=generation)
+    settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=frames, isolate=False)
     rows: list[dict] = []
     for start in range(0, len(entries), batch):
-        visuals, requests, meta = [], [], []
-        for e in entries[start:start + batch]:
-            item = {"item_id": e["uri"], "uri": e["uri"], "media_type": e["media_type"], "prompts": []}
-            decoded = decode_item(item, settings, fetch_bytes(e["uri"]))[0]
-            asks = [("caption", engine.default_prompt(e["media_type"]))] + [("vqa", q) for q in e["questions"]]
-            if decoded["status"] == "error":
-                rows += [dict(uri=e["uri"], task=t, prompt=p, text=None, status="error") for t, p in asks]
-                continue
-            visuals.append(decoded["frames"])
-            for task, prompt in asks:
-                requests.append((len(visuals) - 1, prompt))
-                meta.append((e["uri"], task, prompt))
-        for (uri, task, prompt), g in zip(meta, engine.generate(visuals, requests, gen)):
-            rows.append(dict(uri=uri, task=task, prompt=prompt, text=g.text,
-                             status="ok" if g.finished else "truncated"))
+        items = [make_item(e["uri"], [{"task": CAPTION, "prompt": None}] +
+                           [{"task": VQA, "prompt": q} for q in e["questions"]], e["media_type"])
+                 for e in entries[start:start + batch]]
+        rows += labeler(decode_batch(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), settings)).to_pylist()
     return rows
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import fsspec
 import pyarrow.dataset as ds
 
+from schemas.rows import CAPTION, OK, TASKS, TRUNCATED, VQA
 from shapes import spec
 from shapes.corpus import read_manifest
 
@@ -28,7 +29,7 @@ _IMAGE_RE = re.compile(_OBJ + f"({_WHERE})")
 _VIDEO_RE = re.compile(_OBJ + "(moves left|moves right|moves up|moves down|stays still)")
 _CELL = {w: i for i, w in enumerate(spec.CELL_WHERE)}
 _MOTION = {p: m for m, p in spec.MOTION_PHRASE.items()}
-SCORED_STATUSES = ("ok", "truncated")
+SCORED_STATUSES = (OK, TRUNCATED)
 
 
 def parse_caption(text: str | None, media_type: str) -> list[tuple[str, str, str, int | str]]:
@@ -48,6 +49,22 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def _count_missing(truth: dict[str, dict], seen: set[tuple[str, str, str]], cap: dict[str, Counter],
+                   vqa: dict[str, Counter], counts: Counter) -> None:
+    """Expected (item, task, prompt) rows that no row answered: counted in n_missing and scored as wrong."""
+    tasks = {t for _, t, _ in seen}
+    for uri, entry in truth.items():
+        media = entry["media_type"]
+        if CAPTION in tasks and (uri, CAPTION, "") not in seen:
+            counts["n_missing"] += 1
+            cap[media]["true"] += len(parse_caption(entry["caption"], media))
+            cap[media]["n"] += 1
+        if VQA in tasks:
+            missing = sum((uri, VQA, q) not in seen for q in entry["questions"])
+            counts["n_missing"] += missing
+            vqa[media]["n"] += missing
+
+
 def score_rows(rows: Iterable[dict], truth: dict[str, dict]) -> dict:
     """Score label rows (uri, media_type, task, prompt, text, status) against manifest entries keyed by uri."""
     truth = {_norm_uri(u): e for u, e in truth.items()}
@@ -63,9 +80,9 @@ def score_rows(rows: Iterable[dict], truth: dict[str, dict]) -> dict:
             counts["n_unknown_uri"] += 1
             continue
         media, task = entry["media_type"], row["task"]
-        if task not in ("caption", "vqa"):
-            raise ValueError(f"unknown task {task!r}; expected 'caption' or 'vqa'")
-        expected = entry["caption"] if task == "caption" else answers[uri].get(row["prompt"])
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        expected = entry["caption"] if task == CAPTION else answers[uri].get(row["prompt"])
         if expected is None:
             counts["n_unknown_question"] += 1
             continue
@@ -73,8 +90,8 @@ def score_rows(rows: Iterable[dict], truth: dict[str, dict]) -> dict:
         text = row["text"] if ok else None
         counts["n_errors"] += not ok
         counts[f"{media}_{task}"] += 1
-        if task == "caption":
-            seen.add((uri, "caption", ""))
+        if task == CAPTION:
+            seen.add((uri, CAPTION, ""))
             pred, true = Counter(parse_caption(text, media)), Counter(parse_caption(expected, media))
             c = cap[media]
             c["tp"] += sum((pred & true).values())
@@ -83,20 +100,10 @@ def score_rows(rows: Iterable[dict], truth: dict[str, dict]) -> dict:
             c["exact"] += text is not None and text.strip() == expected
             c["n"] += 1
         else:
-            seen.add((uri, "vqa", row["prompt"]))
+            seen.add((uri, VQA, row["prompt"]))
             vqa[media]["correct"] += text is not None and text.strip().lower() == expected
             vqa[media]["n"] += 1
-    tasks = {t for _, t, _ in seen}
-    for uri, entry in truth.items():  # expected rows without any row: wrong
-        media = entry["media_type"]
-        if "caption" in tasks and (uri, "caption", "") not in seen:
-            counts["n_missing"] += 1
-            cap[media]["true"] += len(parse_caption(entry["caption"], media))
-            cap[media]["n"] += 1
-        if "vqa" in tasks:
-            missing = sum((uri, "vqa", q) not in seen for q in entry["questions"])
-            counts["n_missing"] += missing
-            vqa[media]["n"] += missing
+    _count_missing(truth, seen, cap, vqa, counts)
     out: dict = {}
     for m in ("image", "video"):
         c = cap[m]
