@@ -1,0 +1,33 @@
+"""The driver and the CLI start without torch: a fresh interpreter each, `torch` never in sys.modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+HELP = """
+import sys
+from click.testing import CliRunner
+from jobs.cli import main
+for args in [["--help"]] + [[name, "--help"] for name in main.commands]:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, (args, result.output)
+"""
+
+
+@pytest.mark.parametrize("code", [
+    pytest.param("import pipeline.graph", id="pipeline.graph"),
+    pytest.param(HELP, id="lavi-label --help"),
+])
+def test_driver_and_cli_leave_torch_unimported(code):
+    """Guards against an import chain (jobs/*, bench/*, shapes/*, pipeline/*, lavi/__init__) that loads torch
+    where it is never used: seconds on every `lavi-label --help` and every driver start, and a driver that needs
+    the GPU stack installed to submit a job."""
+    check = code + "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    done = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
