@@ -1,10 +1,9 @@
 """`lavi-label submit --address http://HEAD:8265 INPUT... --out URI [run options]`: a run as a Ray job.
 
-The job's entrypoint is `<python> -m jobs.cli run ... --address auto`: the same options,
-forwarded one by one from `lavi-label run`'s own parameters (a new run option is forwarded
-without a change here), run by a driver on the cluster that joins the cluster it runs on.
-Its runtime environment carries the project code (a copy of the repository without data,
-virtualenvs, caches, runs/ and .git) and the model when it is a local directory.
+The job's entrypoint is `<python> -m jobs.cli run ... --address auto`: the same options, forwarded
+one by one from `lavi-label run`'s own parameters (a new run option needs no change here), run by a
+driver that joins the cluster it runs on. Its runtime environment carries the project code (the
+repository without data, virtualenvs, caches, runs/ and .git) and the model when it is local.
 
 One output, one job at a time: the submission id is derived from the output URI
 (`lavi-<12 hex>`, or `--submission-id`). If a job under that id is pending or running, submit
@@ -16,6 +15,7 @@ pipeline's resume skips the items already committed in the output: nothing runs 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import shlex
@@ -156,9 +156,7 @@ def pick_submission_id(client, base: str):
     taken = {j.submission_id for j in jobs}
     if base not in taken:
         return base, None
-    n = 2
-    while f"{base}-{n}" in taken:
-        n += 1
+    n = next(n for n in itertools.count(2) if f"{base}-{n}" not in taken)
     return f"{base}-{n}", None
 
 
@@ -213,8 +211,9 @@ def follow(client, job_id: str, token: str | None) -> str:
     return str(info.status.value)
 
 
-def report_end(client, job_id: str, token: str | None) -> None:
-    """Print how the job ended and exit 0 only if it SUCCEEDED."""
+def follow_to_end(client, job_id: str, token: str | None) -> None:
+    """Follow the job's logs until it ends, print how it ended, and exit 0 only if it SUCCEEDED."""
+    follow(client, job_id, token)
     with cli_errors(token, client.get_address()):
         info = client.get_job_info(job_id)
     status = info.status.value
@@ -230,9 +229,9 @@ def report_end(client, job_id: str, token: str | None) -> None:
 
 
 def _print_next_steps(job_id: str, address: str) -> None:
-    click.echo(f"  follow: lavi-label logs {job_id} --follow --address {address}")
-    click.echo(f"  status: lavi-label status {job_id} --address {address}")
-    click.echo(f"  stop:   lavi-label stop {job_id} --address {address}")
+    click.echo(f"  follow: lavi-label logs {job_id} --follow --address {address}\n"
+               f"  status: lavi-label status {job_id} --address {address}\n"
+               f"  stop:   lavi-label stop {job_id} --address {address}")
 
 
 @click.command("submit")
@@ -270,8 +269,7 @@ def submit(address: str, token_file: str | None, submission_id: str | None, wait
                    "not starting another")
         _print_next_steps(active.submission_id, address)
         if wait:
-            follow(client, active.submission_id, token)
-            report_end(client, active.submission_id, token)
+            follow_to_end(client, active.submission_id, token)
         return
     if config.gpus_per_worker > 0:
         gpus = cluster_gpus(address, token)
@@ -294,8 +292,7 @@ def submit(address: str, token_file: str | None, submission_id: str | None, wait
     click.echo(f"  entrypoint: {redact(redact_command(entrypoint), token)}")
     _print_next_steps(job_id, address)
     if wait:
-        follow(client, job_id, token)
-        report_end(client, job_id, token)
+        follow_to_end(client, job_id, token)
 
 
 # every `run` option except --address (here: the Jobs API), after submit's own
