@@ -15,6 +15,7 @@ import click
 from pipeline.config import RunConfig
 from pipeline.graph import run as run_pipeline
 from pipeline.summary import format_summary
+from schemas.rows import CAPTION, VQA
 
 
 @click.command("demo")
@@ -37,7 +38,7 @@ def demo_cmd(out: str, images: int, videos: int, seed: int, model: str | None) -
         click.echo(f"writing a sample shapes-v1 corpus: {images} images, {videos} videos -> {corpus}")
         write_corpus(str(corpus), images, videos, seed)
     scores = {}
-    for task, labels in (("caption", root / "captions"), ("vqa", root / "answers")):
+    for task, labels in ((CAPTION, root / "captions"), (VQA, root / "answers")):
         click.echo(f"\n== lavi-label run {manifest} --task {task} --out {labels}")
         summary = run_pipeline(RunConfig(inputs=(str(manifest),), out=str(labels), task=task, model=model))
         click.echo(format_summary(summary))
@@ -45,7 +46,7 @@ def demo_cmd(out: str, images: int, videos: int, seed: int, model: str | None) -
     click.echo("\n== scores against the corpus truth (shared/SHAPES.md scoring)")
     for task, s in scores.items():
         keys = ("image_caption_f1", "video_caption_f1", "image_caption_exact", "video_caption_exact") \
-            if task == "caption" else ("image_vqa_acc", "video_vqa_acc")
+            if task == CAPTION else ("image_vqa_acc", "video_vqa_acc")
         click.echo(f"{task}: " + ", ".join(f"{k} {s[k]:.3f}" for k in keys if s.get(k) is not None))
     (root / "scores.json").write_text(json.dumps(scores, indent=2))
     click.echo(f"\nlabels in {root}/captions and {root}/answers (Parquet); scores in {root}/scores.json")

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from lavi.train import Example
+from schemas.rows import ERROR
 from workers.decode import DecodeSettings, decode_item
 from workers.fetch import fetch_bytes
 from workers.storage import filesystem
@@ -45,7 +46,7 @@ class ParquetData:
         data = row.get("bytes") or fetch_bytes(row["uri"], self.storage_options)
         item = {"item_id": "train", "uri": row.get("uri") or "bytes", "media_type": None, "prompts": []}
         decoded = decode_item(item, self.settings, data)[0]
-        if decoded["status"] == "error":
+        if decoded["status"] == ERROR:
             self.skipped += 1
             log.warning("training row skipped (%d so far): %s", self.skipped, decoded["error"])
             return None
