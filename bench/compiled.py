@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lavi.generate import Generated, GenerationConfig, Generator, setup_caches
+from lavi.generate import GenerationConfig, Generator, RowTokens, setup_caches
 from lavi.model import LaVi
 
 
@@ -25,13 +25,12 @@ class Timing:
 
 
 class TimedGenerator:
-    """Static caches for up to `max_batch` rows of `max_seq` slots and a `Generator` (compiled or not)."""
+    """A `Generator` (compiled or not) over a static cache for up to `max_batch` rows of `max_seq` slots."""
 
     def __init__(self, model: LaVi, max_batch: int, max_seq: int, compile: bool = False,
                  backend: str = "inductor") -> None:
         self.model = model.eval()
-        setup_caches(model, max_batch, max_seq)
-        self.generator = Generator(model, compile=compile, backend=backend)
+        self.generator = Generator(model, setup_caches(model, max_batch, max_seq), compile=compile, backend=backend)
         self.cuda = model.device.type == "cuda"
 
     def _sync(self) -> None:
@@ -39,7 +38,7 @@ class TimedGenerator:
             torch.cuda.synchronize()
 
     def generate(self, pixels: Tensor, frame_mask: Tensor | None, rows: Tensor, prompts: list[list[int]],
-                 new_tokens: int, eos_id: int, pad_id: int = 0) -> tuple[list[Generated], Timing]:
+                 new_tokens: int, eos_id: int, pad_id: int = 0) -> tuple[list[RowTokens], Timing]:
         """pixels (N, F, 3, S, S) on the model's device; rows (B,) item of each prompt -> greedy generations."""
         marks: dict[str, float] = {}
 

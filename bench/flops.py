@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lavi.config import LaViConfig
+from lavi.decoder import KVCache, rope_cos_sin
 from lavi.model import LaVi, attention_mask
 
 
@@ -180,24 +181,16 @@ def _vision_only(model: LaVi, pixels: Tensor):
 
 
 def _layers(dec, embeds: Tensor, mask: Tensor, conds, keys: int) -> Tensor:
-    """The decoder's layers without the head. With keys > S, a cache of `keys` slots is attached
-    temporarily so the attention sees exactly the engine's key length."""
-    from lavi.decoder import rope_cos_sin
-
+    """The decoder's layers without the head. With keys > S, over a cache of `keys` slots, so that the
+    attention sees exactly the engine's key length."""
     b, s, _ = embeds.shape
     positions = torch.arange(s, device=embeds.device).expand(b, s)
     cos, sin = rope_cos_sin(positions, dec.config.head_dim, dec.config.rope_theta)
-    saved = [layer.self_attn.kv_cache for layer in dec.layers]
-    use_cache = keys != s
-    if use_cache:
-        dec.setup_caches(b, keys)
-    try:
-        h = embeds
-        slots = torch.arange(s, device=h.device) if use_cache else None
-        for i, layer in enumerate(dec.layers):
-            ca, cf = conds(i) if conds is not None else (None, None)
-            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, slots, ca, cf)
-    finally:
-        for layer, cache in zip(dec.layers, saved):
-            layer.self_attn.kv_cache = cache
+    cache = KVCache(dec.config, b, keys, embeds.dtype, embeds.device) if keys != s else None
+    slots = torch.arange(s, device=embeds.device) if cache is not None else None
+    h = embeds
+    for i, layer in enumerate(dec.layers):
+        ca, cf = conds(i) if conds is not None else (None, None)
+        h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, ca, cf,
+                  cache.layers[i] if cache is not None else None, slots)
     return h

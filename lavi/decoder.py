@@ -6,7 +6,7 @@ normalised state into token-wise (delta_gamma, delta_beta).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from .config import DecoderConfig
 
 # cond(x_unscaled) -> (delta_gamma, delta_beta), both (B, T, d)
 NormCond = Callable[[Tensor], tuple[Tensor, Tensor]]
+# conds(layer) -> (cond for the attention norm, cond for the ffn norm)
+LayerConds = Callable[[int], tuple[NormCond | None, NormCond | None]]
 
 
 class RMSNorm(nn.Module):
@@ -34,20 +36,51 @@ class RMSNorm(nn.Module):
         return (self.weight + dg) * x + db  # ViLN: (gamma + dg) * x + db
 
 
-class KVCache(nn.Module):
-    """Buffers sized once by `setup_caches`; written in place at `input_pos`, never grown."""
+class LayerCache(Protocol):
+    """What one attention layer attends through: `update` takes this call's K/V (B, Hkv, T, D), to be
+    written at cache slots `input_pos` (T,), and returns the keys and values to attend to (B, Hkv, S, D)."""
 
-    def __init__(self, max_batch: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype) -> None:
+    def update(self, input_pos: Tensor | None, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class Cache(Protocol):
+    """What the decoder runs over: a `LayerCache` per layer. `KVCache` is generation's static cache;
+    training's shared visual prefix (lavi.shared_prefix) is another."""
+
+    layers: Sequence[LayerCache]
+
+
+class LayerKV(nn.Module):
+    """One layer's K and V buffers, written in place at `input_pos`, never grown."""
+
+    def __init__(self, max_batch: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None) -> None:
         super().__init__()
         shape = (max_batch, n_kv, max_seq, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         b = k.shape[0]
         self.k[:b, :, input_pos] = k  # k: (B, Hkv, T, D)
         self.v[:b, :, input_pos] = v
         return self.k[:b], self.v[:b]
+
+
+class KVCache(nn.Module):
+    """A decoder's static KV cache: per layer, K and V of (max_batch, Hkv, max_seq, D), allocated once.
+    Whoever generates owns it (lavi.generate.Generator) and hands it to `Decoder.forward` with the slots
+    to write: buffers at fixed addresses, which a CUDA graph can replay."""
+
+    def __init__(self, c: DecoderConfig, max_batch: int, max_seq: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.layers = nn.ModuleList(LayerKV(max_batch, c.num_kv_heads, max_seq, c.head_dim, dtype, device)
+                                    for _ in range(c.num_layers))
+
+    def fits(self, batch: int, seq: int) -> bool:
+        return batch <= self.max_batch and seq <= self.max_seq
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -64,12 +97,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated * sin).to(x.dtype)
 
 
-def head0_probs(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
-    """Attention probabilities of head 0: q (B, H, T, D), k (B, Hk, S, D), mask broadcastable to (B, 1, T, S)
-    bool -> (B, T, S). For the training-only focus loss, which teaches one head to find what a question
-    names (a layer's other heads stay free)."""
-    logits = (q[:, 0].float() @ k[:, 0].float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, T, S)
-    return logits.masked_fill(~mask[:, 0].expand_as(logits), float("-inf")).softmax(-1)
+class Attend(nn.Module):
+    """softmax(q k^T / sqrt(D), masked) v, each K/V head shared by a group of query heads (GQA). No weights:
+    a module of its own so that training sees what attention sees through a forward hook (lavi.losses
+    records one head's attention for the focus loss), and the model files stay the model."""
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        # q (B, H, T, D); k, v (B, Hkv, S, D); mask bool, broadcastable to (B, H, T, S), True = attend
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class Attention(nn.Module):
@@ -80,24 +115,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
-        self.kv_cache: KVCache | None = None
-        self.focus_probs: list[Tensor] | None = None  # training: set to [] to record head 0's attention (focus loss)
+        self.attend = Attend()
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None,
-                kv: "KVPrefix | None" = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv_cache: LayerCache | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.c
         q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S_max, D)
-        elif kv is not None:
-            k, v = kv.attend(k, v)
-        if self.focus_probs is not None and (kv is None or kv.rows is not None):  # not while recording a prefix
-            self.focus_probs.append(head0_probs(q, k, mask))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.num_kv_heads != c.num_heads)
+        if kv_cache is not None:
+            k, v = kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
+        y = self.attend(q, k, v, mask)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
 
 
@@ -120,38 +150,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor | None,
-                cond_attn: NormCond | None = None, cond_ffn: NormCond | None = None,
-                kv: "KVPrefix | None" = None) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h, cond_attn), cos, sin, mask, input_pos, kv)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cond_attn: NormCond | None = None,
+                cond_ffn: NormCond | None = None, kv_cache: LayerCache | None = None,
+                input_pos: Tensor | None = None) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h, cond_attn), cos, sin, mask, kv_cache, input_pos)
         return h + self.mlp(self.post_attention_layernorm(h, cond_ffn))
-
-
-class KVPrefix:
-    """Training-time shared prefix (the concat baseline's visual tokens): `record` keeps each layer's K/V of
-    a prefix pass over N items; `replay(rows)` then prepends item rows[b]'s prefix K/V to text row b's own.
-    Same attention as running every row's full sequence, without recomputing a prefix per text row."""
-
-    def __init__(self) -> None:
-        self.layers: list[tuple[Tensor, Tensor]] = []
-        self.rows: Tensor | None = None
-        self.i = 0
-
-    def replay(self, rows: Tensor) -> "KVPrefix":
-        self.rows, self.i = rows, 0
-        return self
-
-    def attend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.rows is None:
-            self.layers.append((k, v))  # recording: (N, Hkv, Nv, D)
-            return k, v
-        pk, pv = self.layers[self.i]
-        self.i += 1
-        return torch.cat([pk.index_select(0, self.rows), k], 2), torch.cat([pv.index_select(0, self.rows), v], 2)
-
-
-# conds(layer) -> (cond for the attention norm, cond for the ffn norm)
-LayerConds = Callable[[int], tuple[NormCond | None, NormCond | None]]
 
 
 class Decoder(nn.Module):
@@ -165,18 +168,12 @@ class Decoder(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def setup_caches(self, max_batch: int, max_seq: int) -> None:
-        """Allocate the static KV cache once; `forward(..., input_pos=...)` writes into it."""
-        c = self.config
-        dtype, device = self.embed_tokens.weight.dtype, self.embed_tokens.weight.device
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch, c.num_kv_heads, max_seq, c.head_dim, dtype).to(device)
-
-    def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, input_pos: Tensor | None = None,
-                conds: LayerConds | None = None, output_hidden_states: bool = False,
-                kv: KVPrefix | None = None, last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
-        """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend;
-        input_pos (T,) cache slots to write (None: no cache); kv: a shared prefix being recorded or replayed.
+    def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, *, conds: LayerConds | None = None,
+                kv_cache: Cache | None = None, input_pos: Tensor | None = None, output_hidden_states: bool = False,
+                last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend; conds:
+        ViLN's norm conditioners per layer; kv_cache: what each layer attends through, with input_pos (T,)
+        the slots this call's K/V go to (None: the T tokens attend among themselves, S = T).
         Returns logits (B, T, V) (last_only: (B, 1, V), as prefill needs) and hidden states."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h, hidden = embeds, []
@@ -184,7 +181,8 @@ class Decoder(nn.Module):
             if output_hidden_states:
                 hidden.append(h)
             ca, cf = conds(i) if conds is not None else (None, None)
-            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, input_pos, ca, cf, kv)
+            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, ca, cf,
+                      kv_cache.layers[i] if kv_cache is not None else None, input_pos)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Generation:
+class Completion:
+    """One request's answer: its text and token counts."""
+
     text: str
     num_prompt_tokens: int
     num_generated_tokens: int
@@ -67,7 +69,6 @@ class Engine:
         self.name = name or self.config.name
         self.eos_id = self.config.eos_token_id
         self.pad_id = self.config.pad_token_id
-        self._cache = (0, 0)
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
@@ -122,18 +123,21 @@ class Engine:
         return ([self.config.bos_token_id] if self.config.bos_token_id is not None else []) + ids
 
     def _ensure_cache(self, batch: int, seq: int) -> None:
-        """Static caches, allocated once; reallocated only if a request needs more slots than ever before."""
-        if batch > self._cache[0] or seq > self._cache[1]:
-            b, s = max(batch, self._cache[0]), max(-(-seq // 64) * 64, self._cache[1])  # slots: multiple of 64
-            setup_caches(self.model, b, s)
-            self._cache = (b, s)
+        """The generator's static cache, allocated once; reallocated only if a request needs more rows or
+        slots than ever before."""
+        cache = self.generator.kv_cache
+        if cache is None or not cache.fits(batch, seq):
+            have = (cache.max_batch, cache.max_seq) if cache is not None else (0, 0)
+            b, s = max(batch, have[0]), max(-(-seq // 64) * 64, have[1])  # slots: multiple of 64
+            self.generator.kv_cache = None  # the old buffers go before the new ones come
+            self.generator.kv_cache = setup_caches(self.model, b, s)
 
     @torch.no_grad()
     def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
-                 gen: GenerationConfig = GenerationConfig()) -> list[Generation]:
-        """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Generation each.
+                 gen: GenerationConfig = GenerationConfig()) -> list[Completion]:
+        """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it."""
-        out: list[Generation] = []
+        out: list[Completion] = []
         for start in range(0, len(requests), self.max_batch):
             chunk = requests[start:start + self.max_batch]
             try:
@@ -142,12 +146,12 @@ class Engine:
                 if not self.generator.compiled:
                     raise
                 log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
-                self.generator = Generator(self.model)
+                self.generator = Generator(self.model, self.generator.kv_cache)
                 out.extend(self._generate_batch(visuals, chunk, gen))
         return out
 
     def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
-                        gen: GenerationConfig) -> list[Generation]:
+                        gen: GenerationConfig) -> list[Completion]:
         used = sorted({v for v, _ in requests})
         local = {v: i for i, v in enumerate(used)}
         pixels, fmask = pixels_from_frames([visuals[v] for v in used], self.config.image_mean,
@@ -159,6 +163,6 @@ class Engine:
         self._ensure_cache(len(requests), prefix + max(map(len, prompts)) + gen.max_new_tokens)
         rows = torch.tensor([local[v] for v, _ in requests])
         results = self.generator(vis, rows, prompts, gen, self.eos_id, self.pad_id)
-        return [Generation(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
+        return [Completion(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
                            num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
                 for r, p in zip(results, prompts)]

@@ -18,26 +18,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LaViConfig
-from .decoder import LayerConds, NormCond, head0_probs
+from .decoder import Attend, LayerConds, NormCond
 
 
 @dataclass
 class Visual:
     """The visual state of a batch of items, computed once and reused by every decode step.
 
-    viln: `kv[g] = (K, U)` per stage, each (N, Hc, Nv, Dh). concat: `tokens` (N, Nv, d).
-    `mask` (N, Nv) bool marks real (not padded-frame) visual tokens.
+    viln: `cond_kv[g] = (K, U)`, the conditioner's keys and values of stage g, each (N, Hc, Nv, Dh).
+    concat: `tokens` (N, Nv, d), the decoder's visual input. `mask` (N, Nv) bool marks real (not
+    padded-frame) visual tokens.
     """
 
     mask: Tensor
-    kv: list[tuple[Tensor, Tensor]] | None = None
+    cond_kv: tuple[tuple[Tensor, Tensor], ...] | None = None
     tokens: Tensor | None = None
 
     def select(self, rows: Tensor) -> "Visual":
         """Gather per text row: rows (B,) item index -> a Visual with B entries."""
-        kv = [(k.index_select(0, rows), u.index_select(0, rows)) for k, u in self.kv] if self.kv else None
+        cond_kv = tuple((k.index_select(0, rows), u.index_select(0, rows)) for k, u in self.cond_kv or ()) or None
         tokens = self.tokens.index_select(0, rows) if self.tokens is not None else None
-        return Visual(mask=self.mask.index_select(0, rows), kv=kv, tokens=tokens)
+        return Visual(mask=self.mask.index_select(0, rows), cond_kv=cond_kv, tokens=tokens)
 
 
 def frames_to_tokens(feats: Tensor, n: int, f: int, temporal: Tensor) -> Tensor:
@@ -59,17 +60,23 @@ class StageKV(nn.Module):
 
 
 class SiteHead(nn.Module):
-    """Per (layer, site): the text query and the zero-initialised output to (dg, db)."""
+    """Per (layer, site): the text query, its attention over the stage's K, U and the zero-initialised output
+    to (dg, db)."""
 
     def __init__(self, d: int, d_c: int) -> None:
         super().__init__()
         self.q_proj = nn.Linear(d, d_c, bias=False)
+        self.attend = Attend()  # no weights: the point a training hook sees the attention at
         self.o_proj = nn.Linear(d_c, 2 * d)
         nn.init.zeros_(self.o_proj.weight)
         nn.init.zeros_(self.o_proj.bias)
 
 
-class ViLN(nn.Module):
+class ViLNConditioner(nn.Module):
+    """Vision-Infused LayerNorm's conditioner: per item, each stage's keys and values (`visual`); per text
+    token, at every modulated norm site, the (dg, db) its attention over them gives (`conds`). The norm
+    itself is the decoder's RMSNorm, which takes these as its `cond`."""
+
     def __init__(self, c: LaViConfig) -> None:
         super().__init__()
         self.c = c
@@ -85,24 +92,21 @@ class ViLN(nn.Module):
         self.temporal = nn.Parameter(torch.randn(c.max_frames, d_c) * 0.5)
         self.heads = nn.ModuleDict(
             {f"{l}_{s}": SiteHead(d, d_c) for l in c.modulated_layers() for s in c.site_names()})
-        self.focus_probs: list[Tensor] | None = None  # training: set to [] to record head 0's attention (focus loss)
 
     def visual(self, taps: list[Tensor], n: int, f: int, mask: Tensor) -> Visual:
         h = self.c.cond_heads
-        kv = []
+        cond_kv = []
         for stage, feats in zip(self.stages, taps):
             v = frames_to_tokens(stage.proj(stage.norm(feats)) + self.spatial, n, f, self.temporal)  # (N, Nv, d_c)
             k, u = stage.k_proj(v), stage.v_proj(v)
-            kv.append(tuple(t.view(n, t.shape[1], h, -1).transpose(1, 2) for t in (k, u)))  # (N, Hc, Nv, Dh)
-        return Visual(mask=mask, kv=kv)
+            cond_kv.append(tuple(t.view(n, t.shape[1], h, -1).transpose(1, 2) for t in (k, u)))  # (N, Hc, Nv, Dh)
+        return Visual(mask=mask, cond_kv=tuple(cond_kv))
 
-    def _cond(self, head: SiteHead, k: Tensor, u: Tensor, vis_mask: Tensor, record: bool = False) -> NormCond:
+    def _cond(self, head: SiteHead, k: Tensor, u: Tensor, vis_mask: Tensor) -> NormCond:
         def cond(x: Tensor) -> tuple[Tensor, Tensor]:
             b, t, _ = x.shape
             q = head.q_proj(x).view(b, t, self.c.cond_heads, -1).transpose(1, 2)  # (B, Hc, T, Dh)
-            if record and self.focus_probs is not None:
-                self.focus_probs.append(head0_probs(q, k, vis_mask))
-            ctx = F.scaled_dot_product_attention(q, k, u, attn_mask=vis_mask)  # (B, Hc, T, Dh)
+            ctx = head.attend(q, k, u, vis_mask)  # (B, Hc, T, Dh)
             dg, db = head.o_proj(ctx.transpose(1, 2).reshape(b, t, -1)).chunk(2, dim=-1)  # 2 x (B, T, d)
             return dg, db
         return cond
@@ -112,9 +116,9 @@ class ViLN(nn.Module):
         vis_mask = vis.mask[:, None, None, :]  # (B, 1, 1, Nv)
         table: dict[int, tuple[NormCond | None, NormCond | None]] = {}
         for l in self.c.modulated_layers():
-            k, u = vis.kv[self.c.stage_of_layer(l)]
+            k, u = vis.cond_kv[self.c.stage_of_layer(l)]
             sites = self.c.site_names()
-            table[l] = tuple(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask, record=l > 0) if s in sites else None
+            table[l] = tuple(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask) if s in sites else None
                              for s in ("attn", "ffn"))
         return lambda layer: table.get(layer, (None, None))
 

@@ -1,20 +1,33 @@
-"""Batched generation over a static KV cache, gpt-fast style: `prefill`, `decode_one_token`, `generate`.
+"""Batched generation over a static KV cache, gpt-fast style: `setup_caches`, `prefill`, `decode_one_token`.
 
 Prompts are left-padded; pad slots are masked out of attention and do not advance RoPE positions,
 so a row gives the same tokens in a batch as alone. The visual state is computed once per batch
 of items (`LaVi.encode`) and gathered per text row; visual tokens never enter the ViLN KV cache.
+
+What a model gives the generator (LaVi does; a model that places its visual tokens elsewhere in the
+prompt plugs in the same way):
+    model.inputs(vis, ids, valid) -> (embeds (B, T0, d), key validity (B, T0), conds | None)
+        the prefill's context: text embeddings with any visual tokens in place, and which are real
+    model.conds(vis) -> conds | None
+        the norm conditioners of a decode step, from the per-row visual state (`Visual`: mask, cond_kv)
+    model.decoder
+        a `lavi.decoder.Decoder`, run over the generator's `KVCache`
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .decoder import LayerConds
+from .decoder import KVCache, LayerConds
 from .fusion import Visual
 from .model import LaVi, attention_mask
+
+# one graph per batch shape (batch size, visual tokens): more than dynamo's default number of recompiles
+RECOMPILE_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -34,15 +47,16 @@ class GenerationConfig:
 
 
 @dataclass
-class Generated:
+class RowTokens:
+    """What one text row generated."""
+
     tokens: list[int]  # generated ids, EOS excluded
     finished: bool  # True when the row stopped at EOS, False when it hit max_new_tokens
 
 
-def setup_caches(model: LaVi, max_batch: int, max_seq: int) -> None:
-    """Allocate the decoder's static KV cache once for up to `max_batch` rows of `max_seq` slots."""
-    model.decoder.setup_caches(max_batch, max_seq)
-    model.cache_shape = (max_batch, max_seq)
+def setup_caches(model: LaVi, max_batch: int, max_seq: int) -> KVCache:
+    """The decoder's static KV cache, allocated once, for up to `max_batch` rows of `max_seq` slots."""
+    return KVCache(model.decoder.config, max_batch, max_seq, model.dtype, model.device)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -70,118 +84,149 @@ def sample(logits: Tensor, temperature: float, top_p: float, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model: LaVi, embeds: Tensor, positions: Tensor, mask: Tensor, slots: Tensor,
+def prefill(model: LaVi, kv_cache: KVCache, embeds: Tensor, positions: Tensor, mask: Tensor, slots: Tensor,
             conds: LayerConds | None) -> Tensor:
-    logits, _ = model.decoder(embeds, positions, mask, slots, conds, last_only=True)
+    logits, _ = model.decoder(embeds, positions, mask, conds=conds, kv_cache=kv_cache, input_pos=slots,
+                              last_only=True)
     return logits[:, -1]  # (B, V): the lm_head runs on the last position only
 
 
-def decode_one_token(model: LaVi, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor, vis_mask: Tensor,
-                     kv: list[Tensor]) -> Tensor:
+def decode_one_token(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor,
+                     vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
     """One decode step for B rows, tensors in and tensors out, so that it compiles whole (CUDA graphs):
     tok (B, 1) last token; pos (B, 1) its RoPE position; slot_valid (B, S) real cache slots, the new one
-    included; slot (1,) its cache slot; vis_mask (B, Nv) and kv [K_0, U_0, K_1, U_1, ...] the per-row
-    visual state (ViLN; empty for concat, whose visual tokens are in the cache) -> logits (B, V)."""
-    conds = None
-    if model.viln is not None:
-        conds = model.viln.conds(Visual(mask=vis_mask, kv=[(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]))
+    included; slot (1,) its cache slot; vis_mask (B, Nv) and cond_kv ((K, U) per stage) the per-row
+    visual state (ViLN; cond_kv is empty for concat, whose visual tokens are in the cache) -> logits (B, V)."""
+    conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv))
     mask = attention_mask(slot_valid, slot, torch.ones_like(tok, dtype=torch.bool))  # (B, 1, 1, S)
-    logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, mask, slot, conds)
+    logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, mask, conds=conds, kv_cache=kv_cache,
+                              input_pos=slot)
     return logits[:, -1]
 
 
-class Generator:
-    """Batched generation over the model's static KV cache (`setup_caches`), gpt-fast style.
+@dataclass
+class StepInputs:
+    """The per-batch tensors the decode step reads besides the cache, in buffers at fixed addresses (a CUDA
+    graph replays its reads from the addresses it recorded), refilled in place for a batch of equal shapes."""
 
-    Every per-batch tensor the decode step reads (slot validity, visual mask and K/U) lives in a buffer
-    at a fixed address; the step takes and returns tensors only; EOS is tracked on the device, and the
-    host looks at it once every `check_every` steps (to stop when every row is done), not every step.
+    slot_valid: Tensor  # (B, S) real cache slots
+    vis_mask: Tensor  # (B, Nv)
+    cond_kv: tuple[tuple[Tensor, Tensor], ...]  # per stage (K, U), each (B, Hc, Nv, Dh); () for concat
+
+    def tensors(self) -> list[Tensor]:
+        return [self.slot_valid, self.vis_mask, *(t for pair in self.cond_kv for t in pair)]
+
+    def matches(self, other: "StepInputs") -> bool:
+        return [(t.shape, t.dtype) for t in self.tensors()] == [(t.shape, t.dtype) for t in other.tensors()]
+
+    def empty_like(self) -> "StepInputs":
+        return StepInputs(torch.empty_like(self.slot_valid), torch.empty_like(self.vis_mask),
+                          tuple((torch.empty_like(k), torch.empty_like(u)) for k, u in self.cond_kv))
+
+    def copy_(self, other: "StepInputs") -> "StepInputs":
+        for buf, t in zip(self.tensors(), other.tensors()):
+            buf.copy_(t)
+        return self
+
+
+class Generator:
+    """Batched generation over a static KV cache (`setup_caches`), gpt-fast style.
+
+    The generator owns `kv_cache`: whoever sizes it (the Engine, a benchmark) may replace it with a larger
+    one between calls. Every per-batch tensor the decode step reads lives in a buffer at a fixed address
+    (`StepInputs`); the step takes and returns tensors only; EOS is tracked on the device, and the host
+    looks at it once every `check_every` steps (to stop when every row is done), not every step.
     compile=True wraps the step in torch.compile(fullgraph=True): CUDA graphs ("reduce-overhead") on CUDA
     with the inductor backend; backend="eager" checks on CPU that the step traces whole.
     """
 
-    def __init__(self, model: LaVi, compile: bool = False, backend: str = "inductor", check_every: int = 8) -> None:
+    def __init__(self, model: LaVi, kv_cache: KVCache | None = None, compile: bool = False,
+                 backend: str = "inductor", check_every: int = 8) -> None:
         self.model = model
+        self.kv_cache = kv_cache
         self.cuda = model.device.type == "cuda"
         self.compiled = compile
         self.check_every = check_every
         self.step = decode_one_token
         if compile:
-            for name in ("cache_size_limit", "recompile_limit"):  # one graph per batch shape
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
             mode = "reduce-overhead" if backend == "inductor" and self.cuda else None
             self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False, backend=backend)
-        self._static: dict[tuple, list[Tensor]] = {}
+        self.fixed: StepInputs | None = None  # the buffers of the last batch shape; another shape replaces them
 
-    def _buffers(self, like: list[Tensor]) -> list[Tensor]:
-        """Fixed-address copies of per-batch tensors (CUDA graphs replay reads from fixed addresses)."""
-        key = tuple((tuple(t.shape), t.dtype) for t in like)
-        bufs = self._static.get(key)
-        if bufs is None:
-            bufs = [torch.empty_like(t) for t in like]
+    def _fixed(self, inputs: StepInputs) -> StepInputs:
+        """`inputs` copied into the fixed-address buffers (allocated anew when the shapes change)."""
+        if self.fixed is None or not self.fixed.matches(inputs):
+            self.fixed = inputs.empty_like()
             if self.compiled:
-                for t in bufs:
+                for t in self.fixed.tensors():
                     torch._dynamo.mark_static_address(t)
-            self._static = {key: bufs}  # one shape at a time: the previous buffers are freed
-        for buf, t in zip(bufs, like):
-            buf.copy_(t)
-        return bufs
+        return self.fixed.copy_(inputs)
+
+    def _recompiles(self):
+        """Compilation happens on the step's first call at each batch shape, inside the decode loop: the
+        recompile limit is raised there and only there."""
+        if not self.compiled:
+            return nullcontext()
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        return config.patch({name: max(RECOMPILE_LIMIT, getattr(config, name))})
 
     @torch.no_grad()
     def __call__(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig, eos_id: int,
-                 pad_id: int = 0, on_first_token: Callable[[], None] | None = None) -> list[Generated]:
+                 pad_id: int = 0, on_first_token: Callable[[], None] | None = None) -> list[RowTokens]:
         """Generate for B text rows; row i is conditioned on item `rows[i]` of `vis` (N items, N <= B), so one
         item's visual state serves all of its prompts. `on_first_token` is called once the first token of
         every row exists (benchmarks time it)."""
-        model, device = self.model, self.model.device
+        model, device, cache = self.model, self.model.device, self.kv_cache
         b = len(prompts)
         ids, valid = left_pad(prompts, pad_id, device)
         vis = vis.select(rows.to(device))
         embeds, kvalid, conds = model.inputs(vis, ids, valid)
         t0 = embeds.shape[1]
-        max_batch, max_seq = getattr(model, "cache_shape", (0, 0))
-        if b > max_batch or t0 + gen.max_new_tokens > max_seq:
-            raise ValueError(f"batch {b} x {t0 + gen.max_new_tokens} slots does not fit the cache "
-                             f"({max_batch} x {max_seq}): call setup_caches with larger sizes")
-        slot_valid = torch.zeros(b, max_seq, dtype=torch.bool, device=device)
+        if cache is None or not cache.fits(b, t0 + gen.max_new_tokens):
+            have = f"{cache.max_batch} x {cache.max_seq}" if cache is not None else "none"
+            raise ValueError(f"batch {b} x {t0 + gen.max_new_tokens} slots does not fit the cache ({have}): "
+                             "give the generator a larger one (setup_caches)")
+        slot_valid = torch.zeros(b, cache.max_seq, dtype=torch.bool, device=device)
         slot_valid[:, :t0] = kvalid
-        kv = [t for pair in vis.kv for t in pair] if vis.kv else []
-        slot_valid, vis_mask, *kv = self._buffers([slot_valid, vis.mask, *kv])
+        fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or ()))
         slots = torch.arange(t0, device=device)
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, T0): pads do not advance RoPE
         pos = kvalid.long().sum(1, keepdim=True)  # (B, 1): the next token's position
         generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
 
-        logits = prefill(model, embeds, positions, attention_mask(slot_valid, slots, kvalid), slots, conds)
+        logits = prefill(model, cache, embeds, positions, attention_mask(fixed.slot_valid, slots, kvalid), slots,
+                         conds)
         out = torch.full((b, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         slot = torch.empty(1, dtype=torch.long, device=device)
-        for i in range(gen.max_new_tokens):
-            if i:
-                slot.fill_(t0 + i - 1)
-                slot_valid[:, t0 + i - 1] = True
-                if self.compiled and self.cuda:
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = self.step(model, tok[:, None], pos, slot_valid, slot, vis_mask, kv)
-                pos = pos + 1
-            tok = sample(logits, gen.temperature, gen.top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out[:, i] = tok
-            done |= tok == eos_id
-            if i == 0 and on_first_token is not None:
-                on_first_token()
-            if (i + 1) % self.check_every == 0 and bool(done.all()):  # one host sync every check_every steps
-                break
+        with self._recompiles():
+            for i in range(gen.max_new_tokens):
+                if i:
+                    slot.fill_(t0 + i - 1)
+                    fixed.slot_valid[:, t0 + i - 1] = True
+                    if self.compiled and self.cuda:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    logits = self.step(model, cache, tok[:, None], pos, fixed.slot_valid, slot, fixed.vis_mask,
+                                       fixed.cond_kv)
+                    pos = pos + 1
+                tok = sample(logits, gen.temperature, gen.top_p, generator)
+                tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+                out[:, i] = tok
+                done |= tok == eos_id
+                if i == 0 and on_first_token is not None:
+                    on_first_token()
+                if (i + 1) % self.check_every == 0 and bool(done.all()):  # one host sync every check_every steps
+                    break
 
         results = []
         for row in out.tolist():
             finished = eos_id in row
-            results.append(Generated(tokens=row[: row.index(eos_id)] if finished else row, finished=finished))
+            results.append(RowTokens(tokens=row[: row.index(eos_id)] if finished else row, finished=finished))
         return results
 
 
-def generate(model: LaVi, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
-             eos_id: int, pad_id: int = 0) -> list[Generated]:
-    """Eager generation with a throwaway `Generator` (see there)."""
-    return Generator(model)(vis, rows, prompts, gen, eos_id, pad_id)
+def generate(model: LaVi, kv_cache: KVCache, vis: Visual, rows: Tensor, prompts: list[list[int]],
+             gen: GenerationConfig, eos_id: int, pad_id: int = 0) -> list[RowTokens]:
+    """Eager generation over `kv_cache` with a throwaway `Generator` (see there)."""
+    return Generator(model, kv_cache)(vis, rows, prompts, gen, eos_id, pad_id)

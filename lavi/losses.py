@@ -4,12 +4,15 @@ None of this is part of the model: inference never runs it, checkpoints do not h
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
 from .collate import Batch
 from .fusion import Visual
 from .model import LaVi
+from .shared_prefix import forward_rows, prefix_kv
 
 
 class GridProbe(torch.nn.Module):
@@ -59,10 +62,45 @@ def lm_loss(model: LaVi, b: Batch, row_mean: bool = False) -> Tensor:
     return losses(model, b, row_mean)[0]
 
 
-def _focus_modules(model: LaVi) -> list:
-    """Where head 0's attention is recorded for the focus loss: ViLN's conditioner (its sites from layer 1;
-    layer 0's attention site sees only the token itself), or the concat decoder's attention from layer 1."""
-    return [model.viln] if model.viln is not None else [l.self_attn for l in model.decoder.layers[1:]]
+def head0_probs(q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
+    """Attention probabilities of head 0: q (B, H, T, D), k (B, Hk, S, D), mask broadcastable to (B, 1, T, S)
+    bool -> (B, T, S). The focus loss teaches one head to find what a question names (a layer's other heads
+    stay free)."""
+    logits = (q[:, 0].float() @ k[:, 0].float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, T, S)
+    return logits.masked_fill(~mask[:, 0].expand_as(logits), float("-inf")).softmax(-1)
+
+
+class FocusRecorder:
+    """While entered, records head 0's attention probabilities (`probs`, in call order) through forward
+    pre-hooks on the `Attend` modules of the focus sites: ViLN's conditioner sites from layer 1 (layer 0's attention
+    site sees only the token itself), or the concat decoder's self-attention from layer 1. The hooks go on
+    exit, so a step never leaves recording switched on."""
+
+    def __init__(self, model: LaVi) -> None:
+        c = model.config
+        if model.viln is not None:
+            self.sites = [model.viln.heads[f"{l}_{s}"].attend for l in c.modulated_layers() if l > 0
+                          for s in c.site_names()]
+        else:
+            self.sites = [layer.self_attn.attend for layer in model.decoder.layers[1:]]
+        self.probs: list[Tensor] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _record(self, _module: torch.nn.Module, args: tuple) -> None:
+        q, k, _v, mask = args
+        self.probs.append(head0_probs(q, k, mask))
+
+    def __enter__(self) -> "FocusRecorder":
+        self.probs = []
+        # before the attention itself runs, as an inline recording would: autograd then sums the gradients
+        # of q and k in the same order, and training is bit-for-bit what it was
+        self._hooks = [site.register_forward_pre_hook(self._record) for site in self.sites]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
 
 def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -73,29 +111,26 @@ def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -
     vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
     total = torch.zeros((), device=dev)
     focus = focus and b.focus is not None and bool(b.focus.any())
-    mods = _focus_modules(model) if focus else []
+    recorder = FocusRecorder(model) if focus else None
     f_sum, f_n = torch.zeros((), device=dev), 0
     nv = vis.mask.shape[1]
-    try:
-        for g in length_groups(b.valid.sum(1)):
-            t = int(b.valid[g].sum(1).max())
-            ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
-            for m in mods:
-                m.focus_probs = []
-            logits = model.forward_shared(ids, valid, vis, b.rows[g].to(dev))  # (B_g, t, V)
-            tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-            total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
-            if mods:
-                target = b.focus[g, :t].to(dev)  # (B_g, t, Nv)
-                has = target.any(-1)  # (B_g, t)
-                if has.any():
-                    for probs in (p for m in mods for p in m.focus_probs):
-                        at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with them
-                        mass = (at * target).sum(-1)[has]
-                        f_sum = f_sum - torch.log(mass + 1e-6).sum()
-                        f_n += int(has.sum())
-    finally:
-        for m in mods:
-            m.focus_probs = None
+    for g in length_groups(b.valid.sum(1)):
+        t = int(b.valid[g].sum(1).max())
+        ids, valid, labels = (x[g, :t].to(dev) for x in (b.ids, b.valid, b.labels))
+        rows = b.rows[g].to(dev)
+        prefix = prefix_kv(model, vis)  # before recording: the focus sites are the text rows' attention
+        with recorder if recorder is not None else nullcontext():
+            logits = forward_rows(model, ids, valid, vis, rows, prefix)  # (B_g, t, V)
+        tok = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+        total = total + ((tok.sum(1) / (labels != -100).sum(1).clamp(min=1)).sum() if row_mean else tok.sum())
+        if recorder is not None:
+            target = b.focus[g, :t].to(dev)  # (B_g, t, Nv)
+            has = target.any(-1)  # (B_g, t)
+            if has.any():
+                for probs in recorder.probs:
+                    at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with them
+                    mass = (at * target).sum(-1)[has]
+                    f_sum = f_sum - torch.log(mass + 1e-6).sum()
+                    f_n += int(has.sum())
     lm = total / (len(b.ids) if row_mean else (b.labels != -100).sum().clamp(min=1).to(dev))
     return lm, (f_sum / f_n if f_n else None)

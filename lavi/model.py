@@ -5,8 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import LaViConfig
-from .decoder import Decoder, KVPrefix, LayerConds
-from .fusion import Projector, ViLN, Visual
+from .decoder import Decoder, LayerConds
+from .fusion import Projector, ViLNConditioner, Visual
 from .vision import VisionTower
 
 
@@ -25,7 +25,7 @@ class LaVi(nn.Module):
         self.config = config
         self.decoder = Decoder(config.decoder)
         self.vision = VisionTower(config.vision)
-        self.viln = ViLN(config) if config.fusion == "viln" else None
+        self.viln = ViLNConditioner(config) if config.fusion == "viln" else None
         self.projector = Projector(config) if config.fusion == "concat" else None
 
     @property
@@ -37,20 +37,20 @@ class LaVi(nn.Module):
         return self.decoder.embed_tokens.weight.dtype
 
     def encode(self, pixels: Tensor, frame_mask: Tensor | None = None) -> Visual:
-        """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real).
+        """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real, and nothing is
+        read back from the device, so shapes alone will do: FLOP counting runs this on the meta device).
         Frames are encoded independently; their features are concatenated along the token axis."""
         n, f = pixels.shape[:2]
         if f > self.config.max_frames:
             raise ValueError(f"{f} frames per item exceeds the model's max_frames={self.config.max_frames}")
+        # padding frames (an image beside videos) skip the ViT: zeros, masked out
+        padded = frame_mask is not None and not bool(frame_mask.all())
         if frame_mask is None:
             frame_mask = torch.ones(n, f, dtype=torch.bool, device=pixels.device)
         p = self.config.vision.num_patches
         mask = frame_mask.repeat_interleave(p, dim=1)  # (N, F*P)
         flat = pixels.reshape(n * f, *pixels.shape[2:]).to(self.dtype)  # (N*F, 3, S, S)
         real = frame_mask.reshape(-1)
-        # padding frames (an image beside videos) skip the ViT: zeros, masked out. On the meta device (FLOP
-        # counting at real shapes) nothing can be read back, so every frame counts as real.
-        padded = pixels.device.type != "meta" and not bool(real.all())
 
         def unpad(x: Tensor) -> Tensor:  # (R, P, d) real frames -> (N*F, P, d)
             return x.new_zeros(n * f, *x.shape[1:]).index_copy_(0, real.nonzero().flatten(), x) if padded else x
@@ -63,12 +63,18 @@ class LaVi(nn.Module):
         return self.projector.visual(unpad(last), n, f, mask)
 
     def inputs(self, vis: Visual, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, LayerConds | None]:
-        """Text ids (B, T) + a per-row visual -> decoder embeddings, key validity and norm conditioners.
-        concat prepends the visual tokens: (B, Nv + T, d); viln leaves the context text-only."""
+        """Text ids (B, T) + a per-row visual -> decoder embeddings, key validity and norm conditioners: what
+        a prefill runs (lavi.generate). concat prepends the visual tokens: (B, Nv + T, d); viln leaves the
+        context text-only."""
         embeds = self.decoder.embed_tokens(ids)
         if self.viln is not None:
-            return embeds, valid, self.viln.conds(vis)
+            return embeds, valid, self.conds(vis)
         return torch.cat([vis.tokens.to(embeds.dtype), embeds], 1), torch.cat([vis.mask, valid], 1), None
+
+    def conds(self, vis: Visual) -> LayerConds | None:
+        """The norm conditioners of a per-row visual state (None: concat, whose vision is in the context).
+        Each decode step asks again, from the visual state's fixed-address copy (lavi.generate)."""
+        return self.viln.conds(vis) if self.viln is not None else None
 
     def forward(self, ids: Tensor, valid: Tensor, vis: Visual) -> Tensor:
         """Full-sequence forward for training and reference: ids (B, T), valid (B, T), vis gathered per
@@ -77,27 +83,8 @@ class LaVi(nn.Module):
         s = embeds.shape[1]
         slots = torch.arange(s, device=ids.device)
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads do not advance RoPE
-        logits, _ = self.decoder(embeds, positions, attention_mask(kvalid, slots, kvalid), None, conds)
+        logits, _ = self.decoder(embeds, positions, attention_mask(kvalid, slots, kvalid), conds=conds)
         return logits[:, s - ids.shape[1]:]
-
-    def forward_shared(self, ids: Tensor, valid: Tensor, vis: Visual, rows: Tensor) -> Tensor:
-        """`forward` for many text rows per item, with `vis` per item (N) and rows (B,) -> item. concat runs
-        each item's visual prefix through the decoder once and lets its rows attend to the recorded K/V;
-        the logits equal `forward(ids, valid, vis.select(rows))`. viln needs no prefix: it gathers."""
-        if self.viln is not None:
-            return self(ids, valid, vis.select(rows))
-        prefix, pvalid = vis.tokens.to(self.dtype), vis.mask
-        n_p = prefix.shape[1]
-        slots = torch.arange(n_p, device=ids.device)
-        kv = KVPrefix()
-        self.decoder(prefix, (pvalid.long().cumsum(1) - 1).clamp(min=0), attention_mask(pvalid, slots, pvalid),
-                     kv=kv)  # records each layer's prefix K/V; its logits are not used
-        t = ids.shape[1]
-        kvalid = torch.cat([pvalid.index_select(0, rows), valid], 1)  # (B, Nv + T)
-        positions = ((kvalid.long().cumsum(1) - 1).clamp(min=0))[:, n_p:]  # (B, T)
-        mask = attention_mask(kvalid, torch.arange(n_p, n_p + t, device=ids.device), valid)
-        logits, _ = self.decoder(self.decoder.embed_tokens(ids), positions, mask, kv=kv.replay(rows))
-        return logits
 
     def freeze_backbones(self) -> None:
         """Train the fusion only: the decoder and the ViT keep their weights."""

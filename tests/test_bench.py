@@ -36,9 +36,8 @@ def chaotic_model(fusion: str, seed: int = 0) -> LaVi:
 
 
 def engine_tokens(model: LaVi, pixels, rows, prompts, new_tokens: int, eos_id: int) -> list[list[int]]:
-    setup_caches(model, len(prompts), 256)
-    out = generate(model, model.encode(pixels), rows, prompts, GenerationConfig(max_new_tokens=new_tokens),
-                   eos_id=eos_id, pad_id=0)
+    out = generate(model, setup_caches(model, len(prompts), 256), model.encode(pixels), rows, prompts,
+                   GenerationConfig(max_new_tokens=new_tokens), eos_id=eos_id, pad_id=0)
     return [g.tokens for g in out]
 
 
@@ -99,14 +98,14 @@ def test_host_looks_at_eos_every_k_steps_and_stops_when_all_rows_are_done():
     loop stops at the first look after the last row's EOS, and the tokens do not depend on check_every."""
     model = chaotic_model("viln", seed=4)
     pixels, rows, prompt = torch.randn(1, 2, 3, 32, 32), torch.tensor([0]), PROMPTS[:1]
-    setup_caches(model, 1, 64)
+    cache = setup_caches(model, 1, 64)
     vis = model.encode(pixels)
-    free = Generator(model)(vis, rows, prompt, GenerationConfig(max_new_tokens=12), NEVER)[0].tokens
+    free = Generator(model, cache)(vis, rows, prompt, GenerationConfig(max_new_tokens=12), NEVER)[0].tokens
     eos = free[2]
     j = free.index(eos)  # the EOS is token j (j <= 2)
 
     def run(k: int, eos_id: int) -> tuple[list[int], int]:
-        gen, calls = Generator(model, check_every=k), []
+        gen, calls = Generator(model, cache, check_every=k), []
         step = gen.step
         gen.step = lambda *a: calls.append(1) or step(*a)
         out = gen(vis, rows, prompt, GenerationConfig(max_new_tokens=12), eos_id)

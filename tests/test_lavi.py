@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from lavi import checkpoint
 from lavi.generate import GenerationConfig, generate, setup_caches
 from lavi.model import LaVi
+from lavi.shared_prefix import forward_shared
 from lavi.tiny import tiny_config
 
 FUSIONS = ["viln", "concat"]
@@ -83,12 +84,12 @@ def _greedy_by_recompute(model: LaVi, pixels: torch.Tensor, prompt: list[int], s
 def test_cached_generation_equals_full_recompute(fusion):
     """Guards against KV-cache slot/position bugs: cached decode must equal recomputing everything."""
     model = _model(fusion)
-    setup_caches(model, 4, 128)
+    cache = setup_caches(model, 4, 128)
     pixels = _pixels(1, f=2)
     prompt = [5, 9, 11, 3]
     with torch.no_grad():
         want = _greedy_by_recompute(model, pixels, prompt, 12)
-        got = generate(model, model.encode(pixels), torch.tensor([0]), [prompt],
+        got = generate(model, cache, model.encode(pixels), torch.tensor([0]), [prompt],
                        GenerationConfig(max_new_tokens=12), eos_id=10_000)
     assert got[0].tokens == want and not got[0].finished
 
@@ -98,18 +99,18 @@ def test_batch_equals_rows_alone(fusion):
     """Guards against padding leaking into attention or RoPE: uneven prompts in a batch give each row's
     own tokens, including rows sharing one item's visual state and items with fewer frames."""
     model = _model(fusion)
-    setup_caches(model, 8, 128)
+    cache = setup_caches(model, 8, 128)
     pixels = _pixels(2, f=3)
     fmask = torch.tensor([[True, True, True], [True, False, False]])
     prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
     rows = torch.tensor([0, 1, 0])
     gen = GenerationConfig(max_new_tokens=10)
     with torch.no_grad():
-        batch = generate(model, model.encode(pixels, fmask), rows, prompts, gen, eos_id=10_000)
+        batch = generate(model, cache, model.encode(pixels, fmask), rows, prompts, gen, eos_id=10_000)
         for i, p in enumerate(prompts):
             item = int(rows[i])
             f = int(fmask[item].sum())
-            alone = generate(model, model.encode(pixels[item:item + 1, :f]), torch.tensor([0]), [p], gen,
+            alone = generate(model, cache, model.encode(pixels[item:item + 1, :f]), torch.tensor([0]), [p], gen,
                              eos_id=10_000)
             assert batch[i].tokens == alone[0].tokens
 
@@ -117,17 +118,17 @@ def test_batch_equals_rows_alone(fusion):
 def test_eos_stops_each_row_and_sampling_is_seeded():
     """Guards against rows running past their EOS, and unseeded sampling (irreproducible labels)."""
     model = _model()
-    setup_caches(model, 4, 64)
+    cache = setup_caches(model, 4, 64)
     vis = model.encode(_pixels(1))
     prompts = [[5, 6, 7], [8, 9]]
     rows = torch.tensor([0, 0])
     with torch.no_grad():
-        free = generate(model, vis, rows, prompts, GenerationConfig(max_new_tokens=8), eos_id=10_000)
+        free = generate(model, cache, vis, rows, prompts, GenerationConfig(max_new_tokens=8), eos_id=10_000)
         eos = free[0].tokens[2]  # make the third greedy token of row 0 the EOS
-        stopped = generate(model, vis, rows, prompts, GenerationConfig(max_new_tokens=8), eos_id=eos)
+        stopped = generate(model, cache, vis, rows, prompts, GenerationConfig(max_new_tokens=8), eos_id=eos)
         assert stopped[0].finished and stopped[0].tokens == free[0].tokens[:free[0].tokens.index(eos)]
         s = GenerationConfig(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
-        one, two = (generate(model, vis, rows, prompts, s, eos_id=10_000) for _ in range(2))
+        one, two = (generate(model, cache, vis, rows, prompts, s, eos_id=10_000) for _ in range(2))
         assert [r.tokens for r in one] == [r.tokens for r in two]
 
 
@@ -205,7 +206,7 @@ def test_shared_prefix_forward_equals_per_row_forward(fusion):
     valid[1, 4:] = False  # right padding, as in training
     with torch.no_grad():
         want = model(ids, valid, vis.select(rows))
-        got = model.forward_shared(ids, valid, vis, rows)
+        got = forward_shared(model, ids, valid, vis, rows)
     assert_close(got[valid], want[valid], atol=1e-5, rtol=1e-5)
 
 

@@ -16,6 +16,7 @@ from lavi import checkpoint
 from lavi.collate import Example, cells_to_patches, collate
 from lavi.losses import length_groups, lm_loss, losses
 from lavi.model import LaVi
+from lavi.shared_prefix import forward_shared
 from lavi.tiny import save_word_tokenizer, tiny_config
 from lavi.tokenizer import Tokenizer
 from lavi.train import TrainConfig, init_from_scratch, lr_at, train
@@ -312,7 +313,7 @@ def test_length_groups_leave_the_loss_unchanged(tmp_path, fusion, row_mean):
     batch = collate(_small_shapes(0) + _small_shapes(1), model, Tokenizer(tmp_path / "tok"))
     assert len(length_groups(batch.valid.sum(1))) == 2  # the split actually happens on this batch
     vis = model.encode(batch.pixels, batch.frame_mask)
-    logits = model.forward_shared(batch.ids, batch.valid, vis, batch.rows)
+    logits = forward_shared(model, batch.ids, batch.valid, vis, batch.rows)
     tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
     scored = (batch.labels != -100).sum(1)
     ref = (tok_loss.sum(1) / scored).mean() if row_mean else tok_loss.sum() / scored.sum()
@@ -369,7 +370,7 @@ def test_collate_marks_the_positions_that_predict_each_span(tmp_path):
     tok_dir = tmp_path / "tok"
     save_word_tokenizer(vocabulary(), tok_dir)
     tok = Tokenizer(tok_dir)
-    model = LaVi(tiny_config(tok.vocab_size))
+    model = LaVi(tiny_config(tok.tok.get_vocab_size()))
     examples = _small_shapes(0, focus=True, questions=3)
     batch = collate(examples, model, tok)
     words = [[tok.tok.id_to_token(int(i)) for i in row] for row in batch.ids]
@@ -401,8 +402,7 @@ def test_focus_loss_teaches_head_0_to_find_the_named_object(tmp_path, fusion):
     train(model, tmp_path / "tok", data, cfg, tmp_path / "ck", on_log=logs.append)
     first, last = np.mean([r["focus_loss"] for r in logs[:5]]), np.mean([r["focus_loss"] for r in logs[-5:]])
     assert last < 0.7 * first, (first, last)
-    mods = [model.viln] if model.viln is not None else [l.self_attn for l in model.decoder.layers]
-    assert all(m.focus_probs is None for m in mods)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the recording hooks are gone after each step
 
 
 def test_cells_to_patches_maps_each_patch_to_the_cell_of_its_centre():
