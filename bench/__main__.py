@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     args["markdown"] = args["markdown"] or None
     try:
         if command == "model":
-            from bench.model import ModelBenchConfig, markdown, run
+            from bench.model import ModelBenchConfig, run
+            from bench.model_report import markdown
 
             peak = args.pop("peak_tflops")
             config = ModelBenchConfig(**args, peak_flops=peak * 1e12 if peak else None)

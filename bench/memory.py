@@ -1,4 +1,5 @@
-"""Peak memory of a measured run, and the device's copy bandwidth (for the decode-step roofline).
+"""Peak memory of a measured run, the largest batch that fits, and the device's copy bandwidth (for the
+decode-step roofline).
 
 GPU: `torch.cuda.max_memory_allocated` after a reset (weights, caches and activations; not the
 allocator's cached-but-free blocks). CPU: the process's peak RSS (VmHWM, reset through
@@ -8,6 +9,7 @@ weights, caches and activations plus whatever the allocator kept; null with a re
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -84,3 +86,27 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         best = min(best, time.perf_counter() - start)
     del src, dst
     return 2 * nbytes / best
+
+
+def probe_batch(device: torch.device, try_batch: Callable[[int], None], release: Callable[[], None], max_batch: int,
+                memory_fraction: float) -> list[dict]:
+    """CUDA: double the batch from 1 until `try_batch(b)` (a short generation) runs out of memory or its peak
+    passes `memory_fraction` of the device; `release()` frees caches between tries. -> one dict per try."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    tried, b = [], 1
+    while b <= max_batch:
+        release()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            try_batch(b)
+            peak = torch.cuda.max_memory_allocated(device)
+        except torch.cuda.OutOfMemoryError:
+            tried.append({"batch_size": b, "fits": False, "peak_mem_bytes": None})
+            break
+        fits = peak <= memory_fraction * total
+        tried.append({"batch_size": b, "fits": fits, "peak_mem_bytes": int(peak)})
+        if not fits:
+            break
+        b *= 2
+    release()
+    return tried

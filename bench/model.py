@@ -18,8 +18,9 @@ import torch
 from bench import flops as F
 from bench.compiled import TimedGenerator
 from bench.configs import SHAPES, Setting, model_config, random_model, settings, weight_bytes
-from bench.memory import PeakMemory, copy_bandwidth
-from bench.report import command_line, device_description, table, versions, write_json, write_section
+from bench.memory import PeakMemory, copy_bandwidth, probe_batch
+from bench.model_report import markdown, ratios
+from bench.report import command_line, device_description, versions, write_json, write_section
 from lavi.model import LaVi
 
 log = logging.getLogger(__name__)
@@ -110,33 +111,17 @@ class Runner:
     def _generator(self, model, batch: int, max_seq: int, compile: bool) -> TimedGenerator:
         return TimedGenerator(model, batch, max_seq, compile=compile, backend=self.c.compile_backend)
 
-    def _release(self, model) -> None:
-        model.decoder.setup_caches(0, 0)  # drop the previous static cache before allocating the next
+    def _release(self) -> None:
+        """Hand freed memory back (a static cache goes with its generator) before the next allocation."""
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def probe(self, try_batch, release) -> list[dict]:
-        """Double the batch from 1 until `try_batch(b)` (a short generation) runs out of memory or its peak
-        passes memory_fraction of the device; `release()` frees caches between tries."""
-        total = torch.cuda.get_device_properties(self.device).total_memory
-        tried, b = [], 1
-        while b <= self.c.max_batch:
-            release()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            try:
-                try_batch(b)
-                peak = torch.cuda.max_memory_allocated(self.device)
-            except torch.cuda.OutOfMemoryError:
-                tried.append({"batch_size": b, "fits": False, "peak_mem_bytes": None})
-                break
-            fits = peak <= self.c.memory_fraction * total
-            tried.append({"batch_size": b, "fits": fits, "peak_mem_bytes": int(peak)})
-            if not fits:
-                break
-            b *= 2
-        release()
-        return tried
+    def probe(self, try_batch) -> list[dict]:
+        """CUDA, batch sizes not given: the probe's tries (`probe_batch`); otherwise none."""
+        if self.device.type != "cuda" or self.c.batch_sizes:
+            return []
+        return probe_batch(self.device, try_batch, self._release, self.c.max_batch, self.c.memory_fraction)
 
     def _try_engine(self, model, setting: Setting, max_seq: int):
         def run_once(b: int) -> None:
@@ -165,7 +150,7 @@ class Runner:
         ttft = statistics.median(r.ttft_s for r in runs)
         decode = statistics.median(r.total_s - r.ttft_s for r in runs)
         del gen
-        self._release(model)
+        self._release()
         return {"batch_size": batch, "captions_per_s": batch / total, "ttft_s": ttft,
                 "decode_tokens_per_s": batch * (self.c.new_tokens - 1) / decode, "peak_mem_bytes": peak,
                 "encode_s": statistics.median(r.encode_s for r in runs), "total_s": total,
@@ -185,8 +170,7 @@ class Runner:
         del shadow
         self.mem.rebase()
         model = random_model(config, self.device, self.dtype, seed=c.seed)
-        probe = self.probe(self._try_engine(model, setting, max_seq), lambda: self._release(model)) \
-            if self.device.type == "cuda" and not c.batch_sizes else []
+        probe = self.probe(self._try_engine(model, setting, max_seq))
         sizes = self._sizes(probe, [1, 8, 32])
         common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
                   "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
@@ -200,7 +184,7 @@ class Runner:
             try:
                 r = {**common, **self.measure(model, setting, b, max_seq)}
             except torch.cuda.OutOfMemoryError as err:
-                self._release(model)
+                self._release()
                 rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
                 continue
             r["flop_utilization"] = r["captions_per_s"] * per_caption / self.peak if self.peak else None
@@ -210,7 +194,7 @@ class Runner:
         roof = self.roofline(model, config, setting, max_seq, kind, next((r for r in rows if r["batch_size"] == 1
                                                                           and "error" not in r), None))
         del model
-        self._release_all()
+        self._release()
         return rows, roof
 
     def roofline(self, model, config, setting: Setting, max_seq: int, kind: str, row: dict | None) -> dict | None:
@@ -229,11 +213,6 @@ class Runner:
                 "roofline_step_s": bound, "measured_step_s": row["decode_step_s"],
                 "measured_over_roofline": row["decode_step_s"] / bound}
 
-    def _release_all(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def bench_hf(self, setting: Setting) -> tuple[list[dict], str | None]:
         from bench import hf
 
@@ -251,10 +230,10 @@ class Runner:
             model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
             try_batch(1)
         except (ImportError, TypeError, ValueError) as err:
-            self._release_all()
+            self._release()
             return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
         counted = hf.prefill_flops(model, hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0])
-        probe = self.probe(try_batch, self._release_all) if self.device.type == "cuda" and not c.batch_sizes else []
+        probe = self.probe(try_batch)
         sizes = self._sizes(probe, [1, 8])
         rows = []
         for b in sizes:
@@ -266,7 +245,7 @@ class Runner:
             except torch.cuda.OutOfMemoryError as err:
                 rows.append({"model": "hf-llava-ov", "setting": setting.name, "batch_size": b,
                              "error": f"OutOfMemoryError: {str(err)[:200]}"})
-                self._release_all()
+                self._release()
                 break
             rows.append({"model": "hf-llava-ov", "shapes": c.shapes, "setting": setting.name,
                          "frames": setting.frames, "visual_tokens": nv, "batch_size": b,
@@ -277,30 +256,8 @@ class Runner:
                          "peak_mem_bytes": self.mem.peak(), "prefill_flops": counted, "total_s": total,
                          **({"probe": probe} if probe else {})})
         del model
-        self._release_all()
+        self._release()
         return rows, None
-
-
-def ratios(results: list[dict]) -> list[dict]:
-    """LaVi over the others, per setting: at equal batch size, and best captions/s against best."""
-    out = []
-    ok = [r for r in results if "error" not in r]
-    for setting in dict.fromkeys(r["setting"] for r in ok):
-        lavi = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == "lavi"}
-        if not lavi:
-            continue
-        best_lavi = max(r["captions_per_s"] for r in lavi.values())
-        for other in ("concat", "hf-llava-ov"):
-            theirs = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == other}
-            if not theirs:
-                continue
-            for b in sorted(set(lavi) & set(theirs)):
-                out.append({"setting": setting, "versus": other, "batch_size": b,
-                            "captions_per_s_ratio": lavi[b]["captions_per_s"] / theirs[b]["captions_per_s"],
-                            "ttft_ratio": theirs[b]["ttft_s"] / lavi[b]["ttft_s"]})
-            out.append({"setting": setting, "versus": other, "batch_size": "best",
-                        "captions_per_s_ratio": best_lavi / max(r["captions_per_s"] for r in theirs.values())})
-    return out
 
 
 def run(c: ModelBenchConfig) -> dict:
@@ -328,30 +285,3 @@ def run(c: ModelBenchConfig) -> dict:
         key = f"model-{c.shapes}-{r.device.type}-{'+'.join(s.name for s in r.settings)}"
         write_section(c.markdown, key, markdown(doc))
     return doc
-
-
-def markdown(doc: dict) -> str:
-    c = doc["config"]
-    lines = [f"## bench model: {c['shapes']} on {doc['device']}", "",
-             f"`{doc['command']}`", "",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
-             f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
-             f"random weights. Peak memory: {doc['peak_mem_method']}.", ""]
-    lines.append(table(doc["results"], [
-        ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"), ("batch_size", "batch"),
-        ("captions_per_s", "captions/s"), ("ttft_s", "TTFT s"), ("decode_tokens_per_s", "decode tok/s"),
-        ("peak_mem_bytes", "peak mem B"), ("prefill_flops", "prefill FLOPs/item"),
-        ("flop_utilization", "FLOP util"), ("error", "error")]))
-    if doc["ratios"]:
-        lines += ["", "LaVi over the others:", "", table(doc["ratios"], [
-            ("setting", "setting"), ("versus", "versus"), ("batch_size", "batch"),
-            ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio")])]
-    if doc["roofline"]:
-        lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
-                  f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "", table(doc["roofline"], [
-                      ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
-                      ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
-                      ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]
-    for s in doc["skipped"]:
-        lines.append(f"\nskipped {s['model']} ({s['setting']}): {s['reason']}")
-    return "\n".join(lines) + "\n"

@@ -67,7 +67,7 @@ def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     doc = run(config)
-    from bench.model import markdown as render
+    from bench.model_report import markdown as render
 
     click.echo(render(doc))
     click.echo(f"results: {out}")

@@ -1,0 +1,53 @@
+"""The model bench's results read side by side: LaVi over the others, and the BENCHMARKS.md section."""
+from __future__ import annotations
+
+from bench.report import table
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """LaVi over the others, per setting: at equal batch size, and best captions/s against best."""
+    out = []
+    ok = [r for r in results if "error" not in r]
+    for setting in dict.fromkeys(r["setting"] for r in ok):
+        lavi = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == "lavi"}
+        if not lavi:
+            continue
+        best_lavi = max(r["captions_per_s"] for r in lavi.values())
+        for other in ("concat", "hf-llava-ov"):
+            theirs = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == other}
+            if not theirs:
+                continue
+            for b in sorted(set(lavi) & set(theirs)):
+                out.append({"setting": setting, "versus": other, "batch_size": b,
+                            "captions_per_s_ratio": lavi[b]["captions_per_s"] / theirs[b]["captions_per_s"],
+                            "ttft_ratio": theirs[b]["ttft_s"] / lavi[b]["ttft_s"]})
+            out.append({"setting": setting, "versus": other, "batch_size": "best",
+                        "captions_per_s_ratio": best_lavi / max(r["captions_per_s"] for r in theirs.values())})
+    return out
+
+
+def markdown(doc: dict) -> str:
+    c = doc["config"]
+    lines = [f"## bench model: {c['shapes']} on {doc['device']}", "",
+             f"`{doc['command']}`", "",
+             "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
+             f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
+             f"random weights. Peak memory: {doc['peak_mem_method']}.", ""]
+    lines.append(table(doc["results"], [
+        ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"), ("batch_size", "batch"),
+        ("captions_per_s", "captions/s"), ("ttft_s", "TTFT s"), ("decode_tokens_per_s", "decode tok/s"),
+        ("peak_mem_bytes", "peak mem B"), ("prefill_flops", "prefill FLOPs/item"),
+        ("flop_utilization", "FLOP util"), ("error", "error")]))
+    if doc["ratios"]:
+        lines += ["", "LaVi over the others:", "", table(doc["ratios"], [
+            ("setting", "setting"), ("versus", "versus"), ("batch_size", "batch"),
+            ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio")])]
+    if doc["roofline"]:
+        lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
+                  f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "", table(doc["roofline"], [
+                      ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
+                      ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
+                      ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]
+    for s in doc["skipped"]:
+        lines.append(f"\nskipped {s['model']} ({s['setting']}): {s['reason']}")
+    return "\n".join(lines) + "\n"
