@@ -1,7 +1,6 @@
-"""The tokenizer of a checkpoint: tokenizer.json through `tokenizers`, special ids from the config."""
+"""The tokenizer of a checkpoint: tokenizer.json through `tokenizers`; special ids come from the model config."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -14,18 +13,6 @@ class Tokenizer:
         if not path.exists():
             raise ValueError(f"checkpoint file missing: {path} (the tokenizer of {d})")
         self.tok = HFTokenizer.from_file(str(path))
-        cfg_path = d / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-
-    def token_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def special_id(self, key: str) -> int | None:
-        """The id of `eos_token` / `bos_token` / `pad_token` named in tokenizer_config.json."""
-        tok = self.config.get(key)
-        if isinstance(tok, dict):
-            tok = tok.get("content")
-        return self.tok.token_to_id(tok) if tok else None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -37,7 +24,3 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tok.get_vocab_size()
