@@ -42,6 +42,39 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
     return model, tok_dir
 
 
+def _clip_frames(frames: str) -> tuple[int, ...]:
+    """--frames: one number or a comma-separated list, each >= 1."""
+    try:
+        clip_frames = tuple(int(f) for f in frames.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected a number or a comma-separated list, got {frames!r}",
+                                 param_hint="--frames") from None
+    if not clip_frames or min(clip_frames) < 1:
+        raise click.BadParameter("frames per clip must be >= 1", param_hint="--frames")
+    return clip_frames
+
+
+def _progress(log_path: Path, start: int, steps: int, t0: float):
+    """The training log's `on_log`: a progress line on the console and a JSON line in `log_path`. A resumed run
+    redoes the steps after its checkpoint: their old records go first."""
+    if log_path.exists():
+        kept = [line for line in log_path.read_text().splitlines() if start and json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    logf = log_path.open("a")
+
+    def on_log(rec: dict) -> None:
+        eta = (steps - rec["step"]) * (time.time() - t0) / max(1, rec["step"] - start)
+        losses = "".join(f"  {name} {rec[key]:.4f}" for key, name in
+                         (("loss", "loss"), ("grid_loss", "grid"), ("focus_loss", "focus")) if key in rec)
+        rate = f"{rec['rows_per_s']:.1f} rows/s" if "rows_per_s" in rec else f"{rec['frames_per_s']:.1f} frames/s"
+        click.echo(f"step {rec['step']}/{steps} {rec['phase']}{losses}  lr {rec['lr']:.2e}  {rate}  "
+                   f"eta {eta / 60:.1f} min")
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+
+    return on_log
+
+
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds one).")
 @click.option("--fusion", type=click.Choice(["viln", "concat"]), default="viln", show_default=True,
@@ -98,13 +131,7 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, in
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    try:
-        clip_frames = tuple(int(f) for f in frames.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected a number or a comma-separated list, got {frames!r}",
-                                 param_hint="--frames") from None
-    if not clip_frames or min(clip_frames) < 1:
-        raise click.BadParameter("frames per clip must be >= 1", param_hint="--frames")
+    clip_frames = _clip_frames(frames)
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume,
@@ -135,23 +162,8 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, in
     click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
                f"on {data} for {steps} steps on {device} -> {out}")
     start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
-    log_path = outp / "train_log.jsonl"
-    if log_path.exists():  # a resumed run redoes the steps after its checkpoint: their old records go
-        kept = [line for line in log_path.read_text().splitlines() if start and json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    logf = log_path.open("a")
     t0 = time.time()
-
-    def on_log(rec: dict) -> None:
-        eta = (steps - rec["step"]) * (time.time() - t0) / max(1, rec["step"] - start)
-        losses = "".join(f"  {name} {rec[key]:.4f}" for key, name in
-                         (("loss", "loss"), ("grid_loss", "grid"), ("focus_loss", "focus")) if key in rec)
-        rate = f"{rec['rows_per_s']:.1f} rows/s" if "rows_per_s" in rec else f"{rec['frames_per_s']:.1f} frames/s"
-        click.echo(f"step {rec['step']}/{steps} {rec['phase']}{losses}  lr {rec['lr']:.2e}  {rate}  "
-                   f"eta {eta / 60:.1f} min")
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-
+    on_log = _progress(outp / "train_log.jsonl", start, steps, t0)
     last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log, vision_data=vision_source)
     session = time.time() - t0
     wall = json.loads((outp / "train_state.json").read_text())["wall_s"]  # every session's, to the last step

@@ -26,6 +26,22 @@ class GridProbe(torch.nn.Module):
         self.classes, self.side = tuple(classes), side
         self.norm = torch.nn.LayerNorm(d, eps=eps)
         self.head = torch.nn.Linear(d, sum(classes))
+        self.feats: Tensor | None = None  # the watched block's output at the last encode
+
+    def watch(self, model: LaVi) -> torch.utils.hooks.RemovableHandle:
+        """Keep, at every `model.encode`, the output of the block the probe reads (a forward hook): the
+        deepest one ViLN runs (its last tap), or the ViT's last."""
+        deepest = max(model.config.vision_taps()) if model.viln is not None else -1
+
+        def keep(_module: torch.nn.Module, _args: tuple, out: Tensor) -> None:
+            self.feats = out
+
+        return model.vision.encoder.layers[deepest].register_forward_hook(keep)
+
+    def batch_loss(self, b: Batch) -> Tensor:
+        """The loss on the features the last encode (of `b`'s frames) left, which it then lets go."""
+        feats, self.feats = self.feats, None
+        return self.loss(feats, real_frames(b.grid, b.frame_mask).to(feats.device))
 
     def loss(self, feats: Tensor, target: Tensor) -> Tensor:
         """feats (N*F, P, d) block output; target (N*F, G*G, A) classes, -100 ignored."""

@@ -16,10 +16,11 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from . import checkpoint
-from .collate import Example, collate
-from .losses import GridProbe, losses, real_frames
+from .collate import Batch, Example, collate
+from .losses import GridProbe, losses
 from .model import LaVi
 from .tokenizer import Tokenizer
 
@@ -120,6 +121,22 @@ def load_state(out: Path, opt: torch.optim.AdamW, probe: GridProbe | None = None
     return int(meta["step"]), float(meta.get("wall_s", 0.0))
 
 
+def _step_loss(model: LaVi, batch: Batch, cfg: TrainConfig, probe: GridProbe | None,
+               vision: bool) -> tuple[Tensor, dict[str, Tensor | None]]:
+    """The loss one step minimises, and its parts by log name."""
+    if vision:  # the ViT alone: the fusion's output is not part of the loss, so nothing else moves
+        model.encode(batch.pixels.to(model.device), batch.frame_mask.to(model.device))
+        aux = probe.batch_loss(batch)
+        return aux, {"grid_loss": aux}
+    lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
+    loss = lm if foc is None else lm + cfg.focus_weight * foc
+    aux = None
+    if probe is not None and batch.grid is not None:
+        aux = probe.batch_loss(batch)
+        loss = loss + cfg.grid_weight * aux
+    return loss, {"loss": lm, "grid_loss": aux, "focus_loss": foc}
+
+
 def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
           resume: bool = True, on_log: Callable[[dict], None] | None = None,
           vision_data: Callable[[int], list[Example]] | None = None) -> dict:
@@ -133,12 +150,11 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         model.freeze_backbones()
     model.train()
     tok = Tokenizer(tok_dir)
-    probe, feats = None, {}
+    probe = None
     if cfg.grid_weight > 0:
         vc = model.config.vision
         probe = GridProbe(vc.hidden_size, cfg.grid_classes, cfg.grid_side, vc.layer_norm_eps).to(model.device)
-        deepest = max(model.config.vision_taps()) if model.viln is not None else -1  # viln stops at its last tap
-        hook = model.vision.encoder.layers[deepest].register_forward_hook(lambda _m, _i, o: feats.__setitem__("x", o))
+        hook = probe.watch(model)
     opt = _optimizer(model, cfg, probe)
     start, wall0 = 0, 0.0
     if resume and (out / "train_state.json").exists():
@@ -153,17 +169,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         batch = collate((vision_data if vision else data)(step), model, tok)
-        dev = model.device
-        lm = foc = aux = None
-        if vision:  # the ViT alone: the fusion's output is not part of the loss, so nothing else moves
-            model.encode(batch.pixels.to(dev), batch.frame_mask.to(dev))
-            loss = aux = probe.loss(feats.pop("x"), real_frames(batch.grid, batch.frame_mask).to(dev))
-        else:
-            lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
-            loss = lm if foc is None else lm + cfg.focus_weight * foc
-            if probe is not None and batch.grid is not None:
-                aux = probe.loss(feats.pop("x"), real_frames(batch.grid, batch.frame_mask).to(dev))
-                loss = loss + cfg.grid_weight * aux
+        loss, parts = _step_loss(model, batch, cfg, probe, vision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -173,9 +179,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
             dt = time.time() - t0
             last = {"step": step + 1, "phase": "vision" if vision else "main", "lr": lr_at(step, cfg),
                     "frames_per_s" if vision else "rows_per_s": seen / dt, "elapsed_s": dt}
-            for key, value in (("loss", lm), ("grid_loss", aux), ("focus_loss", foc)):
-                if value is not None:
-                    last[key] = float(value.detach())
+            last.update({key: float(value.detach()) for key, value in parts.items() if value is not None})
             if on_log:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
