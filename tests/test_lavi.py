@@ -132,6 +132,31 @@ def test_eos_stops_each_row_and_sampling_is_seeded():
         assert [r.tokens for r in one] == [r.tokens for r in two]
 
 
+def test_a_cache_too_small_is_refused_and_the_engine_grows_its_own_once(tmp_path):
+    """Guards against a decode that writes past its static cache (an index error deep in a step, or garbage)
+    and against an engine that reallocates its cache per request: a batch that does not fit is refused with
+    what to do; the engine's cache grows to fit a larger request, then serves smaller ones as it is."""
+    import numpy as np
+
+    from lavi.engine import Engine
+    from lavi.tiny import make_tiny_checkpoint
+    model = _model()
+    with pytest.raises(ValueError, match="setup_caches"):
+        generate(model, setup_caches(model, 1, 8), model.encode(_pixels(1)), torch.tensor([0]), [[5, 6, 7]],
+                 GenerationConfig(max_new_tokens=6), eos_id=10_000)
+    engine = Engine.load(make_tiny_checkpoint(tmp_path), max_batch=4)
+    frames = [np.zeros((1, 32, 32, 3), np.uint8)]
+    engine.generate(frames, [(0, "describe the image.")], GenerationConfig(max_new_tokens=4))
+    first = engine.generator.kv_cache
+    assert (first.max_batch, first.max_seq) == (1, 64)  # slots rounded up to a multiple of 64
+    long = " ".join(["a"] * 70)
+    engine.generate(frames, [(0, long)] * 3, GenerationConfig(max_new_tokens=4))
+    grown = engine.generator.kv_cache
+    assert (grown.max_batch, grown.max_seq) == (3, 128)
+    engine.generate(frames, [(0, "describe the image.")], GenerationConfig(max_new_tokens=4))
+    assert engine.generator.kv_cache is grown
+
+
 def test_top_p_keeps_only_the_nucleus():
     """Guards against a top-p filter that drops the top token or keeps the tail."""
     from lavi.generate import sample
@@ -272,7 +297,8 @@ def test_a_failing_compiled_step_falls_back_to_eager(tmp_path):
 
 @pytest.mark.gpu
 def test_fit_batch_fills_gpu_memory(tmp_path):
-    """The auto batch on a GPU: measured per-row memory, and the chosen batch actually runs."""
+    """Guards against an auto batch that overruns GPU memory or wastes it: the per-row memory is measured,
+    the chosen batch actually runs, and CPU (nothing to measure) is refused."""
     from lavi.engine import Engine
     from lavi.tiny import make_tiny_checkpoint
     import numpy as np

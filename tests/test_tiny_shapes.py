@@ -100,7 +100,8 @@ def held_out(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("metric", _targets("held_out"))
 def test_bundled_model_quality_on_a_small_held_out_set(held_out, metric):
-    """The targets on ~50 held-out items of shapes.render."""
+    """Guards against a bundled model (or an engine change under it) that no longer meets the model card's
+    targets: the targets on ~50 held-out items of shapes.render."""
     _check(held_out, metric)
 
 
@@ -120,7 +121,8 @@ def test_bundled_model_quality_on_an_independent_renderer(independent_renderer, 
 
 @pytest.mark.slow
 def test_bundled_model_quality_on_the_full_held_out_split(tmp_path):
-    """The model card's split (300 images, 150 videos): every target, as the card reports them."""
+    """Guards against a model card whose figures the bundled model does not reproduce: the card's split
+    (300 images, 150 videos), every target, as the card reports them."""
     _check_misses(evaluate(DEFAULT_MODEL, images=300, videos=150, seed=HELD_OUT_SEED, frames=None,
                            workdir=str(tmp_path))["figures"])
 
@@ -147,14 +149,17 @@ def through_the_pipeline(ray_local, tmp_path_factory) -> dict:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("metric", _targets("pipeline"))
 def test_bundled_model_quality_through_the_pipeline(through_the_pipeline, metric):
-    """The targets on ~50 held-out items labeled by the whole pipeline (the default model, as a user gets it)."""
+    """Guards against the pipeline losing quality the engine alone has (wrong frames, resizing, prompts or
+    parsing on the way): the targets on ~50 held-out items labeled by the whole pipeline (the default model,
+    as a user gets it)."""
     _check(through_the_pipeline, metric)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_bundled_model_quality_through_the_pipeline_at_scale(ray_local, tmp_path):
-    """The same on 300 images and 150 videos: the targets missed are those of the model card's split."""
+    """Guards against a pipeline-only loss too small to show on 50 items: on 300 images and 150 videos the
+    targets missed are those of the model card's split."""
     _check_misses(_through_the_pipeline(tmp_path, 300, 150, HELD_OUT_SEED + 4))
 
 

@@ -302,8 +302,9 @@ def test_row_mean_loss_weighs_each_row_equally(tmp_path):
 @pytest.mark.parametrize("fusion", ["viln", "concat"])
 @pytest.mark.parametrize("row_mean", [False, True])
 def test_length_groups_leave_the_loss_unchanged(tmp_path, fusion, row_mean):
-    """Rows run in two length groups (short answers apart from long captions); the loss must equal one
-    forward over the whole batch padded to its longest row."""
+    """Guards against length grouping changing what is trained (a row lost, mis-weighted or given another
+    item's frames): rows run in two length groups (short answers apart from long captions), and the loss
+    must equal one forward over the whole batch padded to its longest row."""
     tok = save_word_tokenizer(vocabulary(), tmp_path / "tok")
     torch.manual_seed(0)
     model = LaVi(tiny_config(tok.get_vocab_size(), fusion))
@@ -406,6 +407,7 @@ def test_focus_loss_teaches_head_0_to_find_the_named_object(tmp_path, fusion):
 
 
 def test_cells_to_patches_maps_each_patch_to_the_cell_of_its_centre():
+    """Guards against focus targets on the wrong visual tokens (a transposed or off-by-one cell-to-patch map)."""
     cells = np.zeros((1, 9), dtype=bool)
     cells[0, 4] = True  # the centre cell
     assert cells_to_patches(cells, 3).reshape(3, 3).tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
