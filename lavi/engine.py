@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -73,7 +75,16 @@ class Engine:
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
              compile: bool = False) -> "Engine":
-        """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`)."""
+        """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`). A LaVi checkpoint, or a
+        Hugging Face LLaVA-OneVision directory (`lavi.onevision_engine`); anything else is refused by name."""
+        kind = checkpoint.read_json(Path(path) / "config.json").get("model_type")
+        if kind == "llava_onevision" and cls is Engine:
+            from .onevision_engine import OneVisionEngine
+
+            return OneVisionEngine.load(path, device=device, dtype=dtype, max_batch=max_batch, compile=compile)
+        if kind is not None:
+            raise checkpoint.CheckpointError(f"{path} is a {kind!r} checkpoint; supported: a LaVi checkpoint "
+                                             "or a LLaVA-OneVision (model_type 'llava_onevision')")
         model = checkpoint.load(path, device=device, dtype=dtype)
         return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name, compile=compile)
 

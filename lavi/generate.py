@@ -172,12 +172,16 @@ class Generator:
         return config.patch({name: max(RECOMPILE_LIMIT, getattr(config, name))})
 
     @torch.no_grad()
-    def __call__(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig, eos_id: int,
-                 pad_id: int = 0, on_first_token: Callable[[], None] | None = None) -> list[RowTokens]:
+    def __call__(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
+                 eos_id: int | tuple[int, ...], pad_id: int = 0,
+                 on_first_token: Callable[[], None] | None = None) -> list[RowTokens]:
         """Generate for B text rows; row i is conditioned on item `rows[i]` of `vis` (N items, N <= B), so one
         item's visual state serves all of its prompts. `on_first_token` is called once the first token of
-        every row exists (benchmarks time it)."""
+        every row exists (benchmarks time it). A row ends at any of `eos_id` (one id, or several: a chat model's
+        end-of-turn and end-of-text)."""
         model, device, cache = self.model, self.model.device, self.kv_cache
+        eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+        eos = torch.tensor(eos_ids, device=device)
         b = len(prompts)
         ids, valid = left_pad(prompts, pad_id, device)
         vis = vis.select(rows.to(device))
@@ -213,7 +217,7 @@ class Generator:
                 tok = sample(logits, gen.temperature, gen.top_p, generator)
                 tok = torch.where(done, torch.full_like(tok, pad_id), tok)
                 out[:, i] = tok
-                done |= tok == eos_id
+                done |= torch.isin(tok, eos)
                 if i == 0 and on_first_token is not None:
                     on_first_token()
                 if (i + 1) % self.check_every == 0 and bool(done.all()):  # one host sync every check_every steps
@@ -221,8 +225,8 @@ class Generator:
 
         results = []
         for row in out.tolist():
-            finished = eos_id in row
-            results.append(RowTokens(tokens=row[: row.index(eos_id)] if finished else row, finished=finished))
+            end = next((i for i, t in enumerate(row) if t in eos_ids), None)
+            results.append(RowTokens(tokens=row if end is None else row[:end], finished=end is not None))
         return results
 
 

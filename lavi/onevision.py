@@ -19,12 +19,22 @@ from torch import Tensor, nn
 
 from . import anyres
 from .decoder import Decoder
+from .fusion import Visual
 from .onevision_config import OneVisionConfig
 from .vision import VisionTower
 
 ACTS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
         "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+
+
+def pixels(frames: np.ndarray, c: OneVisionConfig) -> Tensor:
+    """uint8 tiles or frames (T, S, S, 3) -> normalised float32 (T, 3, S, S), with the reference's arithmetic:
+    the rescale in float64, cast to float32, then (x - mean) / std in float32."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).double() * c.rescale_factor
+    mean = torch.tensor(c.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(c.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x.float() - mean) / std
 
 
 class Projector(nn.Module):
@@ -115,10 +125,30 @@ class OneVision(nn.Module):
         return torch.cat([embeds[:k], visual.to(embeds.dtype), embeds[k + 1:]], dim=0)
 
 
-def pixels(frames: np.ndarray, c: OneVisionConfig) -> Tensor:
-    """uint8 tiles or frames (T, S, S, 3) -> normalised float32 (T, 3, S, S), with the reference's arithmetic:
-    the rescale in float64, cast to float32, then (x - mean) / std in float32."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).double() * c.rescale_factor
-    mean = torch.tensor(c.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(c.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x.float() - mean) / std
+    def encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
+        """uint8 inputs per item (anyres tiles of an image, or a clip's frames) and (kind, (height, width)) per
+        item -> their visual tokens, padded to the longest: `tokens` (N, Nv, d), `mask` (N, Nv)."""
+        seqs = []
+        for frames, (kind, size) in zip(visuals, media):
+            x = pixels(frames, self.config).to(self.device)
+            seqs.append(self.image_tokens(x, size) if kind == "image" else self.video_tokens(x))
+        n, d = max(len(s) for s in seqs), self.config.decoder.hidden_size
+        tokens = torch.zeros(len(seqs), n, d, dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(seqs), n, dtype=torch.bool, device=self.device)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)], mask[i, : len(s)] = s, True
+        return Visual(mask=mask, tokens=tokens)
+
+    def inputs(self, vis: Visual, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, None]:
+        """Left-padded prompts (B, T) with one placeholder each + the per-row visual -> the prefill's embeddings
+        (B, T', d), left-padded again, and key validity (B, T'). No conditioners: vision is in the context."""
+        rows = [self.splice(ids[b][valid[b]].tolist(), vis.tokens[b][vis.mask[b]]) for b in range(ids.shape[0])]
+        t = max(len(r) for r in rows)
+        embeds = torch.zeros(len(rows), t, rows[0].shape[1], dtype=self.dtype, device=self.device)
+        kvalid = torch.zeros(len(rows), t, dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):
+            embeds[b, t - len(r):], kvalid[b, t - len(r):] = r, True
+        return embeds, kvalid, None
+
+    def conds(self, vis: Visual) -> None:
+        return None

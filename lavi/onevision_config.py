@@ -56,6 +56,10 @@ class OneVisionConfig:
     def fusion(self) -> str:
         return "concat"
 
+    @property
+    def eos_token_id(self) -> int:
+        return self.eos_token_ids[0]
+
     @classmethod
     def from_dir(cls, directory: str | Path, name: str | None = None) -> "OneVisionConfig":
         d = Path(directory)

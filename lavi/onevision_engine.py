@@ -1,0 +1,77 @@
+"""The engine around a LLaVA-OneVision: its chat template, anyres images and pooled videos, in the same
+static-cache generation loop as LaVi (`lavi.generate`).
+
+Requests carry what the model must know of each input: its kind (image or video) and, for an image, the
+size it was tiled from (the unpadding needs it). Images arrive as the uint8 tiles `workers.tiles` cuts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import onevision_checkpoint
+from .chat import ChatTemplate, find_template, special_tokens
+from .engine import Completion, Engine
+from .generate import GenerationConfig
+from .onevision import OneVision
+from .tokenizer import Tokenizer
+
+DEFAULT_PROMPTS = {"image": "Describe the image.", "video": "Describe the video."}
+
+
+class OneVisionEngine(Engine):
+    def __init__(self, model: OneVision, tokenizer: Tokenizer, chat: ChatTemplate, max_batch: int = 32,
+                 name: str | None = None, compile: bool = False) -> None:
+        super().__init__(model, tokenizer, max_batch=max_batch, name=name, compile=compile)
+        self.chat = chat
+        self.eos_id = model.config.eos_token_ids
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
+             compile: bool = False) -> "OneVisionEngine":
+        d = Path(path)
+        source = find_template(d)
+        if source is None:
+            raise ValueError(f"{d} has no chat template (chat_template.jinja, chat_template.json or "
+                             "tokenizer_config.json's chat_template)")
+        config = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+        model = onevision_checkpoint.load(d, device=device, dtype=dtype)
+        return cls(model, Tokenizer(d), ChatTemplate(source, special_tokens(config)), max_batch=max_batch,
+                   name=model.config.name, compile=compile)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.tile_size
+
+    def default_prompt(self, media_type: str) -> str:
+        return DEFAULT_PROMPTS.get(media_type, DEFAULT_PROMPTS["image"])
+
+    def encode_prompt(self, text: str, media: str = "image") -> list[int]:
+        """One user turn: the image or video, then the text, and the generation prompt, as the processor does."""
+        return self.tokenizer.encode(self.chat.render(text, media))
+
+    @torch.no_grad()
+    def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
+                 gen: GenerationConfig = GenerationConfig(),
+                 media: list[tuple[str, tuple[int, int]]] | None = None) -> list[Completion]:
+        """visuals: uint8 tiles (an image) or frames (a clip) per input; media: (kind, (height, width)) per input
+        (None: every input a video clip); requests: (input index, prompt) pairs -> one Completion each."""
+        self.media = media or [("video", v.shape[1:3]) for v in visuals]
+        return super().generate(visuals, requests, gen)
+
+    def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
+                        gen: GenerationConfig) -> list[Completion]:
+        used = sorted({v for v, _ in requests})
+        local = {v: i for i, v in enumerate(used)}
+        vis = self.model.encode([visuals[v] for v in used], [self.media[v] for v in used])
+        prompts = [self.encode_prompt(p, self.media[v][0]) for v, p in requests]
+        rows = torch.tensor([local[v] for v, _ in requests])
+        longest = max(len(p) - 1 + int(vis.mask[local[v]].sum()) for (v, _), p in zip(requests, prompts))
+        self._ensure_cache(len(requests), longest + gen.max_new_tokens)
+        results = self.generator(vis, rows, prompts, gen, self.eos_id, self.pad_id)
+        return [Completion(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
+                           num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
+                for r, p in zip(results, prompts)]
