@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from jobs.bench import bench
+from jobs.convert import convert_cmd
 from jobs.demo import demo_cmd
 from jobs.evaluate import eval_cmd
 from jobs.manage import list_jobs, logs, status, stop
@@ -24,6 +25,7 @@ main.add_command(eval_cmd, name="eval")
 main.add_command(demo_cmd, name="demo")
 main.add_command(submit)
 main.add_command(bench)
+main.add_command(convert_cmd, name="convert")
 for _cmd in (status, logs, stop, list_jobs):
     main.add_command(_cmd)
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .engine import pixels_from_frames
 from .model import LaVi
+from .prompt import prompt_ids
 from .tokenizer import Tokenizer
 
 # (start, end, cells): characters [start, end) of a target text are about one object, whose cells per frame
@@ -48,7 +49,7 @@ def collate(examples: list[Example], model: LaVi, tok: Tokenizer) -> Batch:
     seqs, rows, offsets = [], [], []
     for i, e in enumerate(examples):
         for prompt, target in e.pairs:
-            p = ([c.bos_token_id] if c.bos_token_id is not None else []) + tok.encode(c.prompt_template.format(prompt=prompt))
+            p = prompt_ids(c, tok, prompt)
             y, off = tok.encode_offsets(target)
             seqs.append((p, y + [c.eos_token_id]))
             rows.append(i)

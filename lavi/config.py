@@ -132,8 +132,11 @@ class LaViConfig:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     prompt_template: str = "{prompt}"  # text fed to the decoder; generation starts after it
+    chat_template: str | None = None  # set (a converted checkpoint's jinja template): prompts are one user turn
+    chat_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token, ... the template may use
     bos_token_id: int | None = None
     eos_token_id: int = 0
+    eos_token_ids: tuple[int, ...] = ()  # several ends of a row (a chat model's end-of-turn, end-of-text)
     pad_token_id: int = 0
     default_prompts: dict[str, str] = field(
         default_factory=lambda: {"image": "describe the image.", "video": "describe the video."}
@@ -155,6 +158,12 @@ class LaViConfig:
             raise ValueError(f"default_frames must be in [1, max_frames={self.max_frames}]")
         object.__setattr__(self, "image_mean", tuple(self.image_mean))
         object.__setattr__(self, "image_std", tuple(self.image_std))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generated row."""
+        return self.eos_token_ids or (self.eos_token_id,)
 
     # -- where modulation goes ------------------------------------------------------------
     def modulated_layers(self) -> list[int]:

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint
 from .generate import GenerationConfig, Generator, setup_caches
 from .model import LaVi
+from .prompt import prompt_ids
 from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
 from .tokenizer import Tokenizer
 from .bundled import DEFAULT_MODEL  # noqa: F401  (re-exported)
@@ -69,7 +70,7 @@ class Engine:
         self.config = model.config
         self.max_batch = max_batch
         self.name = name or self.config.name
-        self.eos_id = self.config.eos_token_id
+        self.eos_id = self.config.stop_ids
         self.pad_id = self.config.pad_token_id
 
     @classmethod
@@ -130,8 +131,7 @@ class Engine:
         return self.max_batch
 
     def encode_prompt(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(self.config.prompt_template.format(prompt=text))
-        return ([self.config.bos_token_id] if self.config.bos_token_id is not None else []) + ids
+        return prompt_ids(self.config, self.tokenizer, text)
 
     def _ensure_cache(self, batch: int, seq: int) -> None:
         """The generator's static cache, allocated once; reallocated only if a request needs more rows or

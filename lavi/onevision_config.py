@@ -60,6 +60,10 @@ class OneVisionConfig:
     def eos_token_id(self) -> int:
         return self.eos_token_ids[0]
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.eos_token_ids
+
     @classmethod
     def from_dir(cls, directory: str | Path, name: str | None = None) -> "OneVisionConfig":
         d = Path(directory)

@@ -27,7 +27,6 @@ class OneVisionEngine(Engine):
                  name: str | None = None, compile: bool = False) -> None:
         super().__init__(model, tokenizer, max_batch=max_batch, name=name, compile=compile)
         self.chat = chat
-        self.eos_id = model.config.eos_token_ids
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,

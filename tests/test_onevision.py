@@ -220,3 +220,41 @@ def test_engine_load_takes_a_onevision_directory_and_refuses_other_model_types(o
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
     with pytest.raises(CheckpointError, match="'qwen2_vl'.*supported: a LaVi checkpoint or a LLaVA-OneVision"):
         Engine.load(str(tmp_path))
+
+
+def test_converted_lavi_starts_as_the_onevision_decoder_on_text_alone(ours, ov_dir, tmp_path):
+    """`convert` keeps the tower, decoder, tokenizer and chat template and adds a zero-initialised conditioner:
+    with an image given, its logits equal the LLaVA-OneVision decoder's on the text-only turn, exactly (a
+    non-zero head, a wrong weight copy or another prompt format breaks equality); it reloads as a LaVi."""
+    from lavi import checkpoint
+    from lavi.convert import convert
+    from lavi.engine import Engine
+
+    convert(ov_dir, tmp_path / "lavi", num_stages=2, cond_dim=16, cond_heads=2)
+    engine = Engine.load(str(tmp_path / "lavi"))
+    lavi = checkpoint.load(tmp_path / "lavi")
+    ids = engine.encode_prompt("what colour is the square?")
+    assert ours.config.image_token_id not in ids and len(ids) > 5
+    x = torch.tensor([ids])
+    frames = torch.randn(1, 1, 3, 35, 35)
+    with torch.no_grad():
+        got = lavi(x, torch.ones_like(x, dtype=torch.bool), lavi.encode(frames))
+        ref = _logits(ours, ours.decoder.embed_tokens(x[0]))
+    assert torch.equal(got[0], ref)
+    assert engine.eos_id == ours.config.eos_token_ids
+
+
+def test_convert_command_writes_a_loadable_lavi_and_refuses_a_non_onevision(ov_dir, tmp_path):
+    """`lavi-label convert DIR --out LAVI_DIR` works from the command line; a LaVi directory as the source is
+    refused with a one-line usage error, not a traceback."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(ov_dir), "--out", str(tmp_path / "lavi"), "--stages", "2",
+                               "--cond-dim", "16", "--cond-heads", "2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "lavi" / "model.safetensors").exists() and "zero-initialised" in res.output
+    res = runner.invoke(main, ["convert", str(tmp_path / "lavi"), "--out", str(tmp_path / "again")])
+    assert res.exit_code == 2 and "llava_onevision" in res.output
