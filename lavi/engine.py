@@ -145,9 +145,12 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
-                 gen: GenerationConfig = GenerationConfig()) -> list[Completion]:
+                 gen: GenerationConfig = GenerationConfig(),
+                 media: list[tuple[str, tuple[int, int]]] | None = None) -> list[Completion]:
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
-        The visual state of each clip is computed once, whatever the number of prompts asked of it."""
+        The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
+        (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`); a LaVi sees
+        every input as frames and needs none."""
         out: list[Completion] = []
         for start in range(0, len(requests), self.max_batch):
             chunk = requests[start:start + self.max_batch]

@@ -59,7 +59,7 @@ class OneVisionEngine(Engine):
         """visuals: uint8 tiles (an image) or frames (a clip) per input; media: (kind, (height, width)) per input
         (None: every input a video clip); requests: (input index, prompt) pairs -> one Completion each."""
         self.media = media or [("video", v.shape[1:3]) for v in visuals]
-        return super().generate(visuals, requests, gen)
+        return super().generate(visuals, requests, gen, self.media)
 
     def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
                         gen: GenerationConfig) -> list[Completion]:

@@ -34,16 +34,29 @@ log = logging.getLogger(__name__)
 
 
 def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """name, image_size and default_frames of a LaVi checkpoint, from its config.json only."""
+    """name, input contract (image_size, anyres pinpoints) and frames of a checkpoint, from its config files only:
+    a LaVi, or a Hugging Face LLaVA-OneVision (model_type llava_onevision). Anything else is refused by name."""
     from lavi.config import LaViConfig
+    from lavi.onevision_config import MODEL_TYPE, OneVisionConfig
 
     fs, path = filesystem(model, storage_options)
-    config_path = f"{path.rstrip('/')}/config.json"
-    if not fs.exists(config_path):
-        raise ValueError(f"--model {model!r} is not a LaVi checkpoint directory (no config.json)")
-    config = LaViConfig.from_dict(json.loads(fs.cat_file(config_path)))
-    return {"name": config.name, "image_size": config.vision.image_size, "default_frames": config.default_frames,
-            "max_frames": config.max_frames}
+    base = path.rstrip("/")
+    if not fs.exists(f"{base}/config.json"):
+        raise ValueError(f"--model {model!r} is not a checkpoint directory (no config.json)")
+    hf = json.loads(fs.cat_file(f"{base}/config.json"))
+    kind = hf.get("model_type")
+    if kind == MODEL_TYPE:
+        pre = json.loads(fs.cat_file(f"{base}/preprocessor_config.json")) if fs.exists(
+            f"{base}/preprocessor_config.json") else {}
+        ov = OneVisionConfig.from_hf(hf, pre, name=base.rsplit("/", 1)[-1])
+        return {"name": ov.name, "image_size": ov.tile_size, "pinpoints": ov.pinpoints,
+                "default_frames": ov.default_frames, "max_frames": ov.max_frames}
+    if kind is not None or "decoder" not in hf:
+        raise ValueError(f"--model {model!r} is a {kind!r} checkpoint; supported: a LaVi checkpoint or a "
+                         f"LLaVA-OneVision ({MODEL_TYPE!r})")
+    config = LaViConfig.from_dict(hf)
+    return {"name": config.name, "image_size": config.vision.image_size, "pinpoints": None,
+            "default_frames": config.default_frames, "max_frames": config.max_frames}
 
 
 def check_resources(config: RunConfig) -> None:
@@ -165,7 +178,7 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
     settings = DecodeSettings(
         image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
         clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
-        max_clips=config.max_clips, storage_options=config.storage)
+        max_clips=config.max_clips, storage_options=config.storage, pinpoints=info["pinpoints"])
     tokens = rows_seen = 0
     owned = connect_ray(config.address)
     try:

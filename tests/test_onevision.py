@@ -258,3 +258,47 @@ def test_convert_command_writes_a_loadable_lavi_and_refuses_a_non_onevision(ov_d
     assert (tmp_path / "lavi" / "model.safetensors").exists() and "zero-initialised" in res.output
     res = runner.invoke(main, ["convert", str(tmp_path / "lavi"), "--out", str(tmp_path / "again")])
     assert res.exit_code == 2 and "llava_onevision" in res.output
+
+
+@pytest.mark.timeout(300)
+def test_lavi_label_run_with_a_onevision_directory_writes_transformers_greedy_texts(ray_local, ov_dir, hf_model,
+                                                                                   tmp_path):
+    """`run --model OV_DIR` end to end (listing, decode workers cutting anyres tiles, the labeler, Parquet): each
+    image's caption equals transformers' greedy text on the same file, for images of many sizes batched
+    together; a video is labelled too. Guards the decode contract (tiles, no JPEG draft), the sizes the
+    labeler hands the engine and the driver's reading of a OneVision config."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipeline.config import RunConfig
+    from pipeline.graph import run
+    from tests.media import mp4
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sizes = {f"img{i}.png": s for i, s in enumerate([(35, 35), (30, 97), (101, 33), (400, 260), (64, 70)])}
+    for name, size in sizes.items():
+        Image.fromarray(_image(size, seed=size[0])).save(corpus / name)
+    mp4(corpus / "clip.mp4", seconds=1.0, size=48)
+    prompt, n = "describe the image.", 10
+    summary = run(RunConfig(inputs=(str(corpus),), out=str(tmp_path / "out"), model=str(ov_dir), prompt=prompt,
+                            max_new_tokens=n, frames=3))
+    assert summary["status"].get("error", 0) == 0, summary
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    assert set(rows) == {*sizes, "clip.mp4"} and rows["clip.mp4"]["text"] is not None
+    from lavi.onevision_engine import OneVisionEngine
+
+    engine = OneVisionEngine.load(str(ov_dir))
+    c = engine.config
+    for name, size in sizes.items():
+        img = np.asarray(Image.open(corpus / name).convert("RGB"))
+        ids = engine.encode_prompt(prompt, "image")
+        k = ids.index(c.image_token_id)
+        tokens = anyres.image_tokens(size, c.pinpoints, c.tile_size, c.side, c.max_tiles)
+        x = torch.tensor([ids[:k] + [c.image_token_id] * tokens + ids[k + 1:]])
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                                    pixel_values=_reference_pixels(ov_dir, img)[None], image_sizes=torch.tensor([size]))
+        ref = out[0, x.shape[1]:].tolist()
+        ref = ref[: ref.index(c.eos_token_id)] if c.eos_token_id in ref else ref
+        assert rows[name]["text"] == engine.tokenizer.decode(ref), name

@@ -38,6 +38,10 @@ class DecodeSettings:
     retries: int = 3  # read retries on transient errors
     storage_options: dict = field(default_factory=dict)  # fsspec options (credentials stay out of rows)
     isolate: bool = True  # False: decode in this process (debugging; no timeout or crash guard)
+    # The model's input contract for images: None, one image_size square; LLaVA-OneVision's anyres grid
+    # resolutions (height, width): the base view and the grid's image_size tiles (workers.tiles). A tile
+    # count is bounded by the largest pinpoint, so an item's memory stays bounded too.
+    pinpoints: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         if self.image_size < 1:
@@ -87,7 +91,7 @@ def error_row(item: dict, stage: str, message: str, image_size: int, media_type:
 
 def _decode_as(kind: str, data: bytes, s: DecodeSettings) -> DecodedImage | DecodedVideo:
     if kind == IMAGE:
-        return decode_image(data, s.image_size, s.max_pixels)
+        return decode_image(data, s.image_size, s.max_pixels, s.pinpoints)
     return decode_video(data, s.image_size, s.frames_per_clip, s.clip_seconds, s.max_clips, s.max_pixels)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers.frames import DecodedImage, DecodeError, to_model_input
+from workers.tiles import anyres_tiles
 
 # Formats PIL may open. Others (EPS runs Ghostscript, etc.) are refused as "not an image".
 # The JPEG plugin also opens MPO, the multi-picture JPEG that phones write.
@@ -38,12 +39,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int) -> DecodedImage:
+def decode_image(data: bytes, image_size: int, max_pixels: int,
+                 pinpoints: tuple[tuple[int, int], ...] | None = None) -> DecodedImage:
     """Image bytes -> DecodedImage with frames (1, S, S, 3) uint8 RGB, S = image_size.
 
     The pixel count is read from the header and checked against `max_pixels` before any
     pixel is decoded. EXIF orientation is applied (width/height are the upright size);
-    animated images give their first frame. Raises DecodeError with a row-ready message.
+    animated images give their first frame. With `pinpoints` (an anyres model), frames are the base view
+    and the grid's tiles instead (T, S, S, 3) (`workers.tiles`). Raises DecodeError with a row-ready message.
     """
     if not data:
         raise DecodeError("empty file")
@@ -59,10 +62,11 @@ def decode_image(data: bytes, image_size: int, max_pixels: int) -> DecodedImage:
         except _PIL_ERRORS as err:
             raise DecodeError(f"corrupt image header: {type(err).__name__}: {err}") from err
         with im:
-            return _decode_opened(im, image_size, max_pixels)
+            return _decode_opened(im, image_size, max_pixels, pinpoints)
 
 
-def _decode_opened(im: Image.Image, image_size: int, max_pixels: int) -> DecodedImage:
+def _decode_opened(im: Image.Image, image_size: int, max_pixels: int,
+                   pinpoints: tuple[tuple[int, int], ...] | None) -> DecodedImage:
     width, height = im.size
     if width * height > max_pixels:
         raise DecodeError(
@@ -77,17 +81,18 @@ def _decode_opened(im: Image.Image, image_size: int, max_pixels: int) -> Decoded
         orientation = 1  # unreadable EXIF: keep the stored orientation
     if orientation in _SWAPS_AXES:
         width, height = height, width
-    if im.format in ("JPEG", "MPO"):
+    if im.format in ("JPEG", "MPO") and pinpoints is None:  # anyres reads full resolution, as the reference does
         im.draft(im.mode, (image_size, image_size))  # DCT scaling: decode at >= S, not full size
     try:
         im.load()
         im = ImageOps.exif_transpose(im) if orientation != 1 else im
         rgb = _to_rgb(im)
-        frame = to_model_input(rgb, image_size)
+        frames = (anyres_tiles(np.asarray(rgb), pinpoints, image_size) if pinpoints
+                  else to_model_input(rgb, image_size)[None])
     except Image.DecompressionBombError as err:
         raise DecodeError(f"image too large: {err}") from err
     except _PIL_ERRORS as err:
         if "truncated" in str(err) or isinstance(err, EOFError):
             raise DecodeError(f"truncated image: {err}") from err
         raise DecodeError(f"corrupt image: {type(err).__name__}: {err}") from err
-    return DecodedImage(frames=frame[None], width=width, height=height)
+    return DecodedImage(frames=frames, width=width, height=height)

@@ -113,7 +113,8 @@ class Labeler:
         try:
             visuals = [np.frombuffer(clips[c]["frames"], np.uint8).reshape(clips[c]["frame_shape"]).copy()
                        for c in used]  # writable: torch refuses read-only buffers
-            gens = self.engine.generate(visuals, [(local[c], text) for _, c, text in asks], self.gen)
+            media = [(clips[c]["media_type"], (clips[c]["height"], clips[c]["width"])) for c in used]
+            gens = self.engine.generate(visuals, [(local[c], text) for _, c, text in asks], self.gen, media)
             if len(gens) != len(asks):
                 raise RuntimeError(f"engine returned {len(gens)} generations for {len(asks)} requests")
         except (RuntimeError, ValueError) as err:  # torch errors (incl. CUDA OOM), bad frames
