@@ -15,7 +15,7 @@ prompt plugs in the same way):
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -162,7 +162,7 @@ class Generator:
                     torch._dynamo.mark_static_address(t)
         return self.fixed.copy_(inputs)
 
-    def _recompiles(self):
+    def _recompiles(self) -> AbstractContextManager:
         """Compilation happens on the step's first call at each batch shape, inside the decode loop: the
         recompile limit is raised there and only there."""
         if not self.compiled:
