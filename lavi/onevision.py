@@ -78,10 +78,7 @@ class OneVision(nn.Module):
         for layer in self.vision.encoder.layers[: max(want)]:
             x = layer(x)
             hidden.append(x)
-        x = torch.cat([hidden[i] for i in want], dim=-1)  # (N, P, d_vit * len(want))
-        if self.config.select_strategy == "default":
-            x = x[:, 1:]
-        return self.projector(x)
+        return self.projector(torch.cat([hidden[i] for i in want], dim=-1))  # (N, P, d_vit * len(want)) -> d
 
     def image_tokens(self, tiles: Tensor, size: tuple[int, int]) -> Tensor:
         """One image: tiles (1 + gh*gw, 3, S, S), the base view first; size its (height, width) -> (Nv, d)."""

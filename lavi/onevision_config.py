@@ -29,7 +29,7 @@ class OneVisionConfig:
     decoder: DecoderConfig
     vision: VisionConfig
     feature_layers: tuple[int, ...]  # hidden_states indices (0 = embeddings), concatenated along features
-    select_strategy: str  # "full", or "default" (drop the first token)
+    select_strategy: str  # "full" (the only one a SigLIP tower admits)
     projector_act: str
     projector_bias: bool
     pinpoints: tuple[tuple[int, int], ...]  # anyres grid resolutions (height, width)
@@ -94,8 +94,9 @@ class OneVisionConfig:
         if any(not -n <= i < n for i in layers):
             raise UnsupportedCheckpoint(f"vision_feature_layer {layers} is outside the tower's {n} hidden states")
         strategy = hf.get("vision_feature_select_strategy", "full")
-        if strategy not in ("full", "default"):
-            raise UnsupportedCheckpoint(f"vision_feature_select_strategy {strategy!r} is not supported (full, default)")
+        if strategy != "full":  # "default" drops a CLIP tower's CLS token; SigLIP has none, so no grid is left
+            raise UnsupportedCheckpoint(f"vision_feature_select_strategy {strategy!r} is not supported with a SigLIP "
+                                        "tower (it has no CLS token to drop): only 'full'")
         act = hf.get("projector_hidden_act", "gelu")
         if act not in PROJECTOR_ACTS:
             raise UnsupportedCheckpoint(f"projector_hidden_act {act!r} is not supported ({', '.join(PROJECTOR_ACTS)})")

@@ -27,6 +27,7 @@ class OneVisionEngine(Engine):
                  name: str | None = None, compile: bool = False) -> None:
         super().__init__(model, tokenizer, max_batch=max_batch, name=name, compile=compile)
         self.chat = chat
+        self.bos = chat.special_tokens.get("bos_token")
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
@@ -49,8 +50,10 @@ class OneVisionEngine(Engine):
         return DEFAULT_PROMPTS.get(media_type, DEFAULT_PROMPTS["image"])
 
     def encode_prompt(self, text: str, media: str = "image") -> list[int]:
-        """One user turn: the image or video, then the text, and the generation prompt, as the processor does."""
-        return self.tokenizer.encode(self.chat.render(text, media))
+        """One user turn: the image or video, then the text, and the generation prompt, tokenised as the processor
+        does: the tokenizer's own special tokens added unless the rendered turn already starts with BOS."""
+        rendered = self.chat.render(text, media)
+        return self.tokenizer.encode(rendered, add_special_tokens=not (self.bos and rendered.startswith(self.bos)))
 
     @torch.no_grad()
     def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],

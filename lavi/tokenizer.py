@@ -14,8 +14,9 @@ class Tokenizer:
             raise ValueError(f"checkpoint file missing: {path} (the tokenizer of {d})")
         self.tok = HFTokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """add_special_tokens: apply tokenizer.json's post-processor (a BOS it adds, say), as a processor does."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and, per id, the (start, end) characters of `text` it came from."""

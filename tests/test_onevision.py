@@ -141,6 +141,49 @@ def test_image_logits_equal_transformers(ours, hf_model, ov_dir, size):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [dict(feature_layer=[-3, -1]), dict(tie=True),
+                                     dict(feature_layer=-2, max_tiles=9)])
+def test_architecture_variants_match_transformers(variant, tmp_path):
+    """The options a checkpoint may set: several feature layers concatenated, tied embeddings, a middle layer with anyres_max_9: logits equal
+    transformers' for a wide image (each option read wrong shifts or resizes the visual tokens)."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lavi import onevision_checkpoint
+
+    d = make_onevision(tmp_path / "ov", seed=1, **variant)
+    ref_model = LlavaOnevisionForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    model = onevision_checkpoint.load(d)
+    c, size = model.config, (30, 97)
+    img = _image(size, seed=2)
+    ids = _prompt_ids(d, "describe the image.", "image")
+    with torch.no_grad():
+        feats = model.image_tokens(pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c), size)
+        got = _logits(model, model.splice(ids, feats))
+        k = ids.index(c.image_token_id)
+        x = torch.tensor([ids[:k] + [c.image_token_id] * feats.shape[0] + ids[k + 1:]])
+        ref = ref_model(input_ids=x, pixel_values=_reference_pixels(d, img)[None],
+                        image_sizes=torch.tensor([size])).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_options_are_refused_by_name(ov_dir):
+    """What the loader does not implement is refused with a message naming it, not run wrongly."""
+    import json
+
+    from lavi.onevision_config import OneVisionConfig, UnsupportedCheckpoint
+
+    hf = json.loads((ov_dir / "config.json").read_text())
+    pre = json.loads((ov_dir / "preprocessor_config.json").read_text())
+    for change, name in ((dict(vision_feature_select_strategy="default"), "vision_feature_select_strategy"),
+                         (dict(projector_hidden_act="mish"), "projector_hidden_act"),
+                         (dict(vision_aspect_ratio="pad"), "vision_aspect_ratio"),
+                         (dict(text_config={**hf["text_config"], "use_sliding_window": True}), "use_sliding_window")):
+        with pytest.raises(UnsupportedCheckpoint, match=name):
+            OneVisionConfig.from_hf({**hf, **change}, pre)
+    with pytest.raises(UnsupportedCheckpoint, match="do_center_crop"):
+        OneVisionConfig.from_hf(hf, {**pre, "do_center_crop": True})
+
+
 def test_video_logits_equal_transformers(ours, hf_model, ov_dir):
     """A clip of frames (given as pixels: the video processor needs torchvision, absent here): pooled 2x2 with
     rounding up, one newline, spliced at <video>; logits equal transformers'."""
