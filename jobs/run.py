@@ -34,7 +34,8 @@ BATCH = BatchSize()
 @click.option("--task", type=click.Choice(TASKS), default=CAPTION, show_default=True)
 @click.option("--prompt", default=None, help="Caption prompt (default: the model's prompt for the media type).")
 @click.option("--question", "questions", multiple=True, help="A VQA question, asked of every item (repeatable).")
-@click.option("--model", default=None, help="LaVi checkpoint directory, local or object storage (default: bundled).")
+@click.option("--model", default=None, help="A LaVi or LLaVA-OneVision checkpoint directory, local or object storage "
+              "(default: the bundled tiny-shapes).")
 @click.option("--batch-size", type=BATCH, default="auto", show_default=True,
               help="Rows per generation batch; auto: as many as GPU memory holds (measured at load), 32 on CPU.")
 @click.option("--workers", default=1, show_default=True, help="Labeler actors (model replicas).")

@@ -128,7 +128,7 @@ def stage_working_dir(model: str | None) -> tuple[str, str | None]:
         source = Path(model.removeprefix("file://")).expanduser().resolve()
         if not (source / "config.json").is_file():
             shutil.rmtree(staging, ignore_errors=True)
-            raise click.UsageError(f"--model {model}: not a LaVi checkpoint directory (no config.json)")
+            raise click.UsageError(f"--model {model}: not a checkpoint directory (no config.json)")
         shipped = package / source.relative_to(REPO_ROOT) if source.is_relative_to(REPO_ROOT) else None
         if shipped is not None and (shipped / "config.json").is_file():
             model_arg = str(shipped.relative_to(package))  # inside the code already

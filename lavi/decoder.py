@@ -189,3 +189,17 @@ class Decoder(nn.Module):
         if output_hidden_states:
             hidden.append(h)
         return self.lm_head(h), hidden
+
+
+class OnDecoder:
+    """A model whose device and dtype are its decoder's (LaVi, OneVision): what the generator asks of it."""
+
+    decoder: Decoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed_tokens.weight.dtype

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import LaViConfig
-from .decoder import Decoder, LayerConds
+from .decoder import Decoder, LayerConds, OnDecoder
 from .fusion import Projector, ViLNConditioner, Visual
 from .vision import VisionTower
 
@@ -19,7 +19,7 @@ def attention_mask(valid: Tensor, q_slots: Tensor, q_valid: Tensor) -> Tensor:
     return (causal[None] & (valid[:, None, :] | ~q_valid[:, :, None]))[:, None]
 
 
-class LaVi(nn.Module):
+class LaVi(OnDecoder, nn.Module):
     def __init__(self, config: LaViConfig) -> None:
         super().__init__()
         self.config = config
@@ -27,14 +27,6 @@ class LaVi(nn.Module):
         self.vision = VisionTower(config.vision)
         self.viln = ViLNConditioner(config) if config.fusion == "viln" else None
         self.projector = Projector(config) if config.fusion == "concat" else None
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
 
     def encode(self, pixels: Tensor, frame_mask: Tensor | None = None) -> Visual:
         """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real, and nothing is

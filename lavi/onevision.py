@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import anyres
-from .decoder import Decoder
+from .decoder import Decoder, OnDecoder
 from .fusion import Visual
 from .onevision_config import OneVisionConfig
 from .vision import VisionTower
@@ -51,7 +51,7 @@ class Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class OneVision(nn.Module):
+class OneVision(OnDecoder, nn.Module):
     viln = None  # no norm conditioner: the decode step runs the plain decoder over the cache
 
     def __init__(self, config: OneVisionConfig) -> None:
@@ -61,14 +61,6 @@ class OneVision(nn.Module):
         self.projector = Projector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.decoder.hidden_size))
         self.decoder = Decoder(config.decoder)
-
-    @property
-    def device(self) -> torch.device:
-        return self.decoder.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.decoder.embed_tokens.weight.dtype
 
     def features(self, pixels: Tensor) -> Tensor:
         """pixels (N, 3, S, S) normalised -> projected features (N, P, d) of the configured hidden states."""

@@ -124,46 +124,40 @@ def test_prompt_renders_as_the_tokenizers_chat_template(ov_dir):
         assert _prompt_ids(ov_dir, "what is it?", media) == tok(ref)["input_ids"]
 
 
+def _assert_image_logits_match(model, ref_model, ckpt, size: tuple[int, int], seed: int) -> None:
+    c = model.config
+    img = _image(size, seed=seed)
+    ids = _prompt_ids(ckpt, "describe the image.", "image")
+    with torch.no_grad():
+        feats = model.image_tokens(pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c), size)
+        got = _logits(model, model.splice(ids, feats))
+        k = ids.index(c.image_token_id)
+        x = torch.tensor([ids[:k] + [c.image_token_id] * feats.shape[0] + ids[k + 1:]])
+        ref = ref_model(input_ids=x, pixel_values=_reference_pixels(ckpt, img)[None],
+                        image_sizes=torch.tensor([size])).logits[0]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_image_logits_equal_transformers(ours, hf_model, ov_dir, size):
     """fp32 logits of a prompt with one image, at every position, equal LlavaOnevisionForConditionalGeneration's:
     a wrong feature layer, projector, crop layout, unpadding, newline or splice position changes them."""
-    c = ours.config
-    img = _image(size, seed=7)
-    ids = _prompt_ids(ov_dir, "describe the image.", "image")
-    with torch.no_grad():
-        feats = ours.image_tokens(pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c), size)
-        got = _logits(ours, ours.splice(ids, feats))
-        k = ids.index(c.image_token_id)
-        expanded = ids[:k] + [c.image_token_id] * feats.shape[0] + ids[k + 1:]
-        ref = hf_model(input_ids=torch.tensor([expanded]), pixel_values=_reference_pixels(ov_dir, img)[None],
-                       image_sizes=torch.tensor([size])).logits[0]
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    _assert_image_logits_match(ours, hf_model, ov_dir, size, seed=7)
 
 
 @pytest.mark.parametrize("variant", [dict(feature_layer=[-3, -1]), dict(tie=True),
                                      dict(feature_layer=-2, max_tiles=9)])
 def test_architecture_variants_match_transformers(variant, tmp_path):
-    """The options a checkpoint may set: several feature layers concatenated, tied embeddings, a middle layer with anyres_max_9: logits equal
-    transformers' for a wide image (each option read wrong shifts or resizes the visual tokens)."""
+    """The options a checkpoint may set: several feature layers concatenated, tied embeddings, a middle layer
+    with anyres_max_9: logits equal transformers' for a wide image (each option read wrong shifts or resizes the
+    visual tokens)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from lavi import onevision_checkpoint
 
     d = make_onevision(tmp_path / "ov", seed=1, **variant)
     ref_model = LlavaOnevisionForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
-    model = onevision_checkpoint.load(d)
-    c, size = model.config, (30, 97)
-    img = _image(size, seed=2)
-    ids = _prompt_ids(d, "describe the image.", "image")
-    with torch.no_grad():
-        feats = model.image_tokens(pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c), size)
-        got = _logits(model, model.splice(ids, feats))
-        k = ids.index(c.image_token_id)
-        x = torch.tensor([ids[:k] + [c.image_token_id] * feats.shape[0] + ids[k + 1:]])
-        ref = ref_model(input_ids=x, pixel_values=_reference_pixels(d, img)[None],
-                        image_sizes=torch.tensor([size])).logits[0]
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    _assert_image_logits_match(onevision_checkpoint.load(d), ref_model, d, (30, 97), seed=2)
 
 
 def test_unsupported_options_are_refused_by_name(ov_dir):
