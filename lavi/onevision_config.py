@@ -80,7 +80,7 @@ class OneVisionConfig:
             raise UnsupportedCheckpoint(f"model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
         text = dict(hf.get("text_config") or {})
         text.setdefault("model_type", "qwen2")
-        if text.get("use_sliding_window"):
+        if text.get("use_sliding_window") or any(t != "full_attention" for t in text.get("layer_types") or ()):
             raise UnsupportedCheckpoint("text_config.use_sliding_window=true is not supported (full attention only)")
         text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
         text["tie_word_embeddings"] = bool(text["tie_word_embeddings"] or hf.get("tie_word_embeddings", False))
