@@ -8,7 +8,7 @@ import torch
 
 from lavi import anyres
 from lavi.onevision import pixels
-from tests.onevision_fixture import PINPOINTS, make_onevision
+from onevision_fixture import PINPOINTS, make_onevision
 from workers.tiles import anyres_tiles
 
 transformers = pytest.importorskip("transformers")
@@ -309,7 +309,7 @@ def test_lavi_label_run_with_a_onevision_directory_writes_transformers_greedy_te
 
     from pipeline.config import RunConfig
     from pipeline.graph import run
-    from tests.media import mp4
+    from media import mp4
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
