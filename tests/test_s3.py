@@ -63,12 +63,14 @@ def test_walk_prefix_and_sink_on_s3(s3_server, tmp_path):
 
 
 def test_model_directory_from_s3_is_cached(s3_server, tiny_model, tmp_path):
-    """Guards against --model s3://... failing in actors, or re-downloading weights on every actor start."""
+    """Guards against --model s3://... failing in actors, re-downloading weights on every actor start, or a
+    cached copy losing the directory's name (a LLaVA-OneVision's rows would carry a hash as model)."""
     fs = s3_server.fs()
     remote = f"{s3_server.bucket}/models/tiny"
     fs.put(tiny_model.rstrip("/") + "/", remote, recursive=True)
     local = local_model_dir(f"s3://{remote}", s3_server.storage_options, cache_root=str(tmp_path / "cache"))
     assert sorted(os.listdir(local)) == sorted(os.listdir(tiny_model) + [".complete"])
+    assert os.path.basename(local) == "tiny"  # a model named after its directory (LLaVA-OneVision) keeps its name
     fs.rm(remote, recursive=True)  # a second call must not touch the remote
     assert local_model_dir(f"s3://{remote}", s3_server.storage_options, cache_root=str(tmp_path / "cache")) == local
 

@@ -25,12 +25,13 @@ def local_model_dir(path: str, storage_options: dict[str, Any] | None = None, ca
     if is_local(path):
         return fsspec.core.strip_protocol(path)
     root = cache_root or os.environ.get("LAVI_CACHE", os.path.expanduser("~/.cache/lavi-label/models"))
-    target = os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16])
+    # <hash of the URI>/<its last name>: a model named after its directory (a LLaVA-OneVision) keeps its name
+    target = os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16], path.rstrip("/").rsplit("/", 1)[-1])
     if os.path.exists(os.path.join(target, ".complete")):
         return target
     fs, remote = filesystem(path, storage_options)
     tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-    os.makedirs(tmp)
+    os.makedirs(tmp)  # and its parent
     for src in fs.find(remote):  # a flat checkpoint dir: config, weights, tokenizer
         fs.get_file(src, os.path.join(tmp, os.path.relpath(src, remote.rstrip("/"))))
     open(os.path.join(tmp, ".complete"), "w").close()
