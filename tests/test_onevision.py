@@ -339,3 +339,22 @@ def test_lavi_label_run_with_a_onevision_directory_writes_transformers_greedy_te
         ref = out[0, x.shape[1]:].tolist()
         ref = ref[: ref.index(c.eos_token_id)] if c.eos_token_id in ref else ref
         assert rows[name]["text"] == engine.tokenizer.decode(ref), name
+
+
+def test_saved_onevision_loads_in_transformers_with_the_same_weights(ours, hf_model, ov_dir, tmp_path):
+    """`onevision_checkpoint.save` writes what transformers loads (the hub layout and a config.json it reads):
+    every weight comes back equal and the reloaded model's logits equal the original's (a renamed key would
+    be re-initialised at random, a wrong config field would change shapes or the anyres rules)."""
+    import shutil
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lavi import onevision_checkpoint
+
+    onevision_checkpoint.save(ours, tmp_path / "saved")
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        shutil.copy(ov_dir / f, tmp_path / "saved" / f)
+    again = LlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    ref = hf_model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in again.state_dict().items())
+    _assert_image_logits_match(onevision_checkpoint.load(tmp_path / "saved"), again, tmp_path / "saved", (101, 33), 4)
