@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint
 from .generate import GenerationConfig, Generator, setup_caches
+from .fusion import Visual
 from .model import LaVi
 from .prompt import prompt_ids
 from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
@@ -149,34 +150,43 @@ class Engine:
                  media: list[tuple[str, tuple[int, int]]] | None = None) -> list[Completion]:
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
-        (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`); a LaVi sees
-        every input as frames and needs none."""
+        (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`: an image's visual
+        is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames."""
+        media = media or [("video", tuple(v.shape[1:3])) for v in visuals]
         out: list[Completion] = []
         for start in range(0, len(requests), self.max_batch):
             chunk = requests[start:start + self.max_batch]
             try:
-                out.extend(self._generate_batch(visuals, chunk, gen))
+                out.extend(self._generate_batch(visuals, media, chunk, gen))
             except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
                 if not self.generator.compiled:
                     raise
                 log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
                 self.generator = Generator(self.model, self.generator.kv_cache)
-                out.extend(self._generate_batch(visuals, chunk, gen))
+                out.extend(self._generate_batch(visuals, media, chunk, gen))
         return out
 
-    def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
-                        gen: GenerationConfig) -> list[Completion]:
+    def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
+        """The visual state of the inputs one batch asks about (once per input, whatever its prompts)."""
+        pixels, fmask = pixels_from_frames(visuals, self.config.image_mean, self.config.image_std, self.image_size)
+        return self.model.encode(pixels.to(self.model.device), fmask.to(self.model.device))
+
+    def _prompt(self, text: str, kind: str) -> list[int]:
+        return self.encode_prompt(text)
+
+    def _context(self, vis: Visual, rows: list[int], prompts: list[list[int]]) -> int:
+        """The longest prefill context of a batch: concat prepends every row's visual tokens."""
+        return (vis.tokens.shape[1] if vis.tokens is not None else 0) + max(map(len, prompts))
+
+    def _generate_batch(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]],
+                        requests: list[tuple[int, str]], gen: GenerationConfig) -> list[Completion]:
         used = sorted({v for v, _ in requests})
         local = {v: i for i, v in enumerate(used)}
-        pixels, fmask = pixels_from_frames([visuals[v] for v in used], self.config.image_mean,
-                                           self.config.image_std, self.image_size)
-        device = self.model.device
-        vis = self.model.encode(pixels.to(device), fmask.to(device))
-        prompts = [self.encode_prompt(p) for _, p in requests]
-        prefix = vis.tokens.shape[1] if vis.tokens is not None else 0
-        self._ensure_cache(len(requests), prefix + max(map(len, prompts)) + gen.max_new_tokens)
-        rows = torch.tensor([local[v] for v, _ in requests])
-        results = self.generator(vis, rows, prompts, gen, self.eos_id, self.pad_id)
+        vis = self._encode([visuals[v] for v in used], [media[v] for v in used])
+        prompts = [self._prompt(p, media[v][0]) for v, p in requests]
+        rows = [local[v] for v, _ in requests]
+        self._ensure_cache(len(requests), self._context(vis, rows, prompts) + gen.max_new_tokens)
+        results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id)
         return [Completion(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
                            num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
                 for r, p in zip(results, prompts)]

@@ -231,6 +231,6 @@ class Generator:
 
 
 def generate(model: LaVi, kv_cache: KVCache, vis: Visual, rows: Tensor, prompts: list[list[int]],
-             gen: GenerationConfig, eos_id: int, pad_id: int = 0) -> list[RowTokens]:
+             gen: GenerationConfig, eos_id: int | tuple[int, ...], pad_id: int = 0) -> list[RowTokens]:
     """Eager generation over `kv_cache` with a throwaway `Generator` (see there)."""
     return Generator(model, kv_cache)(vis, rows, prompts, gen, eos_id, pad_id)

@@ -14,8 +14,8 @@ import torch
 
 from . import onevision_checkpoint
 from .chat import ChatTemplate, find_template, special_tokens
-from .engine import Completion, Engine
-from .generate import GenerationConfig
+from .engine import Engine
+from .fusion import Visual
 from .onevision import OneVision
 from .tokenizer import Tokenizer
 
@@ -55,25 +55,12 @@ class OneVisionEngine(Engine):
         rendered = self.chat.render(text, media)
         return self.tokenizer.encode(rendered, add_special_tokens=not (self.bos and rendered.startswith(self.bos)))
 
-    @torch.no_grad()
-    def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
-                 gen: GenerationConfig = GenerationConfig(),
-                 media: list[tuple[str, tuple[int, int]]] | None = None) -> list[Completion]:
-        """visuals: uint8 tiles (an image) or frames (a clip) per input; media: (kind, (height, width)) per input
-        (None: every input a video clip); requests: (input index, prompt) pairs -> one Completion each."""
-        self.media = media or [("video", v.shape[1:3]) for v in visuals]
-        return super().generate(visuals, requests, gen, self.media)
+    def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
+        return self.model.encode(visuals, media)
 
-    def _generate_batch(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
-                        gen: GenerationConfig) -> list[Completion]:
-        used = sorted({v for v, _ in requests})
-        local = {v: i for i, v in enumerate(used)}
-        vis = self.model.encode([visuals[v] for v in used], [self.media[v] for v in used])
-        prompts = [self.encode_prompt(p, self.media[v][0]) for v, p in requests]
-        rows = torch.tensor([local[v] for v, _ in requests])
-        longest = max(len(p) - 1 + int(vis.mask[local[v]].sum()) for (v, _), p in zip(requests, prompts))
-        self._ensure_cache(len(requests), longest + gen.max_new_tokens)
-        results = self.generator(vis, rows, prompts, gen, self.eos_id, self.pad_id)
-        return [Completion(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
-                           num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
-                for r, p in zip(results, prompts)]
+    def _prompt(self, text: str, kind: str) -> list[int]:
+        return self.encode_prompt(text, kind)
+
+    def _context(self, vis: Visual, rows: list[int], prompts: list[list[int]]) -> int:
+        """Each row's one placeholder becomes its item's visual tokens."""
+        return max(len(p) - 1 + int(vis.mask[r].sum()) for r, p in zip(rows, prompts))
