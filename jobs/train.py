@@ -12,32 +12,51 @@ import click
 log = logging.getLogger(__name__)
 
 
+def _load(directory: str | Path):
+    """A LaVi or LLaVA-OneVision checkpoint directory, by its config.json's model_type."""
+    import torch
+
+    from lavi import checkpoint, onevision_checkpoint
+    from lavi.onevision_config import MODEL_TYPE
+    config = json.loads((Path(directory) / "config.json").read_text())
+    if config.get("model_type") == MODEL_TYPE:
+        return onevision_checkpoint.load(directory, dtype=torch.float32)
+    return checkpoint.load(directory)
+
+
 def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict,
            init: str | None = None) -> tuple:
-    """The model to train and its tokenizer directory: resumed, fine-tuned from a LaVi checkpoint (`init`), from
-    backbones, or tiny-shapes from scratch. A new model takes its default and max frames per clip from `frames`
-    (those it is trained on); a fine-tuned one keeps its own."""
+    """The model to train and its tokenizer directory: resumed, fine-tuned from a checkpoint (`init`), from
+    backbones, or tiny-shapes (or, `llava-ov`, its LLaVA-OneVision counterpart) from scratch. A new model takes its
+    default and max frames per clip from `frames` (those it is trained on); a fine-tuned one keeps its own."""
     from lavi import checkpoint
-    from lavi.tiny import save_word_tokenizer, tiny_shapes_config
+    from lavi.onevision import OneVision
+    from lavi.tiny import save_word_tokenizer, tiny_shapes_config, tiny_shapes_onevision
     from lavi.train import init_from_scratch
     if resume and (out / "train_state.json").exists():
-        return checkpoint.load(out), out
+        return _load(out), out
     if init:
         if decoder or vision:
-            raise click.UsageError("--init starts from a whole LaVi checkpoint: leave out --decoder and --vision")
-        model = checkpoint.load(init)
-        if model.config.fusion != fusion:
-            raise click.UsageError(f"--init {init} is a {model.config.fusion} model: pass --fusion "
-                                   f"{model.config.fusion}")
+            raise click.UsageError("--init starts from a whole checkpoint: leave out --decoder and --vision")
+        model = _load(init)
+        kind = "llava-ov" if isinstance(model, OneVision) else model.config.fusion
+        if kind != fusion:
+            raise click.UsageError(f"--init {init} is a {kind} model: pass --fusion {kind}")
         return model, Path(init)  # train() puts it in training mode
     if decoder or vision:
+        if fusion == "llava-ov":
+            raise click.UsageError("--fusion llava-ov trains tiny-shapes' LLaVA-OneVision from scratch, or fine-tunes "
+                                   "one (--init DIR): it takes no --decoder or --vision")
         if not (decoder and vision):
             raise click.UsageError("--decoder and --vision go together (two local Hugging Face directories)")
         return checkpoint.from_backbones(decoder, vision, fusion=fusion, **frames), Path(decoder)
     from shapes.spec import vocabulary
     tok_dir = out / "_tokenizer"
-    tok = save_word_tokenizer(vocabulary(), tok_dir)
-    model = checkpoint.LaVi(tiny_shapes_config(tok.get_vocab_size(), fusion, **frames))
+    if fusion == "llava-ov":
+        model = tiny_shapes_onevision(vocabulary(), tok_dir, **frames)
+    else:
+        tok = save_word_tokenizer(vocabulary(), tok_dir)
+        model = checkpoint.LaVi(tiny_shapes_config(tok.get_vocab_size(), fusion, **frames))
     init_from_scratch(model)
     return model, tok_dir
 
@@ -77,13 +96,15 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds one).")
-@click.option("--fusion", type=click.Choice(["viln", "concat"]), default="viln", show_default=True,
-              help="viln: LaVi. concat: the LLaVA-style baseline on the same backbones, data and budget.")
+@click.option("--fusion", type=click.Choice(["viln", "concat", "llava-ov"]), default="viln", show_default=True,
+              help="viln: LaVi. concat: the LLaVA-style baseline on the same backbones, data and budget. llava-ov: "
+                   "that baseline as a LLaVA-OneVision (anyres tiles, pooled video), saved as a Hugging Face "
+                   "checkpoint transformers loads.")
 @click.option("--decoder", type=click.Path(exists=True, file_okay=False), help="Local HF Qwen2/Llama directory.")
 @click.option("--vision", type=click.Path(exists=True, file_okay=False), help="Local HF SigLIP directory.")
 @click.option("--init", type=click.Path(exists=True, file_okay=False),
-              help="Fine-tune: start from this LaVi checkpoint directory (weights and tokenizer), with a fresh "
-                   "optimizer and schedule.")
+              help="Fine-tune: start from this LaVi (or, with --fusion llava-ov, LLaVA-OneVision) checkpoint "
+                   "directory (weights and tokenizer), with a fresh optimizer and schedule.")
 @click.option("--freeze-backbones", is_flag=True, help="Train only the fusion (conditioner or projector).")
 @click.option("--data", default="shapes", show_default=True, help="'shapes' (shapes-v1, rendered online) or a Parquet URI.")
 @click.option("--steps", type=int, default=3000, show_default=True)

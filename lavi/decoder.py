@@ -192,9 +192,16 @@ class Decoder(nn.Module):
 
 
 class OnDecoder:
-    """A model whose device and dtype are its decoder's (LaVi, OneVision): what the generator asks of it."""
+    """A model whose device and dtype are its decoder's (LaVi, OneVision): what the generator asks of it. Its
+    backbones are `decoder` and `vision`; the rest (the fusion) is what `freeze_backbones` leaves to train."""
 
     decoder: Decoder
+    vision: nn.Module
+
+    def freeze_backbones(self) -> None:
+        """Train the fusion only: the decoder and the vision tower keep their weights."""
+        for p in list(self.decoder.parameters()) + list(self.vision.parameters()):
+            p.requires_grad_(False)
 
     @property
     def device(self) -> torch.device:

@@ -12,6 +12,7 @@ from torch import Tensor
 from .collate import Batch
 from .fusion import Visual
 from .model import LaVi
+from .onevision import OneVision
 from .shared_prefix import forward_rows, prefix_kv
 
 
@@ -52,6 +53,15 @@ class GridProbe(torch.nn.Module):
         logits = self.head(cells).split(self.classes, dim=-1)
         return sum(torch.nn.functional.cross_entropy(lg.flatten(0, 1).float(), target[..., a].flatten())
                    for a, lg in enumerate(logits)) / len(logits)
+
+
+def encode(model: LaVi | OneVision, b: Batch) -> Visual:
+    """The visual state training runs the text rows over: a LaVi's (`LaVi.encode`), or a LLaVA-OneVision's prefix
+    (`OneVision.prefix`). The tower sees the batch's real frames (or tiles) in item order either way."""
+    dev = model.device
+    if b.media is not None:
+        return model.prefix(b.pixels.to(dev), b.frame_mask.to(dev), b.media, b.heads)
+    return model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
 
 
 def real_frames(grid: Tensor, frame_mask: Tensor) -> Tensor:
@@ -124,7 +134,7 @@ def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -
     about one object (Batch.focus), -log of the attention mass head 0 puts on that object's visual tokens,
     averaged over those positions and over the recorded layers/sites."""
     dev = model.device
-    vis: Visual = model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
+    vis = encode(model, b)
     total = torch.zeros((), device=dev)
     focus = focus and b.focus is not None and bool(b.focus.any())
     recorder = FocusRecorder(model) if focus else None
@@ -144,7 +154,8 @@ def losses(model: LaVi, b: Batch, row_mean: bool = False, focus: bool = False) -
             has = target.any(-1)  # (B_g, t)
             if has.any():
                 for probs in recorder.probs:
-                    at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with them
+                    at = probs[..., :nv]  # (B_g, t, Nv): viln's keys are the visual tokens; concat's begin with
+                    # its prefix (LaVi's visual tokens; a LLaVA-OneVision's template head, then its visual tokens)
                     mass = (at * target).sum(-1)[has]
                     f_sum = f_sum - torch.log(mass + 1e-6).sum()
                     f_n += int(has.sum())

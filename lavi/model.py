@@ -77,8 +77,3 @@ class LaVi(OnDecoder, nn.Module):
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads do not advance RoPE
         logits, _ = self.decoder(embeds, positions, attention_mask(kvalid, slots, kvalid), conds=conds)
         return logits[:, s - ids.shape[1]:]
-
-    def freeze_backbones(self) -> None:
-        """Train the fusion only: the decoder and the ViT keep their weights."""
-        for p in list(self.decoder.parameters()) + list(self.vision.parameters()):
-            p.requires_grad_(False)

@@ -74,8 +74,11 @@ class OneVision(OnDecoder, nn.Module):
 
     def image_tokens(self, tiles: Tensor, size: tuple[int, int]) -> Tensor:
         """One image: tiles (1 + gh*gw, 3, S, S), the base view first; size its (height, width) -> (Nv, d)."""
+        return self.pack_image(self.features(tiles), size)
+
+    def pack_image(self, feats: Tensor, size: tuple[int, int]) -> Tensor:
+        """An image's tile features (1 + gh*gw, side*side, d) -> its visual tokens (Nv, d)."""
         c, side = self.config, self.config.side
-        feats = self.features(tiles)  # (T, side*side, d)
         base, crops = feats[0], feats[1:]
         gh, gw = anyres.grid_shape(size, c.pinpoints, c.tile_size)
         if crops.shape[0] != gh * gw:
@@ -93,8 +96,11 @@ class OneVision(OnDecoder, nn.Module):
 
     def video_tokens(self, frames: Tensor) -> Tensor:
         """One clip: frames (F, 3, S, S) -> (F * ceil(side/2)^2 + 1, d), pooled 2x2 bilinear, one newline."""
+        return self.pack_video(self.features(frames))
+
+    def pack_video(self, feats: Tensor) -> Tensor:
+        """A clip's frame features (F, side*side, d) -> its visual tokens."""
         side = self.config.side
-        feats = self.features(frames)  # (F, side*side, d)
         f, _, d = feats.shape
         grid = feats.view(f, side, side, d).permute(0, 3, 1, 2)  # (F, d, side, side)
         pooled = F.interpolate(grid, size=[-(-side // 2), -(-side // 2)], mode="bilinear")
@@ -113,7 +119,6 @@ class OneVision(OnDecoder, nn.Module):
         embeds = self.decoder.embed_tokens(ids_t)
         return torch.cat([embeds[:k], visual.to(embeds.dtype), embeds[k + 1:]], dim=0)
 
-
     def encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
         """uint8 inputs per item (anyres tiles of an image, or a clip's frames) and (kind, (height, width)) per
         item -> their visual tokens, padded to the longest: `tokens` (N, Nv, d), `mask` (N, Nv)."""
@@ -121,6 +126,23 @@ class OneVision(OnDecoder, nn.Module):
         for frames, (kind, size) in zip(visuals, media):
             x = pixels(frames, self.config).to(self.device)
             seqs.append(self.image_tokens(x, size) if kind == "image" else self.video_tokens(x))
+        return self._padded(seqs)
+
+    def prefix(self, pixels: Tensor, frame_mask: Tensor, media: list[tuple[str, tuple[int, int]]],
+               heads: list[list[int]]) -> Visual:
+        """Training's view of a batch (lavi.shared_prefix, as for LaVi's concat): per item, the embeddings of its
+        prompt's text before the placeholder, then its visual tokens, one prefix its text rows attend to.
+        pixels (N, F, 3, S, S) normalised tiles or frames, frame_mask (N, F); the tower runs once over every
+        real tile and frame of the batch, in item order."""
+        feats = self.features(pixels[frame_mask])  # (R, P, d)
+        seqs = []
+        for item, (kind, size), head in zip(feats.split(frame_mask.sum(1).tolist()), media, heads):
+            tokens = self.pack_image(item, size) if kind == "image" else self.pack_video(item)
+            text = self.decoder.embed_tokens(torch.tensor(head, dtype=torch.long, device=self.device))
+            seqs.append(torch.cat([text.to(tokens.dtype), tokens]))
+        return self._padded(seqs)
+
+    def _padded(self, seqs: list[Tensor]) -> Visual:
         n, d = max(len(s) for s in seqs), self.config.decoder.hidden_size
         tokens = torch.zeros(len(seqs), n, d, dtype=self.dtype, device=self.device)
         mask = torch.zeros(len(seqs), n, dtype=torch.bool, device=self.device)

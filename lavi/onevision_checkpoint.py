@@ -8,6 +8,7 @@ writes the hub layout, which every transformers version reads.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -97,12 +98,23 @@ def hf_config(model: OneVision) -> dict:
             "video_token_index": c.video_token_id, "tie_word_embeddings": dc.tie_word_embeddings}
 
 
-def save(model: OneVision, directory: str | Path) -> None:
-    """config.json + model.safetensors in transformers 5's layout (preprocessor and tokenizer files are the
-    caller's: they come from where the model's processor came from)."""
+ASSETS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+          "preprocessor_config.json", "processor_config.json", "special_tokens_map.json")
+
+
+def save(model: OneVision, directory: str | Path, assets: str | Path | None = None) -> None:
+    """config.json, generation_config.json and model.safetensors in the hub layout; the tokenizer, chat template
+    and preprocessor files are copied from `assets` (where the model's processor came from), if given."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    if assets is not None and Path(assets).resolve() != d.resolve():
+        for name in ASSETS:
+            if (Path(assets) / name).exists():
+                shutil.copyfile(Path(assets) / name, d / name)
+    c = model.config
     (d / "config.json").write_text(json.dumps(hf_config(model), indent=2))
+    (d / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": list(c.eos_token_ids), "pad_token_id": c.pad_token_id}, indent=2))
     back = {_PREFIXES[i][1]: _PREFIXES[i][0] for i in _SAVED}
     state = {}
     for key, value in model.state_dict().items():

@@ -2,45 +2,34 @@
 static-cache generation loop as LaVi (`lavi.generate`).
 
 Requests carry what the model must know of each input: its kind (image or video) and, for an image, the
-size it was tiled from (the unpadding needs it). Images arrive as the uint8 tiles `workers.tiles` cuts.
+size it was tiled from (the unpadding needs it). Images arrive as the uint8 tiles `lavi.anyres.anyres_tiles` cuts.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import onevision_checkpoint
-from .chat import ChatTemplate, find_template, special_tokens
 from .engine import Engine
 from .fusion import Visual
 from .onevision import OneVision
-from .tokenizer import Tokenizer
+from .prompt import ChatPrompts
 
 DEFAULT_PROMPTS = {"image": "Describe the image.", "video": "Describe the video."}
 
 
 class OneVisionEngine(Engine):
-    def __init__(self, model: OneVision, tokenizer: Tokenizer, chat: ChatTemplate, max_batch: int = 32,
-                 name: str | None = None, compile: bool = False) -> None:
-        super().__init__(model, tokenizer, max_batch=max_batch, name=name, compile=compile)
-        self.chat = chat
-        self.bos = chat.special_tokens.get("bos_token")
+    def __init__(self, model: OneVision, prompts: ChatPrompts, max_batch: int = 32, name: str | None = None,
+                 compile: bool = False) -> None:
+        super().__init__(model, prompts.tokenizer, max_batch=max_batch, name=name, compile=compile)
+        self.prompts = prompts
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
              compile: bool = False) -> "OneVisionEngine":
-        d = Path(path)
-        source = find_template(d)
-        if source is None:
-            raise ValueError(f"{d} has no chat template (chat_template.jinja, chat_template.json or "
-                             "tokenizer_config.json's chat_template)")
-        config = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
-        model = onevision_checkpoint.load(d, device=device, dtype=dtype)
-        return cls(model, Tokenizer(d), ChatTemplate(source, special_tokens(config)), max_batch=max_batch,
-                   name=model.config.name, compile=compile)
+        prompts = ChatPrompts.load(path)
+        model = onevision_checkpoint.load(path, device=device, dtype=dtype)
+        return cls(model, prompts, max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property
     def image_size(self) -> int:
@@ -50,10 +39,8 @@ class OneVisionEngine(Engine):
         return DEFAULT_PROMPTS.get(media_type, DEFAULT_PROMPTS["image"])
 
     def encode_prompt(self, text: str, media: str = "image") -> list[int]:
-        """One user turn: the image or video, then the text, and the generation prompt, tokenised as the processor
-        does: the tokenizer's own special tokens added unless the rendered turn already starts with BOS."""
-        rendered = self.chat.render(text, media)
-        return self.tokenizer.encode(rendered, add_special_tokens=not (self.bos and rendered.startswith(self.bos)))
+        """One user turn: the image or video, then the text, and the generation prompt (`ChatPrompts`)."""
+        return self.prompts.ids(text, media)
 
     def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
         return self.model.encode(visuals, media)

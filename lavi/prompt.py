@@ -1,11 +1,16 @@
 """How a LaVi checkpoint turns a prompt into ids: its own format (`prompt_template`, an optional BOS), or, for a
 checkpoint converted from a chat model, one user turn of that model's chat template with no image in it (a
-LaVi's vision never enters the context). The engine and training's collate both encode through here."""
+LaVi's vision never enters the context). The engine and training's collate both encode through here.
+
+A LLaVA-OneVision's prompts are one user turn of its chat template with the image or video in it (`ChatPrompts`).
+"""
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
-from .chat import ChatTemplate
+from .chat import ChatTemplate, find_template, special_tokens
 from .config import LaViConfig
 from .tokenizer import Tokenizer
 
@@ -21,3 +26,27 @@ def prompt_ids(config: LaViConfig, tokenizer: Tokenizer, text: str) -> list[int]
         return tokenizer.encode(chat.render(text, None))
     ids = tokenizer.encode(config.prompt_template.format(prompt=text))
     return ([config.bos_token_id] if config.bos_token_id is not None else []) + ids
+
+
+class ChatPrompts:
+    """A chat checkpoint's prompts: one user turn of its template (the image or video, then the text, and the
+    generation prompt), tokenised as its processor does: the tokenizer's own special tokens added unless the
+    rendered turn already starts with BOS."""
+
+    def __init__(self, chat: ChatTemplate, tokenizer: Tokenizer) -> None:
+        self.chat, self.tokenizer = chat, tokenizer
+        self.bos = chat.special_tokens.get("bos_token")
+
+    @classmethod
+    def load(cls, directory: str | Path, tokenizer: Tokenizer | None = None) -> "ChatPrompts":
+        d = Path(directory)
+        source = find_template(d)
+        if source is None:
+            raise ValueError(f"{d} has no chat template (chat_template.jinja, chat_template.json or "
+                             "tokenizer_config.json's chat_template)")
+        config = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
+        return cls(ChatTemplate(source, special_tokens(config)), tokenizer or Tokenizer(d))
+
+    def ids(self, text: str, media: str | None) -> list[int]:
+        rendered = self.chat.render(text, media)
+        return self.tokenizer.encode(rendered, add_special_tokens=not (self.bos and rendered.startswith(self.bos)))

@@ -1,6 +1,8 @@
-"""Tiny models for tests and the bundled tiny-shapes: a word-level tokenizer and small configs."""
+"""Tiny models for tests and the bundled tiny-shapes (and its LLaVA-OneVision counterpart): a word-level tokenizer
+and small configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers
 from . import checkpoint
 from .config import DecoderConfig, LaViConfig, VisionConfig
 from .model import LaVi
+from .onevision import OneVision
 
 SPECIAL = ("<pad>", "<eos>", "<sep>", "<unk>")  # ids 0..3
 TINY_WORDS = ("describe the image video . a small large red green blue yellow circle square triangle "
@@ -83,3 +86,62 @@ def tiny_shapes_config(vocab_size: int, fusion: str = "viln", default_frames: in
                       cond_heads=4, max_frames=max_frames, default_frames=default_frames, prompt_template="{prompt} <sep>",
                       eos_token_id=SPECIAL.index("<eos>"), pad_token_id=SPECIAL.index("<pad>"),
                       name="tiny-shapes" if fusion == "viln" else "tiny-shapes-concat")
+
+
+# tiny-shapes' prompt format as a chat template: the image or video, then the prompt, then `<sep>`
+SHAPES_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>' }}{% elif content['type'] == 'text' %}"
+    "{{ ' ' + content['text'] }}{% endif %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ ' <sep>' }}{% endif %}"
+)
+MEDIA_TOKENS = ("<image>", "<video>")
+
+
+def save_onevision_assets(words: list[str], directory: str | Path, size: int) -> dict[str, int]:
+    """What a LLaVA-OneVision directory holds beside its weights, for a word-level tiny-shapes one: tokenizer.json
+    (the word tokenizer plus `<image>` and `<video>`), tokenizer_config.json with the chat template, and
+    LlavaOnevisionImageProcessor's preprocessor_config.json (one size x size pinpoint). Returns the special ids."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tok = word_tokenizer(words)
+    tok.add_special_tokens(list(MEDIA_TOKENS))
+    tok.save(str(d / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in (*SPECIAL, *MEDIA_TOKENS)}
+    added = {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for t, i in ids.items()}
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>", "pad_token": "<pad>",
+         "unk_token": "<unk>", "sep_token": "<sep>", "bos_token": None, "model_max_length": 1024,
+         "chat_template": SHAPES_CHAT_TEMPLATE, "added_tokens_decoder": added,
+         "extra_special_tokens": {"image_token": "<image>", "video_token": "<video>"}}, indent=2))
+    (d / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "LlavaOnevisionImageProcessor", "do_resize": True,
+         "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+         "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pad": True,
+         "do_convert_rgb": True, "image_grid_pinpoints": [[size, size]]}, indent=2))
+    return ids | {"vocab_size": tok.get_vocab_size()}
+
+
+def tiny_shapes_onevision(words: list[str], directory: str | Path, default_frames: int = 4,
+                          max_frames: int = 16) -> OneVision:
+    """tiny-shapes' concat counterpart as a LLaVA-OneVision: the same decoder and ViT shapes (21 px patches, 6 x 6
+    tokens a tile), a 2-layer projector from the ViT's last block, one 128 px pinpoint (an image: its base view
+    and one crop, 36 + 42 tokens), videos pooled 2 x 2 (9 tokens a frame). Its assets go to `directory`."""
+    from .onevision_config import OneVisionConfig
+
+    shapes = tiny_shapes_config(1)
+    size = shapes.vision.image_size
+    ids = save_onevision_assets(words, directory, size)
+    decoder = dataclasses.replace(shapes.decoder, vocab_size=ids["vocab_size"])
+    config = OneVisionConfig(
+        decoder=decoder, vision=shapes.vision, feature_layers=(shapes.vision.num_layers,), select_strategy="full",
+        projector_act="gelu", projector_bias=True, pinpoints=((size, size),), max_tiles=9,
+        image_token_id=ids["<image>"], video_token_id=ids["<video>"], tile_size=size, resample=3,
+        rescale_factor=1 / 255, image_mean=shapes.image_mean, image_std=shapes.image_std,
+        eos_token_ids=(ids["<eos>"],), pad_token_id=ids["<pad>"], name="tiny-shapes-llava-ov",
+        default_frames=default_frames, max_frames=max_frames)
+    model = OneVision(config)
+    torch.nn.init.normal_(model.image_newline, std=0.02)
+    return model

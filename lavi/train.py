@@ -1,8 +1,9 @@
 """Training LaVi: batches of (frames, prompt, target), next-token loss on the target, AdamW, resumable.
 
 torch only: the data comes in as an iterator of `Example` lists from the caller (shapes-v1 renderer,
-a Parquet of media and targets, ...). A checkpoint is a LaVi directory plus `train_state.safetensors`
-(optimizer moments) and `train_state.json` (step, config), so a run resumes where it stopped.
+a Parquet of media and targets, ...). A checkpoint is a LaVi directory (or, for a LLaVA-OneVision, a
+Hugging Face one) plus `train_state.safetensors` (optimizer moments) and `train_state.json` (step, config),
+so a run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from . import checkpoint
+from . import checkpoint, onevision_checkpoint
 from .collate import Batch, Example, collate
-from .losses import GridProbe, losses
+from .losses import GridProbe, encode, losses
 from .model import LaVi
+from .onevision import OneVision
+from .prompt import ChatPrompts
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ class TrainConfig:
             raise ValueError("a vision phase trains the ViT through the grid probe: give grid_weight > 0")
 
 
-def init_from_scratch(model: LaVi, std: float = 0.02) -> None:
+def init_from_scratch(model: LaVi | OneVision, std: float = 0.02) -> None:
     """GPT-style init for backbones trained from scratch: N(0, std) weights, zero biases; the ViT's position
     embeddings at N(0, 1/sqrt(d)) so that where a patch is is not drowned by what it shows. The fusion
     keeps its own init, as on real backbones (fan-in scaled, so the conditioner's attention is not flat
@@ -94,7 +97,10 @@ def save_state(out: Path, model: LaVi, opt: torch.optim.AdamW, step: int, cfg: T
     """Write the model (a loadable LaVi directory) and the optimizer state (and the training-only probe's
     weights), then the step marker last, with the training wall time up to this step (over every session
     that led to it: the work after the last checkpoint of an interrupted session is redone, not counted)."""
-    checkpoint.save(model, out, tokenizer_dir=tok_dir)
+    if isinstance(model, OneVision):
+        onevision_checkpoint.save(model, out, assets=tok_dir)
+    else:
+        checkpoint.save(model, out, tokenizer_dir=tok_dir)
     state = opt.state_dict()
     tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
     if probe is not None:
@@ -125,7 +131,7 @@ def _step_loss(model: LaVi, batch: Batch, cfg: TrainConfig, probe: GridProbe | N
                vision: bool) -> tuple[Tensor, dict[str, Tensor | None]]:
     """The loss one step minimises, and its parts by log name."""
     if vision:  # the ViT alone: the fusion's output is not part of the loss, so nothing else moves
-        model.encode(batch.pixels.to(model.device), batch.frame_mask.to(model.device))
+        encode(model, batch)
         aux = probe.batch_loss(batch)
         return aux, {"grid_loss": aux}
     lm, foc = losses(model, batch, cfg.row_mean, focus=cfg.focus_weight > 0)
@@ -150,6 +156,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         model.freeze_backbones()
     model.train()
     tok = Tokenizer(tok_dir)
+    chat = ChatPrompts.load(tok_dir, tok) if isinstance(model, OneVision) else None
     probe = None
     if cfg.grid_weight > 0:
         vc = model.config.vision
@@ -168,7 +175,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
             t0, seen = time.time(), 0  # rates of the main phase
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = collate((vision_data if vision else data)(step), model, tok)
+        batch = collate((vision_data if vision else data)(step), model, tok, chat)
         loss, parts = _step_loss(model, batch, cfg, probe, vision)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,7 +9,7 @@ import torch
 from lavi import anyres
 from lavi.onevision import pixels
 from onevision_fixture import PINPOINTS, make_onevision
-from workers.tiles import anyres_tiles
+from lavi.anyres import anyres_tiles
 
 transformers = pytest.importorskip("transformers")
 
