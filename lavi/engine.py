@@ -95,6 +95,11 @@ class Engine:
         return self.config.vision.image_size
 
     @property
+    def pinpoints(self) -> tuple[tuple[int, int], ...] | None:
+        """The anyres grid resolutions the decoder tiles images into (None: square frames of image_size)."""
+        return None
+
+    @property
     def default_frames(self) -> int:
         return self.config.default_frames
 

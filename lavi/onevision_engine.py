@@ -35,6 +35,10 @@ class OneVisionEngine(Engine):
     def image_size(self) -> int:
         return self.config.tile_size
 
+    @property
+    def pinpoints(self) -> tuple[tuple[int, int], ...]:
+        return self.config.pinpoints
+
     def default_prompt(self, media_type: str) -> str:
         return DEFAULT_PROMPTS.get(media_type, DEFAULT_PROMPTS["image"])
 

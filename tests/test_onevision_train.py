@@ -214,3 +214,18 @@ def test_train_command_trains_resumes_and_fine_tunes_a_llava_onevision(tmp_path)
     from lavi.engine import Engine
     engine = Engine.load(str(tuned))
     assert engine.name == "tuned" and engine.config.eos_token_id == Tokenizer(tuned).tok.token_to_id("<eos>")
+
+
+
+def test_eval_labels_a_llava_onevision_through_its_anyres_decode(shapes_ov, tmp_path):
+    """`lavi-label eval`'s labelling of a LLaVA-OneVision: its images are cut into anyres tiles by the decoder (not
+    squeezed into frames), so every row comes out ok."""
+    from jobs.evaluate import label_manifest, write_split
+    from lavi.engine import Engine
+    from lavi.generate import GenerationConfig
+    from shapes.corpus import read_manifest
+
+    entries = read_manifest(write_split(str(tmp_path / "split"), 2, 1, seed=5))
+    rows = label_manifest(Engine.load(str(shapes_ov)), entries, 4, gen=GenerationConfig(max_new_tokens=4))
+    assert len(rows) >= 3 * 2 and {r["status"] for r in rows} <= {"ok", "truncated"}, \
+        {r["error_message"] for r in rows}
