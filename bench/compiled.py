@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from lavi.fusion import Visual
 from lavi.generate import GenerationConfig, Generator, RowTokens, setup_caches
 from lavi.model import LaVi
 
@@ -40,6 +42,12 @@ class TimedGenerator:
     def generate(self, pixels: Tensor, frame_mask: Tensor | None, rows: Tensor, prompts: list[list[int]],
                  new_tokens: int, eos_id: int, pad_id: int = 0) -> tuple[list[RowTokens], Timing]:
         """pixels (N, F, 3, S, S) on the model's device; rows (B,) item of each prompt -> greedy generations."""
+        return self.generate_from(lambda: self.model.encode(pixels, frame_mask), rows, prompts, new_tokens, eos_id,
+                                  pad_id)
+
+    def generate_from(self, encode: Callable[[], Visual], rows: Tensor, prompts: list[list[int]], new_tokens: int,
+                      eos_id: int, pad_id: int = 0) -> tuple[list[RowTokens], Timing]:
+        """As `generate`, the visual state made by `encode()` (timed as the encode): a LLaVA-OneVision's tiles."""
         marks: dict[str, float] = {}
 
         def first_token() -> None:
@@ -49,7 +57,7 @@ class TimedGenerator:
         self._sync()
         start = time.perf_counter()
         with torch.no_grad():
-            vis = self.model.encode(pixels, frame_mask)
+            vis = encode()
         self._sync()
         encoded = time.perf_counter()
         out = self.generator(vis, rows, prompts, GenerationConfig(max_new_tokens=new_tokens), eos_id, pad_id,

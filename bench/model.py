@@ -12,8 +12,12 @@ import gc
 import logging
 import statistics
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 from bench import flops as F
 from bench.compiled import TimedGenerator
@@ -21,11 +25,13 @@ from bench.configs import SHAPES, Setting, model_config, random_model, settings,
 from bench.memory import PeakMemory, copy_bandwidth, probe_batch
 from bench.model_report import markdown, ratios
 from bench.report import command_line, device_description, versions, write_json, write_section
+from lavi.fusion import Visual
 from lavi.model import LaVi
 
 log = logging.getLogger(__name__)
 MODELS = ("lavi", "concat", "hf-llava-ov")
 NEVER = -1  # an EOS id argmax never returns: every row generates exactly new_tokens
+Inputs = tuple[Callable[[], Visual], Tensor, list[list[int]]]  # (encode, rows, prompts) of one batch
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 
 
@@ -47,6 +53,7 @@ class ModelBenchConfig:
     memory_fraction: float = 0.85  # the probe keeps peak memory under this share of the device
     peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
     seed: int = 0
+    checkpoints: tuple[str, ...] = ()  # real checkpoint directories (bench.checkpoints): then `shapes` is not used
     out: str = "bench-model.json"
     markdown: str | None = "BENCHMARKS.md"
 
@@ -54,9 +61,17 @@ class ModelBenchConfig:
         object.__setattr__(self, "settings", tuple(self.settings))
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
-        if self.shapes not in SHAPES:
+        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        if self.checkpoints:
+            from bench.checkpoints import SETTINGS
+            if set(self.settings) - set(SETTINGS):
+                raise ValueError(f"--settings with --model must be among {SETTINGS}, got {self.settings}")
+            missing = [p for p in self.checkpoints if not (Path(p) / "config.json").exists()]
+            if missing:
+                raise ValueError(f"--model {missing[0]}: no config.json there (a local checkpoint directory)")
+        elif self.shapes not in SHAPES:
             raise ValueError(f"--shapes must be one of {SHAPES}, got {self.shapes!r}")
-        known = {s.name for s in settings(self.shapes)}
+        known = {s.name for s in settings(self.shapes)} if not self.checkpoints else set(self.settings)
         if set(self.settings) - known:
             raise ValueError(f"--settings for {self.shapes} must be among {sorted(known)}, got {self.settings}")
         if set(self.models) - set(MODELS):
@@ -102,11 +117,11 @@ class Runner:
         self.peak = peak_flops(self.device, c.peak_flops)
         self.gen = torch.Generator().manual_seed(c.seed)
 
-    def _inputs(self, config, setting: Setting, batch: int):
-        size = config.vision.image_size
+    def _inputs(self, model, setting: Setting, batch: int) -> Inputs:
+        size = model.config.vision.image_size
         pixels = torch.randn(batch, setting.frames, 3, size, size, generator=self.gen).to(self.device, self.dtype)
-        ids = torch.randint(4, config.decoder.vocab_size, (batch, self.c.prompt_tokens), generator=self.gen)
-        return pixels, torch.arange(batch), ids.tolist()
+        ids = torch.randint(4, model.config.decoder.vocab_size, (batch, self.c.prompt_tokens), generator=self.gen)
+        return (lambda: model.encode(pixels, None)), torch.arange(batch), ids.tolist()
 
     def _generator(self, model, batch: int, max_seq: int, compile: bool) -> TimedGenerator:
         return TimedGenerator(model, batch, max_seq, compile=compile, backend=self.c.compile_backend)
@@ -123,10 +138,9 @@ class Runner:
             return []
         return probe_batch(self.device, try_batch, self._release, self.c.max_batch, self.c.memory_fraction)
 
-    def _try_engine(self, model, setting: Setting, max_seq: int):
+    def _try_engine(self, model, inputs: Callable[[int], Inputs], max_seq: int):
         def run_once(b: int) -> None:
-            pixels, rows, prompts = self._inputs(model.config, setting, b)
-            self._generator(model, b, max_seq, compile=False).generate(pixels, None, rows, prompts, 2, NEVER)
+            self._generator(model, b, max_seq, compile=False).generate_from(*inputs(b), 2, NEVER)
         return run_once
 
     def _sizes(self, probe: list[dict], default: list[int]) -> list[int]:
@@ -137,13 +151,14 @@ class Runner:
         best = max([p["batch_size"] for p in probe if p["fits"]], default=0)
         return sorted({1, best} - {0})
 
-    def measure(self, model, setting: Setting, batch: int, max_seq: int) -> dict:
+    def measure(self, model, inputs: Callable[[int], Inputs], batch: int, max_seq: int) -> dict:
+        """One point: `inputs(batch)` -> (encode, rows, prompts), generated `repeats` times, the median kept."""
         gen = self._generator(model, batch, max_seq, compile=self.compile)
-        pixels, rows, prompts = self._inputs(model.config, setting, batch)
+        encode, rows, prompts = inputs(batch)
         for _ in range(2 if self.compile else 1):  # compile + CUDA-graph recording happen here
-            gen.generate(pixels, None, rows, prompts, self.c.new_tokens, NEVER)
+            gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)
         self.mem.reset()
-        runs = [gen.generate(pixels, None, rows, prompts, self.c.new_tokens, NEVER)[1]
+        runs = [gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)[1]
                 for _ in range(self.c.repeats)]
         peak = self.mem.peak()
         total = statistics.median(r.total_s for r in runs)
@@ -170,7 +185,8 @@ class Runner:
         del shadow
         self.mem.rebase()
         model = random_model(config, self.device, self.dtype, seed=c.seed)
-        probe = self.probe(self._try_engine(model, setting, max_seq))
+        inputs = partial(self._inputs, model, setting)
+        probe = self.probe(self._try_engine(model, inputs, max_seq))
         sizes = self._sizes(probe, [1, 8, 32])
         common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
                   "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
@@ -182,7 +198,7 @@ class Runner:
         for b in sizes:
             log.info("bench %s %s batch %d", kind, setting.name, b)
             try:
-                r = {**common, **self.measure(model, setting, b, max_seq)}
+                r = {**common, **self.measure(model, inputs, b, max_seq)}
             except torch.cuda.OutOfMemoryError as err:
                 self._release()
                 rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
@@ -264,7 +280,12 @@ def run(c: ModelBenchConfig) -> dict:
     """Run the benchmark, write c.out (JSON) and c.markdown's section; returns the JSON document."""
     r = Runner(c)
     results, roofline, skipped = [], [], []
-    for setting in r.settings:
+    for path in c.checkpoints:
+        from bench.checkpoints import bench_checkpoint
+        rows, skips = bench_checkpoint(r, path)
+        results.extend(rows)
+        skipped.extend(skips)
+    for setting in r.settings if not c.checkpoints else ():
         for kind in r.models:
             if kind == "hf-llava-ov":
                 rows, reason = r.bench_hf(setting)
@@ -282,6 +303,8 @@ def run(c: ModelBenchConfig) -> dict:
            "peak_flops": r.peak}
     write_json(doc, c.out)
     if c.markdown:
-        key = f"model-{c.shapes}-{r.device.type}-{'+'.join(s.name for s in r.settings)}"
+        subject = "+".join(Path(p).name for p in c.checkpoints) or c.shapes
+        names = c.settings if c.checkpoints else [s.name for s in r.settings]
+        key = f"model-{subject}-{r.device.type}-{'+'.join(names) or 'all'}"
         write_section(c.markdown, key, markdown(doc))
     return doc

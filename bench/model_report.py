@@ -28,11 +28,14 @@ def ratios(results: list[dict]) -> list[dict]:
 
 def markdown(doc: dict) -> str:
     c = doc["config"]
-    lines = [f"## bench model: {c['shapes']} on {doc['device']}", "",
+    checkpoints = c.get("checkpoints") or ()
+    subject = ", ".join(checkpoints) if checkpoints else c["shapes"]
+    weights = "each checkpoint's own weights, random pixels" if checkpoints else "random weights"
+    lines = [f"## bench model: {subject} on {doc['device']}", "",
              f"`{doc['command']}`", "",
              "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
              f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
-             f"random weights. Peak memory: {doc['peak_mem_method']}.", ""]
+             f"{weights}. Peak memory: {doc['peak_mem_method']}.", ""]
     lines.append(table(doc["results"], [
         ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"), ("batch_size", "batch"),
         ("captions_per_s", "captions/s"), ("ttft_s", "TTFT s"), ("decode_tokens_per_s", "decode tok/s"),

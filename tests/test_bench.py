@@ -203,6 +203,40 @@ def test_bench_model_command_end_to_end(tmp_path):
     assert "bench model: tiny-random" in md.read_text()
 
 
+def test_bench_model_on_checkpoint_directories(tmp_path):
+    """`bench model --model DIR`: a LLaVA-OneVision directory gives concat rows (our engine on its weights) and
+    transformers' rows on the same weights, at its own visual token counts (anyres from its largest pinpoint); a
+    LaVi directory gives lavi rows and, having no anyres input, a recorded skip."""
+    from lavi import anyres
+    from lavi.onevision_config import OneVisionConfig
+    from lavi.tiny import make_tiny_checkpoint
+    from onevision_fixture import make_onevision
+
+    ov = make_onevision(tmp_path / "ov")
+    lavi = make_tiny_checkpoint(tmp_path / "lavi")
+    out, md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
+    result = CliRunner().invoke(bench, [
+        "model", "--model", str(ov), "--model", lavi, "--batch-sizes", "1", "--new-tokens", "3", "--repeats", "1",
+        "--out", str(out), "--markdown", str(md)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    got = {(r["model"], r["setting"], r["batch_size"]) for r in doc["results"]}
+    want = {(m, s, b) for m in ("concat", "hf-llava-ov") for s in ("image", "anyres", "video") for b in (1,)}
+    assert got == want | {("lavi", s, 1) for s in ("image", "video")}
+    c = OneVisionConfig.from_dir(ov)
+    big = max(c.pinpoints, key=lambda p: p[0] * p[1])
+    tokens = {"image": anyres.image_tokens((c.tile_size,) * 2, c.pinpoints, c.tile_size, c.side, c.max_tiles),
+              "anyres": anyres.image_tokens(big, c.pinpoints, c.tile_size, c.side, c.max_tiles),
+              "video": anyres.video_tokens(c.default_frames, c.side)}
+    for r in doc["results"]:
+        assert r["captions_per_s"] > 0 and r["ttft_s"] > 0
+        if r["model"] != "lavi":
+            assert r["visual_tokens"] == tokens[r["setting"]], r
+    assert doc["skipped"] == [{"model": "lavi", "setting": "anyres", "reason": f"{lavi} has no anyres input"}]
+    assert {x["versus"] for x in doc["ratios"]} == {"concat", "hf-llava-ov"}
+    assert f"bench model: {ov}, {lavi}" in md.read_text()
+
+
 def test_model_bench_imports_without_ray_av_decord_fsspec():
     """Guards against `python -m bench model --device cuda` failing on the GPU machine, which has torch and
     transformers but no ray, decord or av (and maybe no fsspec or click): importing them at module level
