@@ -99,7 +99,6 @@ def _bench_transformers(runner, path: str, config, setting: str, visual: np.ndar
     expanded as its processor expands it."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from bench import hf
     from lavi.onevision import pixels
 
     c = runner.c
@@ -115,15 +114,10 @@ def _bench_transformers(runner, path: str, config, setting: str, visual: np.ndar
         else:
             kwargs["pixel_values"] = x[None].expand(b, *x.shape).contiguous()
             kwargs["image_sizes"] = torch.tensor([list(media[1])] * b, device=runner.device)
-        hf.timed_generate(model, kwargs, 2)  # warm-up
-        runner.mem.reset()
-        ttft, total = hf.timed_generate(model, kwargs, c.new_tokens)
         rows.append({"model": "hf-llava-ov", "checkpoint": path, "shapes": Path(path).name, "setting": setting,
-                     "frames": len(visual), "visual_tokens": nv, "batch_size": b, "prompt_tokens": c.prompt_tokens,
+                     "frames": len(visual), "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
                      "new_tokens": c.new_tokens, "dtype": str(runner.dtype).removeprefix("torch."),
-                     "generator": "transformers generate()", "captions_per_s": b / total, "ttft_s": ttft,
-                     "decode_tokens_per_s": b * (c.new_tokens - 1) / max(total - ttft, 1e-9),
-                     "peak_mem_bytes": runner.mem.peak(), "total_s": total})
+                     "generator": "transformers generate()", **runner.measure_hf(model, kwargs)})
     del model
     runner._release()
     return rows

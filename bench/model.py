@@ -71,9 +71,10 @@ class ModelBenchConfig:
                 raise ValueError(f"--model {missing[0]}: no config.json there (a local checkpoint directory)")
         elif self.shapes not in SHAPES:
             raise ValueError(f"--shapes must be one of {SHAPES}, got {self.shapes!r}")
-        known = {s.name for s in settings(self.shapes)} if not self.checkpoints else set(self.settings)
-        if set(self.settings) - known:
-            raise ValueError(f"--settings for {self.shapes} must be among {sorted(known)}, got {self.settings}")
+        else:
+            known = {s.name for s in settings(self.shapes)}
+            if set(self.settings) - known:
+                raise ValueError(f"--settings for {self.shapes} must be among {sorted(known)}, got {self.settings}")
         if set(self.models) - set(MODELS):
             raise ValueError(f"--models must be among {MODELS}, got {self.models}")
         if any(b < 1 for b in self.batch_sizes):
@@ -229,6 +230,18 @@ class Runner:
                 "roofline_step_s": bound, "measured_step_s": row["decode_step_s"],
                 "measured_over_roofline": row["decode_step_s"] / bound}
 
+    def measure_hf(self, model, kwargs: dict) -> dict:
+        """One point of transformers' generate(): a warm-up, then one timed run of exactly new_tokens per row."""
+        from bench import hf
+
+        b, n = kwargs["input_ids"].shape[0], self.c.new_tokens
+        hf.timed_generate(model, kwargs, 2)
+        self.mem.reset()
+        ttft, total = hf.timed_generate(model, kwargs, n)
+        return {"batch_size": b, "captions_per_s": b / total, "ttft_s": ttft,
+                "decode_tokens_per_s": b * (n - 1) / max(total - ttft, 1e-9), "peak_mem_bytes": self.mem.peak(),
+                "total_s": total}
+
     def bench_hf(self, setting: Setting) -> tuple[list[dict], str | None]:
         from bench import hf
 
@@ -255,21 +268,16 @@ class Runner:
         for b in sizes:
             kwargs, nv = hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)
             try:
-                hf.timed_generate(model, kwargs, 2)  # warm-up
-                self.mem.reset()
-                ttft, total = hf.timed_generate(model, kwargs, c.new_tokens)
+                timed = self.measure_hf(model, kwargs)
             except torch.cuda.OutOfMemoryError as err:
                 rows.append({"model": "hf-llava-ov", "setting": setting.name, "batch_size": b,
                              "error": f"OutOfMemoryError: {str(err)[:200]}"})
                 self._release()
                 break
             rows.append({"model": "hf-llava-ov", "shapes": c.shapes, "setting": setting.name,
-                         "frames": setting.frames, "visual_tokens": nv, "batch_size": b,
-                         "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens,
-                         "dtype": str(self.dtype).removeprefix("torch."), "generator": "transformers generate()",
-                         "captions_per_s": b / total, "ttft_s": ttft,
-                         "decode_tokens_per_s": b * (c.new_tokens - 1) / max(total - ttft, 1e-9),
-                         "peak_mem_bytes": self.mem.peak(), "prefill_flops": counted, "total_s": total,
+                         "frames": setting.frames, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
+                         "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
+                         "generator": "transformers generate()", **timed, "prefill_flops": counted,
                          **({"probe": probe} if probe else {})})
         del model
         self._release()
