@@ -12,6 +12,7 @@ cores, two actors at num_cpus=1 starve the reader and Ray Data waits forever).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -180,13 +181,14 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
         clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
         max_clips=config.max_clips, storage_options=config.storage, pinpoints=info["pinpoints"])
     tokens = rows_seen = 0
+    dataset = None
     owned = connect_ray(config.address)
     try:
         check_resources(config)
         progress = Progress(n_items, config.progress_seconds)
         # config.model, not the resolved default: None lets each actor find the bundled model on its own node
-        for batch in build_dataset(shards, output.fs, config, settings, config.model, job_id).iter_batches(
-                batch_size=None, batch_format="pyarrow"):
+        dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id)
+        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
             sink.add(batch)
             rows_seen += batch.num_rows
             tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
@@ -197,6 +199,10 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
             raise RuntimeError(f"{n_items} items were listed but {sink.items_written} came out of the pipeline; "
                                "the finished ones are committed: rerun into the same --out to label the rest")
     finally:
+        # the dataset (and the pyarrow readers it holds) goes while Ray and Arrow's thread pools are up,
+        # not in the interpreter's teardown, where Arrow can abort (apache/arrow#39862)
+        del dataset
+        gc.collect()
         if owned:
             import ray
 

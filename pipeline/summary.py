@@ -33,7 +33,9 @@ def totals(output: Output) -> dict[str, Any]:
     prompt_tokens = generated_tokens = 0
     for path in output.part_paths():
         with output.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=_COLUMNS)
+            # ParquetFile, not read_table: read_table's dataset scanner leaves read-ahead futures that can
+            # abort the driver at exit (apache/arrow#39862, #36389), failing a job whose labels are all written
+            table = pq.ParquetFile(f).read(columns=_COLUMNS)
         rows += table.num_rows
         ids = table.column("item_id").to_pylist()
         items.update(ids)
