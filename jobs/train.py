@@ -106,14 +106,20 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
               help="Fine-tune: start from this LaVi (or, with --fusion llava-ov, LLaVA-OneVision) checkpoint "
                    "directory (weights and tokenizer), with a fresh optimizer and schedule.")
 @click.option("--freeze-backbones", is_flag=True, help="Train only the fusion (conditioner or projector).")
-@click.option("--data", default="shapes", show_default=True, help="'shapes' (shapes-v1, rendered online) or a Parquet URI.")
+@click.option("--data", default="shapes", show_default=True,
+              help="'shapes' (shapes-v1, rendered online), or a URI: a Parquet of (uri or bytes, prompt, target), the "
+                   "pipeline's output directory (its ok rows), LLaVA conversation JSON (.json/.jsonl, with "
+                   "--image-root) or a Parquet of embedded images and conversations/messages.")
+@click.option("--image-root", help="The URI that relative image and video paths in --data are under.")
 @click.option("--steps", type=int, default=3000, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--warmup", type=int, default=200, show_default=True)
 @click.option("--images", type=int, default=24, show_default=True, help="shapes: images per step.")
 @click.option("--videos", type=int, default=8, show_default=True, help="shapes: videos per step.")
 @click.option("--questions", type=int, default=3, show_default=True, help="shapes: VQA pairs per item beside the caption.")
-@click.option("--batch-items", type=int, default=32, show_default=True, help="Parquet: rows per step.")
+@click.option("--batch-items", type=int, default=32, show_default=True,
+              help="--data URI: items per step (an item gives all its targets: a conversation's turns, the "
+                   "pipeline's caption and answers of one image or clip).")
 @click.option("--frames", default="4", show_default=True,
               help="Frames per video clip; shapes: a comma-separated list is drawn from per clip. A new model's "
                    "default frames per clip is the first, its max_frames the largest.")
@@ -136,7 +142,7 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, init: str | None,
-              freeze_backbones: bool, data: str,
+              freeze_backbones: bool, data: str, image_root: str | None,
               steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
               frames: str, grid_probe: float, focus: float, vision_steps: int, vision_images: int, vision_videos: int,
               loss_per: str, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
@@ -166,6 +172,8 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, in
     if vision_steps and (data != "shapes" or grid_probe <= 0):
         raise click.UsageError("--vision-steps trains the ViT through the grid probe on shapes-v1: it needs "
                                "--data shapes and --grid-probe > 0")
+    if image_root and data == "shapes":
+        raise click.UsageError("--image-root goes with --data naming media by relative path")
     if data == "shapes":
         from shapes.batches import ShapesData
         source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=clip_frames,
@@ -173,8 +181,12 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, in
         vision_source = ShapesData(seed=seed, images=vision_images, videos=vision_videos, questions=0,
                                    frames=clip_frames, grid=True, stream=1)
     else:
-        from workers.train_data import ParquetData
-        source = ParquetData(data, image_size=size, frames=clip_frames[0], batch_items=batch_items, seed=seed)
+        from workers.train_data import TrainData
+        try:
+            source = TrainData(data, image_size=size, frames=clip_frames[0], batch_items=batch_items, seed=seed,
+                               image_root=image_root)
+        except (ValueError, FileNotFoundError) as err:
+            raise click.BadParameter(str(err), param_hint="--data") from None
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
                       checkpoint_every=checkpoint_every, grid_weight=grid_probe if data == "shapes" else 0.0,
                       grid_classes=GRID_CLASSES, row_mean=loss_per == "row",
@@ -191,6 +203,6 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, in
     (outp / "train_summary.json").write_text(json.dumps(
         {"steps": steps, "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
          "threads": torch.get_num_threads(), "resumed_from": start, "command": "lavi-label " + " ".join(sys.argv[1:]),
-         "torch": torch.__version__}, indent=2))
+         "torch": torch.__version__, "data": data if data == "shapes" else source.summary()}, indent=2))
     click.echo(f"done in {wall / 60:.1f} min of training ({session / 60:.1f} min this session): final loss "
                f"{last.get('loss', float('nan')):.4f}; checkpoint in {out}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import jinja2
 import jinja2.ext
@@ -55,9 +57,27 @@ def _tojson(x, ensure_ascii: bool = False, indent: int | None = None, separators
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+@dataclass(frozen=True)
+class Turns:
+    """A prompt that continues a conversation: the earlier (user, assistant) turns, then this user turn's text.
+    A training pair's prompt is a plain string (one user turn) or this; the image or video goes in the first
+    user turn."""
+
+    history: tuple[tuple[str, str], ...]
+    text: str
+
+
+Prompt = Union[str, Turns]
+
+
+def as_turns(prompt: Prompt) -> Turns:
+    return prompt if isinstance(prompt, Turns) else Turns((), prompt)
+
+
 class ChatTemplate:
     """One compiled template. `render(prompt, media)` is one user turn: the image or video, then the text, and the
-    generation prompt, as `processor.apply_chat_template(..., add_generation_prompt=True)` renders it."""
+    generation prompt, as `processor.apply_chat_template(..., add_generation_prompt=True)` renders it; a `Turns`
+    prompt renders its earlier turns first (the media in the first user turn)."""
 
     def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -67,10 +87,17 @@ class ChatTemplate:
         self.template = env.from_string(source)
         self.special_tokens = dict(special_tokens or {})
 
-    def render(self, prompt: str, media: str | None) -> str:
-        content = ([{"type": media}] if media else []) + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
+    def render(self, prompt: Prompt, media: str | None) -> str:
+        turns = as_turns(prompt)
+        messages = []
+        for user, assistant in turns.history:
+            messages += [_message("user", user, media if not messages else None), _message("assistant", assistant)]
+        messages.append(_message("user", turns.text, media if not messages else None))
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special_tokens)
+
+
+def _message(role: str, text: str, media: str | None = None) -> dict:
+    return {"role": role, "content": ([{"type": media}] if media else []) + [{"type": "text", "text": text}]}
 
 
 def special_tokens(tokenizer_config: dict) -> dict[str, str]:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import anyres
 from .anyres import anyres_tiles
+from .chat import Prompt
 from .engine import pixels_from_frames
 from .model import LaVi
 from .onevision import OneVision
@@ -31,7 +32,8 @@ Span = tuple[int, int, np.ndarray]
 @dataclass(frozen=True)
 class Example:
     frames: np.ndarray  # uint8 (F, S, S, 3); an image: one frame (a LLaVA-OneVision cuts its tiles from it)
-    pairs: tuple[tuple[str, str], ...]  # (prompt, target) pairs asked of these frames
+    pairs: tuple[tuple[Prompt, str], ...]  # (prompt, target) pairs asked of these frames (a Turns prompt: a turn
+    # of a conversation, its earlier turns as context)
     grid: np.ndarray | None = None  # int (F, G*G, A): per-frame, per-cell attribute classes; -100 = unknown
     focus: tuple[tuple[Span, ...], ...] | None = None  # per pair: the spans of its target that are about one
     # object, each with that object's cells per frame (none: a count, an absent object)

@@ -10,7 +10,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .chat import ChatTemplate, find_template, special_tokens
+from .chat import ChatTemplate, Prompt, as_turns, find_template, special_tokens
 from .config import LaViConfig
 from .tokenizer import Tokenizer
 
@@ -20,12 +20,18 @@ def _template(source: str, tokens: tuple[tuple[str, str], ...]) -> ChatTemplate:
     return ChatTemplate(source, dict(tokens))
 
 
-def prompt_ids(config: LaViConfig, tokenizer: Tokenizer, text: str) -> list[int]:
+def prompt_ids(config: LaViConfig, tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+    """A LaVi's prompt ids. A `Turns` prompt's earlier turns come first: through the chat template, or, in the
+    model's own format, each as its formatted prompt, then the answer and EOS, as the model would have made it."""
     if config.chat_template:
         chat = _template(config.chat_template, tuple(sorted(config.chat_tokens.items())))
-        return tokenizer.encode(chat.render(text, None))
-    ids = tokenizer.encode(config.prompt_template.format(prompt=text))
-    return ([config.bos_token_id] if config.bos_token_id is not None else []) + ids
+        return tokenizer.encode(chat.render(prompt, None))
+    turns = as_turns(prompt)
+    ids = [config.bos_token_id] if config.bos_token_id is not None else []
+    for user, assistant in turns.history:
+        ids += tokenizer.encode(config.prompt_template.format(prompt=user)) + tokenizer.encode(assistant)
+        ids.append(config.eos_token_id)
+    return ids + tokenizer.encode(config.prompt_template.format(prompt=turns.text))
 
 
 class ChatPrompts:
@@ -47,6 +53,6 @@ class ChatPrompts:
         config = json.loads((d / "tokenizer_config.json").read_text()) if (d / "tokenizer_config.json").exists() else {}
         return cls(ChatTemplate(source, special_tokens(config)), tokenizer or Tokenizer(d))
 
-    def ids(self, text: str, media: str | None) -> list[int]:
-        rendered = self.chat.render(text, media)
+    def ids(self, prompt: Prompt, media: str | None) -> list[int]:
+        rendered = self.chat.render(prompt, media)
         return self.tokenizer.encode(rendered, add_special_tokens=not (self.bos and rendered.startswith(self.bos)))
