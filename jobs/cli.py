@@ -7,6 +7,7 @@ import click
 from jobs.bench import bench
 from jobs.convert import convert_cmd
 from jobs.demo import demo_cmd
+from jobs.distill import distill_cmd
 from jobs.evaluate import eval_cmd
 from jobs.manage import list_jobs, logs, status, stop
 from jobs.run import run
@@ -26,6 +27,7 @@ main.add_command(demo_cmd, name="demo")
 main.add_command(submit)
 main.add_command(bench)
 main.add_command(convert_cmd, name="convert")
+main.add_command(distill_cmd, name="distill")
 for _cmd in (status, logs, stop, list_jobs):
     main.add_command(_cmd)
 

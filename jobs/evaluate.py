@@ -125,11 +125,12 @@ def card_section(results: list[dict], split: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_card(card: Path, section: str) -> None:
-    text = card.read_text() if card.exists() else f"{CARD_BEGIN}\n{CARD_END}\n"
-    if CARD_BEGIN not in text:
-        text += f"\n{CARD_BEGIN}\n{CARD_END}\n"
-    pattern = re.compile(re.escape(CARD_BEGIN) + ".*?" + re.escape(CARD_END), re.S)
+def write_card(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
+    """Replace the card's section between the `begin` and `end` markers (appended where the card has none)."""
+    text = card.read_text() if card.exists() else f"{begin}\n{end}\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     card.write_text(pattern.sub(lambda _: section, text))
 
 

@@ -141,12 +141,20 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
-def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, init: str | None,
-              freeze_backbones: bool, data: str, image_root: str | None,
-              steps: int, lr: float, warmup: int, images: int, videos: int, questions: int, batch_items: int,
-              frames: str, grid_probe: float, focus: float, vision_steps: int, vision_images: int, vision_videos: int,
-              loss_per: str, seed: int, checkpoint_every: int, device: str, threads: int, no_resume: bool) -> None:
+def train_cmd(**options) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
+    train_model(**options)
+
+
+def train_model(out: str, fusion: str = "viln", decoder: str | None = None, vision: str | None = None,
+                init: str | None = None, freeze_backbones: bool = False, data: str | tuple[str, ...] = "shapes",
+                image_root: str | None = None, steps: int = 3000, lr: float = 1e-3, warmup: int = 200,
+                images: int = 24, videos: int = 8, questions: int = 3, batch_items: int = 32, frames: str = "4",
+                grid_probe: float = 0.0, focus: float = 0.0, vision_steps: int = 0, vision_images: int = 64,
+                vision_videos: int = 16, loss_per: str = "token", seed: int = 0, checkpoint_every: int = 250,
+                device: str = "auto", threads: int = 0, no_resume: bool = False) -> dict:
+    """`lavi-label train` (and distill's student training): the option defaults are the command's; `data` may be
+    several URIs read as one (workers.train_data.read_records). Returns train_summary.json's document."""
     import torch
 
     from lavi.train import TrainConfig, train
@@ -193,16 +201,18 @@ def train_cmd(out: str, fusion: str, decoder: str | None, vision: str | None, in
                       focus_weight=focus if data == "shapes" else 0.0, vision_steps=vision_steps)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
     click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
-               f"on {data} for {steps} steps on {device} -> {out}")
+               f"on {data if isinstance(data, str) else ', '.join(data)} for {steps} steps on {device} -> {out}")
     start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
     t0 = time.time()
     on_log = _progress(outp / "train_log.jsonl", start, steps, t0)
     last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log, vision_data=vision_source)
     session = time.time() - t0
     wall = json.loads((outp / "train_state.json").read_text())["wall_s"]  # every session's, to the last step
-    (outp / "train_summary.json").write_text(json.dumps(
-        {"steps": steps, "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
-         "threads": torch.get_num_threads(), "resumed_from": start, "command": "lavi-label " + " ".join(sys.argv[1:]),
-         "torch": torch.__version__, "data": data if data == "shapes" else source.summary()}, indent=2))
+    summary = {"steps": steps, "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
+               "threads": torch.get_num_threads(), "resumed_from": start,
+               "command": "lavi-label " + " ".join(sys.argv[1:]), "torch": torch.__version__,
+               "data": data if data == "shapes" else source.summary()}
+    (outp / "train_summary.json").write_text(json.dumps(summary, indent=2))
     click.echo(f"done in {wall / 60:.1f} min of training ({session / 60:.1f} min this session): final loss "
                f"{last.get('loss', float('nan')):.4f}; checkpoint in {out}")
+    return summary

@@ -56,20 +56,30 @@ def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[st
     `stats`, when given, receives counts: listed (distinct items), skipped, duplicates.
     """
     stats = stats if stats is not None else {}
-    stats.update(listed=0, skipped=0, duplicates=0)
+    stats.update(listed=0, skipped=0)
+    for entry in iter_entries(inputs, storage_options, stats):
+        item = _make_item(entry, spec)
+        stats["listed"] += 1
+        if item["item_id"] in skip:
+            stats["skipped"] += 1
+        else:
+            yield item
+
+
+def iter_entries(inputs: Iterable[str], storage_options: dict[str, Any] | None = None,
+                 stats: dict[str, int] | None = None) -> Iterator[dict]:
+    """The INPUTs' entries, each uri once: {uri (resolved), media_type, prompt, questions}, and a manifest
+    record's other fields as they are. `stats` receives the count of duplicates."""
+    stats = stats if stats is not None else {}
+    stats["duplicates"] = 0
     seen: set[str] = set()
     for spec_uri in inputs:
         for entry in _iter_entries(spec_uri, storage_options or {}):
-            item = _make_item(entry, spec)
-            if item["item_id"] in seen:
+            if entry["uri"] in seen:
                 stats["duplicates"] += 1
                 continue
-            seen.add(item["item_id"])
-            stats["listed"] += 1
-            if item["item_id"] in skip:
-                stats["skipped"] += 1
-            else:
-                yield item
+            seen.add(entry["uri"])
+            yield entry
     if stats["duplicates"]:
         log.warning("%d duplicate uris in the inputs were labeled once", stats["duplicates"])
 
@@ -163,7 +173,7 @@ def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
         questions = record.get("questions")
         if isinstance(questions, str):  # CSV: a JSON list or one question
             questions = json.loads(questions) if questions.startswith("[") else [questions] if questions else []
-        yield {"uri": uri, "media_type": record.get("media_type"), "prompt": record.get("prompt"),
+        yield {**record, "uri": uri, "media_type": record.get("media_type"), "prompt": record.get("prompt"),
                "questions": questions}
 
 

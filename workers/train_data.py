@@ -24,6 +24,7 @@ import json
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,10 +67,16 @@ class Records:
     skipped: collections.Counter = field(default_factory=collections.Counter)  # reason -> records
 
 
-def read_records(uri: str, image_root: str | None = None, storage_options: dict | None = None) -> Records:
-    """The records of a training data URI, in any of the module's formats."""
-    fs, path = filesystem(uri, storage_options)
-    if path.endswith((".json", ".jsonl")):
+def read_records(uris: str | Sequence[str], image_root: str | None = None,
+                 storage_options: dict | None = None) -> Records:
+    """The records of training data URIs in any of the module's formats (several: Parquet of one format, read as
+    one table; pipeline outputs of one corpus give each item the targets of all of them)."""
+    uris = [uris] if isinstance(uris, str) else list(uris)
+    uri = ", ".join(uris)
+    if any(u.endswith((".json", ".jsonl")) for u in uris):
+        if len(uris) > 1:
+            raise ValueError(f"{uri}: a LLaVA conversation JSON is read alone")
+        fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             raw = f.read().decode("utf-8")
         rows = ([json.loads(line) for line in raw.splitlines() if line.strip()] if path.endswith(".jsonl")
@@ -77,13 +84,15 @@ def read_records(uri: str, image_root: str | None = None, storage_options: dict 
         if not isinstance(rows, list):
             raise ValueError(f"{uri}: a LLaVA conversation JSON is a list of records")
         return _conversations(rows, "LLaVA conversation JSON", uri, image_root)
-    files = sorted(fs.glob(path.rstrip("/") + "/*.parquet")) if fs.isdir(path) else [path]
-    if not files:
-        raise ValueError(f"{uri}: a directory with no .parquet files")
     tables = []
-    for name in files:
-        with fs.open(name, "rb") as f:
-            tables.append(pq.ParquetFile(f).read())
+    for one in uris:
+        fs, path = filesystem(one, storage_options)
+        files = sorted(fs.glob(path.rstrip("/") + "/*.parquet")) if fs.isdir(path) else [path]
+        if not files:
+            raise ValueError(f"{one}: a directory with no .parquet files")
+        for name in files:
+            with fs.open(name, "rb") as f:
+                tables.append(pq.ParquetFile(f).read())
     table = pa.concat_tables(tables, promote_options="default")
     cols = set(table.column_names)
     if {"conversations", "messages"} & cols:
@@ -200,7 +209,7 @@ class TrainData:
     a resumed run sees the same batches), decoded at the model's input size. An undecodable record is counted,
     skipped and replaced by the next one drawn."""
 
-    uri: str
+    uri: str | tuple[str, ...]  # one URI, or several read as one (see read_records)
     image_size: int
     frames: int
     batch_items: int = 32
@@ -211,15 +220,16 @@ class TrainData:
 
     def __post_init__(self) -> None:
         read = read_records(self.uri, self.image_root, self.storage_options)
+        self.name = self.uri if isinstance(self.uri, str) else ", ".join(self.uri)
         self.records, self.format, self.skipped = read.records, read.format, read.skipped
         if not self.records:
-            raise ValueError(f"{self.uri}: no usable training records ({self._skips()})")
+            raise ValueError(f"{self.name}: no usable training records ({self._skips()})")
         self.settings = DecodeSettings(image_size=self.image_size, frames_per_clip=self.frames,
                                        storage_options=self.storage_options, isolate=False)
         self.bad: set[int] = set()
         self._cache: OrderedDict[int, tuple[np.ndarray, str]] = OrderedDict()
         self._cached = 0
-        log.info("%s (%s): %d records, %d targets%s", self.uri, self.format, len(self.records),
+        log.info("%s (%s): %d records, %d targets%s", self.name, self.format, len(self.records),
                  sum(len(r.pairs) for r in self.records), f"; skipped {self._skips()}" if self.skipped else "")
 
     def _skips(self) -> str:
@@ -271,5 +281,5 @@ class TrainData:
             if decoded is not None:
                 out.append(Example(decoded[0], self.records[i].pairs, media=decoded[1]))
         if not out:
-            raise ValueError(f"no decodable records in {self.uri} ({self._skips()})")
+            raise ValueError(f"no decodable records in {self.name} ({self._skips()})")
         return out
