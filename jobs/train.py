@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -138,6 +139,15 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
                    "much as captions).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=250, show_default=True)
+@click.option("--log-every", type=int, default=50, show_default=True, help="Steps per progress line and log record.")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Data-parallel workers on Ray Train (TorchTrainer: gloo on CPU, NCCL on GPU), each reading its "
+                   "shard of every step's batch; 1 trains in this process.")
+@click.option("--gpus-per-worker", type=float, default=0.0, show_default=True, help="--workers > 1: GPUs per worker.")
+@click.option("--address", default=None, help="--workers > 1: the Ray cluster to join (default: a local Ray).")
+@click.option("--checkpoint-storage", default=None,
+              help="--workers > 1: where Ray Train keeps checkpoints, a local path or object-storage URI (default: "
+                   "OUT/ray_train); a rerun continues from the latest one there.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
@@ -152,67 +162,262 @@ def train_model(out: str, fusion: str = "viln", decoder: str | None = None, visi
                 images: int = 24, videos: int = 8, questions: int = 3, batch_items: int = 32, frames: str = "4",
                 grid_probe: float = 0.0, focus: float = 0.0, vision_steps: int = 0, vision_images: int = 64,
                 vision_videos: int = 16, loss_per: str = "token", seed: int = 0, checkpoint_every: int = 250,
-                device: str = "auto", threads: int = 0, no_resume: bool = False) -> dict:
+                log_every: int = 50, device: str = "auto", threads: int = 0, no_resume: bool = False,
+                workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
+                checkpoint_storage: str | None = None) -> dict:
     """`lavi-label train` (and distill's student training): the option defaults are the command's; `data` may be
-    several URIs read as one (workers.train_data.read_records). Returns train_summary.json's document."""
+    several URIs read as one (workers.train_data.read_records). `workers` > 1: data-parallel on Ray Train
+    (`_train_on_ray`). Returns train_summary.json's document."""
     import torch
 
-    from lavi.train import TrainConfig, train
-    from shapes.batches import GRID_CLASSES
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    clip_frames = _clip_frames(frames)
+    options = {k: v for k, v in locals().items() if k not in ("torch", "workers", "gpus_per_worker", "address",
+                                                               "checkpoint_storage")}
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    model, tok_dir = _build(outp, fusion, decoder, vision, resume=not no_resume,
-                            frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)}, init=init)
+    if workers < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--workers")
+    if workers > 1:
+        return _train_on_ray(options, outp, workers, gpus_per_worker, address, checkpoint_storage)
+    if gpus_per_worker or address or checkpoint_storage:
+        raise click.UsageError("--gpus-per-worker, --address and --checkpoint-storage are for --workers > 1 (Ray "
+                               "Train); one worker trains in this process (--device)")
+    setup = _prepare(options, outp)
+    start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
+    t0 = time.time()
+    on_log = _progress(outp / "train_log.jsonl", start, steps, t0)
+    last = setup.run(outp, resume=not no_resume, on_log=on_log)
+    return _summarise(outp, options, last, start, time.time() - t0, setup.device, setup.source.summary())
+
+
+@dataclass
+class _Setup:
+    """What one training process (or Ray Train worker) trains: the model, its data and the loop's config."""
+
+    model: object
+    tok_dir: Path
+    source: object
+    vision_source: object
+    cfg: object
+    device: str
+
+    def run(self, out: Path, resume: bool, on_log=None, parallel=None) -> dict:
+        from lavi.train import train
+
+        return train(self.model, self.tok_dir, self.source, self.cfg, out, resume=resume, on_log=on_log,
+                     vision_data=self.vision_source, parallel=parallel)
+
+
+def _prepare(o: dict, outp: Path, rank: int = 0, world: int = 1) -> _Setup:
+    """The model (built, resumed from `outp` or fine-tuned), this rank's shard of the data, the TrainConfig."""
+    import torch
+
+    from lavi.train import TrainConfig
+    from shapes.batches import GRID_CLASSES
+
+    device = o["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    torch.manual_seed(o["seed"])
+    clip_frames = _clip_frames(o["frames"])
+    data = o["data"]
+    model, tok_dir = _build(outp, o["fusion"], o["decoder"], o["vision"], resume=not o["no_resume"],
+                            frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)}, init=o["init"])
     if max(clip_frames) > model.config.max_frames:
         raise click.BadParameter(f"{max(clip_frames)} frames per clip is over the model's max_frames "
                                  f"{model.config.max_frames}", param_hint="--frames")
     model.to(device)
-    size = model.config.vision.image_size
     vision_source = None
-    if vision_steps and (data != "shapes" or grid_probe <= 0):
+    if o["vision_steps"] and (data != "shapes" or o["grid_probe"] <= 0):
         raise click.UsageError("--vision-steps trains the ViT through the grid probe on shapes-v1: it needs "
                                "--data shapes and --grid-probe > 0")
-    if image_root and data == "shapes":
+    if o["image_root"] and data == "shapes":
         raise click.UsageError("--image-root goes with --data naming media by relative path")
     if data == "shapes":
         from shapes.batches import ShapesData
-        source = ShapesData(seed=seed, images=images, videos=videos, questions=questions, frames=clip_frames,
-                            grid=grid_probe > 0, focus=focus > 0)
-        vision_source = ShapesData(seed=seed, images=vision_images, videos=vision_videos, questions=0,
-                                   frames=clip_frames, grid=True, stream=1)
+        source = _Shard(ShapesData(seed=o["seed"], images=o["images"], videos=o["videos"], questions=o["questions"],
+                                   frames=clip_frames, grid=o["grid_probe"] > 0, focus=o["focus"] > 0), rank, world)
+        vision_source = _Shard(ShapesData(seed=o["seed"], images=o["vision_images"], videos=o["vision_videos"],
+                                          questions=0, frames=clip_frames, grid=True, stream=1), rank, world)
     else:
         from workers.train_data import TrainData
         try:
-            source = TrainData(data, image_size=size, frames=clip_frames[0], batch_items=batch_items, seed=seed,
-                               image_root=image_root)
+            source = TrainData(data, image_size=model.config.vision.image_size, frames=clip_frames[0],
+                               batch_items=o["batch_items"], seed=o["seed"], image_root=o["image_root"],
+                               rank=rank, world=world)
         except (ValueError, FileNotFoundError) as err:
             raise click.BadParameter(str(err), param_hint="--data") from None
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, seed=seed, freeze_backbones=freeze_backbones,
-                      checkpoint_every=checkpoint_every, grid_weight=grid_probe if data == "shapes" else 0.0,
-                      grid_classes=GRID_CLASSES, row_mean=loss_per == "row",
-                      focus_weight=focus if data == "shapes" else 0.0, vision_steps=vision_steps)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not freeze_backbones)
-    click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
-               f"on {data if isinstance(data, str) else ', '.join(data)} for {steps} steps on {device} -> {out}")
-    start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
-    t0 = time.time()
-    on_log = _progress(outp / "train_log.jsonl", start, steps, t0)
-    last = train(model, tok_dir, source, cfg, outp, resume=not no_resume, on_log=on_log, vision_data=vision_source)
-    session = time.time() - t0
+    shapes = data == "shapes"
+    cfg = TrainConfig(steps=o["steps"], lr=o["lr"], warmup=o["warmup"], seed=o["seed"],
+                      freeze_backbones=o["freeze_backbones"], checkpoint_every=o["checkpoint_every"],
+                      log_every=o["log_every"], grid_weight=o["grid_probe"] if shapes else 0.0,
+                      grid_classes=GRID_CLASSES, row_mean=o["loss_per"] == "row",
+                      focus_weight=o["focus"] if shapes else 0.0, vision_steps=o["vision_steps"])
+    if rank == 0:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not o["freeze_backbones"])
+        click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
+                   f"on {data if isinstance(data, str) else ', '.join(data)} for {o['steps']} steps on {device}"
+                   f"{f' x {world} workers' if world > 1 else ''} -> {o['out']}")
+    return _Setup(model, tok_dir, source, vision_source, cfg, device)
+
+
+class _Shard:
+    """Rank `rank` of `world`'s share of a data source's step: every world-th example from its rank on."""
+
+    def __init__(self, source, rank: int, world: int) -> None:
+        self.source, self.rank, self.world = source, rank, world
+
+    def __call__(self, step: int):
+        return self.source(step)[self.rank::self.world]
+
+    def summary(self):
+        return "shapes"
+
+
+def _summarise(outp: Path, o: dict, last: dict, start: int, session: float, device: str, data, **extra) -> dict:
+    """train_summary.json, written and echoed."""
+    import torch
+
     wall = json.loads((outp / "train_state.json").read_text())["wall_s"]  # every session's, to the last step
-    summary = {"steps": steps, "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
-               "threads": torch.get_num_threads(), "resumed_from": start,
-               "command": "lavi-label " + " ".join(sys.argv[1:]), "torch": torch.__version__,
-               "data": data if data == "shapes" else source.summary()}
+    summary = {"steps": o["steps"], "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
+               "threads": o["threads"] or torch.get_num_threads(), "resumed_from": start,
+               "command": "lavi-label " + " ".join(sys.argv[1:]), "torch": torch.__version__, "data": data, **extra}
     (outp / "train_summary.json").write_text(json.dumps(summary, indent=2))
     click.echo(f"done in {wall / 60:.1f} min of training ({session / 60:.1f} min this session): final loss "
-               f"{last.get('loss', float('nan')):.4f}; checkpoint in {out}")
+               f"{last.get('loss', float('nan')):.4f}; checkpoint in {outp}")
     return summary
+
+
+
+def _latest_checkpoint(storage: str, storage_options: dict | None = None):
+    """The Ray Train checkpoint of the highest step under `storage` (any earlier session's run), or None."""
+    from pipeline.storage import arrow_filesystem, filesystem
+
+    fs, base = filesystem(storage, storage_options)
+    best = None
+    for marker in fs.glob(f"{base.rstrip('/')}/*/checkpoint_*/train_state.json"):
+        step = json.loads(fs.cat_file(marker))["step"]
+        if best is None or step > best[0]:
+            best = (step, marker.rsplit("/", 1)[0])
+    if best is None:
+        return None
+    import ray.train
+
+    return ray.train.Checkpoint(best[1], filesystem=arrow_filesystem(fs))
+
+
+def _train_on_ray(o: dict, outp: Path, workers: int, gpus: float, address: str | None, storage: str | None) -> dict:
+    """Data-parallel training on Ray Train's TorchTrainer (`lavi.train.DataParallel` over its process group: gloo on
+    CPU, NCCL on GPU). Each worker reads its shard of every step's batch; rank 0's checkpoints are reported to Ray
+    Train, which keeps them in `storage` (default `OUT/ray_train`, local or object storage); a worker lost
+    mid-run restarts the group from the last of them (up to 3 times), a rerun continues from the latest one in
+    `storage`. Rank 0's log records reach this driver as they happen (the progress lines, OUT/train_log.jsonl), and
+    the final checkpoint is copied to OUT."""
+    import threading
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.graph import connect_ray
+
+    storage = storage or str(outp.resolve() / "ray_train")
+    owned = connect_ray(address)
+    try:
+        resume = None if o["no_resume"] else _latest_checkpoint(storage)
+        sink = ray.remote(num_cpus=0)(LogSink).remote()
+        trainer = TorchTrainer(
+            _ray_worker, train_loop_config={"options": o, "sink": sink, "resume": resume},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
+                                                   resources_per_worker={"GPU": gpus} if gpus > 0 else {"CPU": 1}),
+            run_config=ray.train.RunConfig(storage_path=storage, name=f"lavi-train-{time.strftime('%Y%m%d-%H%M%S')}",
+                                           failure_config=ray.train.FailureConfig(max_failures=3)))
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(fit=_fit(trainer)), daemon=True)
+        t0 = time.time()
+        thread.start()
+        starts, on_log, last, data = [], None, {}, None
+        while True:
+            alive = thread.is_alive()
+            for rec in ray.get(sink.take.remote()):
+                if "start" in rec:  # the worker group started (again): the steps after its checkpoint are redone
+                    starts.append(rec["start"])
+                    on_log = _progress(outp / "train_log.jsonl", rec["start"], o["steps"], t0)
+                    if len(starts) > 1:
+                        click.echo(f"a worker was lost: the run restarts from its checkpoint at step {rec['start']}")
+                elif "data" in rec:
+                    data = rec["data"]
+                else:
+                    last = rec
+                    on_log(rec)
+            if not alive:
+                break
+            time.sleep(0.5)
+        fit = result.get("fit")
+        if isinstance(fit, BaseException) or fit is None:
+            raise click.ClickException(f"Ray Train failed: {fit}")
+        if fit.checkpoint is None:
+            raise click.ClickException("Ray Train finished without a checkpoint")
+        fit.checkpoint.to_directory(str(outp))
+    finally:
+        if owned:
+            ray.shutdown()
+    return _summarise(outp, o, last, starts[0] if starts else 0, time.time() - t0,
+                      "cuda" if gpus > 0 else "cpu", data, workers=workers, restarts=starts[1:],
+                      checkpoint_storage=storage)
+
+
+def _fit(trainer):
+    try:
+        return trainer.fit()
+    except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
+        return err
+
+
+def _ray_worker(config: dict) -> None:
+    """One Ray Train worker: this rank's shard, the group's gradients averaged, rank 0 checkpointing."""
+    import tempfile
+
+    import ray.train
+
+    from lavi.train import DataParallel
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local = Path(tempfile.mkdtemp(prefix=f"lavi-train-r{rank}-"))
+    checkpoint = ray.train.get_checkpoint() or config["resume"]
+    if checkpoint is not None:
+        checkpoint.to_directory(str(local))
+    o = dict(config["options"], no_resume=False)
+    setup = _prepare(o, local, rank, world)
+    sink = config["sink"]
+    start = json.loads((local / "train_state.json").read_text())["step"] if (local / "train_state.json").exists() else 0
+    if rank == 0:
+        ray.get(sink.put.remote({"start": start}))
+
+    def on_checkpoint(step: int, last: dict) -> None:
+        metrics = {"step": step, **{k: v for k, v in last.items() if isinstance(v, (int, float))}}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None)
+
+    def on_log(rec: dict) -> None:
+        ray.get(sink.put.remote(rec))
+
+    setup.run(local, resume=True, on_log=on_log if rank == 0 else None, parallel=DataParallel(on_checkpoint))
+    if rank == 0:
+        ray.get(sink.put.remote({"data": setup.source.summary()}))
+
+
+class LogSink:
+    """Rank 0's log records, taken by the driver as they come (a Ray actor of no CPU)."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def put(self, record: dict) -> None:
+        self.records.append(record)
+
+    def take(self) -> list[dict]:
+        out, self.records = self.records, []
+        return out

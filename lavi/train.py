@@ -143,12 +143,51 @@ def _step_loss(model: LaVi, batch: Batch, cfg: TrainConfig, probe: GridProbe | N
     return loss, {"loss": lm, "grid_loss": aux, "focus_loss": foc}
 
 
+class DataParallel:
+    """Data-parallel training over the default torch.distributed process group (gloo on CPU, NCCL on GPU: Ray
+    Train's TorchTrainer sets it up): every rank starts from rank 0's weights, each trains on its shard of a step's
+    batch, and the gradients are averaged over the ranks before clipping and the optimizer step, so that W ranks
+    step as one process on the whole batch would (exactly so with a per-row loss mean and equal rows per rank).
+    Only rank 0 writes checkpoints; `on_checkpoint(step)` runs on every rank after each one."""
+
+    def __init__(self, on_checkpoint: Callable[[int, dict], None] | None = None) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.on_checkpoint = on_checkpoint
+
+    def broadcast(self, *modules: torch.nn.Module | None) -> None:
+        for m in modules:
+            if m is not None:
+                for t in m.state_dict().values():
+                    self.dist.broadcast(t, 0)
+
+    def average_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """One all-reduce of every trainable parameter's gradient (zeros where a rank's batch left none, so that
+        every rank reduces the same buffer)."""
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        self.dist.all_reduce(flat)
+        flat /= self.world
+        for p, g in zip(params, torch.split(flat, [p.numel() for p in params])):
+            p.grad = g.view_as(p)
+
+    def mean(self, parts: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """The ranks' mean of each logged loss (the whole batch's, as a rank logs its shard's)."""
+        keys = [k for k, v in parts.items() if v is not None]
+        if not keys:
+            return parts
+        flat = torch.stack([parts[k].detach().float() for k in keys])
+        self.dist.all_reduce(flat)
+        return {**parts, **dict(zip(keys, flat / self.world))}
+
+
 def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
           resume: bool = True, on_log: Callable[[dict], None] | None = None,
-          vision_data: Callable[[int], list[Example]] | None = None) -> dict:
+          vision_data: Callable[[int], list[Example]] | None = None, parallel: DataParallel | None = None) -> dict:
     """Train for cfg.steps; `data(step)` returns that step's examples (deterministic per step, so a resumed
-    run sees the same batches), `vision_data(step)` those of the vision phase (examples with grid labels).
-    Checkpoints to `out` every cfg.checkpoint_every steps and at the end."""
+    run sees the same batches; under `parallel`, this rank's shard of them), `vision_data(step)` those of the
+    vision phase (examples with grid labels). Checkpoints to `out` every cfg.checkpoint_every steps and at the end."""
     if cfg.vision_steps and vision_data is None:
         raise ValueError("cfg.vision_steps > 0 needs vision_data")
     torch.manual_seed(cfg.seed)
@@ -163,10 +202,13 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         probe = GridProbe(vc.hidden_size, cfg.grid_classes, cfg.grid_side, vc.layer_norm_eps).to(model.device)
         hook = probe.watch(model)
     opt = _optimizer(model, cfg, probe)
+    params = [p for g in opt.param_groups for p in g["params"]]
     start, wall0 = 0, 0.0
     if resume and (out / "train_state.json").exists():
         start, wall0 = load_state(out, opt, probe)
         log.info("resuming from step %d in %s", start, out)
+    if parallel is not None:  # resumed ranks hold the same checkpoint; fresh ones may not hold the same init
+        parallel.broadcast(model, probe)
     t0 = session = time.time()
     seen, last = 0, {}
     for step in range(start, cfg.steps):
@@ -179,19 +221,29 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         loss, parts = _step_loss(model, batch, cfg, probe, vision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel is not None:
+            parallel.average_grads(params)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         seen += int(batch.frame_mask.sum()) if vision else len(batch.ids)
         if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.vision_steps, cfg.steps):
+            if parallel is not None:
+                parts = parallel.mean(parts)
+                seen_all = torch.tensor(float(seen))
+                parallel.dist.all_reduce(seen_all)
             dt = time.time() - t0
             last = {"step": step + 1, "phase": "vision" if vision else "main", "lr": lr_at(step, cfg),
-                    "frames_per_s" if vision else "rows_per_s": seen / dt, "elapsed_s": dt}
+                    "frames_per_s" if vision else "rows_per_s": (seen if parallel is None else float(seen_all)) / dt,
+                    "elapsed_s": dt}
             last.update({key: float(value.detach()) for key, value in parts.items() if value is not None})
             if on_log:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             model.eval()
-            save_state(out, model, opt, step + 1, cfg, tok_dir, probe, wall_s=wall0 + time.time() - session)
+            if parallel is None or parallel.rank == 0:
+                save_state(out, model, opt, step + 1, cfg, tok_dir, probe, wall_s=wall0 + time.time() - session)
+            if parallel is not None and parallel.on_checkpoint is not None:
+                parallel.on_checkpoint(step + 1, last)
             model.train()
     if probe is not None:
         hook.remove()

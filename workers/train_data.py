@@ -217,6 +217,8 @@ class TrainData:
     storage_options: dict = field(default_factory=dict)
     image_root: str | None = None
     cache_bytes: int = 1 << 30  # decoded frames kept between steps
+    rank: int = 0  # data-parallel training: this rank of `world` reads (and decodes) its shard of each step only
+    world: int = 1
 
     def __post_init__(self) -> None:
         read = read_records(self.uri, self.image_root, self.storage_options)
@@ -270,10 +272,13 @@ class TrainData:
         return None
 
     def __call__(self, step: int) -> list[Example]:
-        order = np.random.default_rng([self.seed, step]).permutation(len(self.records))
+        """This step's examples: the first batch_items decodable records of a per-step permutation (a rank: every
+        world-th of it, from its rank on, and its share of batch_items, so the ranks' shards are the one batch)."""
+        order = np.random.default_rng([self.seed, step]).permutation(len(self.records))[self.rank::self.world]
+        share = self.batch_items // self.world + (self.rank < self.batch_items % self.world)
         out = []
         for i in order:
-            if len(out) == self.batch_items:
+            if len(out) == share:
                 break
             if i in self.bad:
                 continue
