@@ -54,6 +54,8 @@ class ModelBenchConfig:
     peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
     seed: int = 0
     checkpoints: tuple[str, ...] = ()  # real checkpoint directories (bench.checkpoints): then `shapes` is not used
+    mixed: int = 0  # > 0: also in-flight vs static batching on this many shapes-v1 images (bench.inflight)
+    mixed_model: str | None = None  # its LaVi checkpoint (None: the bundled tiny-shapes)
     out: str = "bench-model.json"
     markdown: str | None = "BENCHMARKS.md"
 
@@ -305,10 +307,19 @@ def run(c: ModelBenchConfig) -> dict:
             results.extend(rows)
             if roof:
                 roofline.append(roof)
+    if c.mixed:
+        from bench.inflight import measure_inflight
+        from lavi.bundled import DEFAULT_MODEL
+
+        inflight = measure_inflight(c.mixed_model or DEFAULT_MODEL, device=c.device, n_images=c.mixed,
+                                    batch=max(c.batch_sizes or (32,)), max_new_tokens=c.new_tokens,
+                                    repeats=c.repeats, seed=c.seed)
     doc = {"results": results, "ratios": ratios(results), "roofline": roofline, "skipped": skipped,
            "device": device_description(c.device), "versions": versions(), "command": command_line(),
            "config": asdict(c), "peak_mem_method": r.mem.method, "copy_bandwidth_bytes_per_s": r.bandwidth,
            "peak_flops": r.peak}
+    if c.mixed:
+        doc["inflight"] = inflight
     write_json(doc, c.out)
     if c.markdown:
         subject = "+".join(Path(p).name for p in c.checkpoints) or c.shapes

@@ -53,4 +53,7 @@ def markdown(doc: dict) -> str:
                       ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]
     for s in doc["skipped"]:
         lines.append(f"\nskipped {s['model']} ({s['setting']}): {s['reason']}")
+    if doc.get("inflight"):
+        from bench.inflight import markdown as inflight_markdown
+        lines.append(inflight_markdown(doc["inflight"]))
     return "\n".join(lines) + "\n"

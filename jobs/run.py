@@ -56,6 +56,9 @@ BATCH = BatchSize()
 @click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
 @click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")
 @click.option("--rows-per-file", default=5000, show_default=True, help="Rows per committed Parquet file.")
+@click.option("--inflight/--no-inflight", default=True, show_default=True,
+              help="In-flight batching: a row that finishes hands its cache row to a waiting request at once "
+                   "(rows of one block); --no-inflight: static batches that wait for their longest row.")
 def run(inputs: tuple[str, ...], **flags) -> None:
     """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
     from pipeline.graph import run as run_pipeline

@@ -61,10 +61,35 @@ class LayerKV(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """input_pos (T,): the same slots for every row; (B, T): each row's own (in-flight batching, whose rows
+        started at different times)."""
         b = k.shape[0]
-        self.k[:b, :, input_pos] = k  # k: (B, Hkv, T, D)
-        self.v[:b, :, input_pos] = v
+        if input_pos.ndim == 2:
+            rows = torch.arange(b, device=k.device)[:, None]
+            self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T, Hkv, D): advanced indices lead
+            self.v[rows, :, input_pos] = v.transpose(1, 2)
+        else:
+            self.k[:b, :, input_pos] = k  # k: (B, Hkv, T, D)
+            self.v[:b, :, input_pos] = v
         return self.k[:b], self.v[:b]
+
+
+class RowsPrefill:
+    """A prefill into some rows of a `KVCache`: each layer's K/V of the new rows' prompts go to those rows'
+    first slots, and the prompts attend among themselves (in-flight batching admits requests into free rows)."""
+
+    def __init__(self, cache: "KVCache", rows: Tensor) -> None:
+        self.layers = [_RowsLayer(layer, rows) for layer in cache.layers]
+
+
+class _RowsLayer:
+    def __init__(self, layer: LayerKV, rows: Tensor) -> None:
+        self.layer, self.rows = layer, rows
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.layer.k[self.rows[:, None], :, input_pos[None, :]] = k.transpose(1, 2)
+        self.layer.v[self.rows[:, None], :, input_pos[None, :]] = v.transpose(1, 2)
+        return k, v
 
 
 class KVCache(nn.Module):

@@ -63,8 +63,13 @@ def rows_that_fit(budget_bytes: float, per_row_bytes: float, ceiling: int = 1024
 
 
 class Engine:
+    # in-flight batching: requests of one generate() call go through the pool in waves of at most this many
+    # pools' worth (the visual state of a wave's items is computed once and held while it runs)
+    INFLIGHT_WAVE = 4
+
     def __init__(self, model: LaVi, tokenizer: Tokenizer, max_batch: int = 32, name: str | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, inflight: bool = True) -> None:
+        self.inflight = inflight
         self.model = model.eval()
         self.generator = Generator(self.model, compile=compile)
         self.tokenizer = tokenizer
@@ -159,8 +164,9 @@ class Engine:
         is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames."""
         media = media or [("video", tuple(v.shape[1:3])) for v in visuals]
         out: list[Completion] = []
-        for start in range(0, len(requests), self.max_batch):
-            chunk = requests[start:start + self.max_batch]
+        step = self.max_batch * (self.INFLIGHT_WAVE if self.inflight else 1)
+        for start in range(0, len(requests), step):
+            chunk = requests[start:start + step]
             try:
                 out.extend(self._generate_batch(visuals, media, chunk, gen))
             except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
@@ -190,8 +196,12 @@ class Engine:
         vis = self._encode([visuals[v] for v in used], [media[v] for v in used])
         prompts = [self._prompt(p, media[v][0]) for v, p in requests]
         rows = [local[v] for v, _ in requests]
-        self._ensure_cache(len(requests), self._context(vis, rows, prompts) + gen.max_new_tokens)
-        results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id)
+        pool = min(len(requests), self.max_batch)
+        self._ensure_cache(pool, self._context(vis, rows, prompts) + gen.max_new_tokens)
+        if self.inflight and len(requests) > 1:  # rows that finish make room for waiting requests
+            results = self.generator.inflight(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id)
+        else:
+            results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id)
         return [Completion(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
                            num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
                 for r, p in zip(results, prompts)]

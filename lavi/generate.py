@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .decoder import KVCache, LayerConds
+from .decoder import KVCache, LayerConds, RowsPrefill
 from .fusion import Visual
 from .model import LaVi, attention_mask
 
@@ -104,6 +104,16 @@ def decode_one_token(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, s
     return logits[:, -1]
 
 
+def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor,
+                vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+    """`decode_one_token` for in-flight batching: slot (B, 1) is each row's own cache slot (rows started at different
+    steps); a row attends to its real slots, the new one included. Static shapes, so it compiles as that does."""
+    conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv))
+    logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, slot_valid[:, None, None, :], conds=conds,
+                              kv_cache=kv_cache, input_pos=slot)
+    return logits[:, -1]
+
+
 @dataclass
 class StepInputs:
     """The per-batch tensors the decode step reads besides the cache, in buffers at fixed addresses (a CUDA
@@ -147,10 +157,11 @@ class Generator:
         self.cuda = model.device.type == "cuda"
         self.compiled = compile
         self.check_every = check_every
-        self.step = decode_one_token
+        self.step, self.row_step = decode_one_token, decode_rows
         if compile:
             mode = "reduce-overhead" if backend == "inductor" and self.cuda else None
             self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False, backend=backend)
+            self.row_step = torch.compile(decode_rows, mode=mode, fullgraph=True, dynamic=False, backend=backend)
         self.fixed: StepInputs | None = None  # the buffers of the last batch shape; another shape replaces them
 
     def _fixed(self, inputs: StepInputs) -> StepInputs:
@@ -227,6 +238,109 @@ class Generator:
         for row in out.tolist():
             end = next((i for i, t in enumerate(row) if t in eos_ids), None)
             results.append(RowTokens(tokens=row if end is None else row[:end], finished=end is not None))
+        return results
+
+
+    @torch.no_grad()
+    def inflight(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
+                 eos_id: int | tuple[int, ...], pad_id: int = 0,
+                 max_new_tokens: list[int] | None = None) -> list[RowTokens]:
+        """In-flight batching: the requests (row i: prompt i on item rows[i] of `vis`) go through a pool of the
+        cache's max_batch rows; when a row finishes (EOS, or its own max_new_tokens, default gen's), a waiting
+        request takes it at the next admission (every `check_every` steps): its prompt is prefilled into that
+        row's cache from slot 0, its visual state set in that row, and it decodes beside the others. Each row has
+        its own cache slot and RoPE position, so its tokens are those it would generate alone."""
+        model, device, cache = self.model, self.model.device, self.kv_cache
+        n = len(prompts)
+        budgets = list(max_new_tokens) if max_new_tokens is not None else [gen.max_new_tokens] * n
+        if len(budgets) != n or min(budgets, default=1) < 1:
+            raise ValueError("max_new_tokens: one count >= 1 per prompt")
+        if cache is None:
+            raise ValueError("in-flight batching needs the generator's cache (setup_caches)")
+        eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+        eos = torch.tensor(eos_ids, device=device)
+        b, s, width = min(cache.max_batch, n), cache.max_seq, max(budgets, default=1)
+        rows = rows.to(device)
+        # the pool's state, one entry per cache row; a free row holds one valid slot so that it stays finite
+        slot_valid = torch.zeros(b, s, dtype=torch.bool, device=device)
+        slot_valid[:, 0] = True
+        one = vis.select(rows[:1].expand(b))
+        fixed = self._fixed(StepInputs(slot_valid, torch.zeros_like(one.mask),
+                                       tuple((torch.zeros_like(k), torch.zeros_like(u)) for k, u in one.cond_kv or ())))
+        pos = torch.zeros(b, 1, dtype=torch.long, device=device)
+        slot = torch.zeros(b, 1, dtype=torch.long, device=device)
+        tok = torch.full((b,), pad_id, dtype=torch.long, device=device)
+        done = torch.ones(b, dtype=torch.bool, device=device)
+        count = torch.zeros(b, dtype=torch.long, device=device)
+        budget = torch.ones(b, dtype=torch.long, device=device)
+        out = torch.full((b, width), pad_id, dtype=torch.long, device=device)
+        ar = torch.arange(b, device=device)
+        generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
+        owner = [-1] * b  # the request each cache row serves
+        waiting = list(range(n))[::-1]
+        results: list[RowTokens | None] = [None] * n
+
+        def admit(free: list[int]) -> None:
+            reqs = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
+            idx = torch.tensor(free[:len(reqs)], device=device)
+            ids, valid = left_pad([prompts[r] for r in reqs], pad_id, device)
+            sub = vis.select(rows[torch.tensor(reqs, device=device)])
+            embeds, kvalid, conds = model.inputs(sub, ids, valid)
+            t0 = embeds.shape[1]
+            if t0 + max(budgets[r] for r in reqs) > s:
+                raise ValueError(f"a prompt of {t0} slots and its new tokens do not fit the cache's {s} slots")
+            slots = torch.arange(t0, device=device)
+            positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)
+            logits = prefill(model, RowsPrefill(cache, idx), embeds, positions,
+                             attention_mask(kvalid, slots, kvalid), slots, conds)
+            fixed.slot_valid[idx] = False
+            fixed.slot_valid[idx, :t0] = kvalid
+            fixed.vis_mask[idx] = sub.mask
+            for (k, u), (k1, u1) in zip(fixed.cond_kv, sub.cond_kv or ()):
+                k[idx], u[idx] = k1, u1
+            first = sample(logits, gen.temperature, gen.top_p, generator)
+            pos[idx, 0], slot[idx, 0] = kvalid.long().sum(1), t0
+            tok[idx], out[idx, 0], count[idx] = first, first, 1
+            budget[idx] = torch.tensor([budgets[r] for r in reqs], device=device)
+            done[idx] = torch.isin(first, eos) | (budget[idx] <= 1)
+            for r, req in zip(free, reqs):
+                owner[r] = req
+
+        def collect() -> list[int]:
+            """Store the finished rows' tokens; return the free rows."""
+            finished = done.tolist()
+            counts, toks = None, None
+            for r in range(b):
+                if finished[r] and owner[r] >= 0:
+                    if toks is None:
+                        counts, toks = count.tolist(), out.tolist()
+                    row = toks[r][:counts[r]]
+                    end = next((i for i, t in enumerate(row) if t in eos_ids), None)
+                    results[owner[r]] = RowTokens(tokens=row if end is None else row[:end], finished=end is not None)
+                    owner[r] = -1
+            return [r for r in range(b) if owner[r] < 0]
+
+        with self._recompiles():
+            while True:
+                free = collect()
+                if waiting and free:
+                    admit(free)
+                elif len(free) == b:
+                    break
+                for _ in range(self.check_every):
+                    live = ~done
+                    fixed.slot_valid[ar, slot[:, 0]] |= live  # the new token's slot, where a row goes on
+                    if self.compiled and self.cuda:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    logits = self.row_step(model, cache, tok[:, None], pos, fixed.slot_valid, slot,
+                                           fixed.vis_mask, fixed.cond_kv)
+                    nxt = sample(logits, gen.temperature, gen.top_p, generator)
+                    tok = torch.where(live, nxt, tok)
+                    out[ar, count.clamp(max=width - 1)] = torch.where(live, nxt, out[ar, count.clamp(max=width - 1)])
+                    count = count + live.long()
+                    done = done | (live & (torch.isin(nxt, eos) | (count >= budget)))
+                    pos = pos + live.long()[:, None]
+                    slot = slot + live.long()[:, None]
         return results
 
 

@@ -20,8 +20,8 @@ DEFAULT_PROMPTS = {"image": "Describe the image.", "video": "Describe the video.
 
 class OneVisionEngine(Engine):
     def __init__(self, model: OneVision, prompts: ChatPrompts, max_batch: int = 32, name: str | None = None,
-                 compile: bool = False) -> None:
-        super().__init__(model, prompts.tokenizer, max_batch=max_batch, name=name, compile=compile)
+                 compile: bool = False, inflight: bool = True) -> None:
+        super().__init__(model, prompts.tokenizer, max_batch=max_batch, name=name, compile=compile, inflight=inflight)
         self.prompts = prompts
 
     @classmethod

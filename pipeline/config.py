@@ -64,6 +64,7 @@ class RunConfig:
     max_error_rate: float = 1.0
     job_id: str | None = None  # None: reuse the output's job id, else a fresh one
     rows_per_file: int = 5000
+    inflight: bool = True  # in-flight batching in the labeler (False: static batches)
     decode_batch_size: int = 4  # items per decode task
     progress_seconds: float = 10.0
 

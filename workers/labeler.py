@@ -34,10 +34,11 @@ class Labeler:
 
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
-                 frames: int | None = None):
+                 frames: int | None = None, inflight: bool = True):
         """max_batch: generation rows per batch (the driver resolves auto on CPU to a number); None: on a GPU, as
         many rows as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when
-        replicas share it), on CPU the engine's default. compile: the decode step."""
+        replicas share it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching
+        (a finished row's cache row goes to a waiting request) over each input block; False: static batches."""
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
@@ -49,6 +50,7 @@ class Labeler:
         batch = {} if max_batch is None else {"max_batch": max_batch}
         engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device,
                              dtype=torch.bfloat16 if cuda else None, compile=compile, **batch)
+        engine.inflight = inflight
         gen = GenerationConfig(**generation)
         if max_batch is None and cuda:
             engine.fit_batch(share=memory_share, new_tokens=gen.max_new_tokens, frames=frames)
@@ -81,8 +83,10 @@ class Labeler:
                 out.append(self._row(clip, p["task"], text))
                 if clip["status"] != ERROR:
                     asks.append((len(out) - 1, c, text))
-        for start in range(0, len(asks), self.max_batch):
-            self._infer(clips, asks[start:start + self.max_batch], out)
+        # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
+        step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
+        for start in range(0, len(asks), step):
+            self._infer(clips, asks[start:start + step], out)
         unlabelled = [r["row_id"] for r in out if r["status"] is None]
         if unlabelled:  # a request never asked, or its answer never stored
             raise AssertionError(f"labeler left {len(unlabelled)} of {len(out)} rows without a status, "
@@ -118,6 +122,12 @@ class Labeler:
             if len(gens) != len(asks):
                 raise RuntimeError(f"engine returned {len(gens)} generations for {len(asks)} requests")
         except (RuntimeError, ValueError) as err:  # torch errors (incl. CUDA OOM), bad frames
+            if len(asks) > self.max_batch:  # a whole in-flight block: find the failing batches, fail only those
+                log.warning("inference failed for a block of %d requests (%s): retrying in batches of %d",
+                            len(asks), err, self.max_batch)
+                for start in range(0, len(asks), self.max_batch):
+                    self._infer(clips, asks[start:start + self.max_batch], out)
+                return
             log.warning("inference failed for %d requests: %s", len(asks), err)
             for i, _, _ in asks:
                 out[i].update(error_columns(INFER, f"{type(err).__name__}: {err}"))

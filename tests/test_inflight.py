@@ -1,0 +1,100 @@
+"""In-flight batching: a pool of cache rows that finished rows hand to waiting requests gives every row the tokens
+static batching (and the row alone) gives it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lavi.engine import Engine
+from lavi.generate import GenerationConfig, Generator, setup_caches
+from lavi.tiny import make_tiny_checkpoint
+
+PROMPTS = ["describe the image.", "a", "what colour is the big red circle on the left of the image?",
+           "how many", "describe", "is there a small blue square in the top right corner of the picture?", "the"]
+
+
+@pytest.fixture(scope="module", params=["viln", "concat"])
+def engine(request, tmp_path_factory) -> Engine:
+    """A tiny random model whose generations differ by row: every weight matrix past the ViT widened (at the
+    default init every row repeats one token, and a test of which row got whose tokens could not fail)."""
+    path = make_tiny_checkpoint(str(tmp_path_factory.mktemp(f"tiny-{request.param}")), seed=1, fusion=request.param)
+    e = Engine.load(path, max_batch=3)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in e.model.named_parameters():
+            if p.ndim == 2 and not name.startswith("vision"):
+                p.normal_(std=0.5)
+    return e
+
+
+def _clips(n: int, size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (f, size, size, 3), dtype=np.uint8) for f in ([1, 3, 2][:n])]
+
+
+def _texts(engine: Engine, inflight: bool, max_batch: int, requests, gen) -> list[tuple[str, int, bool]]:
+    engine.inflight, engine.max_batch = inflight, max_batch
+    clips = _clips(3, engine.image_size)
+    return [(c.text, c.num_generated_tokens, c.finished) for c in engine.generate(clips, requests, gen)]
+
+
+def test_inflight_generations_equal_static_batching_and_each_row_alone(engine):
+    """Guards against in-flight rows that see another row's cache slots, positions or visual state (a request
+    admitted into a row another just left), and against requests lost or returned out of order."""
+    requests = [(i % 3, p) for i, p in enumerate(PROMPTS)]
+    gen = GenerationConfig(max_new_tokens=12)
+    static = _texts(engine, False, 32, requests, gen)
+    assert _texts(engine, True, 3, requests, gen) == static  # a pool of 3 rows for 7 requests
+    assert _texts(engine, True, 32, requests, gen) == static
+    alone = [_texts(engine, False, 1, [r], gen)[0] for r in requests]
+    assert alone == static
+
+
+def test_rows_that_stop_early_hand_their_cache_row_to_waiting_requests(engine):
+    """Guards against a row's own max_new_tokens or EOS not ending it (or ending its neighbours), and against a
+    waiting request never admitted when rows free up at different steps."""
+    clips = _clips(3, engine.image_size)
+    vis = engine._encode(clips, [("video", c.shape[1:3]) for c in clips])
+    prompts = [engine.encode_prompt(p) for p in PROMPTS]
+    rows = torch.tensor([i % 3 for i in range(len(PROMPTS))])
+    gen = GenerationConfig(max_new_tokens=16)
+    full = Generator(engine.model, setup_caches(engine.model, len(prompts), 128))(vis, rows, prompts, gen, -1)
+    budgets = [16, 1, 9, 3, 16, 2, 7]
+    # as EOS, a token the model does generate in some rows (within their budgets) and not in the others
+    eos = next(t for t in dict.fromkeys(t for f in full for t in f.tokens)
+               if 0 < sum(t in f.tokens[:n] for f, n in zip(full, budgets)) < len(full))
+    pool = Generator(engine.model, setup_caches(engine.model, 2, 128))
+    got = pool.inflight(vis, rows, prompts, gen, eos, max_new_tokens=budgets)
+    stopped = 0
+    for g, f, n in zip(got, full, budgets):
+        want = f.tokens[:n]
+        end = want.index(eos) if eos in want else None
+        assert g.tokens == (want if end is None else want[:end]) and g.finished == (end is not None)
+        stopped += end is not None
+    assert stopped >= 1 and any(not g.finished for g in got)
+
+
+def test_the_inflight_decode_step_compiles_whole(engine):
+    """Guards against a graph break in the per-row decode step (its per-row cache writes), which would stop CUDA
+    graphs on the GPU: torch.compile(fullgraph=True) raises on any break; the tokens equal eager's."""
+    clips = _clips(3, engine.image_size)
+    vis = engine._encode(clips, [("video", c.shape[1:3]) for c in clips])
+    prompts = [engine.encode_prompt(p) for p in PROMPTS[:4]]
+    rows = torch.tensor([0, 1, 2, 0])
+    gen = GenerationConfig(max_new_tokens=6)
+    eager = Generator(engine.model, setup_caches(engine.model, 2, 128)).inflight(vis, rows, prompts, gen, -1)
+    compiled = Generator(engine.model, setup_caches(engine.model, 2, 128), compile=True, backend="eager")
+    assert compiled.inflight(vis, rows, prompts, gen, -1) == eager
+
+
+def test_bench_measures_inflight_against_static_on_a_mixed_workload(tmp_path):
+    """Guards against the in-flight benchmark timing something else than the two modes on the same rows (its texts
+    must agree), or writing no figures."""
+    from bench.inflight import markdown, measure_inflight
+    from lavi.bundled import DEFAULT_MODEL
+
+    m = measure_inflight(DEFAULT_MODEL, n_images=3, questions=2, batch=4, max_new_tokens=32, repeats=1)
+    assert m["rows"] == 9 and m["same_texts"] and m["generated_tokens"]["max"] > m["generated_tokens"]["min"]
+    assert m["inflight"]["rows_per_s"] > 0 and m["static"]["rows_per_s"] > 0
+    assert "in-flight / static" in markdown(m)
