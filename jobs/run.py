@@ -56,6 +56,9 @@ BATCH = BatchSize()
 @click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
 @click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")
 @click.option("--rows-per-file", default=5000, show_default=True, help="Rows per committed Parquet file.")
+@click.option("--max-rebuilds", default=3, show_default=True,
+              help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done yet, "
+                   "at most this many times (0: fail).")
 @click.option("--inflight/--no-inflight", default=True, show_default=True,
               help="In-flight batching: a row that finishes hands its cache row to a waiting request at once "
                    "(rows of one block); --no-inflight: static batches that wait for their longest row.")

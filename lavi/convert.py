@@ -19,6 +19,7 @@ from . import checkpoint, onevision_checkpoint
 from .chat import find_template, special_tokens
 from .config import LaViConfig
 from .model import LaVi
+from .onevision_config import DEFAULT_PROMPTS
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "preprocessor_config.json",
           "generation_config.json")
@@ -39,7 +40,7 @@ def convert(source: str | Path, out: str | Path, num_stages: int = 4, cond_dim: 
                         max_frames=c.max_frames, default_frames=c.default_frames, image_mean=c.image_mean,
                         image_std=c.image_std, chat_template=template, chat_tokens=special_tokens(tok_cfg),
                         eos_token_id=c.eos_token_ids[0], eos_token_ids=c.eos_token_ids, pad_token_id=c.pad_token_id,
-                        default_prompts={"image": "Describe the image.", "video": "Describe the video."},
+                        default_prompts=dict(c.default_prompts or DEFAULT_PROMPTS),
                         name=name or f"lavi-{c.name}")
     torch.manual_seed(seed)
     model = LaVi(config)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_weights
 from .onevision import OneVision
-from .onevision_config import OneVisionConfig
+from .onevision_config import OURS, OneVisionConfig
 
 # (HF prefix, ours), most specific first
 _PREFIXES = (
@@ -95,7 +95,9 @@ def hf_config(model: OneVision) -> dict:
             "vision_feature_select_strategy": c.select_strategy, "projector_hidden_act": c.projector_act,
             "multimodal_projector_bias": c.projector_bias, "image_grid_pinpoints": [list(p) for p in c.pinpoints],
             "vision_aspect_ratio": f"anyres_max_{c.max_tiles}", "image_token_index": c.image_token_id,
-            "video_token_index": c.video_token_id, "tie_word_embeddings": dc.tie_word_embeddings}
+            "video_token_index": c.video_token_id, "tie_word_embeddings": dc.tie_word_embeddings,
+            OURS: {"default_frames": c.default_frames, "max_frames": c.max_frames,
+                   **({"default_prompts": c.default_prompts} if c.default_prompts else {})}}
 
 
 ASSETS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",

@@ -46,6 +46,7 @@ class OneVisionConfig:
     name: str = "llava-onevision"
     default_frames: int = 8  # frames per video clip when the caller does not say
     max_frames: int = 64
+    default_prompts: dict[str, str] | None = None  # caption prompt per media type (None: the engine's defaults)
 
     @property
     def side(self) -> int:
@@ -112,7 +113,21 @@ class OneVisionConfig:
                    pinpoints=tuple((int(h), int(w)) for h, w in pinpoints), max_tiles=int(aspect[11:]),
                    image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 151646))),
                    video_token_id=int(hf.get("video_token_index", hf.get("video_token_id", 151647))),
-                   **_preprocessing(pre, vision), **_special_ids(hf, text, generation or {}), name=name)
+                   **_preprocessing(pre, vision), **_special_ids(hf, text, generation or {}), name=name,
+                   **_ours(hf.get(OURS) or {}))
+
+
+# a LLaVA-OneVision's caption prompts, unless its checkpoint carries its own (config.json's OURS)
+DEFAULT_PROMPTS = {"image": "Describe the image.", "video": "Describe the video."}
+OURS = "lavi"  # config.json's key for what a checkpoint trained here knows of itself (transformers keeps, ignores it)
+
+
+def _ours(saved: dict[str, Any]) -> dict[str, Any]:
+    """default_frames, max_frames and default_prompts, where a checkpoint trained by this project saved them."""
+    out = {k: int(saved[k]) for k in ("default_frames", "max_frames") if k in saved}
+    if isinstance(saved.get("default_prompts"), dict):
+        out["default_prompts"] = {str(k): str(v) for k, v in saved["default_prompts"].items()}
+    return out
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -13,9 +13,9 @@ from . import onevision_checkpoint
 from .engine import Engine
 from .fusion import Visual
 from .onevision import OneVision
+from .onevision_config import DEFAULT_PROMPTS
 from .prompt import ChatPrompts
 
-DEFAULT_PROMPTS = {"image": "Describe the image.", "video": "Describe the video."}
 
 
 class OneVisionEngine(Engine):
@@ -40,7 +40,8 @@ class OneVisionEngine(Engine):
         return self.config.pinpoints
 
     def default_prompt(self, media_type: str) -> str:
-        return DEFAULT_PROMPTS.get(media_type, DEFAULT_PROMPTS["image"])
+        prompts = self.config.default_prompts or DEFAULT_PROMPTS  # a checkpoint trained here may carry its own
+        return prompts.get(media_type, prompts.get("image", DEFAULT_PROMPTS["image"]))
 
     def encode_prompt(self, text: str, media: str = "image") -> list[int]:
         """One user turn: the image or video, then the text, and the generation prompt (`ChatPrompts`)."""

@@ -141,7 +141,7 @@ def tiny_shapes_onevision(words: list[str], directory: str | Path, default_frame
         image_token_id=ids["<image>"], video_token_id=ids["<video>"], tile_size=size, resample=3,
         rescale_factor=1 / 255, image_mean=shapes.image_mean, image_std=shapes.image_std,
         eos_token_ids=(ids["<eos>"],), pad_token_id=ids["<pad>"], name="tiny-shapes-llava-ov",
-        default_frames=default_frames, max_frames=max_frames)
+        default_frames=default_frames, max_frames=max_frames, default_prompts=dict(shapes.default_prompts))
     model = OneVision(config)
     torch.nn.init.normal_(model.image_newline, std=0.02)
     return model

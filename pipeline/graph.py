@@ -24,7 +24,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.output import Output
 from pipeline.sink import ParquetSink
-from pipeline.sources import PromptSpec, iter_items, write_shards
+from pipeline.sources import PromptSpec, iter_items, remaining_shards, write_shards
 from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.summary import Progress, build_summary
 from schemas.rows import metadata
@@ -160,22 +160,48 @@ def run(config: RunConfig) -> dict:
                                    output.fs, output.listing)
     log.info("job %s: %d items to label, %d already done in %s", job_id, n_items, listed["skipped"], config.out)
     sink = ParquetSink(output, metadata(info["name"], generation, job_id), config.rows_per_file)
-    tokens = _label(config, info, shards, n_items, output, sink, job_id) if n_items else 0
+    rebuilds: list[dict] = []
+    tokens = _label(config, info, shards, n_items, output, sink, job_id, rebuilds) if n_items else 0
     output.clear_scratch()
     summary = build_summary(
         output, job_id=job_id, model=info["name"], generation=generation,
         wall_s=time.monotonic() - start, items_listed=listed["listed"],
         items_skipped=listed["skipped"], rows_written=sink.rows_written, items_written=sink.items_written,
         generated_tokens=tokens, files_written=len(sink.files))
+    summary["pipeline_rebuilds"] = rebuilds  # a lost node, actor or object: the graph rebuilt over what was left
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
     output.write_summary(summary)
     return summary
 
 
+# what a node, actor or object lost under a running pipeline raises (Ray's names: ray.exceptions)
+LOST_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "RayActorError", "ObjectLostError",
+               "ObjectFetchTimedOutError", "OwnerDiedError", "ObjectReconstructionFailedError",
+               "ObjectReconstructionFailedMaxAttemptsExceededError", "ObjectReconstructionFailedLineageEvictedError",
+               "ReferenceCountingAssertionError", "WorkerCrashedError", "LocalRayletDiedError")
+
+
+def lost_cluster_part(err: BaseException) -> str | None:
+    """`Name: message` of the lost-node, -actor or -object error in err's chain (causes, Ray's wrapped causes), or
+    None when the error is anything else."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if any(c.__name__ in LOST_ERRORS for c in type(e).__mro__):
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
 def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: int, output: Output,
-           sink: ParquetSink, job_id: str) -> int:
-    """Run the Ray Data graph over the listing shards into the sink; returns the tokens generated."""
+           sink: ParquetSink, job_id: str, rebuilds: list[dict]) -> int:
+    """Run the Ray Data graph over the listing shards into the sink; returns the tokens generated. A lost node,
+    actor or object ends that graph: it is rebuilt over the items not yet done (up to config.max_rebuilds times,
+    each appended to `rebuilds`); the sink forgets the rows of items left half done, so rows stay exactly once."""
     settings = DecodeSettings(
         image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
         clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
@@ -186,13 +212,32 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
     try:
         check_resources(config)
         progress = Progress(n_items, config.progress_seconds)
-        # config.model, not the resolved default: None lets each actor find the bundled model on its own node
-        dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id)
-        for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            sink.add(batch)
-            rows_seen += batch.num_rows
-            tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
-            progress.update(sink.items_written, rows_seen)
+        while True:
+            try:
+                # config.model, not the resolved default: None lets each actor find the bundled model on its node
+                dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id)
+                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    sink.add(batch)
+                    rows_seen += batch.num_rows
+                    tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
+                    progress.update(sink.items_written, rows_seen)
+                break
+            except Exception as err:  # noqa: BLE001 - only a lost node, actor or object is retried
+                lost = lost_cluster_part(err)
+                if lost is None or len(rebuilds) >= config.max_rebuilds:
+                    raise
+                dataset = None
+                gc.collect()
+                redone = sink.drop_partial()
+                shards, left = remaining_shards(shards, output.fs, output.listing + f"/rebuild-{len(rebuilds) + 1}",
+                                                frozenset(sink.finished))
+                rebuilds.append({"error": lost, "items_left": left, "partial_items_redone": redone,
+                                 "items_done": sink.items_written})
+                log.warning("the pipeline lost part of the cluster (%s): rebuilding it over the %d items not done "
+                            "(%d of them half labelled, redone whole); rebuild %d of at most %d", lost, left, redone,
+                            len(rebuilds), config.max_rebuilds)
+                if not left:
+                    break
         sink.close()
         progress.update(sink.items_written, rows_seen, force=True)
         if sink.items_written != n_items:  # every listed item yields its rows, error rows included

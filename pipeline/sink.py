@@ -47,6 +47,7 @@ class ParquetSink:
         self.files: list[str] = []
         self.rows_written = 0
         self.items_written = 0
+        self.finished: set[str] = set()  # items whose rows all arrived (committed, or buffered to be)
 
     def add(self, table: pa.Table) -> None:
         """Buffer a batch of output rows (any order, any split of an item's rows across batches)."""
@@ -69,6 +70,7 @@ class ParquetSink:
                 self._partial_rows.pop(item, None)
                 self._ready_rows += have
                 self.items_written += 1
+                self.finished.add(item)
             else:
                 self._partial_rows[item] = have
         if self._ready_rows >= self.rows_per_file or (
@@ -93,6 +95,14 @@ class ParquetSink:
         self._ready, self._ready_rows = [], 0
         log.debug("committed %s (%d rows)", final, table.num_rows)
         return self.files[-1]
+
+    def drop_partial(self) -> int:
+        """Forget the rows of items not yet whole (a pipeline rebuilt after a node loss redoes those items from
+        their first row); returns how many items that was."""
+        n = len(self._partial)
+        self._partial.clear()
+        self._partial_rows.clear()
+        return n
 
     def close(self) -> None:
         """Flush; every item must be complete by now (rows never go missing silently)."""

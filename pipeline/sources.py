@@ -190,3 +190,16 @@ def _iter_records(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
         else:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
                 yield from batch.to_pylist()
+
+
+def remaining_shards(shards: list[str], fs: fsspec.AbstractFileSystem, base: str,
+                     done: set[str] | frozenset[str]) -> tuple[list[str], int]:
+    """Listing shards of the items of `shards` whose item_id is not in `done`, written under `base` (a pipeline
+    rebuilt after a node loss labels only those); returns (shard URIs, number of items)."""
+    def items() -> Iterator[dict]:
+        for shard in shards:
+            with fs.open(fs._strip_protocol(shard), "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
+                    yield from (item for item in batch.to_pylist() if item["item_id"] not in done)
+
+    return write_shards(items(), fs, base)

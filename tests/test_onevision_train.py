@@ -185,6 +185,24 @@ def test_a_saved_tiny_shapes_llava_ov_generates_in_transformers_what_our_engine_
     _check_against_transformers(shapes_ov, 2)
 
 
+def test_a_saved_llava_ov_keeps_its_frames_and_prompts_and_its_lavi_conversion_takes_them(shapes_ov, tmp_path):
+    """Guards against a checkpoint trained here forgetting, once saved, the frames per clip it was trained on and
+    the prompts it knows (a reloaded tiny-shapes-llava-ov asked "Describe the image." sees unknown words), and a
+    `convert` of it prompting otherwise than its teacher; transformers still loads the config."""
+    from transformers import AutoConfig
+
+    from lavi.convert import convert
+    from lavi.engine import Engine
+
+    engine = Engine.load(str(shapes_ov))
+    assert (engine.default_frames, engine.config.max_frames) == (4, 16)
+    assert engine.default_prompt("image") == spec.IMAGE_PROMPT and engine.default_prompt("video") == spec.VIDEO_PROMPT
+    assert AutoConfig.from_pretrained(str(shapes_ov)).model_type == "llava_onevision"
+    convert(str(shapes_ov), tmp_path / "lavi", num_stages=2, cond_dim=16, cond_heads=2)
+    lavi = Engine.load(str(tmp_path / "lavi"))
+    assert lavi.default_prompt("video") == spec.VIDEO_PROMPT and lavi.default_frames == 4
+
+
 @pytest.mark.skipif(not BUNDLED.exists(), reason="tiny-shapes-llava-ov is not bundled yet (its training is under way)")
 def test_the_bundled_tiny_shapes_llava_ov_generates_in_transformers_what_our_engine_generates():
     _check_against_transformers(BUNDLED, 3)

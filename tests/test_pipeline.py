@@ -243,3 +243,49 @@ def test_unschedulable_pool_and_bad_frames_are_refused(ray_local, tiny_model, tm
         run(RunConfig(**{**base.__dict__, "workers": 4}))
     with pytest.raises(ValueError, match="max_frames"):
         run(RunConfig(**{**base.__dict__, "frames": 10_000}))
+
+
+def test_a_lost_actor_rebuilds_the_pipeline_over_the_items_left(ray_local, tiny_model, tmp_path, monkeypatch):
+    """Guards against a lost node, actor or object ending the job although its committed items are safe, and
+    against the rebuilt pipeline redoing finished items or leaving a half-labelled item's rows twice; anything else
+    must still fail."""
+    import ray.exceptions
+
+    import pipeline.graph as graph
+
+    write_corpus(str(tmp_path / "corpus"), 10, 0, seed=3)
+    real, calls = graph.build_dataset, []
+
+    class Dying:
+        """The first graph: yields two batches, then its labeler actor dies."""
+
+        def __init__(self, ds, error):
+            self.ds, self.error = ds, error
+
+        def iter_batches(self, **kwargs):
+            for i, batch in enumerate(self.ds.iter_batches(**kwargs)):
+                if i == 2:
+                    raise self.error
+                yield batch.slice(0, batch.num_rows - 1) if i == 1 else batch  # item rows cut off mid-item
+
+    def build(shards, *args, **kwargs):
+        calls.append(shards)
+        ds = real(shards, *args, **kwargs)
+        return Dying(ds, ray.exceptions.ActorDiedError()) if len(calls) == 1 else ds
+
+    monkeypatch.setattr(graph, "build_dataset", build)
+    out = tmp_path / "out"
+    config = RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(out), model=tiny_model, max_new_tokens=2,
+                       batch_size=2, decode_batch_size=1, rows_per_file=1, task="vqa", questions=(Q, "what is it?"))
+    summary = run(config)
+    rows = pq.read_table(out).to_pylist()
+    assert len(calls) == 2 and len(summary["pipeline_rebuilds"]) == 1
+    assert "ActorDiedError" in summary["pipeline_rebuilds"][0]["error"]
+    assert sorted(r["row_id"] for r in rows) == sorted(set(r["row_id"] for r in rows)) and len(rows) == 20
+    assert summary["pipeline_rebuilds"][0]["partial_items_redone"] == 1
+    assert summary["pipeline_rebuilds"][0]["items_left"] == 10 - summary["pipeline_rebuilds"][0]["items_done"]
+
+    calls.clear()
+    monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Dying(real(*a, **k), ValueError("a real bug")))
+    with pytest.raises(ValueError, match="a real bug"):
+        run(RunConfig(**{**config.__dict__, "out": str(tmp_path / "out2")}))

@@ -58,6 +58,17 @@ def test_two_workers_step_as_one_on_the_same_global_batch(ray_local, tmp_path):
     assert one["final"]["loss"] == pytest.approx(two["final"]["loss"], rel=RTOL)
 
 
+def _registered(out) -> bool:
+    """Whether Ray Train's checkpoint manager has recorded a checkpoint of the run (the one a restart resumes)."""
+    for snapshot in (out / "ray_train").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except ValueError:  # being written
+            pass
+    return False
+
+
 def _train_workers() -> list[int]:
     """The Ray Train workers of the local Ray this test session started (Ray sets their process titles)."""
     from tests.cluster import children, cmdline
@@ -76,10 +87,10 @@ def test_a_worker_killed_mid_run_restarts_from_the_last_checkpoint(ray_local, tm
            "--warmup", "2", "--workers", "2", "--address", ray_local]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and not list((out / "ray_train").glob("*/checkpoint_*/train_state.json")):
+        deadline = time.time() + 600  # Ray Train registers a reported checkpoint a little later: wait for that
+        while time.time() < deadline and not _registered(out):
             assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.5)
+            time.sleep(0.2)
         killed = _train_workers()[-1]
         os.kill(killed, signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
