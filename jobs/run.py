@@ -56,6 +56,9 @@ BATCH = BatchSize()
 @click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
 @click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")
 @click.option("--rows-per-file", default=5000, show_default=True, help="Rows per committed Parquet file.")
+@click.option("--stall-timeout", default=300.0, show_default=True,
+              help="Seconds with no row before the driver says what the cluster has and what waits; after twice "
+                   "that it exits (4) with that message, committed items kept. 0: wait forever.")
 @click.option("--max-rebuilds", default=3, show_default=True,
               help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done yet, "
                    "at most this many times (0: fail).")
@@ -64,6 +67,7 @@ BATCH = BatchSize()
                    "(rows of one block); --no-inflight: static batches that wait for their longest row.")
 def run(inputs: tuple[str, ...], **flags) -> None:
     """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
+    from pipeline.graph import PipelineStalled
     from pipeline.graph import run as run_pipeline
     from pipeline.summary import format_summary
 
@@ -73,6 +77,9 @@ def run(inputs: tuple[str, ...], **flags) -> None:
         summary = run_pipeline(config)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
+    except PipelineStalled as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(4)
     click.echo(format_summary(summary))
     click.echo(f"labels: {config.out}")
     if summary["error_rate_exceeded"]:

@@ -175,6 +175,72 @@ def run(config: RunConfig) -> dict:
     return summary
 
 
+class PipelineStalled(RuntimeError):
+    """No row reached the driver for two stall periods; the message says what the cluster has and what waits."""
+
+
+def describe_cluster() -> str:
+    """What a stalled pipeline waits on: the cluster's resources, what is free, and (where Ray's autoscaler state
+    answers) the resource demands no node can meet."""
+    import ray
+
+    parts = [f"cluster {_resources(ray.cluster_resources())}", f"free {_resources(ray.available_resources())}"]
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        pending = [f"{b.count} x {_resources(b.bundle)}" for d in status.resource_demands.ray_task_actor_demand
+                   for b in d.bundles_by_count]
+        if pending:
+            parts.append("pending demands " + "; ".join(pending))
+    except Exception as err:  # noqa: BLE001 - best effort: the autoscaler's state API differs across Ray versions
+        log.debug("no autoscaler state: %s", err)
+    return ", ".join(parts)
+
+
+def _resources(r: dict) -> str:
+    keep = {k: v for k, v in r.items() if not k.startswith("node:") and k not in ("object_store_memory", "memory")}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"
+
+
+def stream(dataset, stall_s: float, describe=describe_cluster):
+    """The dataset's output batches, pulled on a thread so that the driver notices a stall: after `stall_s` with no
+    batch it logs what the cluster has and waits on; after a second such period it raises PipelineStalled. 0: wait
+    forever. Errors of the dataset are raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=4)
+
+    def pump() -> None:
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                q.put(("batch", batch))
+            q.put(("end", None))
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
+            q.put(("error", err))
+
+    threading.Thread(target=pump, name="lavi-pipeline-pump", daemon=True).start()
+    warned = False
+    while True:
+        try:
+            kind, value = q.get(timeout=stall_s or None)
+        except queue.Empty:
+            what = describe()
+            if not warned:
+                log.warning("no rows for %.0f s: the pipeline may be stalled; %s", stall_s, what)
+                warned = True
+                continue
+            raise PipelineStalled(f"no rows for {2 * stall_s:.0f} s: the pipeline is stalled ({what}); every committed "
+                                  "item is kept: free or add resources and rerun into the same --out to label the rest")
+        warned = False
+        if kind == "end":
+            return
+        if kind == "error":
+            raise value
+        yield value
+
+
 # what a node, actor or object lost under a running pipeline raises (Ray's names: ray.exceptions)
 LOST_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "RayActorError", "ObjectLostError",
                "ObjectFetchTimedOutError", "OwnerDiedError", "ObjectReconstructionFailedError",
@@ -216,7 +282,7 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
                 dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id)
-                for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for batch in stream(dataset, config.stall_timeout):
                     sink.add(batch)
                     rows_seen += batch.num_rows
                     tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())

@@ -289,3 +289,25 @@ def test_a_lost_actor_rebuilds_the_pipeline_over_the_items_left(ray_local, tiny_
     monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Dying(real(*a, **k), ValueError("a real bug")))
     with pytest.raises(ValueError, match="a real bug"):
         run(RunConfig(**{**config.__dict__, "out": str(tmp_path / "out2")}))
+
+
+def test_a_stalled_pipeline_says_what_it_waits_on_then_fails(ray_local, tiny_model, tmp_path, monkeypatch, caplog):
+    """Guards against a job that hangs with no row and no message (a rebuild that no node can schedule): the driver
+    warns after one stall period with what the cluster has, and fails after a second with that message."""
+    import threading
+
+    import pipeline.graph as graph
+
+    class Stuck:
+        def iter_batches(self, **kwargs):
+            threading.Event().wait()  # never a batch, as when no node can take the pending tasks
+            yield
+
+    monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Stuck())
+    write_corpus(str(tmp_path / "corpus"), 2, 0, seed=4)
+    t0 = time.monotonic()
+    with pytest.raises(graph.PipelineStalled, match=r"no rows for 3 s: the pipeline is stalled \(cluster \{CPU: 2"):
+        run(RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(tmp_path / "out"), model=tiny_model,
+                      stall_timeout=1.5))
+    assert time.monotonic() - t0 < 60
+    assert "the pipeline may be stalled" in caplog.text
