@@ -54,6 +54,7 @@ class ModelBenchConfig:
     peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
     seed: int = 0
     checkpoints: tuple[str, ...] = ()  # real checkpoint directories (bench.checkpoints): then `shapes` is not used
+    quantize: str | None = None  # "int8": each engine model also measured with weight-only int8 decoder layers
     mixed: int = 0  # > 0: also in-flight vs static batching on this many shapes-v1 images (bench.inflight)
     mixed_model: str | None = None  # its LaVi checkpoint (None: the bundled tiny-shapes)
     out: str = "bench-model.json"
@@ -212,6 +213,16 @@ class Runner:
             rows.append(r)
         roof = self.roofline(model, config, setting, max_seq, kind, next((r for r in rows if r["batch_size"] == 1
                                                                           and "error" not in r), None))
+        if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
+            from lavi.quant import quantize
+            quantize(model, c.quantize)
+            self._release()
+            self.mem.rebase()
+            for b in sizes:
+                log.info("bench %s-%s %s batch %d", kind, c.quantize, setting.name, b)
+                r = {**common, "model": f"{kind}-{c.quantize}", **self.measure(model, inputs, b, max_seq)}
+                r["flop_utilization"] = r["captions_per_s"] * per_caption / self.peak if self.peak else None
+                rows.append(r)
         del model
         self._release()
         return rows, roof

@@ -53,6 +53,9 @@ def bench() -> None:
 @click.option("--model", "checkpoints", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A local checkpoint directory instead of --shapes (repeatable): a LLaVA-OneVision gives concat rows "
                    "(our engine) and hf-llava-ov rows (transformers, same weights); a LaVi gives lavi rows.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also measure each lavi/concat model with its decoder's linear layers as weight-only int8 "
+                   "(rows lavi-int8, concat-int8), beside the float rows.")
 @click.option("--mixed", default=0, show_default=True,
               help="Also measure in-flight against static batching on this many shapes-v1 images, a caption and 4 "
                    "short answers each (the batch: the largest --batch-sizes, else 32), through --mixed-model.")
@@ -62,8 +65,8 @@ def bench() -> None:
 @click.option("--markdown", default="BENCHMARKS.md", show_default=True,
               help="Markdown file whose section this run writes ('' for none).")
 def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_tokens, repeats, compile_,
-              compile_backend, max_batch, memory_fraction, peak_tflops, seed, checkpoints, mixed, mixed_model, out,
-              markdown) -> None:
+              compile_backend, max_batch, memory_fraction, peak_tflops, seed, checkpoints, quantize, mixed,
+              mixed_model, out, markdown) -> None:
     """LaVi vs the concat baseline (and transformers' LLaVA-OneVision): captions/s, TTFT, memory, FLOPs."""
     from bench.model import ModelBenchConfig, run
 
@@ -73,7 +76,7 @@ def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_
             batch_sizes=_ints(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
             compile=compile_, compile_backend=compile_backend, max_batch=max_batch, memory_fraction=memory_fraction,
             peak_flops=peak_tflops * 1e12 if peak_tflops else None, seed=seed, checkpoints=checkpoints,
-            mixed=mixed, mixed_model=mixed_model, out=out, markdown=markdown or None)
+            quantize=quantize, mixed=mixed, mixed_model=mixed_model, out=out, markdown=markdown or None)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     doc = run(config)

@@ -72,19 +72,20 @@ def write_split(workdir: str, images: int, videos: int, seed: int, renderer: str
 
 
 def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
-             device: str = "cpu", renderer: str = "shapes") -> dict:
+             device: str = "cpu", renderer: str = "shapes", quantize: str | None = None) -> dict:
     from lavi.engine import Engine
     from shapes.corpus import read_manifest
     from shapes.score import score_rows
 
     manifest = write_split(workdir, images, videos, seed, renderer)
     entries = read_manifest(manifest)
-    engine = Engine.load(model, device=device, max_batch=256)
+    engine = Engine.load(model, device=device, max_batch=256, quantize=quantize)
     t0 = time.time()
     rows = label_manifest(engine, entries, frames or engine.default_frames)
     figures = score_rows(rows, {e["uri"]: e for e in entries})
     summary = Path(model) / "train_summary.json"
     return {"model": engine.name, "path": model, "fusion": engine.config.fusion, "renderer": renderer,
+            "quantize": quantize,
             "figures": figures,
             "label_wall_s": time.time() - t0, "rows": len(rows),
             "training": json.loads(summary.read_text()) if summary.exists() else None}
@@ -105,7 +106,8 @@ def card_section(results: list[dict], split: dict, command: str) -> str:
     for renderer in renderers:
         rs = [r for r in results if r.get("renderer", "shapes") == renderer]
         lines += ["", f"Split {RENDERER_TEXT.get(renderer, renderer)}:", "",
-                  "| figure | target | " + " | ".join(f"{r['model']} ({r['fusion']})" for r in rs) + " |",
+                  "| figure | target | " + " | ".join(f"{r['model']} ({r['fusion']}{', ' + r['quantize'] if r.get('quantize') else ''})"
+                                                        for r in rs) + " |",
                   "|" + " --- |" * (2 + len(rs))]
         for key, label, target in keys:
             cells = " | ".join("n/a" if r["figures"].get(key) is None else f"{r['figures'][key]:.4f}" for r in rs)
@@ -149,8 +151,11 @@ def write_card(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CAR
 @click.option("--renderer", "renderers", multiple=True, type=click.Choice(RENDERERS),
               help="Who draws the split (repeatable; default: both): shapes (this repository's renderer) or pil "
                    "(an independent implementation of SHAPES.md).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also score each model with its decoder's linear layers as weight-only int8, beside it.")
 def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
-             card: str | None, device: str, includes: tuple[str, ...], renderers: tuple[str, ...]) -> None:
+             card: str | None, device: str, includes: tuple[str, ...], renderers: tuple[str, ...],
+             quantize: str | None) -> None:
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
     import torch
 
@@ -172,11 +177,11 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
         with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
             click.echo(f"writing the held-out split ({images} images, {videos} videos, seed {seed}, "
                        f"renderer {renderer}) ...")
-            for m in models:
-                r = evaluate(m, images, videos, seed, frames, tmp, device, renderer)
+            for m, q in [(m, q) for m in models for q in ((None, quantize) if quantize else (None,))]:
+                r = evaluate(m, images, videos, seed, frames, tmp, device, renderer, q)
                 results.append(r)
                 f = r["figures"]
-                click.echo(f"[{renderer}] {r['model']} ({r['fusion']}): " + ", ".join(
+                click.echo(f"[{renderer}] {r['model']} ({r['fusion']}{', ' + q if q else ''}): " + ", ".join(
                     f"{k} {f[k]:.4f}" for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc",
                                                 "video_vqa_acc", "image_caption_exact", "video_caption_exact")
                     if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")

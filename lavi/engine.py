@@ -62,6 +62,14 @@ def rows_that_fit(budget_bytes: float, per_row_bytes: float, ceiling: int = 1024
     return max(1, min(ceiling, rows))
 
 
+def _quantized(model, mode: str | None):
+    if mode:
+        from .quant import quantize
+
+        log.info("%s: %d decoder linear layers as weight-only %s", model.config.name, quantize(model, mode), mode)
+    return model
+
+
 class Engine:
     # in-flight batching: requests of one generate() call go through the pool in waves of at most this many
     # pools' worth (the visual state of a wave's items is computed once and held while it runs)
@@ -81,18 +89,20 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
-             compile: bool = False) -> "Engine":
-        """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`). A LaVi checkpoint, or a
-        Hugging Face LLaVA-OneVision directory (`lavi.onevision_engine`); anything else is refused by name."""
+             compile: bool = False, quantize: str | None = None) -> "Engine":
+        """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`). quantize: "int8", the
+        decoder's linear layers as weight-only int8 (`lavi.quant`). A LaVi checkpoint, or a Hugging Face
+        LLaVA-OneVision directory (`lavi.onevision_engine`); anything else is refused by name."""
         kind = checkpoint.read_json(Path(path) / "config.json").get("model_type")
         if kind == "llava_onevision" and cls is Engine:
             from .onevision_engine import OneVisionEngine
 
-            return OneVisionEngine.load(path, device=device, dtype=dtype, max_batch=max_batch, compile=compile)
+            return OneVisionEngine.load(path, device=device, dtype=dtype, max_batch=max_batch, compile=compile,
+                                        quantize=quantize)
         if kind is not None:
             raise checkpoint.CheckpointError(f"{path} is a {kind!r} checkpoint; supported: a LaVi checkpoint "
                                              "or a LLaVA-OneVision (model_type 'llava_onevision')")
-        model = checkpoint.load(path, device=device, dtype=dtype)
+        model = _quantized(checkpoint.load(path, device=device, dtype=dtype), quantize)
         return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property

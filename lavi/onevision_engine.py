@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import onevision_checkpoint
-from .engine import Engine
+from .engine import Engine, _quantized
 from .fusion import Visual
 from .onevision import OneVision
 from .onevision_config import DEFAULT_PROMPTS
@@ -26,9 +26,9 @@ class OneVisionEngine(Engine):
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
-             compile: bool = False) -> "OneVisionEngine":
+             compile: bool = False, quantize: str | None = None) -> "OneVisionEngine":
         prompts = ChatPrompts.load(path)
-        model = onevision_checkpoint.load(path, device=device, dtype=dtype)
+        model = _quantized(onevision_checkpoint.load(path, device=device, dtype=dtype), quantize)
         return cls(model, prompts, max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property

@@ -65,6 +65,7 @@ class RunConfig:
     job_id: str | None = None  # None: reuse the output's job id, else a fresh one
     rows_per_file: int = 5000
     inflight: bool = True  # in-flight batching in the labeler (False: static batches)
+    quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.quant)
     stall_timeout: float = 300.0  # s with no row: warn (what the cluster has, what waits); twice that: fail. 0: off
     max_rebuilds: int = 3  # times the Ray Data graph is rebuilt over what is left after a lost node, actor or object
     decode_batch_size: int = 4  # items per decode task
@@ -95,6 +96,8 @@ class RunConfig:
         _positive("rows_per_file", self.rows_per_file)
         if not (self.stall_timeout >= 0 and math.isfinite(self.stall_timeout)):
             raise ValueError(f"--stall-timeout must be >= 0 seconds (0: off), got {self.stall_timeout}")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"--quantize must be int8 (or left out), got {self.quantize!r}")
         if self.max_rebuilds < 0:
             raise ValueError(f"--max-rebuilds must be >= 0, got {self.max_rebuilds}")
         _positive("decode_batch_size", self.decode_batch_size)
@@ -160,6 +163,7 @@ class RunConfig:
             "frames": self.frames,
             "clip_seconds": self.clip_seconds,
             "max_clips": self.max_clips,
+            **({"quantize": self.quantize} if self.quantize else {}),  # int8 labels are not float labels
         }
 
 

@@ -126,7 +126,7 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
         fn_constructor_kwargs={"model": model, "job_id": job_id, "storage_options": config.storage,
                                "device": config.device, "max_batch": config.labeler_batch,
                                "compile": config.use_compile, "memory_share": min(1.0, config.gpus_per_worker),
-                               "frames": settings.frames_per_clip, "inflight": config.inflight,
+                               "frames": settings.frames_per_clip, "inflight": config.inflight, "quantize": config.quantize,
                                "generation": {"max_new_tokens": config.max_new_tokens, "seed": config.seed,
                                               "temperature": config.temperature, "top_p": config.top_p}})
 

@@ -267,3 +267,17 @@ def test_bench_pipeline_command_end_to_end(ray_local, tmp_path):
     assert pipeline["rows"] == plain["rows"] == 6
     assert doc["wall_time_ratio"] > 0
     assert "bench pipeline" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_bench_model_measures_int8_beside_float(tmp_path):
+    """Guards against `bench model --quantize int8` measuring the float model twice, or dropping the float rows."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench, [
+        "model", "--device", "cpu", "--shapes", "tiny-random", "--settings", "image", "--models", "lavi,concat",
+        "--batch-sizes", "1", "--new-tokens", "4", "--repeats", "1", "--quantize", "int8", "--out", str(out),
+        "--markdown", ""])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert sorted(r["model"] for r in doc["results"]) == ["concat", "concat-int8", "lavi", "lavi-int8"]
+    assert all(r["captions_per_s"] > 0 for r in doc["results"])
+    assert {r["versus"] for r in doc["ratios"]} == {"concat"}

@@ -34,11 +34,12 @@ class Labeler:
 
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
-                 frames: int | None = None, inflight: bool = True):
+                 frames: int | None = None, inflight: bool = True, quantize: str | None = None):
         """max_batch: generation rows per batch (the driver resolves auto on CPU to a number); None: on a GPU, as
         many rows as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when
         replicas share it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching
-        (a finished row's cache row goes to a waiting request) over each input block; False: static batches."""
+        (a finished row's cache row goes to a waiting request) over each input block; False: static batches.
+        quantize: "int8", weight-only int8 decoder linear layers (lavi.quant)."""
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
@@ -49,7 +50,7 @@ class Labeler:
         cuda = device.startswith("cuda")
         batch = {} if max_batch is None else {"max_batch": max_batch}
         engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device,
-                             dtype=torch.bfloat16 if cuda else None, compile=compile, **batch)
+                             dtype=torch.bfloat16 if cuda else None, compile=compile, quantize=quantize, **batch)
         engine.inflight = inflight
         gen = GenerationConfig(**generation)
         if max_batch is None and cuda:
