@@ -77,6 +77,10 @@ def run(inputs: tuple[str, ...], **flags) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = RunConfig(inputs=inputs, **flags)
+        if config.model is None:
+            click.echo("note: the bundled model, tiny-shapes, knows only shapes-v1 (synthetic coloured shapes): on "
+                       "real photos or videos it writes shape words. For real labels pass --model DIR, a "
+                       "LLaVA-OneVision checkpoint (see the README) or a LaVi distilled from one.", err=True)
         summary = run_pipeline(config)
     except ValueError as err:
         raise click.UsageError(str(err)) from err

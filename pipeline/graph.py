@@ -168,6 +168,7 @@ def run(config: RunConfig) -> dict:
         wall_s=time.monotonic() - start, items_listed=listed["listed"],
         items_skipped=listed["skipped"], rows_written=sink.rows_written, items_written=sink.items_written,
         generated_tokens=tokens, files_written=len(sink.files))
+    summary["non_media_files"] = dict(sorted(listed.get("non_media", {}).items()))  # left out of walks, by extension
     summary["pipeline_rebuilds"] = rebuilds  # a lost node, actor or object: the graph rebuilt over what was left
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate

@@ -69,12 +69,14 @@ def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[st
 def iter_entries(inputs: Iterable[str], storage_options: dict[str, Any] | None = None,
                  stats: dict[str, int] | None = None) -> Iterator[dict]:
     """The INPUTs' entries, each uri once: {uri (resolved), media_type, prompt, questions}, and a manifest
-    record's other fields as they are. `stats` receives the count of duplicates."""
+    record's other fields as they are. `stats` receives the count of duplicates, and `non_media`: the files a
+    walk left out as neither image nor video, by extension."""
     stats = stats if stats is not None else {}
     stats["duplicates"] = 0
+    stats["non_media"] = {}
     seen: set[str] = set()
     for spec_uri in inputs:
-        for entry in _iter_entries(spec_uri, storage_options or {}):
+        for entry in _iter_entries(spec_uri, storage_options or {}, stats):
             if entry["uri"] in seen:
                 stats["duplicates"] += 1
                 continue
@@ -120,32 +122,35 @@ def _make_item(entry: dict, spec: PromptSpec) -> dict:
     return make_item(uri, [{"task": VQA, "prompt": q} for q in questions], entry.get("media_type"))
 
 
-def _iter_entries(spec_uri: str, storage_options: dict[str, Any]) -> Iterator[dict]:
+def _iter_entries(spec_uri: str, storage_options: dict[str, Any], stats: dict | None = None) -> Iterator[dict]:
     fs, path = filesystem(spec_uri, storage_options)
     if GLOB_CHARS.search(path):
-        yield from _iter_glob(fs, path)
+        yield from _iter_glob(fs, path, stats)
     elif path.lower().endswith(MANIFEST_EXTS) and fs.isfile(path):
         yield from _iter_manifest(fs, path)
     elif fs.isdir(path):
-        yield from _iter_walk(fs, path, None)
+        yield from _iter_walk(fs, path, None, stats=stats)
     elif fs.isfile(path):
         yield {"uri": full_uri(fs, path)}
     else:
         raise ValueError(f"input {spec_uri!r} does not exist (a file, directory, glob, prefix or manifest)")
 
 
-def _iter_glob(fs: fsspec.AbstractFileSystem, pattern: str) -> Iterator[dict]:
+def _iter_glob(fs: fsspec.AbstractFileSystem, pattern: str, stats: dict | None = None) -> Iterator[dict]:
     root = GLOB_CHARS.split(pattern, 1)[0].rsplit("/", 1)[0] or "/"
     regex = re.compile(fsspec.utils.glob_translate(pattern))
     if not fs.isdir(root):
         raise ValueError(f"input glob {pattern!r}: its directory {root!r} does not exist")
     depth = None if "**" in pattern else pattern[len(root):].strip("/").count("/") + 1  # no deeper than it can match
-    yield from _iter_walk(fs, root, regex, depth)
+    yield from _iter_walk(fs, root, regex, depth, stats)
 
 
 def _iter_walk(fs: fsspec.AbstractFileSystem, root: str, regex: re.Pattern | None,
-               maxdepth: int | None = None) -> Iterator[dict]:
-    unknown = 0
+               maxdepth: int | None = None, stats: dict | None = None) -> Iterator[dict]:
+    """Media files under root, in a deterministic order; the others are counted by extension in stats["non_media"]
+    (files with none under "(none)")."""
+    unknown: dict[str, int] = stats.setdefault("non_media", {}) if stats is not None else {}
+    before = sum(unknown.values())
     for dirpath, dirnames, filenames in fs.walk(root, maxdepth=maxdepth):
         dirnames.sort()  # walk order is deterministic
         for name in sorted(filenames):
@@ -153,11 +158,13 @@ def _iter_walk(fs: fsspec.AbstractFileSystem, root: str, regex: re.Pattern | Non
             if regex is not None and not regex.match(path):
                 continue
             if media_type_from_name(name) == UNKNOWN:
-                unknown += 1
+                ext = posixpath.splitext(name)[1].lower() or "(none)"
+                unknown[ext] = unknown.get(ext, 0) + 1
                 continue
             yield {"uri": full_uri(fs, path)}
-    if unknown:
-        log.info("skipped %d files under %s that are neither images nor videos (by extension)", unknown, root)
+    if sum(unknown.values()) > before:
+        log.info("skipped %d files under %s that are neither images nor videos (by extension)",
+                 sum(unknown.values()) - before, root)
 
 
 def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:

@@ -82,6 +82,10 @@ def format_summary(summary: dict) -> str:
         f"({run['items_per_s']:.2f} items/s, {run['tokens_per_s']:.1f} tokens/s); "
         f"{run['items_skipped']} items already done",
     ]
+    skipped = summary.get("non_media_files") or {}
+    if skipped:
+        lines.append(f"left out {sum(skipped.values())} files that are neither images nor videos: "
+                     + ", ".join(f"{ext} {n}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1])))
     if summary["error_stage"]:
         stages = ", ".join(f"{k} {v}" for k, v in summary["error_stage"].items())
         lines.append(f"errors by stage: {stages} (error rate {summary['error_rate']:.1%})")

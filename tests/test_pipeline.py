@@ -139,6 +139,7 @@ def test_caption_directory_uses_model_default_prompts(ray_local, tiny_model, tmp
     summary = run(RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(out), model=tiny_model, max_new_tokens=3))
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == summary["rows"] == 3 and summary["status"].get("error", 0) == 0
+    assert summary["non_media_files"] == {".jsonl": 1}  # the corpus's manifest, left out of the walk and counted
     for r in rows:
         assert r["task"] == "caption" and r["prompt"] == engine.default_prompt(r["media_type"])
         assert r["status"] == "ok" or (r["status"] == "truncated" and r["num_generated_tokens"] == 3)

@@ -37,3 +37,13 @@ def test_cli_local_ray_on_loopback_and_max_error_rate(tiny_model, tmp_path):
     assert len(rows) == 3 and {r["error_stage"] for r in rows} == {"decode"}
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["error_rate_exceeded"] and summary["error_rate"] == 1.0
+
+
+def test_the_bundled_model_says_what_it_knows(tmp_path):
+    """Guards against a new user labelling real photos with tiny-shapes and no word that it knows only shapes-v1."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "knows only shapes-v1" in result.output and "--model DIR" in result.output

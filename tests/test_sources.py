@@ -34,6 +34,11 @@ def test_directory_walk_is_recursive_sorted_and_skips_non_media(tmp_path):
     assert [i["media_type"] for i in items if i["uri"].endswith(".mp4")] == ["video"]
     assert all(i["item_id"] == item_id(i["uri"]) for i in items)
     assert uris == [i["uri"] for i in iter_items([str(tmp_path)], PromptSpec())]
+    for extra in ("README", "a/deep/w.npy", "a/v.npy"):
+        (tmp_path / extra).write_bytes(b"x")
+    stats: dict = {}
+    list(iter_items([str(tmp_path)], PromptSpec(), stats=stats))
+    assert stats["non_media"] == {".txt": 1, ".npy": 2, "(none)": 1} and stats["listed"] == 4
 
 
 def test_glob_and_file_and_prefix_uri_and_duplicates(tmp_path):
