@@ -3,6 +3,7 @@
 Visual settings (frames x tokens per frame):
     tiny-random      image 1 x 16, video 4 x 16                      (lavi.tiny.tiny_config, 32 px, patch 8)
     tiny-shapes      image 1 x 36, anyres 10 x 36, video 16 x 36       (lavi.tiny.tiny_shapes_config(60))
+    qwen2-0.5b-siglip  image 1 x 729, anyres 3 x 729 (base view + 2 crops): LLaVA-OneVision-0.5B's shapes, for CPU
     qwen2-7b-siglip  image 1 x 729 (384 px, fed as 378 px: see settings()), anyres 10 x 729 = 7,290 (ten crops),
                      video 32 x 196 (frames given at 196 px = 14 x 14 patches of 14 px)
 
@@ -22,7 +23,8 @@ import torch
 from lavi.config import DecoderConfig, LaViConfig, VisionConfig
 from lavi.model import LaVi
 
-SHAPES = ("tiny-random", "tiny-shapes", "qwen2-7b-siglip")
+SHAPES = ("tiny-random", "tiny-shapes", "qwen2-0.5b-siglip", "qwen2-7b-siglip")
+SIGLIP_SO400M = dict(patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16)
 TINY_VOCAB = 60  # the brief's tiny_shapes_config(60): shapes-v1's 56 words + specials, rounded
 
 
@@ -43,6 +45,8 @@ def settings(shapes: str) -> list[Setting]:
         return [Setting("image", 1, 32), Setting("video", 4, 32)]
     if shapes == "tiny-shapes":
         return [Setting("image", 1, 128), Setting("anyres", 10, 128), Setting("video", 16, 128)]
+    if shapes == "qwen2-0.5b-siglip":  # the CPU's real shapes: an image (729 tokens) and base + 2 crops
+        return [Setting("image", 1, 378), Setting("anyres", 3, 378)]
     if shapes == "qwen2-7b-siglip":
         # 378 = 27 x 14: SigLIP's stride-14 conv floors a 384 px input to the same 27 x 27 = 729 patches
         # (same tokens, same FLOPs); lavi's VisionConfig refuses image_size % patch_size != 0
@@ -58,12 +62,19 @@ def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
         base = tiny_config(TINY_VOCAB, fusion)
     elif shapes == "tiny-shapes":
         base = tiny_shapes_config(TINY_VOCAB, fusion)
+    elif shapes == "qwen2-0.5b-siglip":  # LLaVA-OneVision-0.5B's: Qwen2-0.5B and its SigLIP tower; LaVi as `convert`
+        decoder = DecoderConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
+                                num_heads=14, num_kv_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
+                                max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True)
+        vision = VisionConfig(image_size=378, **SIGLIP_SO400M)
+        base = LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=4, cond_dim=256,
+                          cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645,
+                          pad_token_id=151643, name=f"qwen2-0.5b-siglip-{fusion}")
     elif shapes == "qwen2-7b-siglip":
         decoder = DecoderConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
                                 num_heads=28, num_kv_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
                                 max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=False)
-        vision = VisionConfig(image_size=378, patch_size=14, hidden_size=1152, intermediate_size=4304,
-                              num_layers=26, num_heads=16)
+        vision = VisionConfig(image_size=378, **SIGLIP_SO400M)
         base = LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=4, cond_dim=256,
                           cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645,
                           pad_token_id=151643, name=f"qwen2-7b-siglip-{fusion}")

@@ -21,6 +21,14 @@ from bench.configs import Setting
 def hf_config(shapes: str, setting: Setting):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
+    if shapes == "qwen2-0.5b-siglip":
+        text = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                           max_position_embeddings=32768, tie_word_embeddings=True)
+        vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, patch_size=14, image_size=384,
+                                    num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
+        return LlavaOnevisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                    image_token_index=151646, video_token_index=151647, tie_word_embeddings=True)
     if shapes == "qwen2-7b-siglip":
         text = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                            num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6,
@@ -39,7 +47,7 @@ def hf_config(shapes: str, setting: Setting):
         grid = [[size * i, size * j] for i in (1, 2, 3) for j in (1, 2, 3)]
         return LlavaOnevisionConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                                     image_token_index=62, video_token_index=63, image_grid_pinpoints=grid)
-    raise ValueError(f"hf-llava-ov is built for qwen2-7b-siglip (GPU) and tiny-random, not {shapes!r}")
+    raise ValueError(f"hf-llava-ov is built for qwen2-0.5b-siglip, qwen2-7b-siglip and tiny-random, not {shapes!r}")
 
 
 def tokens(setting: Setting, crop: int, patch: int) -> tuple[int, dict]:
@@ -47,8 +55,13 @@ def tokens(setting: Setting, crop: int, patch: int) -> tuple[int, dict]:
     p = crop // patch
     if setting.name == "video":
         return setting.frames * math.ceil(p / 2) ** 2 + 1, {"video_frames": setting.frames}
-    grid = 1 if setting.name == "image" else 3  # anyres: a square image of 3 x 3 crops
-    return p * p + (grid * p) * (grid * p + 1), {"views": grid * grid + 1, "image_px": grid * crop}
+    if setting.name == "image":
+        gh, gw = 1, 1
+    else:  # anyres: base view + crops of an image gh x gw crops large (10 views: 3 x 3; 3 views: 1 x 2)
+        crops = setting.frames - 1
+        gh = max(d for d in range(1, int(math.isqrt(crops)) + 1) if crops % d == 0)
+        gw = crops // gh
+    return p * p + (gh * p) * (gw * p + 1), {"views": gh * gw + 1, "image_px": (gh * crop, gw * crop)}
 
 
 @contextlib.contextmanager
@@ -92,7 +105,7 @@ def inputs(model, setting: Setting, batch: int, prompt_tokens: int, seed: int = 
             device, dtype)
     else:
         kwargs["pixel_values"] = torch.randn(batch, shape["views"], 3, crop, crop, generator=gen).to(device, dtype)
-        kwargs["image_sizes"] = torch.tensor([[shape["image_px"], shape["image_px"]]] * batch, device=device)
+        kwargs["image_sizes"] = torch.tensor([list(shape["image_px"])] * batch, device=device)
     return kwargs, n_vis
 
 

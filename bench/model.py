@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import statistics
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -97,14 +98,33 @@ def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype,
     chosen = [s for s in settings(c.shapes) if not c.settings or s.name in c.settings]
     if not c.settings and c.shapes == "tiny-shapes" and not cuda:
         chosen = [s for s in chosen if s.name in ("image", "video")]  # the CPU default stays a few minutes
-    models = list(c.models) or ["lavi", "concat"] + (["hf-llava-ov"] if cuda or c.shapes == "tiny-random" else [])
+    models = list(c.models) or ["lavi", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
+        "tiny-random", "qwen2-0.5b-siglip") else [])
     dtype = torch.bfloat16 if cuda else torch.float32
     return chosen, models, dtype, cuda if c.compile is None else c.compile
 
 
+def cpu_matmul_peak(n: int = 2048, repeats: int = 3) -> float:
+    """This CPU's fp32 matmul FLOP/s at torch's thread count, measured: the best of `repeats` n x n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def peak_flops(device: torch.device, given: float | None) -> float | None:
-    if given or device.type != "cuda":
+    """The FLOP/s the utilisation columns divide by: given; a GPU's known dense bf16 peak; a CPU's measured fp32
+    matmul rate (`cpu_matmul_peak`)."""
+    if given:
         return given
+    if device.type != "cuda":
+        return cpu_matmul_peak()
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
@@ -191,7 +211,7 @@ class Runner:
         model = random_model(config, self.device, self.dtype, seed=c.seed)
         inputs = partial(self._inputs, model, setting)
         probe = self.probe(self._try_engine(model, inputs, max_seq))
-        sizes = self._sizes(probe, [1, 8, 32])
+        sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8, 32])
         common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
                   "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
                   "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
@@ -208,6 +228,7 @@ class Runner:
                 rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
                 continue
             r["flop_utilization"] = r["captions_per_s"] * per_caption / self.peak if self.peak else None
+            r["prefill_flop_utilization"] = counted.total * b / r["ttft_s"] / self.peak if self.peak else None
             if probe:
                 r["probe"] = probe
             rows.append(r)
@@ -259,8 +280,8 @@ class Runner:
         from bench import hf
 
         c = self.c
-        if c.shapes not in ("qwen2-7b-siglip", "tiny-random"):
-            return [], f"hf-llava-ov is built for qwen2-7b-siglip and tiny-random, not {c.shapes}"
+        if c.shapes not in ("qwen2-0.5b-siglip", "qwen2-7b-siglip", "tiny-random"):
+            return [], f"hf-llava-ov is built for qwen2-0.5b-siglip, qwen2-7b-siglip and tiny-random, not {c.shapes}"
         self.mem.rebase()
 
         def try_batch(b: int) -> None:
@@ -276,7 +297,7 @@ class Runner:
             return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
         counted = hf.prefill_flops(model, hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0])
         probe = self.probe(try_batch)
-        sizes = self._sizes(probe, [1, 8])
+        sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8])
         rows = []
         for b in sizes:
             kwargs, nv = hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)

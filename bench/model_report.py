@@ -18,9 +18,13 @@ def ratios(results: list[dict]) -> list[dict]:
             if not theirs:
                 continue
             for b in sorted(set(lavi) & set(theirs)):
-                out.append({"setting": setting, "versus": other, "batch_size": b,
-                            "captions_per_s_ratio": lavi[b]["captions_per_s"] / theirs[b]["captions_per_s"],
-                            "ttft_ratio": theirs[b]["ttft_s"] / lavi[b]["ttft_s"]})
+                ratio = lavi[b]["captions_per_s"] / theirs[b]["captions_per_s"]
+                # the FLOP bound: a caption's counted FLOPs (tower, fusion, prefill, decode), theirs over LaVi's
+                bound = (theirs[b]["caption_flops"] / lavi[b]["caption_flops"]
+                         if theirs[b].get("caption_flops") and lavi[b].get("caption_flops") else None)
+                out.append({"setting": setting, "versus": other, "batch_size": b, "captions_per_s_ratio": ratio,
+                            "ttft_ratio": theirs[b]["ttft_s"] / lavi[b]["ttft_s"], "flop_bound_ratio": bound,
+                            "of_bound": ratio / bound if bound else None})
             out.append({"setting": setting, "versus": other, "batch_size": "best",
                         "captions_per_s_ratio": best_lavi / max(r["captions_per_s"] for r in theirs.values())})
     return out
@@ -35,16 +39,20 @@ def markdown(doc: dict) -> str:
              f"`{doc['command']}`", "",
              "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
              f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
-             f"{weights}. Peak memory: {doc['peak_mem_method']}.", ""]
+             f"{weights}. Peak memory: {doc['peak_mem_method']}."
+             + (f" FLOP utilisation against {doc['peak_flops'] / 1e9:.0f} GFLOP/s" if doc.get("peak_flops") else "")
+             + (" (this CPU's fp32 matmul, measured in this run)." if doc.get("peak_flops") and "cuda" not in
+                c["device"] and not c.get("peak_flops") else ""), ""]
     lines.append(table(doc["results"], [
         ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"), ("batch_size", "batch"),
         ("captions_per_s", "captions/s"), ("ttft_s", "TTFT s"), ("decode_tokens_per_s", "decode tok/s"),
         ("peak_mem_bytes", "peak mem B"), ("prefill_flops", "prefill FLOPs/item"),
-        ("flop_utilization", "FLOP util"), ("error", "error")]))
+        ("flop_utilization", "FLOP util"), ("prefill_flop_utilization", "prefill FLOP util"), ("error", "error")]))
     if doc["ratios"]:
         lines += ["", "LaVi over the others:", "", table(doc["ratios"], [
             ("setting", "setting"), ("versus", "versus"), ("batch_size", "batch"),
-            ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio")])]
+            ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio"),
+            ("flop_bound_ratio", "FLOP-bound ratio"), ("of_bound", "measured / bound")])]
     if doc["roofline"]:
         lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
                   f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "", table(doc["roofline"], [

@@ -281,3 +281,22 @@ def test_bench_model_measures_int8_beside_float(tmp_path):
     assert sorted(r["model"] for r in doc["results"]) == ["concat", "concat-int8", "lavi", "lavi-int8"]
     assert all(r["captions_per_s"] > 0 for r in doc["results"])
     assert {r["versus"] for r in doc["ratios"]} == {"concat"}
+
+
+def test_qwen2_0_5b_siglip_shapes_give_the_flop_bound_the_cpu_table_is_held_to():
+    """Guards against the real-shapes CPU bench running other shapes than LLaVA-OneVision-0.5B's: a caption (image,
+    729 tokens, 64-token prompt, 32 new tokens) is 0.73 TFLOP for LaVi, the tower most of it, and 1.78x that for
+    concat (the bound the measured ratio is compared with); transformers gets its own token count for the crops."""
+    from bench import flops as F
+    from bench import hf
+    from bench.configs import model_config, settings
+
+    image, anyres = settings("qwen2-0.5b-siglip")
+    flops = {}
+    for fusion in ("viln", "concat"):
+        c = model_config("qwen2-0.5b-siglip", fusion, image)
+        flops[fusion] = F.caption_flops(c, 1, 64, 32, key_slots=64 + 32 + (729 if fusion == "concat" else 0))
+    assert flops["viln"] == pytest.approx(0.73e12, rel=0.01)
+    assert flops["concat"] / flops["viln"] == pytest.approx(1.78, rel=0.01)
+    assert image.visual_tokens(14) == 729 and anyres.visual_tokens(14) == 3 * 729
+    assert hf.tokens(anyres, 384, 14) == (729 + 27 * (54 + 1), {"views": 3, "image_px": (384, 768)})
