@@ -378,6 +378,7 @@ def _fit(trainer):
 
 def _ray_worker(config: dict) -> None:
     """One Ray Train worker: this rank's shard, the group's gradients averaged, rank 0 checkpointing."""
+    import shutil
     import tempfile
 
     import ray.train
@@ -404,9 +405,12 @@ def _ray_worker(config: dict) -> None:
     def on_log(rec: dict) -> None:
         ray.get(sink.put.remote(rec))
 
-    setup.run(local, resume=True, on_log=on_log if rank == 0 else None, parallel=DataParallel(on_checkpoint))
-    if rank == 0:
-        ray.get(sink.put.remote({"data": setup.source.summary()}))
+    try:
+        setup.run(local, resume=True, on_log=on_log if rank == 0 else None, parallel=DataParallel(on_checkpoint))
+        if rank == 0:
+            ray.get(sink.put.remote({"data": setup.source.summary()}))
+    finally:  # what is kept is in Ray Train's storage
+        shutil.rmtree(local, ignore_errors=True)
 
 
 class LogSink:
