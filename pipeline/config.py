@@ -14,6 +14,9 @@ from typing import Any
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
 
+# CPUs of each read and decode task: a fraction, so that what a node loss leaves (one small node beside a labeler
+# actor) can still schedule them; Ray Data's backpressure bounds how many run at once
+DECODE_CPUS = 0.5
 CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
 GPU_AUTO_BLOCK = 256  # clips per labeler input block when --batch-size is auto on a GPU
 

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import DECODE_CPUS, RunConfig
 from pipeline.output import Output
 from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items, remaining_shards, write_shards
@@ -72,9 +72,9 @@ def check_resources(config: RunConfig) -> None:
                              f"GPUs; the cluster has {total}: lower them, or use --gpus-per-worker 0 for CPU")
     else:
         need, total = config.workers * config.cpus_per_worker, have.get("CPU", 0)
-        if need > total - 1:
-            raise ValueError(f"--workers {config.workers} CPU actors need {need} CPUs and read/decode needs 1 more; "
-                             f"the cluster has {total}: lower --workers")
+        if need > total - DECODE_CPUS:
+            raise ValueError(f"--workers {config.workers} CPU actors need {need} CPUs and read/decode needs "
+                             f"{DECODE_CPUS} more; the cluster has {total}: lower --workers")
 
 
 def connect_ray(address: str | None) -> bool:
@@ -112,12 +112,13 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver prints its own progress line
     paths = [listing_fs._strip_protocol(s) for s in shards]
-    ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs))
+    ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs),
+                               ray_remote_args={"num_cpus": DECODE_CPUS})
     # a shard is one block: split it (streaming) so decode tasks run in parallel and results
     # reach the sink as they finish rather than one whole shard at a time
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
     ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow",
-                        fn_kwargs={"settings": settings}, num_cpus=1)
+                        fn_kwargs={"settings": settings}, num_cpus=DECODE_CPUS)
     gpu = config.gpus_per_worker > 0
     return ds.map_batches(
         Labeler, batch_size=config.block_rows, batch_format="pyarrow",
@@ -305,6 +306,7 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
                             len(rebuilds), config.max_rebuilds)
                 if not left:
                     break
+                check_resources(config)  # what is left must still hold the pool, or the rebuild would wait forever
         sink.close()
         progress.update(sink.items_written, rows_seen, force=True)
         if sink.items_written != n_items:  # every listed item yields its rows, error rows included
