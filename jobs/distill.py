@@ -87,14 +87,14 @@ def agreement(teacher: list[dict], student: list[dict]) -> dict:
 
 def _rows(uri: str) -> list[dict]:
     """Every row of a pipeline output."""
-    import pyarrow.parquet as pq
-
     from pipeline.output import Output
+    from workers.storage import read_parquet_file
+
     output = Output(uri)
     rows = []
     for path in output.part_paths():
         with output.fs.open(path, "rb") as f:
-            rows += pq.ParquetFile(f).read().to_pylist()
+            rows += read_parquet_file(f).to_pylist()
     return rows
 
 

@@ -15,10 +15,9 @@ import hashlib
 import json
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.storage import filesystem, full_uri
 from schemas.rows import read_metadata
+from workers.storage import read_parquet_file
 
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
@@ -78,10 +77,10 @@ class Output:
         meta: dict = {}
         for i, path in enumerate(files):
             with self.fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
+                table = read_parquet_file(f, ["item_id"])
                 if i == 0:
-                    meta = read_metadata(pf.schema_arrow.metadata)
-                ids = pf.read(columns=["item_id"]).column("item_id")
+                    meta = read_metadata(table.schema.metadata)
+                ids = table.column("item_id")
             done.update(ids.unique().to_pylist())
             rows += len(ids)
         return OutputState(tuple(self.uri_of(p) for p in files), frozenset(done), rows, meta)

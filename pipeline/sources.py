@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.storage import filesystem, full_uri, is_local
 from schemas.manifest import ITEM_SCHEMA, MANIFEST_EXTS, make_item, media_type_from_name
 from schemas.rows import CAPTION, UNKNOWN, VQA
+from workers.storage import iter_parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _iter_records(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
             for batch in pacsv.open_csv(f):
                 yield from batch.to_pylist()
         else:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
+            for batch in iter_parquet_file(f):
                 yield from batch.to_pylist()
 
 
@@ -206,7 +207,7 @@ def remaining_shards(shards: list[str], fs: fsspec.AbstractFileSystem, base: str
     def items() -> Iterator[dict]:
         for shard in shards:
             with fs.open(fs._strip_protocol(shard), "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=10_000):
+                for batch in iter_parquet_file(f):
                     yield from (item for item in batch.to_pylist() if item["item_id"] not in done)
 
     return write_shards(items(), fs, base)

@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.output import Output
 from schemas.rows import ERROR, SCHEMA_VERSION
+from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ def totals(output: Output) -> dict[str, Any]:
     prompt_tokens = generated_tokens = 0
     for path in output.part_paths():
         with output.fs.open(path, "rb") as f:
-            # ParquetFile, not read_table: read_table's dataset scanner leaves read-ahead futures that can
-            # abort the driver at exit (apache/arrow#39862, #36389), failing a job whose labels are all written
-            table = pq.ParquetFile(f).read(columns=_COLUMNS)
+            table = read_parquet_file(f, _COLUMNS)  # on this thread: see there
         rows += table.num_rows
         ids = table.column("item_id").to_pylist()
         items.update(ids)

@@ -47,3 +47,19 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path returned by `fs` (walk/find/glob) -> a URI that `filesystem` opens again."""
     return fs.unstrip_protocol(path)
+
+
+def read_parquet_file(f, columns: list[str] | None = None):
+    """One Parquet file (an open binary file) as a table, decoded on this thread. Arrow's own threads would still be
+    releasing the file's Python buffers after the read returns, and at interpreter exit that aborts the process
+    (apache/arrow#39862: a finished job's driver exiting 134)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+
+
+def iter_parquet_file(f, batch_size: int = 10_000):
+    """The record batches of one Parquet file, decoded on this thread (see `read_parquet_file`)."""
+    import pyarrow.parquet as pq
+
+    yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, use_threads=False)

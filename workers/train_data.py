@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lavi.chat import Prompt, Turns
 from lavi.train import Example
 from schemas.rows import ERROR, OK
 from workers.decode import DecodeSettings, decode_item
 from workers.fetch import FetchError, fetch_bytes
-from workers.storage import filesystem
+from workers.storage import filesystem, read_parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ def read_records(uris: str | Sequence[str], image_root: str | None = None,
             raise ValueError(f"{one}: a directory with no .parquet files")
         for name in files:
             with fs.open(name, "rb") as f:
-                tables.append(pq.ParquetFile(f).read())
+                tables.append(read_parquet_file(f))
     table = pa.concat_tables(tables, promote_options="default")
     cols = set(table.column_names)
     if {"conversations", "messages"} & cols:
