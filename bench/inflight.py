@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 
-def mixed_requests(n_images: int, questions: int, seed: int = 0) -> tuple[list[np.ndarray], list[tuple[int, str | None]]]:
+def mixed_requests(n_images: int, questions: int,
+                   seed: int = 0) -> tuple[list[np.ndarray], list[tuple[int, str | None]]]:
     """(clips, (clip, prompt) requests): each image's caption (prompt None: the model's default) and its first
     `questions` questions."""
     from shapes.render import sample_image

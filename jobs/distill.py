@@ -110,8 +110,8 @@ def time_captions(models: dict[str, str], entries: list[dict], device: str, max_
     from workers.labeler import Labeler
     from workers.model_cache import local_model_dir
 
-    items = pa.Table.from_pylist([make_item(e["uri"], [{"task": CAPTION, "prompt": e.get("prompt")}], e.get("media_type"))
-                                  for e in entries], schema=ITEM_SCHEMA)
+    items = pa.Table.from_pylist([make_item(e["uri"], [{"task": CAPTION, "prompt": e.get("prompt")}],
+                                            e.get("media_type")) for e in entries], schema=ITEM_SCHEMA)
     runs = {}
     for name, path in models.items():
         engine = Engine.load(local_model_dir(path, storage_options), device=device, max_batch=64)
@@ -263,10 +263,12 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
     manifests = {part: work / "sample" / f"{part}.jsonl" for part in PARTS}
     if all(m.exists() for m in manifests.values()):
         split = {part: [json.loads(line) for line in m.read_text().splitlines()] for part, m in manifests.items()}
-        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items (from {work / 'sample'})")
+        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items "
+                   f"(from {work / 'sample'})")
     else:
         try:
-            split = sample_entries(iter_entries(inputs, parse_storage_options(storage_options)), n_sample, held_out, seed)
+            entries = iter_entries(inputs, parse_storage_options(storage_options))
+            split = sample_entries(entries, n_sample, held_out, seed)
         except ValueError as err:
             raise click.UsageError(str(err)) from err
         if not split["train"] or not split["held_out"]:
@@ -277,7 +279,8 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
             tmp = m.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in split[part]))
             tmp.rename(m)
-        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items -> {work / 'sample'}")
+        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items "
+                   f"-> {work / 'sample'}")
     stages["sample_s"] = time.time() - t0
 
     opts = {"prompt": prompt, "questions": questions,
@@ -331,7 +334,8 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
            "student": str(student_dir), "student_name": model_info(str(student_dir))["name"], "tasks": list(tasks),
            "sample": {"train": len(split["train"]), "held_out": len(split["held_out"]), "seed": seed},
            "agreement": agreement(teacher_rows, student_rows),
-           "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data") if k in training}}
+           "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data")
+                        if k in training}}
     truth = _truth(split["held_out"])
     if truth:
         from shapes.score import score_rows
@@ -344,8 +348,8 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    click.echo(f"[5/5] score: agreement on the held-out rows; captions/s of both on {min(timing_items, len(split['held_out']))} "
-               f"held-out items ({device})")
+    click.echo(f"[5/5] score: agreement on the held-out rows; captions/s of both on "
+               f"{min(timing_items, len(split['held_out']))} held-out items ({device})")
     doc["speed"] = time_captions({"teacher": teacher, "student": str(student_dir)}, split["held_out"][:timing_items],
                                  device, max_new_tokens, parse_storage_options(storage_options))
     stages["score_s"] = time.time() - t0
