@@ -70,7 +70,7 @@ BATCH = BatchSize()
                    "(rows of one block); --no-inflight: static batches that wait for their longest row.")
 def run(inputs: tuple[str, ...], **flags) -> None:
     """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
-    from pipeline.graph import PipelineStalled
+    from pipeline.recovery import PipelineStalled
     from pipeline.graph import run as run_pipeline
     from pipeline.summary import format_summary
 

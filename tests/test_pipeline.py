@@ -298,6 +298,7 @@ def test_a_stalled_pipeline_says_what_it_waits_on_then_fails(ray_local, tiny_mod
     import threading
 
     import pipeline.graph as graph
+    from pipeline.recovery import PipelineStalled
 
     class Stuck:
         def iter_batches(self, **kwargs):
@@ -307,7 +308,7 @@ def test_a_stalled_pipeline_says_what_it_waits_on_then_fails(ray_local, tiny_mod
     monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Stuck())
     write_corpus(str(tmp_path / "corpus"), 2, 0, seed=4)
     t0 = time.monotonic()
-    with pytest.raises(graph.PipelineStalled, match=r"no rows for 3 s: the pipeline is stalled \(cluster \{CPU: 2"):
+    with pytest.raises(PipelineStalled, match=r"no rows for 3 s: the pipeline is stalled \(cluster \{CPU: 2"):
         run(RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(tmp_path / "out"), model=tiny_model,
                       stall_timeout=1.5))
     assert time.monotonic() - t0 < 60
