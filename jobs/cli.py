@@ -10,6 +10,7 @@ from jobs.demo import demo_cmd
 from jobs.distill import distill_cmd
 from jobs.evaluate import eval_cmd
 from jobs.manage import list_jobs, logs, status, stop
+from jobs.retry import retry_cmd
 from jobs.run import run
 from jobs.submit import submit
 from jobs.train import train_cmd
@@ -28,6 +29,7 @@ main.add_command(submit)
 main.add_command(bench)
 main.add_command(convert_cmd, name="convert")
 main.add_command(distill_cmd, name="distill")
+main.add_command(retry_cmd, name="retry")
 for _cmd in (status, logs, stop, list_jobs):
     main.add_command(_cmd)
 

@@ -28,6 +28,35 @@ class BatchSize(click.ParamType):
 BATCH = BatchSize()
 
 
+EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them alike
+    click.option("--batch-size", type=BATCH, default="auto", show_default=True,
+                  help="Rows per generation batch; auto: as many as GPU memory holds (measured at load), 32 on CPU."),
+    click.option("--workers", default=1, show_default=True, help="Labeler actors (model replicas)."),
+    click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor; 0 runs on CPU."),
+    click.option("--compile/--no-compile", "compile", default=None,
+                  help="torch.compile the decode step (CUDA graphs). Default: on a GPU, not on CPU."),
+    click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+                  help="fsspec option for remote URIs, e.g. client_kwargs.endpoint_url=http://127.0.0.1:8333 "
+                       "(repeatable)."),
+    click.option("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1)."),
+    click.option("--stall-timeout", default=300.0, show_default=True,
+                  help="Seconds with no row before the driver says what the cluster has and what waits; after twice "
+                       "that it exits (4) with that message, committed items kept. 0: wait forever."),
+    click.option("--max-rebuilds", default=3, show_default=True,
+                  help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done "
+                       "yet, at most this many times (0: fail)."),
+    click.option("--inflight/--no-inflight", default=True, show_default=True,
+                  help="In-flight batching: a row that finishes hands its cache row to a waiting request at once "
+                       "(rows of one block); --no-inflight: static batches that wait for their longest row."),
+]
+
+
+def execution_options(command):
+    for option in reversed(EXECUTION_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command("run")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 @click.option("--out", required=True, help="Output directory URI for the Parquet labels (path, s3://, gs://).")
@@ -36,12 +65,7 @@ BATCH = BatchSize()
 @click.option("--question", "questions", multiple=True, help="A VQA question, asked of every item (repeatable).")
 @click.option("--model", default=None, help="A LaVi or LLaVA-OneVision checkpoint directory, local or object storage "
               "(default: the bundled tiny-shapes).")
-@click.option("--batch-size", type=BATCH, default="auto", show_default=True,
-              help="Rows per generation batch; auto: as many as GPU memory holds (measured at load), 32 on CPU.")
-@click.option("--workers", default=1, show_default=True, help="Labeler actors (model replicas).")
-@click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor; 0 runs on CPU.")
-@click.option("--compile/--no-compile", "compile", default=None,
-              help="torch.compile the decode step (CUDA graphs). Default: on a GPU, not on CPU.")
+@execution_options
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-p", default=1.0, show_default=True)
@@ -49,9 +73,6 @@ BATCH = BatchSize()
 @click.option("--frames", type=int, default=None, help="Frames per video clip (default: the model's).")
 @click.option("--clip-seconds", type=float, default=None, help="Cut videos into clips this long (default: one clip).")
 @click.option("--max-clips", type=int, default=None, help="Keep the first N clips of each video.")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for remote URIs, e.g. client_kwargs.endpoint_url=http://127.0.0.1:8333 (repeatable).")
-@click.option("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1).")
 @click.option("--overwrite", is_flag=True, help="Delete existing labels in --out first (default: resume).")
 @click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
 @click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")
@@ -59,15 +80,6 @@ BATCH = BatchSize()
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: the decoder's linear layers as weight-only int8 at load (a quarter of their memory; faster "
                    "decode steps at small batches).")
-@click.option("--stall-timeout", default=300.0, show_default=True,
-              help="Seconds with no row before the driver says what the cluster has and what waits; after twice "
-                   "that it exits (4) with that message, committed items kept. 0: wait forever.")
-@click.option("--max-rebuilds", default=3, show_default=True,
-              help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done yet, "
-                   "at most this many times (0: fail).")
-@click.option("--inflight/--no-inflight", default=True, show_default=True,
-              help="In-flight batching: a row that finishes hands its cache row to a waiting request at once "
-                   "(rows of one block); --no-inflight: static batches that wait for their longest row.")
 def run(inputs: tuple[str, ...], **flags) -> None:
     """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
     from pipeline.recovery import PipelineStalled

@@ -39,7 +39,7 @@ def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dic
     """name, input contract (image_size, anyres pinpoints) and frames of a checkpoint, from its config files only:
     a LaVi, or a Hugging Face LLaVA-OneVision (model_type llava_onevision). Anything else is refused by name."""
     from lavi.config import LaViConfig
-    from lavi.onevision_config import MODEL_TYPE, OneVisionConfig
+    from lavi.onevision_config import DEFAULT_PROMPTS, MODEL_TYPE, OneVisionConfig
 
     fs, path = filesystem(model, storage_options)
     base = path.rstrip("/")
@@ -52,13 +52,15 @@ def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dic
             f"{base}/preprocessor_config.json") else {}
         ov = OneVisionConfig.from_hf(hf, pre, name=base.rsplit("/", 1)[-1])
         return {"name": ov.name, "image_size": ov.tile_size, "pinpoints": ov.pinpoints,
-                "default_frames": ov.default_frames, "max_frames": ov.max_frames}
+                "default_frames": ov.default_frames, "max_frames": ov.max_frames,
+                "default_prompts": dict(ov.default_prompts or DEFAULT_PROMPTS)}
     if kind is not None or "decoder" not in hf:
         raise ValueError(f"--model {model!r} is a {kind!r} checkpoint; supported: a LaVi checkpoint or a "
                          f"LLaVA-OneVision ({MODEL_TYPE!r})")
     config = LaViConfig.from_dict(hf)
     return {"name": config.name, "image_size": config.vision.image_size, "pinpoints": None,
-            "default_frames": config.default_frames, "max_frames": config.max_frames}
+            "default_frames": config.default_frames, "max_frames": config.max_frames,
+            "default_prompts": dict(config.default_prompts)}
 
 
 def check_resources(config: RunConfig) -> None:
@@ -172,6 +174,7 @@ def run(config: RunConfig) -> dict:
         generated_tokens=tokens, files_written=len(sink.files))
     summary["non_media_files"] = dict(sorted(listed.get("non_media", {}).items()))  # left out of walks, by extension
     summary["pipeline_rebuilds"] = rebuilds  # a lost node, actor or object: the graph rebuilt over what was left
+    summary["model_dir"] = config.model  # None: the bundled model; `retry` labels with it again
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
     output.write_summary(summary)

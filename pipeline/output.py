@@ -4,6 +4,7 @@ Layout of an output directory (any fsspec URI):
     part-<16 hex of sha1(sorted item_ids)>.parquet   committed files: LABEL_SCHEMA + metadata (pipeline.sink)
     _tmp/                                            files being written; never counted
     _listing/                                        this run's item shards (pipeline.sources)
+    _retry/                                          a `retry`'s scratch output, until it is merged (pipeline.retry)
     _summary.json                                    written last (pipeline.summary)
 Readers (pyarrow, pandas, HF datasets) ignore `_`-prefixed paths.
 """
@@ -24,6 +25,7 @@ PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
 SUMMARY_NAME = "_summary.json"
 TMP_DIR = "_tmp"
 LISTING_DIR = "_listing"
+RETRY_DIR = "_retry"
 
 
 def part_name(item_ids: list[str]) -> str:
@@ -86,7 +88,7 @@ class Output:
         return OutputState(tuple(self.uri_of(p) for p in files), frozenset(done), rows, meta)
 
     def clear(self) -> int:
-        """--overwrite: delete committed parts, _summary.json, _tmp/ and _listing/; returns files deleted."""
+        """--overwrite: delete committed parts, _summary.json and the scratch directories; returns files deleted."""
         if not self.fs.exists(self.base):
             return 0
         paths = self.part_paths() + [p for p in (self.path(SUMMARY_NAME),) if self.fs.exists(p)]
@@ -96,8 +98,8 @@ class Output:
         return len(paths)
 
     def clear_scratch(self) -> None:
-        """Delete _tmp/ and _listing/ (leftovers of a killed run: never part of the output)."""
-        for sub in (TMP_DIR, LISTING_DIR):
+        """Delete _tmp/, _listing/ and _retry/ (leftovers of a killed run or retry: never part of the output)."""
+        for sub in (TMP_DIR, LISTING_DIR, RETRY_DIR):
             if self.fs.exists(self.path(sub)):
                 self.fs.rm(self.path(sub), recursive=True)
 

@@ -1,0 +1,186 @@
+"""`lavi-label retry OUT`: relabel the error rows of a finished output, each replaced exactly once.
+
+1. scan: the error rows of OUT (of the chosen stages) and the items they belong to (`list` errors, items refused
+   when listed, are not retried: they need questions, not another try);
+2. label: those items, asked only the retried rows' prompts, go through the same pipeline with the output's own
+   model name and generation settings into `OUT/_retry/` (a scratch output: readers skip `_` paths, and a killed
+   retry resumes there);
+3. merge: every part file that held a retried row is rewritten under its own name (the same items, so the same
+   `part_name`), written under `_tmp/` and moved over the old one: a reader sees the old file or the new one,
+   never half of either. An item keeps its rows that were not retried; its retried rows are replaced by what
+   the retry produced for it (the same row_id when the row's clip and prompt are the same; a video that now
+   decodes into clips replaces its one error row by its clip rows). No row_id appears twice.
+4. `_summary.json`: totals read back again, and the retry appended to its `retries`; `_retry/` is removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import RunConfig
+from pipeline.output import RETRY_DIR, TMP_DIR, Output
+from pipeline.summary import totals
+from schemas.rows import CAPTION, COLUMNS, DECODE, ERROR, INFER, READ, UNKNOWN
+from workers.storage import read_parquet_file
+
+log = logging.getLogger(__name__)
+RETRY_STAGES = (READ, DECODE, INFER)
+_SCAN = ["item_id", "row_id", "uri", "media_type", "task", "prompt", "status", "error_stage"]
+# what a retry takes from the output's metadata, so its labels are those the run would have written
+_GENERATION = ("max_new_tokens", "temperature", "top_p", "seed", "frames", "clip_seconds", "max_clips", "quantize")
+
+
+@dataclasses.dataclass
+class Retried:
+    """The error rows chosen for a retry, by item."""
+
+    rows: dict[str, set[str]]  # item_id -> row_ids retried
+    entries: dict[str, dict]  # item_id -> its manifest entry (uri, media_type, prompt or questions)
+    files: list[str]  # part files (paths in the output's fs) holding them
+    not_retried: dict[str, int]  # error rows left as they are, by stage
+
+
+def scan_errors(output: Output, stages: tuple[str, ...], task: str, prompt: str | None,
+                default_prompts: dict[str, str]) -> Retried:
+    """The output's error rows of `stages` (streamed a file at a time: memory for the error rows only)."""
+    found = Retried({}, {}, [], {})
+    defaults = set(default_prompts.values())
+    for path in output.part_paths():
+        with output.fs.open(path, "rb") as f:
+            table = read_parquet_file(f, _SCAN)
+        hit = False
+        for row in table.to_pylist():
+            if row["status"] != ERROR:
+                continue
+            if row["error_stage"] not in stages:
+                found.not_retried[row["error_stage"]] = found.not_retried.get(row["error_stage"], 0) + 1
+                continue
+            hit = True
+            found.rows.setdefault(row["item_id"], set()).add(row["row_id"])
+            entry = found.entries.setdefault(row["item_id"], {"uri": row["uri"]})
+            if row["media_type"] != UNKNOWN:
+                entry["media_type"] = row["media_type"]
+            if task == CAPTION:
+                # the model's default prompt (one per media type) stays the default: a video that failed before it
+                # was known to be one was asked the image prompt, and now gets the video's
+                entry["prompt"] = None if prompt is None and row["prompt"] in defaults else row["prompt"]
+            else:
+                entry.setdefault("questions", [])
+                if row["prompt"] not in entry["questions"]:
+                    entry["questions"].append(row["prompt"])
+        if hit:
+            found.files.append(path)
+    return found
+
+
+def merge(output: Output, retried: Retried, new_rows: dict[str, list[dict]]) -> dict[str, Any]:
+    """Rewrite each part file holding retried rows (see the module doc); returns files rewritten, rows replaced
+    and the status counts of the rows put in their place."""
+    replaced = 0
+    status: dict[str, int] = {}
+    for path in retried.files:
+        with output.fs.open(path, "rb") as f:
+            table = read_parquet_file(f)
+        rows = table.to_pylist()
+        gone = {r["row_id"] for r in rows if r["row_id"] in retried.rows.get(r["item_id"], ())}
+        kept = [r for r in rows if r["row_id"] not in gone]
+        have = {r["row_id"] for r in kept}
+        items = list(dict.fromkeys(r["item_id"] for r in rows if r["row_id"] in gone))
+        fresh = [r for item in items for r in new_rows.get(item, []) if r["row_id"] not in have]
+        missing = [i for i in items if not new_rows.get(i)]
+        if missing:  # the scratch run is whole (its summary was written), so this is a bug, not bad luck
+            raise RuntimeError(f"the retry labelled no rows for items {missing[:5]} of {path}")
+        merged = pa.Table.from_pylist(kept + fresh, schema=table.schema)
+        tmp = output.path(f"{TMP_DIR}/{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}")
+        output.fs.makedirs(output.path(TMP_DIR), exist_ok=True)
+        with output.fs.open(tmp, "wb") as f:
+            pq.write_table(merged, f, compression="zstd")
+        output.fs.mv(tmp, path)
+        replaced += len(gone)
+        for r in fresh:
+            status[r["status"]] = status.get(r["status"], 0) + 1
+    if output.fs.exists(output.path(TMP_DIR)):
+        output.fs.rm(output.path(TMP_DIR), recursive=True)
+    return {"files_rewritten": len(retried.files), "rows_replaced": replaced, "new_rows": dict(sorted(status.items()))}
+
+
+def _scratch_rows(scratch: Output, items: set[str]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for path in scratch.part_paths():
+        with scratch.fs.open(path, "rb") as f:
+            for row in read_parquet_file(f).to_pylist():
+                if row["item_id"] in items:
+                    out.setdefault(row["item_id"], []).append({k: row[k] for k in COLUMNS})
+    return out
+
+
+def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = None,
+          storage_options: tuple[str, ...] = (), **run_options: Any) -> dict:
+    """Relabel OUT's error rows of `stages` and replace them (see the module doc); returns the updated summary,
+    with this retry's figures under `retry`. `run_options` are RunConfig fields that do not change labels
+    (batch_size, workers, gpus_per_worker, address, ...). Raises ValueError on an output that did not finish or
+    a model other than the one that labelled it."""
+    from pipeline.graph import model_info, run
+
+    start = time.monotonic()
+    bad = set(stages) - set(RETRY_STAGES)
+    if bad or not stages:
+        raise ValueError(f"--stage must be among {RETRY_STAGES} (list errors need questions, not a retry), "
+                         f"got {stages}")
+    probe = RunConfig(inputs=(out,), out=out, storage_options=storage_options)  # parses the storage options
+    output = Output(out, probe.storage)
+    summary = output.read_summary()
+    if summary is None:
+        raise ValueError(f"{out} has no _summary.json: its run did not finish; run `lavi-label run` into it again "
+                         "to resume it, then retry")
+    meta = output.scan().metadata
+    generation = meta.get("generation") or summary.get("generation") or {}
+    model = model if model is not None else summary.get("model_dir")
+    info = model_info(model or _bundled(), probe.storage)
+    if info["name"] != summary["model"]:
+        given = f"--model {model!r} is {info['name']!r}" if model else f"the bundled model is {info['name']!r}"
+        raise ValueError(f"{out} was labelled by model {summary['model']!r} and {given}: a retry labels with the "
+                         "model that labelled it (pass its directory as --model)")
+    retried = scan_errors(output, tuple(stages), generation.get("task", CAPTION), generation.get("prompt"),
+                          info["default_prompts"])
+    record = {"stages": list(stages), "items": len(retried.rows), "rows": sum(map(len, retried.rows.values())),
+              "not_retried": dict(sorted(retried.not_retried.items()))}
+    if retried.rows:
+        scratch = Output(output.path(RETRY_DIR), probe.storage)
+        manifest = scratch.path("_items.jsonl")
+        scratch.fs.makedirs(scratch.base, exist_ok=True)
+        scratch.fs.pipe_file(manifest, "".join(json.dumps(e) + "\n" for e in retried.entries.values()).encode())
+        config = RunConfig(
+            inputs=(scratch.uri_of(manifest),), out=scratch.uri_of(scratch.base), model=model,
+            task=generation.get("task", CAPTION), storage_options=storage_options, job_id=summary["job_id"],
+            **{k: generation[k] for k in _GENERATION if generation.get(k) is not None}, **run_options)
+        log.info("retry: relabelling %d error rows of %d items (stages %s) into %s", record["rows"], record["items"],
+                 ", ".join(stages), config.out)
+        run(config)
+        record.update(merge(output, retried, _scratch_rows(scratch, set(retried.rows))))
+        scratch.fs.rm(scratch.base, recursive=True)
+    else:
+        record.update(files_rewritten=0, rows_replaced=0, new_rows={})
+    summary.update(totals(output))
+    record["error_rows_left"] = summary["status"].get(ERROR, 0)
+    record["wall_s"] = round(time.monotonic() - start, 3)
+    record["at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    summary.setdefault("retries", []).append(record)
+    rate = summary.get("max_error_rate", 1.0)
+    summary["error_rate_exceeded"] = summary["error_rate"] > rate
+    output.write_summary(summary)
+    return {**summary, "retry": record}
+
+
+def _bundled() -> str:
+    from lavi.bundled import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
