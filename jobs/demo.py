@@ -1,8 +1,8 @@
 """`lavi-label demo`: the main job end to end on a generated sample corpus with the bundled model.
 
 Writes a small shapes-v1 corpus (images and videos, as files with a manifest), captions it and asks
-every item its manifest questions through `lavi-label run`'s pipeline, then prints the run summary
-and the scores against the corpus's truth.
+every item its manifest questions through `lavi-label run`'s pipeline, then prints the run summary,
+writes each output's `_report.html` and prints the scores against the corpus's truth.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from schemas.rows import CAPTION, VQA
 @click.option("--model", default=None, help="Checkpoint directory (default: the bundled tiny-shapes).")
 def demo_cmd(out: str, images: int, videos: int, seed: int, model: str | None) -> None:
     """Generate a sample corpus, label it (captions + VQA) with the bundled model, print summary and scores."""
+    from pipeline.report import write_report
     from shapes.corpus import write_corpus
     from shapes.score import score_parquet
 
@@ -42,6 +43,7 @@ def demo_cmd(out: str, images: int, videos: int, seed: int, model: str | None) -
         click.echo(f"\n== lavi-label run {manifest} --task {task} --out {labels}")
         summary = run_pipeline(RunConfig(inputs=(str(manifest),), out=str(labels), task=task, model=model))
         click.echo(format_summary(summary))
+        click.echo(f"report: {write_report(str(labels))}")
         scores[task] = score_parquet(str(labels), str(manifest))
     click.echo("\n== scores against the corpus truth (shared/SHAPES.md scoring)")
     for task, s in scores.items():

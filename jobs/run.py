@@ -80,7 +80,9 @@ def execution_options(command):
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: the decoder's linear layers as weight-only int8 at load (a quarter of their memory; faster "
                    "decode steps at small batches).")
-def run(inputs: tuple[str, ...], **flags) -> None:
+@click.option("--report/--no-report", "report", default=True, show_default=True,
+              help="Write OUT/_report.html at the end (a gallery of a sample of rows, errors, throughput).")
+def run(inputs: tuple[str, ...], report: bool, **flags) -> None:
     """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
     from pipeline.recovery import PipelineStalled
     from pipeline.graph import run as run_pipeline
@@ -101,10 +103,23 @@ def run(inputs: tuple[str, ...], **flags) -> None:
         sys.exit(4)
     click.echo(format_summary(summary))
     click.echo(f"labels: {config.out}")
+    if report:
+        _report(config)
     if summary["error_rate_exceeded"]:
         click.echo(f"error rate {summary['error_rate']:.1%} is above --max-error-rate {config.max_error_rate:.1%}",
                    err=True)
         sys.exit(3)
+
+
+def _report(config: RunConfig) -> None:
+    """The report is for looking at the labels: one that cannot be made costs a warning, never the run."""
+    from pipeline.report import write_report
+
+    try:
+        click.echo(f"report: {write_report(config.out, config.storage)}")
+    except Exception as err:  # noqa: BLE001 - the labels are written; say why there is no page
+        click.echo(f"warning: no _report.html ({type(err).__name__}: {err}); try `lavi-label report {config.out}`",
+                   err=True)
 
 
 if __name__ == "__main__":  # `python -m jobs.run ...`: the same command without the other subcommands' imports

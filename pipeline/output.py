@@ -6,6 +6,7 @@ Layout of an output directory (any fsspec URI):
     _listing/                                        this run's item shards (pipeline.sources)
     _retry/                                          a `retry`'s scratch output, until it is merged (pipeline.retry)
     _summary.json                                    written last (pipeline.summary)
+    _report.html                                     a page for people (pipeline.report; `_`: readers skip it)
 Readers (pyarrow, pandas, HF datasets) ignore `_`-prefixed paths.
 """
 
@@ -23,6 +24,7 @@ from workers.storage import read_parquet_file
 PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
 SUMMARY_NAME = "_summary.json"
+REPORT_NAME = "_report.html"
 TMP_DIR = "_tmp"
 LISTING_DIR = "_listing"
 RETRY_DIR = "_retry"
@@ -88,10 +90,11 @@ class Output:
         return OutputState(tuple(self.uri_of(p) for p in files), frozenset(done), rows, meta)
 
     def clear(self) -> int:
-        """--overwrite: delete committed parts, _summary.json and the scratch directories; returns files deleted."""
+        """--overwrite: delete committed parts, _summary.json, _report.html and the scratch directories; returns
+        files deleted."""
         if not self.fs.exists(self.base):
             return 0
-        paths = self.part_paths() + [p for p in (self.path(SUMMARY_NAME),) if self.fs.exists(p)]
+        paths = self.part_paths() + [p for p in (self.path(SUMMARY_NAME), self.path(REPORT_NAME)) if self.fs.exists(p)]
         for path in paths:
             self.fs.rm(path)
         self.clear_scratch()

@@ -122,10 +122,11 @@ def test_entrypoint_forwards_every_run_option():
               "max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "seed": 5, "frames": 4,
               "clip_seconds": 2.5, "max_clips": 6, "storage_options": ("key=k", "client_kwargs.endpoint_url=http://x"),
               "overwrite": True, "max_error_rate": 0.25, "job_id": "j1", "rows_per_file": 11, "compile": False,
-              "inflight": False, "max_rebuilds": 2, "stall_timeout": 42.5, "quantize": "int8"}
+              "inflight": False, "max_rebuilds": 2, "stall_timeout": 42.5, "quantize": "int8",
+              "report": False}
     names = {p.name for p in run_command.params if p.name not in ("inputs", "address")}
     assert names <= set(values), f"run options this test does not know yet: {names - set(values)}"
-    for changes in ({}, {"compile": True, "batch_size": None, "inflight": True}, {"compile": None}):  # on/off pairs, auto
+    for changes in ({}, {"compile": True, "batch_size": None, "inflight": True, "report": True}, {"compile": None}):  # on/off pairs, auto
         given = {**values, **changes}
         args = run_arguments(("in/*.png", "s3://b/in/"), given)
         parsed = run_command.make_context("run", args).params

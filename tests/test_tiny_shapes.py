@@ -178,3 +178,4 @@ def test_demo_labels_a_sample_corpus_and_scores_it(ray_local, tmp_path):
     assert scores["caption"]["counts"]["image_caption"] == 4 and scores["caption"]["counts"]["video_caption"] == 2
     assert scores["vqa"]["n_missing"] == 0 and scores["vqa"]["counts"]["n_errors"] == 0
     assert "image_caption_f1" in result.output and (tmp_path / "captions" / "_summary.json").exists()
+    assert (tmp_path / "captions" / "_report.html").exists() and (tmp_path / "answers" / "_report.html").exists()
