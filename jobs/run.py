@@ -45,6 +45,8 @@ EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them
     click.option("--max-rebuilds", default=3, show_default=True,
                   help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done "
                        "yet, at most this many times (0: fail)."),
+    click.option("-v", "--verbose", is_flag=True,
+                  help="Show Ray Data's own log lines too (always in the Ray session's logs directory)."),
     click.option("--inflight/--no-inflight", default=True, show_default=True,
                   help="In-flight batching: a row that finishes hands its cache row to a waiting request at once "
                        "(rows of one block); --no-inflight: static batches that wait for their longest row."),

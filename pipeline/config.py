@@ -71,6 +71,7 @@ class RunConfig:
     quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.quant)
     stall_timeout: float = 300.0  # s with no row: warn (what the cluster has, what waits); twice that: fail. 0: off
     max_rebuilds: int = 3  # times the Ray Data graph is rebuilt over what is left after a lost node, actor or object
+    verbose: bool = False  # Ray Data's own log lines on the terminal too (they always go to its log file)
     decode_batch_size: int = 4  # items per decode task
     progress_seconds: float = 10.0
 

@@ -13,6 +13,7 @@ cores, two actors at num_cpus=1 starve the reader and Ray Data waits forever).
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items, remaining_shards, write_shards
 from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.summary import Progress, build_summary
-from schemas.rows import metadata
+from schemas.rows import ERROR, metadata
 from workers.decode import DecodeSettings, decode_batch
 from workers.labeler import Labeler
 
@@ -80,7 +81,7 @@ def check_resources(config: RunConfig) -> None:
                              f"{DECODE_CPUS} more; the cluster has {total}: lower --workers")
 
 
-def connect_ray(address: str | None) -> bool:
+def connect_ray(address: str | None, verbose: bool = False) -> bool:
     """Start (address None) or join a Ray cluster unless one is connected; True if we must shut it down.
 
     $RAY_ADDRESS (set for a Ray Jobs entrypoint) counts as `address`."""
@@ -99,12 +100,23 @@ def connect_ray(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        context = ray.init(address=address, log_to_driver=False)
+        context = ray.init(address=address, log_to_driver=False,
+                           logging_level=logging.INFO if verbose else logging.WARNING)
         log.info("Ray: joined the cluster at %s", context.address_info["gcs_address"])
         return True
-    context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    context = ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                       logging_level=logging.INFO if verbose else logging.WARNING)
     log.info("Ray: started a local cluster at %s", context.address_info["gcs_address"])
     return True
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Ray Data's log lines (the execution plan, tips) go to its log file in the Ray session's logs directory, not
+    the terminal, unless `verbose`."""
+    importlib.import_module("ray.data")  # its import sets up its handlers: its log file and the console
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.__class__.__name__ == "PlainRayHandler":  # the console one; the file handler stays
+            handler.setLevel(logging.INFO if verbose else logging.CRITICAL + 1)
 
 
 def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: DecodeSettings,
@@ -113,10 +125,10 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the driver prints its own progress line
+    ctx.enable_progress_bars = False  # the driver shows its own progress
+    quiet_ray_data(config.verbose)
     paths = [listing_fs._strip_protocol(s) for s in shards]
-    ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs),
-                               ray_remote_args={"num_cpus": DECODE_CPUS})
+    ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs), num_cpus=DECODE_CPUS)
     # a shard is one block: split it (streaming) so decode tasks run in parallel and results
     # reach the sink as they finish rather than one whole shard at a time
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
@@ -190,12 +202,12 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
         image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
         clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
         max_clips=config.max_clips, storage_options=config.storage, pinpoints=info["pinpoints"])
-    tokens = rows_seen = 0
+    tokens = rows_seen = errors = 0
     dataset = None
-    owned = connect_ray(config.address)
+    owned = connect_ray(config.address, config.verbose)
+    progress = Progress(n_items, config.progress_seconds)
     try:
         check_resources(config)
-        progress = Progress(n_items, config.progress_seconds)
         while True:
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
@@ -204,7 +216,8 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
                     sink.add(batch)
                     rows_seen += batch.num_rows
                     tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
-                    progress.update(sink.items_written, rows_seen)
+                    errors += batch.column("status").to_pylist().count(ERROR)
+                    progress.update(sink.items_written, rows_seen, errors)
                 break
             except Exception as err:  # noqa: BLE001 - only a lost node, actor or object is retried
                 lost = lost_cluster_part(err)
@@ -224,11 +237,12 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
                     break
                 check_resources(config)  # what is left must still hold the pool, or the rebuild would wait forever
         sink.close()
-        progress.update(sink.items_written, rows_seen, force=True)
+        progress.update(sink.items_written, rows_seen, errors, force=True)
         if sink.items_written != n_items:  # every listed item yields its rows, error rows included
             raise RuntimeError(f"{n_items} items were listed but {sink.items_written} came out of the pipeline; "
                                "the finished ones are committed: rerun into the same --out to label the rest")
     finally:
+        progress.close()
         # the dataset (and the pyarrow readers it holds) goes while Ray and Arrow's thread pools are up,
         # not in the interpreter's teardown, where Arrow can abort (apache/arrow#39862)
         del dataset

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import time
 from typing import Any
 
@@ -91,23 +92,43 @@ def format_summary(summary: dict) -> str:
 
 
 class Progress:
-    """Logs rows done, items done / total, rate and ETA every `every_s` seconds."""
+    """What a run has done so far, for the person waiting: on a terminal a live bar (tqdm: items done of the total,
+    rate, ETA, with rows and error rows so far), updated on every batch of rows that reaches the driver; off a
+    terminal (Ray Jobs logs, CI) a plain log line every `every_s` seconds. `bar` None: a bar when stderr is a
+    terminal."""
 
-    def __init__(self, total_items: int, every_s: float = 10.0):
+    def __init__(self, total_items: int, every_s: float = 10.0, bar: bool | None = None, stream=None):
         self.total_items = total_items
         self.every_s = every_s
         self.start = self._last = time.monotonic()
+        self._bar = None
+        self._shown: tuple[int, int] | None = None  # the figures of the last line logged
+        stream = stream or sys.stderr
+        if bar if bar is not None else stream.isatty():
+            from tqdm import tqdm
 
-    def update(self, items_done: int, rows_done: int, force: bool = False) -> str | None:
+            self._bar = tqdm(total=total_items, unit="item", file=stream, dynamic_ncols=True, smoothing=0.1,
+                             desc="labelling")
+
+    def update(self, items_done: int, rows_done: int, errors: int = 0, force: bool = False) -> str | None:
         now = time.monotonic()
-        if not force and now - self._last < self.every_s:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{rows_done} rows, {errors} errors", refresh=False)
+            self._bar.update(items_done - self._bar.n)
             return None
-        self._last = now
+        if (not force and now - self._last < self.every_s) or self._shown == (items_done, rows_done):
+            return None
+        self._last, self._shown = now, (items_done, rows_done)
         elapsed = max(now - self.start, 1e-9)
         rate = items_done / elapsed
         left = self.total_items - items_done
         eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        line = (f"progress: {items_done}/{self.total_items} items, {rows_done} rows, "
+        line = (f"progress: {items_done}/{self.total_items} items, {rows_done} rows ({errors} errors), "
                 f"{rate:.2f} items/s, {rows_done / elapsed:.1f} rows/s, ETA {eta}")
         log.info(line)
         return line
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -110,5 +110,24 @@ def test_summary_counts_and_text(tmp_path):
 
 def test_progress_line_has_rate_and_eta():
     """Guards against a progress display with no ETA on long runs."""
-    line = Progress(total_items=10, every_s=0).update(5, 7, force=True)
-    assert "5/10 items" in line and "ETA" in line
+    progress = Progress(total_items=10, every_s=0, bar=False)
+    line = progress.update(5, 7, 2, force=True)
+    assert "5/10 items" in line and "ETA" in line and "(2 errors)" in line
+    assert progress.update(5, 7, 2, force=True) is None  # the same figures are not shown twice (the run's end)
+
+
+def test_progress_bar_on_a_terminal_counts_items_rows_and_errors():
+    """Guards against a terminal getting log lines instead of a live bar, or a bar without rows and errors."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    progress = Progress(total_items=10, stream=screen)
+    for items, rows, errors in ((2, 3, 0), (6, 9, 1)):
+        assert progress.update(items, rows, errors) is None
+    progress.close()
+    shown = screen.getvalue()
+    assert "6/10" in shown and "9 rows, 1 errors" in shown and "item/s" in shown
