@@ -7,6 +7,7 @@ Secret-looking --storage-option values are hidden in the entrypoints shown.
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 import click
@@ -98,13 +99,18 @@ def stop(job: str, timeout: float, address: str, token_file: str | None) -> None
     click.echo(f"job {job} {info.status.value}")
 
 
+def is_probe(job) -> bool:
+    """A job of submit's interpreter check (jobs.submit.probe_interpreter): not the user's."""
+    return "lavi_probe" in (job.metadata or {}) or bool(re.search(r"-probe-[0-9a-f]{6}$", job.submission_id or ""))
+
+
 @click.command("list")
 @cluster_options
 def list_jobs(address: str, token_file: str | None) -> None:
     """List the cluster's jobs, oldest first: id, status, start, duration, output."""
     client, token, address = _client(address, token_file)
     with cli_errors(token, address):
-        jobs = client.list_jobs()
+        jobs = [j for j in client.list_jobs() if not is_probe(j)]
     jobs.sort(key=lambda j: j.start_time or 0)
     rows = [(j.submission_id or j.job_id or "-", j.status.value, _when(j.start_time),
              _duration(j.start_time, j.end_time), (j.metadata or {}).get("lavi_out", "-")) for j in jobs]

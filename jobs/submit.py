@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import sys
@@ -173,6 +175,42 @@ def submit_job(client, retry_s: float = 60.0, **kwargs) -> str:
             time.sleep(2)
 
 
+def probe_interpreter(client, python: str, runtime_env: dict, job_id: str, timeout_s: float = 180.0) -> None:
+    """Run `python -m jobs.probe` on the cluster as a job of its own (seconds) and raise a UsageError naming the
+    interpreter and the missing module when the project cannot run there; the probe job is deleted after."""
+    from jobs.probe import MARK
+
+    probe_id = f"{job_id}-probe-{secrets.token_hex(3)}"
+    submit_job(client, entrypoint=shlex.join([python, "-m", "jobs.probe"]), submission_id=probe_id,
+               runtime_env=runtime_env, metadata={"lavi_probe": "1"})
+    deadline = time.monotonic() + timeout_s
+    while not (info := client.get_job_info(probe_id)).status.is_terminal():
+        if time.monotonic() > deadline:
+            client.stop_job(probe_id)
+            raise click.UsageError(f"the cluster did not run a {timeout_s:.0f} s probe of --python {python!r} "
+                                   "(is it short of CPUs?)")
+        time.sleep(0.5)
+    logs = client.get_job_logs(probe_id)
+    try:  # `lavi-label list` hides probe jobs whatever is left of them (jobs.manage.is_probe)
+        client.delete_job(probe_id)
+    except Exception as err:  # noqa: BLE001 - cleanup only
+        log.debug("deleting probe job %s: %s", probe_id, err)
+    line = next((ln[len(MARK):] for ln in logs.splitlines() if ln.startswith(MARK)), None)
+    if line is not None:
+        result = json.loads(line)
+        if result["ok"]:
+            log.info("the cluster runs lavi-label with %s (Python %s)", result["python"], result["version"])
+            return
+        raise click.UsageError(
+            f"the cluster's interpreter {result['python']} (--python {python}) cannot import {result['missing']!r} "
+            f"({result['error']}): install lavi-label's dependencies there (pip install lavi-label), or pass "
+            "--python with the path of an interpreter that has them")
+    tail = " ".join(logs.strip().splitlines()[-2:])[-300:]
+    raise click.UsageError(f"--python {python!r} did not start on the cluster ({info.status.value}"
+                           f"{': ' + tail if tail else ''}): pass --python with the path of an interpreter on the "
+                           "cluster's nodes that has lavi-label's dependencies")
+
+
 def cluster_gpus(address: str, token: str | None) -> float | None:
     """Total GPUs of the cluster's alive nodes now (None when the state API does not answer)."""
     import requests
@@ -243,7 +281,8 @@ def _print_next_steps(job_id: str, address: str) -> None:
               help="Job id (default: derived from --out, so resubmitting resumes that output).")
 @click.option("--wait", is_flag=True, help="Follow the logs until the job ends; exit 0 only if it SUCCEEDED.")
 @click.option("--python", "python", default="python", show_default=True,
-              help="Interpreter on the cluster's nodes (resolved through the head's PATH).")
+              help="Interpreter on the cluster's nodes (resolved through the head's PATH); a probe job checks that it "
+                   "can import lavi-label before the run is submitted.")
 def submit(address: str, token_file: str | None, submission_id: str | None, wait: bool, python: str,
            inputs: tuple[str, ...], **run_options) -> None:
     """Run a labeling job on a Ray cluster (same options as `run`). Resubmitting resumes its output.
@@ -257,7 +296,8 @@ def submit(address: str, token_file: str | None, submission_id: str | None, wait
     inputs = tuple(absolute_uri(i) for i in inputs)
     run_options["out"] = absolute_uri(run_options["out"])
     try:
-        config = RunConfig(inputs=inputs, **run_options)  # the same checks as `run`, before anything is sent
+        # the same checks as `run`, before anything is sent (--report is the command's, not the pipeline's)
+        config = RunConfig(inputs=inputs, **{k: v for k, v in run_options.items() if k != "report"})
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     base = submission_id or derived_submission_id(config.out)
@@ -282,9 +322,10 @@ def submit(address: str, token_file: str | None, submission_id: str | None, wait
         run_options["model"] = model_arg
         args = run_arguments(inputs, run_options)
         entrypoint = shlex.join([python, "-m", "jobs.cli", "run", *args, "--address", "auto"])
+        runtime_env = {"working_dir": working_dir, "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
         with cli_errors(token, address):
-            submit_job(client, entrypoint=entrypoint, submission_id=job_id,
-                       runtime_env={"working_dir": working_dir, "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+            probe_interpreter(client, python, runtime_env, job_id)
+            submit_job(client, entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
                        metadata={"lavi_out": config.out, "lavi_base_id": base})
     finally:
         shutil.rmtree(Path(working_dir).parent, ignore_errors=True)

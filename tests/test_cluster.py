@@ -215,6 +215,28 @@ def test_actor_killed_mid_job(cluster, corpus, tiny_model, tmp_path):
 
 
 @pytest.mark.ray_cluster
+@pytest.mark.timeout(300)
+def test_an_interpreter_without_the_dependencies_is_refused_in_seconds(cluster, corpus, tiny_model, tmp_path):
+    """Guards against a job whose cluster `python` lacks the dependencies failing deep inside the run (a
+    ModuleNotFoundError in its logs after a submit that said "submitted"), or against a missing interpreter."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    inputs, _ = corpus["small"]
+    for python, expect in ((str(bare / "bin" / "python"), "cannot import"), ("/nonexistent/python3", "did not start")):
+        args = ["submit", "--python", python, inputs, "--out", str(tmp_path / "out"), "--model", tiny_model]
+        start = time.monotonic()
+        refused = lavi(cluster, *args, timeout=240)
+        took = time.monotonic() - start
+        assert refused.returncode == 2 and expect in refused.stderr and "--python" in refused.stderr, refused.stderr
+        assert "submitted" not in refused.stdout and took < 120, (took, refused.stdout)
+        if expect == "cannot import":
+            assert str(bare) in refused.stderr and "cannot import 'click'" in refused.stderr, refused.stderr
+    assert not (tmp_path / "out").exists()
+    listed = lavi(cluster, "list")
+    assert "probe" not in listed.stdout, listed.stdout  # the probe jobs are not the user's
+
+
+@pytest.mark.ray_cluster
 @pytest.mark.timeout(900)
 def test_errors_are_clear_and_never_show_the_token(cluster, corpus, tiny_model, tmp_path):
     """Guards against a wrong address, a wrong token or an unwritable output ending in a traceback
