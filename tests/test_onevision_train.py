@@ -203,7 +203,6 @@ def test_a_saved_llava_ov_keeps_its_frames_and_prompts_and_its_lavi_conversion_t
     assert lavi.default_prompt("video") == spec.VIDEO_PROMPT and lavi.default_frames == 4
 
 
-@pytest.mark.skipif(not BUNDLED.exists(), reason="tiny-shapes-llava-ov is not bundled yet (its training is under way)")
 def test_the_bundled_tiny_shapes_llava_ov_generates_in_transformers_what_our_engine_generates():
     _check_against_transformers(BUNDLED, 3)
 
