@@ -10,6 +10,7 @@ from jobs.demo import demo_cmd
 from jobs.distill import distill_cmd
 from jobs.evaluate import eval_cmd
 from jobs.manage import list_jobs, logs, status, stop
+from jobs.plan import plan_cmd
 from jobs.report import report_cmd
 from jobs.retry import retry_cmd
 from jobs.run import run
@@ -32,6 +33,7 @@ main.add_command(convert_cmd, name="convert")
 main.add_command(distill_cmd, name="distill")
 main.add_command(retry_cmd, name="retry")
 main.add_command(report_cmd, name="report")
+main.add_command(plan_cmd, name="plan")
 for _cmd in (status, logs, stop, list_jobs):
     main.add_command(_cmd)
 

@@ -15,8 +15,6 @@ continues where it stopped (the pipeline's resume, training's checkpoints).
 from __future__ import annotations
 
 import collections
-import hashlib
-import heapq
 import json
 import logging
 import re
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.sources import sample, sample_key
 from schemas.rows import CAPTION, OK, TASKS, VQA
 
 log = logging.getLogger(__name__)
@@ -33,21 +32,17 @@ PARTS = ("train", "held_out")
 CARD_BEGIN, CARD_END = "<!-- distill:begin -->", "<!-- distill:end -->"
 
 
-def _key(seed: int, uri: str, salt: str = "") -> int:
-    return int(hashlib.sha1(f"{salt}{seed}:{uri}".encode()).hexdigest()[:16], 16)
-
-
 def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, list[dict]]:
     """The n entries of smallest sha1(seed, uri) (streamed: memory for n), split by a second hash of the uri: an
     item's part depends on its uri and the seed only, never on the rest of the corpus. Each part gets at least one
     entry when the sample has two."""
-    picked = heapq.nsmallest(n, entries, key=lambda e: _key(seed, e["uri"]))
+    picked = sample(entries, n, seed)
     split = {part: [] for part in PARTS}
     for e in picked:
-        split["held_out" if _key(seed, e["uri"], "held-out:") < held_out * 2**64 else "train"].append(e)
+        split["held_out" if sample_key(seed, e["uri"], "held-out:") < held_out * 2**64 else "train"].append(e)
     for small, big in (("held_out", "train"), ("train", "held_out")):
         if not split[small] and len(split[big]) > 1:
-            move = min(split[big], key=lambda e: _key(seed, e["uri"], "held-out:") * (1 if small == "held_out" else -1))
+            move = min(split[big], key=lambda e: sample_key(seed, e["uri"], "held-out:") * (1 if small == "held_out" else -1))
             split[big].remove(move)
             split[small].append(move)
     return split

@@ -18,6 +18,8 @@ the model's default caption prompt for the item's (decoded) media type.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import heapq
 import io
 import json
 import logging
@@ -59,7 +61,7 @@ def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[st
     stats = stats if stats is not None else {}
     stats.update(listed=0, skipped=0)
     for entry in iter_entries(inputs, storage_options, stats):
-        item = _make_item(entry, spec)
+        item = item_for_entry(entry, spec)
         stats["listed"] += 1
         if item["item_id"] in skip:
             stats["skipped"] += 1
@@ -87,6 +89,17 @@ def iter_entries(inputs: Iterable[str], storage_options: dict[str, Any] | None =
         log.warning("%d duplicate uris in the inputs were labeled once", stats["duplicates"])
 
 
+def sample_key(seed: int, uri: str, salt: str = "") -> int:
+    """A uri's place in a seeded sample: the first 64 bits of sha1(salt, seed, uri)."""
+    return int(hashlib.sha1(f"{salt}{seed}:{uri}".encode()).hexdigest()[:16], 16)
+
+
+def sample(entries: Iterable[dict], n: int, seed: int) -> list[dict]:
+    """The n entries of smallest sample_key (streamed: memory for n): an entry is in the sample or not by its uri
+    and the seed alone, never by the rest of the corpus."""
+    return heapq.nsmallest(n, entries, key=lambda e: sample_key(seed, e["uri"]))
+
+
 def write_shards(items: Iterable[dict], fs: fsspec.AbstractFileSystem, base: str,
                  shard_size: int = 10_000) -> tuple[list[str], int]:
     """Write items as ITEM_SCHEMA Parquet shards under `base` in `fs`; returns (shard URIs, number of items)."""
@@ -112,7 +125,8 @@ def write_shards(items: Iterable[dict], fs: fsspec.AbstractFileSystem, base: str
     return shards, total
 
 
-def _make_item(entry: dict, spec: PromptSpec) -> dict:
+def item_for_entry(entry: dict, spec: PromptSpec) -> dict:
+    """The item a run makes of an INPUT entry: its prompts from the entry and the run's PromptSpec."""
     uri = entry["uri"]
     if spec.task == CAPTION:
         return make_item(uri, [{"task": CAPTION, "prompt": entry.get("prompt") or spec.prompt}], entry.get("media_type"))
