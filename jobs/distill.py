@@ -42,7 +42,8 @@ def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, lis
         split["held_out" if sample_key(seed, e["uri"], "held-out:") < held_out * 2**64 else "train"].append(e)
     for small, big in (("held_out", "train"), ("train", "held_out")):
         if not split[small] and len(split[big]) > 1:
-            move = min(split[big], key=lambda e: sample_key(seed, e["uri"], "held-out:") * (1 if small == "held_out" else -1))
+            sign = 1 if small == "held_out" else -1
+            move = min(split[big], key=lambda e: sample_key(seed, e["uri"], "held-out:") * sign)
             split[big].remove(move)
             split[small].append(move)
     return split

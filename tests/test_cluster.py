@@ -126,7 +126,8 @@ def test_entrypoint_forwards_every_run_option():
               "report": False, "verbose": True}
     names = {p.name for p in run_command.params if p.name not in ("inputs", "address")}
     assert names <= set(values), f"run options this test does not know yet: {names - set(values)}"
-    for changes in ({}, {"compile": True, "batch_size": None, "inflight": True, "report": True}, {"compile": None}):  # on/off pairs, auto
+    on = {"compile": True, "batch_size": None, "inflight": True, "report": True}
+    for changes in ({}, on, {"compile": None}):  # on/off pairs, auto
         given = {**values, **changes}
         args = run_arguments(("in/*.png", "s3://b/in/"), given)
         parsed = run_command.make_context("run", args).params
