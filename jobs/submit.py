@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import sys
@@ -30,6 +28,7 @@ from typing import Any
 
 import click
 
+from jobs.probe import probe_interpreter
 from jobs.ray_auth import ADDRESS_ENV, cli_errors, job_client, load_token, normalize_address, redact
 from jobs.run import run as run_command
 
@@ -173,42 +172,6 @@ def submit_job(client, retry_s: float = 60.0, **kwargs) -> str:
                 raise
             log.info("the head has no job agent yet; retrying")
             time.sleep(2)
-
-
-def probe_interpreter(client, python: str, runtime_env: dict, job_id: str, timeout_s: float = 180.0) -> None:
-    """Run `python -m jobs.probe` on the cluster as a job of its own (seconds) and raise a UsageError naming the
-    interpreter and the missing module when the project cannot run there; the probe job is deleted after."""
-    from jobs.probe import MARK
-
-    probe_id = f"{job_id}-probe-{secrets.token_hex(3)}"
-    submit_job(client, entrypoint=shlex.join([python, "-m", "jobs.probe"]), submission_id=probe_id,
-               runtime_env=runtime_env, metadata={"lavi_probe": "1"})
-    deadline = time.monotonic() + timeout_s
-    while not (info := client.get_job_info(probe_id)).status.is_terminal():
-        if time.monotonic() > deadline:
-            client.stop_job(probe_id)
-            raise click.UsageError(f"the cluster did not run a {timeout_s:.0f} s probe of --python {python!r} "
-                                   "(is it short of CPUs?)")
-        time.sleep(0.5)
-    logs = client.get_job_logs(probe_id)
-    try:  # `lavi-label list` hides probe jobs whatever is left of them (jobs.manage.is_probe)
-        client.delete_job(probe_id)
-    except Exception as err:  # noqa: BLE001 - cleanup only
-        log.debug("deleting probe job %s: %s", probe_id, err)
-    line = next((ln[len(MARK):] for ln in logs.splitlines() if ln.startswith(MARK)), None)
-    if line is not None:
-        result = json.loads(line)
-        if result["ok"]:
-            log.info("the cluster runs lavi-label with %s (Python %s)", result["python"], result["version"])
-            return
-        raise click.UsageError(
-            f"the cluster's interpreter {result['python']} (--python {python}) cannot import {result['missing']!r} "
-            f"({result['error']}): install lavi-label's dependencies there (pip install lavi-label), or pass "
-            "--python with the path of an interpreter that has them")
-    tail = " ".join(logs.strip().splitlines()[-2:])[-300:]
-    raise click.UsageError(f"--python {python!r} did not start on the cluster ({info.status.value}"
-                           f"{': ' + tail if tail else ''}): pass --python with the path of an interpreter on the "
-                           "cluster's nodes that has lavi-label's dependencies")
 
 
 def cluster_gpus(address: str, token: str | None) -> float | None:
