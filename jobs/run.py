@@ -28,6 +28,17 @@ class BatchSize(click.ParamType):
 BATCH = BatchSize()
 
 
+def _schema_text(ctx, param, value: str | None) -> str | None:
+    """--json-schema: a file's text, or the JSON itself (what `submit` forwards, so the cluster needs no file)."""
+    if value is None or value.lstrip().startswith("{"):
+        return value
+    try:
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    except OSError as err:
+        raise click.BadParameter(f"cannot read {value!r}: {err.strerror}") from None
+
+
 EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them alike
     click.option("--batch-size", type=BATCH, default="auto", show_default=True,
                   help="Rows per generation batch; auto: as many as GPU memory holds (measured at load), 32 on CPU."),
@@ -65,6 +76,12 @@ def execution_options(command):
 @click.option("--task", type=click.Choice(TASKS), default=CAPTION, show_default=True)
 @click.option("--prompt", default=None, help="Caption prompt (default: the model's prompt for the media type).")
 @click.option("--question", "questions", multiple=True, help="A VQA question, asked of every item (repeatable).")
+@click.option("--choices", default=None, metavar="A,B,...",
+              help="Answer with exactly one of these (comma-separated, or a JSON list): the caption prompt's text, "
+                   "or with --task vqa every question's answer (a manifest question may carry its own).")
+@click.option("--json-schema", default=None, metavar="FILE", callback=_schema_text,
+              help="Answer with JSON that validates against this JSON schema (a file, or the JSON itself); needs a "
+                   "byte-level BPE tokenizer (LLaVA-OneVision's).")
 @click.option("--model", default=None, help="A LaVi or LLaVA-OneVision checkpoint directory, local or object storage "
               "(default: the bundled tiny-shapes).")
 @execution_options

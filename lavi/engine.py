@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .constrain import Constraint, Guide, Vocabulary
 from .generate import GenerationConfig, Generator, setup_caches
 from .fusion import Visual
 from .model import LaVi
@@ -32,6 +33,7 @@ class Completion:
     num_prompt_tokens: int
     num_generated_tokens: int
     finished: bool  # False: stopped by max_new_tokens (status "truncated")
+    violation: str | None = None  # a finished constrained row whose text breaks its constraint: why
 
 
 def pixels_from_frames(frames: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...],
@@ -86,6 +88,15 @@ class Engine:
         self.name = name or self.config.name
         self.eos_id = self.config.stop_ids
         self.pad_id = self.config.pad_token_id
+        self._vocabulary: Vocabulary | None = None
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The tokens as the constrained-generation masks see them (`lavi.constrain`), built at first use."""
+        if self._vocabulary is None:
+            eos = (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
+            self._vocabulary = Vocabulary(self.tokenizer.tok, self.model.decoder.lm_head.out_features, eos)
+        return self._vocabulary
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
@@ -167,24 +178,31 @@ class Engine:
     @torch.no_grad()
     def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
                  gen: GenerationConfig = GenerationConfig(),
-                 media: list[tuple[str, tuple[int, int]]] | None = None) -> list[Completion]:
+                 media: list[tuple[str, tuple[int, int]]] | None = None,
+                 constraints: list[Constraint | None] | None = None) -> list[Completion]:
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
         (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`: an image's visual
-        is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames."""
+        is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames.
+        constraints: per request, its `lavi.constrain.Constraint` or None (free); a finished constrained row that
+        breaks its constraint anyway says why in `Completion.violation`. Raises ConstraintError (a ValueError)
+        for a constraint this vocabulary cannot meet."""
         media = media or [("video", tuple(v.shape[1:3])) for v in visuals]
+        constraints = constraints or [None] * len(requests)
+        if len(constraints) != len(requests):
+            raise ValueError(f"{len(constraints)} constraints for {len(requests)} requests")
         out: list[Completion] = []
         step = self.max_batch * (self.INFLIGHT_WAVE if self.inflight else 1)
         for start in range(0, len(requests), step):
-            chunk = requests[start:start + step]
+            chunk, rules = requests[start:start + step], constraints[start:start + step]
             try:
-                out.extend(self._generate_batch(visuals, media, chunk, gen))
+                out.extend(self._generate_batch(visuals, media, chunk, gen, rules))
             except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
                 if not self.generator.compiled:
                     raise
                 log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
                 self.generator = Generator(self.model, self.generator.kv_cache)
-                out.extend(self._generate_batch(visuals, media, chunk, gen))
+                out.extend(self._generate_batch(visuals, media, chunk, gen, rules))
         return out
 
     def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
@@ -200,18 +218,25 @@ class Engine:
         return (vis.tokens.shape[1] if vis.tokens is not None else 0) + max(map(len, prompts))
 
     def _generate_batch(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]],
-                        requests: list[tuple[int, str]], gen: GenerationConfig) -> list[Completion]:
+                        requests: list[tuple[int, str]], gen: GenerationConfig,
+                        constraints: list[Constraint | None]) -> list[Completion]:
         used = sorted({v for v, _ in requests})
         local = {v: i for i, v in enumerate(used)}
         vis = self._encode([visuals[v] for v in used], [media[v] for v in used])
         prompts = [self._prompt(p, media[v][0]) for v, p in requests]
         rows = [local[v] for v, _ in requests]
+        guide = Guide.of(self.vocabulary if any(constraints) else None, constraints)
         pool = min(len(requests), self.max_batch)
         self._ensure_cache(pool, self._context(vis, rows, prompts) + gen.max_new_tokens)
         if self.inflight and len(requests) > 1:  # rows that finish make room for waiting requests
-            results = self.generator.inflight(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id)
+            results = self.generator.inflight(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id,
+                                              guide=guide)
         else:
-            results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id)
-        return [Completion(text=self.tokenizer.decode(r.tokens), num_prompt_tokens=len(p),
-                           num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished)
-                for r, p in zip(results, prompts)]
+            results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id, guide=guide)
+        out = []
+        for i, (r, p) in enumerate(zip(results, prompts)):
+            text = self.tokenizer.decode(r.tokens)
+            out.append(Completion(text=text, num_prompt_tokens=len(p),
+                                  num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished,
+                                  violation=guide.check(i, text) if guide is not None and r.finished else None))
+        return out

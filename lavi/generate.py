@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .constrain import Guide
 from .decoder import KVCache, LayerConds, RowsPrefill
 from .fusion import Visual
 from .model import LaVi, attention_mask
@@ -185,11 +186,12 @@ class Generator:
     @torch.no_grad()
     def __call__(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
                  eos_id: int | tuple[int, ...], pad_id: int = 0,
-                 on_first_token: Callable[[], None] | None = None) -> list[RowTokens]:
+                 on_first_token: Callable[[], None] | None = None, guide: Guide | None = None) -> list[RowTokens]:
         """Generate for B text rows; row i is conditioned on item `rows[i]` of `vis` (N items, N <= B), so one
         item's visual state serves all of its prompts. `on_first_token` is called once the first token of
         every row exists (benchmarks time it). A row ends at any of `eos_id` (one id, or several: a chat model's
-        end-of-turn and end-of-text)."""
+        end-of-turn and end-of-text). guide: token masks for constrained rows (request i is row i); the host then
+        looks at every step's tokens."""
         model, device, cache = self.model, self.model.device, self.kv_cache
         eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
         eos = torch.tensor(eos_ids, device=device)
@@ -225,8 +227,13 @@ class Generator:
                     logits = self.step(model, cache, tok[:, None], pos, fixed.slot_valid, slot, fixed.vis_mask,
                                        fixed.cond_kv)
                     pos = pos + 1
+                live = [-1 if d else r for r, d in enumerate(done.tolist())] if guide is not None else []
+                if guide is not None:
+                    guide.mask_(logits, live)
                 tok = sample(logits, gen.temperature, gen.top_p, generator)
                 tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+                if guide is not None:
+                    guide.advance(live, tok.tolist())
                 out[:, i] = tok
                 done |= torch.isin(tok, eos)
                 if i == 0 and on_first_token is not None:
@@ -244,12 +251,13 @@ class Generator:
     @torch.no_grad()
     def inflight(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
                  eos_id: int | tuple[int, ...], pad_id: int = 0,
-                 max_new_tokens: list[int] | None = None) -> list[RowTokens]:
+                 max_new_tokens: list[int] | None = None, guide: Guide | None = None) -> list[RowTokens]:
         """In-flight batching: the requests (row i: prompt i on item rows[i] of `vis`) go through a pool of the
         cache's max_batch rows; when a row finishes (EOS, or its own max_new_tokens, default gen's), a waiting
         request takes it at the next admission (every `check_every` steps): its prompt is prefilled into that
         row's cache from slot 0, its visual state set in that row, and it decodes beside the others. Each row has
-        its own cache slot and RoPE position, so its tokens are those it would generate alone."""
+        its own cache slot and RoPE position, so its tokens are those it would generate alone. guide: token masks
+        for constrained requests (see `__call__`)."""
         model, device, cache = self.model, self.model.device, self.kv_cache
         n = len(prompts)
         budgets = list(max_new_tokens) if max_new_tokens is not None else [gen.max_new_tokens] * n
@@ -298,7 +306,11 @@ class Generator:
             fixed.vis_mask[idx] = sub.mask
             for (k, u), (k1, u1) in zip(fixed.cond_kv, sub.cond_kv or ()):
                 k[idx], u[idx] = k1, u1
+            if guide is not None:
+                guide.mask_(logits, reqs)
             first = sample(logits, gen.temperature, gen.top_p, generator)
+            if guide is not None:
+                guide.advance(reqs, first.tolist())
             pos[idx, 0], slot[idx, 0] = kvalid.long().sum(1), t0
             tok[idx], out[idx, 0], count[idx] = first, first, 1
             budget[idx] = torch.tensor([budgets[r] for r in reqs], device=device)
@@ -334,7 +346,13 @@ class Generator:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.row_step(model, cache, tok[:, None], pos, fixed.slot_valid, slot,
                                            fixed.vis_mask, fixed.cond_kv)
+                    serving = ([owner[r] if on else -1 for r, on in enumerate(live.tolist())]
+                               if guide is not None else [])
+                    if guide is not None:
+                        guide.mask_(logits, serving)
                     nxt = sample(logits, gen.temperature, gen.top_p, generator)
+                    if guide is not None:
+                        guide.advance(serving, nxt.tolist())
                     tok = torch.where(live, nxt, tok)
                     out[ar, count.clamp(max=width - 1)] = torch.where(live, nxt, out[ar, count.clamp(max=width - 1)])
                     count = count + live.long()

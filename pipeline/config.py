@@ -8,9 +8,11 @@ parsed here: dotted keys nest (`client_kwargs.region_name=x`), `true`/`false` be
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any
 
+from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
 
@@ -39,6 +41,20 @@ def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+def parse_choices(value: tuple[str, ...] | list[str] | str | None) -> tuple[str, ...]:
+    """--choices "a,b,c" (or a JSON list, for choices with commas) -> the choices."""
+    if not value:
+        return ()
+    if not isinstance(value, str):
+        return tuple(value)
+    if value.lstrip().startswith("["):
+        try:
+            return tuple(json.loads(value))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--choices {value!r:.80} starts as a JSON list but is not one: {err}") from None
+    return tuple(c.strip() for c in value.split(",") if c.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One labeling run: inputs -> Parquet at `out`. See `lavi-label run --help` for each field."""
@@ -48,6 +64,10 @@ class RunConfig:
     task: str = CAPTION
     prompt: str | None = None
     questions: tuple[str, ...] = ()
+    # the run's prompts answer with one of these (a manifest question may have its own); a string: as --choices
+    # takes them, "a,b,c" or a JSON list
+    choices: tuple[str, ...] | str | None = ()
+    json_schema: str | None = None  # or with JSON valid under this schema (its JSON text)
     model: str | None = None  # None: the bundled model (lavi.bundled.DEFAULT_MODEL)
     batch_size: int | None = None  # None ("auto"): from GPU memory on a GPU, CPU_BATCH on CPU
     compile: bool | None = None  # compiled decode step; None: on a GPU, not on CPU
@@ -78,6 +98,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "questions", tuple(self.questions))
+        object.__setattr__(self, "choices", parse_choices(self.choices))
         object.__setattr__(self, "storage_options", tuple(self.storage_options))
         if not self.inputs:
             raise ValueError("give at least one INPUT (a file, directory, glob, s3:// prefix or manifest)")
@@ -93,6 +114,12 @@ class RunConfig:
             raise ValueError("--task vqa needs questions: give --question, or a manifest with a questions column")
         if any(not q.strip() for q in self.questions):
             raise ValueError("--question must not be empty")
+        if self.choices and self.json_schema is not None:
+            raise ValueError("give --choices or --json-schema, not both")
+        try:
+            self.constraint  # noqa: B018 - parses and checks the choices or the schema
+        except ConstraintError as err:
+            raise ValueError(f"--choices/--json-schema: {err}") from None
         if self.batch_size is not None:
             _positive("batch-size", self.batch_size)
         _positive("workers", self.workers)
@@ -129,6 +156,12 @@ class RunConfig:
     def storage(self) -> dict[str, Any]:
         """The parsed fsspec storage options (apply to remote URIs only)."""
         return parse_storage_options(self.storage_options)
+
+    @property
+    def constraint(self) -> str | None:
+        """The JSON of the run's constraint (schemas.constraint), or None: free text."""
+        c = Constraint.of(self.choices, self.json_schema)
+        return c.to_json() if c is not None else None
 
     @property
     def device(self) -> str:
@@ -168,6 +201,7 @@ class RunConfig:
             "clip_seconds": self.clip_seconds,
             "max_clips": self.max_clips,
             **({"quantize": self.quantize} if self.quantize else {}),  # int8 labels are not float labels
+            **({"constraint": self.constraint} if self.constraint else {}),
         }
 
 

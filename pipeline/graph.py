@@ -170,7 +170,8 @@ def run(config: RunConfig) -> dict:
     job_id = config.job_id or state.metadata.get("job_id") or f"lavi-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     output.clear_summary()  # the completion marker goes until this run completes
     output.clear_scratch()
-    spec = PromptSpec(task=config.task, prompt=config.prompt, questions=config.questions)
+    spec = PromptSpec(task=config.task, prompt=config.prompt, questions=config.questions,
+                      constraint=config.constraint)
     listed: dict[str, int] = {}
     shards, n_items = write_shards(iter_items(config.inputs, spec, options, skip=state.done_items, stats=listed),
                                    output.fs, output.listing)
@@ -187,6 +188,7 @@ def run(config: RunConfig) -> dict:
     summary["non_media_files"] = dict(sorted(listed.get("non_media", {}).items()))  # left out of walks, by extension
     summary["pipeline_rebuilds"] = rebuilds  # a lost node, actor or object: the graph rebuilt over what was left
     summary["model_dir"] = config.model  # None: the bundled model; `retry` labels with it again
+    summary["items_with_own_constraints"] = listed["own_constraints"]  # a manifest's per-question choices or schema
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
     output.write_summary(summary)

@@ -47,7 +47,7 @@ def count(config: RunConfig, n: int, seed: int) -> tuple[Corpus, list[dict]]:
     as the corpus is (at least one of each kind it has, so a video's clips are measured even when videos are
     few); memory for n entries of each kind."""
     corpus = Corpus(Counter(), Counter())
-    spec = PromptSpec(config.task, config.prompt, config.questions)
+    spec = PromptSpec(config.task, config.prompt, config.questions, config.constraint)
     heaps: dict[str, list] = {}
     for i, entry in enumerate(iter_entries(config.inputs, config.storage)):
         kind = entry.get("media_type") or media_type_from_name(entry["uri"])

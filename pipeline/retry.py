@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.config import RunConfig
 from pipeline.output import RETRY_DIR, TMP_DIR, Output
 from pipeline.summary import totals
+from schemas.constraint import Constraint
 from schemas.rows import CAPTION, COLUMNS, DECODE, ERROR, INFER, READ, UNKNOWN
 from workers.storage import read_parquet_file
 
@@ -149,6 +150,9 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
         given = f"--model {model!r} is {info['name']!r}" if model else f"the bundled model is {info['name']!r}"
         raise ValueError(f"{out} was labelled by model {summary['model']!r} and {given}: a retry labels with the "
                          "model that labelled it (pass its directory as --model)")
+    if summary.get("items_with_own_constraints"):
+        raise ValueError(f"{out} has questions with their own choices or JSON schema (from its manifest), which its "
+                         "rows do not record: rerun `lavi-label run` with that manifest into a new --out instead")
     retried = scan_errors(output, tuple(stages), generation.get("task", CAPTION), generation.get("prompt"),
                           info["default_prompts"])
     record = {"stages": list(stages), "items": len(retried.rows), "rows": sum(map(len, retried.rows.values())),
@@ -161,7 +165,8 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
         config = RunConfig(
             inputs=(scratch.uri_of(manifest),), out=scratch.uri_of(scratch.base), model=model,
             task=generation.get("task", CAPTION), storage_options=storage_options, job_id=summary["job_id"],
-            **{k: generation[k] for k in _GENERATION if generation.get(k) is not None}, **run_options)
+            **{k: generation[k] for k in _GENERATION if generation.get(k) is not None},
+            **_constraint(generation.get("constraint")), **run_options)
         log.info("retry: relabelling %d error rows of %d items (stages %s) into %s", record["rows"], record["items"],
                  ", ".join(stages), config.out)
         run(config)
@@ -178,6 +183,14 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
     summary["error_rate_exceeded"] = summary["error_rate"] > rate
     output.write_summary(summary)
     return {**summary, "retry": record}
+
+
+def _constraint(spec: str | None) -> dict[str, Any]:
+    """The run's constraint (generation settings) as RunConfig fields, so the retried rows keep it."""
+    c = Constraint.parse(spec)
+    if c is None:
+        return {}
+    return {"choices": c.choices} if c.choices else {"json_schema": c.json_schema}
 
 
 def _bundled() -> str:

@@ -2,7 +2,8 @@
 
 An INPUT is a local file or directory, a glob, an s3:// / gs:// / file:// prefix, or a
 manifest (.jsonl / .csv / .parquet) with a `uri` column and optional `questions` (a list;
-a JSON list in CSV), `prompt` and `media_type` columns. Directories and prefixes are walked
+a JSON list in CSV; a question is a string or {question, choices} / {question, json_schema}, its
+own constraint), `prompt` and `media_type` columns. Directories and prefixes are walked
 one directory listing at a time (`fs.walk`), manifests are read in record batches: the
 driver never holds the whole listing. Items are written to Parquet listing shards
 (`write_shards`) that Ray Data reads, so the listing streams into the cluster in chunks.
@@ -34,6 +35,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.storage import filesystem, full_uri, is_local
+from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import ITEM_SCHEMA, MANIFEST_EXTS, make_item, media_type_from_name
 from schemas.rows import CAPTION, UNKNOWN, VQA
 from workers.storage import iter_parquet_file
@@ -50,19 +52,23 @@ class PromptSpec:
     task: str = CAPTION
     prompt: str | None = None
     questions: tuple[str, ...] = ()
+    constraint: str | None = None  # the run's (schemas.constraint JSON): on its prompt or questions, and on a
+    # manifest's questions that carry none of their own
 
 
 def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[str, Any] | None = None,
                skip: set[str] | frozenset[str] = frozenset(), stats: dict[str, int] | None = None) -> Iterator[dict]:
     """Stream items for every INPUT, each uri once; items whose item_id is in `skip` are left out.
 
-    `stats`, when given, receives counts: listed (distinct items), skipped, duplicates.
+    `stats`, when given, receives counts: listed (distinct items), skipped, duplicates, own_constraints (items
+    with a question that carries its own constraint, from the manifest).
     """
     stats = stats if stats is not None else {}
-    stats.update(listed=0, skipped=0)
+    stats.update(listed=0, skipped=0, own_constraints=0)
     for entry in iter_entries(inputs, storage_options, stats):
         item = item_for_entry(entry, spec)
         stats["listed"] += 1
+        stats["own_constraints"] += any(p["constraint"] != spec.constraint for p in item["prompts"])
         if item["item_id"] in skip:
             stats["skipped"] += 1
         else:
@@ -129,12 +135,35 @@ def item_for_entry(entry: dict, spec: PromptSpec) -> dict:
     """The item a run makes of an INPUT entry: its prompts from the entry and the run's PromptSpec."""
     uri = entry["uri"]
     if spec.task == CAPTION:
-        return make_item(uri, [{"task": CAPTION, "prompt": entry.get("prompt") or spec.prompt}], entry.get("media_type"))
-    questions = list(dict.fromkeys([*spec.questions, *(entry.get("questions") or [])]))
+        return make_item(uri, [{"task": CAPTION, "prompt": entry.get("prompt") or spec.prompt,
+                                "constraint": spec.constraint}], entry.get("media_type"))
+    try:
+        asked = [(q, spec.constraint) for q in spec.questions] + [
+            _question(q, spec.constraint) for q in entry.get("questions") or []]
+    except ValueError as err:  # a malformed question refuses its item, not the run
+        return make_item(uri, [{"task": VQA, "prompt": ""}], entry.get("media_type"), error=str(err))
+    questions = list(dict.fromkeys(asked))
     if not questions:  # refused when listed: one error row per item, with an empty question
         return make_item(uri, [{"task": VQA, "prompt": ""}], entry.get("media_type"),
                          error="no questions for this item: give --question or a questions column in the manifest")
-    return make_item(uri, [{"task": VQA, "prompt": q} for q in questions], entry.get("media_type"))
+    return make_item(uri, [{"task": VQA, "prompt": q, "constraint": c} for q, c in questions], entry.get("media_type"))
+
+
+def _question(q: str | dict, default: str | None) -> tuple[str, str | None]:
+    """A manifest question -> (text, constraint JSON): a string (the run's constraint, if any), or an object
+    {"question": str, "choices": [str, ...]} or {"question": str, "json_schema": {...}} (its own)."""
+    if isinstance(q, str):
+        return q, default
+    if not isinstance(q, dict) or not isinstance(q.get("question"), str) or set(q) - {"question", "choices",
+                                                                                    "json_schema"}:
+        raise ValueError(f"bad question {q!r:.200}: a string, or {{question, choices}} or {{question, json_schema}}")
+    if q.get("choices") is not None and not q["choices"]:
+        raise ValueError(f"question {q['question']!r:.100}: its choices are empty")
+    try:
+        c = Constraint.of(q.get("choices"), q.get("json_schema"))
+    except ConstraintError as err:
+        raise ValueError(f"question {q['question']!r:.100}: {err}") from None
+    return q["question"], c.to_json() if c is not None else default
 
 
 def _iter_entries(spec_uri: str, storage_options: dict[str, Any], stats: dict | None = None) -> Iterator[dict]:
@@ -193,7 +222,7 @@ def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
         elif "://" not in uri and is_local(full_uri(fs, path)):
             uri = f"file://{uri}"
         questions = record.get("questions")
-        if isinstance(questions, str):  # CSV: a JSON list or one question
+        if isinstance(questions, str):  # CSV: a JSON list (of strings or question objects) or one question
             questions = json.loads(questions) if questions.startswith("[") else [questions] if questions else []
         yield {**record, "uri": uri, "media_type": record.get("media_type"), "prompt": record.get("prompt"),
                "questions": questions}

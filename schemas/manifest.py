@@ -20,6 +20,8 @@ MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")  # an INPUT ending so is a manife
 PROMPT_TYPE = pa.struct([
     pa.field("task", pa.string(), nullable=False),  # caption / vqa
     pa.field("prompt", pa.string()),  # null (caption only): the model's default prompt for the media type
+    # null: free text; else the JSON of a lavi.constrain.Constraint ({"choices": [...]} or {"json_schema": {...}})
+    pa.field("constraint", pa.string()),
 ])
 
 ITEM_SCHEMA = pa.schema(
@@ -48,14 +50,15 @@ def media_type_from_name(uri: str) -> str:
 
 
 def make_item(uri: str, prompts: list[dict], media_type: str | None = None, error: str | None = None) -> dict:
-    """An item of ITEM_SCHEMA for `uri`: prompts are [{"task": "caption"|"vqa", "prompt": str}, ...].
+    """An item of ITEM_SCHEMA for `uri`: prompts are [{"task": "caption"|"vqa", "prompt": str}, ...], each with an
+    optional "constraint" (the JSON text of a lavi.constrain.Constraint; None or absent: free text).
 
     A caption prompt may be None (the model's default prompt for the decoded media type).
     `media_type` None: from the file name. `error`: the item was refused when listed."""
     if not prompts:
         raise ValueError(f"item {uri!r} has no prompts: give at least one {{task, prompt}}")
     for p in prompts:
-        if (set(p) != {"task", "prompt"} or p["task"] not in TASKS
+        if (not {"task", "prompt"} <= set(p) <= {"task", "prompt", "constraint"} or p["task"] not in TASKS
                 or not (isinstance(p["prompt"], str) or (p["prompt"] is None and p["task"] == CAPTION))):
             raise ValueError(f"bad prompt {p!r} for {uri!r}: expected {{'task': one of {TASKS}, 'prompt': str}} "
                              "(prompt None: the default caption prompt)")
@@ -63,6 +66,6 @@ def make_item(uri: str, prompts: list[dict], media_type: str | None = None, erro
         "item_id": item_id(uri),
         "uri": uri,
         "media_type": media_type or media_type_from_name(uri),
-        "prompts": [{"task": p["task"], "prompt": p["prompt"]} for p in prompts],
+        "prompts": [{"task": p["task"], "prompt": p["prompt"], "constraint": p.get("constraint")} for p in prompts],
         "error": error,
     }

@@ -78,9 +78,11 @@ def item_id(uri: str) -> str:
     return _hex(uri, 20)
 
 
-def row_id(item_id: str, clip_index: int | None, prompt: str, task: str) -> str:
-    """Stable id of an output row: 24 hex chars of sha1 over (item_id, clip, task, prompt)."""
-    return _hex(json.dumps([item_id, clip_index, task, prompt], ensure_ascii=False), 24)
+def row_id(item_id: str, clip_index: int | None, prompt: str, task: str, constraint: str | None = None) -> str:
+    """Stable id of an output row: 24 hex chars of sha1 over (item_id, clip, task, prompt), and the prompt's
+    constraint when it has one (the same question asked free and constrained gives two rows)."""
+    key = [item_id, clip_index, task, prompt] + ([constraint] if constraint is not None else [])
+    return _hex(json.dumps(key, ensure_ascii=False), 24)
 
 
 def error_columns(stage: str, message: str) -> dict:

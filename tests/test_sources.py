@@ -77,8 +77,8 @@ def test_manifest_prompts_caption_and_vqa(tmp_path):
     bare = list(iter_items([str(manifest)], PromptSpec(task="vqa")))
     assert bare[1]["error"] and "no questions" in bare[1]["error"] and len(bare[1]["prompts"]) == 1
     cap = list(iter_items([str(manifest)], PromptSpec(task="caption")))
-    assert [i["prompts"] for i in cap[:2]] == [[{"task": "caption", "prompt": None}],
-                                               [{"task": "caption", "prompt": "describe it."}]]
+    assert [i["prompts"] for i in cap[:2]] == [[{"task": "caption", "prompt": None, "constraint": None}],
+                                               [{"task": "caption", "prompt": "describe it.", "constraint": None}]]
 
 
 def test_an_item_refused_when_listed_becomes_a_list_error_row(tmp_path):

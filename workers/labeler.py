@@ -6,7 +6,9 @@ eval` does); `__call__` expands each clip's prompts into requests to infer, runs
 `engine.generate` in sub-batches and returns one LABEL_SCHEMA row per (item, clip, prompt),
 plus `_item_rows` (rows the item yields in all) so the sink commits only whole items.
 Input error rows pass through as error rows; an inference error becomes error rows of stage
-"infer" for its sub-batch; every row leaves with a status (checked).
+"infer" for its sub-batch; every row leaves with a status (checked). A prompt's constraint (choices
+or a JSON schema, lavi.constrain) masks its tokens; one the model cannot meet, or a text that breaks
+it anyway, makes that row an infer error, so every ok row meets its constraint.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from schemas.rows import ERROR, IMAGE, INFER, OK, TRUNCATED, VIDEO, error_column
 from workers.model_cache import local_model_dir
 
 if TYPE_CHECKING:  # torch loads in the actor, not where this module is imported
+    from lavi.constrain import Constraint
     from lavi.engine import Engine
     from lavi.generate import GenerationConfig
 
@@ -78,11 +81,12 @@ class Labeler:
         clips = batch.to_pylist()
         out: list[dict] = []
         asks: list[tuple[int, int, str]] = []  # requests to infer: (output row, clip in batch, prompt text)
+        self.constraints: dict[int, "Constraint"] = {}  # output row -> the constraint its text must meet
         for c, clip in enumerate(clips):
             for p in clip["prompts"]:
                 text = p["prompt"] if p["prompt"] is not None else self._default_prompt(clip["media_type"])
-                out.append(self._row(clip, p["task"], text))
-                if clip["status"] != ERROR:
+                out.append(self._row(clip, p["task"], text, p.get("constraint")))
+                if clip["status"] != ERROR and self._constrain(len(out) - 1, p.get("constraint"), out[-1]):
                     asks.append((len(out) - 1, c, text))
         # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
         step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
@@ -98,10 +102,25 @@ class Labeler:
     def _default_prompt(self, media_type: str) -> str:
         return self.engine.default_prompt(media_type if media_type in (IMAGE, VIDEO) else IMAGE)
 
-    def _row(self, clip: dict, task: str, prompt: str) -> dict:
+    def _constrain(self, i: int, spec: str | None, row: dict) -> bool:
+        """Note row i's constraint; False (the row an infer error) when this model cannot meet it."""
+        if spec is None:
+            return True
+        from lavi.constrain import Constraint, ConstraintError
+
+        try:
+            constraint = Constraint.parse(spec)
+            self.engine.vocabulary.grammar(constraint)  # compiled once per constraint, or refused by name
+        except ConstraintError as err:
+            row.update(error_columns(INFER, f"constraint: {err}"))
+            return False
+        self.constraints[i] = constraint
+        return True
+
+    def _row(self, clip: dict, task: str, prompt: str, constraint: str | None = None) -> dict:
         failed = error_columns(clip["error_stage"], clip["error"]) if clip["status"] == ERROR else {}
         return {
-            "row_id": row_id(clip["item_id"], clip["clip_index"], prompt, task),
+            "row_id": row_id(clip["item_id"], clip["clip_index"], prompt, task, constraint),
             "item_id": clip["item_id"], "uri": clip["uri"], "media_type": clip["media_type"],
             "clip_index": clip["clip_index"], "clip_start_s": clip["clip_start_s"], "clip_end_s": clip["clip_end_s"],
             "frame_timestamps_s": clip["frame_timestamps_s"], "width": clip["width"], "height": clip["height"],
@@ -119,7 +138,8 @@ class Labeler:
             visuals = [np.frombuffer(clips[c]["frames"], np.uint8).reshape(clips[c]["frame_shape"]).copy()
                        for c in used]  # writable: torch refuses read-only buffers
             media = [(clips[c]["media_type"], (clips[c]["height"], clips[c]["width"])) for c in used]
-            gens = self.engine.generate(visuals, [(local[c], text) for _, c, text in asks], self.gen, media)
+            gens = self.engine.generate(visuals, [(local[c], text) for _, c, text in asks], self.gen, media,
+                                        [self.constraints.get(i) for i, _, _ in asks])
             if len(gens) != len(asks):
                 raise RuntimeError(f"engine returned {len(gens)} generations for {len(asks)} requests")
         except (RuntimeError, ValueError) as err:  # torch errors (incl. CUDA OOM), bad frames
@@ -135,5 +155,9 @@ class Labeler:
             return
         now = dt.datetime.now(dt.timezone.utc)
         for (i, _, _), g in zip(asks, gens):
-            out[i].update(text=g.text, status=OK if g.finished else TRUNCATED, num_prompt_tokens=g.num_prompt_tokens,
-                          num_generated_tokens=g.num_generated_tokens, created_at=now)
+            counts = dict(num_prompt_tokens=g.num_prompt_tokens, num_generated_tokens=g.num_generated_tokens,
+                          created_at=now)
+            if g.violation is not None:  # no ok row breaks its constraint
+                out[i].update(**error_columns(INFER, f"constraint not met: {g.violation}"), **counts)
+            else:
+                out[i].update(text=g.text, status=OK if g.finished else TRUNCATED, **counts)
