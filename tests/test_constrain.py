@@ -196,3 +196,30 @@ def test_cli_json_schema_on_a_onevision(ray_local, ov_dir, tmp_path):
     k = args.index("--json-schema")
     again = CliRunner().invoke(main, args[:k] + ["--choices", "one,two"] + args[k + 2:])
     assert again.exit_code != 0 and "settings" in again.output, again.output
+
+
+def test_retry_keeps_the_runs_choices(ray_local, tmp_path):
+    """Guards against a retry that relabels error rows free of the constraint their run had."""
+    import shutil
+
+    from pipeline.graph import run
+    from pipeline.retry import retry
+    from shapes.corpus import write_corpus
+
+    manifest = Path(write_corpus(str(tmp_path / "corpus"), 3, 0, seed=6).removeprefix("file://"))
+    images = sorted((tmp_path / "corpus" / "images").iterdir())
+    entries = [{"uri": json.loads(x)["uri"]} for x in manifest.read_text().splitlines()]
+    entries.append({"uri": str(images[0].with_name("missing.png"))})
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    out = tmp_path / "out"
+    q = "what color is the circle?"
+    first = run(RunConfig(inputs=(str(manifest),), out=str(out), task="vqa", questions=(q,), choices="red,blue",
+                          max_new_tokens=8, address=ray_local))
+    assert first["error_stage"] == {"read": 1}, first["error_stage"]
+    before = {r["row_id"] for r in pq.read_table(out).to_pylist()}
+    shutil.copy(images[0], images[0].with_name("missing.png"))
+    summary = retry(str(out), ("read",), address=ray_local)
+    rows = pq.read_table(out).to_pylist()
+    assert summary["retry"]["rows_replaced"] == 1 and len(rows) == 4
+    assert {r["row_id"] for r in rows} == before  # the row_id hashes the constraint: the same rows, constrained
+    assert {r["status"] for r in rows} == {"ok"} and {r["text"] for r in rows} <= {"red", "blue"}
