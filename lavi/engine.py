@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 from pathlib import Path
 
@@ -179,14 +180,16 @@ class Engine:
     def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
                  gen: GenerationConfig = GenerationConfig(),
                  media: list[tuple[str, tuple[int, int]]] | None = None,
-                 constraints: list[Constraint | None] | None = None) -> list[Completion]:
+                 constraints: list[Constraint | None] | None = None,
+                 on_rows: Callable[[int], None] | None = None) -> list[Completion]:
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
         (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`: an image's visual
         is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames.
         constraints: per request, its `lavi.constrain.Constraint` or None (free); a finished constrained row that
         breaks its constraint anyway says why in `Completion.violation`. Raises ConstraintError (a ValueError)
-        for a constraint this vocabulary cannot meet."""
+        for a constraint this vocabulary cannot meet. on_rows(n): told as n more requests finish, while the call
+        runs (a progress count)."""
         media = media or [("video", tuple(v.shape[1:3])) for v in visuals]
         constraints = constraints or [None] * len(requests)
         if len(constraints) != len(requests):
@@ -196,13 +199,13 @@ class Engine:
         for start in range(0, len(requests), step):
             chunk, rules = requests[start:start + step], constraints[start:start + step]
             try:
-                out.extend(self._generate_batch(visuals, media, chunk, gen, rules))
+                out.extend(self._generate_batch(visuals, media, chunk, gen, rules, on_rows))
             except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
                 if not self.generator.compiled:
                     raise
                 log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
                 self.generator = Generator(self.model, self.generator.kv_cache)
-                out.extend(self._generate_batch(visuals, media, chunk, gen, rules))
+                out.extend(self._generate_batch(visuals, media, chunk, gen, rules, on_rows))
         return out
 
     def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
@@ -219,7 +222,8 @@ class Engine:
 
     def _generate_batch(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]],
                         requests: list[tuple[int, str]], gen: GenerationConfig,
-                        constraints: list[Constraint | None]) -> list[Completion]:
+                        constraints: list[Constraint | None],
+                        on_rows: Callable[[int], None] | None = None) -> list[Completion]:
         used = sorted({v for v, _ in requests})
         local = {v: i for i, v in enumerate(used)}
         vis = self._encode([visuals[v] for v in used], [media[v] for v in used])
@@ -230,9 +234,11 @@ class Engine:
         self._ensure_cache(pool, self._context(vis, rows, prompts) + gen.max_new_tokens)
         if self.inflight and len(requests) > 1:  # rows that finish make room for waiting requests
             results = self.generator.inflight(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id,
-                                              guide=guide)
+                                              guide=guide, on_done=on_rows)
         else:
             results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id, guide=guide)
+            if on_rows is not None:
+                on_rows(len(results))
         out = []
         for i, (r, p) in enumerate(zip(results, prompts)):
             text = self.tokenizer.decode(r.tokens)

@@ -251,13 +251,15 @@ class Generator:
     @torch.no_grad()
     def inflight(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
                  eos_id: int | tuple[int, ...], pad_id: int = 0,
-                 max_new_tokens: list[int] | None = None, guide: Guide | None = None) -> list[RowTokens]:
+                 max_new_tokens: list[int] | None = None, guide: Guide | None = None,
+                 on_done: Callable[[int], None] | None = None) -> list[RowTokens]:
         """In-flight batching: the requests (row i: prompt i on item rows[i] of `vis`) go through a pool of the
         cache's max_batch rows; when a row finishes (EOS, or its own max_new_tokens, default gen's), a waiting
         request takes it at the next admission (every `check_every` steps): its prompt is prefilled into that
         row's cache from slot 0, its visual state set in that row, and it decodes beside the others. Each row has
         its own cache slot and RoPE position, so its tokens are those it would generate alone. guide: token masks
-        for constrained requests (see `__call__`)."""
+        for constrained requests (see `__call__`). on_done(n): told as each admission finds n more requests done
+        (progress while the call runs)."""
         model, device, cache = self.model, self.model.device, self.kv_cache
         n = len(prompts)
         budgets = list(max_new_tokens) if max_new_tokens is not None else [gen.max_new_tokens] * n
@@ -322,6 +324,9 @@ class Generator:
             """Store the finished rows' tokens; return the free rows."""
             finished = done.tolist()
             counts, toks = None, None
+            newly = sum(1 for r in range(b) if finished[r] and owner[r] >= 0)
+            if newly and on_done is not None:
+                on_done(newly)
             for r in range(b):
                 if finished[r] and owner[r] >= 0:
                     if toks is None:

@@ -19,7 +19,9 @@ import logging
 import os
 import secrets
 import sys
+import threading
 import time
+import uuid
 from typing import Any
 
 from pipeline.config import DECODE_CPUS, RunConfig
@@ -32,6 +34,7 @@ from pipeline.summary import Progress, build_summary
 from schemas.rows import ERROR, metadata
 from workers.decode import DecodeSettings, decode_batch
 from workers.labeler import Labeler
+from workers.progress import start_counter
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +123,7 @@ def quiet_ray_data(verbose: bool) -> None:
 
 
 def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: DecodeSettings,
-                  model: str | None, job_id: str):
+                  model: str | None, job_id: str, progress: str | None = None):
     """The lazy Ray Data dataset of labeler output batches (LABEL_SCHEMA + _item_rows)."""
     import ray.data
 
@@ -142,7 +145,8 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
         fn_constructor_kwargs={"model": model, "job_id": job_id, "storage_options": config.storage,
                                "device": config.device, "max_batch": config.labeler_batch,
                                "compile": config.use_compile, "memory_share": min(1.0, config.gpus_per_worker),
-                               "frames": settings.frames_per_clip, "inflight": config.inflight, "quantize": config.quantize,
+                               "frames": settings.frames_per_clip, "inflight": config.inflight,
+                               "quantize": config.quantize, "progress": progress,
                                "generation": {"max_new_tokens": config.max_new_tokens, "seed": config.seed,
                                               "temperature": config.temperature, "top_p": config.top_p}})
 
@@ -208,12 +212,14 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
     dataset = None
     owned = connect_ray(config.address, config.verbose)
     progress = Progress(n_items, config.progress_seconds)
+    ticker = None
     try:
+        ticker = Ticker(progress, f"lavi-rows-{job_id}-{uuid.uuid4().hex[:8]}")
         check_resources(config)
         while True:
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
-                dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id)
+                dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id, ticker.name)
                 for batch in stream(dataset, config.stall_timeout):
                     sink.add(batch)
                     rows_seen += batch.num_rows
@@ -239,11 +245,15 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
                     break
                 check_resources(config)  # what is left must still hold the pool, or the rebuild would wait forever
         sink.close()
+        ticker, last = None, ticker
+        last.stop()  # its last count is in the end's line
         progress.update(sink.items_written, rows_seen, errors, force=True)
         if sink.items_written != n_items:  # every listed item yields its rows, error rows included
             raise RuntimeError(f"{n_items} items were listed but {sink.items_written} came out of the pipeline; "
                                "the finished ones are committed: rerun into the same --out to label the rest")
     finally:
+        if ticker is not None:
+            ticker.stop()
         progress.close()
         # the dataset (and the pyarrow readers it holds) goes while Ray and Arrow's thread pools are up,
         # not in the interpreter's teardown, where Arrow can abort (apache/arrow#39862)
@@ -254,6 +264,41 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
 
             ray.shutdown()
     return tokens
+
+
+class Ticker:
+    """The run's row counter (workers.progress), read every `every_s` seconds on a thread of its own, so that the
+    progress display moves while blocks are still generating, and shows a line off a terminal even when no row
+    was written for a while. A counter that cannot be reached stops the ticker, never the run."""
+
+    def __init__(self, progress: Progress, name: str, every_s: float = 1.0) -> None:
+        self.progress, self.name, self.every_s = progress, name, every_s
+        self._stop = threading.Event()
+        self._counter = start_counter(name)
+        self._thread = threading.Thread(target=self._tick, name="lavi-progress", daemon=True)
+        self._thread.start()
+
+    def _tick(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.every_s):
+            try:
+                self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
+            except Exception as err:  # noqa: BLE001 - progress only
+                log.debug("row counter: %s", err)
+                return
+
+    def stop(self) -> None:
+        """One last read (the rows of the last blocks), then the counter goes."""
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=15)
+        try:
+            self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
+            ray.kill(self._counter)
+        except Exception:  # noqa: BLE001 - already gone with its node or the cluster
+            pass
 
 
 def _default_model() -> str:

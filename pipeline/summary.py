@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -92,17 +93,21 @@ def format_summary(summary: dict) -> str:
 
 
 class Progress:
-    """What a run has done so far, for the person waiting: on a terminal a live bar (tqdm: items done of the total,
-    rate, ETA, with rows and error rows so far), updated on every batch of rows that reaches the driver; off a
-    terminal (Ray Jobs logs, CI) a plain log line every `every_s` seconds. `bar` None: a bar when stderr is a
-    terminal."""
+    """What a run has done so far, for the person waiting: on a terminal a live bar (tqdm: items written of the
+    total, rate, ETA, with rows labelled, rows written and error rows so far); off a terminal (Ray Jobs logs, CI) a
+    plain log line every `every_s` seconds. `update` comes from the driver's loop as rows are written, `labelled`
+    from a ticker while blocks are still generating (rows the labelers finished: workers.progress); both may
+    call at once. `bar` None: a bar when stderr is a terminal."""
 
     def __init__(self, total_items: int, every_s: float = 10.0, bar: bool | None = None, stream=None):
         self.total_items = total_items
         self.every_s = every_s
         self.start = self._last = time.monotonic()
         self._bar = None
-        self._shown: tuple[int, int] | None = None  # the figures of the last line logged
+        self._shown: tuple[int, int, int] | None = None  # the figures of the last line logged
+        self._lock = threading.Lock()
+        self.items = self.rows = self.errors = 0
+        self.rows_labelled: int | None = None
         stream = stream or sys.stderr
         if bar if bar is not None else stream.isatty():
             from tqdm import tqdm
@@ -111,20 +116,35 @@ class Progress:
                              desc="labelling")
 
     def update(self, items_done: int, rows_done: int, errors: int = 0, force: bool = False) -> str | None:
+        """Rows written (committed) so far."""
+        with self._lock:
+            self.items, self.rows, self.errors = items_done, rows_done, errors
+            return self._show(force)
+
+    def labelled(self, rows: int) -> str | None:
+        """Rows the labelers have finished, written or not."""
+        with self._lock:
+            self.rows_labelled = rows
+            return self._show(False)
+
+    def _show(self, force: bool) -> str | None:
         now = time.monotonic()
+        labelled = max(self.rows_labelled or 0, self.rows)
+        done = f"{labelled} rows labelled, {self.rows} written ({self.errors} errors)"
         if self._bar is not None:
-            self._bar.set_postfix_str(f"{rows_done} rows, {errors} errors", refresh=False)
-            self._bar.update(items_done - self._bar.n)
+            self._bar.set_postfix_str(done, refresh=False)
+            self._bar.update(self.items - self._bar.n)
+            self._bar.refresh()
             return None
-        if (not force and now - self._last < self.every_s) or self._shown == (items_done, rows_done):
+        if (not force and now - self._last < self.every_s) or self._shown == (self.items, self.rows, labelled):
             return None
-        self._last, self._shown = now, (items_done, rows_done)
+        self._last, self._shown = now, (self.items, self.rows, labelled)
         elapsed = max(now - self.start, 1e-9)
-        rate = items_done / elapsed
-        left = self.total_items - items_done
+        rate = self.items / elapsed
+        left = self.total_items - self.items
         eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        line = (f"progress: {items_done}/{self.total_items} items, {rows_done} rows ({errors} errors), "
-                f"{rate:.2f} items/s, {rows_done / elapsed:.1f} rows/s, ETA {eta}")
+        line = (f"progress: {self.items}/{self.total_items} items, {done}, {rate:.2f} items/s, "
+                f"{labelled / elapsed:.1f} rows/s, ETA {eta}")
         log.info(line)
         return line
 

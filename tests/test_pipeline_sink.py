@@ -130,4 +130,45 @@ def test_progress_bar_on_a_terminal_counts_items_rows_and_errors():
         assert progress.update(items, rows, errors) is None
     progress.close()
     shown = screen.getvalue()
-    assert "6/10" in shown and "9 rows, 1 errors" in shown and "item/s" in shown
+    assert "6/10" in shown and "9 rows labelled, 9 written (1 errors)" in shown and "item/s" in shown
+
+
+def test_progress_counts_rows_labelled_before_they_are_written():
+    """Guards against progress that stands still while a block is generating (rows reach the driver a block at a
+    time; the labelers' counts come in between) or that shows fewer labelled rows than written ones."""
+    progress = Progress(total_items=10, every_s=0, bar=False)
+    assert "0 rows labelled, 0 written" in progress.update(0, 0, 0, force=True)
+    assert "12 rows labelled, 0 written" in progress.labelled(12)
+    assert "16 rows labelled, 16 written" in progress.update(4, 16, 0)
+    assert progress.update(4, 16, 0, force=True) is None  # the same figures are not shown twice
+    assert "20 rows labelled, 16 written" in progress.labelled(20)
+
+
+def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
+    """Guards against the row counter losing the labelers' counts on the way to the driver's progress display
+    (a remote labeler's reporter, the named actor, the ticker's reads), or the ticker outliving its run."""
+    import numpy as np
+    import pyarrow as pa
+    import ray
+
+    from pipeline.graph import Ticker
+    from workers.labeler import Labeler
+
+    progress = Progress(total_items=4, every_s=0, bar=False)
+    ticker = Ticker(progress, "lavi-rows-test", every_s=0.2)
+
+    @ray.remote(num_cpus=0)
+    def label() -> int:
+        clip = {"item_id": "a", "uri": "x.png", "media_type": "image", "clip_index": None, "clip_start_s": None,
+                "clip_end_s": None, "frame_timestamps_s": None, "width": 8, "height": 8, "status": "ok",
+                "error_stage": None, "error": None, "_item_rows": 3,
+                "prompts": [{"task": "vqa", "prompt": q, "constraint": None} for q in ("a?", "b?", "c?")]}
+        labeler = Labeler(tiny_model, "job", {"max_new_tokens": 2}, max_batch=2, progress="lavi-rows-test")
+        size = labeler.engine.image_size
+        clip.update(frames=np.zeros((1, size, size, 3), np.uint8).tobytes(), frame_shape=[1, size, size, 3])
+        return labeler(pa.Table.from_pylist([clip])).num_rows
+
+    assert ray.get(label.remote()) == 3
+    ticker.stop()
+    assert progress.rows_labelled == 3
+    assert not ticker._thread.is_alive()

@@ -23,6 +23,7 @@ import pyarrow as pa
 from schemas.clips import ITEM_ROWS
 from schemas.rows import ERROR, IMAGE, INFER, OK, TRUNCATED, VIDEO, error_columns, row_id, table_from_rows
 from workers.model_cache import local_model_dir
+from workers.progress import RowReporter
 
 if TYPE_CHECKING:  # torch loads in the actor, not where this module is imported
     from lavi.constrain import Constraint
@@ -37,12 +38,14 @@ class Labeler:
 
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
-                 frames: int | None = None, inflight: bool = True, quantize: str | None = None):
+                 frames: int | None = None, inflight: bool = True, quantize: str | None = None,
+                 progress: str | None = None):
         """max_batch: generation rows per batch (the driver resolves auto on CPU to a number); None: on a GPU, as
         many rows as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when
         replicas share it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching
         (a finished row's cache row goes to a waiting request) over each input block; False: static batches.
-        quantize: "int8", weight-only int8 decoder linear layers (lavi.quant)."""
+        quantize: "int8", weight-only int8 decoder linear layers (lavi.quant). progress: the name of the run's
+        row counter (workers.progress), told of rows as they finish."""
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
@@ -59,7 +62,7 @@ class Labeler:
         if max_batch is None and cuda:
             engine.fit_batch(share=memory_share, new_tokens=gen.max_new_tokens, frames=frames)
             log.info("labeler batch from GPU memory: %d rows", engine.max_batch)
-        self._attach(engine, job_id, gen)
+        self._attach(engine, job_id, gen, progress)
 
     @classmethod
     def from_engine(cls, engine: "Engine", job_id: str, generation: dict) -> "Labeler":
@@ -70,7 +73,8 @@ class Labeler:
         labeler._attach(engine, job_id, GenerationConfig(**generation))
         return labeler
 
-    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig") -> None:
+    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", progress: str | None = None) -> None:
+        self.reporter = RowReporter(progress)
         self.engine = engine
         self.gen = gen
         self.job_id = job_id
@@ -92,6 +96,7 @@ class Labeler:
         step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
         for start in range(0, len(asks), step):
             self._infer(clips, asks[start:start + step], out)
+        self.reporter.flush()
         unlabelled = [r["row_id"] for r in out if r["status"] is None]
         if unlabelled:  # a request never asked, or its answer never stored
             raise AssertionError(f"labeler left {len(unlabelled)} of {len(out)} rows without a status, "
@@ -139,7 +144,7 @@ class Labeler:
                        for c in used]  # writable: torch refuses read-only buffers
             media = [(clips[c]["media_type"], (clips[c]["height"], clips[c]["width"])) for c in used]
             gens = self.engine.generate(visuals, [(local[c], text) for _, c, text in asks], self.gen, media,
-                                        [self.constraints.get(i) for i, _, _ in asks])
+                                        [self.constraints.get(i) for i, _, _ in asks], on_rows=self.reporter.add)
             if len(gens) != len(asks):
                 raise RuntimeError(f"engine returned {len(gens)} generations for {len(asks)} requests")
         except (RuntimeError, ValueError) as err:  # torch errors (incl. CUDA OOM), bad frames
