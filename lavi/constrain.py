@@ -164,21 +164,17 @@ class Guide:
         rows = [(b, self.matchers[r]) for b, r in enumerate(reqs) if r >= 0 and self.matchers[r] is not None]
         if not rows:
             return
-        words = (logits.shape[-1] + 31) // 32
-        bits = np.empty((len(rows), words), np.uint32)
+        width = logits.shape[-1]
+        words = (width + 31) // 32
+        bits = np.stack([np.frombuffer(m.compute_bitmask(), np.uint32)[:words] for _, m in rows]).astype(np.int64)
+        allowed = ((torch.from_numpy(bits)[:, :, None] >> torch.arange(32)) & 1).bool().flatten(1)[:, :width]
         for j, (b, m) in enumerate(rows):
-            mask = np.frombuffer(m.compute_bitmask(), np.uint32)[:words]
-            if m.is_error() or not mask.any():  # nothing allowed: end the row (the check reports it)
-                self.stuck.setdefault(reqs[b], m.get_error() or "no token meets the constraint")
-                mask = np.zeros(words, np.uint32)
-                for e in self.vocab.eos:
-                    mask[e // 32] |= np.uint32(1 << (e % 32))
-            bits[j] = mask
-        shifts = torch.arange(32, dtype=torch.int64)
-        allowed = ((torch.from_numpy(bits.astype(np.int64))[:, :, None] >> shifts) & 1).bool().flatten(1)
-        allowed = allowed[:, :logits.shape[-1]].to(logits.device)
+            if m.is_error() or not bool(allowed[j].any()):  # nothing this model has is allowed: end the row there
+                self.stuck.setdefault(reqs[b], m.get_error() or "no token of this model meets the constraint")
+                allowed[j] = False
+                allowed[j, list(self.vocab.eos)] = True
         index = torch.tensor([b for b, _ in rows], device=logits.device)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
 
     def advance(self, reqs: Sequence[int], tokens: Sequence[int]) -> None:
         """Row b (serving request reqs[b], -1: none) took tokens[b]."""

@@ -123,6 +123,19 @@ def test_byte_level_bpe_mixed_batch(ov_engine, inflight):
             assert g.finished and g.violation is None and _meets(c, g.text), (g.text, c)
 
 
+def test_the_check_of_a_finished_text():
+    """Guards against the last check (what makes a row an error instead of ok) passing a text that breaks its
+    constraint."""
+    c = Constraint.of(json_schema=SCHEMA)
+    assert c.check('{"colour": "red", "count": 3}') is None
+    assert "not JSON" in c.check('{"colour": "red", ')
+    assert "validate" in c.check('{"colour": "green", "count": 3}')
+    choices = Constraint.of(["a red square.", "no"])
+    assert choices.check("no") is None and choices.check("yes") is not None
+    assert choices.check("a red square .") is not None and choices.check("a red square .", ["a red square ."]) is None
+    assert Constraint.parse(c.to_json()) == c and Constraint.parse(None) is None
+
+
 def test_constraint_options_are_checked_up_front():
     """Guards against a malformed --choices or --json-schema reaching the workers."""
     base = dict(inputs=("x",), out="o")
