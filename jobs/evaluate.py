@@ -136,6 +136,14 @@ def write_card(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CAR
     card.write_text(pattern.sub(lambda _: section, text))
 
 
+def merge_included(earlier: list[dict], results: list[dict], command: str) -> tuple[list[dict], str]:
+    """Earlier results (--include) before these: an include that itself included another brings that one's results
+    and command along, so a result met twice (the same record) is kept once, and each command once, in order."""
+    kept = {json.dumps(r, sort_keys=True): r for doc in earlier for r in doc["results"]}
+    commands = [part for doc in earlier for part in doc["command"].split("; ")] + [command]
+    return list(kept.values()) + results, "; ".join(dict.fromkeys(commands))
+
+
 @click.command("eval")
 @click.option("--model", "models", multiple=True, help="Checkpoint directory (repeatable). Default: the bundled model.")
 @click.option("--images", type=int, default=300, show_default=True)
@@ -187,8 +195,7 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
                     if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")
     command = "lavi-label " + " ".join(sys.argv[1:])
     if earlier:
-        results = [r for doc in earlier for r in doc["results"]] + results
-        command = "; ".join([doc["command"] for doc in earlier] + [command])
+        results, command = merge_included(earlier, results, command)
     if out:
         Path(out).write_text(json.dumps({"split": split, "results": results, "command": command,
                                          "torch": torch.__version__, "python": platform.python_version()}, indent=2))

@@ -25,7 +25,7 @@ from shapes import render, spec
 from shapes.batches import ShapesData
 from shapes.spec import vocabulary
 
-BUNDLED = Path(__file__).resolve().parent.parent / "lavi" / "weights" / "tiny-shapes-llava-ov"
+WEIGHTS = Path(__file__).resolve().parent.parent / "lavi" / "weights"
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +203,9 @@ def test_a_saved_llava_ov_keeps_its_frames_and_prompts_and_its_lavi_conversion_t
     assert lavi.default_prompt("video") == spec.VIDEO_PROMPT and lavi.default_frames == 4
 
 
-def test_the_bundled_tiny_shapes_llava_ov_generates_in_transformers_what_our_engine_generates():
-    _check_against_transformers(BUNDLED, 3)
+@pytest.mark.parametrize("name", ["tiny-shapes-llava-ov", "tiny-shapes-llava-ov-long"])
+def test_the_bundled_tiny_shapes_llava_ovs_generate_in_transformers_what_our_engine_generates(name):
+    _check_against_transformers(WEIGHTS / name, 3)
 
 
 def test_train_command_trains_resumes_and_fine_tunes_a_llava_onevision(tmp_path):

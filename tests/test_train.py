@@ -276,6 +276,21 @@ def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_pa
                                        "--card", str(card), "--out", str(tmp_path / "both.json")])
     assert result.exit_code == 0, result.output
     assert len(json.loads((tmp_path / "both.json").read_text())["results"]) == 5
+    # an include of an output that itself included the first: the first's results and command come once
+    result = CliRunner().invoke(main, ["eval", "--model", str(ck), "--images", "3", "--videos", "2", "--device", "cpu",
+                                       "--renderer", "pil", "--include", str(tmp_path / "eval.json"),
+                                       "--include", str(tmp_path / "both.json"), "--out", str(tmp_path / "all.json")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "all.json").read_text())
+    assert len(doc["results"]) == 6
+    # (the CliRunner's commands are all this pytest's argv: the commands are checked on records of their own)
+    from jobs.evaluate import merge_included
+
+    a = {"results": [{"model": "a", "renderer": "shapes"}], "command": "lavi-label eval A"}
+    b = {"results": a["results"] + [{"model": "b", "renderer": "shapes"}], "command": a["command"] + "; lavi-label eval B"}
+    results, command = merge_included([a, b], [{"model": "c", "renderer": "shapes"}], "lavi-label eval C")
+    assert [r["model"] for r in results] == ["a", "b", "c"]
+    assert command == "lavi-label eval A; lavi-label eval B; lavi-label eval C"
     result = CliRunner().invoke(main, ["eval", "--model", str(ck), "--images", "4", "--videos", "2",
                                        "--include", str(tmp_path / "eval.json")])
     assert result.exit_code == 2 and "another split" in result.output
