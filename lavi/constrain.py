@@ -4,8 +4,8 @@ JSON schema, by masking the logits of every step to the tokens the constraint al
 The token masks come from llguidance (guidance-ai). Why it and not xgrammar: its wheel depends on nothing (xgrammar
 pulls torch, transformers and triton releases of its own, which would fight the CPU torch this project pins), it
 takes any vocabulary as a list of token byte strings, so the project's word-level tokenizer works as well as a
-byte-level BPE (Qwen2's, LLaVA-OneVision's), and it compiles JSON schemas and regular expressions lazily, computing a
-mask in microseconds per row and step on the CPU, so no grammar is compiled ahead for a whole vocabulary.
+byte-level BPE (Qwen2's, LLaVA-OneVision's), and it compiles JSON schemas and regular expressions lazily, computing
+each row's mask on the CPU as generation goes, so no grammar is compiled ahead for a whole vocabulary.
 
 How each kind of tokenizer is seen:
 - byte-level BPE (and other tokenizers whose tokens are pieces of the text): llguidance reads tokenizer.json itself;
