@@ -274,14 +274,18 @@ class Ticker:
     def __init__(self, progress: Progress, name: str, every_s: float = 1.0) -> None:
         self.progress, self.name, self.every_s = progress, name, every_s
         self._stop = threading.Event()
-        self._counter = start_counter(name)
+        try:
+            self._counter = start_counter(name)
+        except Exception as err:  # noqa: BLE001 - progress only: the labelers then count nothing
+            log.warning("no live row count for this run (%s: %s)", type(err).__name__, err)
+            self._counter, self.name = None, None
         self._thread = threading.Thread(target=self._tick, name="lavi-progress", daemon=True)
         self._thread.start()
 
     def _tick(self) -> None:
         import ray
 
-        while not self._stop.wait(self.every_s):
+        while self._counter is not None and not self._stop.wait(self.every_s):
             try:
                 self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
             except Exception as err:  # noqa: BLE001 - progress only
@@ -294,6 +298,8 @@ class Ticker:
 
         self._stop.set()
         self._thread.join(timeout=15)
+        if self._counter is None:
+            return
         try:
             self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
             ray.kill(self._counter)
