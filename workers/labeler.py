@@ -96,7 +96,7 @@ class Labeler:
         step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
         for start in range(0, len(asks), step):
             self._infer(clips, asks[start:start + step], out)
-        self.reporter.flush()
+        self.reporter.flush(wait=True)
         unlabelled = [r["row_id"] for r in out if r["status"] is None]
         if unlabelled:  # a request never asked, or its answer never stored
             raise AssertionError(f"labeler left {len(unlabelled)} of {len(out)} rows without a status, "

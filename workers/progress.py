@@ -53,15 +53,19 @@ class RowReporter:
         if time.monotonic() - self.last >= self.every_s:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> None:
+        """Send what is pending; wait: until the counter has it (a labeler's block is done: its rows are counted
+        before they reach the driver, so the run's last figure is whole)."""
         if self.name is None or not self.pending:
             return
         try:
-            if self._actor is None:
-                import ray
+            import ray
 
+            if self._actor is None:
                 self._actor = ray.get_actor(self.name)
-            self._actor.add.remote(self.pending)
+            sent = self._actor.add.remote(self.pending)
+            if wait:
+                ray.get(sent, timeout=10)
         except Exception as err:  # noqa: BLE001 - progress only: a count that cannot be told is dropped
             log.debug("row counter %s: %s", self.name, err)
             self.name = None
