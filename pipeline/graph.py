@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import sys
-import threading
 import time
 import uuid
 from typing import Any
@@ -30,11 +29,10 @@ from pipeline.recovery import lost_cluster_part, stream
 from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items, remaining_shards, write_shards
 from pipeline.storage import arrow_filesystem, filesystem
-from pipeline.summary import Progress, build_summary
+from pipeline.summary import Progress, Ticker, build_summary
 from schemas.rows import ERROR, metadata
 from workers.decode import DecodeSettings, decode_batch
 from workers.labeler import Labeler
-from workers.progress import start_counter
 
 log = logging.getLogger(__name__)
 
@@ -264,47 +262,6 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
 
             ray.shutdown()
     return tokens
-
-
-class Ticker:
-    """The run's row counter (workers.progress), read every `every_s` seconds on a thread of its own, so that the
-    progress display moves while blocks are still generating, and shows a line off a terminal even when no row
-    was written for a while. A counter that cannot be reached stops the ticker, never the run."""
-
-    def __init__(self, progress: Progress, name: str, every_s: float = 1.0) -> None:
-        self.progress, self.name, self.every_s = progress, name, every_s
-        self._stop = threading.Event()
-        try:
-            self._counter = start_counter(name)
-        except Exception as err:  # noqa: BLE001 - progress only: the labelers then count nothing
-            log.warning("no live row count for this run (%s: %s)", type(err).__name__, err)
-            self._counter, self.name = None, None
-        self._thread = threading.Thread(target=self._tick, name="lavi-progress", daemon=True)
-        self._thread.start()
-
-    def _tick(self) -> None:
-        import ray
-
-        while self._counter is not None and not self._stop.wait(self.every_s):
-            try:
-                self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
-            except Exception as err:  # noqa: BLE001 - progress only
-                log.debug("row counter: %s", err)
-                return
-
-    def stop(self) -> None:
-        """One last read (the rows of the last blocks), then the counter goes."""
-        import ray
-
-        self._stop.set()
-        self._thread.join(timeout=15)
-        if self._counter is None:
-            return
-        try:
-            self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
-            ray.kill(self._counter)
-        except Exception:  # noqa: BLE001 - already gone with its node or the cluster
-            pass
 
 
 def _default_model() -> str:

@@ -151,7 +151,7 @@ def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
     import pyarrow as pa
     import ray
 
-    from pipeline.graph import Ticker
+    from pipeline.summary import Ticker
     from workers.labeler import Labeler
 
     progress = Progress(total_items=4, every_s=0, bar=False)
