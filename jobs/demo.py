@@ -7,10 +7,11 @@ writes each output's `_report.html` and prints the scores against the corpus's t
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import click
+
+from jobs.console import cli_logging
 
 from pipeline.config import RunConfig
 from pipeline.graph import run as run_pipeline
@@ -31,7 +32,7 @@ def demo_cmd(out: str, images: int, videos: int, seed: int, model: str | None) -
     from shapes.corpus import write_corpus
     from shapes.score import score_parquet
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli_logging()
     root = Path(out).resolve()
     corpus = root / "corpus"
     manifest = corpus / "manifest.jsonl"

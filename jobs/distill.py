@@ -24,6 +24,8 @@ from pathlib import Path
 
 import click
 
+from jobs.console import cli_logging
+
 from pipeline.sources import sample, sample_key
 from schemas.rows import CAPTION, OK, TASKS, VQA
 
@@ -233,7 +235,7 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
     from pipeline.graph import connect_ray, model_info
     from pipeline.sources import iter_entries
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli_logging()
     if n_sample < 2 or not 0 < held_out < 1:
         raise click.UsageError("--sample must be >= 2 and --held-out a fraction in (0, 1)")
     tasks = tuple(dict.fromkeys(tasks or (CAPTION,)))

@@ -7,6 +7,8 @@ import logging
 
 import click
 
+from jobs.console import cli_logging
+
 from jobs.run import run as run_command
 
 # the options that decide what a run costs; where it writes and how it resumes do not
@@ -23,7 +25,7 @@ def plan_cmd(inputs: tuple[str, ...], sample_items: int, sample_seed: int, json_
     from pipeline.config import RunConfig
     from pipeline.plan import format_plan, plan
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli_logging(logging.WARNING, verbose=options["verbose"])
     try:
         config = RunConfig(inputs=inputs, out="(plan)", **options)
         if sample_items < 1:

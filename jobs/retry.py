@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
+
+from jobs.console import cli_logging
 
 from jobs.run import execution_options
 from pipeline.retry import RETRY_STAGES
@@ -22,7 +23,7 @@ def retry_cmd(out: str, stages: tuple[str, ...], model: str | None, **flags) -> 
     from pipeline.recovery import PipelineStalled
     from pipeline.retry import retry
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli_logging(verbose=flags["verbose"])
     try:
         summary = retry(out, stages or RETRY_STAGES, model, **flags)
     except ValueError as err:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
+
+from jobs.console import cli_logging
 
 from pipeline.config import RunConfig
 from schemas.rows import CAPTION, TASKS
@@ -57,7 +58,8 @@ EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them
                   help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done "
                        "yet, at most this many times (0: fail)."),
     click.option("-v", "--verbose", is_flag=True,
-                  help="Show Ray Data's own log lines too (always in the Ray session's logs directory)."),
+                  help="Show Ray's own log lines too, Ray Data's and the core worker's native ones (always in the Ray "
+                       "session's logs directory)."),
     click.option("--inflight/--no-inflight", default=True, show_default=True,
                   help="In-flight batching: a row that finishes hands its cache row to a waiting request at once "
                        "(rows of one block); --no-inflight: static batches that wait for their longest row."),
@@ -107,7 +109,7 @@ def run(inputs: tuple[str, ...], report: bool, **flags) -> None:
     from pipeline.graph import run as run_pipeline
     from pipeline.summary import format_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli_logging(verbose=flags["verbose"])
     try:
         config = RunConfig(inputs=inputs, **flags)
         if config.model is None:

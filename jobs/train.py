@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from jobs.console import cli_logging
+
 log = logging.getLogger(__name__)
 
 
@@ -170,7 +172,7 @@ def train_model(out: str, fusion: str = "viln", decoder: str | None = None, visi
     (`jobs.train_ray`). Returns train_summary.json's document."""
     options = {k: v for k, v in locals().items() if k not in ("workers", "gpus_per_worker", "address",
                                                                "checkpoint_storage")}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cli_logging(fmt="%(asctime)s %(levelname)s %(message)s")
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     if workers < 1:
