@@ -99,16 +99,18 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds one).")
-@click.option("--fusion", type=click.Choice(["viln", "concat", "llava-ov"]), default="viln", show_default=True,
-              help="viln: LaVi. concat: the LLaVA-style baseline on the same backbones, data and budget. llava-ov: "
-                   "that baseline as a LLaVA-OneVision (anyres tiles, pooled video), saved as a Hugging Face "
-                   "checkpoint transformers loads.")
+@click.option("--fusion", type=click.Choice(["viln", "vlora", "concat", "llava-ov"]), default="viln",
+              show_default=True,
+              help="viln: LaVi. vlora: VLoRA (vision as per-image low-rank weight deltas). concat: the LLaVA-style "
+                   "baseline on the same backbones, data and budget. llava-ov: that baseline as a LLaVA-OneVision "
+                   "(anyres tiles, pooled video), saved as a Hugging Face checkpoint transformers loads.")
 @click.option("--decoder", type=click.Path(exists=True, file_okay=False), help="Local HF Qwen2/Llama directory.")
 @click.option("--vision", type=click.Path(exists=True, file_okay=False), help="Local HF SigLIP directory.")
 @click.option("--init", type=click.Path(exists=True, file_okay=False),
               help="Fine-tune: start from this LaVi (or, with --fusion llava-ov, LLaVA-OneVision) checkpoint "
                    "directory (weights and tokenizer), with a fresh optimizer and schedule.")
-@click.option("--freeze-backbones", is_flag=True, help="Train only the fusion (conditioner or projector).")
+@click.option("--freeze-backbones", is_flag=True,
+              help="Train only the fusion (conditioner, weights generator or projector).")
 @click.option("--data", default="shapes", show_default=True,
               help="'shapes' (shapes-v1, rendered online), or a URI: a Parquet of (uri or bytes, prompt, target), the "
                    "pipeline's output directory (its ok rows), LLaVA conversation JSON (.json/.jsonl, with "
@@ -130,7 +132,7 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
               help="shapes: weight of a training-only probe that classifies each grid cell from the ViT (0: off).")
 @click.option("--focus", type=float, default=0.0, show_default=True,
               help="shapes: weight of a training-only loss that teaches one attention head per layer to look at "
-                   "the object a question names (0: off).")
+                   "the object a question names (0: off; not for vlora, whose text attends to no image tokens).")
 @click.option("--vision-steps", type=int, default=0, show_default=True,
               help="shapes: a first phase of this many of the --steps that trains the ViT alone through the grid "
                    "probe (needs --grid-probe), on larger batches of images and videos of its own.")
@@ -227,6 +229,9 @@ def _prepare(o: dict, outp: Path, rank: int = 0, world: int = 1) -> _Setup:
     data = o["data"]
     model, tok_dir = _build(outp, o["fusion"], o["decoder"], o["vision"], resume=not o["no_resume"],
                             frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)}, init=o["init"])
+    if o["focus"] and o["fusion"] == "vlora":
+        raise click.BadParameter("VLoRA's text attends to no image tokens, so there is no attention to focus: "
+                                 "train it with --focus 0", param_hint="--focus")
     if max(clip_frames) > model.config.max_frames:
         raise click.BadParameter(f"{max(clip_frames)} frames per clip is over the model's max_frames "
                                  f"{model.config.max_frames}", param_hint="--frames")

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SITES = ("attn", "ffn", "both")
-FUSIONS = ("viln", "concat")
+FUSIONS = ("viln", "concat", "vlora")
+# the weights VLoRA gives a per-image low-rank delta: attention's q, k, v, o, and "m", a bypass around the MLP
+LORA_TYPES = ("q", "k", "v", "o", "m")
 
 
 def _known(cls, d: dict[str, Any]) -> dict[str, Any]:
@@ -117,16 +119,23 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class LaViConfig:
-    """LaVi = decoder + ViT + a fusion: `viln` (modulated norms) or `concat` (LLaVA-style baseline)."""
+    """LaVi = decoder + ViT + a fusion: `viln` (modulated norms), `concat` (LLaVA-style baseline) or `vlora`
+    (per-image low-rank weight deltas, lavi.vlora)."""
 
     decoder: DecoderConfig
     vision: VisionConfig
     fusion: str = "viln"
     sites: str = "both"  # which norms are modulated: attn, ffn or both
-    layer_stride: int = 1  # modulate every k-th layer (1 = all)
+    layer_stride: int = 1  # modulate every k-th layer (1 = all): ViLN's norms, VLoRA's weights
     num_stages: int = 4  # ViT taps, mapped onto contiguous groups of LLM layers
     cond_dim: int = 256  # conditioner width d_c
     cond_heads: int = 4
+    lora_rank: int = 8  # VLoRA: rank r of each per-image delta B A^T
+    lora_alpha: float = 16.0  # VLoRA: the delta is scaled by alpha / r
+    lora_types: tuple[str, ...] = LORA_TYPES  # VLoRA: which weights get a delta
+    gen_dim: int = 256  # VLoRA: width d_g of the perceptual weights generator
+    gen_layers: int = 2  # VLoRA: its decoder blocks
+    gen_heads: int = 4  # VLoRA: its attention heads
     max_frames: int = 32  # size of the learned temporal embedding
     default_frames: int = 8  # frames per video clip when the caller does not say
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -156,6 +165,13 @@ class LaViConfig:
             raise ValueError(f"cond_dim {self.cond_dim} must be divisible by cond_heads {self.cond_heads}")
         if not 1 <= self.default_frames <= self.max_frames:
             raise ValueError(f"default_frames must be in [1, max_frames={self.max_frames}]")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError("lora_rank must be >= 1 and lora_alpha > 0")
+        if not self.lora_types or set(self.lora_types) - set(LORA_TYPES):
+            raise ValueError(f"lora_types must be some of {LORA_TYPES}, got {self.lora_types!r}")
+        if self.gen_layers < 1 or self.gen_dim % self.gen_heads:
+            raise ValueError(f"gen_layers must be >= 1 and gen_dim {self.gen_dim} divisible by gen_heads {self.gen_heads}")
+        object.__setattr__(self, "lora_types", tuple(t for t in LORA_TYPES if t in self.lora_types))
         object.__setattr__(self, "image_mean", tuple(self.image_mean))
         object.__setattr__(self, "image_std", tuple(self.image_std))
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))

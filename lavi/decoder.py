@@ -1,12 +1,13 @@
 """A Qwen2/Llama-family decoder in plain PyTorch, gpt-fast style, with a static KV cache.
 
 Module names follow the Hugging Face layout (`layers.{i}.self_attn.q_proj` ...) so that loading
-is a prefix rename. Every RMSNorm takes an optional `cond`: the ViLN hook that turns the unscaled
-normalised state into token-wise (delta_gamma, delta_beta).
+is a prefix rename. Vision conditions a layer through `Conditioning`: every RMSNorm takes an optional
+`cond`, the ViLN hook that turns the unscaled normalised state into token-wise (delta_gamma, delta_beta);
+q, k, v, o and the MLP take an optional `delta`, VLoRA's per-row low-rank term added to their output.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,27 @@ from .config import DecoderConfig
 
 # cond(x_unscaled) -> (delta_gamma, delta_beta), both (B, T, d)
 NormCond = Callable[[Tensor], tuple[Tensor, Tensor]]
-# conds(layer) -> (cond for the attention norm, cond for the ffn norm)
-LayerConds = Callable[[int], tuple[NormCond | None, NormCond | None]]
+# delta(name, x) -> the term added to weight `name`'s output y = W x (q, k, v, o; "m": the MLP's), or None
+WeightDelta = Callable[[str, Tensor], Tensor | None]
+
+
+class Conditioning(NamedTuple):
+    """How vision conditions one decoder layer: ViLN's norm conditioners, VLoRA's weight deltas."""
+
+    attn: NormCond | None = None  # the attention norm's
+    ffn: NormCond | None = None  # the ffn norm's
+    delta: WeightDelta | None = None
+
+
+NONE = Conditioning()
+# conds(layer) -> that layer's Conditioning
+LayerConds = Callable[[int], Conditioning]
+
+
+def plus_delta(y: Tensor, delta: WeightDelta | None, name: str, x: Tensor) -> Tensor:
+    """y = W x, plus vision's delta for weight `name` where it has one."""
+    d = delta(name, x) if delta is not None else None
+    return y if d is None else y + d
 
 
 class RMSNorm(nn.Module):
@@ -143,17 +163,17 @@ class Attention(nn.Module):
         self.attend = Attend()
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv_cache: LayerCache | None = None,
-                input_pos: Tensor | None = None) -> Tensor:
+                input_pos: Tensor | None = None, delta: WeightDelta | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.c
-        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = plus_delta(self.q_proj(x), delta, "q", x).view(b, t, c.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        k = plus_delta(self.k_proj(x), delta, "k", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
+        v = plus_delta(self.v_proj(x), delta, "v", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
-        y = self.attend(q, k, v, mask)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim))
+        y = self.attend(q, k, v, mask).transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)  # (B, T, H*D)
+        return plus_delta(self.o_proj(y), delta, "o", y)
 
 
 class MLP(nn.Module):
@@ -175,11 +195,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cond_attn: NormCond | None = None,
-                cond_ffn: NormCond | None = None, kv_cache: LayerCache | None = None,
-                input_pos: Tensor | None = None) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h, cond_attn), cos, sin, mask, kv_cache, input_pos)
-        return h + self.mlp(self.post_attention_layernorm(h, cond_ffn))
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cond: Conditioning = NONE,
+                kv_cache: LayerCache | None = None, input_pos: Tensor | None = None) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h, cond.attn), cos, sin, mask, kv_cache, input_pos, cond.delta)
+        x = self.post_attention_layernorm(h, cond.ffn)
+        return h + plus_delta(self.mlp(x), cond.delta, "m", x)
 
 
 class Decoder(nn.Module):
@@ -197,16 +217,15 @@ class Decoder(nn.Module):
                 kv_cache: Cache | None = None, input_pos: Tensor | None = None, output_hidden_states: bool = False,
                 last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
         """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend; conds:
-        ViLN's norm conditioners per layer; kv_cache: what each layer attends through, with input_pos (T,)
-        the slots this call's K/V go to (None: the T tokens attend among themselves, S = T).
+        vision's Conditioning per layer (ViLN's norms, VLoRA's weight deltas); kv_cache: what each layer attends
+        through, with input_pos (T,) the slots this call's K/V go to (None: the T tokens attend among themselves, S = T).
         Returns logits (B, T, V) (last_only: (B, 1, V), as prefill needs) and hidden states."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h, hidden = embeds, []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(h)
-            ca, cf = conds(i) if conds is not None else (None, None)
-            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, ca, cf,
+            h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, conds(i) if conds is not None else NONE,
                       kv_cache.layers[i] if kv_cache is not None else None, input_pos)
         if last_only:
             h = h[:, -1:]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LaViConfig
-from .decoder import Attend, LayerConds, NormCond
+from .decoder import NONE, Attend, Conditioning, LayerConds, NormCond
 
 
 @dataclass
@@ -26,19 +26,22 @@ class Visual:
     """The visual state of a batch of items, computed once and reused by every decode step.
 
     viln: `cond_kv[g] = (K, U)`, the conditioner's keys and values of stage g, each (N, Hc, Nv, Dh).
-    concat: `tokens` (N, Nv, d), the decoder's visual input. `mask` (N, Nv) bool marks real (not
-    padded-frame) visual tokens.
+    concat: `tokens` (N, Nv, d), the decoder's visual input.
+    vlora: `factors[i]`, the per-item low-rank factors A of weight type `lora_types[i]` at every modulated layer,
+    each (N, L_mod, d_in, r). `mask` (N, Nv) bool marks real (not padded-frame) visual tokens.
     """
 
     mask: Tensor
     cond_kv: tuple[tuple[Tensor, Tensor], ...] | None = None
     tokens: Tensor | None = None
+    factors: tuple[Tensor, ...] | None = None
 
     def select(self, rows: Tensor) -> "Visual":
         """Gather per text row: rows (B,) item index -> a Visual with B entries."""
         cond_kv = tuple((k.index_select(0, rows), u.index_select(0, rows)) for k, u in self.cond_kv or ()) or None
         tokens = self.tokens.index_select(0, rows) if self.tokens is not None else None
-        return Visual(mask=self.mask.index_select(0, rows), cond_kv=cond_kv, tokens=tokens)
+        factors = tuple(a.index_select(0, rows) for a in self.factors or ()) or None
+        return Visual(mask=self.mask.index_select(0, rows), cond_kv=cond_kv, tokens=tokens, factors=factors)
 
 
 def frames_to_tokens(feats: Tensor, n: int, f: int, temporal: Tensor) -> Tensor:
@@ -114,13 +117,13 @@ class ViLNConditioner(nn.Module):
     def conds(self, vis: Visual) -> LayerConds:
         """Per-layer norm conditioners for a batch whose visual state is already gathered per row."""
         vis_mask = vis.mask[:, None, None, :]  # (B, 1, 1, Nv)
-        table: dict[int, tuple[NormCond | None, NormCond | None]] = {}
+        table: dict[int, Conditioning] = {}
         for l in self.c.modulated_layers():
             k, u = vis.cond_kv[self.c.stage_of_layer(l)]
             sites = self.c.site_names()
-            table[l] = tuple(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask) if s in sites else None
-                             for s in ("attn", "ffn"))
-        return lambda layer: table.get(layer, (None, None))
+            table[l] = Conditioning(*(self._cond(self.heads[f"{l}_{s}"], k, u, vis_mask) if s in sites else None
+                                      for s in ("attn", "ffn")))
+        return lambda layer: table.get(layer, NONE)
 
 
 class Projector(nn.Module):

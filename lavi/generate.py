@@ -9,7 +9,7 @@ prompt plugs in the same way):
     model.inputs(vis, ids, valid) -> (embeds (B, T0, d), key validity (B, T0), conds | None)
         the prefill's context: text embeddings with any visual tokens in place, and which are real
     model.conds(vis) -> conds | None
-        the norm conditioners of a decode step, from the per-row visual state (`Visual`: mask, cond_kv)
+        the conditioning of a decode step, from the per-row visual state (`Visual`: mask, cond_kv, factors)
     model.decoder
         a `lavi.decoder.Decoder`, run over the generator's `KVCache`
 """
@@ -93,12 +93,14 @@ def prefill(model: LaVi, kv_cache: KVCache, embeds: Tensor, positions: Tensor, m
 
 
 def decode_one_token(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor,
-                     vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+                     vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...],
+                     factors: tuple[Tensor, ...] = ()) -> Tensor:
     """One decode step for B rows, tensors in and tensors out, so that it compiles whole (CUDA graphs):
     tok (B, 1) last token; pos (B, 1) its RoPE position; slot_valid (B, S) real cache slots, the new one
-    included; slot (1,) its cache slot; vis_mask (B, Nv) and cond_kv ((K, U) per stage) the per-row
-    visual state (ViLN; cond_kv is empty for concat, whose visual tokens are in the cache) -> logits (B, V)."""
-    conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv))
+    included; slot (1,) its cache slot; vis_mask (B, Nv), cond_kv ((K, U) per stage, ViLN) and factors (A per
+    weight type, VLoRA) the per-row visual state (both empty for concat, whose visual tokens are in the cache)
+    -> logits (B, V)."""
+    conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv, factors=factors))
     mask = attention_mask(slot_valid, slot, torch.ones_like(tok, dtype=torch.bool))  # (B, 1, 1, S)
     logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, mask, conds=conds, kv_cache=kv_cache,
                               input_pos=slot)
@@ -106,10 +108,10 @@ def decode_one_token(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, s
 
 
 def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor,
-                vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...]) -> Tensor:
+                vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...], factors: tuple[Tensor, ...] = ()) -> Tensor:
     """`decode_one_token` for in-flight batching: slot (B, 1) is each row's own cache slot (rows started at different
     steps); a row attends to its real slots, the new one included. Static shapes, so it compiles as that does."""
-    conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv))
+    conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv, factors=factors))
     logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, slot_valid[:, None, None, :], conds=conds,
                               kv_cache=kv_cache, input_pos=slot)
     return logits[:, -1]
@@ -122,17 +124,19 @@ class StepInputs:
 
     slot_valid: Tensor  # (B, S) real cache slots
     vis_mask: Tensor  # (B, Nv)
-    cond_kv: tuple[tuple[Tensor, Tensor], ...]  # per stage (K, U), each (B, Hc, Nv, Dh); () for concat
+    cond_kv: tuple[tuple[Tensor, Tensor], ...]  # ViLN: per stage (K, U), each (B, Hc, Nv, Dh); () otherwise
+    factors: tuple[Tensor, ...] = ()  # VLoRA: per weight type A, each (B, L_mod, d_in, r); () otherwise
 
     def tensors(self) -> list[Tensor]:
-        return [self.slot_valid, self.vis_mask, *(t for pair in self.cond_kv for t in pair)]
+        return [self.slot_valid, self.vis_mask, *(t for pair in self.cond_kv for t in pair), *self.factors]
 
     def matches(self, other: "StepInputs") -> bool:
         return [(t.shape, t.dtype) for t in self.tensors()] == [(t.shape, t.dtype) for t in other.tensors()]
 
     def empty_like(self) -> "StepInputs":
         return StepInputs(torch.empty_like(self.slot_valid), torch.empty_like(self.vis_mask),
-                          tuple((torch.empty_like(k), torch.empty_like(u)) for k, u in self.cond_kv))
+                          tuple((torch.empty_like(k), torch.empty_like(u)) for k, u in self.cond_kv),
+                          tuple(torch.empty_like(a) for a in self.factors))
 
     def copy_(self, other: "StepInputs") -> "StepInputs":
         for buf, t in zip(self.tensors(), other.tensors()):
@@ -206,7 +210,7 @@ class Generator:
                              "give the generator a larger one (setup_caches)")
         slot_valid = torch.zeros(b, cache.max_seq, dtype=torch.bool, device=device)
         slot_valid[:, :t0] = kvalid
-        fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or ()))
+        fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or (), vis.factors or ()))
         slots = torch.arange(t0, device=device)
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, T0): pads do not advance RoPE
         pos = kvalid.long().sum(1, keepdim=True)  # (B, 1): the next token's position
@@ -225,7 +229,7 @@ class Generator:
                     if self.compiled and self.cuda:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.step(model, cache, tok[:, None], pos, fixed.slot_valid, slot, fixed.vis_mask,
-                                       fixed.cond_kv)
+                                       fixed.cond_kv, fixed.factors)
                     pos = pos + 1
                 live = [-1 if d else r for r, d in enumerate(done.tolist())] if guide is not None else []
                 if guide is not None:
@@ -276,7 +280,8 @@ class Generator:
         slot_valid[:, 0] = True
         one = vis.select(rows[:1].expand(b))
         fixed = self._fixed(StepInputs(slot_valid, torch.zeros_like(one.mask),
-                                       tuple((torch.zeros_like(k), torch.zeros_like(u)) for k, u in one.cond_kv or ())))
+                                       tuple((torch.zeros_like(k), torch.zeros_like(u)) for k, u in one.cond_kv or ()),
+                                       tuple(torch.zeros_like(a) for a in one.factors or ())))
         pos = torch.zeros(b, 1, dtype=torch.long, device=device)
         slot = torch.zeros(b, 1, dtype=torch.long, device=device)
         tok = torch.full((b,), pad_id, dtype=torch.long, device=device)
@@ -308,6 +313,8 @@ class Generator:
             fixed.vis_mask[idx] = sub.mask
             for (k, u), (k1, u1) in zip(fixed.cond_kv, sub.cond_kv or ()):
                 k[idx], u[idx] = k1, u1
+            for a, a1 in zip(fixed.factors, sub.factors or ()):
+                a[idx] = a1
             if guide is not None:
                 guide.mask_(logits, reqs)
             first = sample(logits, gen.temperature, gen.top_p, generator)
@@ -350,7 +357,7 @@ class Generator:
                     if self.compiled and self.cuda:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.row_step(model, cache, tok[:, None], pos, fixed.slot_valid, slot,
-                                           fixed.vis_mask, fixed.cond_kv)
+                                           fixed.vis_mask, fixed.cond_kv, fixed.factors)
                     serving = ([owner[r] if on else -1 for r, on in enumerate(live.tolist())]
                                if guide is not None else [])
                     if guide is not None:

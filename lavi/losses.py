@@ -104,6 +104,9 @@ class FocusRecorder:
 
     def __init__(self, model: LaVi) -> None:
         c = model.config
+        if getattr(model, "vlora", None) is not None:
+            raise ValueError("the focus loss teaches an attention head of the text over the image; VLoRA has none "
+                             "(its image reaches the decoder as weights): train it without the focus loss")
         if model.viln is not None:
             self.sites = [model.viln.heads[f"{l}_{s}"].attend for l in c.modulated_layers() if l > 0
                           for s in c.site_names()]

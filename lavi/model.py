@@ -1,4 +1,4 @@
-"""LaVi: a decoder, a ViT and a fusion (ViLN or the concat baseline) in one module."""
+"""LaVi: a decoder, a ViT and a fusion (ViLN, VLoRA or the concat baseline) in one module."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +8,7 @@ from .config import LaViConfig
 from .decoder import Decoder, LayerConds, OnDecoder
 from .fusion import Projector, ViLNConditioner, Visual
 from .vision import VisionTower
+from .vlora import PerceptualWeights
 
 
 def attention_mask(valid: Tensor, q_slots: Tensor, q_valid: Tensor) -> Tensor:
@@ -27,6 +28,7 @@ class LaVi(OnDecoder, nn.Module):
         self.vision = VisionTower(config.vision)
         self.viln = ViLNConditioner(config) if config.fusion == "viln" else None
         self.projector = Projector(config) if config.fusion == "concat" else None
+        self.vlora = PerceptualWeights(config) if config.fusion == "vlora" else None
 
     def encode(self, pixels: Tensor, frame_mask: Tensor | None = None) -> Visual:
         """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real, and nothing is
@@ -52,21 +54,24 @@ class LaVi(OnDecoder, nn.Module):
             _, taps = self.vision(frames, self.config.vision_taps())
             return self.viln.visual([unpad(t) for t in taps], n, f, mask)
         last, _ = self.vision(frames)
-        return self.projector.visual(unpad(last), n, f, mask)
+        fusion = self.vlora if self.vlora is not None else self.projector
+        return fusion.visual(unpad(last), n, f, mask)
 
     def inputs(self, vis: Visual, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, LayerConds | None]:
         """Text ids (B, T) + a per-row visual -> decoder embeddings, key validity and norm conditioners: what
-        a prefill runs (lavi.generate). concat prepends the visual tokens: (B, Nv + T, d); viln leaves the
-        context text-only."""
+        a prefill runs (lavi.generate). concat prepends the visual tokens: (B, Nv + T, d); viln and vlora leave
+        the context text-only."""
         embeds = self.decoder.embed_tokens(ids)
-        if self.viln is not None:
+        if self.projector is None:
             return embeds, valid, self.conds(vis)
         return torch.cat([vis.tokens.to(embeds.dtype), embeds], 1), torch.cat([vis.mask, valid], 1), None
 
     def conds(self, vis: Visual) -> LayerConds | None:
-        """The norm conditioners of a per-row visual state (None: concat, whose vision is in the context).
-        Each decode step asks again, from the visual state's fixed-address copy (lavi.generate)."""
-        return self.viln.conds(vis) if self.viln is not None else None
+        """The per-layer conditioning of a per-row visual state: ViLN's norm conditioners, VLoRA's weight deltas
+        (None: concat, whose vision is in the context). Each decode step asks again, from the visual state's
+        fixed-address copy (lavi.generate)."""
+        fusion = self.viln if self.viln is not None else self.vlora
+        return fusion.conds(vis) if fusion is not None else None
 
     def forward(self, ids: Tensor, valid: Tensor, vis: Visual) -> Tensor:
         """Full-sequence forward for training and reference: ids (B, T), valid (B, T), vis gathered per

@@ -52,8 +52,8 @@ class PrefixKV:
 
 
 def prefix_kv(model: LaVi, vis: Visual) -> PrefixKV | None:
-    """Run each item's visual tokens through the decoder once, recording every layer's K/V (None for ViLN)."""
-    if model.viln is not None:
+    """Run each item's visual tokens through the decoder once, recording every layer's K/V (None for ViLN and VLoRA)."""
+    if vis.tokens is None:  # viln, vlora: no visual tokens in the context
         return None
     tokens, valid = vis.tokens.to(model.dtype), vis.mask  # (N, Nv, d), (N, Nv)
     slots = torch.arange(tokens.shape[1], device=tokens.device)

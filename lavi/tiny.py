@@ -50,7 +50,8 @@ def tiny_config(vocab_size: int, fusion: str = "viln", **options) -> LaViConfig:
                             max_position_embeddings=512)
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=2,
                           num_heads=2)
-    base = dict(fusion=fusion, num_stages=2, cond_dim=32, cond_heads=2, max_frames=8, default_frames=4,
+    base = dict(fusion=fusion, num_stages=2, cond_dim=32, cond_heads=2, gen_dim=32, gen_heads=2, lora_rank=4,
+                lora_alpha=4.0, max_frames=8, default_frames=4,
                 prompt_template="{prompt} <sep>", eos_token_id=SPECIAL.index("<eos>"),
                 pad_token_id=SPECIAL.index("<pad>"), name="tiny-random")
     base.update(options)
@@ -58,13 +59,16 @@ def tiny_config(vocab_size: int, fusion: str = "viln", **options) -> LaViConfig:
 
 
 def make_tiny_checkpoint(path: str | Path, seed: int = 0, fusion: str = "viln", **options) -> str:
-    """Save a tiny random LaVi (with non-zero ViLN outputs, so images matter) for tests."""
+    """Save a tiny random LaVi (with non-zero ViLN outputs or VLoRA B, so images matter) for tests."""
     torch.manual_seed(seed)
     tok = save_word_tokenizer(list(TINY_WORDS), path)
     model = LaVi(tiny_config(tok.get_vocab_size(), fusion, **options))
     if model.viln is not None:
         for head in model.viln.heads.values():
             torch.nn.init.normal_(head.o_proj.weight, std=0.05)
+    if model.vlora is not None:
+        for b in model.vlora.B.values():
+            torch.nn.init.normal_(b, std=0.05)
     checkpoint.save(model, path)
     return str(path)
 
@@ -83,9 +87,10 @@ def tiny_shapes_config(vocab_size: int, fusion: str = "viln", default_frames: in
     vision = VisionConfig(image_size=128, patch_size=21, hidden_size=128, intermediate_size=384, num_layers=4,
                           num_heads=4)
     return LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=2, cond_dim=64,
-                      cond_heads=4, max_frames=max_frames, default_frames=default_frames, prompt_template="{prompt} <sep>",
+                      cond_heads=4, gen_dim=64, gen_heads=4, gen_layers=2, lora_rank=8, lora_alpha=16.0,
+                      max_frames=max_frames, default_frames=default_frames, prompt_template="{prompt} <sep>",
                       eos_token_id=SPECIAL.index("<eos>"), pad_token_id=SPECIAL.index("<pad>"),
-                      name="tiny-shapes" if fusion == "viln" else "tiny-shapes-concat")
+                      name="tiny-shapes" if fusion == "viln" else f"tiny-shapes-{fusion}")
 
 
 # tiny-shapes' prompt format as a chat template: the image or video, then the prompt, then `<sep>`

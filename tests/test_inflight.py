@@ -14,7 +14,7 @@ PROMPTS = ["describe the image.", "a", "what colour is the big red circle on the
            "how many", "describe", "is there a small blue square in the top right corner of the picture?", "the"]
 
 
-@pytest.fixture(scope="module", params=["viln", "concat"])
+@pytest.fixture(scope="module", params=["viln", "concat", "vlora"])
 def engine(request, tmp_path_factory) -> Engine:
     """A tiny random model whose generations differ by row: every weight matrix past the ViT widened (at the
     default init every row repeats one token, and a test of which row got whose tokens could not fail)."""

@@ -13,7 +13,7 @@ from lavi.model import LaVi
 from lavi.shared_prefix import forward_shared
 from lavi.tiny import tiny_config
 
-FUSIONS = ["viln", "concat"]
+FUSIONS = ["viln", "concat", "vlora"]
 
 
 def _model(fusion: str = "viln", seed: int = 0, random_heads: bool = True, **options) -> LaVi:
@@ -22,6 +22,9 @@ def _model(fusion: str = "viln", seed: int = 0, random_heads: bool = True, **opt
     if random_heads and model.viln is not None:
         for head in model.viln.heads.values():
             torch.nn.init.normal_(head.o_proj.weight, std=0.2)
+    if random_heads and model.vlora is not None:
+        for b in model.vlora.B.values():
+            torch.nn.init.normal_(b, std=0.2)
     return model
 
 

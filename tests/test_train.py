@@ -314,7 +314,7 @@ def test_row_mean_loss_weighs_each_row_equally(tmp_path):
     assert not torch.allclose(by_token, (per_row[0] + per_row[1]) / 2)  # the two weightings differ here
 
 
-@pytest.mark.parametrize("fusion", ["viln", "concat"])
+@pytest.mark.parametrize("fusion", ["viln", "concat", "vlora"])
 @pytest.mark.parametrize("row_mean", [False, True])
 def test_length_groups_leave_the_loss_unchanged(tmp_path, fusion, row_mean):
     """Guards against length grouping changing what is trained (a row lost, mis-weighted or given another
@@ -326,6 +326,9 @@ def test_length_groups_leave_the_loss_unchanged(tmp_path, fusion, row_mean):
     if model.viln is not None:  # non-zero outputs, so the image matters
         for head in model.viln.heads.values():
             torch.nn.init.normal_(head.o_proj.weight, std=0.05)
+    if model.vlora is not None:
+        for b in model.vlora.B.values():
+            torch.nn.init.normal_(b, std=0.05)
     batch = collate(_small_shapes(0) + _small_shapes(1), model, Tokenizer(tmp_path / "tok"))
     assert len(length_groups(batch.valid.sum(1))) == 2  # the split actually happens on this batch
     vis = model.encode(batch.pixels, batch.frame_mask)
