@@ -215,16 +215,19 @@ class Decoder(nn.Module):
 
     def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, *, conds: LayerConds | None = None,
                 kv_cache: Cache | None = None, input_pos: Tensor | None = None, output_hidden_states: bool = False,
-                last_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+                last_only: bool = False, pruned: tuple[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend; conds:
         vision's Conditioning per layer (ViLN's norms, VLoRA's weight deltas); kv_cache: what each layer attends
         through, with input_pos (T,) the slots this call's K/V go to (None: the T tokens attend among themselves, S = T).
+        pruned (K, mask'): layers past K attend with mask' instead (FastV's pruned visual tokens, lavi.fastv).
         Returns logits (B, T, V) (last_only: (B, 1, V), as prefill needs) and hidden states."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h, hidden = embeds, []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden.append(h)
+            if pruned is not None and i == pruned[0] + 1:
+                mask = pruned[1]
             h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, conds(i) if conds is not None else NONE,
                       kv_cache.layers[i] if kv_cache is not None else None, input_pos)
         if last_only:

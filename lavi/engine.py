@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .compress import VisualCompress
 from .constrain import Constraint, Guide, Vocabulary
 from .generate import GenerationConfig, Generator, setup_caches
 from .fusion import Visual
@@ -73,6 +74,20 @@ def _quantized(model, mode: str | None):
     return model
 
 
+def _compressed(model, compress: str | VisualCompress | None):
+    """Set a concat model's visual compression (`lavi.compress`); refused for a model whose vision is not in its
+    context (viln, vlora)."""
+    if compress is None:
+        return model
+    vc = VisualCompress.parse(compress) if isinstance(compress, str) else compress
+    if getattr(model, "projector", None) is None:
+        raise ValueError(f"--visual-compress {vc.spelled()} thins the visual tokens in a concat model's context; "
+                         f"{model.config.name} is a {model.config.fusion} model, with none there")
+    model.visual_compress = vc
+    log.info("%s: visual tokens compressed (%s)", model.config.name, vc.spelled())
+    return model
+
+
 class Engine:
     # in-flight batching: requests of one generate() call go through the pool in waves of at most this many
     # pools' worth (the visual state of a wave's items is computed once and held while it runs)
@@ -101,20 +116,22 @@ class Engine:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
-             compile: bool = False, quantize: str | None = None) -> "Engine":
+             compile: bool = False, quantize: str | None = None,
+             visual_compress: str | VisualCompress | None = None) -> "Engine":
         """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`). quantize: "int8", the
-        decoder's linear layers as weight-only int8 (`lavi.quant`). A LaVi checkpoint, or a Hugging Face
+        decoder's linear layers as weight-only int8 (`lavi.quant`). visual_compress: a concat model's fewer visual
+        tokens, `dct:KEEP` or `fastv:KEEP@LAYER` (`lavi.compress`). A LaVi checkpoint, or a Hugging Face
         LLaVA-OneVision directory (`lavi.onevision_engine`); anything else is refused by name."""
         kind = checkpoint.read_json(Path(path) / "config.json").get("model_type")
         if kind == "llava_onevision" and cls is Engine:
             from .onevision_engine import OneVisionEngine
 
             return OneVisionEngine.load(path, device=device, dtype=dtype, max_batch=max_batch, compile=compile,
-                                        quantize=quantize)
+                                        quantize=quantize, visual_compress=visual_compress)
         if kind is not None:
             raise checkpoint.CheckpointError(f"{path} is a {kind!r} checkpoint; supported: a LaVi checkpoint "
                                              "or a LLaVA-OneVision (model_type 'llava_onevision')")
-        model = _quantized(checkpoint.load(path, device=device, dtype=dtype), quantize)
+        model = _compressed(_quantized(checkpoint.load(path, device=device, dtype=dtype), quantize), visual_compress)
         return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property

@@ -11,12 +11,14 @@ ViLN, per DESIGN.md:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compress import VisualCompress, dct_lowpass
 from .config import LaViConfig
 from .decoder import NONE, Attend, Conditioning, LayerConds, NormCond
 
@@ -137,6 +139,12 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(d, d)
         self.temporal = nn.Parameter(torch.randn(c.max_frames, d) * 0.02)
 
-    def visual(self, last: Tensor, n: int, f: int, mask: Tensor) -> Visual:
+    def visual(self, last: Tensor, n: int, f: int, mask: Tensor, compress: VisualCompress | None = None) -> Visual:
+        """compress: `dct` shrinks each frame's side x side grid of tokens to R x R (lavi.compress)."""
         x = self.fc2(F.gelu(self.fc1(self.norm(last))))  # (N*F, P, d)
+        if compress is not None and compress.method == "dct" and not compress.is_identity:
+            side = math.isqrt(x.shape[1])
+            r = compress.side(side)
+            x = dct_lowpass(x.view(-1, side, side, x.shape[-1]), r).flatten(1, 2)  # (N*F, R*R, d)
+            mask = mask.view(n, f, -1)[..., : r * r].reshape(n, -1)  # a frame's tokens are all real or all not
         return Visual(mask=mask, tokens=frames_to_tokens(x, n, f, self.temporal))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .constrain import Guide
 from .decoder import KVCache, LayerConds, RowsPrefill
+from .fastv import prefill_pruned
 from .fusion import Visual
 from .model import LaVi, attention_mask
 
@@ -94,27 +95,37 @@ def prefill(model: LaVi, kv_cache: KVCache, embeds: Tensor, positions: Tensor, m
 
 def decode_one_token(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor,
                      vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...],
-                     factors: tuple[Tensor, ...] = ()) -> Tensor:
+                     factors: tuple[Tensor, ...] = (), deep_valid: Tensor | None = None) -> Tensor:
     """One decode step for B rows, tensors in and tensors out, so that it compiles whole (CUDA graphs):
     tok (B, 1) last token; pos (B, 1) its RoPE position; slot_valid (B, S) real cache slots, the new one
     included; slot (1,) its cache slot; vis_mask (B, Nv), cond_kv ((K, U) per stage, ViLN) and factors (A per
     weight type, VLoRA) the per-row visual state (both empty for concat, whose visual tokens are in the cache)
-    -> logits (B, V)."""
+    -> logits (B, V). deep_valid (B, S): FastV's slots for the layers past its layer (lavi.fastv), or None."""
     conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv, factors=factors))
-    mask = attention_mask(slot_valid, slot, torch.ones_like(tok, dtype=torch.bool))  # (B, 1, 1, S)
+    real = torch.ones_like(tok, dtype=torch.bool)
+    mask = attention_mask(slot_valid, slot, real)  # (B, 1, 1, S)
+    pruned = None if deep_valid is None else (model.visual_compress.layer, attention_mask(deep_valid, slot, real))
     logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, mask, conds=conds, kv_cache=kv_cache,
-                              input_pos=slot)
+                              input_pos=slot, pruned=pruned)
     return logits[:, -1]
 
 
 def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_valid: Tensor, slot: Tensor,
-                vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...], factors: tuple[Tensor, ...] = ()) -> Tensor:
+                vis_mask: Tensor, cond_kv: tuple[tuple[Tensor, Tensor], ...], factors: tuple[Tensor, ...] = (),
+                deep_valid: Tensor | None = None) -> Tensor:
     """`decode_one_token` for in-flight batching: slot (B, 1) is each row's own cache slot (rows started at different
     steps); a row attends to its real slots, the new one included. Static shapes, so it compiles as that does."""
     conds = model.conds(Visual(mask=vis_mask, cond_kv=cond_kv, factors=factors))
+    pruned = None if deep_valid is None else (model.visual_compress.layer, deep_valid[:, None, None, :])
     logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, slot_valid[:, None, None, :], conds=conds,
-                              kv_cache=kv_cache, input_pos=slot)
+                              kv_cache=kv_cache, input_pos=slot, pruned=pruned)
     return logits[:, -1]
+
+
+def _fastv(model: LaVi, vis: Visual) -> bool:
+    """Whether this batch's prefill prunes visual tokens (lavi.fastv): a concat model set to `fastv` below 1.0."""
+    vc = getattr(model, "visual_compress", None)
+    return vis.tokens is not None and vc is not None and vc.method == "fastv" and not vc.is_identity
 
 
 @dataclass
@@ -126,9 +137,11 @@ class StepInputs:
     vis_mask: Tensor  # (B, Nv)
     cond_kv: tuple[tuple[Tensor, Tensor], ...]  # ViLN: per stage (K, U), each (B, Hc, Nv, Dh); () otherwise
     factors: tuple[Tensor, ...] = ()  # VLoRA: per weight type A, each (B, L_mod, d_in, r); () otherwise
+    deep_valid: Tensor | None = None  # FastV: (B, S) the slots the layers past its layer attend to; None otherwise
 
     def tensors(self) -> list[Tensor]:
-        return [self.slot_valid, self.vis_mask, *(t for pair in self.cond_kv for t in pair), *self.factors]
+        deep = [self.deep_valid] if self.deep_valid is not None else []
+        return [self.slot_valid, self.vis_mask, *(t for pair in self.cond_kv for t in pair), *self.factors, *deep]
 
     def matches(self, other: "StepInputs") -> bool:
         return [(t.shape, t.dtype) for t in self.tensors()] == [(t.shape, t.dtype) for t in other.tensors()]
@@ -136,7 +149,8 @@ class StepInputs:
     def empty_like(self) -> "StepInputs":
         return StepInputs(torch.empty_like(self.slot_valid), torch.empty_like(self.vis_mask),
                           tuple((torch.empty_like(k), torch.empty_like(u)) for k, u in self.cond_kv),
-                          tuple(torch.empty_like(a) for a in self.factors))
+                          tuple(torch.empty_like(a) for a in self.factors),
+                          None if self.deep_valid is None else torch.empty_like(self.deep_valid))
 
     def copy_(self, other: "StepInputs") -> "StepInputs":
         for buf, t in zip(self.tensors(), other.tensors()):
@@ -210,14 +224,21 @@ class Generator:
                              "give the generator a larger one (setup_caches)")
         slot_valid = torch.zeros(b, cache.max_seq, dtype=torch.bool, device=device)
         slot_valid[:, :t0] = kvalid
-        fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or (), vis.factors or ()))
+        fastv = _fastv(model, vis)
+        fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or (), vis.factors or (),
+                                       slot_valid.clone() if fastv else None))
         slots = torch.arange(t0, device=device)
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)  # (B, T0): pads do not advance RoPE
         pos = kvalid.long().sum(1, keepdim=True)  # (B, 1): the next token's position
         generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
 
-        logits = prefill(model, cache, embeds, positions, attention_mask(fixed.slot_valid, slots, kvalid), slots,
-                         conds)
+        mask = attention_mask(fixed.slot_valid, slots, kvalid)
+        if fastv:
+            logits, kept = prefill_pruned(model, cache, embeds, positions, mask, slots, kvalid,
+                                          model.visual_positions(vis, ids, valid), model.visual_compress)
+            fixed.deep_valid[:, :t0] = kept
+        else:
+            logits = prefill(model, cache, embeds, positions, mask, slots, conds)
         out = torch.full((b, gen.max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
         slot = torch.empty(1, dtype=torch.long, device=device)
@@ -226,10 +247,12 @@ class Generator:
                 if i:
                     slot.fill_(t0 + i - 1)
                     fixed.slot_valid[:, t0 + i - 1] = True
+                    if fastv:
+                        fixed.deep_valid[:, t0 + i - 1] = True
                     if self.compiled and self.cuda:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.step(model, cache, tok[:, None], pos, fixed.slot_valid, slot, fixed.vis_mask,
-                                       fixed.cond_kv, fixed.factors)
+                                       fixed.cond_kv, fixed.factors, fixed.deep_valid)
                     pos = pos + 1
                 live = [-1 if d else r for r, d in enumerate(done.tolist())] if guide is not None else []
                 if guide is not None:
@@ -279,9 +302,11 @@ class Generator:
         slot_valid = torch.zeros(b, s, dtype=torch.bool, device=device)
         slot_valid[:, 0] = True
         one = vis.select(rows[:1].expand(b))
+        fastv = _fastv(model, vis)
         fixed = self._fixed(StepInputs(slot_valid, torch.zeros_like(one.mask),
                                        tuple((torch.zeros_like(k), torch.zeros_like(u)) for k, u in one.cond_kv or ()),
-                                       tuple(torch.zeros_like(a) for a in one.factors or ())))
+                                       tuple(torch.zeros_like(a) for a in one.factors or ()),
+                                       slot_valid.clone() if fastv else None))
         pos = torch.zeros(b, 1, dtype=torch.long, device=device)
         slot = torch.zeros(b, 1, dtype=torch.long, device=device)
         tok = torch.full((b,), pad_id, dtype=torch.long, device=device)
@@ -306,8 +331,14 @@ class Generator:
                 raise ValueError(f"a prompt of {t0} slots and its new tokens do not fit the cache's {s} slots")
             slots = torch.arange(t0, device=device)
             positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)
-            logits = prefill(model, RowsPrefill(cache, idx), embeds, positions,
-                             attention_mask(kvalid, slots, kvalid), slots, conds)
+            mask = attention_mask(kvalid, slots, kvalid)
+            if fastv:
+                logits, kept = prefill_pruned(model, RowsPrefill(cache, idx), embeds, positions, mask, slots, kvalid,
+                                              model.visual_positions(sub, ids, valid), model.visual_compress)
+                fixed.deep_valid[idx] = False
+                fixed.deep_valid[idx, :t0] = kept
+            else:
+                logits = prefill(model, RowsPrefill(cache, idx), embeds, positions, mask, slots, conds)
             fixed.slot_valid[idx] = False
             fixed.slot_valid[idx, :t0] = kvalid
             fixed.vis_mask[idx] = sub.mask
@@ -354,10 +385,12 @@ class Generator:
                 for _ in range(self.check_every):
                     live = ~done
                     fixed.slot_valid[ar, slot[:, 0]] |= live  # the new token's slot, where a row goes on
+                    if fastv:
+                        fixed.deep_valid[ar, slot[:, 0]] |= live
                     if self.compiled and self.cuda:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.row_step(model, cache, tok[:, None], pos, fixed.slot_valid, slot,
-                                           fixed.vis_mask, fixed.cond_kv, fixed.factors)
+                                           fixed.vis_mask, fixed.cond_kv, fixed.factors, fixed.deep_valid)
                     serving = ([owner[r] if on else -1 for r, on in enumerate(live.tolist())]
                                if guide is not None else [])
                     if guide is not None:

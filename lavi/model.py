@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .compress import VisualCompress
 from .config import LaViConfig
 from .decoder import Decoder, LayerConds, OnDecoder
 from .fusion import Projector, ViLNConditioner, Visual
@@ -29,6 +30,7 @@ class LaVi(OnDecoder, nn.Module):
         self.viln = ViLNConditioner(config) if config.fusion == "viln" else None
         self.projector = Projector(config) if config.fusion == "concat" else None
         self.vlora = PerceptualWeights(config) if config.fusion == "vlora" else None
+        self.visual_compress: VisualCompress | None = None  # concat: fewer visual tokens (lavi.compress), at load
 
     def encode(self, pixels: Tensor, frame_mask: Tensor | None = None) -> Visual:
         """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real, and nothing is
@@ -54,8 +56,9 @@ class LaVi(OnDecoder, nn.Module):
             _, taps = self.vision(frames, self.config.vision_taps())
             return self.viln.visual([unpad(t) for t in taps], n, f, mask)
         last, _ = self.vision(frames)
-        fusion = self.vlora if self.vlora is not None else self.projector
-        return fusion.visual(unpad(last), n, f, mask)
+        if self.vlora is not None:
+            return self.vlora.visual(unpad(last), n, f, mask)
+        return self.projector.visual(unpad(last), n, f, mask, self.visual_compress)
 
     def inputs(self, vis: Visual, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, LayerConds | None]:
         """Text ids (B, T) + a per-row visual -> decoder embeddings, key validity and norm conditioners: what
@@ -65,6 +68,12 @@ class LaVi(OnDecoder, nn.Module):
         if self.projector is None:
             return embeds, valid, self.conds(vis)
         return torch.cat([vis.tokens.to(embeds.dtype), embeds], 1), torch.cat([vis.mask, valid], 1), None
+
+    def visual_positions(self, vis: Visual, ids: Tensor, valid: Tensor) -> Tensor:
+        """(B, T0) bool: which positions of `inputs`' context are visual tokens (concat: its first Nv)."""
+        if vis.tokens is None:
+            return torch.zeros_like(valid)
+        return torch.cat([vis.mask, torch.zeros_like(valid)], 1)
 
     def conds(self, vis: Visual) -> LayerConds | None:
         """The per-layer conditioning of a per-row visual state: ViLN's norm conditioners, VLoRA's weight deltas

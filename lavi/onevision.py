@@ -12,12 +12,15 @@ measured against.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import anyres
+from .compress import VisualCompress, dct_lowpass
 from .decoder import Decoder, OnDecoder
 from .fusion import Visual
 from .onevision_config import OneVisionConfig
@@ -57,6 +60,7 @@ class OneVision(OnDecoder, nn.Module):
     def __init__(self, config: OneVisionConfig) -> None:
         super().__init__()
         self.config = config
+        self.visual_compress: VisualCompress | None = None  # fewer visual tokens (lavi.compress), set at load
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config)
         self.image_newline = nn.Parameter(torch.zeros(config.decoder.hidden_size))
@@ -70,7 +74,12 @@ class OneVision(OnDecoder, nn.Module):
         for layer in self.vision.encoder.layers[: max(want)]:
             x = layer(x)
             hidden.append(x)
-        return self.projector(torch.cat([hidden[i] for i in want], dim=-1))  # (N, P, d_vit * len(want)) -> d
+        x = self.projector(torch.cat([hidden[i] for i in want], dim=-1))  # (N, P, d_vit * len(want)) -> d
+        vc = self.visual_compress
+        if vc is not None and vc.method == "dct" and not vc.is_identity:  # each tile's grid side^2 -> R^2
+            side = self.config.side
+            x = dct_lowpass(x.view(-1, side, side, x.shape[-1]), vc.side(side)).flatten(1, 2)
+        return x
 
     def image_tokens(self, tiles: Tensor, size: tuple[int, int]) -> Tensor:
         """One image: tiles (1 + gh*gw, 3, S, S), the base view first; size its (height, width) -> (Nv, d)."""
@@ -78,7 +87,7 @@ class OneVision(OnDecoder, nn.Module):
 
     def pack_image(self, feats: Tensor, size: tuple[int, int]) -> Tensor:
         """An image's tile features (1 + gh*gw, side*side, d) -> its visual tokens (Nv, d)."""
-        c, side = self.config, self.config.side
+        c, side = self.config, math.isqrt(feats.shape[1])  # the tile's grid side (smaller under dct compression)
         base, crops = feats[0], feats[1:]
         gh, gw = anyres.grid_shape(size, c.pinpoints, c.tile_size)
         if crops.shape[0] != gh * gw:
@@ -100,8 +109,8 @@ class OneVision(OnDecoder, nn.Module):
 
     def pack_video(self, feats: Tensor) -> Tensor:
         """A clip's frame features (F, side*side, d) -> its visual tokens."""
-        side = self.config.side
-        f, _, d = feats.shape
+        f, p, d = feats.shape
+        side = math.isqrt(p)
         grid = feats.view(f, side, side, d).permute(0, 3, 1, 2)  # (F, d, side, side)
         pooled = F.interpolate(grid, size=[-(-side // 2), -(-side // 2)], mode="bilinear")
         tokens = pooled.permute(0, 2, 3, 1).reshape(-1, d)  # (F * pooled^2, d)
@@ -160,6 +169,20 @@ class OneVision(OnDecoder, nn.Module):
         for b, r in enumerate(rows):
             embeds[b, t - len(r):], kvalid[b, t - len(r):] = r, True
         return embeds, kvalid, None
+
+    def visual_positions(self, vis: Visual, ids: Tensor, valid: Tensor) -> Tensor:
+        """(B, T') bool: which positions of `inputs`' context are visual tokens (each row's spliced span)."""
+        c = self.config
+        n_vis = vis.mask.sum(1).tolist()
+        lengths = [int(valid[b].sum()) - 1 + n_vis[b] for b in range(ids.shape[0])]
+        t = max(lengths)
+        out = torch.zeros(ids.shape[0], t, dtype=torch.bool, device=ids.device)
+        for b, row in enumerate(ids.tolist()):
+            real = [tok for tok, ok in zip(row, valid[b].tolist()) if ok]
+            k = next(i for i, tok in enumerate(real) if tok in (c.image_token_id, c.video_token_id))
+            start = t - lengths[b] + k
+            out[b, start:start + n_vis[b]] = True
+        return out
 
     def conds(self, vis: Visual) -> None:
         return None

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from . import onevision_checkpoint
-from .engine import Engine, _quantized
+from .compress import VisualCompress
+from .engine import Engine, _compressed, _quantized
 from .fusion import Visual
 from .onevision import OneVision
 from .onevision_config import DEFAULT_PROMPTS
@@ -26,9 +27,11 @@ class OneVisionEngine(Engine):
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
-             compile: bool = False, quantize: str | None = None) -> "OneVisionEngine":
+             compile: bool = False, quantize: str | None = None,
+             visual_compress: str | VisualCompress | None = None) -> "OneVisionEngine":
         prompts = ChatPrompts.load(path)
-        model = _quantized(onevision_checkpoint.load(path, device=device, dtype=dtype), quantize)
+        model = _compressed(_quantized(onevision_checkpoint.load(path, device=device, dtype=dtype), quantize),
+                            visual_compress)
         return cls(model, prompts, max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property
