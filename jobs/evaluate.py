@@ -72,20 +72,21 @@ def write_split(workdir: str, images: int, videos: int, seed: int, renderer: str
 
 
 def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
-             device: str = "cpu", renderer: str = "shapes", quantize: str | None = None) -> dict:
+             device: str = "cpu", renderer: str = "shapes", quantize: str | None = None,
+             visual_compress: str | None = None) -> dict:
     from lavi.engine import Engine
     from shapes.corpus import read_manifest
     from shapes.score import score_rows
 
     manifest = write_split(workdir, images, videos, seed, renderer)
     entries = read_manifest(manifest)
-    engine = Engine.load(model, device=device, max_batch=256, quantize=quantize)
+    engine = Engine.load(model, device=device, max_batch=256, quantize=quantize, visual_compress=visual_compress)
     t0 = time.time()
     rows = label_manifest(engine, entries, frames or engine.default_frames)
     figures = score_rows(rows, {e["uri"]: e for e in entries})
     summary = Path(model) / "train_summary.json"
     return {"model": engine.name, "path": model, "fusion": engine.config.fusion, "renderer": renderer,
-            "quantize": quantize,
+            "quantize": quantize, "visual_compress": visual_compress,
             "figures": figures,
             "label_wall_s": time.time() - t0, "rows": len(rows),
             "training": json.loads(summary.read_text()) if summary.exists() else None}
@@ -106,8 +107,7 @@ def card_section(results: list[dict], split: dict, command: str) -> str:
     for renderer in renderers:
         rs = [r for r in results if r.get("renderer", "shapes") == renderer]
         lines += ["", f"Split {RENDERER_TEXT.get(renderer, renderer)}:", "",
-                  "| figure | target | " + " | ".join(f"{r['model']} ({r['fusion']}{', ' + r['quantize'] if r.get('quantize') else ''})"
-                                                        for r in rs) + " |",
+                  "| figure | target | " + " | ".join(f"{r['model']} ({variant(r)})" for r in rs) + " |",
                   "|" + " --- |" * (2 + len(rs))]
         for key, label, target in keys:
             cells = " | ".join("n/a" if r["figures"].get(key) is None else f"{r['figures'][key]:.4f}" for r in rs)
@@ -125,6 +125,11 @@ def card_section(results: list[dict], split: dict, command: str) -> str:
                          f"(from its train_summary.json).")
     lines.append(CARD_END)
     return "\n".join(lines)
+
+
+def variant(r: dict) -> str:
+    """A result's column name: its fusion, and any int8 or visual compression it was scored with."""
+    return ", ".join(x for x in (r["fusion"], r.get("quantize"), r.get("visual_compress")) if x)
 
 
 def write_card(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CARD_END) -> None:
@@ -161,9 +166,12 @@ def merge_included(earlier: list[dict], results: list[dict], command: str) -> tu
                    "(an independent implementation of SHAPES.md).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also score each model with its decoder's linear layers as weight-only int8, beside it.")
+@click.option("--visual-compress", "compressions", multiple=True, metavar="dct:KEEP|fastv:KEEP[@LAYER]",
+              help="Also score each concat model (LLaVA-OneVision, concat LaVi) with this visual token compression, "
+                   "beside it (repeatable; see `run --visual-compress`).")
 def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
              card: str | None, device: str, includes: tuple[str, ...], renderers: tuple[str, ...],
-             quantize: str | None) -> None:
+             quantize: str | None, compressions: tuple[str, ...]) -> None:
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
     import torch
 
@@ -180,16 +188,28 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
         if same != {k: split[k] for k in same}:
             raise click.UsageError(f"--include {f} was scored on another split ({same}); this one is "
                                    f"{ {k: split[k] for k in same} }")
+    from lavi.compress import VisualCompress
+    from pipeline.graph import model_info
+
+    try:
+        compressions = tuple(VisualCompress.parse(c).spelled() for c in compressions)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    runs = []
+    for m in models:
+        concat = model_info(m)["fusion"] not in ("viln", "vlora")
+        runs += [(m, None, None)] + ([(m, quantize, None)] if quantize else [])
+        runs += [(m, None, c) for c in compressions if concat]
     results = []
     for renderer in renderers or RENDERERS:
         with tempfile.TemporaryDirectory(prefix="lavi-eval-") as tmp:
             click.echo(f"writing the held-out split ({images} images, {videos} videos, seed {seed}, "
                        f"renderer {renderer}) ...")
-            for m, q in [(m, q) for m in models for q in ((None, quantize) if quantize else (None,))]:
-                r = evaluate(m, images, videos, seed, frames, tmp, device, renderer, q)
+            for m, q, c in runs:
+                r = evaluate(m, images, videos, seed, frames, tmp, device, renderer, q, c)
                 results.append(r)
                 f = r["figures"]
-                click.echo(f"[{renderer}] {r['model']} ({r['fusion']}{', ' + q if q else ''}): " + ", ".join(
+                click.echo(f"[{renderer}] {r['model']} ({variant(r)}): " + ", ".join(
                     f"{k} {f[k]:.4f}" for k in ("image_caption_f1", "video_caption_f1", "image_vqa_acc",
                                                 "video_vqa_acc", "image_caption_exact", "video_caption_exact")
                     if f.get(k) is not None) + f"  [{r['rows']} rows in {r['label_wall_s']:.1f} s]")

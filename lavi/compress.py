@@ -1,6 +1,6 @@
 """Fewer visual tokens for the concat path, with no training: the efficient-VLM baselines LaVi is measured against.
 
-- `dct:KEEP` (Fourier-VLM style): each frame's (or tile's) grid of projected visual tokens, h x w of width d, is
+- `dct:KEEP` (Fourier-VLM style, `lavi.dct`): each frame's (or tile's) grid of projected visual tokens, h x w of width d, is
   low-pass filtered with a 2D DCT: its lowest R x R coefficients (R = round(side * sqrt(KEEP))) become an R x R grid
   of tokens again (the inverse DCT of those, scaled so that a constant grid stays that constant).
 - `fastv:KEEP[@LAYER]` (FastV style): the prompt runs whole through decoder layers 0..LAYER (default 2); there, each
@@ -8,15 +8,13 @@
   (mean over heads), and layers past LAYER see only those, in the prefill and in every decode step
   (`lavi.fastv`).
 
-KEEP 1.0 is the unmodified model exactly (nothing is transformed or dropped).
+KEEP 1.0 is the unmodified model exactly (nothing is transformed or dropped). Torch-free: the driver parses and
+checks a run's spelling; the work is in lavi.dct and lavi.fastv.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-
-import torch
-from torch import Tensor
 
 METHODS = ("dct", "fastv")
 
@@ -62,24 +60,3 @@ class VisualCompress:
     def kept(self, n: int) -> int:
         """fastv: how many of a row's n visual tokens it keeps (at least one)."""
         return n if self.is_identity else max(1, min(n, math.ceil(self.keep * n)))
-
-
-def dct_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-    """The orthonormal DCT-II matrix C (n, n): X = C x, x = C^T X."""
-    i = torch.arange(n, dtype=torch.float64)
-    c = torch.cos(math.pi * (2 * i[None, :] + 1) * i[:, None] / (2 * n)) * math.sqrt(2 / n)  # (k, i)
-    c[0] /= math.sqrt(2)
-    return c.to(dtype=dtype, device=device)
-
-
-def dct_lowpass(grid: Tensor, r: int) -> Tensor:
-    """grid (..., h, w, d) -> (..., r, r, d): the lowest r x r coefficients of its 2D DCT over (h, w), brought back
-    to an r x r grid by the inverse DCT of that size, scaled by sqrt(r*r / (h*w)) so that a constant grid stays
-    that constant (the DC coefficient grows with the grid's size)."""
-    h, w = grid.shape[-3], grid.shape[-2]
-    x = grid.float()
-    ch, cw = dct_matrix(h, device=grid.device)[:r], dct_matrix(w, device=grid.device)[:r]  # (r, h), (r, w)
-    coeffs = torch.einsum("ah,...hwd,bw->...abd", ch, x, cw)  # (..., r, r, d): the low-frequency corner
-    back = dct_matrix(r, device=grid.device)  # (r, r)
-    y = torch.einsum("ai,...abd,bj->...ijd", back, coeffs, back) * math.sqrt(r * r / (h * w))
-    return y.to(grid.dtype)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .compress import VisualCompress, dct_lowpass
+from .compress import VisualCompress
+from .dct import dct_lowpass
 from .config import LaViConfig
 from .decoder import NONE, Attend, Conditioning, LayerConds, NormCond
 

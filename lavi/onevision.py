@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import anyres
-from .compress import VisualCompress, dct_lowpass
+from .compress import VisualCompress
+from .dct import dct_lowpass
 from .decoder import Decoder, OnDecoder
 from .fusion import Visual
 from .onevision_config import OneVisionConfig

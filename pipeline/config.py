@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from lavi.compress import VisualCompress
 from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
@@ -89,6 +90,7 @@ class RunConfig:
     rows_per_file: int = 5000
     inflight: bool = True  # in-flight batching in the labeler (False: static batches)
     quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.quant)
+    visual_compress: str | None = None  # concat models: dct:KEEP or fastv:KEEP@LAYER (lavi.compress)
     stall_timeout: float = 300.0  # s with no row: warn (what the cluster has, what waits); twice that: fail. 0: off
     max_rebuilds: int = 3  # times the Ray Data graph is rebuilt over what is left after a lost node, actor or object
     verbose: bool = False  # Ray Data's own log lines on the terminal too (they always go to its log file)
@@ -129,6 +131,8 @@ class RunConfig:
             raise ValueError(f"--stall-timeout must be >= 0 seconds (0: off), got {self.stall_timeout}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"--quantize must be int8 (or left out), got {self.quantize!r}")
+        if self.visual_compress is not None:
+            object.__setattr__(self, "visual_compress", VisualCompress.parse(self.visual_compress).spelled())
         if self.max_rebuilds < 0:
             raise ValueError(f"--max-rebuilds must be >= 0, got {self.max_rebuilds}")
         _positive("decode_batch_size", self.decode_batch_size)
@@ -201,6 +205,7 @@ class RunConfig:
             "clip_seconds": self.clip_seconds,
             "max_clips": self.max_clips,
             **({"quantize": self.quantize} if self.quantize else {}),  # int8 labels are not float labels
+            **({"visual_compress": self.visual_compress} if self.visual_compress else {}),
             **({"constraint": self.constraint} if self.constraint else {}),
         }
 

@@ -53,14 +53,14 @@ def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dic
         pre = json.loads(fs.cat_file(f"{base}/preprocessor_config.json")) if fs.exists(
             f"{base}/preprocessor_config.json") else {}
         ov = OneVisionConfig.from_hf(hf, pre, name=base.rsplit("/", 1)[-1])
-        return {"name": ov.name, "image_size": ov.tile_size, "pinpoints": ov.pinpoints,
+        return {"name": ov.name, "fusion": "llava-ov", "image_size": ov.tile_size, "pinpoints": ov.pinpoints,
                 "default_frames": ov.default_frames, "max_frames": ov.max_frames,
                 "default_prompts": dict(ov.default_prompts or DEFAULT_PROMPTS)}
     if kind is not None or "decoder" not in hf:
         raise ValueError(f"--model {model!r} is a {kind!r} checkpoint; supported: a LaVi checkpoint or a "
                          f"LLaVA-OneVision ({MODEL_TYPE!r})")
     config = LaViConfig.from_dict(hf)
-    return {"name": config.name, "image_size": config.vision.image_size, "pinpoints": None,
+    return {"name": config.name, "fusion": config.fusion, "image_size": config.vision.image_size, "pinpoints": None,
             "default_frames": config.default_frames, "max_frames": config.max_frames,
             "default_prompts": dict(config.default_prompts)}
 
@@ -144,7 +144,8 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
                                "device": config.device, "max_batch": config.labeler_batch,
                                "compile": config.use_compile, "memory_share": min(1.0, config.gpus_per_worker),
                                "frames": settings.frames_per_clip, "inflight": config.inflight,
-                               "quantize": config.quantize, "progress": progress,
+                               "quantize": config.quantize, "visual_compress": config.visual_compress,
+                               "progress": progress,
                                "generation": {"max_new_tokens": config.max_new_tokens, "seed": config.seed,
                                               "temperature": config.temperature, "top_p": config.top_p}})
 
@@ -160,6 +161,9 @@ def run(config: RunConfig) -> dict:
     info = model_info(config.model or _default_model(), options)
     if config.frames is not None and config.frames > info["max_frames"]:
         raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
+    if config.visual_compress and info["fusion"] in ("viln", "vlora"):
+        raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
+                         f"a {info['fusion']} model, with none there")
     generation = config.generation_settings()
     output = Output(config.out, options)
     if config.overwrite:

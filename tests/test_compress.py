@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lavi.compress import VisualCompress, dct_lowpass
+from lavi.compress import VisualCompress
+from lavi.dct import dct_lowpass
 from lavi.engine import Engine
 from lavi.fastv import keep_mask, last_token_attention
 from lavi.generate import GenerationConfig, Generator, setup_caches
@@ -218,3 +219,59 @@ def test_compression_is_refused_where_vision_is_not_in_the_context(tmp_path):
     for fusion in ("viln", "vlora"):
         with pytest.raises(ValueError, match="concat model's context"):
             Engine.load(make_tiny_checkpoint(tmp_path / fusion, fusion=fusion), visual_compress="dct:0.5")
+
+
+def test_eval_scores_a_concat_model_with_each_compression_beside_it(tmp_path):
+    """Guards the quality table of the baselines: `eval --visual-compress` scores each concat model plain and with
+    each compression (columns named by it), and leaves a LaVi alone (it has no visual tokens to thin)."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    dirs = {}
+    for fusion in ("concat", "viln"):
+        dirs[fusion] = tmp_path / fusion
+        args = ["train", "--out", str(dirs[fusion]), "--fusion", fusion, "--steps", "1", "--images", "2", "--videos",
+                "1", "--questions", "1", "--frames", "2", "--warmup", "1", "--threads", "1", "--checkpoint-every", "1"]
+        assert CliRunner().invoke(main, args).exit_code == 0
+    card = tmp_path / "CARD.md"
+    result = CliRunner().invoke(main, ["eval", "--model", str(dirs["concat"]), "--model", str(dirs["viln"]),
+                                       "--images", "2", "--videos", "1", "--device", "cpu", "--renderer", "shapes",
+                                       "--visual-compress", "dct:0.25", "--visual-compress", "fastv:0.5@1",
+                                       "--out", str(tmp_path / "eval.json"), "--card", str(card)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert [(r["fusion"], r["visual_compress"]) for r in doc["results"]] == [
+        ("concat", None), ("concat", "dct:0.25"), ("concat", "fastv:0.5@1"), ("viln", None)]
+    assert "(concat, dct:0.25) | tiny-shapes-concat (concat, fastv:0.5@1)" in card.read_text()
+    bad = CliRunner().invoke(main, ["eval", "--model", str(dirs["concat"]), "--visual-compress", "dct"])
+    assert bad.exit_code == 2 and "dct:KEEP" in bad.output
+
+
+@pytest.mark.timeout(300)
+def test_run_labels_through_a_compressed_concat_model_and_keeps_its_setting(ray_local, concat_dir, tiny_model,
+                                                                            tmp_path):
+    """Guards the run path of --visual-compress: the labelers load the concat model with it (no error row), the
+    setting is part of the output's generation settings (a resume with another one is refused), and a LaVi is
+    refused before anything starts."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import RunConfig
+    from pipeline.graph import run
+
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    for i, clip in enumerate(_clips(32, frames=(1, 1, 1))):
+        from PIL import Image
+
+        Image.fromarray(clip[0]).save(corpus / f"{i}.png")
+    base = dict(inputs=(str(corpus),), out=str(tmp_path / "out"), model=concat_dir, max_new_tokens=3,
+                address=ray_local)
+    config = RunConfig(**base, visual_compress="fastv:0.5")
+    assert config.generation_settings()["visual_compress"] == "fastv:0.5@2"
+    summary = run(config)
+    assert summary["rows"] == 3 and {r["status"] for r in pq.read_table(tmp_path / "out").to_pylist()} <= {"ok", "truncated"}
+    with pytest.raises(ValueError, match="settings"):
+        run(RunConfig(**base, visual_compress="dct:0.5"))
+    with pytest.raises(ValueError, match="viln model"):
+        run(RunConfig(**{**base, "model": tiny_model, "out": str(tmp_path / "o2")}, visual_compress="dct:0.5"))

@@ -39,12 +39,13 @@ class Labeler:
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
                  frames: int | None = None, inflight: bool = True, quantize: str | None = None,
-                 progress: str | None = None):
+                 visual_compress: str | None = None, progress: str | None = None):
         """max_batch: generation rows per batch (the driver resolves auto on CPU to a number); None: on a GPU, as
         many rows as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when
         replicas share it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching
         (a finished row's cache row goes to a waiting request) over each input block; False: static batches.
-        quantize: "int8", weight-only int8 decoder linear layers (lavi.quant). progress: the name of the run's
+        quantize: "int8", weight-only int8 decoder linear layers (lavi.quant). visual_compress: a concat model's
+        fewer visual tokens (lavi.compress). progress: the name of the run's
         row counter (workers.progress), told of rows as they finish."""
         import torch  # workers only: the driver never loads torch for this
 
@@ -56,7 +57,8 @@ class Labeler:
         cuda = device.startswith("cuda")
         batch = {} if max_batch is None else {"max_batch": max_batch}
         engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device,
-                             dtype=torch.bfloat16 if cuda else None, compile=compile, quantize=quantize, **batch)
+                             dtype=torch.bfloat16 if cuda else None, compile=compile, quantize=quantize,
+                             visual_compress=visual_compress, **batch)
         engine.inflight = inflight
         gen = GenerationConfig(**generation)
         if max_batch is None and cuda:
