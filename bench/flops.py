@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lavi.config import LaViConfig
-from lavi.decoder import KVCache, rope_cos_sin
+from lavi.decoder import NONE, KVCache, rope_cos_sin
 from lavi.model import LaVi, attention_mask
 
 
@@ -190,7 +190,6 @@ def _layers(dec, embeds: Tensor, mask: Tensor, conds, keys: int) -> Tensor:
     slots = torch.arange(s, device=embeds.device) if cache is not None else None
     h = embeds
     for i, layer in enumerate(dec.layers):
-        ca, cf = conds(i) if conds is not None else (None, None)
-        h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, ca, cf,
+        h = layer(h, cos.to(h.dtype), sin.to(h.dtype), mask, conds(i) if conds is not None else NONE,
                   cache.layers[i] if cache is not None else None, slots)
     return h
