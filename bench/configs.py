@@ -25,6 +25,7 @@ from lavi.model import LaVi
 
 SHAPES = ("tiny-random", "tiny-shapes", "qwen2-0.5b-siglip", "qwen2-7b-siglip")
 SIGLIP_SO400M = dict(patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16)
+REAL_VLORA = dict(lora_rank=64, lora_alpha=64.0, gen_dim=256, gen_heads=4, gen_layers=2)
 TINY_VOCAB = 60  # the brief's tiny_shapes_config(60): shapes-v1's 56 words + specials, rounded
 
 
@@ -55,7 +56,8 @@ def settings(shapes: str) -> list[Setting]:
 
 
 def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
-    """The LaViConfig of `shapes` with `fusion` (viln or concat), its ViT input sized for `setting`."""
+    """The LaViConfig of `shapes` with `fusion` (viln, vlora or concat), its ViT input sized for `setting`. VLoRA at
+    the real shapes: rank 64, a generator of width 256 (the tiny shapes keep their own, lavi.tiny)."""
     from lavi.tiny import tiny_config, tiny_shapes_config
 
     if shapes == "tiny-random":
@@ -68,7 +70,7 @@ def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
                                 max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=True)
         vision = VisionConfig(image_size=378, **SIGLIP_SO400M)
         base = LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=4, cond_dim=256,
-                          cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645,
+                          cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645, **REAL_VLORA,
                           pad_token_id=151643, name=f"qwen2-0.5b-siglip-{fusion}")
     elif shapes == "qwen2-7b-siglip":
         decoder = DecoderConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
@@ -76,7 +78,7 @@ def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
                                 max_position_embeddings=32768, qkv_bias=True, tie_word_embeddings=False)
         vision = VisionConfig(image_size=378, **SIGLIP_SO400M)
         base = LaViConfig(decoder=decoder, vision=vision, fusion=fusion, sites="both", num_stages=4, cond_dim=256,
-                          cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645,
+                          cond_heads=4, max_frames=32, default_frames=8, eos_token_id=151645, **REAL_VLORA,
                           pad_token_id=151643, name=f"qwen2-7b-siglip-{fusion}")
     else:
         raise ValueError(f"shapes must be one of {SHAPES}, got {shapes!r}")
@@ -115,6 +117,8 @@ def weight_bytes(model: LaVi) -> dict[str, int]:
     decode = size(dec.layers.parameters()) + size(dec.norm.parameters()) + size(dec.lm_head.parameters())
     if model.viln is not None:
         decode += size(model.viln.heads.parameters())
+    if model.vlora is not None:
+        decode += size(model.vlora.B.parameters())
+    fusion = next(m for m in (model.viln, model.vlora, model.projector) if m is not None)
     return {"decoder": size(dec.parameters()), "vision": size(model.vision.parameters()),
-            "fusion": size(model.viln.parameters() if model.viln is not None else model.projector.parameters()),
-            "decode": decode}
+            "fusion": size(fusion.parameters()), "decode": decode}

@@ -10,7 +10,14 @@ Conventions (per item, one prompt of T text tokens, F frames of P patches, Nv = 
               + 4 P^2 d_v (attention) + 2 * 2 P d_v i_v (MLP)
     ViLN      per stage: 2 Nv d_v d_c (proj) + 2 * 2 Nv d_c^2 (W_k, W_v)            once per item
               per (layer, site): 2 T d d_c (W_q) + 4 T Nv d_c (attention) + 2 T d_c 2d (W_o)
+    VLoRA     generator, once per item: 2 Nv d_v d_g (proj); per block over Q = types x layers queries:
+              self-attention 2 Q d_g 3 d_g + 4 Q^2 d_g + 2 Q d_g^2, cross-attention 2 Q d_g^2 + 2 Nv d_g 2 d_g
+              + 4 Q Nv d_g + 2 Q d_g^2, MLP 2 * 2 Q d_g 4 d_g; heads 2 L d_g d_in r per type
+              per text token, per (type, layer): 2 d_in r (A^T x) + 2 r d_out (B)
     concat    projector 2 Nv d_v d + 2 Nv d d; the decoder then runs over S = Nv + T tokens
+              dct:KEEP  per frame grid h x h -> r x r: 2 r h h d + 2 r r h d + 4 r^3 d; Nv = F r^2
+              fastv:KEEP@K  layers 0..K over S; at K the last token's scores, 2 d H Dh + 2 S d Hkv Dh + 2 H S Dh;
+                        layers past K over S' = T + kept visual tokens, attending among themselves
     decoder   per layer over S queries and S_k keys: 2 S d (H + 2 Hkv) Dh (q, k, v) + 2 S H Dh d (o)
               + 4 S S_k H Dh (attention, GQA broadcast) + 3 * 2 S d I (SwiGLU); lm_head 2 S_lm d V
 
@@ -20,13 +27,17 @@ all of them in `Decoder.forward`, the last one in a prefill that slices before t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
+from lavi.compress import VisualCompress
 from lavi.config import LaViConfig
+from lavi.vlora import weight_shapes
 from lavi.decoder import NONE, KVCache, rope_cos_sin
+from lavi.fastv import prefill_pruned
 from lavi.model import LaVi, attention_mask
 
 
@@ -56,13 +67,50 @@ def vit_flops(c: LaViConfig, frames: int) -> int:
     return frames * (2 * p * (v.num_channels * v.patch_size ** 2) * d + layers * per_layer)
 
 
-def decoder_flops(c: LaViConfig, queries: int, keys: int) -> int:
-    """The decoder's layers over `queries` tokens attending to `keys` slots (lm_head excluded)."""
+def decoder_flops(c: LaViConfig, queries: int, keys: int, layers: int | None = None) -> int:
+    """The decoder's layers (all, or `layers` of them) over `queries` tokens attending to `keys` slots (lm_head
+    excluded)."""
     dc = c.decoder
     d, hd, h, hkv = dc.hidden_size, dc.head_dim, dc.num_heads, dc.num_kv_heads
     per_layer = (2 * queries * d * (h + 2 * hkv) * hd + 2 * queries * h * hd * d
                  + 4 * queries * keys * h * hd + 3 * 2 * queries * d * dc.intermediate_size)
-    return dc.num_layers * per_layer
+    return (dc.num_layers if layers is None else layers) * per_layer
+
+
+def generator_flops(c: LaViConfig, visual_tokens: int) -> int:
+    """VLoRA's perceptual weights generator over one item's visual tokens: the factors A of every (type, layer)."""
+    g, nv, layers = c.gen_dim, visual_tokens, len(c.modulated_layers())
+    q = len(c.lora_types) * layers
+    block = (2 * q * g * 3 * g + 4 * q * q * g + 2 * q * g * g
+             + 2 * q * g * g + 2 * nv * g * 2 * g + 4 * q * nv * g + 2 * q * g * g
+             + 2 * 2 * q * g * 4 * g)
+    heads = sum(2 * layers * g * weight_shapes(c)[t][0] * c.lora_rank for t in c.lora_types)
+    return 2 * nv * c.vision.hidden_size * g + c.gen_layers * block + heads
+
+
+def lora_flops(c: LaViConfig, text_tokens: int) -> int:
+    """VLoRA's per-row deltas over `text_tokens`: A^T x, then B, for every (type, modulated layer)."""
+    shapes = weight_shapes(c)
+    per_layer = sum(2 * shapes[t][0] * c.lora_rank + 2 * c.lora_rank * shapes[t][1] for t in c.lora_types)
+    return text_tokens * len(c.modulated_layers()) * per_layer
+
+
+def dct_flops(side: int, r: int, d: int) -> int:
+    """One side x side grid of width d low-passed to r x r (lavi.dct: forward over h, then w; inverse twice)."""
+    return 2 * r * side * side * d + 2 * r * r * side * d + 4 * r ** 3 * d
+
+
+def visual_context(c: LaViConfig, frames: int, compress: VisualCompress | None = None) -> int:
+    """The visual tokens in the decoder's context: none for viln and vlora; concat's, after a dct compression."""
+    if c.fusion in ("viln", "vlora"):
+        return 0
+    if compress is not None and compress.method == "dct":
+        return frames * compress.side(math.isqrt(c.vision.num_patches)) ** 2
+    return frames * c.vision.num_patches
+
+
+def _fastv(c: LaViConfig, compress: VisualCompress | None) -> bool:
+    return c.fusion == "concat" and compress is not None and compress.method == "fastv" and not compress.is_identity
 
 
 def conditioner_flops(c: LaViConfig, visual_tokens: int, text_tokens: int, per_item: bool = True) -> int:
@@ -79,41 +127,66 @@ def projector_flops(c: LaViConfig, visual_tokens: int) -> int:
     return 2 * visual_tokens * c.vision.hidden_size * d + 2 * visual_tokens * d * d
 
 
+def fusion_flops(c: LaViConfig, frames: int, text_tokens: int, compress: VisualCompress | None = None) -> int:
+    """The fusion's share of one item's prefill: ViLN's conditioner, VLoRA's generator and deltas, or concat's
+    projector (and its dct compression)."""
+    nv = frames * c.vision.num_patches
+    if c.fusion == "viln":
+        return conditioner_flops(c, nv, text_tokens)
+    if c.fusion == "vlora":
+        return generator_flops(c, nv) + lora_flops(c, text_tokens)
+    out = projector_flops(c, nv)
+    if compress is not None and compress.method == "dct" and not compress.is_identity:
+        side = math.isqrt(c.vision.num_patches)
+        out += frames * dct_flops(side, compress.side(side), c.decoder.hidden_size)
+    return out
+
+
 def prefill_flops(c: LaViConfig, frames: int, text_tokens: int, batch: int = 1, key_slots: int | None = None,
-                  logits: str = "all") -> Flops:
+                  logits: str = "all", compress: VisualCompress | None = None) -> Flops:
     """Prefill of `batch` items (one prompt each): ViT + fusion + decoder over the context.
 
     key_slots: the attention's key length (None: the context itself, no cache; else the static
     cache's slot count). logits: "all" positions go through the lm_head (Decoder.forward) or "last".
+    compress: a concat model's visual compression (lavi.compress).
     """
     if logits not in ("all", "last"):
         raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
-    nv = frames * c.vision.num_patches
-    context = text_tokens if c.fusion == "viln" else nv + text_tokens
-    fusion = conditioner_flops(c, nv, text_tokens) if c.fusion == "viln" else projector_flops(c, nv)
+    nv = visual_context(c, frames, compress)
+    context = nv + text_tokens
     head = 2 * (context if logits == "all" else 1) * c.decoder.hidden_size * c.decoder.vocab_size
-    dec = decoder_flops(c, context, key_slots or context)
-    return Flops(vision=batch * vit_flops(c, frames), fusion=batch * fusion, decoder=batch * dec,
-                 lm_head=batch * head)
+    keys = key_slots or context
+    if _fastv(c, compress):
+        dc = c.decoder
+        k = min(compress.layer, dc.num_layers - 1)
+        kept = text_tokens + compress.kept(nv)
+        scores = (2 * dc.hidden_size * dc.num_heads * dc.head_dim + 2 * context * dc.hidden_size * dc.num_kv_heads
+                  * dc.head_dim + 2 * dc.num_heads * context * dc.head_dim)
+        dec = (decoder_flops(c, context, keys, k + 1) + scores
+               + decoder_flops(c, kept, kept, dc.num_layers - k - 1))
+    else:
+        dec = decoder_flops(c, context, keys)
+    return Flops(vision=batch * vit_flops(c, frames), fusion=batch * fusion_flops(c, frames, text_tokens, compress),
+                 decoder=batch * dec, lm_head=batch * head)
 
 
 def decode_step_flops(c: LaViConfig, frames: int, key_slots: int, batch: int = 1) -> Flops:
-    """One decode step of `batch` rows: one query each against `key_slots` cache slots (+ ViLN per site)."""
+    """One decode step of `batch` rows: one query each against `key_slots` cache slots (+ ViLN per site, VLoRA's
+    deltas). FastV's pruned slots are masked, not skipped: a step costs what the unpruned one does."""
     nv = frames * c.vision.num_patches
-    fusion = conditioner_flops(c, nv, 1, per_item=False) if c.fusion == "viln" else 0
+    fusion = {"viln": conditioner_flops(c, nv, 1, per_item=False), "vlora": lora_flops(c, 1)}.get(c.fusion, 0)
     head = 2 * c.decoder.hidden_size * c.decoder.vocab_size
     return Flops(vision=0, fusion=batch * fusion, decoder=batch * decoder_flops(c, 1, key_slots),
                  lm_head=batch * head)
 
 
 def caption_flops(c: LaViConfig, frames: int, text_tokens: int, new_tokens: int, key_slots: int | None = None,
-                  logits: str = "last") -> int:
+                  logits: str = "last", compress: VisualCompress | None = None) -> int:
     """Everything one caption costs: prefill + (new_tokens - 1) decode steps (the first token comes
     from the prefill). key_slots: the static cache size (None: the exact context + new tokens)."""
-    nv = frames * c.vision.num_patches
-    context = text_tokens if c.fusion == "viln" else nv + text_tokens
+    context = visual_context(c, frames, compress) + text_tokens
     slots = key_slots or context + new_tokens
-    pre = prefill_flops(c, frames, text_tokens, key_slots=slots, logits=logits).total
+    pre = prefill_flops(c, frames, text_tokens, key_slots=slots, logits=logits, compress=compress).total
     return pre + (new_tokens - 1) * decode_step_flops(c, frames, slots).total
 
 
@@ -144,7 +217,8 @@ def counted_prefill_flops(model: LaVi, frames: int, text_tokens: int, batch: int
                           key_slots: int | None = None, logits: str = "all") -> Flops:
     """Count the real modules' prefill: `LaVi.encode`, `LaVi.inputs`, then the decoder's layers over the
     context (and the lm_head over all positions or the last). Works on the meta device (shapes only,
-    nothing allocated), so 7B shapes count on any machine."""
+    nothing allocated), so 7B shapes count on any machine; a model set to `fastv` (whose choice of tokens reads
+    the attention's values) runs its pruned prefill (lavi.fastv) for real, its lm_head on the last position."""
     c = model.config
     device = model.device
     size = c.vision.image_size
@@ -163,6 +237,14 @@ def counted_prefill_flops(model: LaVi, frames: int, text_tokens: int, batch: int
         kv_valid[:, :s] = kvalid
         q_slots = torch.arange(s)
         mask = attention_mask(kv_valid, q_slots, kvalid)
+        if _fastv(c, getattr(model, "visual_compress", None)):
+            cache = KVCache(dec.config, batch, slots, embeds.dtype, device)
+            positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)
+            total, _ = count(prefill_pruned, model, cache, embeds, positions, mask, q_slots, kvalid,
+                             model.visual_positions(vis, ids, valid), model.visual_compress)
+            head_flops, _ = count(lambda x: dec.lm_head(dec.norm(x)), embeds[:, -1:])
+            return Flops(vision=vision_flops, fusion=fusion + fusion_inputs, decoder=total - head_flops,
+                         lm_head=head_flops)
         layer_flops, h = count(_layers, dec, embeds, mask, conds, keys=slots)
         plain_flops, _ = count(_layers, dec, embeds, mask, None, keys=slots) if conds is not None else (layer_flops, h)
         head_in = h if logits == "all" else h[:, -1:]

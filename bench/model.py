@@ -26,11 +26,14 @@ from bench.configs import SHAPES, Setting, model_config, random_model, settings,
 from bench.memory import PeakMemory, copy_bandwidth, probe_batch
 from bench.model_report import markdown, ratios
 from bench.report import command_line, device_description, versions, write_json, write_section
+from lavi.compress import VisualCompress
 from lavi.fusion import Visual
 from lavi.model import LaVi
+from lavi.vlora import weight_shapes
 
 log = logging.getLogger(__name__)
-MODELS = ("lavi", "concat", "hf-llava-ov")
+MODELS = ("lavi", "vlora", "concat", "hf-llava-ov")
+FUSION = {"lavi": "viln", "vlora": "vlora", "concat": "concat"}
 NEVER = -1  # an EOS id argmax never returns: every row generates exactly new_tokens
 Inputs = tuple[Callable[[], Visual], Tensor, list[list[int]]]  # (encode, rows, prompts) of one batch
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
@@ -43,7 +46,8 @@ class ModelBenchConfig:
     device: str = "cpu"
     shapes: str = "tiny-shapes"
     settings: tuple[str, ...] = ()  # image, anyres, video (empty: all of the shapes' settings)
-    models: tuple[str, ...] = ()  # empty: lavi, concat (+ hf-llava-ov on CUDA or tiny-random)
+    models: tuple[str, ...] = ()  # empty: lavi, vlora, concat (+ hf-llava-ov on CUDA, tiny-random, qwen2-0.5b)
+    compress: tuple[str, ...] = ()  # each concat model also measured with these (lavi.compress: dct:K, fastv:K@L)
     batch_sizes: tuple[int, ...] = ()  # empty: CPU 1, 8, 32; CUDA 1 and the largest that fits (probed)
     prompt_tokens: int = 64
     new_tokens: int = 48
@@ -66,6 +70,7 @@ class ModelBenchConfig:
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
+        object.__setattr__(self, "compress", tuple(VisualCompress.parse(v).spelled() for v in self.compress))
         if self.checkpoints:
             from bench.checkpoints import SETTINGS
             if set(self.settings) - set(SETTINGS):
@@ -98,7 +103,7 @@ def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype,
     chosen = [s for s in settings(c.shapes) if not c.settings or s.name in c.settings]
     if not c.settings and c.shapes == "tiny-shapes" and not cuda:
         chosen = [s for s in chosen if s.name in ("image", "video")]  # the CPU default stays a few minutes
-    models = list(c.models) or ["lavi", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
+    models = list(c.models) or ["lavi", "vlora", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
         "tiny-random", "qwen2-0.5b-siglip") else [])
     dtype = torch.bfloat16 if cuda else torch.float32
     return chosen, models, dtype, cuda if c.compile is None else c.compile
@@ -195,58 +200,89 @@ class Runner:
                 "encode_s": statistics.median(r.encode_s for r in runs), "total_s": total,
                 "decode_step_s": decode / (self.c.new_tokens - 1)}
 
-    def bench_engine(self, kind: str, setting: Setting) -> tuple[list[dict], dict | None]:
+    def bench_engine(self, kind: str, setting: Setting) -> tuple[list[dict], list[dict]]:
+        """One engine model at one setting: its rows at each batch size (and int8's), then, for concat, the same
+        weights with each visual compression of the run; and the decode-step roofline of each at batch 1."""
         c = self.c
-        config = model_config(c.shapes, "viln" if kind == "lavi" else "concat", setting)
-        nv = setting.visual_tokens(config.vision.patch_size)
-        context = c.prompt_tokens + (nv if kind == "concat" else 0)
-        max_seq = context + c.new_tokens
-        with torch.device("meta"):
-            shadow = LaVi(config)  # shapes only: counts the FLOPs of any size on any machine
-        counted = F.counted_prefill_flops(shadow, setting.frames, c.prompt_tokens, key_slots=max_seq, logits="last")
-        analytic = F.prefill_flops(config, setting.frames, c.prompt_tokens, key_slots=max_seq, logits="last")
-        per_caption = F.caption_flops(config, setting.frames, c.prompt_tokens, c.new_tokens, key_slots=max_seq)
-        del shadow
+        config = model_config(c.shapes, FUSION[kind], setting)
         self.mem.rebase()
         model = random_model(config, self.device, self.dtype, seed=c.seed)
         inputs = partial(self._inputs, model, setting)
-        probe = self.probe(self._try_engine(model, inputs, max_seq))
+        plain = c.prompt_tokens + F.visual_context(config, setting.frames) + c.new_tokens
+        probe = self.probe(self._try_engine(model, inputs, plain))
         sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8, 32])
-        common = {"model": kind, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
-                  "image_size": setting.image_size, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
-                  "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
-                  "compiled": self.compile and c.compile_backend, "generator": "lavi.generate.Generator",
-                  "prefill_flops": counted.total, "prefill_flops_analytic": analytic.total,
-                  "prefill_flops_breakdown": counted.to_dict(), "caption_flops": per_caption}
-        rows = []
-        for b in sizes:
-            log.info("bench %s %s batch %d", kind, setting.name, b)
-            try:
-                r = {**common, **self.measure(model, inputs, b, max_seq)}
-            except torch.cuda.OutOfMemoryError as err:
-                self._release()
-                rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
-                continue
-            r["flop_utilization"] = r["captions_per_s"] * per_caption / self.peak if self.peak else None
-            r["prefill_flop_utilization"] = counted.total * b / r["ttft_s"] / self.peak if self.peak else None
-            if probe:
-                r["probe"] = probe
-            rows.append(r)
-        roof = self.roofline(model, config, setting, max_seq, kind, next((r for r in rows if r["batch_size"] == 1
-                                                                          and "error" not in r), None))
+        variants = [(kind, None)] + [(f"{kind}-{v}", VisualCompress.parse(v)) for v in c.compress
+                                     if kind == "concat"]
+        rows, roofs = [], []
+        for name, vc in variants:
+            model.visual_compress = vc
+            common = self._flops(model, config, setting, name, vc)
+            max_seq = common.pop("max_seq")
+            for b in sizes:
+                log.info("bench %s %s batch %d", name, setting.name, b)
+                try:
+                    r = {**common, **self.measure(model, inputs, b, max_seq)}
+                except torch.cuda.OutOfMemoryError as err:
+                    self._release()
+                    rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
+                    continue
+                r["flop_utilization"] = (r["captions_per_s"] * common["caption_flops"] / self.peak
+                                         if self.peak else None)
+                r["prefill_flop_utilization"] = (common["prefill_flops"] * b / r["ttft_s"] / self.peak
+                                                 if self.peak else None)
+                if probe:
+                    r["probe"] = probe
+                rows.append(r)
+            roof = self.roofline(model, config, setting, max_seq, name,
+                                 next((r for r in rows if r["model"] == name and r["batch_size"] == 1
+                                       and "error" not in r), None))
+            if roof:
+                roofs.append(roof)
+        model.visual_compress = None
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
             from lavi.quant import quantize
             quantize(model, c.quantize)
             self._release()
             self.mem.rebase()
+            common = self._flops(model, config, setting, f"{kind}-{c.quantize}", None)
+            max_seq = common.pop("max_seq")
             for b in sizes:
                 log.info("bench %s-%s %s batch %d", kind, c.quantize, setting.name, b)
-                r = {**common, "model": f"{kind}-{c.quantize}", **self.measure(model, inputs, b, max_seq)}
-                r["flop_utilization"] = r["captions_per_s"] * per_caption / self.peak if self.peak else None
+                r = {**common, **self.measure(model, inputs, b, max_seq)}
+                r["flop_utilization"] = r["captions_per_s"] * common["caption_flops"] / self.peak if self.peak else None
                 rows.append(r)
         del model
         self._release()
-        return rows, roof
+        return rows, roofs
+
+    def _flops(self, model, config, setting: Setting, name: str, vc: VisualCompress | None) -> dict:
+        """A row's common columns: the context, the static cache's slots, and the prefill FLOPs counted on the real
+        modules (a meta-device copy, shapes only; FastV's pruning reads values, so it runs on `model`) and by the
+        formula, and a whole caption's."""
+        c = self.c
+        nv = setting.visual_tokens(config.vision.patch_size)
+        max_seq = c.prompt_tokens + F.visual_context(config, setting.frames, vc) + c.new_tokens
+        if vc is not None and vc.method == "fastv":
+            counted = F.counted_prefill_flops(model, setting.frames, c.prompt_tokens, key_slots=max_seq,
+                                              logits="last")
+        else:
+            with torch.device("meta"):
+                shadow = LaVi(config)  # shapes only: counts the FLOPs of any size on any machine
+            shadow.visual_compress = vc
+            counted = F.counted_prefill_flops(shadow, setting.frames, c.prompt_tokens, key_slots=max_seq,
+                                              logits="last")
+            del shadow
+        analytic = F.prefill_flops(config, setting.frames, c.prompt_tokens, key_slots=max_seq, logits="last",
+                                   compress=vc)
+        return {"model": name, "shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
+                "image_size": setting.image_size, "visual_tokens": nv,
+                "context_visual_tokens": F.visual_context(config, setting.frames, vc), "prompt_tokens": c.prompt_tokens,
+                "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
+                "compiled": self.compile and c.compile_backend, "generator": "lavi.generate.Generator",
+                "prefill_flops": counted.total, "prefill_flops_analytic": analytic.total,
+                "prefill_flops_breakdown": counted.to_dict(), "max_seq": max_seq,
+                "caption_flops": F.caption_flops(config, setting.frames, c.prompt_tokens, c.new_tokens,
+                                                 key_slots=max_seq, compress=vc)}
 
     def roofline(self, model, config, setting: Setting, max_seq: int, kind: str, row: dict | None) -> dict | None:
         if row is None:
@@ -257,6 +293,10 @@ class Runner:
         if kind == "lavi":
             sites = len(config.modulated_layers()) * len(config.site_names())
             state += sites * 2 * setting.visual_tokens(config.vision.patch_size) * config.cond_dim * elt  # K, U
+        if kind == "vlora":  # each row's factors A, every (type, modulated layer)
+            shapes = weight_shapes(config)
+            state += len(config.modulated_layers()) * sum(shapes[t][0] for t in config.lora_types) * \
+                config.lora_rank * elt
         weights = weight_bytes(model)["decode"]
         bound = (weights + state) / self.bandwidth
         return {"model": kind, "setting": setting.name, "weight_bytes_per_step": weights,
@@ -335,10 +375,9 @@ def run(c: ModelBenchConfig) -> dict:
                     skipped.append({"model": kind, "setting": setting.name, "reason": reason})
                 results.extend(rows)
                 continue
-            rows, roof = r.bench_engine(kind, setting)
+            rows, roofs = r.bench_engine(kind, setting)
             results.extend(rows)
-            if roof:
-                roofline.append(roof)
+            roofline.extend(roofs)
     if c.mixed:
         from bench.inflight import measure_inflight
         from lavi.bundled import DEFAULT_MODEL

@@ -5,7 +5,8 @@ from bench.report import table
 
 
 def ratios(results: list[dict]) -> list[dict]:
-    """LaVi over the others, per setting: at equal batch size, and best captions/s against best."""
+    """LaVi over the others (VLoRA, concat and its compressions, transformers), per setting: at equal batch size,
+    and best captions/s against best."""
     out = []
     ok = [r for r in results if "error" not in r]
     for setting in dict.fromkeys(r["setting"] for r in ok):
@@ -13,7 +14,7 @@ def ratios(results: list[dict]) -> list[dict]:
         if not lavi:
             continue
         best_lavi = max(r["captions_per_s"] for r in lavi.values())
-        for other in ("concat", "hf-llava-ov"):
+        for other in dict.fromkeys(r["model"] for r in ok if r["setting"] == setting and r["model"] != "lavi"):
             theirs = {r["batch_size"]: r for r in ok if r["setting"] == setting and r["model"] == other}
             if not theirs:
                 continue
@@ -44,7 +45,8 @@ def markdown(doc: dict) -> str:
              + (" (this CPU's fp32 matmul, measured in this run)." if doc.get("peak_flops") and "cuda" not in
                 c["device"] and not c.get("peak_flops") else ""), ""]
     lines.append(table(doc["results"], [
-        ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"), ("batch_size", "batch"),
+        ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"),
+        ("context_visual_tokens", "in context"), ("batch_size", "batch"),
         ("captions_per_s", "captions/s"), ("ttft_s", "TTFT s"), ("decode_tokens_per_s", "decode tok/s"),
         ("peak_mem_bytes", "peak mem B"), ("prefill_flops", "prefill FLOPs/item"),
         ("flop_utilization", "FLOP util"), ("prefill_flop_utilization", "prefill FLOP util"), ("error", "error")]))

@@ -31,11 +31,14 @@ def bench() -> None:
 @bench.command("model")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--shapes", default="tiny-shapes", show_default=True,
-              help="tiny-random, tiny-shapes or qwen2-7b-siglip (random weights of those shapes).")
+              help="tiny-random, tiny-shapes, qwen2-0.5b-siglip or qwen2-7b-siglip (random weights of those shapes).")
 @click.option("--settings", default="", help="Visual settings, comma-separated: image, anyres, video "
               "(default: all; CPU tiny-shapes: image,video).")
-@click.option("--models", default="", help="lavi, concat, hf-llava-ov, comma-separated "
-              "(default: lavi,concat, plus hf-llava-ov on CUDA and for tiny-random).")
+@click.option("--models", default="", help="lavi, vlora, concat, hf-llava-ov, comma-separated "
+              "(default: lavi,vlora,concat, plus hf-llava-ov on CUDA, for tiny-random and qwen2-0.5b-siglip).")
+@click.option("--visual-compress", "compress", multiple=True, metavar="dct:KEEP|fastv:KEEP[@LAYER]",
+              help="Also measure each concat model with this visual token compression (repeatable; rows "
+                   "concat-dct:0.25 ...): the parameter-free baselines of `run --visual-compress`.")
 @click.option("--batch-sizes", default="", help="Comma-separated (default: CPU 1,8,32; CUDA 1 and the largest "
               "batch that fits, found by a probe).")
 @click.option("--prompt-tokens", default=64, show_default=True)
@@ -64,7 +67,7 @@ def bench() -> None:
 @click.option("--out", default="bench-model.json", show_default=True, help="JSON output path or URI.")
 @click.option("--markdown", default="BENCHMARKS.md", show_default=True,
               help="Markdown file whose section this run writes ('' for none).")
-def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_tokens, repeats, compile_,
+def model_cmd(device, shapes, settings, models, compress, batch_sizes, prompt_tokens, new_tokens, repeats, compile_,
               compile_backend, max_batch, memory_fraction, peak_tflops, seed, checkpoints, quantize, mixed,
               mixed_model, out, markdown) -> None:
     """LaVi vs the concat baseline (and transformers' LLaVA-OneVision): captions/s, TTFT, memory, FLOPs."""
@@ -72,7 +75,7 @@ def model_cmd(device, shapes, settings, models, batch_sizes, prompt_tokens, new_
 
     try:
         config = ModelBenchConfig(
-            device=device, shapes=shapes, settings=_names(settings), models=_names(models),
+            device=device, shapes=shapes, settings=_names(settings), models=_names(models), compress=compress,
             batch_sizes=_ints(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
             compile=compile_, compile_backend=compile_backend, max_batch=max_batch, memory_fraction=memory_fraction,
             peak_flops=peak_tflops * 1e12 if peak_tflops else None, seed=seed, checkpoints=checkpoints,

@@ -23,6 +23,14 @@ from .decoder import NONE, Conditioning, LayerConds
 from .fusion import Visual, frames_to_tokens
 
 
+def weight_shapes(c: LaViConfig) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each weight VLoRA can give a delta: q, k, v, o of attention, m around the MLP."""
+    d, kv = c.decoder, c.decoder.num_kv_heads * c.decoder.head_dim
+    heads = d.num_heads * d.head_dim
+    return {"q": (d.hidden_size, heads), "k": (d.hidden_size, kv), "v": (d.hidden_size, kv),
+            "o": (heads, d.hidden_size), "m": (d.hidden_size, d.hidden_size)}
+
+
 def _split(x: Tensor, heads: int) -> Tensor:
     n, t, d = x.shape
     return x.view(n, t, heads, d // heads).transpose(1, 2)  # (N, H, T, d/H)
@@ -66,11 +74,9 @@ class PerceptualWeights(nn.Module):
     def __init__(self, c: LaViConfig) -> None:
         super().__init__()
         self.c = c
-        d, dc, g, r = c.decoder, c.decoder.num_heads * c.decoder.head_dim, c.gen_dim, c.lora_rank
-        kv = c.decoder.num_kv_heads * c.decoder.head_dim
+        g, r = c.gen_dim, c.lora_rank
         self.layers = c.modulated_layers()
-        self.shapes = {"q": (d.hidden_size, dc), "k": (d.hidden_size, kv), "v": (d.hidden_size, kv),
-                       "o": (dc, d.hidden_size), "m": (d.hidden_size, d.hidden_size)}  # (d_in, d_out)
+        self.shapes = weight_shapes(c)  # (d_in, d_out) per type
         self.scale = c.lora_alpha / r
         eps = c.vision.layer_norm_eps
         self.norm = nn.LayerNorm(c.vision.hidden_size, eps=eps)
@@ -93,7 +99,8 @@ class PerceptualWeights(nn.Module):
         """last (N*F, P, d_vit) the ViT's last block; mask (N, F*P) -> the items' factors A."""
         v = frames_to_tokens(self.proj(self.norm(last)) + self.spatial, n, f, self.temporal)  # (N, Nv, d_g)
         v = self.visual_norm(v)
-        q = self.queries.to(v.dtype).expand(n, -1, -1)  # (N, T*L, d_g)
+        q = self.queries.to(v.dtype).repeat(n, 1, 1)  # (N, T*L, d_g): a copy (a view of a parameter made
+        # under no_grad is no module input that torch's module tracker can hook)
         for block in self.blocks:
             q = block(q, v, mask[:, None, None, :])
         q = self.out_norm(q).view(n, len(self.c.lora_types), len(self.layers), -1)  # (N, T, L, d_g)

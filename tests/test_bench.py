@@ -47,22 +47,34 @@ def timed_tokens(gen: TimedGenerator, pixels, rows, prompts, new_tokens: int, eo
     return [g.tokens for g in out]
 
 
-@pytest.mark.parametrize("fusion", ["viln", "concat"])
-def test_counted_flops_equal_the_formula(fusion):
+@pytest.mark.parametrize("fusion,compress", [("viln", None), ("vlora", None), ("concat", None),
+                                              ("concat", "dct:0.25"), ("concat", "fastv:0.5@0")])
+def test_counted_flops_equal_the_formula(fusion, compress):
     """Guards against an analytic FLOP formula (the figures BENCHMARKS.md reports) drifting from what the
-    engine actually multiplies: the ViT, ViLN's per-stage K/V and per-(layer, site) q/attention/o, the
-    projector, the decoder over Nv + T tokens for concat, the cache's key length, lm_head positions.
-    Only matmuls count on both sides (norms, softmax, RoPE, activations are not matmuls)."""
+    engine actually multiplies: the ViT, ViLN's per-stage K/V and per-(layer, site) q/attention/o, VLoRA's
+    generator and per-token deltas, the projector, the decoder over Nv + T tokens for concat (fewer after a dct
+    compression; fewer past FastV's layer), the cache's key length, lm_head positions. Only matmuls count on
+    both sides (norms, softmax, RoPE, activations are not matmuls)."""
+    from lavi.compress import VisualCompress
+
     torch.manual_seed(0)
     model = LaVi(tiny_config(40, fusion)).eval()
+    vc = VisualCompress.parse(compress) if compress else None
+    model.visual_compress = vc
+    plain = F.prefill_flops(model.config, 3, 7, key_slots=300, logits="last").total
     for frames, text, batch, keys, logits in ((2, 5, 2, None, "all"), (3, 7, 1, 300, "last")):
+        if vc is not None and vc.method == "fastv" and logits == "all":
+            continue  # FastV's prefill gives the last position's logits only
         counted = F.counted_prefill_flops(model, frames, text, batch=batch, key_slots=keys, logits=logits)
-        analytic = F.prefill_flops(model.config, frames, text, batch=batch, key_slots=keys, logits=logits)
+        analytic = F.prefill_flops(model.config, frames, text, batch=batch, key_slots=keys, logits=logits,
+                                   compress=vc)
         assert counted.to_dict() == analytic.to_dict()
         assert counted.vision > 0 and counted.fusion > 0 and counted.decoder > 0 and counted.lm_head > 0
+    if vc is not None:
+        assert analytic.total < plain  # the compression saves work
 
 
-@pytest.mark.parametrize("fusion", ["viln", "concat"])
+@pytest.mark.parametrize("fusion", ["viln", "vlora", "concat"])
 def test_counted_flops_at_7b_shapes_on_meta(fusion):
     """Guards against the formula being right only at toy sizes (e.g. a GQA or head_dim term that
     cancels when heads are few): the real 7B + SigLIP shapes, counted on the meta device, no memory."""
@@ -178,10 +190,12 @@ def test_write_section_replaces_only_its_own(tmp_path):
 
 def test_bench_model_command_end_to_end(tmp_path):
     """Guards against the bench command breaking (flags, measurement, JSON contract, markdown) without a GPU:
-    tiny shapes, two batch sizes, 4 new tokens, LaVi, concat and transformers' LLaVA-OneVision."""
+    tiny shapes, two batch sizes, 4 new tokens, LaVi, VLoRA, concat (plain and with each baseline compression, on
+    the same weights) and transformers' LLaVA-OneVision."""
     out, md = tmp_path / "bench.json", tmp_path / "BENCHMARKS.md"
     result = CliRunner().invoke(bench, [
         "model", "--device", "cpu", "--shapes", "tiny-random", "--settings", "image", "--batch-sizes", "1,2",
+        "--visual-compress", "dct:0.25", "--visual-compress", "fastv:0.5@0",
         "--new-tokens", "4", "--repeats", "1", "--out", str(out), "--markdown", str(md)])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
@@ -189,17 +203,22 @@ def test_bench_model_command_end_to_end(tmp_path):
     keys = {"model", "visual_tokens", "batch_size", "captions_per_s", "ttft_s", "decode_tokens_per_s",
             "peak_mem_bytes", "prefill_flops"}
     got = {(r["model"], r["batch_size"]) for r in doc["results"]}
-    assert got == {(m, b) for m in ("lavi", "concat", "hf-llava-ov") for b in (1, 2)}
+    models = ("lavi", "vlora", "concat", "concat-dct:0.25", "concat-fastv:0.5@0", "hf-llava-ov")
+    assert got == {(m, b) for m in models for b in (1, 2)}
     for r in doc["results"]:
         assert keys <= r.keys(), r
         assert r["captions_per_s"] > 0 and 0 < r["ttft_s"] and r["decode_tokens_per_s"] > 0
     lavi = next(r for r in doc["results"] if r["model"] == "lavi")
     concat = next(r for r in doc["results"] if r["model"] == "concat")
     assert lavi["visual_tokens"] == concat["visual_tokens"] == 16
-    assert lavi["prefill_flops"] == lavi["prefill_flops_analytic"]
+    by = {r["model"]: r for r in doc["results"] if r["batch_size"] == 1}
+    assert all(r["prefill_flops"] == r["prefill_flops_analytic"] for r in by.values() if r["model"] != "hf-llava-ov")
+    assert by["concat-dct:0.25"]["context_visual_tokens"] == 4 and concat["context_visual_tokens"] == 16
+    assert by["concat-fastv:0.5@0"]["prefill_flops"] < concat["prefill_flops"]
     hf = next(r for r in doc["results"] if r["model"] == "hf-llava-ov")  # the same visual tokens in its context
     assert concat["prefill_flops"] < hf["prefill_flops"] < 2 * concat["prefill_flops"]
-    assert {r["model"] for r in doc["roofline"]} == {"lavi", "concat"}
+    assert {r["model"] for r in doc["roofline"]} == set(models) - {"hf-llava-ov"}
+    assert {x["versus"] for x in doc["ratios"]} == set(models) - {"lavi"}
     assert "bench model: tiny-random" in md.read_text()
 
 
@@ -280,7 +299,7 @@ def test_bench_model_measures_int8_beside_float(tmp_path):
     doc = json.loads(out.read_text())
     assert sorted(r["model"] for r in doc["results"]) == ["concat", "concat-int8", "lavi", "lavi-int8"]
     assert all(r["captions_per_s"] > 0 for r in doc["results"])
-    assert {r["versus"] for r in doc["ratios"]} == {"concat"}
+    assert {r["versus"] for r in doc["ratios"]} == {"concat", "concat-int8", "lavi-int8"}
 
 
 def test_qwen2_0_5b_siglip_shapes_give_the_flop_bound_the_cpu_table_is_held_to():
