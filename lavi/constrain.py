@@ -159,6 +159,13 @@ class Guide:
             raise ConstraintError("this engine has no vocabulary for constrained generation")
         return cls(vocab, constraints)
 
+    def extend(self, constraints: Sequence[Constraint | None]) -> int:
+        """Requests that join (an in-flight pool's next block): they are numbered from the returned index on."""
+        start = len(self.constraints)
+        self.constraints += list(constraints)
+        self.matchers += [self.vocab.matcher(c) if c is not None else None for c in constraints]
+        return start
+
     def mask_(self, logits: Tensor, reqs: Sequence[int]) -> None:
         """Set to -inf, in place, the logits (B, V) of the tokens each constrained row may not take next."""
         rows = [(b, self.matchers[r]) for b, r in enumerate(reqs) if r >= 0 and self.matchers[r] is not None]

@@ -5,6 +5,8 @@ This is what the labeler actor holds (one per replica) and what eval and the ben
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +19,7 @@ from . import checkpoint
 from .compress import VisualCompress
 from .constrain import Constraint, Guide, Vocabulary
 from .generate import GenerationConfig, Generator, setup_caches
+from .inflight import InflightPool, Ticket
 from .fusion import Visual
 from .model import LaVi
 from .prompt import prompt_ids
@@ -89,10 +92,6 @@ def _compressed(model, compress: str | VisualCompress | None):
 
 
 class Engine:
-    # in-flight batching: requests of one generate() call go through the pool in waves of at most this many
-    # pools' worth (the visual state of a wave's items is computed once and held while it runs)
-    INFLIGHT_WAVE = 4
-
     def __init__(self, model: LaVi, tokenizer: Tokenizer, max_batch: int = 32, name: str | None = None,
                  compile: bool = False, inflight: bool = True) -> None:
         self.inflight = inflight
@@ -105,6 +104,10 @@ class Engine:
         self.eos_id = self.config.stop_ids
         self.pad_id = self.config.pad_token_id
         self._vocabulary: Vocabulary | None = None
+        self._pool: InflightPool | None = None  # in-flight batching's, over the generator's cache (lavi.inflight)
+        self._need = 0  # the cache slots the longest request submitted so far needs
+        self._most = (0, 0)  # the most visual tokens and prompt tokens of a request so far
+        self._lock = threading.Lock()
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -185,20 +188,98 @@ class Engine:
 
     def _ensure_cache(self, batch: int, seq: int) -> None:
         """The generator's static cache, allocated once; reallocated only if a request needs more rows or
-        slots than ever before."""
+        slots than ever before (the in-flight pool then takes the new one: it has no row in flight)."""
         cache = self.generator.kv_cache
         if cache is None or not cache.fits(batch, seq):
             have = (cache.max_batch, cache.max_seq) if cache is not None else (0, 0)
             b, s = max(batch, have[0]), max(-(-seq // 64) * 64, have[1])  # slots: multiple of 64
             self.generator.kv_cache = None  # the old buffers go before the new ones come
             self.generator.kv_cache = setup_caches(self.model, b, s)
+            if self._pool is not None:
+                self._pool.resize()
+
+    # -- in-flight batching across calls ------------------------------------------------------------------------
+    def submit(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
+               gen: GenerationConfig = GenerationConfig(), media: list[tuple[str, tuple[int, int]]] | None = None,
+               constraints: list[Constraint | None] | None = None,
+               on_rows: Callable[[int], None] | None = None, rows: int | None = None) -> Ticket:
+        """Queue requests (as `generate` takes them) in the engine's in-flight pool and return at once; whoever
+        steps the engine (`step`, `run`) generates them beside any other submission's, a finished row's cache row
+        going to the next waiting request whichever submission it belongs to. Thread-safe against one stepping
+        thread. The ticket's `done` is set when every request finished (`completions` reads it) or failed.
+        rows: the pool's size when this submission starts one (an idle pool is made anew): default max_batch."""
+        media = media or [("video", tuple(v.shape[1:3])) for v in visuals]
+        constraints = constraints or [None] * len(requests)
+        if len(constraints) != len(requests):
+            raise ValueError(f"{len(constraints)} constraints for {len(requests)} requests")
+        used = sorted({v for v, _ in requests})
+        local = {v: i for i, v in enumerate(used)}
+        prompts = [self._prompt(p, media[v][0]) for v, p in requests]
+        with self._lock:
+            if requests:
+                bound = self._context_bound([self._visual_tokens(visuals[v], media[v]) for v, _ in requests],
+                                            [len(p) for p in prompts])
+                self._need = max(self._need, bound + gen.max_new_tokens)
+            size = min(rows or self.max_batch, self.max_batch)
+            pool = self._pool
+            if pool is None or pool.gen != gen or (pool.b != size and not pool.busy):
+                if pool is not None and pool.busy:
+                    raise RuntimeError("the in-flight pool serves one generation config at a time")
+                self._ensure_cache(size, self._need)
+                self._pool = InflightPool(self.generator, gen, self.eos_id, self.pad_id, rows=size)
+            if any(c is not None for c in constraints):
+                self._pool.vocab = self.vocabulary
+
+            def encode(idx: list[int]) -> Visual:
+                return self._encode([visuals[used[j]] for j in idx], [media[used[j]] for j in idx])
+
+            ticket = self._pool.submit(encode, [local[v] for v, _ in requests], prompts, constraints=constraints,
+                                       on_rows=on_rows)
+        return ticket
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One step of the in-flight pool on this thread (`InflightPool.step`). When a submission needs more cache
+        slots than the cache has, the pool first drains (admits nothing), then the cache grows. False when idle.
+        A step that fails fails every ticket in flight or waiting (`InflightPool.reset`) and raises."""
+        pool = self._pool
+        if pool is None:
+            return False
+        try:
+            if self._need > pool.s:
+                if pool.in_flight:
+                    return pool.step(admit=False)
+                self._ensure_cache(self.max_batch, self._need)
+            return pool.step()
+        except Exception as err:
+            pool.reset(err)
+            raise
+
+    def run(self, ticket: Ticket) -> None:
+        """Step on this thread until `ticket` is done; raise its error if it failed."""
+        while not ticket.done.is_set() and self.step():
+            pass
+        if ticket.error is not None:
+            raise ticket.error
+        if not ticket.done.is_set():
+            raise RuntimeError("the in-flight pool went idle with requests unanswered")
+
+    def completions(self, ticket: Ticket) -> list[Completion]:
+        """A finished ticket's answers, in request order."""
+        out = []
+        for i, (r, p) in enumerate(zip(ticket.results, ticket.prompts)):
+            text = self.tokenizer.decode(r.tokens)
+            out.append(Completion(text=text, num_prompt_tokens=len(p),
+                                  num_generated_tokens=len(r.tokens) + int(r.finished), finished=r.finished,
+                                  violation=self._pool.check(ticket, i, text) if r.finished else None))
+        return out
 
     @torch.no_grad()
     def generate(self, visuals: list[np.ndarray], requests: list[tuple[int, str]],
                  gen: GenerationConfig = GenerationConfig(),
                  media: list[tuple[str, tuple[int, int]]] | None = None,
                  constraints: list[Constraint | None] | None = None,
-                 on_rows: Callable[[int], None] | None = None) -> list[Completion]:
+                 on_rows: Callable[[int], None] | None = None, inflight: bool | None = None) -> list[Completion]:
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
         (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`: an image's visual
@@ -206,23 +287,31 @@ class Engine:
         constraints: per request, its `lavi.constrain.Constraint` or None (free); a finished constrained row that
         breaks its constraint anyway says why in `Completion.violation`. Raises ConstraintError (a ValueError)
         for a constraint this vocabulary cannot meet. on_rows(n): told as n more requests finish, while the call
-        runs (a progress count)."""
+        runs (a progress count). inflight: in-flight batching (through the engine's pool, `submit`) or static
+        batches of max_batch rows; None: the engine's setting."""
         media = media or [("video", tuple(v.shape[1:3])) for v in visuals]
         constraints = constraints or [None] * len(requests)
         if len(constraints) != len(requests):
             raise ValueError(f"{len(constraints)} constraints for {len(requests)} requests")
+        inflight = self.inflight if inflight is None else inflight
+        try:
+            return self._generate(visuals, requests, gen, media, constraints, on_rows, inflight)
+        except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
+            if not self.generator.compiled:
+                raise
+            log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
+            self.generator, self._pool = Generator(self.model, self.generator.kv_cache), None
+            return self._generate(visuals, requests, gen, media, constraints, on_rows, inflight)
+
+    def _generate(self, visuals, requests, gen, media, constraints, on_rows, inflight: bool) -> list[Completion]:
+        if inflight and len(requests) > 1:  # rows that finish make room for waiting requests
+            ticket = self.submit(visuals, requests, gen, media, constraints, on_rows, rows=len(requests))
+            self.run(ticket)
+            return self.completions(ticket)
         out: list[Completion] = []
-        step = self.max_batch * (self.INFLIGHT_WAVE if self.inflight else 1)
-        for start in range(0, len(requests), step):
-            chunk, rules = requests[start:start + step], constraints[start:start + step]
-            try:
-                out.extend(self._generate_batch(visuals, media, chunk, gen, rules, on_rows))
-            except torch._dynamo.exc.TorchDynamoException as err:  # a compiler failure must not fail a job
-                if not self.generator.compiled:
-                    raise
-                log.warning("compiled decode step failed (%s: %s); continuing eager", type(err).__name__, err)
-                self.generator = Generator(self.model, self.generator.kv_cache)
-                out.extend(self._generate_batch(visuals, media, chunk, gen, rules, on_rows))
+        for start in range(0, len(requests), self.max_batch):  # static batches
+            out.extend(self._generate_batch(visuals, media, requests[start:start + self.max_batch], gen,
+                                            constraints[start:start + self.max_batch], on_rows))
         return out
 
     def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
@@ -232,6 +321,22 @@ class Engine:
 
     def _prompt(self, text: str, kind: str) -> list[int]:
         return self.encode_prompt(text)
+
+    def _visual_tokens(self, frames: np.ndarray, media: tuple[str, tuple[int, int]]) -> int:
+        """The visual tokens one input puts in the decoder's context: a concat LaVi's frames x patches (fewer after
+        a dct compression); none for ViLN and VLoRA."""
+        if self.model.projector is None:
+            return 0
+        side = math.isqrt(self.config.vision.num_patches)
+        vc = self.model.visual_compress
+        side = vc.side(side) if vc is not None and vc.method == "dct" else side
+        return len(frames) * side * side
+
+    def _context_bound(self, visual: list[int], text: list[int]) -> int:
+        """The longest prefill context a batch of the requests seen so far can have (the in-flight pool admits any of
+        them together): a concat LaVi pads every row's visual tokens to the batch's most, then its text."""
+        self._most = (max(self._most[0], *visual), max(self._most[1], *text))
+        return sum(self._most)
 
     def _context(self, vis: Visual, rows: list[int], prompts: list[list[int]]) -> int:
         """The longest prefill context of a batch: concat prepends every row's visual tokens."""
@@ -247,15 +352,12 @@ class Engine:
         prompts = [self._prompt(p, media[v][0]) for v, p in requests]
         rows = [local[v] for v, _ in requests]
         guide = Guide.of(self.vocabulary if any(constraints) else None, constraints)
-        pool = min(len(requests), self.max_batch)
-        self._ensure_cache(pool, self._context(vis, rows, prompts) + gen.max_new_tokens)
-        if self.inflight and len(requests) > 1:  # rows that finish make room for waiting requests
-            results = self.generator.inflight(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id,
-                                              guide=guide, on_done=on_rows)
-        else:
-            results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id, guide=guide)
-            if on_rows is not None:
-                on_rows(len(results))
+        if self._pool is not None and self._pool.in_flight:
+            raise RuntimeError("a static batch would overwrite the cache rows of the in-flight pool: let it drain")
+        self._ensure_cache(len(requests), self._context(vis, rows, prompts) + gen.max_new_tokens)
+        results = self.generator(vis, torch.tensor(rows), prompts, gen, self.eos_id, self.pad_id, guide=guide)
+        if on_rows is not None:
+            on_rows(len(results))
         out = []
         for i, (r, p) in enumerate(zip(results, prompts)):
             text = self.tokenizer.decode(r.tokens)

@@ -39,6 +39,32 @@ class Visual:
     tokens: Tensor | None = None
     factors: tuple[Tensor, ...] | None = None
 
+    @staticmethod
+    def cat(parts: list["Visual"]) -> "Visual":
+        """Visual states of several batches as one, each padded (masked) to the longest visual token axis."""
+        if len(parts) == 1:
+            return parts[0]
+        nv = max(p.mask.shape[1] for p in parts)
+
+        def pad(t: Tensor | None, dim: int) -> Tensor | None:  # zeros (False) past a part's own tokens
+            if t is None or t.shape[dim] == nv:
+                return t
+            shape = list(t.shape)
+            shape[dim] = nv - t.shape[dim]
+            return torch.cat([t, t.new_zeros(shape)], dim)
+
+        def join(ts: list[Tensor | None]) -> Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)
+
+        cond_kv = None
+        if parts[0].cond_kv is not None:
+            cond_kv = tuple(tuple(join([pad(p.cond_kv[g][j], 2) for p in parts]) for j in (0, 1))
+                            for g in range(len(parts[0].cond_kv)))
+        factors = None if parts[0].factors is None else tuple(
+            torch.cat([p.factors[i] for p in parts]) for i in range(len(parts[0].factors)))
+        return Visual(mask=join([pad(p.mask, 1) for p in parts]), cond_kv=cond_kv,
+                      tokens=join([pad(p.tokens, 1) for p in parts]), factors=factors)
+
     def select(self, rows: Tensor) -> "Visual":
         """Gather per text row: rows (B,) item index -> a Visual with B entries."""
         cond_kv = tuple((k.index_select(0, rows), u.index_select(0, rows)) for k, u in self.cond_kv or ()) or None

@@ -122,10 +122,11 @@ def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_v
     return logits[:, -1]
 
 
-def _fastv(model: LaVi, vis: Visual) -> bool:
-    """Whether this batch's prefill prunes visual tokens (lavi.fastv): a concat model set to `fastv` below 1.0."""
+def _fastv(model: LaVi) -> bool:
+    """Whether the prefill prunes visual tokens (lavi.fastv): a concat model set to `fastv` below 1.0."""
     vc = getattr(model, "visual_compress", None)
-    return vis.tokens is not None and vc is not None and vc.method == "fastv" and not vc.is_identity
+    return (getattr(model, "projector", None) is not None and vc is not None and vc.method == "fastv"
+            and not vc.is_identity)
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Generator:
                              "give the generator a larger one (setup_caches)")
         slot_valid = torch.zeros(b, cache.max_seq, dtype=torch.bool, device=device)
         slot_valid[:, :t0] = kvalid
-        fastv = _fastv(model, vis)
+        fastv = _fastv(model)
         fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or (), vis.factors or (),
                                        slot_valid.clone() if fastv else None))
         slots = torch.arange(t0, device=device)

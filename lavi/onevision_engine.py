@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import onevision_checkpoint
+from . import anyres, onevision_checkpoint
 from .compress import VisualCompress
 from .engine import Engine, _compressed, _quantized
 from .fusion import Visual
@@ -55,6 +55,20 @@ class OneVisionEngine(Engine):
 
     def _prompt(self, text: str, kind: str) -> list[int]:
         return self.encode_prompt(text, kind)
+
+    def _visual_tokens(self, frames: np.ndarray, media: tuple[str, tuple[int, int]]) -> int:
+        """An image's anyres tokens, a video's pooled ones (their grid side smaller after a dct compression)."""
+        c, vc = self.config, self.model.visual_compress
+        side = vc.side(c.side) if vc is not None and vc.method == "dct" else c.side
+        kind, size = media
+        if kind == "image":
+            return anyres.image_tokens(size, c.pinpoints, c.tile_size, side, c.max_tiles)
+        return anyres.video_tokens(len(frames), side)
+
+    def _context_bound(self, visual: list[int], text: list[int]) -> int:
+        """Each row's placeholder becomes its own visual tokens before the rows are padded: the longest row."""
+        self._most = (max(self._most[0], *(v + t - 1 for v, t in zip(visual, text))), 0)
+        return self._most[0]
 
     def _context(self, vis: Visual, rows: list[int], prompts: list[list[int]]) -> int:
         """Each row's one placeholder becomes its item's visual tokens."""
