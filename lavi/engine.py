@@ -237,11 +237,16 @@ class Engine:
                                        on_rows=on_rows)
         return ticket
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether the in-flight pool has a row generating (its cache rows are taken)."""
+        return self._pool is not None and self._pool.in_flight
+
     @torch.no_grad()
-    def step(self) -> bool:
-        """One step of the in-flight pool on this thread (`InflightPool.step`). When a submission needs more cache
-        slots than the cache has, the pool first drains (admits nothing), then the cache grows. False when idle.
-        A step that fails fails every ticket in flight or waiting (`InflightPool.reset`) and raises."""
+    def step(self, admit: bool = True) -> bool:
+        """One step of the in-flight pool on this thread (`InflightPool.step`; not `admit`: it drains). When a
+        submission needs more cache slots than the cache has, the pool first drains, then the cache grows. False
+        when idle. A step that fails fails every ticket in flight or waiting (`InflightPool.reset`) and raises."""
         pool = self._pool
         if pool is None:
             return False
@@ -250,7 +255,7 @@ class Engine:
                 if pool.in_flight:
                     return pool.step(admit=False)
                 self._ensure_cache(self.max_batch, self._need)
-            return pool.step()
+            return pool.step(admit)
         except Exception as err:
             pool.reset(err)
             raise

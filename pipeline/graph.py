@@ -32,7 +32,7 @@ from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.summary import Progress, Ticker, build_summary
 from schemas.rows import ERROR, metadata
 from workers.decode import DecodeSettings, decode_batch
-from workers.labeler import Labeler
+from workers.labeler import Labeler, StreamingLabeler
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,12 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
     ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow",
                         fn_kwargs={"settings": settings}, num_cpus=DECODE_CPUS)
     gpu = config.gpus_per_worker > 0
+    # in-flight: an async labeler whose calls for two blocks overlap, so the next block's requests take the rows
+    # the current one frees (workers.labeler.StreamingLabeler)
     return ds.map_batches(
-        Labeler, batch_size=config.block_rows, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.workers),
+        StreamingLabeler if config.inflight else Labeler, batch_size=config.block_rows, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.workers,
+                                           max_concurrent_calls_per_actor=2 if config.inflight else None),
         num_gpus=config.gpus_per_worker if gpu else None, num_cpus=None if gpu else config.cpus_per_worker,
         fn_constructor_kwargs={"model": model, "job_id": job_id, "storage_options": config.storage,
                                "device": config.device, "max_batch": config.labeler_batch,

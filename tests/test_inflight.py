@@ -98,3 +98,87 @@ def test_bench_measures_inflight_against_static_on_a_mixed_workload(tmp_path):
     assert m["rows"] == 9 and m["same_texts"] and m["generated_tokens"]["max"] > m["generated_tokens"]["min"]
     assert m["inflight"]["rows_per_s"] > 0 and m["static"]["rows_per_s"] > 0
     assert "in-flight / static" in markdown(m)
+
+
+def _block(engine, clips: list[np.ndarray], prompts: list[str], tag: str):
+    """A labeler input block (CLIP_SCHEMA): every clip asked every prompt."""
+    import pyarrow as pa
+
+    from schemas.clips import CLIP_SCHEMA, ITEM_ROWS
+
+    rows = [{"item_id": f"{tag}{i}", "uri": f"/{tag}{i}.mp4", "media_type": "video",
+             "prompts": [{"task": "vqa", "prompt": p} for p in prompts], "clip_index": 0, "clip_start_s": 0.0,
+             "clip_end_s": 1.0, "frame_timestamps_s": [0.0] * len(c), "width": c.shape[2], "height": c.shape[1],
+             "frames": c.tobytes(), "frame_shape": list(c.shape), "status": "ok", "error_stage": None, "error": None,
+             ITEM_ROWS: len(prompts)} for i, c in enumerate(clips)]
+    return pa.Table.from_pylist(rows, schema=CLIP_SCHEMA)
+
+
+def _texts_of(table) -> list[tuple[str, str, str]]:
+    return [(r["item_id"], r["prompt"], r["text"]) for r in table.to_pylist()]
+
+
+def test_the_streaming_labeler_keeps_the_pool_full_across_blocks(engine):
+    """Guards against the pool draining at each block's end (rows idle while the next block waits) and against a
+    block's rows coming out with another block's texts: two blocks submitted at once share the pool (a request of
+    the second is admitted while a row of the first is in flight), and each block's rows equal what the plain
+    labeler gives that block alone."""
+    import asyncio
+
+    from lavi.inflight import InflightPool
+    from workers.labeler import Labeler, StreamingLabeler
+
+    engine.inflight, engine.max_batch = True, 4
+    gen = {"max_new_tokens": 10}
+    a = _block(engine, _clips(2, engine.image_size), PROMPTS[:3], "a")  # 6 requests: 4, then 2 beside b's
+    b = _block(engine, _clips(3, engine.image_size)[1:], PROMPTS[3:], "b")
+    want = [_texts_of(Labeler.from_engine(engine, "job", gen)(x)) for x in (a, b)]
+    mixed, admit = [], InflightPool._admit
+
+    def spy(pool, free, take):  # the blocks the pool serves once these are admitted
+        mixed.append(len({id(o.ticket) for o in pool.owner if o is not None} | {id(r.ticket) for r in take}) > 1)
+        admit(pool, free, take)
+
+    InflightPool._admit = spy
+    try:
+        labeler = StreamingLabeler.from_engine(engine, "job", gen)
+
+        async def both():
+            return await asyncio.gather(labeler(a), labeler(b))
+
+        got = [_texts_of(t) for t in asyncio.run(both())]
+    finally:
+        labeler.server.stop()
+        InflightPool._admit = admit
+    assert got == want and all(r[2] is not None for block in got for r in block)
+    assert any(mixed), "no admission served two blocks: the pool drained between them"
+
+
+def test_a_failed_inflight_step_retries_the_blocks_in_static_batches(engine):
+    """Guards against a step failure (say, a CUDA error on one admission) losing or duplicating rows: every block
+    in flight is retried in static batches, and its rows come out once, labelled as the plain labeler labels them."""
+    import asyncio
+
+    from lavi.inflight import InflightPool
+    from workers.labeler import Labeler, StreamingLabeler
+
+    engine.inflight, engine.max_batch = True, 2
+    gen = {"max_new_tokens": 6}
+    block = _block(engine, _clips(2, engine.image_size), PROMPTS[:3], "a")
+    want = _texts_of(Labeler.from_engine(engine, "job", gen)(block))
+    admit, calls = InflightPool._admit, []
+
+    def fail_once(pool, free, take):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        admit(pool, free, take)
+
+    InflightPool._admit = fail_once
+    labeler = StreamingLabeler.from_engine(engine, "job", gen)
+    try:
+        got = _texts_of(asyncio.run(labeler(block)))
+    finally:
+        labeler.server.stop()
+        InflightPool._admit = admit
+    assert len(calls) >= 2 and got == want

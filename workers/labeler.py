@@ -84,20 +84,30 @@ class Labeler:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """CLIP_SCHEMA rows -> LABEL_SCHEMA rows + ITEM_ROWS, one per (clip, prompt), in input order."""
+        clips, out, asks, rules = self._requests(batch)
+        # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
+        step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
+        for start in range(0, len(asks), step):
+            self._infer(clips, asks[start:start + step], out, rules)
+        return self._table(out)
+
+    def _requests(self, batch: pa.Table) -> tuple[list[dict], list[dict], list[tuple[int, int, str]], dict]:
+        """A block's clips, its output rows (status still None), the requests to infer (output row, clip in the
+        block, prompt text) and the constraints their texts must meet (by output row)."""
         clips = batch.to_pylist()
         out: list[dict] = []
-        asks: list[tuple[int, int, str]] = []  # requests to infer: (output row, clip in batch, prompt text)
-        self.constraints: dict[int, "Constraint"] = {}  # output row -> the constraint its text must meet
+        asks: list[tuple[int, int, str]] = []
+        rules: dict[int, "Constraint"] = {}
         for c, clip in enumerate(clips):
             for p in clip["prompts"]:
                 text = p["prompt"] if p["prompt"] is not None else self._default_prompt(clip["media_type"])
                 out.append(self._row(clip, p["task"], text, p.get("constraint")))
-                if clip["status"] != ERROR and self._constrain(len(out) - 1, p.get("constraint"), out[-1]):
+                if clip["status"] != ERROR and self._constrain(len(out) - 1, p.get("constraint"), out[-1], rules):
                     asks.append((len(out) - 1, c, text))
-        # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
-        step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
-        for start in range(0, len(asks), step):
-            self._infer(clips, asks[start:start + step], out)
+        return clips, out, asks, rules
+
+    def _table(self, out: list[dict]) -> pa.Table:
+        """The block's rows as LABEL_SCHEMA + ITEM_ROWS, once every one has its status (checked)."""
         self.reporter.flush(wait=True)
         unlabelled = [r["row_id"] for r in out if r["status"] is None]
         if unlabelled:  # a request never asked, or its answer never stored
@@ -109,8 +119,8 @@ class Labeler:
     def _default_prompt(self, media_type: str) -> str:
         return self.engine.default_prompt(media_type if media_type in (IMAGE, VIDEO) else IMAGE)
 
-    def _constrain(self, i: int, spec: str | None, row: dict) -> bool:
-        """Note row i's constraint; False (the row an infer error) when this model cannot meet it."""
+    def _constrain(self, i: int, spec: str | None, row: dict, rules: dict) -> bool:
+        """Note row i's constraint in `rules`; False (the row an infer error) when this model cannot meet it."""
         if spec is None:
             return True
         from lavi.constrain import Constraint, ConstraintError
@@ -121,7 +131,7 @@ class Labeler:
         except ConstraintError as err:
             row.update(error_columns(INFER, f"constraint: {err}"))
             return False
-        self.constraints[i] = constraint
+        rules[i] = constraint
         return True
 
     def _row(self, clip: dict, task: str, prompt: str, constraint: str | None = None) -> dict:
@@ -137,29 +147,45 @@ class Labeler:
             "created_at": dt.datetime.now(dt.timezone.utc), ITEM_ROWS: clip[ITEM_ROWS], **failed,
         }
 
-    def _infer(self, clips: list[dict], asks: list[tuple[int, int, str]], out: list[dict]) -> None:
-        """Generate for one sub-batch of requests; a failure marks exactly their rows as infer errors."""
+    @staticmethod
+    def _inputs(clips: list[dict], asks: list[tuple[int, int, str]]) -> tuple[list, list, list[tuple[int, str]]]:
+        """The engine's inputs for requests: each clip's frames once, its media, (frames index, prompt) pairs."""
         used = sorted({c for _, c, _ in asks})
         local = {c: i for i, c in enumerate(used)}
+        visuals = [np.frombuffer(clips[c]["frames"], np.uint8).reshape(clips[c]["frame_shape"]).copy()
+                   for c in used]  # writable: torch refuses read-only buffers
+        media = [(clips[c]["media_type"], (clips[c]["height"], clips[c]["width"])) for c in used]
+        return visuals, media, [(local[c], text) for _, c, text in asks]
+
+    def _infer(self, clips: list[dict], asks: list[tuple[int, int, str]], out: list[dict], rules: dict,
+               inflight: bool | None = None) -> None:
+        """Generate for one sub-batch of requests; a failure marks exactly their rows as infer errors."""
         try:
-            visuals = [np.frombuffer(clips[c]["frames"], np.uint8).reshape(clips[c]["frame_shape"]).copy()
-                       for c in used]  # writable: torch refuses read-only buffers
-            media = [(clips[c]["media_type"], (clips[c]["height"], clips[c]["width"])) for c in used]
-            gens = self.engine.generate(visuals, [(local[c], text) for _, c, text in asks], self.gen, media,
-                                        [self.constraints.get(i) for i, _, _ in asks], on_rows=self.reporter.add)
-            if len(gens) != len(asks):
-                raise RuntimeError(f"engine returned {len(gens)} generations for {len(asks)} requests")
+            visuals, media, requests = self._inputs(clips, asks)
+            gens = self.engine.generate(visuals, requests, self.gen, media, [rules.get(i) for i, _, _ in asks],
+                                        on_rows=self.reporter.add, inflight=inflight)
         except (RuntimeError, ValueError) as err:  # torch errors (incl. CUDA OOM), bad frames
             if len(asks) > self.max_batch:  # a whole in-flight block: find the failing batches, fail only those
                 log.warning("inference failed for a block of %d requests (%s): retrying in batches of %d",
                             len(asks), err, self.max_batch)
-                for start in range(0, len(asks), self.max_batch):
-                    self._infer(clips, asks[start:start + self.max_batch], out)
+                self._retry(clips, asks, out, rules)
                 return
             log.warning("inference failed for %d requests: %s", len(asks), err)
             for i, _, _ in asks:
                 out[i].update(error_columns(INFER, f"{type(err).__name__}: {err}"))
             return
+        self._store(asks, gens, out)
+
+    def _retry(self, clips: list[dict], asks: list[tuple[int, int, str]], out: list[dict], rules: dict) -> None:
+        """Requests whose in-flight generation failed, again in static batches of max_batch: only the batches that
+        fail again become infer error rows."""
+        for start in range(0, len(asks), self.max_batch):
+            self._infer(clips, asks[start:start + self.max_batch], out, rules, inflight=False)
+
+    def _store(self, asks: list[tuple[int, int, str]], gens: list, out: list[dict]) -> None:
+        """The generations' texts, counts and statuses into their output rows."""
+        if len(gens) != len(asks):
+            raise RuntimeError(f"engine returned {len(gens)} generations for {len(asks)} requests")
         now = dt.datetime.now(dt.timezone.utc)
         for (i, _, _), g in zip(asks, gens):
             counts = dict(num_prompt_tokens=g.num_prompt_tokens, num_generated_tokens=g.num_generated_tokens,
@@ -168,3 +194,33 @@ class Labeler:
                 out[i].update(**error_columns(INFER, f"constraint not met: {g.violation}"), **counts)
             else:
                 out[i].update(text=g.text, status=OK if g.finished else TRUNCATED, **counts)
+
+
+class StreamingLabeler(Labeler):
+    """The labeler with in-flight batching across blocks: an async callable, so that Ray Data runs its calls for
+    several blocks at once; each submits its block's requests to the engine's pool, stepped by a thread of the
+    actor's own (`workers.serve.EngineServer`), and awaits them, so the next block's requests take the rows the
+    current one frees. A block whose requests fail in flight is retried in static batches on that thread (only
+    the batches that fail again become infer error rows). Rows leave with their own block, each exactly once."""
+
+    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", progress: str | None = None) -> None:
+        from workers.serve import EngineServer
+
+        super()._attach(engine, job_id, gen, progress)
+        self.server = EngineServer(engine)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        clips, out, asks, rules = self._requests(batch)
+        if asks:
+            visuals, media, requests = self._inputs(clips, asks)
+            ticket = self.server.submit(visuals, requests, self.gen, media, [rules.get(i) for i, _, _ in asks],
+                                        self.reporter.add)
+            await loop.run_in_executor(None, ticket.done.wait)
+            if ticket.error is None:
+                self._store(asks, self.engine.completions(ticket), out)
+            else:
+                await asyncio.wrap_future(self.server.exclusive(lambda: self._retry(clips, asks, out, rules)))
+        return await loop.run_in_executor(None, self._table, out)  # it waits on the row counter: not on the loop

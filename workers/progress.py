@@ -8,6 +8,7 @@ progress line reads it. The counts are for the person waiting, never for bookkee
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -45,28 +46,32 @@ class RowReporter:
         self.name, self.every_s = name, every_s
         self.pending, self.last = 0, time.monotonic()
         self._actor = None
+        self._lock = threading.Lock()  # the engine's thread adds while a labeler call flushes
 
     def add(self, n: int) -> None:
         if self.name is None:
             return
-        self.pending += n
-        if time.monotonic() - self.last >= self.every_s:
+        with self._lock:
+            self.pending += n
+            due = time.monotonic() - self.last >= self.every_s
+        if due:
             self.flush()
 
     def flush(self, wait: bool = False) -> None:
         """Send what is pending; wait: until the counter has it (a labeler's block is done: its rows are counted
         before they reach the driver, so the run's last figure is whole)."""
-        if self.name is None or not self.pending:
+        with self._lock:
+            pending, self.pending, self.last = self.pending, 0, time.monotonic()
+        if self.name is None or not pending:
             return
         try:
             import ray
 
             if self._actor is None:
                 self._actor = ray.get_actor(self.name)
-            sent = self._actor.add.remote(self.pending)
+            sent = self._actor.add.remote(pending)
             if wait:
                 ray.get(sent, timeout=10)
         except Exception as err:  # noqa: BLE001 - progress only: a count that cannot be told is dropped
             log.debug("row counter %s: %s", self.name, err)
             self.name = None
-        self.pending, self.last = 0, time.monotonic()
