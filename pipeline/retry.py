@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 RETRY_STAGES = (READ, DECODE, INFER)
 _SCAN = ["item_id", "row_id", "uri", "media_type", "task", "prompt", "status", "error_stage"]
 # what a retry takes from the output's metadata, so its labels are those the run would have written
-_GENERATION = ("max_new_tokens", "temperature", "top_p", "seed", "frames", "clip_seconds", "max_clips", "quantize")
+_GENERATION = ("max_new_tokens", "temperature", "top_p", "seed", "frames", "clip_seconds", "max_clips", "quantize",
+               "clips", "min_clip_seconds", "max_clip_seconds", "clips_per_group")
 
 
 @dataclasses.dataclass
