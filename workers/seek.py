@@ -117,3 +117,18 @@ class _Cursor:
         for t in self.wanted[self.j:]:
             if self.last is not None:
                 self._put(t, *self.last, converted)
+
+
+def decode_at(uri: str, storage_options: dict | None, times: list[float], image_size: int) -> list[np.ndarray]:
+    """The frames of one video on screen at `times` (seconds from its first frame, as rows record them), resized:
+    a row's frames decoded again (the report's thumbnails) without reading the whole file."""
+    from workers.probe import probe_input
+
+    with open_input(uri, storage_options, DECODE_BLOCK) as f:
+        try:
+            t0 = probe_input(f).t0
+            f.seek(0)
+            got = frames_at(f, sorted(set(times)), t0, image_size)
+        finally:
+            f.raise_read_error()
+    return [got[t][0] for t in times]
