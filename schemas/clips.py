@@ -37,6 +37,7 @@ UNIT_SCHEMA = pa.schema([
     ("clips", pa.list_(CLIP_SPAN)),  # CLIPS: the clips; SHOTS: one span, the window (index: its first clip's)
     ("t0", pa.float64()),  # the video's first frame time on its stream's clock (seconds), from the probe
     ("width", pa.int32()), ("height", pa.int32()),
+    ("bytes_per_s", pa.float64()),  # the file's size over its duration: what its reads are sized by
     ("error_stage", pa.string()),  # FAILED: the stage (its message is in `error`)
     (BYTES_READ, pa.int64()),  # the probe's reads, on the item's first unit
 ])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from schemas.rows import IMAGE, VIDEO
 from workers.frames import DecodeError, clean_message, sniff_media_type
-from workers.stream import PROBE_BLOCK, InputFile, open_input
+from workers.stream import PROBE_FETCH, InputFile, open_input
 from workers.video import _av, _packets
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class VideoProbe:
 
 def probe_uri(uri: str, storage_options: dict | None, max_pixels: int | None = None) -> VideoProbe:
     """Probe one input (see the module doc). Raises FetchError when it cannot be read."""
-    with open_input(uri, storage_options, PROBE_BLOCK) as f:
+    with open_input(uri, storage_options, PROBE_FETCH) as f:
         try:
             found = probe_input(f, max_pixels)
         except DecodeError as err:

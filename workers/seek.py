@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from workers.frames import Clip, DecodeError, clean_message
-from workers.stream import DECODE_BLOCK, InputFile, open_input
+from workers.stream import DECODE_FETCH, InputFile, open_input
 from workers.video import _av, _frames, _to_input, sample_times
 
 # Seek rather than decode through a gap longer than this. Decoding through a short gap costs less than a seek that
@@ -24,13 +24,14 @@ _EPS = 1e-6
 
 
 def decode_group(uri: str, storage_options: dict | None, t0: float, clips: list[tuple[int, float, float]],
-                 frames_per_clip: int, image_size: int) -> tuple[list[Clip], int]:
+                 frames_per_clip: int, image_size: int, max_fetch: int = DECODE_FETCH) -> tuple[list[Clip], int]:
     """(clips with their frames (F, S, S, 3) uint8, bytes read) for clips [(index, start_s, end_s), ...] of one
     video, times in seconds from its first frame (t0 on the stream's clock, from the probe). Raises FetchError
-    when the input cannot be read, DecodeError (row-ready) when it has no decodable frame there."""
+    when the input cannot be read, DecodeError (row-ready) when it has no decodable frame there. `max_fetch`: the
+    largest range request (workers.stream.fetch_limit)."""
     plan = [(k, a, b, sample_times(a, b, frames_per_clip)) for k, a, b in clips]
     wanted = sorted({float(t) for *_, times in plan for t in times})
-    with open_input(uri, storage_options, DECODE_BLOCK) as f:
+    with open_input(uri, storage_options, max_fetch) as f:
         try:
             got = frames_at(f, wanted, t0, image_size)
         finally:
@@ -124,7 +125,7 @@ def decode_at(uri: str, storage_options: dict | None, times: list[float], image_
     a row's frames decoded again (the report's thumbnails) without reading the whole file."""
     from workers.probe import probe_input
 
-    with open_input(uri, storage_options, DECODE_BLOCK) as f:
+    with open_input(uri, storage_options, DECODE_FETCH) as f:
         try:
             t0 = probe_input(f).t0
             f.seek(0)

@@ -15,7 +15,7 @@ import math
 from fractions import Fraction
 
 from workers.frames import DecodeError, clean_message
-from workers.stream import DECODE_BLOCK, open_input
+from workers.stream import DECODE_FETCH, open_input
 from workers.video import _av, _frames
 
 DETECT_WIDTH = 256
@@ -23,9 +23,10 @@ THRESHOLD = 27.0  # ContentDetector's default: the weighted HSV change between t
 
 
 def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: float, end_s: float,
-                threshold: float = THRESHOLD) -> tuple[list[float], int]:
+                max_fetch: int = DECODE_FETCH, threshold: float = THRESHOLD) -> tuple[list[float], int]:
     """(shot changes in (start_s, end_s), in seconds from the video's first frame; bytes read). Raises FetchError
-    when the input cannot be read, DecodeError when the window has no decodable frame."""
+    when the input cannot be read, DecodeError when the window has no decodable frame. `max_fetch`: the largest
+    range request (workers.stream.fetch_limit)."""
     from scenedetect.common import FrameTimecode, Timecode
     from scenedetect.detectors import ContentDetector
 
@@ -33,7 +34,7 @@ def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: floa
     av = _av()
     cuts: list[float] = []
     seen = 0
-    with open_input(uri, storage_options, DECODE_BLOCK) as f:
+    with open_input(uri, storage_options, max_fetch) as f:
         try:
             with av.open(f) as container:
                 stream = container.streams.video[0]

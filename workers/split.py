@@ -82,7 +82,8 @@ def split_item(item: dict, settings: DecodeSettings, done: frozenset[int] = froz
 
 def plan_units(item: dict, probe: VideoProbe, settings: DecodeSettings, done: frozenset[int]) -> list[dict]:
     """A probed video's clip groups not in `done`, as CLIPS or SHOTS units."""
-    video = {"t0": probe.t0, "width": probe.width, "height": probe.height, "media_type": "video"}
+    video = {"t0": probe.t0, "width": probe.width, "height": probe.height, "media_type": "video",
+             "bytes_per_s": probe.size / max(probe.duration_s, 1e-3)}
     if settings.clips == FIXED:
         spans = plan_clips(probe.duration_s, settings.clip_seconds, settings.max_clips)
         g = settings.clips_per_group

@@ -28,6 +28,7 @@ from workers.seek import decode_group
 from workers.settings import DecodeSettings
 from workers.shots import detect_cuts, shot_clips
 from workers.split import guarded
+from workers.stream import fetch_limit
 
 Span = tuple[int, float, float]  # (clip index, start_s, end_s)
 
@@ -65,7 +66,8 @@ def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
         cuts = []
     else:
         try:
-            cuts, n = guarded(detect_cuts, u["uri"], settings.storage_options, u["t0"], a, b, settings=settings)
+            cuts, n = guarded(detect_cuts, u["uri"], settings.storage_options, u["t0"], a, b,
+                              fetch_limit(b - a, u["bytes_per_s"]), settings=settings)
             read += n
         except (FetchError, DecodeError, IsolationError) as err:
             yield _table(u, [_clip_error(u, (first, a, b), err, settings)], 1, read)
@@ -81,9 +83,10 @@ def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
 
 def _decode_spans(u: dict, spans: list[Span], settings: DecodeSettings) -> tuple[list[dict], int]:
     """(one row per clip, bytes read): their frames by one isolated decode_group call, or error rows."""
+    limit = fetch_limit(spans[-1][2] - spans[0][1], u["bytes_per_s"])
     try:
         clips, read = guarded(decode_group, u["uri"], settings.storage_options, u["t0"], spans,
-                              settings.frames_per_clip, settings.image_size, settings=settings)
+                              settings.frames_per_clip, settings.image_size, limit, settings=settings)
     except (FetchError, DecodeError, IsolationError) as err:
         return [_clip_error(u, span, err, settings) for span in spans], 0
     return [_clip_row(u, clip.index, clip.start_s, clip.end_s, clip.frames, frame_timestamps_s=clip.timestamps_s,
