@@ -144,11 +144,11 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
                         fn_kwargs={"settings": settings, "done": done_groups or {}}, num_cpus=DECODE_CPUS)
     ds = ds.repartition(target_num_rows_per_block=1)  # a unit per decode task: a video's groups run in parallel
     pool = ray.data.TaskPoolStrategy(size=config.decode_workers) if config.decode_workers else None
-    # max_retries=-1 is Ray Data's own default for its tasks, given here to keep the decode stage its own tasks: Ray
-    # Data fuses a task map into the actor map after it when their remote arguments are equal (CPU labelers take
+    # max_calls=0 (no limit) is Ray's own default for CPU tasks, given here to keep the decode stage its own tasks:
+    # Ray Data fuses a task map into the actor map after it when their remote arguments are equal (CPU labelers take
     # DECODE_CPUS too), and every clip group would then be decoded inside the labeler actors, between their batches
     ds = ds.map_batches(decode_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": settings},
-                        num_cpus=DECODE_CPUS, compute=pool, max_retries=-1)
+                        num_cpus=DECODE_CPUS, compute=pool, max_calls=0)
     gpu = config.gpus_per_worker > 0
     return ds.map_batches(
         Labeler, batch_size=config.block_rows, batch_format="pyarrow",

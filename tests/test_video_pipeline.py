@@ -94,3 +94,25 @@ def test_shots_through_the_pipeline(ray_local, tiny_model, tmp_path):
     assert len(rows) == summary["rows"] == len(spans) * len(Q) == 5 * len(Q)
     assert all(abs(a - c) <= 0.1 + 1e-6 for (_, a, _), c in zip(spans[1:], cuts))
     assert summary["generation"]["clips"] == "shots"
+
+
+def test_decode_tasks_are_not_fused_into_the_labelers(ray_local, tiny_model, long_video, tmp_path):
+    """Guards against Ray Data fusing the decode tasks into the labeler actors (it does when their remote arguments
+    are equal, as with CPU labelers): every clip group would then be decoded inside a labeler, between its batches,
+    and a long video by as many workers as there are labelers."""
+    import fsspec
+
+    from pipeline.graph import build_dataset, model_info
+    from pipeline.sources import PromptSpec, iter_items, write_shards
+
+    path, _ = long_video
+    fs = fsspec.filesystem("file")
+    shards, _ = write_shards(iter_items([str(path)], PromptSpec()), fs, str(tmp_path / "listing"))
+    config = RunConfig(inputs=(str(path),), out=str(tmp_path / "out"), model=tiny_model, max_new_tokens=1,
+                       clip_seconds=4.0)
+    info = model_info(tiny_model)
+    ds = build_dataset(shards, fs, config, config.decode_settings(info["image_size"], info["default_frames"]),
+                       tiny_model, "job").materialize()
+    assert ds.count() == 6
+    stats = ds.stats()
+    assert "MapBatches(decode_units)" in stats and "MapBatches(decode_units)->MapBatches(Labeler)" not in stats
