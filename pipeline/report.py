@@ -104,9 +104,8 @@ def _thumbnails(rows: list[dict], generation: dict, storage_options: dict | None
     from workers.decode import DecodeSettings, fetch_and_decode
     from workers.fetch import FetchError
     from workers.frames import DecodeError
-    from workers.isolate import IsolationError
+    from workers.isolate import IsolationError, guarded
     from workers.seek import decode_at
-    from workers.split import guarded
 
     decoded: dict[tuple[str, int], list[dict]] = {}
     out: dict[str, list[str]] = {}

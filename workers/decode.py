@@ -96,8 +96,10 @@ def fetch_and_decode(
     return read_and_decode(item, settings, decoder)[0]
 
 
-def read_and_decode(item: dict, settings: DecodeSettings,
-                    decoder: Callable[[dict, DecodeSettings, bytes], list[dict]] = decode_item) -> tuple[list[dict], int]:
+Decoder = Callable[[dict, DecodeSettings, bytes], list[dict]]
+
+
+def read_and_decode(item: dict, settings: DecodeSettings, decoder: Decoder = decode_item) -> tuple[list[dict], int]:
     """`fetch_and_decode`, and the bytes it read."""
     try:
         data = fetch_bytes(item["uri"], settings.storage_options, settings.retries, settings.whole_file_bytes)

@@ -68,7 +68,8 @@ def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: floa
     return sorted(c for c in set(cuts) if start_s + 1e-6 < c < end_s - 1e-6), read
 
 
-def shot_clips(cuts: list[float], start_s: float, end_s: float, min_s: float, max_s: float) -> list[tuple[float, float]]:
+def shot_clips(cuts: list[float], start_s: float, end_s: float, min_s: float,
+               max_s: float) -> list[tuple[float, float]]:
     """[(start, end), ...] covering [start_s, end_s): the pieces between cuts, bounded (see the module doc).
 
     Merging first: the shortest piece under min_s joins its shorter neighbour, until none is left (or one piece);

@@ -14,38 +14,16 @@ pixels is a FAILED unit (one error row). Nothing here raises for bad input.
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable
-
 import pyarrow as pa
 
 from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, SHOTS, UNIT_SCHEMA, WHOLE
 from schemas.manifest import media_type_from_name
 from schemas.rows import DECODE, IMAGE, LIST, READ
 from workers.fetch import FetchError
-from workers.isolate import IsolationError, run_isolated
+from workers.isolate import IsolationError, guarded
 from workers.probe import VideoProbe, probe_uri
 from workers.settings import FIXED, SHOT_STRIDE, DecodeSettings
 from workers.video import plan_clips
-
-log = logging.getLogger(__name__)
-
-
-def guarded(fn: Callable, *args, settings: DecodeSettings):
-    """fn(*args) in the isolated child (settings.isolate) with settings.timeout_s, retried on transient read errors
-    (settings.retries times, backing off). Raises FetchError, IsolationError, or what fn raises."""
-    for attempt in range(settings.retries + 1):
-        try:
-            if not settings.isolate:
-                return fn(*args)
-            return run_isolated(fn, *args, timeout_s=settings.timeout_s)
-        except FetchError as err:
-            if not err.transient or attempt == settings.retries:
-                raise
-            log.warning("transient read error (attempt %d): %s", attempt + 1, err)
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
 
 
 def unit(item: dict, kind: str, **fields) -> dict:
@@ -102,5 +80,6 @@ def split_batch(items: pa.Table, settings: DecodeSettings, done: dict[str, list[
     """Items (schemas.manifest.ITEM_SCHEMA) -> units (schemas.clips.UNIT_SCHEMA). `done`: item_id -> the clip
     groups an earlier run committed (left out)."""
     done = done or {}
-    rows = [u for item in items.to_pylist() for u in split_item(item, settings, frozenset(done.get(item["item_id"], ())))]
+    rows = [u for item in items.to_pylist()
+            for u in split_item(item, settings, frozenset(done.get(item["item_id"], ())))]
     return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)

@@ -23,11 +23,10 @@ from schemas.rows import DECODE, OK, READ, VIDEO, error_columns
 from workers.decode import error_row, read_and_decode
 from workers.fetch import FetchError
 from workers.frames import DecodeError
-from workers.isolate import IsolationError
+from workers.isolate import IsolationError, guarded
 from workers.seek import decode_group
 from workers.settings import DecodeSettings
 from workers.shots import detect_cuts, shot_clips
-from workers.split import guarded
 from workers.stream import fetch_limit
 
 Span = tuple[int, float, float]  # (clip index, start_s, end_s)
