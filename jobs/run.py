@@ -92,8 +92,24 @@ def execution_options(command):
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--frames", type=int, default=None, help="Frames per video clip (default: the model's).")
-@click.option("--clip-seconds", type=float, default=None, help="Cut videos into clips this long (default: one clip).")
-@click.option("--max-clips", type=int, default=None, help="Keep the first N clips of each video.")
+@click.option("--clips", type=click.Choice(["fixed", "shots"]), default="fixed", show_default=True,
+              help="Cut videos into clips of --clip-seconds (fixed), or where the shots change (shots: PySceneDetect's "
+                   "content detector, bounded by --min-clip-seconds and --max-clip-seconds).")
+@click.option("--clip-seconds", type=float, default=None,
+              help="--clips fixed: cut videos into clips this long (default: one clip).")
+@click.option("--max-clips", type=int, default=None, help="--clips fixed: keep the first N clips of each video.")
+@click.option("--min-clip-seconds", type=float, default=None,
+              help="--clips shots: shots shorter than this merge into a neighbour (default 2).")
+@click.option("--max-clip-seconds", type=float, default=None,
+              help="--clips shots: shots longer than this are split into equal parts (default 10).")
+@click.option("--clips-per-group", type=int, default=16, show_default=True,
+              help="Clips per clip group: a long video is decoded a group per task (its frames are what a task "
+                   "holds) and committed a group at a time.")
+@click.option("--decode-workers", type=int, default=None,
+              help="At most this many read/decode tasks at once (default: as many as the cluster's CPUs allow).")
+@click.option("--max-bytes", type=int, default=None,
+              help="Refuse inputs bigger than this many bytes (an error row of stage read). Default: no limit; videos "
+                   "are read by range requests, never whole.")
 @click.option("--overwrite", is_flag=True, help="Delete existing labels in --out first (default: resume).")
 @click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
 @click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")

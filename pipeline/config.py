@@ -16,6 +16,7 @@ from lavi.compress import VisualCompress
 from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
+from workers.settings import CLIP_MODES, FIXED, SHOTS, DecodeSettings
 
 # CPUs of each read and decode task: a fraction, so that what a node loss leaves (one small node beside a labeler
 # actor) can still schedule them; Ray Data's backpressure bounds how many run at once
@@ -82,6 +83,12 @@ class RunConfig:
     frames: int | None = None  # None: the model's default
     clip_seconds: float | None = None  # None: the decoder's default
     max_clips: int | None = None  # None: the decoder's default
+    clips: str = FIXED  # videos cut in fixed-length clips (clip_seconds) or at shot changes (workers.shots)
+    min_clip_seconds: float | None = None  # --clips shots; None: the decoder's default
+    max_clip_seconds: float | None = None  # --clips shots; None: the decoder's default
+    clips_per_group: int = DecodeSettings.clips_per_group  # clips per decode task and commit unit
+    decode_workers: int | None = None  # at most this many decode tasks at once; None: as the cluster allows
+    max_bytes: int | None = None  # refuse inputs over this many bytes (a read error row); None: no limit
     storage_options: tuple[str, ...] = ()  # KEY=VALUE, as given on the command line
     address: str | None = None  # None: start a local Ray bound to 127.0.0.1
     overwrite: bool = False
@@ -142,6 +149,7 @@ class RunConfig:
             _positive("max-clips", self.max_clips)
         if self.clip_seconds is not None and not (self.clip_seconds >= 0 and math.isfinite(self.clip_seconds)):
             raise ValueError(f"--clip-seconds must be >= 0 (0: one clip per video), got {self.clip_seconds}")
+        self._check_clips()
         if not (self.gpus_per_worker >= 0 and math.isfinite(self.gpus_per_worker)):
             raise ValueError(f"--gpus-per-worker must be >= 0 (0 runs on CPU), got {self.gpus_per_worker}")
         if not 0 < self.cpus_per_worker <= 64:
@@ -155,6 +163,36 @@ class RunConfig:
         if self.job_id is not None and not self.job_id.strip():
             raise ValueError("--job-id must not be empty (leave it out to get one)")
         parse_storage_options(self.storage_options)  # raises on malformed pairs
+
+    def _check_clips(self) -> None:
+        if self.clips not in CLIP_MODES:
+            raise ValueError(f"--clips must be one of {CLIP_MODES}, got {self.clips!r}")
+        if self.clips == SHOTS and (self.clip_seconds is not None or self.max_clips is not None):
+            raise ValueError("--clip-seconds and --max-clips are for --clips fixed; with --clips shots the clips are "
+                             "bounded by --min-clip-seconds and --max-clip-seconds")
+        if self.clips == FIXED and (self.min_clip_seconds is not None or self.max_clip_seconds is not None):
+            raise ValueError("--min-clip-seconds and --max-clip-seconds are for --clips shots")
+        for flag, value in (("decode-workers", self.decode_workers), ("max-bytes", self.max_bytes)):
+            if value is not None:
+                _positive(flag, value)
+        _positive("clips-per-group", self.clips_per_group)
+        for flag, value in (("min-clip-seconds", self.min_clip_seconds), ("max-clip-seconds", self.max_clip_seconds)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"--{flag} must be a positive number of seconds, got {value}")
+        try:
+            self.decode_settings(image_size=1, frames=1)
+        except ValueError as err:
+            raise ValueError(str(err).replace("_clip_seconds", "-clip-seconds")) from None
+
+    def decode_settings(self, image_size: int, frames: int,
+                        pinpoints: tuple[tuple[int, int], ...] | None = None) -> DecodeSettings:
+        """The decode stages' settings for a model's input contract (image_size, frames per clip, pinpoints)."""
+        given = {"clip_seconds": self.clip_seconds, "max_clips": self.max_clips,
+                 "min_clip_seconds": self.min_clip_seconds, "max_clip_seconds": self.max_clip_seconds}
+        return DecodeSettings(image_size=image_size, frames_per_clip=frames, clips=self.clips,
+                              clips_per_group=self.clips_per_group, max_bytes=self.max_bytes,
+                              storage_options=self.storage, pinpoints=pinpoints,
+                              **{k: v for k, v in given.items() if v is not None})
 
     @property
     def storage(self) -> dict[str, Any]:
@@ -206,6 +244,12 @@ class RunConfig:
             "max_clips": self.max_clips,
             **({"quantize": self.quantize} if self.quantize else {}),  # int8 labels are not float labels
             **({"visual_compress": self.visual_compress} if self.visual_compress else {}),
+            # other clips, and (for a resume) other clip groups; written only when not the default, so an output
+            # of an earlier version, or of a run with the defaults, keeps its settings
+            **({"clips": self.clips, "min_clip_seconds": self.min_clip_seconds,
+                "max_clip_seconds": self.max_clip_seconds} if self.clips != FIXED else {}),
+            **({"clips_per_group": self.clips_per_group}
+               if self.clips_per_group != DecodeSettings.clips_per_group else {}),
             **({"constraint": self.constraint} if self.constraint else {}),
         }
 

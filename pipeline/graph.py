@@ -1,9 +1,12 @@
 """The Ray Data graph of one labeling run, and `run(config)`, its driver.
 
     listing shards (pipeline.sources) -> read_parquet
-      -> map_batches(decode_batch)            CPU tasks: fetch + decode, one row per clip
+      -> map_batches(split_batch)             CPU tasks: an image is one unit; a video is probed (range reads)
+                                              and cut into clip groups, one unit each (workers.split)
+      -> repartition(1 unit per block)        so one long video's groups decode in many tasks at once
+      -> map_batches(decode_units)            CPU tasks: one unit each, one row per clip (workers.units)
       -> map_batches(Labeler, actor pool)     one engine per actor (GPU, or a CPU fraction)
-      -> iter_batches on the driver -> ParquetSink (whole items per file) -> _summary.json
+      -> iter_batches on the driver -> ParquetSink (whole units per file) -> _summary.json
 
 The local default Ray binds every listener to 127.0.0.1; `address` joins a running cluster.
 CPU actors take a fraction of a CPU so read/decode tasks can always be scheduled (on two
@@ -31,8 +34,10 @@ from pipeline.sources import PromptSpec, iter_items, remaining_shards, write_sha
 from pipeline.storage import arrow_filesystem, filesystem
 from pipeline.summary import Progress, Ticker, build_summary
 from schemas.rows import ERROR, metadata
-from workers.decode import DecodeSettings, decode_batch
 from workers.labeler import Labeler, StreamingLabeler
+from workers.settings import DecodeSettings
+from workers.split import split_batch
+from workers.units import decode_units
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +126,10 @@ def quiet_ray_data(verbose: bool) -> None:
 
 
 def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: DecodeSettings,
-                  model: str | None, job_id: str, progress: str | None = None):
-    """The lazy Ray Data dataset of labeler output batches (LABEL_SCHEMA + _item_rows)."""
+                  model: str | None, job_id: str, progress: str | None = None,
+                  done_groups: dict[str, list[int]] | None = None):
+    """The lazy Ray Data dataset of labeler output batches (LABEL_SCHEMA + the bookkeeping columns).
+    `done_groups`: item_id -> clip groups already committed, left out by the split stage."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -133,8 +140,15 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
     # a shard is one block: split it (streaming) so decode tasks run in parallel and results
     # reach the sink as they finish rather than one whole shard at a time
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
-    ds = ds.map_batches(decode_batch, batch_size=config.decode_batch_size, batch_format="pyarrow",
-                        fn_kwargs={"settings": settings}, num_cpus=DECODE_CPUS)
+    ds = ds.map_batches(split_batch, batch_size=config.decode_batch_size, batch_format="pyarrow",
+                        fn_kwargs={"settings": settings, "done": done_groups or {}}, num_cpus=DECODE_CPUS)
+    ds = ds.repartition(target_num_rows_per_block=1)  # a unit per decode task: a video's groups run in parallel
+    pool = ray.data.TaskPoolStrategy(size=config.decode_workers) if config.decode_workers else None
+    # max_calls=0 (no limit) is Ray's own default for CPU tasks, given here to keep the decode stage its own tasks:
+    # Ray Data fuses a task map into the actor map after it when their remote arguments are equal (CPU labelers take
+    # DECODE_CPUS too), and every clip group would then be decoded inside the labeler actors, between their batches
+    ds = ds.map_batches(decode_units, batch_size=1, batch_format="pyarrow", fn_kwargs={"settings": settings},
+                        num_cpus=DECODE_CPUS, compute=pool, max_calls=0)
     gpu = config.gpus_per_worker > 0
     # in-flight: an async labeler whose calls for two blocks overlap, so the next block's requests take the rows
     # the current one frees (workers.labeler.StreamingLabeler)
@@ -184,8 +198,11 @@ def run(config: RunConfig) -> dict:
     listed: dict[str, int] = {}
     shards, n_items = write_shards(iter_items(config.inputs, spec, options, skip=state.done_items, stats=listed),
                                    output.fs, output.listing)
-    log.info("job %s: %d items to label, %d already done in %s", job_id, n_items, listed["skipped"], config.out)
-    sink = ParquetSink(output, metadata(info["name"], generation, job_id), config.rows_per_file)
+    log.info("job %s: %d items to label (%d of them videos half done: %d clip groups done), %d already done in %s",
+             job_id, n_items, len(state.done_groups), sum(map(len, state.done_groups.values())), listed["skipped"],
+             config.out)
+    sink = ParquetSink(output, metadata(info["name"], generation, job_id), config.rows_per_file,
+                       done_groups=state.done_groups)
     rebuilds: list[dict] = []
     tokens = _label(config, info, shards, n_items, output, sink, job_id, rebuilds) if n_items else 0
     output.clear_scratch()
@@ -198,6 +215,8 @@ def run(config: RunConfig) -> dict:
     summary["pipeline_rebuilds"] = rebuilds  # a lost node, actor or object: the graph rebuilt over what was left
     summary["model_dir"] = config.model  # None: the bundled model; `retry` labels with it again
     summary["items_with_own_constraints"] = listed["own_constraints"]  # a manifest's per-question choices or schema
+    summary["this_run"].update(units=sink.units_written, bytes_read=sink.bytes_read,  # units: items and clip groups
+                               clip_groups_resumed=sum(map(len, state.done_groups.values())))
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
     output.write_summary(summary)
@@ -209,10 +228,7 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
     """Run the Ray Data graph over the listing shards into the sink; returns the tokens generated. A lost node,
     actor or object ends that graph: it is rebuilt over the items not yet done (up to config.max_rebuilds times,
     each appended to `rebuilds`); the sink forgets the rows of items left half done, so rows stay exactly once."""
-    settings = DecodeSettings(
-        image_size=info["image_size"], frames_per_clip=config.frames or info["default_frames"],
-        clip_seconds=config.clip_seconds if config.clip_seconds is not None else DecodeSettings.clip_seconds,
-        max_clips=config.max_clips, storage_options=config.storage, pinpoints=info["pinpoints"])
+    settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"])
     tokens = rows_seen = errors = 0
     dataset = None
     owned = connect_ray(config.address, config.verbose)
@@ -224,7 +240,8 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
         while True:
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
-                dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id, ticker.name)
+                dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id, ticker.name,
+                                        sink.done_groups())
                 for batch in stream(dataset, config.stall_timeout):
                     sink.add(batch)
                     rows_seen += batch.num_rows

@@ -1,7 +1,7 @@
 """The output location of a run: its filesystem and base path, resolved once, and its layout.
 
 Layout of an output directory (any fsspec URI):
-    part-<16 hex of sha1(sorted item_ids)>.parquet   committed files: LABEL_SCHEMA + metadata (pipeline.sink)
+    part-<16 hex of sha1(sorted unit keys)>.parquet  committed files: LABEL_SCHEMA + metadata (pipeline.sink)
     _tmp/                                            files being written; never counted
     _listing/                                        this run's item shards (pipeline.sources)
     _retry/                                          a `retry`'s scratch output, until it is merged (pipeline.retry)
@@ -28,11 +28,15 @@ REPORT_NAME = "_report.html"
 TMP_DIR = "_tmp"
 LISTING_DIR = "_listing"
 RETRY_DIR = "_retry"
+# a part file's metadata key for the clip groups it holds: JSON {item_id: {"of": groups of the video, "groups":
+# [its groups in this file]}}; an item absent from it (an image, or a file written before clip groups) is whole
+GROUPS_KEY = b"lavi_label.groups"
 
 
-def part_name(item_ids: list[str]) -> str:
-    """Deterministic part file name from the items it holds: a rerun of the same items writes the same name."""
-    digest = hashlib.sha1("\n".join(sorted(set(item_ids))).encode()).hexdigest()[:16]
+def part_name(units: list[str]) -> str:
+    """Deterministic part file name from the units it holds (item ids, and "item_id/group" for a video's clip
+    groups): a rerun of the same units writes the same name."""
+    digest = hashlib.sha1("\n".join(sorted(set(units))).encode()).hexdigest()[:16]
     return f"{PART_PREFIX}{digest}{PART_SUFFIX}"
 
 
@@ -41,9 +45,11 @@ class OutputState:
     """What a previous run left in an output directory."""
 
     files: tuple[str, ...]
-    done_items: frozenset[str]
+    done_items: frozenset[str]  # finished: every row of the item is committed
     rows: int
     metadata: dict  # schemas.rows.read_metadata of the first file; {} when there is none
+    done_groups: dict[str, frozenset[int]] = dataclasses.field(default_factory=dict)  # unfinished videos: the
+    # clip groups committed so far
 
 
 class Output:
@@ -74,9 +80,13 @@ class Output:
         return sorted(self.fs.glob(self.path(PART_GLOB)))
 
     def scan(self) -> OutputState:
-        """Committed part files, their finished item_ids and row count (reads the item_id column only)."""
+        """Committed part files, their finished item_ids (an item is finished when it is whole in a file, or all its
+        clip groups are committed), the committed groups of the others, and the row count (reads the item_id column
+        and the files' metadata only)."""
         files = self.part_paths()
         done: set[str] = set()
+        groups: dict[str, set[int]] = {}
+        of: dict[str, int] = {}
         rows = 0
         meta: dict = {}
         for i, path in enumerate(files):
@@ -84,10 +94,18 @@ class Output:
                 table = read_parquet_file(f, ["item_id"])
                 if i == 0:
                     meta = read_metadata(table.schema.metadata)
+                held = json.loads((table.schema.metadata or {}).get(GROUPS_KEY, b"{}"))
                 ids = table.column("item_id")
-            done.update(ids.unique().to_pylist())
+            for item in ids.unique().to_pylist():
+                if item in held:
+                    groups.setdefault(item, set()).update(held[item]["groups"])
+                    of[item] = held[item]["of"]
+                else:
+                    done.add(item)
             rows += len(ids)
-        return OutputState(tuple(self.uri_of(p) for p in files), frozenset(done), rows, meta)
+        done.update(item for item, got in groups.items() if len(got) >= of[item])
+        partial = {item: frozenset(got) for item, got in groups.items() if item not in done}
+        return OutputState(tuple(self.uri_of(p) for p in files), frozenset(done), rows, meta, partial)
 
     def clear(self) -> int:
         """--overwrite: delete committed parts, _summary.json, _report.html and the scratch directories; returns

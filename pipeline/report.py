@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.output import REPORT_NAME, Output
 from schemas.manifest import make_item
-from schemas.rows import CAPTION, ERROR, OK, TRUNCATED
+from schemas.rows import CAPTION, ERROR, OK, TRUNCATED, VIDEO
 from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
@@ -99,21 +99,36 @@ def write_report(out: str, storage_options: dict[str, Any] | None = None, sample
 
 def _thumbnails(rows: list[dict], generation: dict, storage_options: dict | None, size: int,
                 timeout_s: float) -> dict[str, list[str]]:
-    """row_id -> JPEG data URIs of the frames the model saw (none for rows whose item never decoded)."""
+    """row_id -> JPEG data URIs of the frames the model saw (none for rows whose item never decoded). A video row's
+    frames are decoded again at its own timestamps, by seeking (a long video is never read whole)."""
     from workers.decode import DecodeSettings, fetch_and_decode
+    from workers.fetch import FetchError
+    from workers.frames import DecodeError
+    from workers.isolate import IsolationError, guarded
+    from workers.seek import decode_at
 
     decoded: dict[tuple[str, int], list[dict]] = {}
     out: dict[str, list[str]] = {}
     for row in rows:
         if row["status"] == ERROR and row["error_stage"] in ("list", "read", "decode"):
             continue
-        frames = max(1, len(row["frame_timestamps_s"] or ()))
-        key = (row["item_id"], frames)
+        times = row["frame_timestamps_s"] or ()
+        settings = DecodeSettings(image_size=size, frames_per_clip=max(1, len(times)),
+                                  clip_seconds=generation.get("clip_seconds") or 0.0,
+                                  max_clips=generation.get("max_clips"), timeout_s=timeout_s,
+                                  storage_options=dict(storage_options or {}))
+        if row["media_type"] == VIDEO and times:
+            picks = np.linspace(0, len(times) - 1, min(_STRIP, len(times))).round().astype(int)
+            try:
+                frames = guarded(decode_at, row["uri"], settings.storage_options, [times[i] for i in picks], size,
+                                 settings=settings)
+            except (FetchError, DecodeError, IsolationError) as err:
+                log.info("no thumbnails for %s: %s", row["uri"], err)
+                continue
+            out[row["row_id"]] = [_jpeg(f) for f in frames]
+            continue
+        key = (row["item_id"], settings.frames_per_clip)
         if key not in decoded:
-            settings = DecodeSettings(image_size=size, frames_per_clip=frames,
-                                      clip_seconds=generation.get("clip_seconds") or 0.0,
-                                      max_clips=generation.get("max_clips"), timeout_s=timeout_s,
-                                      storage_options=dict(storage_options or {}))
             item = make_item(row["uri"], [{"task": CAPTION, "prompt": None}], row["media_type"])
             decoded[key] = fetch_and_decode(item, settings)
         clip = next((c for c in decoded[key] if c["clip_index"] == row["clip_index"] and c["status"] == OK), None)

@@ -9,7 +9,10 @@
    `part_name`), written under `_tmp/` and moved over the old one: a reader sees the old file or the new one,
    never half of either. An item keeps its rows that were not retried; its retried rows are replaced by what
    the retry produced for it (the same row_id when the row's clip and prompt are the same; a video that now
-   decodes into clips replaces its one error row by its clip rows). No row_id appears twice.
+   decodes into clips replaces its one error row by its clip rows; a video's clip groups may lie in several
+   files, and each takes the new rows within the time spans of its own retried rows). No row_id appears twice.
+   A retried video is relabelled whole in the scratch output, its good groups too (only the retried spans are
+   kept).
 4. `_summary.json`: totals read back again, and the retry appended to its `retries`; `_retry/` is removed.
 """
 
@@ -37,7 +40,7 @@ RETRY_STAGES = (READ, DECODE, INFER)
 _SCAN = ["item_id", "row_id", "uri", "media_type", "task", "prompt", "status", "error_stage"]
 # what a retry takes from the output's metadata, so its labels are those the run would have written
 _GENERATION = ("max_new_tokens", "temperature", "top_p", "seed", "frames", "clip_seconds", "max_clips", "quantize",
-               "visual_compress")
+               "visual_compress", "clips", "min_clip_seconds", "max_clip_seconds", "clips_per_group")
 
 
 @dataclasses.dataclass
@@ -96,7 +99,14 @@ def merge(output: Output, retried: Retried, new_rows: dict[str, list[dict]]) -> 
         kept = [r for r in rows if r["row_id"] not in gone]
         have = {r["row_id"] for r in kept}
         items = list(dict.fromkeys(r["item_id"] for r in rows if r["row_id"] in gone))
-        fresh = [r for item in items for r in new_rows.get(item, []) if r["row_id"] not in have]
+        spans = {}  # item -> the time spans of its rows retried here (None: the whole item)
+        for r in rows:
+            if r["row_id"] in gone:
+                whole = r["clip_index"] is None or spans.get(r["item_id"], []) is None
+                spans[r["item_id"]] = None if whole else spans.get(r["item_id"], []) + [(r["clip_start_s"],
+                                                                                          r["clip_end_s"])]
+        fresh = [r for item in items for r in new_rows.get(item, [])
+                 if r["row_id"] not in have and _within(r, spans[item])]
         missing = [i for i in items if not new_rows.get(i)]
         if missing:  # the scratch run is whole (its summary was written), so this is a bug, not bad luck
             raise RuntimeError(f"the retry labelled no rows for items {missing[:5]} of {path}")
@@ -112,6 +122,16 @@ def merge(output: Output, retried: Retried, new_rows: dict[str, list[dict]]) -> 
     if output.fs.exists(output.path(TMP_DIR)):
         output.fs.rm(output.path(TMP_DIR), recursive=True)
     return {"files_rewritten": len(retried.files), "rows_replaced": replaced, "new_rows": dict(sorted(status.items()))}
+
+
+def _within(row: dict, spans: list[tuple[float, float]] | None) -> bool:
+    """Whether a relabelled row belongs in place of rows retried over `spans` (None: a whole item's). A video's
+    clip groups lie in several files: a file takes the new rows of its own groups' time spans only (a shots
+    window that failed whole is one row over the window; it now decodes into the clips within it)."""
+    if spans is None:
+        return True
+    start, end = row["clip_start_s"], row["clip_end_s"]
+    return start is not None and any(a - 1e-6 <= start and end <= b + 1e-6 for a, b in spans)
 
 
 def _scratch_rows(scratch: Output, items: set[str]) -> dict[str, list[dict]]:

@@ -1,15 +1,18 @@
-"""Parquet sink: explicit LABEL_SCHEMA, whole items per file, atomic commits, resume by item_id.
+"""Parquet sink: explicit LABEL_SCHEMA, whole units per file, atomic commits, resume by unit.
 
 Files go to an Output (pipeline.output, which owns the directory's layout). A file is
 written under _tmp/ and then moved to its final name `part-<16 hex of sha1(sorted
-item_ids)>.parquet` (a rename on local disks; a server-side copy on object stores, where an
-object appears whole or not at all). A file only ever holds items whose rows are all
-present, so on resume an item_id found in any committed file is finished and is skipped
-(Output.scan): a killed run loses at most its unwritten buffer and never duplicates a row.
+unit keys)>.parquet` (a rename on local disks; a server-side copy on object stores, where an
+object appears whole or not at all). A file only ever holds units whose rows are all present: a
+whole item (an image), or one clip group of a video, recorded in the file's metadata. On resume
+an image found in any committed file is finished, and so is a video whose groups all are; a
+video's committed groups are not labelled again (Output.scan): a killed run loses at most its
+unwritten buffer and never duplicates a row.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -17,73 +20,112 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.output import TMP_DIR, Output, part_name
-from schemas.clips import ITEM_ROWS
+from pipeline.output import GROUPS_KEY, TMP_DIR, Output, part_name
+from schemas.clips import BYTES_READ, GROUP, GROUPS, ITEM_ROWS
 from schemas.rows import COLUMNS, LABEL_SCHEMA
 
 log = logging.getLogger(__name__)
 
 
 class ParquetSink:
-    """Collects labeler output, releases items once all their rows arrived, writes part files.
+    """Collects labeler output, releases units once all their rows arrived, writes part files.
 
-    `add` takes tables with the LABEL_SCHEMA columns plus ITEM_ROWS; a file is committed
-    when `rows_per_file` rows of finished items are buffered or `flush_seconds` passed.
+    A unit is a whole item (an image), or one clip group of a video (its `_group` of `_groups`). `add` takes tables
+    with the LABEL_SCHEMA columns plus the bookkeeping columns (ITEM_ROWS, the rows of the row's unit; GROUP,
+    GROUPS; BYTES_READ); a file is committed when `rows_per_file` rows of finished units are buffered or
+    `flush_seconds` passed. A file records the clip groups it holds in its metadata (pipeline.output.GROUPS_KEY),
+    so that a resume knows a video's committed groups and whether all of them are. `done_groups`: the groups of
+    unfinished videos that earlier runs committed (Output.scan), so that such a video is finished by the rest.
     """
 
     def __init__(self, output: Output, metadata: dict[bytes, bytes], rows_per_file: int = 5000,
-                 flush_seconds: float = 60.0):
+                 flush_seconds: float = 60.0, done_groups: dict[str, frozenset[int]] | None = None):
         self.output = output
         self.fs = output.fs
         self.schema = LABEL_SCHEMA.with_metadata(metadata)
         self.rows_per_file = rows_per_file
         self.flush_seconds = flush_seconds
         self.fs.makedirs(output.base, exist_ok=True)
-        self._partial: dict[str, list[pa.Table]] = {}  # item_id -> its rows so far
-        self._partial_rows: dict[str, int] = {}
+        self._partial: dict[tuple[str, int | None], list[pa.Table]] = {}  # unit -> its rows so far
+        self._partial_rows: dict[tuple[str, int | None], int] = {}
         self._ready: list[pa.Table] = []
+        self._ready_units: list[tuple[str, int | None, int | None]] = []  # (item, group, groups) of _ready
         self._ready_rows = 0
         self._last_flush = time.monotonic()
+        self._groups = {k: set(v) for k, v in (done_groups or {}).items()}  # unfinished videos: groups in hand
         self.files: list[str] = []
         self.rows_written = 0
         self.items_written = 0
+        self.units_written = 0  # units whose rows all arrived: whole items and clip groups
+        self.bytes_read = 0  # what their decodes read from storage (BYTES_READ, once per clip)
         self.finished: set[str] = set()  # items whose rows all arrived (committed, or buffered to be)
 
     def add(self, table: pa.Table) -> None:
-        """Buffer a batch of output rows (any order, any split of an item's rows across batches)."""
+        """Buffer a batch of output rows (any order, any split of a unit's rows across batches)."""
         if table.num_rows == 0:
             return
         ids = table.column("item_id").to_pylist()
+        groups = table.column(GROUP).to_pylist() if GROUP in table.column_names else [None] * len(ids)
+        by_unit: dict[tuple[str, int | None], list[int]] = {}
+        for i, key in enumerate(zip(ids, groups)):
+            by_unit.setdefault(key, []).append(i)
         expected = table.column(ITEM_ROWS).to_pylist()
-        by_item: dict[str, list[int]] = {}
-        for i, item in enumerate(ids):
-            by_item.setdefault(item, []).append(i)
-        for item, idx in by_item.items():
-            rows = table.take(pa.array(idx)).select(COLUMNS)
-            self._partial.setdefault(item, []).append(rows)
-            have = self._partial_rows.get(item, 0) + len(idx)
+        for key, idx in by_unit.items():
+            rows = table.take(pa.array(idx))
+            self._partial.setdefault(key, []).append(rows)
+            have = self._partial_rows.get(key, 0) + len(idx)
             want = expected[idx[0]]
             if have > want:
-                raise AssertionError(f"item {item}: {have} rows arrived, {want} expected (a duplicated row)")
+                raise AssertionError(f"unit {key}: {have} rows arrived, {want} expected (a duplicated row)")
             if have == want:
-                self._ready.extend(self._partial.pop(item))
-                self._partial_rows.pop(item, None)
-                self._ready_rows += have
-                self.items_written += 1
-                self.finished.add(item)
+                self._complete(key, rows)
             else:
-                self._partial_rows[item] = have
+                self._partial_rows[key] = have
         if self._ready_rows >= self.rows_per_file or (
                 self._ready and time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
 
+    def _complete(self, key: tuple[str, int | None], last: pa.Table) -> None:
+        """A unit's rows are all in: ready it for the next file; its item is finished with its last group."""
+        item, group = key
+        parts = self._partial.pop(key)
+        self._partial_rows.pop(key, None)
+        whole = pa.concat_tables(parts)
+        if BYTES_READ in whole.column_names:  # spread over the unit's clips, the same on each prompt's row
+            per_clip = dict(zip(whole.column("clip_index").to_pylist(), whole.column(BYTES_READ).to_pylist()))
+            self.bytes_read += sum(v or 0 for v in per_clip.values())
+        groups = last.column(GROUPS)[0].as_py() if group is not None else None
+        self._ready.append(whole.select(COLUMNS))
+        self._ready_units.append((item, group, groups))
+        self._ready_rows += whole.num_rows
+        self.units_written += 1
+        if group is not None:
+            done = self._groups.setdefault(item, set())
+            done.add(group)
+            if len(done) < groups:
+                return
+            del self._groups[item]
+        self.items_written += 1
+        self.finished.add(item)
+
+    def done_groups(self) -> dict[str, list[int]]:
+        """item_id -> the clip groups in hand (committed or buffered to be) of videos not finished."""
+        return {item: sorted(groups) for item, groups in self._groups.items()}
+
     def flush(self) -> str | None:
-        """Commit the finished items buffered so far as one part file; returns its URI."""
+        """Commit the finished units buffered so far as one part file; returns its URI."""
         self._last_flush = time.monotonic()
         if not self._ready:
             return None
-        table = pa.concat_tables(self._ready).cast(self.schema)
-        name = part_name(table.column("item_id").to_pylist())
+        units = self._ready_units
+        held: dict[str, dict] = {}
+        for item, group, groups in units:
+            if group is not None:
+                held.setdefault(item, {"of": groups, "groups": []})["groups"].append(group)
+        schema = self.schema.with_metadata({**self.schema.metadata, GROUPS_KEY: json.dumps(held).encode()}) \
+            if held else self.schema
+        table = pa.concat_tables(self._ready).cast(schema)
+        name = part_name([item if group is None else f"{item}/{group}" for item, group, _ in units])
         tmp = self.output.path(f"{TMP_DIR}/{uuid.uuid4().hex}-{name}")
         final = self.output.path(name)
         self.fs.makedirs(self.output.path(TMP_DIR), exist_ok=True)
@@ -92,21 +134,21 @@ class ParquetSink:
         self.fs.mv(tmp, final)
         self.files.append(self.output.uri_of(final))
         self.rows_written += table.num_rows
-        self._ready, self._ready_rows = [], 0
+        self._ready, self._ready_units, self._ready_rows = [], [], 0
         log.debug("committed %s (%d rows)", final, table.num_rows)
         return self.files[-1]
 
     def drop_partial(self) -> int:
-        """Forget the rows of items not yet whole (a pipeline rebuilt after a node loss redoes those items from
-        their first row); returns how many items that was."""
-        n = len(self._partial)
+        """Forget the rows of units not yet whole (a pipeline rebuilt after a node loss redoes those units from
+        their first row); returns how many items they belong to."""
+        n = len({item for item, _ in self._partial})
         self._partial.clear()
         self._partial_rows.clear()
         return n
 
     def close(self) -> None:
-        """Flush; every item must be complete by now (rows never go missing silently)."""
+        """Flush; every unit must be complete by now (rows never go missing silently)."""
         if self._partial:
             missing = {k: v for k, v in list(self._partial_rows.items())[:5]}
-            raise AssertionError(f"{len(self._partial)} items ended with rows missing, e.g. {missing}")
+            raise AssertionError(f"{len(self._partial)} units ended with rows missing, e.g. {missing}")
         self.flush()

@@ -1,19 +1,46 @@
-"""The worker contract: decoded clips, from the CPU decode stage to the labeler actors.
+"""The worker contracts: units (split stage -> decode stage) and decoded clips (decode stage -> labeler actors).
 
-Decode turns each item (schemas.manifest.ITEM_SCHEMA) into one row per clip with the
-`DECODED_KEYS` (frames as a uint8 array); `decode_batch` ships them to the labeler as
-CLIP_SCHEMA tables (frames as bytes plus their shape) with ITEM_ROWS, the number of output
-rows the clip's item yields in all (clips x prompts). The labeler copies ITEM_ROWS onto its
-output rows, and the sink commits an item once that many rows arrived.
+The split stage (workers.split) turns each item (schemas.manifest.ITEM_SCHEMA) into units of UNIT_SCHEMA: an
+image is one unit; a video is probed and cut into clip groups, each its own unit (a decode task, and the unit of
+commit). Decode turns a unit into one row per clip with the `DECODED_KEYS` (frames as a uint8 array);
+`decode_units` ships them to the labeler as CLIP_SCHEMA tables (frames as bytes plus their shape) with the
+bookkeeping columns: ITEM_ROWS, the number of output rows the clip's unit yields in all (clips x prompts), the
+unit's GROUP of GROUPS (null for a whole item) and BYTES_READ. The labeler copies them onto its output rows, and
+the sink commits a unit once that many rows arrived (and an item once all its groups did).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.manifest import PROMPT_TYPE
+from schemas.manifest import ITEM_SCHEMA, PROMPT_TYPE
 
-ITEM_ROWS = "_item_rows"  # bookkeeping column: rows the item yields in all; never written to Parquet
+# bookkeeping columns, never written to Parquet
+ITEM_ROWS = "_item_rows"  # rows the clip's unit yields in all (a whole item's, or one clip group's)
+GROUP = "_group"  # the unit's clip group, 0-based; null: the unit is the whole item
+GROUPS = "_groups"  # the item's number of clip groups; null with GROUP
+BYTES_READ = "_bytes_read"  # bytes its decode read from storage, spread over the unit's clips (summed per clip)
+BOOKKEEPING = (ITEM_ROWS, GROUP, GROUPS, BYTES_READ)
+
+# unit kinds (UNIT_SCHEMA's `unit`)
+WHOLE = "item"  # read whole and decoded in memory: images, and what the probe could not open as a video
+CLIPS = "clips"  # planned clips of a video (--clips fixed)
+SHOTS = "shots"  # a window of a video whose clips come from shot detection (--clips shots)
+FAILED = "failed"  # an error row for the item: `error_stage` and `error` say why
+
+CLIP_SPAN = pa.struct([("index", pa.int32()), ("start_s", pa.float64()), ("end_s", pa.float64())])
+
+UNIT_SCHEMA = pa.schema([
+    *ITEM_SCHEMA,
+    ("unit", pa.string()),  # WHOLE / CLIPS / SHOTS / FAILED
+    (GROUP, pa.int32()), (GROUPS, pa.int32()),
+    ("clips", pa.list_(CLIP_SPAN)),  # CLIPS: the clips; SHOTS: one span, the window (index: its first clip's)
+    ("t0", pa.float64()),  # the video's first frame time on its stream's clock (seconds), from the probe
+    ("width", pa.int32()), ("height", pa.int32()),
+    ("bytes_per_s", pa.float64()),  # the file's size over its duration: what its reads are sized by
+    ("error_stage", pa.string()),  # FAILED: the stage (its message is in `error`)
+    (BYTES_READ, pa.int64()),  # the probe's reads, on the item's first unit
+])
 
 DECODED_KEYS = (
     "item_id", "uri", "media_type", "prompts", "clip_index", "clip_start_s", "clip_end_s",
@@ -28,5 +55,5 @@ CLIP_SCHEMA = pa.schema([
     ("frames", pa.large_binary()),  # uint8 (F, S, S, 3), C order; empty on error rows
     ("frame_shape", pa.list_(pa.int32())),
     ("status", pa.string()), ("error_stage", pa.string()), ("error", pa.string()),
-    (ITEM_ROWS, pa.int32()),
+    (ITEM_ROWS, pa.int32()), (GROUP, pa.int32()), (GROUPS, pa.int32()), (BYTES_READ, pa.int64()),
 ])

@@ -107,6 +107,68 @@ def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststar
     return path.read_bytes()
 
 
+def long_mp4(path: Path, seconds: float, fps: int = 4, size: int = 64, gop: int = 8, pad_bytes_per_s: int = 0,
+             faststart: bool = False) -> int:
+    """An H.264 MP4 whose frame i is grey level 2*i mod 256 (no noise: it compresses well), a keyframe every `gop`
+    frames, with an interleaved stereo PCM track of noise at pad_bytes_per_s (rounded to whole samples) that makes
+    the file as big as wanted without costing an encode (the audio is never decoded, only read past, as a film's
+    audio is). Written to `path` one second at a time (memory stays small); returns its size."""
+    import av
+
+    rng = np.random.default_rng(0)
+    samples = pad_bytes_per_s // 4  # s16 stereo: 4 bytes a sample
+    opts = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format="mp4", options=opts) as out:
+        video = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast", "g": str(gop),
+                                                             "keyint_min": str(gop), "sc_threshold": "0"})
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = out.add_stream("pcm_s16le", rate=samples, layout="stereo") if samples else None
+        for s in range(int(np.ceil(seconds))):
+            for k in range(fps):
+                i = s * fps + k
+                if i >= round(seconds * fps):
+                    break
+                pixels = np.full((size, size, 3), (2 * i) % 256, np.uint8)
+                for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                    out.mux(packet)
+            if audio is not None:
+                noise = rng.integers(-32768, 32768, (1, 2 * samples), dtype=np.int16)
+                frame = av.AudioFrame.from_ndarray(noise, format="s16", layout="stereo")
+                frame.sample_rate, frame.pts = samples, s * samples
+                for packet in audio.encode(frame):
+                    out.mux(packet)
+        for stream in [s for s in (video, audio) if s is not None]:
+            for packet in stream.encode():  # flush
+                out.mux(packet)
+    return path.stat().st_size
+
+
+SCENE_COLOURS = [(230, 40, 40), (20, 20, 20), (40, 230, 240), (250, 250, 250), (30, 40, 200), (240, 200, 30)]
+
+
+def scenes_mp4(path: Path, cuts: list[float], seconds: float, fps: int = 10, size: int = 64) -> bytes:
+    """An H.264 MP4 of solid scenes (SCENE_COLOURS in turn, each far from the last in hue or brightness) changing
+    at `cuts` (seconds, on frame starts), with a small white block moving inside each scene (motion is no cut)."""
+    import av
+
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(round(seconds * fps)):
+            scene = sum(i / fps >= c - 1e-9 for c in cuts)
+            pixels = np.empty((size, size, 3), np.uint8)
+            pixels[:] = SCENE_COLOURS[scene % len(SCENE_COLOURS)]
+            x = (3 * i) % (size - 8)
+            pixels[4:10, x:x + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path.read_bytes()
+
+
 def bad_images() -> dict[str, tuple[bytes, str]]:
     """name -> (bytes, the message its error row must hold) for images that cannot be labelled."""
     return {

@@ -123,7 +123,10 @@ def test_entrypoint_forwards_every_run_option():
               "clip_seconds": 2.5, "max_clips": 6, "storage_options": ("key=k", "client_kwargs.endpoint_url=http://x"),
               "overwrite": True, "max_error_rate": 0.25, "job_id": "j1", "rows_per_file": 11, "compile": False,
               "inflight": False, "max_rebuilds": 2, "stall_timeout": 42.5, "quantize": "int8",
-              "visual_compress": "fastv:0.5@2", "report": False, "verbose": True, "choices": "yes,no", "json_schema": '{"type": "object"}'}
+              "visual_compress": "fastv:0.5@2", "report": False, "verbose": True, "choices": "yes,no",
+              "json_schema": '{"type": "object"}',
+              "clips": "shots", "min_clip_seconds": 1.5, "max_clip_seconds": 8.0, "clips_per_group": 5,
+              "decode_workers": 2, "max_bytes": 1000}
     names = {p.name for p in run_command.params if p.name not in ("inputs", "address")}
     assert names <= set(values), f"run options this test does not know yet: {names - set(values)}"
     on = {"compile": True, "batch_size": None, "inflight": True, "report": True}

@@ -101,3 +101,26 @@ def test_s3_to_s3_end_to_end(ray_local, s3_server, tiny_model, tmp_path):
     hf = datasets.load_dataset("parquet", data_files=f"{out}/*.parquet", split="train", storage_options=opts,
                                cache_dir=str(tmp_path / "hf"))
     assert hf.num_rows == table.num_rows
+
+
+def test_long_video_on_s3_is_read_by_range_requests(ray_local, s3_server, tiny_model, tmp_path):
+    """Guards against a video on object storage being downloaded whole (or once per clip group): its probe, one
+    sparse clip and all its groups through the pipeline read what they need by range requests."""
+    import media
+
+    from workers.probe import probe_uri
+    from workers.seek import decode_group
+
+    size = media.long_mp4(tmp_path / "long.mp4", 60, pad_bytes_per_s=100_000)
+    fs = s3_server.fs()
+    fs.put_file(str(tmp_path / "long.mp4"), f"{s3_server.bucket}/videos/long.mp4")
+    uri, opts = f"s3://{s3_server.bucket}/videos/long.mp4", s3_server.storage_options
+    probe = probe_uri(uri, opts)
+    assert probe.duration_s == 60.0 and probe.bytes_read < size / 20
+    clips, read = decode_group(uri, opts, probe.t0, [(0, 0.0, 60.0)], 8, 16)
+    assert len(clips[0].timestamps_s) == 8 and read < size / 2
+    out = tmp_path / "out"
+    summary = run(RunConfig(inputs=(uri,), out=str(out), model=tiny_model, max_new_tokens=2, clip_seconds=5.0,
+                            clips_per_group=3, storage_options=tuple(s3_server.cli_options[1::2])))
+    assert summary["rows"] == summary["clips"] == 12 and summary["status"].get("error", 0) == 0
+    assert 0.9 * size < summary["this_run"]["bytes_read"] < 1.2 * size, (summary["this_run"]["bytes_read"], size)

@@ -1,77 +1,30 @@
-"""The CPU stage: item -> bytes -> frames at the model's input size, one row per clip.
+"""Whole-item decoding: item -> bytes -> frames at the model's input size, one row per clip.
 
-`decode_batch` is the Ray Data stage (ITEM_SCHEMA items -> CLIP_SCHEMA clips); it calls
-`fetch_and_decode` per item. Neither raises for bad input: an item refused when listed, a
-failed read or a failed decode gives ONE error row for the item (status="error", error_stage
-"list", "read" or "decode", a readable message). Every row has the same keys
-(schemas.clips.DECODED_KEYS).
+`fetch_and_decode` reads an item whole and decodes it (images; a video whose header the probe cannot read, for
+the whole-file decoders to recover what they can; and the callers that want one item's frames: the report, the
+benchmarks, training data). The pipeline's own video path streams instead: workers.split probes and cuts a video
+into clip groups, workers.units decodes each by seeking. `decode_batch` runs both stages on a batch of items.
+Nothing here raises for bad input: an item refused when listed, a failed read or a failed decode gives ONE error
+row for the item (status="error", error_stage "list", "read" or "decode", a readable message). Every row has the
+same keys (schemas.clips.DECODED_KEYS).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from schemas.clips import CLIP_SCHEMA, DECODED_KEYS, ITEM_ROWS
+from schemas.clips import CLIP_SCHEMA, DECODED_KEYS
 from schemas.manifest import media_type_from_name
-from schemas.rows import DECODE, IMAGE, LIST, OK, READ, UNKNOWN, VIDEO, error_columns
+from schemas.rows import DECODE, IMAGE, OK, READ, UNKNOWN, VIDEO, error_columns
 from workers.fetch import FetchError, fetch_bytes
-from workers.frames import Clip, DecodedImage, DecodedVideo, DecodeError  # noqa: F401 (re-exported)
+from workers.frames import Clip, DecodedImage, DecodedVideo, DecodeError, sniff_media_type  # noqa: F401 (re-exported)
 from workers.image import decode_image
 from workers.isolate import IsolationError, run_isolated
+from workers.settings import DecodeSettings  # noqa: F401 (re-exported)
 from workers.video import decode_video
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    image_size: int  # the model's square input side S
-    frames_per_clip: int = 8
-    clip_seconds: float = 0.0  # 0: the whole video is one clip
-    max_clips: int | None = None  # keep the first N clips of a video
-    # Pixel limit checked on the header before decoding: 2**26 (~67 MP) admits 64 MP phone
-    # photos (9248x6936) and 8K frames; one such image is ~200 MB as RGB.
-    max_pixels: int = 2**26
-    max_bytes: int | None = 1 << 30  # bigger files are refused at read time
-    timeout_s: float = 60.0  # per item decode, in the isolated child
-    retries: int = 3  # read retries on transient errors
-    storage_options: dict = field(default_factory=dict)  # fsspec options (credentials stay out of rows)
-    isolate: bool = True  # False: decode in this process (debugging; no timeout or crash guard)
-    # The model's input contract for images: None, one image_size square; LLaVA-OneVision's anyres grid
-    # resolutions (height, width): the base view and the grid's image_size tiles (lavi.anyres.anyres_tiles). A tile
-    # count is bounded by the largest pinpoint, so an item's memory stays bounded too.
-    pinpoints: tuple[tuple[int, int], ...] | None = None
-
-    def __post_init__(self):
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
-        if self.frames_per_clip < 1:
-            raise ValueError(f"frames_per_clip must be >= 1, got {self.frames_per_clip}")
-        if self.clip_seconds < 0:
-            raise ValueError(f"clip_seconds must be >= 0 (0 = one clip per video), got {self.clip_seconds}")
-        if self.max_clips is not None and self.max_clips < 1:
-            raise ValueError(f"max_clips must be None or >= 1, got {self.max_clips}")
-        if self.max_pixels < 1 or self.timeout_s <= 0 or self.retries < 0:
-            raise ValueError("max_pixels must be >= 1, timeout_s > 0 and retries >= 0")
-
-
-def sniff_media_type(data: bytes) -> str | None:
-    """'image' or 'video' from the magic bytes, or None when the content is not recognised."""
-    head = data[:16]
-    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")):
-        return IMAGE
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return IMAGE
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return VIDEO
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
-        return IMAGE  # HEIF/AVIF stills: PIL refuses them as "not an image" without a plugin
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
-        return VIDEO  # ISO BMFF / QuickTime (mp4, mov, m4v)
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return VIDEO  # Matroska / WebM
-    return None
 
 
 def _row(item: dict, media_type: str, frames: np.ndarray, **fields) -> dict:
@@ -133,40 +86,41 @@ def fetch_and_decode(
     settings: DecodeSettings,
     decoder: Callable[[dict, DecodeSettings, bytes], list[dict]] = decode_item,
 ) -> list[dict]:
-    """Manifest item -> decoded rows (see `decode_item`); never raises for bad input.
+    """Manifest item -> decoded rows (see `decode_item`), the whole file read into memory; never raises for bad
+    input.
 
-    Reads with retries (failures: one error row, stage "read"), then decodes in the
-    process's isolated child with settings.timeout_s (a hang or crash: one error row,
-    stage "decode"; the next item gets a fresh child). `decoder` must be a module-level
-    function with decode_item's signature.
-    """
+    Reads with retries (failures: one error row, stage "read"; a file over settings.whole_file_bytes is one too),
+    then decodes in the process's isolated child with settings.timeout_s (a hang or crash: one error row,
+    stage "decode"; the next item gets a fresh child). `decoder` must be a module-level function with
+    decode_item's signature. The pipeline streams long videos instead (workers.split, workers.units)."""
+    return read_and_decode(item, settings, decoder)[0]
+
+
+Decoder = Callable[[dict, DecodeSettings, bytes], list[dict]]
+
+
+def read_and_decode(item: dict, settings: DecodeSettings, decoder: Decoder = decode_item) -> tuple[list[dict], int]:
+    """`fetch_and_decode`, and the bytes it read."""
     try:
-        data = fetch_bytes(item["uri"], settings.storage_options, settings.retries, settings.max_bytes)
+        data = fetch_bytes(item["uri"], settings.storage_options, settings.retries, settings.whole_file_bytes)
     except FetchError as err:
-        return [error_row(item, READ, str(err), settings.image_size)]
+        return [error_row(item, READ, str(err), settings.image_size)], 0
     if not settings.isolate:
-        return decoder(item, settings, data)
+        return decoder(item, settings, data), len(data)
     try:
-        return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s)
+        return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s), len(data)
     except IsolationError as err:
-        return [error_row(item, DECODE, str(err), settings.image_size)]
+        return [error_row(item, DECODE, str(err), settings.image_size)], len(data)
 
 
 def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:
-    """Items (schemas.manifest.ITEM_SCHEMA) -> decoded clips (schemas.clips.CLIP_SCHEMA), with ITEM_ROWS.
+    """Items (schemas.manifest.ITEM_SCHEMA) -> decoded clips (schemas.clips.CLIP_SCHEMA), with the bookkeeping
+    columns: the pipeline's split and decode stages (workers.split, workers.units) run one after the other here.
 
     An item refused when listed (its `error` set, e.g. a vqa item without questions) is not
     fetched: it gives one error row of stage "list"."""
-    out: list[dict] = []
-    for item in items.to_pylist():
-        if item.get("error"):
-            rows = [error_row(item, LIST, item["error"], settings.image_size)]
-        else:
-            rows = fetch_and_decode(item, settings)
-        n = len(rows) * len(item["prompts"])
-        for row in rows:
-            frames = np.ascontiguousarray(row.pop("frames"))
-            row.update(frames=frames.tobytes(), frame_shape=list(frames.shape), prompts=item["prompts"])
-            row[ITEM_ROWS] = n
-            out.append(row)
-    return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
+    from workers.split import split_batch
+    from workers.units import decode_units
+
+    tables = list(decode_units(split_batch(items, settings), settings))
+    return pa.concat_tables(tables) if tables else CLIP_SCHEMA.empty_table()

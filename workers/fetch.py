@@ -28,6 +28,9 @@ class FetchError(Exception):
         self.message = message
         self.transient = transient  # True when retries ran out on a transient error
 
+    def __reduce__(self):  # keeps `transient` across the isolated child's pickle
+        return FetchError, (self.message, self.transient)
+
 
 def _optional_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(transient, permanent) exception types of the HTTP and S3 clients, when installed."""

@@ -1,4 +1,4 @@
-"""Shared types of the decoders: the error, the decoded results, and the resize to model input."""
+"""Shared parts of the decoders: the error, the decoded results, the content sniff and the resize to model input."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from schemas.rows import IMAGE, VIDEO
 
 
 class DecodeError(Exception):
@@ -66,3 +68,21 @@ def clean_message(text: str, limit: int = 200) -> str:
     text = "".join(c if " " <= c <= "~" else " " for c in text)
     text = " ".join(text.split())
     return text[:limit] if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """'image' or 'video' from the magic bytes, or None when the content is not recognised."""
+    head = data[:16]
+    if head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")):
+        return IMAGE
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return IMAGE
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return VIDEO
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
+        return IMAGE  # HEIF/AVIF stills: PIL refuses them as "not an image" without a plugin
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return VIDEO  # ISO BMFF / QuickTime (mp4, mov, m4v)
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return VIDEO  # Matroska / WebM
+    return None

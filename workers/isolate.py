@@ -19,7 +19,10 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
+
+from workers.fetch import FetchError
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +162,7 @@ def default_runner() -> IsolatedRunner:
     global _RUNNER
     with _RUNNER_LOCK:
         if _RUNNER is None:
-            _RUNNER = IsolatedRunner(preload=("workers.decode", "decord", "av"))
+            _RUNNER = IsolatedRunner(preload=("workers.decode", "workers.probe", "workers.seek", "decord", "av"))
         return _RUNNER
 
 
@@ -168,3 +171,20 @@ def run_isolated(fn, *args, timeout_s: float):
     (fn a module-level function). Raises IsolationError on a timeout or a crash;
     exceptions raised by fn re-raise unchanged."""
     return default_runner().call(fn, *args, timeout_s=timeout_s)
+
+
+def guarded(fn, *args, settings):
+    """fn(*args) as the decode stages call it: in this process's isolated child when settings.isolate (a
+    workers.settings.DecodeSettings), with settings.timeout_s, and again on a transient read error (settings.retries
+    times, backing off). Raises FetchError, IsolationError, or what fn raises."""
+    for attempt in range(settings.retries + 1):
+        try:
+            if not settings.isolate:
+                return fn(*args)
+            return run_isolated(fn, *args, timeout_s=settings.timeout_s)
+        except FetchError as err:
+            if not err.transient or attempt == settings.retries:
+                raise
+            log.warning("transient read error (attempt %d): %s", attempt + 1, err)
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")

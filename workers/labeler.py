@@ -4,7 +4,8 @@ Labeler is the callable class for `map_batches` (Ray's batch-inference pattern):
 loads the engine once per actor (or `from_engine` wraps one already loaded, as `lavi-label
 eval` does); `__call__` expands each clip's prompts into requests to infer, runs
 `engine.generate` in sub-batches and returns one LABEL_SCHEMA row per (item, clip, prompt),
-plus `_item_rows` (rows the item yields in all) so the sink commits only whole items.
+plus the bookkeeping columns (schemas.clips.BOOKKEEPING: rows its unit yields in all, its clip group, bytes read)
+so the sink commits only whole units.
 Input error rows pass through as error rows; an inference error becomes error rows of stage
 "infer" for its sub-batch; every row leaves with a status (checked). A prompt's constraint (choices
 or a JSON schema, lavi.constrain) masks its tokens; one the model cannot meet, or a text that breaks
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from schemas.clips import ITEM_ROWS
+from schemas.clips import BOOKKEEPING, CLIP_SCHEMA
 from schemas.rows import ERROR, IMAGE, INFER, OK, TRUNCATED, VIDEO, error_columns, row_id, table_from_rows
 from workers.model_cache import local_model_dir
 from workers.progress import RowReporter
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 class Labeler:
-    """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ _item_rows)."""
+    """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ the bookkeeping columns)."""
 
     def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
                  device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
@@ -83,7 +84,7 @@ class Labeler:
         self.max_batch = engine.max_batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """CLIP_SCHEMA rows -> LABEL_SCHEMA rows + ITEM_ROWS, one per (clip, prompt), in input order."""
+        """CLIP_SCHEMA rows -> LABEL_SCHEMA rows + the bookkeeping columns, one per (clip, prompt), in input order."""
         clips, out, asks, rules = self._requests(batch)
         # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
         step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
@@ -107,14 +108,17 @@ class Labeler:
         return clips, out, asks, rules
 
     def _table(self, out: list[dict]) -> pa.Table:
-        """The block's rows as LABEL_SCHEMA + ITEM_ROWS, once every one has its status (checked)."""
+        """The block's rows as LABEL_SCHEMA + the bookkeeping columns, once every one has its status (checked)."""
         self.reporter.flush(wait=True)
         unlabelled = [r["row_id"] for r in out if r["status"] is None]
         if unlabelled:  # a request never asked, or its answer never stored
             raise AssertionError(f"labeler left {len(unlabelled)} of {len(out)} rows without a status, "
                                  f"e.g. {unlabelled[:3]}")
-        table = table_from_rows([{k: v for k, v in r.items() if k != ITEM_ROWS} for r in out])
-        return table.append_column(ITEM_ROWS, pa.array([r[ITEM_ROWS] for r in out], pa.int32()))
+        table = table_from_rows([{k: v for k, v in r.items() if k not in BOOKKEEPING} for r in out])
+        for name in BOOKKEEPING:
+            table = table.append_column(CLIP_SCHEMA.field(name), pa.array([r[name] for r in out],
+                                                                            CLIP_SCHEMA.field(name).type))
+        return table
 
     def _default_prompt(self, media_type: str) -> str:
         return self.engine.default_prompt(media_type if media_type in (IMAGE, VIDEO) else IMAGE)
@@ -144,7 +148,7 @@ class Labeler:
             "task": task, "prompt": prompt, "text": None, "status": None, "error_stage": None, "error": None,
             "num_prompt_tokens": None, "num_generated_tokens": None,
             "model": self.engine.name, "job_id": self.job_id,
-            "created_at": dt.datetime.now(dt.timezone.utc), ITEM_ROWS: clip[ITEM_ROWS], **failed,
+            "created_at": dt.datetime.now(dt.timezone.utc), **{k: clip.get(k) for k in BOOKKEEPING}, **failed,
         }
 
     @staticmethod

@@ -1,0 +1,161 @@
+"""Long videos streamed: probe by range reads, clip groups decoded by seeking, shot boundaries, errors per group."""
+
+from __future__ import annotations
+
+import media
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, SHOTS, UNIT_SCHEMA
+from schemas.manifest import ITEM_SCHEMA, make_item
+from workers.decode import DecodeSettings, decode_batch
+from workers.probe import probe_uri
+from workers.seek import decode_group
+from workers.shots import shot_clips
+from workers.split import split_batch, split_item
+from workers.units import decode_units
+from workers.video import decode_video, plan_clips
+
+pytestmark = pytest.mark.timeout(120)
+S = 32
+PROMPTS = [{"task": "caption", "prompt": "describe the video."}]
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory):
+    """60 s at 4 fps, a keyframe every 2 s, and 100 kB/s of interleaved audio noise: ~6 MB, index at the end."""
+    path = tmp_path_factory.mktemp("v") / "padded.mp4"
+    return path, media.long_mp4(path, 60, pad_bytes_per_s=100_000)
+
+
+@pytest.fixture(scope="module")
+def video10(tmp_path_factory):
+    """10 s, 8 fps, 64x64; frame i has grey level 2*i (+- noise)."""
+    path = tmp_path_factory.mktemp("v") / "ten.mp4"
+    media.mp4(path, seconds=10, fps=8)
+    return path
+
+
+def _units(uri: str, settings: DecodeSettings, done: dict | None = None) -> list[dict]:
+    return split_batch(pa.Table.from_pylist([make_item(uri, PROMPTS)], schema=ITEM_SCHEMA), settings, done).to_pylist()
+
+
+def test_probe_reads_the_header_not_the_file(padded):
+    """Guards against a probe that reads the whole file (a 5 GB archive file read to learn its duration), also when
+    the index is at the end of the file."""
+    path, size = padded
+    probe = probe_uri(str(path), None)
+    assert (probe.kind, probe.duration_s, probe.width, probe.height, probe.size) == ("video", 60.0, 64, 64, size)
+    assert probe.bytes_read < size / 20, (probe.bytes_read, size)
+
+
+def test_groups_decode_what_the_whole_file_decoder_does(video10):
+    """Guards against the streamed path sampling other frames, times or clips than the in-memory decoder (decord)
+    that it replaces for the pipeline's videos."""
+    settings = DecodeSettings(image_size=S, clip_seconds=1.0, clips_per_group=3, isolate=False)
+    units = _units(str(video10), settings)
+    assert [u["unit"] for u in units] == [CLIPS] * 4 and [len(u["clips"]) for u in units] == [3, 3, 3, 1]
+    streamed = [c for u in units for c in decode_group(str(video10), None, u["t0"],
+                [(c["index"], c["start_s"], c["end_s"]) for c in u["clips"]], 8, S)[0]]
+    whole = decode_video(video10.read_bytes(), S, 8, 1.0, None)
+    assert whole.decoder == "decord" and len(streamed) == len(whole.clips) == 10
+    for a, b in zip(streamed, whole.clips):
+        assert (a.index, a.start_s, a.end_s, a.timestamps_s) == (b.index, b.start_s, b.end_s, b.timestamps_s)
+        assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 2
+
+
+def test_groups_read_the_file_about_once(padded):
+    """Guards against clip groups that each read from the start of the file, re-read their neighbours' bytes or
+    fetch far past their end: the probe and all the groups of a video together read it about once."""
+    path, size = padded
+    settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=3, isolate=False)
+    units = _units(str(path), settings)
+    assert len(units) == 4 and units[0][GROUPS] == 4
+    rows = pa.concat_tables(decode_units(pa.Table.from_pylist(units, schema=UNIT_SCHEMA), settings)).to_pylist()
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
+    read = sum(r[BYTES_READ] for r in rows)
+    assert 0.9 * size < read < 1.15 * size, (read, size)
+
+
+def test_sparse_frames_are_reached_by_seeking(padded, tmp_path):
+    """Guards against decoding through a whole video for one clip's 8 frames (a 2-hour film as one clip), and
+    against seeks that land on the same far keyframe again and again (a long GOP re-read for every frame)."""
+    path, size = padded
+    clips, read = decode_group(str(path), None, 0.0, [(0, 0.0, 60.0)], 8, S)
+    assert clips[0].timestamps_s == [3.75, 11.25, 18.75, 26.25, 33.75, 41.25, 48.75, 56.25]
+    for t, frame in zip(clips[0].timestamps_s, clips[0].frames):
+        assert abs(frame.mean() - (2 * round(t * 4)) % 256) < 3  # the frame on screen at t
+    assert read < size / 2, (read, size)
+    one_gop = tmp_path / "one_gop.mp4"
+    size = media.long_mp4(one_gop, 60, gop=1000, pad_bytes_per_s=100_000)  # one keyframe, at 0
+    assert decode_group(str(one_gop), None, 0.0, [(0, 0.0, 60.0)], 8, S)[1] < 1.3 * size
+
+
+def test_shot_boundaries_are_found_within_a_frame(tmp_path):
+    """Guards against clips that span a cut, boundaries off the true cuts, rows != clips, or a window's clips
+    leaving a decode task all at once (more than clips_per_group clips' frames in one table)."""
+    cuts, fps = [2.3, 5.0, 7.7, 11.2], 10
+    path = tmp_path / "scenes.mp4"
+    media.scenes_mp4(path, cuts, 14.0, fps)
+    settings = DecodeSettings(image_size=S, clips="shots", min_clip_seconds=1.0, max_clip_seconds=10.0,
+                              clips_per_group=2, isolate=False)
+    units = _units(str(path), settings)
+    assert [u["unit"] for u in units] == [SHOTS] and units[0]["clips"][0]["end_s"] == 14.0
+    tables = list(decode_units(pa.Table.from_pylist(units, schema=UNIT_SCHEMA), settings))
+    assert [t.num_rows for t in tables] == [2, 2, 1]
+    rows = pa.concat_tables(tables).to_pylist()
+    assert all(r["status"] == "ok" and r[ITEM_ROWS] == 5 for r in rows)
+    starts = [r["clip_start_s"] for r in rows]
+    assert [r["clip_index"] for r in rows] == [0, 1, 2, 3, 4] and starts[0] == 0.0 and rows[-1]["clip_end_s"] == 14.0
+    assert np.abs(np.array(starts[1:]) - cuts).max() <= 1 / fps + 1e-6, starts
+    for r in rows:
+        assert not [c for c in cuts if r["clip_start_s"] + 1 / fps < c < r["clip_end_s"] - 1 / fps], r
+        frames = np.frombuffer(r["frames"], np.uint8).reshape(r["frame_shape"])
+        scene = media.SCENE_COLOURS[sum(r["clip_start_s"] >= c - 0.15 for c in cuts)]
+        assert np.abs(np.median(frames.reshape(-1, 3), axis=0) - scene).max() < 25  # one scene's frames only
+
+
+def test_shot_bounds_merge_short_and_split_long():
+    """Guards against the --min/--max-clip-seconds rules: a short shot must join its shorter neighbour, a long one
+    split into equal parts, and the clips must still tile the window."""
+    assert shot_clips([3.0, 3.2, 8.0], 0.0, 12.0, 1.0, 4.0) == [(0.0, 3.2), (3.2, 5.6), (5.6, 8.0), (8.0, 12.0)]
+    assert shot_clips([], 0.0, 25.0, 2.0, 10.0) == [(0.0, 25 / 3), (25 / 3, 50 / 3), (50 / 3, 25.0)]
+    assert shot_clips([0.5], 0.0, 1.5, 2.0, 10.0) == [(0.0, 1.5)]  # one piece left, however short
+
+
+def test_a_broken_group_gives_error_rows_for_its_clips(padded, tmp_path):
+    """Guards against a failed clip group failing the task, losing its clips' rows, or failing its neighbours: a
+    group that times out in its isolated child, or whose file went away, is error rows for exactly its clips."""
+    path, _ = padded
+    settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=5)
+    units = pa.Table.from_pylist(_units(str(path), settings), schema=UNIT_SCHEMA)
+    rushed = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=5, timeout_s=0.001)
+    rows = pa.concat_tables(decode_units(units.slice(1, 1), rushed)).to_pylist()
+    assert [r["clip_index"] for r in rows] == [5, 6, 7, 8, 9] and {r[GROUP] for r in rows} == {1}
+    assert all(r["status"] == "error" and r["error_stage"] == "decode" and "timed out" in r["error"] for r in rows)
+    assert all(r[ITEM_ROWS] == 5 and r["clip_start_s"] is not None for r in rows)
+    ok = pa.concat_tables(decode_units(units.slice(0, 1), settings)).to_pylist()
+    assert [r["status"] for r in ok] == ["ok"] * 5
+    gone = tmp_path / "gone.mp4"
+    gone.write_bytes(path.read_bytes())
+    later = pa.Table.from_pylist(_units(str(gone), settings), schema=UNIT_SCHEMA)
+    gone.unlink()
+    rows = pa.concat_tables(decode_units(later.slice(0, 1), settings)).to_pylist()
+    assert len(rows) == 5 and all((r["status"], r["error_stage"], r["error"]) == ("error", "read", "not found")
+                                  for r in rows)
+
+
+def test_split_leaves_out_committed_groups_and_refuses_by_size(padded, tmp_path):
+    """Guards against a resumed video labelling its committed groups again, and against the user's byte limit
+    being lost with the whole-file limit (a video over --max-bytes is a read error row, never read)."""
+    path, size = padded
+    settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=3, isolate=False)
+    item = make_item(str(path), PROMPTS)
+    assert [u[GROUP] for u in split_item(item, settings, frozenset({0, 2}))] == [1, 3]
+    assert sum(len(c["clips"]) for c in [u for u in split_item(item, settings)]) == len(plan_clips(60.0, 5.0, None))
+    small = DecodeSettings(image_size=S, max_bytes=size - 1, isolate=False)
+    [refused] = split_item(item, small)
+    assert (refused["unit"], refused["error_stage"]) == (FAILED, "read") and "file too large" in refused["error"]
+    rows = decode_batch(pa.Table.from_pylist([item], schema=ITEM_SCHEMA), small).to_pylist()
+    assert len(rows) == 1 and rows[0]["error"].startswith("file too large")

@@ -1,0 +1,85 @@
+"""The split stage: items -> units (schemas.clips.UNIT_SCHEMA), before anything is decoded.
+
+An image (by name) is one WHOLE unit, read and decoded whole by the decode stage. Any other item is probed
+(workers.probe: a few range reads, in the isolated child): a video is cut into clip groups, one unit each, so one
+long video is decoded by many tasks at once and no task holds more than `clips_per_group` clips' frames:
+  --clips fixed  its clips (workers.video.plan_clips), clips_per_group at a time (CLIPS units);
+  --clips shots  windows of clips_per_group * max_clip_seconds seconds (SHOTS units), each cut at its own shots.
+A group already committed by an earlier run (`done`, from pipeline.output) is left out: a video half done when a
+run was killed is finished by labelling only its other groups. Content the probe finds to be an image, and a
+video the probe cannot open (a truncated or odd file the whole-file decoders may still recover), are WHOLE units
+while they fit the whole-file limit; a failed read, a file over the user's byte limit or a video too large in
+pixels is a FAILED unit (one error row). Nothing here raises for bad input.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, SHOTS, UNIT_SCHEMA, WHOLE
+from schemas.manifest import media_type_from_name
+from schemas.rows import DECODE, IMAGE, LIST, READ
+from workers.fetch import FetchError
+from workers.isolate import IsolationError, guarded
+from workers.probe import VideoProbe, probe_uri
+from workers.settings import FIXED, SHOT_STRIDE, DecodeSettings
+from workers.video import plan_clips
+
+
+def unit(item: dict, kind: str, **fields) -> dict:
+    """A row of UNIT_SCHEMA for `item`."""
+    row = {name: item.get(name) for name in UNIT_SCHEMA.names}
+    row.update({"unit": kind, BYTES_READ: 0}, **fields)
+    return row
+
+
+def split_item(item: dict, settings: DecodeSettings, done: frozenset[int] = frozenset()) -> list[dict]:
+    """One item's units (see the module doc); `done`: its clip groups already committed."""
+    if item.get("error"):  # refused when listed: never fetched
+        return [unit(item, FAILED, error_stage=LIST)]
+    if (item.get("media_type") or media_type_from_name(item["uri"])) == IMAGE:
+        return [unit(item, WHOLE)]
+    try:
+        probe = guarded(probe_uri, item["uri"], settings.storage_options, settings.max_pixels, settings=settings)
+    except FetchError as err:
+        return [unit(item, FAILED, error_stage=READ, error=str(err))]
+    except IsolationError as err:
+        return [unit(item, FAILED, error_stage=DECODE, error=str(err))]
+    if settings.max_bytes is not None and probe.size > settings.max_bytes:
+        return [unit(item, FAILED, error_stage=READ, error=f"file too large: over the limit of {settings.max_bytes} "
+                                                             "bytes", **{BYTES_READ: probe.bytes_read})]
+    if probe.kind != "video":
+        if probe.kind == "broken" and probe.size > settings.whole_file_bytes:
+            return [unit(item, FAILED, error_stage=DECODE, error=probe.error, **{BYTES_READ: probe.bytes_read})]
+        return [unit(item, WHOLE, **{BYTES_READ: probe.bytes_read})]  # the whole-file decoders take it from here
+    units = plan_units(item, probe, settings, done)
+    if units:
+        units[0][BYTES_READ] = probe.bytes_read
+    return units
+
+
+def plan_units(item: dict, probe: VideoProbe, settings: DecodeSettings, done: frozenset[int]) -> list[dict]:
+    """A probed video's clip groups not in `done`, as CLIPS or SHOTS units."""
+    video = {"t0": probe.t0, "width": probe.width, "height": probe.height, "media_type": "video",
+             "bytes_per_s": probe.size / max(probe.duration_s, 1e-3)}
+    if settings.clips == FIXED:
+        spans = plan_clips(probe.duration_s, settings.clip_seconds, settings.max_clips)
+        g = settings.clips_per_group
+        groups = [[{"index": k, "start_s": a, "end_s": b} for k, (a, b) in enumerate(spans)][i:i + g]
+                  for i in range(0, len(spans), g)]
+        kind = CLIPS
+    else:
+        windows = plan_clips(probe.duration_s, settings.shot_window_s, None)
+        groups = [[{"index": w * SHOT_STRIDE, "start_s": a, "end_s": b}] for w, (a, b) in enumerate(windows)]
+        kind = SHOTS
+    return [unit(item, kind, clips=clips, **{GROUP: g, GROUPS: len(groups)}, **video)
+            for g, clips in enumerate(groups) if g not in done]
+
+
+def split_batch(items: pa.Table, settings: DecodeSettings, done: dict[str, list[int]] | None = None) -> pa.Table:
+    """Items (schemas.manifest.ITEM_SCHEMA) -> units (schemas.clips.UNIT_SCHEMA). `done`: item_id -> the clip
+    groups an earlier run committed (left out)."""
+    done = done or {}
+    rows = [u for item in items.to_pylist()
+            for u in split_item(item, settings, frozenset(done.get(item["item_id"], ())))]
+    return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)

@@ -1,0 +1,119 @@
+"""The decode stage: units (schemas.clips.UNIT_SCHEMA) -> decoded clips (CLIP_SCHEMA), one row per clip.
+
+`decode_units` is the Ray Data stage, a generator: a unit's rows leave in tables of at most clips_per_group clips,
+so a task never holds more than that many clips' frames (a shots window may give more clips than that). By kind:
+  FAILED  one error row (its stage and message from the split stage);
+  WHOLE   read whole and decoded in memory (workers.decode.read_and_decode);
+  CLIPS   its clips decoded by seeking (workers.seek.decode_group), one isolated call with the timeout;
+  SHOTS   the window's shot changes found (workers.shots.detect_cuts, one isolated call), its clips bounded
+          (shot_clips) and numbered from the window's first index, then decoded clips_per_group per call.
+A group that fails gives error rows for its clips (stage read or decode), never a failed task. Each row carries
+the unit's bookkeeping (schemas.clips.BOOKKEEPING): its rows in all, its group, and the bytes read for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.clips import BYTES_READ, CLIP_SCHEMA, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, SHOTS, WHOLE
+from schemas.rows import DECODE, OK, READ, VIDEO, error_columns
+from workers.decode import error_row, read_and_decode
+from workers.fetch import FetchError
+from workers.frames import DecodeError
+from workers.isolate import IsolationError, guarded
+from workers.seek import decode_group
+from workers.settings import DecodeSettings
+from workers.shots import detect_cuts, shot_clips
+from workers.stream import fetch_limit
+
+Span = tuple[int, float, float]  # (clip index, start_s, end_s)
+
+
+def decode_units(units: pa.Table, settings: DecodeSettings) -> Iterator[pa.Table]:
+    """Units -> CLIP_SCHEMA tables (see the module doc); never raises for bad input."""
+    for u in units.to_pylist():
+        yield from decode_unit(u, settings)
+
+
+def decode_unit(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
+    """One unit's clips, in tables of at most clips_per_group clips."""
+    kind = u["unit"]
+    if kind == FAILED:
+        yield _table(u, [error_row(u, u["error_stage"], u["error"], settings.image_size)], 1, u[BYTES_READ])
+    elif kind == WHOLE:
+        rows, read = read_and_decode(u, settings)
+        yield _table(u, rows, len(rows), u[BYTES_READ] + read)
+    elif kind == CLIPS:
+        spans = [(c["index"], c["start_s"], c["end_s"]) for c in u["clips"]]
+        rows, read = _decode_spans(u, spans, settings)
+        yield _table(u, rows, len(rows), u[BYTES_READ] + read)
+    elif kind == SHOTS:
+        yield from _decode_window(u, settings)
+    else:
+        raise ValueError(f"unknown unit kind {kind!r}")
+
+
+def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
+    """A SHOTS unit: detect, bound, then decode its clips a group at a time."""
+    window = u["clips"][0]
+    first, a, b = window["index"], window["start_s"], window["end_s"]
+    read = u[BYTES_READ]
+    if b - a < settings.min_clip_seconds:  # too short to hold two clips: nothing to detect
+        cuts = []
+    else:
+        try:
+            cuts, n = guarded(detect_cuts, u["uri"], settings.storage_options, u["t0"], a, b,
+                              fetch_limit(b - a, u["bytes_per_s"]), settings=settings)
+            read += n
+        except (FetchError, DecodeError, IsolationError) as err:
+            yield _table(u, [_clip_error(u, (first, a, b), err, settings)], 1, read)
+            return
+    spans = [(first + k, s, e) for k, (s, e) in
+             enumerate(shot_clips(cuts, a, b, settings.min_clip_seconds, settings.max_clip_seconds))]
+    step = settings.clips_per_group
+    for i in range(0, len(spans), step):
+        rows, n = _decode_spans(u, spans[i:i + step], settings)
+        yield _table(u, rows, len(spans), read + n)
+        read = 0
+
+
+def _decode_spans(u: dict, spans: list[Span], settings: DecodeSettings) -> tuple[list[dict], int]:
+    """(one row per clip, bytes read): their frames by one isolated decode_group call, or error rows."""
+    limit = fetch_limit(spans[-1][2] - spans[0][1], u["bytes_per_s"])
+    try:
+        clips, read = guarded(decode_group, u["uri"], settings.storage_options, u["t0"], spans,
+                              settings.frames_per_clip, settings.image_size, limit, settings=settings)
+    except (FetchError, DecodeError, IsolationError) as err:
+        return [_clip_error(u, span, err, settings) for span in spans], 0
+    return [_clip_row(u, clip.index, clip.start_s, clip.end_s, clip.frames, frame_timestamps_s=clip.timestamps_s,
+                      status=OK) for clip in clips], read
+
+
+def _clip_row(u: dict, index: int, start_s: float, end_s: float, frames: np.ndarray, **fields) -> dict:
+    return {"item_id": u["item_id"], "uri": u["uri"], "media_type": VIDEO, "prompts": u["prompts"],
+            "clip_index": index, "clip_start_s": start_s, "clip_end_s": end_s, "frame_timestamps_s": None,
+            "width": u["width"], "height": u["height"], "frames": frames, "error_stage": None, "error": None,
+            **fields}
+
+
+def _clip_error(u: dict, span: Span, err: Exception, settings: DecodeSettings) -> dict:
+    stage = READ if isinstance(err, FetchError) else DECODE
+    empty = np.zeros((0, settings.image_size, settings.image_size, 3), np.uint8)
+    return _clip_row(u, *span, empty, **error_columns(stage, str(err)))
+
+
+def _table(u: dict, rows: list[dict], unit_clips: int, read: int) -> pa.Table:
+    """Decoded rows -> CLIP_SCHEMA, with the unit's bookkeeping: rows in all (unit_clips x prompts), its group,
+    and `read` bytes spread over these rows (the sink sums them once per clip)."""
+    prompts = len(u["prompts"])
+    out = []
+    for i, row in enumerate(rows):
+        frames = np.ascontiguousarray(row.pop("frames"))
+        row.update(frames=frames.tobytes(), frame_shape=list(frames.shape), prompts=u["prompts"])
+        row.update({ITEM_ROWS: unit_clips * prompts, GROUP: u[GROUP], GROUPS: u[GROUPS],
+                    BYTES_READ: read // len(rows) + (read % len(rows) if i == 0 else 0)})
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
