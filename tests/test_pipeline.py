@@ -246,6 +246,7 @@ def test_unschedulable_pool_and_bad_frames_are_refused(ray_local, tiny_model, tm
         run(RunConfig(**{**base.__dict__, "frames": 10_000}))
 
 
+@pytest.mark.timeout(600)  # three pipelines, one rebuilt: minutes on a loaded 2-core machine
 def test_a_lost_actor_rebuilds_the_pipeline_over_the_items_left(ray_local, tiny_model, tmp_path, monkeypatch):
     """Guards against a lost node, actor or object ending the job although its committed items are safe, and
     against the rebuilt pipeline redoing finished items or leaving a half-labelled item's rows twice; anything else
