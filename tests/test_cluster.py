@@ -126,7 +126,7 @@ def test_entrypoint_forwards_every_run_option():
               "visual_compress": "fastv:0.5@2", "report": False, "verbose": True, "choices": "yes,no",
               "json_schema": '{"type": "object"}',
               "clips": "shots", "min_clip_seconds": 1.5, "max_clip_seconds": 8.0, "clips_per_group": 5,
-              "decode_workers": 2, "max_bytes": 1000}
+              "decode_workers": 2, "max_bytes": 1000, "cpus_per_worker": 0.25, "fetch_retries": 5}
     names = {p.name for p in run_command.params if p.name not in ("inputs", "address")}
     assert names <= set(values), f"run options this test does not know yet: {names - set(values)}"
     on = {"compile": True, "batch_size": None, "inflight": True, "report": True}
