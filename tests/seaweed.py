@@ -86,11 +86,12 @@ class Weed:
             return False
         return True
 
-    def stop(self) -> None:
-        """SIGTERM to the one process started here; SIGKILL if it lingers."""
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM to the one process started here (SIGKILL if it lingers); `kill`: SIGKILL at once, a store that
+        goes away in an instant rather than over its seconds of shutdown."""
         if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:

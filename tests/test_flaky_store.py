@@ -1,15 +1,15 @@
 """An object store that goes away mid-job and comes back: a real SeaweedFS (tests/seaweed.py) stopped for ~20 s
 and started again on the same ports and data directory, under a real pipeline on the session's local Ray.
 
-The input bucket is stopped once the first decode task runs (decode tasks one at a time: the reads after it meet
-the outage), the output bucket once the first part file is committed (the commits after it meet it): moments the
-job reached, not guesses.
+The input bucket is killed once the job's listing is written, before any input is read, and comes back after
+~20 s and once a part file is committed (so the reads of at least that file's items met the outage); the output
+bucket is stopped once the first part file is committed (the commits after it meet it): moments the job reached,
+not guesses.
 """
 
 from __future__ import annotations
 
 import glob
-import os
 import secrets
 import threading
 import time
@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import children, cmdline
 from pipeline.config import RunConfig
 from seaweed import Weed
 
@@ -73,14 +72,17 @@ def run_in_thread(config: RunConfig) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def outage_when(weed: Weed, reached, thread: threading.Thread, what: str) -> None:
-    """Stop the store once `reached()` (polled), keep it down OUTAGE_S, start it again on the same ports and data."""
+def outage_when(weed: Weed, reached, thread: threading.Thread, what: str, until=None, kill: bool = False) -> None:
+    """Stop the store once `reached()` (polled), keep it down OUTAGE_S and, if given, until `until()`, then start it
+    again on the same ports and data."""
     deadline = time.monotonic() + 300
     while not reached():
         assert thread.is_alive() and time.monotonic() < deadline, f"the job ended or never reached {what}"
         time.sleep(0.05)
-    weed.stop()
+    weed.stop(kill=kill)
     time.sleep(OUTAGE_S)
+    while until is not None and not until() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert weed.start(), "".join(weed.lines[-20:])
 
 
@@ -105,16 +107,16 @@ def test_an_input_store_down_mid_job_gives_retried_read_errors_then_retry_finish
     the summary counts them), and `lavi-label retry` then labels those, still exactly once."""
     from pipeline.retry import retry
 
-    n = 40
+    n = 20
     fs = s3fs_of(flaky_s3)
     fs.put(str(images(tmp_path / "corpus", n)), "flaky/in-a/", recursive=True)
     out = tmp_path / "out"
     config = RunConfig(inputs=("s3://flaky/in-a/",), out=str(out), model=tiny_model, task="vqa", questions=QUESTIONS,
                        storage_options=storage(flaky_s3), fetch_retries=2, max_new_tokens=4, batch_size=2,
-                       decode_workers=1, address=ray_local)
+                       rows_per_file=4, address=ray_local)
     thread, result = run_in_thread(config)
-    outage_when(flaky_s3, lambda: any("decode_units" in cmdline(p) for p in children(os.getpid())), thread,
-                "a decode task")
+    outage_when(flaky_s3, lambda: glob.glob(str(out / "_listing" / "shard-*.parquet")), thread, "its listing",
+                until=lambda: glob.glob(str(out / "part-*.parquet")), kill=True)
     thread.join(600)
     assert not thread.is_alive() and "error" not in result, result.get("error")
     rows = rows_of(glob.glob(str(out / "part-*.parquet")))
