@@ -45,6 +45,8 @@ EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them
                   help="Rows per generation batch; auto: as many as GPU memory holds (measured at load), 32 on CPU."),
     click.option("--workers", default=1, show_default=True, help="Labeler actors (model replicas)."),
     click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per actor; 0 runs on CPU."),
+    click.option("--cpus-per-worker", default=0.5, show_default=True,
+                  help="CPUs each CPU labeler actor (--gpus-per-worker 0) asks Ray for."),
     click.option("--compile/--no-compile", "compile", default=None,
                   help="torch.compile the decode step (CUDA graphs). Default: on a GPU, not on CPU."),
     click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
@@ -54,6 +56,9 @@ EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them
     click.option("--stall-timeout", default=300.0, show_default=True,
                   help="Seconds with no row before the driver says what the cluster has and what waits; after twice "
                        "that it exits (4) with that message, committed items kept. 0: wait forever."),
+    click.option("--fetch-retries", default=3, show_default=True,
+                  help="Retries of an input's read on transient errors (exponential backoff from 0.5 s, 30 s of "
+                       "waiting at most); then the item is an error row of stage read, for `retry` (0: no retries)."),
     click.option("--max-rebuilds", default=3, show_default=True,
                   help="When a node, actor or object is lost mid-job, rebuild the pipeline over the items not done "
                        "yet, at most this many times (0: fail)."),

@@ -277,7 +277,7 @@ def submit(address: str, token_file: str | None, submission_id: str | None, wait
     if config.gpus_per_worker > 0:
         gpus = cluster_gpus(address, token)
         want = config.workers * config.gpus_per_worker
-        if gpus is not None and gpus < want:  # `run` refuses this too (pipeline.graph.check_resources)
+        if gpus is not None and gpus < want:  # `run` refuses this too (pipeline.recovery.check_resources)
             raise click.UsageError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker:g} = "
                                    f"{want:g} GPUs; the cluster has {gpus:g}: lower them, or add GPU nodes first")
     working_dir, model_arg = stage_working_dir(config.model)

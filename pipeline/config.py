@@ -16,6 +16,7 @@ from lavi.compress import VisualCompress
 from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
+from workers.fetch import DEFAULT_RETRIES
 from workers.settings import CLIP_MODES, FIXED, SHOTS, DecodeSettings
 
 # CPUs of each read and decode task: a fraction, so that what a node loss leaves (one small node beside a labeler
@@ -99,6 +100,7 @@ class RunConfig:
     quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.quant)
     visual_compress: str | None = None  # concat models: dct:KEEP or fastv:KEEP@LAYER (lavi.compress)
     stall_timeout: float = 300.0  # s with no row: warn (what the cluster has, what waits); twice that: fail. 0: off
+    fetch_retries: int = DEFAULT_RETRIES  # retries of a read on transient errors (backoff, RETRY_BUDGET_S at most)
     max_rebuilds: int = 3  # times the Ray Data graph is rebuilt over what is left after a lost node, actor or object
     verbose: bool = False  # Ray Data's own log lines on the terminal too (they always go to its log file)
     decode_batch_size: int = 4  # items per decode task
@@ -140,6 +142,8 @@ class RunConfig:
             raise ValueError(f"--quantize must be int8 (or left out), got {self.quantize!r}")
         if self.visual_compress is not None:
             object.__setattr__(self, "visual_compress", VisualCompress.parse(self.visual_compress).spelled())
+        if not isinstance(self.fetch_retries, int) or self.fetch_retries < 0:
+            raise ValueError(f"--fetch-retries must be an integer >= 0 (0: no retries), got {self.fetch_retries!r}")
         if self.max_rebuilds < 0:
             raise ValueError(f"--max-rebuilds must be >= 0, got {self.max_rebuilds}")
         _positive("decode_batch_size", self.decode_batch_size)
@@ -191,7 +195,7 @@ class RunConfig:
                  "min_clip_seconds": self.min_clip_seconds, "max_clip_seconds": self.max_clip_seconds}
         return DecodeSettings(image_size=image_size, frames_per_clip=frames, clips=self.clips,
                               clips_per_group=self.clips_per_group, max_bytes=self.max_bytes,
-                              storage_options=self.storage, pinpoints=pinpoints,
+                              retries=self.fetch_retries, storage_options=self.storage, pinpoints=pinpoints,
                               **{k: v for k, v in given.items() if v is not None})
 
     @property

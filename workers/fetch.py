@@ -1,13 +1,18 @@
 """Read one input's bytes through fsspec, with retries on transient errors.
 
 Filesystems come from workers.storage (cached per protocol and storage options, so a Ray
-worker opens one S3/HTTP client and reuses it for every item).
+worker opens one S3/HTTP client and reuses it for every item). `retrying` is the one retry
+loop of reads and commits: exponential backoff, bounded in attempts and in total time, so an
+object store that is down for a while costs each read at most RETRY_BUDGET_S before it
+becomes an error row, and a store that comes back within that time costs nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
@@ -15,6 +20,14 @@ from fsspec.core import split_protocol
 from workers.storage import filesystem
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_RETRIES = 3  # retries after the first attempt (--fetch-retries)
+RETRY_BUDGET_S = 30.0  # the most one read sleeps between its attempts, all retries together
+# the job's own files (listing shards, part files, the summary) on the output's store: retried for longer than a
+# user's input, so that a store unreachable for a while delays the job instead of failing it
+OWN_RETRIES, OWN_BUDGET_S = 10, 180.0
+RETRIED_OUT = "failed after"  # in the message of an error whose retries ran out (what summaries count)
 
 # errors that retrying cannot fix
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
@@ -95,29 +108,57 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
-def fetch_bytes(
-    uri: str,
-    storage_options: dict | None = None,
-    retries: int = 3,
-    max_bytes: int | None = None,
-    backoff_s: float = 0.5,
-) -> bytes:
-    """All bytes of `uri`, read through fsspec.
+def backoff_delays(retries: int, backoff_s: float = 0.5, budget_s: float = RETRY_BUDGET_S) -> list[float]:
+    """The sleeps before each retry: backoff_s * 2**k, cut so that they add up to at most budget_s (retries that
+    would start past the budget are not made)."""
+    delays, left = [], budget_s
+    for k in range(retries):
+        delay = min(backoff_s * 2**k, left)
+        if delay <= 1e-6:  # the budget is spent (up to float error)
+            break
+        delays.append(delay)
+        left -= delay
+    return delays
 
-    Retries `retries` times after the first attempt on transient errors (connection,
-    timeout, HTTP 5xx/429, other OSErrors), sleeping backoff_s * 2**attempt between tries;
-    never retries not-found or permission errors. Files over `max_bytes` are refused.
-    Raises FetchError with a message fit for a row on final failure.
-    """
-    fs, path = open_filesystem(uri, storage_options)
-    for attempt in range(retries + 1):
+
+def retrying(call: Callable[[], T], what: str, retries: int = DEFAULT_RETRIES, backoff_s: float = 0.5,
+             budget_s: float = RETRY_BUDGET_S, on_retry: Callable[[], None] | None = None, target: str = "") -> T:
+    """call(), retried on transient errors (connection, timeout, HTTP 5xx/429, other OSErrors) after the sleeps of
+    `backoff_delays`; never on not-found or permission errors. Raises FetchError with a message fit for a row:
+    "<what> failed after N attempts (retried for S s): ..." once the retries or the budget run out. `target` (a uri)
+    goes into the log lines only."""
+    delays = backoff_delays(retries, backoff_s, budget_s)
+    for attempt in range(len(delays) + 1):
         try:
-            return _read(fs, path, max_bytes)
+            return call()
         except _KNOWN as err:
             if _classify(err) == "permanent":
                 raise FetchError(_describe(err)) from err
-            if attempt == retries:
-                raise FetchError(f"read failed after {retries + 1} attempts: {_describe(err)}", transient=True) from err
-            log.warning("transient read error on %s (attempt %d): %s", uri, attempt + 1, _describe(err))
-            time.sleep(backoff_s * 2**attempt)
+            if attempt == len(delays):
+                raise FetchError(f"{what} {RETRIED_OUT} {attempt + 1} attempts (retried for {sum(delays):g} s): "
+                                 f"{_describe(err)}", transient=True) from err
+            log.warning("transient %s error on %s (attempt %d of %d): %s", what, target, attempt + 1,
+                        len(delays) + 1, _describe(err))
+            if on_retry is not None:
+                on_retry()
+            time.sleep(delays[attempt])
     raise AssertionError("unreachable")
+
+
+def fetch_bytes(
+    uri: str,
+    storage_options: dict | None = None,
+    retries: int = DEFAULT_RETRIES,
+    max_bytes: int | None = None,
+    backoff_s: float = 0.5,
+    budget_s: float = RETRY_BUDGET_S,
+) -> bytes:
+    """All bytes of `uri`, read through fsspec.
+
+    Retries `retries` times after the first attempt on transient errors, sleeping backoff_s * 2**attempt between
+    tries and budget_s at most in all (`retrying`); never retries not-found or permission errors. Files over
+    `max_bytes` are refused. Raises FetchError with a message fit for a row on final failure ("read failed after
+    N attempts (retried for S s): ...").
+    """
+    fs, path = open_filesystem(uri, storage_options)
+    return retrying(lambda: _read(fs, path, max_bytes), "read", retries, backoff_s, budget_s, target=uri)
