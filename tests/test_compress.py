@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engines import widen
+from onevision_fixture import make_onevision
 from torch.testing import assert_close
 
 from lavi.compress import VisualCompress
@@ -16,9 +18,7 @@ from lavi.dct import dct_lowpass
 from lavi.engine import Engine
 from lavi.fastv import keep_mask, last_token_attention
 from lavi.generate import GenerationConfig, Generator, setup_caches
-from lavi.model import attention_mask
 from lavi.tiny import make_tiny_checkpoint
-from onevision_fixture import make_onevision
 
 GEN = GenerationConfig(max_new_tokens=8)
 PROMPTS = ["describe the image.", "how many", "what colour is the big red circle on the left of the image?"]
@@ -44,17 +44,6 @@ def concat_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def ov_dir(tmp_path_factory):
     return make_onevision(tmp_path_factory.mktemp("ov"), seed=1)
-
-
-def _widen(engine: Engine) -> Engine:
-    """Every matrix past the ViT widened, so that rows generate different texts (at the tiny default init they
-    repeat one token, and no test of which tokens were kept could fail)."""
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in engine.model.named_parameters():
-            if p.ndim == 2 and not name.startswith("vision"):
-                p.normal_(std=0.5)
-    return engine
 
 
 def _clips(size: int, frames=(1, 3, 2)) -> list[np.ndarray]:
@@ -98,8 +87,8 @@ def test_keep_one_is_the_unmodified_model_exactly(concat_dir, ov_dir, spelling):
     """Guards against a baseline that changes the model at ratio 1.0 (its quality figures would then not start
     from the model's own)."""
     for path, media, size in ((concat_dir, None, 32), (ov_dir, [("video", (35, 35))] * 3, 35)):
-        plain = _widen(Engine.load(str(path), max_batch=4))
-        same = _widen(Engine.load(str(path), max_batch=4, visual_compress=spelling))
+        plain = widen(Engine.load(str(path), max_batch=4))
+        same = widen(Engine.load(str(path), max_batch=4, visual_compress=spelling))
         clips, requests = _clips(size), [(i % 3, p) for i, p in enumerate(PROMPTS)]
         vis_a, vis_b = (e._encode(clips, media or [("video", c.shape[1:3]) for c in clips]) for e in (plain, same))
         assert torch.equal(vis_a.tokens, vis_b.tokens) and torch.equal(vis_a.mask, vis_b.mask)
@@ -127,7 +116,7 @@ def test_dct_shrinks_each_frame_grid_to_r_by_r(concat_dir, ov_dir):
     img = np.random.default_rng(2).integers(0, 256, (35, 35, 3), dtype=np.uint8)
     one = ov._encode([anyres_tiles(img, c.pinpoints, c.tile_size, c.resample)], [("image", (35, 35))])
     assert int(one.mask.sum()) == r * r + r * (r + 1)  # the base view, then one crop's grid with newlines
-    texts = _texts(_widen(ov), [frames], [(0, "describe the image.")], [("video", (35, 35))])
+    texts = _texts(widen(ov), [frames], [(0, "describe the image.")], [("video", (35, 35))])
     assert len(texts) == 1  # the smaller context generates
 
 
@@ -166,7 +155,7 @@ def test_fastv_cached_generation_equals_recomputation_with_the_tokens_pruned(con
     whose deep layers still see the dropped tokens (or whose shallow layers stop seeing them), or the wrong
     tokens kept; and checks the cache lengths: the layers past K attend to text + kept visual slots only.
     The layers past K attend evenly (q = 0), so that every visual token they see moves the output."""
-    engine = _widen(Engine.load(concat_dir, visual_compress=f"fastv:{keep}@{layer}"))
+    engine = widen(Engine.load(concat_dir, visual_compress=f"fastv:{keep}@{layer}"))
     model, vc = engine.model, engine.model.visual_compress
     with torch.no_grad():
         for block in model.decoder.layers[layer + 1:]:
@@ -203,7 +192,7 @@ def test_fastv_rows_in_a_batch_and_in_flight_are_their_own(concat_dir, ov_dir):
     """Guards against one row's pruning choice leaking into another's (rows keep different tokens), and in-flight
     admission forgetting to set a row's pruned slots: batched, in-flight with a small pool and one by one agree."""
     for path, size, media in ((concat_dir, 32, None), (str(ov_dir), 35, [("video", (35, 35))] * 3)):
-        engine = _widen(Engine.load(str(path), max_batch=8, visual_compress="fastv:0.3@1"))
+        engine = widen(Engine.load(str(path), max_batch=8, visual_compress="fastv:0.3@1"))
         clips = _clips(size)
         requests = [(i % 3, p) for i, p in enumerate(PROMPTS * 2)]
         engine.inflight = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engines import widen
 
 from lavi.engine import Engine
 from lavi.generate import GenerationConfig, Generator, setup_caches
@@ -19,13 +20,7 @@ def engine(request, tmp_path_factory) -> Engine:
     """A tiny random model whose generations differ by row: every weight matrix past the ViT widened (at the
     default init every row repeats one token, and a test of which row got whose tokens could not fail)."""
     path = make_tiny_checkpoint(str(tmp_path_factory.mktemp(f"tiny-{request.param}")), seed=1, fusion=request.param)
-    e = Engine.load(path, max_batch=3)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in e.model.named_parameters():
-            if p.ndim == 2 and not name.startswith("vision"):
-                p.normal_(std=0.5)
-    return e
+    return widen(Engine.load(path, max_batch=3))
 
 
 def _clips(n: int, size: int) -> list[np.ndarray]:
