@@ -143,8 +143,13 @@ def write_card(card: Path, section: str, begin: str = CARD_BEGIN, end: str = CAR
 
 def merge_included(earlier: list[dict], results: list[dict], command: str) -> tuple[list[dict], str]:
     """Earlier results (--include) before these: an include that itself included another brings that one's results
-    and command along, so a result met twice (the same record) is kept once, and each command once, in order."""
-    kept = {json.dumps(r, sort_keys=True): r for doc in earlier for r in doc["results"]}
+    and command along, so a result met twice (the same record) is kept once, and each command once, in order. A
+    model scored again (the same checkpoint, renderer, quantization and compression) keeps this run's result only."""
+    def scored(r: dict) -> tuple:
+        return r.get("path", r["model"]), r["renderer"], r.get("quantize"), r.get("visual_compress")
+
+    again = {scored(r) for r in results}
+    kept = {json.dumps(r, sort_keys=True): r for doc in earlier for r in doc["results"] if scored(r) not in again}
     commands = [part for doc in earlier for part in doc["command"].split("; ")] + [command]
     return list(kept.values()) + results, "; ".join(dict.fromkeys(commands))
 

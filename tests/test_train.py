@@ -275,14 +275,15 @@ def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_pa
                                        "--renderer", "shapes", "--include", str(tmp_path / "eval.json"),
                                        "--card", str(card), "--out", str(tmp_path / "both.json")])
     assert result.exit_code == 0, result.output
-    assert len(json.loads((tmp_path / "both.json").read_text())["results"]) == 5
+    both = json.loads((tmp_path / "both.json").read_text())["results"]
+    assert [r["renderer"] for r in both] == ["pil", "pil", "shapes"]  # scored again on shapes: this run's result only
     # an include of an output that itself included the first: the first's results and command come once
     result = CliRunner().invoke(main, ["eval", "--model", str(ck), "--images", "3", "--videos", "2", "--device", "cpu",
                                        "--renderer", "pil", "--include", str(tmp_path / "eval.json"),
                                        "--include", str(tmp_path / "both.json"), "--out", str(tmp_path / "all.json")])
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "all.json").read_text())
-    assert len(doc["results"]) == 6
+    assert [r["renderer"] for r in doc["results"]] == ["shapes", "shapes", "shapes", "pil"]
     # (the CliRunner's commands are all this pytest's argv: the commands are checked on records of their own)
     from jobs.evaluate import merge_included
 
@@ -291,6 +292,9 @@ def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_pa
     results, command = merge_included([a, b], [{"model": "c", "renderer": "shapes"}], "lavi-label eval C")
     assert [r["model"] for r in results] == ["a", "b", "c"]
     assert command == "lavi-label eval A; lavi-label eval B; lavi-label eval C"
+    results, _ = merge_included([b], [{"model": "a", "renderer": "shapes", "f1": 1.0}], "lavi-label eval A again")
+    assert results == [{"model": "b", "renderer": "shapes"}, {"model": "a", "renderer": "shapes", "f1": 1.0}], \
+        "a model scored again is shown twice"
     result = CliRunner().invoke(main, ["eval", "--model", str(ck), "--images", "4", "--videos", "2",
                                        "--include", str(tmp_path / "eval.json")])
     assert result.exit_code == 2 and "another split" in result.output
