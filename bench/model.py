@@ -184,8 +184,11 @@ class Runner:
         """One point: `inputs(batch)` -> (encode, rows, prompts), generated `repeats` times, the median kept."""
         gen = self._generator(model, batch, max_seq, compile=self.compile)
         encode, rows, prompts = inputs(batch)
-        for _ in range(2 if self.compile else 1):  # compile + CUDA-graph recording happen here
-            gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)
+        if self.compile:  # compile + CUDA-graph recording happen here, on the whole length
+            for _ in range(2):
+                gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)
+        else:  # eager: one short run warms the allocator and the kernels' first calls (every op, every shape)
+            gen.generate_from(encode, rows, prompts, 2, NEVER)
         self.mem.reset()
         runs = [gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)[1]
                 for _ in range(self.c.repeats)]
@@ -213,10 +216,16 @@ class Runner:
         sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8, 32])
         variants = [(kind, None)] + [(f"{kind}-{v}", VisualCompress.parse(v)) for v in c.compress
                                      if kind == "concat"]
+        commons = {}  # counted before packing: FastV's count runs on the model, and a packed layer is opaque to it
+        for name, vc in variants:
+            model.visual_compress = vc
+            commons[name] = self._flops(model, config, setting, name, vc)
+        weights = weight_bytes(model)["decode"]
+        model = self._packed(model)
         rows, roofs = [], []
         for name, vc in variants:
             model.visual_compress = vc
-            common = self._flops(model, config, setting, name, vc)
+            common = dict(commons[name])
             max_seq = common.pop("max_seq")
             for b in sizes:
                 log.info("bench %s %s batch %d", name, setting.name, b)
@@ -233,7 +242,7 @@ class Runner:
                 if probe:
                     r["probe"] = probe
                 rows.append(r)
-            roof = self.roofline(model, config, setting, max_seq, name,
+            roof = self.roofline(weights, config, setting, max_seq, name,
                                  next((r for r in rows if r["model"] == name and r["batch_size"] == 1
                                        and "error" not in r), None))
             if roof:
@@ -241,7 +250,12 @@ class Runner:
         model.visual_compress = None
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
             from lavi.quant import quantize
+            del model
+            self._release()
+            model = random_model(config, self.device, self.dtype, seed=c.seed)  # int8 replaces plain layers only
+            inputs = partial(self._inputs, model, setting)
             quantize(model, c.quantize)
+            model = self._packed(model)  # what int8 leaves in float (ViLN's heads, the ViT), as loading does
             self._release()
             self.mem.rebase()
             common = self._flops(model, config, setting, f"{kind}-{c.quantize}", None)
@@ -284,7 +298,14 @@ class Runner:
                 "caption_flops": F.caption_flops(config, setting.frames, c.prompt_tokens, c.new_tokens,
                                                  key_slots=max_seq, compress=vc)}
 
-    def roofline(self, model, config, setting: Setting, max_seq: int, kind: str, row: dict | None) -> dict | None:
+    def _packed(self, model):
+        """As `Engine.load` does (`lavi.prepare`): on CPU in float32, eager, the linear layers oneDNN-packed."""
+        from lavi.prepare import packed
+
+        return packed(model, None, self.compile)
+
+    def roofline(self, weights: int, config, setting: Setting, max_seq: int, kind: str,
+                 row: dict | None) -> dict | None:
         if row is None:
             return None
         d = config.decoder
@@ -297,7 +318,6 @@ class Runner:
             shapes = weight_shapes(config)
             state += len(config.modulated_layers()) * sum(shapes[t][0] for t in config.lora_types) * \
                 config.lora_rank * elt
-        weights = weight_bytes(model)["decode"]
         bound = (weights + state) / self.bandwidth
         return {"model": kind, "setting": setting.name, "weight_bytes_per_step": weights,
                 "state_bytes_per_step": state, "copy_bandwidth_bytes_per_s": self.bandwidth,

@@ -22,6 +22,7 @@ from .generate import GenerationConfig, Generator, setup_caches
 from .inflight import InflightPool, Ticket
 from .fusion import Visual
 from .model import LaVi
+from .prepare import prepare
 from .prompt import prompt_ids
 from .tiny import make_tiny_checkpoint  # noqa: F401  (re-exported: the pipeline's tests use it)
 from .tokenizer import Tokenizer
@@ -69,28 +70,6 @@ def rows_that_fit(budget_bytes: float, per_row_bytes: float, ceiling: int = 1024
     return max(1, min(ceiling, rows))
 
 
-def _quantized(model, mode: str | None):
-    if mode:
-        from .quant import quantize
-
-        log.info("%s: %d decoder linear layers as weight-only %s", model.config.name, quantize(model, mode), mode)
-    return model
-
-
-def _compressed(model, compress: str | VisualCompress | None):
-    """Set a concat model's visual compression (`lavi.compress`); refused for a model whose vision is not in its
-    context (viln, vlora)."""
-    if compress is None:
-        return model
-    vc = VisualCompress.parse(compress) if isinstance(compress, str) else compress
-    if getattr(model, "projector", None) is None:
-        raise ValueError(f"--visual-compress {vc.spelled()} thins the visual tokens in a concat model's context; "
-                         f"{model.config.name} is a {model.config.fusion} model, with none there")
-    model.visual_compress = vc
-    log.info("%s: visual tokens compressed (%s)", model.config.name, vc.spelled())
-    return model
-
-
 class Engine:
     def __init__(self, model: LaVi, tokenizer: Tokenizer, max_batch: int = 32, name: str | None = None,
                  compile: bool = False, inflight: bool = True) -> None:
@@ -120,21 +99,22 @@ class Engine:
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
              compile: bool = False, quantize: str | None = None,
-             visual_compress: str | VisualCompress | None = None) -> "Engine":
+             visual_compress: str | VisualCompress | None = None, pack: bool | None = None) -> "Engine":
         """compile: torch.compile the decode step (CUDA graphs on a GPU; see `Generator`). quantize: "int8", the
         decoder's linear layers as weight-only int8 (`lavi.quant`). visual_compress: a concat model's fewer visual
-        tokens, `dct:KEEP` or `fastv:KEEP@LAYER` (`lavi.compress`). A LaVi checkpoint, or a Hugging Face
+        tokens, `dct:KEEP` or `fastv:KEEP@LAYER` (`lavi.compress`). pack: on CPU, the linear layers in oneDNN's
+        packed layout (None: when float32 and not compiled; `lavi.cpu_pack`). A LaVi checkpoint, or a Hugging Face
         LLaVA-OneVision directory (`lavi.onevision_engine`); anything else is refused by name."""
         kind = checkpoint.read_json(Path(path) / "config.json").get("model_type")
         if kind == "llava_onevision" and cls is Engine:
             from .onevision_engine import OneVisionEngine
 
             return OneVisionEngine.load(path, device=device, dtype=dtype, max_batch=max_batch, compile=compile,
-                                        quantize=quantize, visual_compress=visual_compress)
+                                        quantize=quantize, visual_compress=visual_compress, pack=pack)
         if kind is not None:
             raise checkpoint.CheckpointError(f"{path} is a {kind!r} checkpoint; supported: a LaVi checkpoint "
                                              "or a LLaVA-OneVision (model_type 'llava_onevision')")
-        model = _compressed(_quantized(checkpoint.load(path, device=device, dtype=dtype), quantize), visual_compress)
+        model = prepare(checkpoint.load(path, device=device, dtype=dtype), quantize, visual_compress, compile, pack)
         return cls(model, Tokenizer(path), max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property

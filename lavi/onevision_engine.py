@@ -11,10 +11,11 @@ import torch
 
 from . import anyres, onevision_checkpoint
 from .compress import VisualCompress
-from .engine import Engine, _compressed, _quantized
+from .engine import Engine
 from .fusion import Visual
 from .onevision import OneVision
 from .onevision_config import DEFAULT_PROMPTS
+from .prepare import prepare
 from .prompt import ChatPrompts
 
 
@@ -28,10 +29,10 @@ class OneVisionEngine(Engine):
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
              compile: bool = False, quantize: str | None = None,
-             visual_compress: str | VisualCompress | None = None) -> "OneVisionEngine":
+             visual_compress: str | VisualCompress | None = None, pack: bool | None = None) -> "OneVisionEngine":
         prompts = ChatPrompts.load(path)
-        model = _compressed(_quantized(onevision_checkpoint.load(path, device=device, dtype=dtype), quantize),
-                            visual_compress)
+        model = prepare(onevision_checkpoint.load(path, device=device, dtype=dtype), quantize, visual_compress,
+                        compile, pack)
         return cls(model, prompts, max_batch=max_batch, name=model.config.name, compile=compile)
 
     @property

@@ -18,6 +18,7 @@ from lavi.dct import dct_lowpass
 from lavi.engine import Engine
 from lavi.fastv import keep_mask, last_token_attention
 from lavi.generate import GenerationConfig, Generator, setup_caches
+from lavi.prepare import packed
 from lavi.tiny import make_tiny_checkpoint
 
 GEN = GenerationConfig(max_new_tokens=8)
@@ -87,8 +88,8 @@ def test_keep_one_is_the_unmodified_model_exactly(concat_dir, ov_dir, spelling):
     """Guards against a baseline that changes the model at ratio 1.0 (its quality figures would then not start
     from the model's own)."""
     for path, media, size in ((concat_dir, None, 32), (ov_dir, [("video", (35, 35))] * 3, 35)):
-        plain = widen(Engine.load(str(path), max_batch=4))
-        same = widen(Engine.load(str(path), max_batch=4, visual_compress=spelling))
+        plain = widen(Engine.load(str(path), max_batch=4, pack=False))
+        same = widen(Engine.load(str(path), max_batch=4, visual_compress=spelling, pack=False))
         clips, requests = _clips(size), [(i % 3, p) for i, p in enumerate(PROMPTS)]
         vis_a, vis_b = (e._encode(clips, media or [("video", c.shape[1:3]) for c in clips]) for e in (plain, same))
         assert torch.equal(vis_a.tokens, vis_b.tokens) and torch.equal(vis_a.mask, vis_b.mask)
@@ -105,7 +106,7 @@ def test_dct_shrinks_each_frame_grid_to_r_by_r(concat_dir, ov_dir):
     side = math.isqrt(lavi.config.vision.num_patches)  # 4
     r = VisualCompress("dct", 0.25).side(side)  # 2
     assert vis.mask.sum(1).tolist() == [f * r * r for f in (1, 3, 2)]
-    ov = Engine.load(str(ov_dir), visual_compress="dct:0.25")
+    ov = Engine.load(str(ov_dir), visual_compress="dct:0.25", pack=False)
     c = ov.config
     r = VisualCompress("dct", 0.25).side(c.side)  # 5 -> 2 (round(2.5) is 2)
     frames = np.random.default_rng(1).integers(0, 256, (3, 35, 35, 3), dtype=np.uint8)
@@ -155,12 +156,13 @@ def test_fastv_cached_generation_equals_recomputation_with_the_tokens_pruned(con
     whose deep layers still see the dropped tokens (or whose shallow layers stop seeing them), or the wrong
     tokens kept; and checks the cache lengths: the layers past K attend to text + kept visual slots only.
     The layers past K attend evenly (q = 0), so that every visual token they see moves the output."""
-    engine = widen(Engine.load(concat_dir, visual_compress=f"fastv:{keep}@{layer}"))
+    engine = widen(Engine.load(concat_dir, visual_compress=f"fastv:{keep}@{layer}", pack=False), pack=False)
     model, vc = engine.model, engine.model.visual_compress
     with torch.no_grad():
         for block in model.decoder.layers[layer + 1:]:
             block.self_attn.q_proj.weight.zero_()
             block.self_attn.q_proj.bias.zero_()
+    packed(model, None)
     clip = _clips(32, frames=(2,))
     vis = engine._encode(clip, [("video", (32, 32))])
     prompt = engine.encode_prompt(PROMPTS[2])
@@ -192,7 +194,7 @@ def test_fastv_rows_in_a_batch_and_in_flight_are_their_own(concat_dir, ov_dir):
     """Guards against one row's pruning choice leaking into another's (rows keep different tokens), and in-flight
     admission forgetting to set a row's pruned slots: batched, in-flight with a small pool and one by one agree."""
     for path, size, media in ((concat_dir, 32, None), (str(ov_dir), 35, [("video", (35, 35))] * 3)):
-        engine = widen(Engine.load(str(path), max_batch=8, visual_compress="fastv:0.3@1"))
+        engine = widen(Engine.load(str(path), max_batch=8, visual_compress="fastv:0.3@1", pack=False))
         clips = _clips(size)
         requests = [(i % 3, p) for i, p in enumerate(PROMPTS * 2)]
         engine.inflight = False

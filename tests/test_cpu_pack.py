@@ -1,0 +1,66 @@
+"""oneDNN-packed linear layers on CPU (lavi.cpu_pack): the same outputs as the plain model, where loading uses them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engines import widen
+from torch import nn
+from torch.testing import assert_close
+
+from lavi import cpu_pack
+from lavi.engine import Engine
+from lavi.generate import GenerationConfig
+from lavi.tiny import make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not cpu_pack.available(), reason="this torch has no oneDNN")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_linear_computes_the_linear_layer(bias):
+    """Guards against a packed weight read transposed or with its bias dropped, and against inputs the packed
+    kernel mishandles: one row (a decode step), 3-D batches, a non-contiguous view."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=bias)
+    packed = cpu_pack.PackedLinear(linear)
+    wide = torch.randn(4, 7, 192)
+    for x in (torch.randn(1, 96), torch.randn(3, 5, 96), wide[..., ::2], torch.randn(700, 96)):
+        with torch.no_grad():
+            assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-4)
+    assert packed(torch.randn(2, 96)).shape == (2, 200)
+
+
+def test_pack_replaces_float32_cpu_linears_only():
+    """Guards against packing a layer whose weight is not float32 (oneDNN's packed path would then compute in
+    another precision, or fail) or one already replaced (int8's layers)."""
+    from lavi.quant import Int8Linear
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), Int8Linear(nn.Linear(8, 8)),
+                          nn.Sequential(nn.Linear(8, 4)))
+    assert cpu_pack.pack(model) == 2
+    kinds = [type(m).__name__ for m in (model[0], model[1], model[2], model[3][0])]
+    assert kinds == ["PackedLinear", "Linear", "Int8Linear", "PackedLinear"]
+
+
+@pytest.mark.parametrize("fusion", ["viln", "concat", "vlora"])
+def test_a_packed_engine_generates_what_the_plain_one_does(tmp_path, fusion):
+    """Guards against a layer packed wrong in any fusion's path (decoder, ViLN's site heads, VLoRA's generator,
+    the concat projector, the ViT, the tied output head), and against loading that does not pack by default on
+    a float32 CPU model, or packs when told not to or when the step is compiled (torch.compile traces weights)."""
+    path = make_tiny_checkpoint(str(tmp_path / fusion), seed=1, fusion=fusion)
+    plain = widen(Engine.load(path, max_batch=4, pack=False), pack=False)
+    fast = widen(Engine.load(path, max_batch=4, pack=False))
+    assert not any(isinstance(m, cpu_pack.PackedLinear) for m in plain.model.modules())
+    assert any(isinstance(m, cpu_pack.PackedLinear) for m in fast.model.modules())
+    assert not any(type(m) is nn.Linear for m in fast.model.modules())
+    rng = np.random.default_rng(0)
+    clips = [rng.integers(0, 256, (f, plain.image_size, plain.image_size, 3), dtype=np.uint8) for f in (1, 3)]
+    requests = [(0, "describe the image."), (1, "what is in it?"), (1, "how many")]
+    gen = GenerationConfig(max_new_tokens=12)
+    texts = [c.text for c in plain.generate(clips, requests, gen)]
+    assert len(set(texts)) > 1  # rows differ: a test of which layer is wrong can fail
+    assert [c.text for c in fast.generate(clips, requests, gen)] == texts
+    loaded = Engine.load(path)
+    assert any(isinstance(m, cpu_pack.PackedLinear) for m in loaded.model.modules())  # the default packs
+    compiled = Engine.load(path, compile=True)
+    assert not any(isinstance(m, cpu_pack.PackedLinear) for m in compiled.model.modules())
