@@ -119,22 +119,39 @@ def prefill_flops(model, kwargs: dict) -> int:
     return flops // kwargs["input_ids"].shape[0]
 
 
+class _FirstToken:
+    """A generate() streamer that notes when the first new token arrives (its first `put` is the prompt)."""
+
+    def __init__(self, sync) -> None:
+        self.sync, self.calls, self.at = sync, 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.sync()
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
 @torch.no_grad()
 def timed_generate(model, kwargs: dict, new_tokens: int) -> tuple[float, float]:
-    """(time to first token, total) of greedy generate() with exactly `new_tokens` tokens (EOS suppressed)."""
+    """(time to first token, total) of one greedy generate() with exactly `new_tokens` tokens (EOS suppressed);
+    the first token's time is taken inside the same call (a streamer), so the prompt is prefilled once."""
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     pad = model.config.text_config.pad_token_id if model.config.text_config.pad_token_id is not None else 0
-    common = dict(do_sample=False, pad_token_id=pad, eos_token_id=None)
+    first = _FirstToken(sync)
     sync()
     start = time.perf_counter()
-    model.generate(**kwargs, max_new_tokens=1, min_new_tokens=1, **common)
-    sync()
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    out = model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
+    out = model.generate(**kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=pad, eos_token_id=None, streamer=first)
     sync()
     total = time.perf_counter() - start
     if out.shape[1] - kwargs["input_ids"].shape[1] != new_tokens:
         raise RuntimeError(f"generate() returned {out.shape[1] - kwargs['input_ids'].shape[1]} new tokens, "
                            f"not {new_tokens}")
+    if first.at is None:
+        raise RuntimeError("generate() never streamed its first token")
+    ttft = first.at - start
     return ttft, total

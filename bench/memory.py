@@ -8,6 +8,7 @@ weights, caches and activations plus whatever the allocator kept; null with a re
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Callable
 
@@ -110,3 +111,12 @@ def probe_batch(device: torch.device, try_batch: Callable[[int], None], release:
         b *= 2
     release()
     return tried
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim), so that the RSS a next model's peak is
+    measured from is not inflated, or deflated, by what the last one left in the heap; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -23,7 +23,7 @@ from torch import Tensor
 from bench import flops as F
 from bench.compiled import TimedGenerator
 from bench.configs import SHAPES, Setting, model_config, random_model, settings, weight_bytes
-from bench.memory import PeakMemory, copy_bandwidth, probe_batch
+from bench.memory import PeakMemory, copy_bandwidth, probe_batch, trim_heap
 from bench.model_report import markdown, ratios
 from bench.report import command_line, device_description, versions, write_json, write_section
 from lavi.compress import VisualCompress
@@ -160,6 +160,8 @@ class Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        else:
+            trim_heap()
 
     def probe(self, try_batch) -> list[dict]:
         """CUDA, batch sizes not given: the probe's tries (`probe_batch`); otherwise none."""
@@ -351,11 +353,10 @@ class Runner:
         # LaVi and concat figures of the same run are still written
         try:
             model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
-            try_batch(1)
+            counted = hf.prefill_flops(model, hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0])
         except (ImportError, TypeError, ValueError) as err:
             self._release()
             return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
-        counted = hf.prefill_flops(model, hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0])
         probe = self.probe(try_batch)
         sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8])
         rows = []
