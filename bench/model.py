@@ -155,6 +155,13 @@ class Runner:
     def _generator(self, model, batch: int, max_seq: int, compile: bool) -> TimedGenerator:
         return TimedGenerator(model, batch, max_seq, compile=compile, backend=self.c.compile_backend)
 
+    @staticmethod
+    def _cold(model) -> bool:
+        """True the first time a model is asked (then it is marked warm)."""
+        cold = not getattr(model, "_bench_warm", False)
+        model._bench_warm = True
+        return cold
+
     def _release(self) -> None:
         """Hand freed memory back (a static cache goes with its generator) before the next allocation."""
         gc.collect()
@@ -186,11 +193,11 @@ class Runner:
         """One point: `inputs(batch)` -> (encode, rows, prompts), generated `repeats` times, the median kept."""
         gen = self._generator(model, batch, max_seq, compile=self.compile)
         encode, rows, prompts = inputs(batch)
-        if self.compile:  # compile + CUDA-graph recording happen here, on the whole length
+        if self.compile:  # compile + CUDA-graph recording happen here, on the whole length, at each batch size
             for _ in range(2):
                 gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)
-        else:  # eager: one short run warms the allocator and the kernels' first calls (every op, every shape)
-            gen.generate_from(encode, rows, prompts, 2, NEVER)
+        elif self._cold(model):  # eager: one short run per model warms the allocator, the thread pool and every
+            gen.generate_from(encode, rows, prompts, 2, NEVER)  # op's first call (a full prefill: minutes at b4)
         self.mem.reset()
         runs = [gen.generate_from(encode, rows, prompts, self.c.new_tokens, NEVER)[1]
                 for _ in range(self.c.repeats)]
@@ -331,7 +338,8 @@ class Runner:
         from bench import hf
 
         b, n = kwargs["input_ids"].shape[0], self.c.new_tokens
-        hf.timed_generate(model, kwargs, 2)
+        if self.device.type == "cuda" or self._cold(model):
+            hf.timed_generate(model, kwargs, 2)
         self.mem.reset()
         ttft, total = hf.timed_generate(model, kwargs, n)
         return {"batch_size": b, "captions_per_s": b / total, "ttft_s": ttft,

@@ -207,6 +207,8 @@ def run(config: RunConfig) -> dict:
     summary["items_with_own_constraints"] = listed["own_constraints"]  # a manifest's per-question choices or schema
     summary["this_run"].update(units=sink.units_written, bytes_read=sink.bytes_read,  # units: items and clip groups
                                reads_failed_after_retries=sink.reads_failed,  # units: `lavi-label retry` redoes them
+                               read_retries=sink.read_retries,  # fetches retried after a transient storage error
+                               reads_recovered_by_retries=sink.reads_recovered,  # units read whole after a retry
                                clip_groups_resumed=sum(map(len, state.done_groups.values())))
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate

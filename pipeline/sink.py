@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.output import GROUPS_KEY, TMP_DIR, Output, part_name
-from schemas.clips import BYTES_READ, GROUP, GROUPS, ITEM_ROWS
+from schemas.clips import BYTES_READ, GROUP, GROUPS, ITEM_ROWS, READ_RETRIES
 from schemas.rows import COLUMNS, LABEL_SCHEMA, READ
 from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, RETRIED_OUT, retrying
 
@@ -60,6 +60,8 @@ class ParquetSink:
         self.units_written = 0  # units whose rows all arrived: whole items and clip groups
         self.bytes_read = 0  # what their decodes read from storage (BYTES_READ, once per clip)
         self.reads_failed = 0  # units that are a read error after the fetch's retries ran out (workers.fetch)
+        self.read_retries = 0  # their fetches retried after a transient error (READ_RETRIES, once per clip)
+        self.reads_recovered = 0  # units read whole although some fetch of theirs had to be retried
         self.finished: set[str] = set()  # items whose rows all arrived (committed, or buffered to be)
 
     def add(self, table: pa.Table) -> None:
@@ -93,12 +95,15 @@ class ParquetSink:
         parts = self._partial.pop(key)
         self._partial_rows.pop(key, None)
         whole = pa.concat_tables(parts)
-        if BYTES_READ in whole.column_names:  # spread over the unit's clips, the same on each prompt's row
-            per_clip = dict(zip(whole.column("clip_index").to_pylist(), whole.column(BYTES_READ).to_pylist()))
-            self.bytes_read += sum(v or 0 for v in per_clip.values())
+        self.bytes_read += self._per_clip(whole, BYTES_READ)
+        retried = self._per_clip(whole, READ_RETRIES)
         groups = last.column(GROUPS)[0].as_py() if group is not None else None
-        self.reads_failed += any(stage == READ and RETRIED_OUT in (error or "") for stage, error in
-                                 zip(whole.column("error_stage").to_pylist(), whole.column("error").to_pylist()))
+        stages = whole.column("error_stage").to_pylist()
+        failed = any(stage == READ and RETRIED_OUT in (error or "") for stage, error in
+                     zip(stages, whole.column("error").to_pylist()))
+        self.reads_failed += failed
+        self.read_retries += retried
+        self.reads_recovered += bool(retried) and READ not in stages
         self._ready.append(whole.select(COLUMNS))
         self._ready_units.append((item, group, groups))
         self._ready_rows += whole.num_rows
@@ -111,6 +116,14 @@ class ParquetSink:
             del self._groups[item]
         self.items_written += 1
         self.finished.add(item)
+
+    @staticmethod
+    def _per_clip(rows: pa.Table, column: str) -> int:
+        """A unit's count spread over its clips (the same on each prompt's row of a clip), summed once per clip."""
+        if column not in rows.column_names:
+            return 0
+        per_clip = dict(zip(rows.column("clip_index").to_pylist(), rows.column(column).to_pylist()))
+        return sum(v or 0 for v in per_clip.values())
 
     def done_groups(self) -> dict[str, list[int]]:
         """item_id -> the clip groups in hand (committed or buffered to be) of videos not finished."""

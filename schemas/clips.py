@@ -5,7 +5,7 @@ image is one unit; a video is probed and cut into clip groups, each its own unit
 commit). Decode turns a unit into one row per clip with the `DECODED_KEYS` (frames as a uint8 array);
 `decode_units` ships them to the labeler as CLIP_SCHEMA tables (frames as bytes plus their shape) with the
 bookkeeping columns: ITEM_ROWS, the number of output rows the clip's unit yields in all (clips x prompts), the
-unit's GROUP of GROUPS (null for a whole item) and BYTES_READ. The labeler copies them onto its output rows, and
+unit's GROUP of GROUPS (null for a whole item), BYTES_READ and READ_RETRIES. The labeler copies them onto its output rows, and
 the sink commits a unit once that many rows arrived (and an item once all its groups did).
 """
 
@@ -20,7 +20,8 @@ ITEM_ROWS = "_item_rows"  # rows the clip's unit yields in all (a whole item's, 
 GROUP = "_group"  # the unit's clip group, 0-based; null: the unit is the whole item
 GROUPS = "_groups"  # the item's number of clip groups; null with GROUP
 BYTES_READ = "_bytes_read"  # bytes its decode read from storage, spread over the unit's clips (summed per clip)
-BOOKKEEPING = (ITEM_ROWS, GROUP, GROUPS, BYTES_READ)
+READ_RETRIES = "_read_retries"  # its reads retried after a transient error, on the unit's first clip (summed too)
+BOOKKEEPING = (ITEM_ROWS, GROUP, GROUPS, BYTES_READ, READ_RETRIES)
 
 # unit kinds (UNIT_SCHEMA's `unit`)
 WHOLE = "item"  # read whole and decoded in memory: images, and what the probe could not open as a video
@@ -40,6 +41,7 @@ UNIT_SCHEMA = pa.schema([
     ("bytes_per_s", pa.float64()),  # the file's size over its duration: what its reads are sized by
     ("error_stage", pa.string()),  # FAILED: the stage (its message is in `error`)
     (BYTES_READ, pa.int64()),  # the probe's reads, on the item's first unit
+    (READ_RETRIES, pa.int32()),  # the probe's retried reads, on the item's first unit
 ])
 
 DECODED_KEYS = (
@@ -56,4 +58,5 @@ CLIP_SCHEMA = pa.schema([
     ("frame_shape", pa.list_(pa.int32())),
     ("status", pa.string()), ("error_stage", pa.string()), ("error", pa.string()),
     (ITEM_ROWS, pa.int32()), (GROUP, pa.int32()), (GROUPS, pa.int32()), (BYTES_READ, pa.int64()),
+    (READ_RETRIES, pa.int32()),
 ])

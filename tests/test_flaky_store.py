@@ -127,6 +127,7 @@ def test_an_input_store_down_mid_job_gives_retried_read_errors_then_retry_finish
                                            r["error"]), r
     assert failed, "no read met the outage: the store came back before the inputs were read"
     assert result["summary"]["this_run"]["reads_failed_after_retries"] == len(failed)
+    assert result["summary"]["this_run"]["read_retries"] >= 2 * len(failed)  # each failed read was retried twice
 
     again = retry(str(out), ("read",), tiny_model, storage_options=storage(flaky_s3), address=ray_local,
                   batch_size=2)
@@ -136,22 +137,40 @@ def test_an_input_store_down_mid_job_gives_retried_read_errors_then_retry_finish
     assert {r["status"] for r in rows} <= LABELLED
 
 
-@pytest.mark.slow  # racy by default: all commits can land before the outage starts (failed once in CI); run it alone
 @pytest.mark.timeout(900)
 def test_an_output_store_down_at_commit_time_delays_the_job_and_shows_no_half_file(
-        ray_local, tiny_model, tmp_path, flaky_s3, caplog):
+        ray_local, tiny_model, tmp_path, flaky_s3, caplog, monkeypatch):
     """Guards against a job that fails when the output bucket is unreachable as it commits (a commit not retried),
     and against a half-written part file becoming visible: the commits retry until the store is back, every
-    committed file reads whole, every row is there exactly once and nothing is left under _tmp/."""
+    committed file reads whole, every row is there exactly once and nothing is left under _tmp/. The store goes
+    down as the first commit starts (the driver's own commit, patched to stop it first), so the outage always
+    meets a commit."""
+    from pipeline.sink import ParquetSink
+
     n = 12
     corpus = images(tmp_path / "corpus", n)
     out = "flaky/out-b"
+    commit, restarted = ParquetSink._commit, threading.Event()
+
+    def down_then_back() -> None:
+        time.sleep(OUTAGE_S)
+        assert flaky_s3.start(), "".join(flaky_s3.lines[-20:])
+        restarted.set()
+
+    def first_commit_meets_the_outage(self, table, final):
+        if not hasattr(first_commit_meets_the_outage, "started"):
+            first_commit_meets_the_outage.started = True
+            flaky_s3.stop()
+            threading.Thread(target=down_then_back, daemon=True).start()
+        return commit(self, table, final)
+
+    monkeypatch.setattr(ParquetSink, "_commit", first_commit_meets_the_outage)
     config = RunConfig(inputs=(str(corpus),), out=f"s3://{out}", model=tiny_model, task="vqa", questions=QUESTIONS,
-                       storage_options=storage(flaky_s3), max_new_tokens=200, batch_size=1, rows_per_file=2,
-                       address=ray_local)  # long generations: the job outlasts the outage that its first commit starts
+                       storage_options=storage(flaky_s3), max_new_tokens=8, batch_size=1, rows_per_file=2,
+                       address=ray_local)
     thread, result = run_in_thread(config)
-    outage_when(flaky_s3, lambda: s3fs_of(flaky_s3).glob(f"{out}/part-*.parquet"), thread, "a commit")
     thread.join(600)
+    assert restarted.wait(60), "the store was never stopped and started again"
     assert not thread.is_alive() and "error" not in result, result.get("error")
     fs = s3fs_of(flaky_s3)
     assert not fs.exists(f"{out}/_tmp") or not fs.find(f"{out}/_tmp"), fs.find(f"{out}/_tmp")

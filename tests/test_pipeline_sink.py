@@ -172,3 +172,24 @@ def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
     ticker.stop()
     assert progress.rows_labelled == 3
     assert not ticker._thread.is_alive()
+
+
+def test_retried_reads_are_counted_once_per_unit(tmp_path):
+    """Guards against the summary's retry counts being wrong: a unit's retries (on its first clip's rows, every
+    prompt's row the same) counted once per clip not once per row; a unit whose reads recovered after a retry told
+    apart from one whose read failed after its retries ran out."""
+    from schemas.clips import READ_RETRIES
+
+    def retried(table: pa.Table, first: int) -> pa.Table:
+        per_row = [first if c == 0 else 0 for c in table.column("clip_index").to_pylist()]
+        return table.append_column(READ_RETRIES, pa.array(per_row, pa.int32()))
+
+    failed = _rows("s3://x/c.jpg", 1, ["q1?"], error=True)
+    failed = failed.set_column(failed.schema.get_field_index("error_stage"), "error_stage", pa.array(["read"]))
+    failed = failed.set_column(failed.schema.get_field_index("error"), "error",
+                               pa.array(["read failed after 3 attempts (retried for 1.5 s): ConnectionError"]))
+    sink = ParquetSink(Output(str(tmp_path / "out")), META, rows_per_file=100)
+    sink.add(pa.concat_tables([retried(_rows("s3://x/a.mp4", 3, ["q1?", "q2?"]), 2),
+                               retried(_rows("s3://x/b.mp4", 2, ["q1?"]), 0), retried(failed, 2)]))
+    sink.close()
+    assert (sink.read_retries, sink.reads_recovered, sink.reads_failed) == (4, 1, 1)

@@ -86,10 +86,10 @@ def test_sparse_frames_are_reached_by_seeking(padded, tmp_path):
     assert clips[0].timestamps_s == [3.75, 11.25, 18.75, 26.25, 33.75, 41.25, 48.75, 56.25]
     for t, frame in zip(clips[0].timestamps_s, clips[0].frames):
         assert abs(frame.mean() - (2 * round(t * 4)) % 256) < 3  # the frame on screen at t
-    assert read < size / 2, (read, size)
+    assert read.bytes < size / 2 and read.retries == 0, (read, size)
     one_gop = tmp_path / "one_gop.mp4"
     size = media.long_mp4(one_gop, 60, gop=1000, pad_bytes_per_s=100_000)  # one keyframe, at 0
-    assert decode_group(str(one_gop), None, 0.0, [(0, 0.0, 60.0)], 8, S)[1] < 1.3 * size
+    assert decode_group(str(one_gop), None, 0.0, [(0, 0.0, 60.0)], 8, S)[1].bytes < 1.3 * size
 
 
 def test_shot_boundaries_are_found_within_a_frame(tmp_path):
@@ -159,3 +159,41 @@ def test_split_leaves_out_committed_groups_and_refuses_by_size(padded, tmp_path)
     assert (refused["unit"], refused["error_stage"]) == (FAILED, "read") and "file too large" in refused["error"]
     rows = decode_batch(pa.Table.from_pylist([item], schema=ITEM_SCHEMA), small).to_pylist()
     assert len(rows) == 1 and rows[0]["error"].startswith("file too large")
+
+
+class _Flaky:
+    """A file object whose first `fails` reads raise a dropped connection."""
+
+    def __init__(self, f, fails: int) -> None:
+        self.f, self.fails = f, fails
+
+    def seek(self, pos: int) -> int:
+        return self.f.seek(pos)
+
+    def read(self, n: int) -> bytes:
+        if self.fails:
+            self.fails -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return self.f.read(n)
+
+
+def test_a_range_read_is_retried_and_counted_and_a_lost_one_fails_as_a_read(tmp_path):
+    """Guards against a video's streamed reads failing at the first dropped connection (whole-file reads retry; a
+    clip group's range reads must too), against retries that go uncounted (the summary's read_retries), and
+    against a read that stays down being anything but a read error that says it was retried."""
+    from workers.fetch import FetchError
+    from workers.stream import InputFile
+
+    path = tmp_path / "data.bin"
+    data = bytes(range(256)) * 1000
+    path.write_bytes(data)
+    with open(path, "rb") as raw:
+        f = InputFile(_Flaky(raw, 2), len(data), retries=3, budget_s=1.0)
+        f.seek(1000)
+        assert f.read(5000) == data[1000:6000]
+        assert f.reads.retries == 2 and f.error is None
+    with open(path, "rb") as raw:
+        f = InputFile(_Flaky(raw, 10), len(data), retries=2, budget_s=1.0)
+        with pytest.raises(FetchError, match="range read failed after 3 attempts"):
+            f.read(100)
+        assert f.reads.retries == 2 and isinstance(f.error, FetchError)

@@ -20,6 +20,7 @@ from schemas.clips import CLIP_SCHEMA, DECODED_KEYS
 from schemas.manifest import media_type_from_name
 from schemas.rows import DECODE, IMAGE, OK, READ, UNKNOWN, VIDEO, error_columns
 from workers.fetch import FetchError, fetch_bytes
+from workers.stream import Reads
 from workers.frames import Clip, DecodedImage, DecodedVideo, DecodeError, sniff_media_type  # noqa: F401 (re-exported)
 from workers.image import decode_image
 from workers.isolate import IsolationError, run_isolated
@@ -99,18 +100,21 @@ def fetch_and_decode(
 Decoder = Callable[[dict, DecodeSettings, bytes], list[dict]]
 
 
-def read_and_decode(item: dict, settings: DecodeSettings, decoder: Decoder = decode_item) -> tuple[list[dict], int]:
-    """`fetch_and_decode`, and the bytes it read."""
+def read_and_decode(item: dict, settings: DecodeSettings, decoder: Decoder = decode_item) -> tuple[list[dict], Reads]:
+    """`fetch_and_decode`, and what it read (bytes, fetches retried)."""
+    retried = [0]
     try:
-        data = fetch_bytes(item["uri"], settings.storage_options, settings.retries, settings.whole_file_bytes)
+        data = fetch_bytes(item["uri"], settings.storage_options, settings.retries, settings.whole_file_bytes,
+                           on_retry=lambda: retried.__setitem__(0, retried[0] + 1))
     except FetchError as err:
-        return [error_row(item, READ, str(err), settings.image_size)], 0
+        return [error_row(item, READ, str(err), settings.image_size)], Reads(0, retried[0])
+    read = Reads(len(data), retried[0])
     if not settings.isolate:
-        return decoder(item, settings, data), len(data)
+        return decoder(item, settings, data), read
     try:
-        return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s), len(data)
+        return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s), read
     except IsolationError as err:
-        return [error_row(item, DECODE, str(err), settings.image_size)], len(data)
+        return [error_row(item, DECODE, str(err), settings.image_size)], read
 
 
 def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:

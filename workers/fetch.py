@@ -152,13 +152,14 @@ def fetch_bytes(
     max_bytes: int | None = None,
     backoff_s: float = 0.5,
     budget_s: float = RETRY_BUDGET_S,
+    on_retry: Callable[[], None] | None = None,
 ) -> bytes:
     """All bytes of `uri`, read through fsspec.
 
     Retries `retries` times after the first attempt on transient errors, sleeping backoff_s * 2**attempt between
     tries and budget_s at most in all (`retrying`); never retries not-found or permission errors. Files over
     `max_bytes` are refused. Raises FetchError with a message fit for a row on final failure ("read failed after
-    N attempts (retried for S s): ...").
+    N attempts (retried for S s): ..."). on_retry: called before each retry (what a caller counts).
     """
     fs, path = open_filesystem(uri, storage_options)
-    return retrying(lambda: _read(fs, path, max_bytes), "read", retries, backoff_s, budget_s, target=uri)
+    return retrying(lambda: _read(fs, path, max_bytes), "read", retries, backoff_s, budget_s, on_retry, target=uri)

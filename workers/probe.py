@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from schemas.rows import IMAGE, VIDEO
 from workers.frames import DecodeError, clean_message, sniff_media_type
+from workers.fetch import DEFAULT_RETRIES
 from workers.stream import PROBE_FETCH, InputFile, open_input
 from workers.video import _av, _packets
 
@@ -32,18 +33,22 @@ class VideoProbe:
     width: int = 0
     height: int = 0
     error: str | None = None
+    read_retries: int = 0  # the probe's fetches retried after a transient error
 
 
-def probe_uri(uri: str, storage_options: dict | None, max_pixels: int | None = None) -> VideoProbe:
-    """Probe one input (see the module doc). Raises FetchError when it cannot be read."""
-    with open_input(uri, storage_options, PROBE_FETCH) as f:
+def probe_uri(uri: str, storage_options: dict | None, max_pixels: int | None = None,
+              retries: int = DEFAULT_RETRIES) -> VideoProbe:
+    """Probe one input (see the module doc), each fetch retried `retries` times on transient errors. Raises
+    FetchError when it cannot be read."""
+    with open_input(uri, storage_options, PROBE_FETCH, retries) as f:
         try:
             found = probe_input(f, max_pixels)
         except DecodeError as err:
             f.raise_read_error()  # a read that failed under PyAV is a read error, not a broken file
-            return VideoProbe("broken", f.size, f.bytes_read, error=str(err))
+            return VideoProbe("broken", f.size, f.bytes_read, error=str(err), read_retries=f.retried)
         f.raise_read_error()
-        return VideoProbe(found.kind, f.size, f.bytes_read, found.duration_s, found.t0, found.width, found.height)
+        return VideoProbe(found.kind, f.size, f.bytes_read, found.duration_s, found.t0, found.width, found.height,
+                          read_retries=f.retried)
 
 
 def probe_input(f: InputFile, max_pixels: int | None = None) -> VideoProbe:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from workers.frames import Clip, DecodeError, clean_message
-from workers.stream import DECODE_FETCH, InputFile, open_input
+from workers.fetch import DEFAULT_RETRIES
+from workers.stream import DECODE_FETCH, InputFile, Reads, open_input
 from workers.video import _av, _frames, _to_input, sample_times
 
 # Seek rather than decode through a gap longer than this. Decoding through a short gap costs less than a seek that
@@ -24,19 +25,20 @@ _EPS = 1e-6
 
 
 def decode_group(uri: str, storage_options: dict | None, t0: float, clips: list[tuple[int, float, float]],
-                 frames_per_clip: int, image_size: int, max_fetch: int = DECODE_FETCH) -> tuple[list[Clip], int]:
-    """(clips with their frames (F, S, S, 3) uint8, bytes read) for clips [(index, start_s, end_s), ...] of one
+                 frames_per_clip: int, image_size: int, max_fetch: int = DECODE_FETCH,
+                 retries: int = DEFAULT_RETRIES) -> tuple[list[Clip], Reads]:
+    """(clips with their frames (F, S, S, 3) uint8, what was read) for clips [(index, start_s, end_s), ...] of one
     video, times in seconds from its first frame (t0 on the stream's clock, from the probe). Raises FetchError
     when the input cannot be read, DecodeError (row-ready) when it has no decodable frame there. `max_fetch`: the
-    largest range request (workers.stream.fetch_limit)."""
+    largest range request (workers.stream.fetch_limit); `retries`: each fetch's, on transient errors."""
     plan = [(k, a, b, sample_times(a, b, frames_per_clip)) for k, a, b in clips]
     wanted = sorted({float(t) for *_, times in plan for t in times})
-    with open_input(uri, storage_options, max_fetch) as f:
+    with open_input(uri, storage_options, max_fetch, retries) as f:
         try:
             got = frames_at(f, wanted, t0, image_size)
         finally:
             f.raise_read_error()
-        read = f.bytes_read
+        read = f.reads
     out = []
     for k, a, b, times in plan:
         picked = [got[float(t)] for t in times]

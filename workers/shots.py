@@ -15,7 +15,8 @@ import math
 from fractions import Fraction
 
 from workers.frames import DecodeError, clean_message
-from workers.stream import DECODE_FETCH, open_input
+from workers.fetch import DEFAULT_RETRIES
+from workers.stream import DECODE_FETCH, Reads, open_input
 from workers.video import _av, _frames
 
 DETECT_WIDTH = 256
@@ -23,8 +24,9 @@ THRESHOLD = 27.0  # ContentDetector's default: the weighted HSV change between t
 
 
 def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: float, end_s: float,
-                max_fetch: int = DECODE_FETCH, threshold: float = THRESHOLD) -> tuple[list[float], int]:
-    """(shot changes in (start_s, end_s), in seconds from the video's first frame; bytes read). Raises FetchError
+                max_fetch: int = DECODE_FETCH, threshold: float = THRESHOLD,
+                retries: int = DEFAULT_RETRIES) -> tuple[list[float], Reads]:
+    """(shot changes in (start_s, end_s), in seconds from the video's first frame; what was read). Raises FetchError
     when the input cannot be read, DecodeError when the window has no decodable frame. `max_fetch`: the largest
     range request (workers.stream.fetch_limit)."""
     from scenedetect.common import FrameTimecode, Timecode
@@ -34,7 +36,7 @@ def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: floa
     av = _av()
     cuts: list[float] = []
     seen = 0
-    with open_input(uri, storage_options, max_fetch) as f:
+    with open_input(uri, storage_options, max_fetch, retries) as f:
         try:
             with av.open(f) as container:
                 stream = container.streams.video[0]
@@ -62,7 +64,7 @@ def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: floa
             f.raise_read_error()
             raise DecodeError(f"not a video: {clean_message(str(err))}") from err
         f.raise_read_error()
-        read = f.bytes_read
+        read = f.reads
     if not seen:
         raise DecodeError("no decodable video frames in this part of the video")
     return sorted(c for c in set(cuts) if start_s + 1e-6 < c < end_s - 1e-6), read

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, SHOTS, UNIT_SCHEMA, WHOLE
+from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, READ_RETRIES, SHOTS, UNIT_SCHEMA, WHOLE
 from schemas.manifest import media_type_from_name
 from schemas.rows import DECODE, IMAGE, LIST, READ
 from workers.fetch import FetchError
@@ -29,7 +29,7 @@ from workers.video import plan_clips
 def unit(item: dict, kind: str, **fields) -> dict:
     """A row of UNIT_SCHEMA for `item`."""
     row = {name: item.get(name) for name in UNIT_SCHEMA.names}
-    row.update({"unit": kind, BYTES_READ: 0}, **fields)
+    row.update({"unit": kind, BYTES_READ: 0, READ_RETRIES: 0}, **fields)
     return row
 
 
@@ -40,21 +40,23 @@ def split_item(item: dict, settings: DecodeSettings, done: frozenset[int] = froz
     if (item.get("media_type") or media_type_from_name(item["uri"])) == IMAGE:
         return [unit(item, WHOLE)]
     try:
-        probe = guarded(probe_uri, item["uri"], settings.storage_options, settings.max_pixels, settings=settings)
+        probe = guarded(probe_uri, item["uri"], settings.storage_options, settings.max_pixels, settings.retries,
+                        settings=settings)
     except FetchError as err:
         return [unit(item, FAILED, error_stage=READ, error=str(err))]
     except IsolationError as err:
         return [unit(item, FAILED, error_stage=DECODE, error=str(err))]
+    probed = {BYTES_READ: probe.bytes_read, READ_RETRIES: probe.read_retries}
     if settings.max_bytes is not None and probe.size > settings.max_bytes:
         return [unit(item, FAILED, error_stage=READ, error=f"file too large: over the limit of {settings.max_bytes} "
-                                                             "bytes", **{BYTES_READ: probe.bytes_read})]
+                                                             "bytes", **probed)]
     if probe.kind != "video":
         if probe.kind == "broken" and probe.size > settings.whole_file_bytes:
-            return [unit(item, FAILED, error_stage=DECODE, error=probe.error, **{BYTES_READ: probe.bytes_read})]
-        return [unit(item, WHOLE, **{BYTES_READ: probe.bytes_read})]  # the whole-file decoders take it from here
+            return [unit(item, FAILED, error_stage=DECODE, error=probe.error, **probed)]
+        return [unit(item, WHOLE, **probed)]  # the whole-file decoders take it from here
     units = plan_units(item, probe, settings, done)
     if units:
-        units[0][BYTES_READ] = probe.bytes_read
+        units[0].update(probed)
     return units
 
 

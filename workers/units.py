@@ -8,7 +8,8 @@ so a task never holds more than that many clips' frames (a shots window may give
   SHOTS   the window's shot changes found (workers.shots.detect_cuts, one isolated call), its clips bounded
           (shot_clips) and numbered from the window's first index, then decoded clips_per_group per call.
 A group that fails gives error rows for its clips (stage read or decode), never a failed task. Each row carries
-the unit's bookkeeping (schemas.clips.BOOKKEEPING): its rows in all, its group, and the bytes read for it.
+the unit's bookkeeping (schemas.clips.BOOKKEEPING): its rows in all, its group, the bytes read for it and the
+fetches retried (every read is retried on transient errors: workers.fetch, workers.stream).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from schemas.clips import BYTES_READ, CLIP_SCHEMA, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, SHOTS, WHOLE
+from schemas.clips import BYTES_READ, CLIP_SCHEMA, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, READ_RETRIES, SHOTS, WHOLE
 from schemas.rows import DECODE, OK, READ, VIDEO, error_columns
 from workers.decode import error_row, read_and_decode
 from workers.fetch import FetchError
@@ -27,7 +28,7 @@ from workers.isolate import IsolationError, guarded
 from workers.seek import decode_group
 from workers.settings import DecodeSettings
 from workers.shots import detect_cuts, shot_clips
-from workers.stream import fetch_limit
+from workers.stream import Reads, fetch_limit
 
 Span = tuple[int, float, float]  # (clip index, start_s, end_s)
 
@@ -42,14 +43,14 @@ def decode_unit(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
     """One unit's clips, in tables of at most clips_per_group clips."""
     kind = u["unit"]
     if kind == FAILED:
-        yield _table(u, [error_row(u, u["error_stage"], u["error"], settings.image_size)], 1, u[BYTES_READ])
+        yield _table(u, [error_row(u, u["error_stage"], u["error"], settings.image_size)], 1, _probed(u))
     elif kind == WHOLE:
         rows, read = read_and_decode(u, settings)
-        yield _table(u, rows, len(rows), u[BYTES_READ] + read)
+        yield _table(u, rows, len(rows), _probed(u) + read)
     elif kind == CLIPS:
         spans = [(c["index"], c["start_s"], c["end_s"]) for c in u["clips"]]
         rows, read = _decode_spans(u, spans, settings)
-        yield _table(u, rows, len(rows), u[BYTES_READ] + read)
+        yield _table(u, rows, len(rows), _probed(u) + read)
     elif kind == SHOTS:
         yield from _decode_window(u, settings)
     else:
@@ -60,13 +61,13 @@ def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
     """A SHOTS unit: detect, bound, then decode its clips a group at a time."""
     window = u["clips"][0]
     first, a, b = window["index"], window["start_s"], window["end_s"]
-    read = u[BYTES_READ]
+    read = _probed(u)
     if b - a < settings.min_clip_seconds:  # too short to hold two clips: nothing to detect
         cuts = []
     else:
         try:
             cuts, n = guarded(detect_cuts, u["uri"], settings.storage_options, u["t0"], a, b,
-                              fetch_limit(b - a, u["bytes_per_s"]), settings=settings)
+                              fetch_limit(b - a, u["bytes_per_s"]), retries=settings.retries, settings=settings)
             read += n
         except (FetchError, DecodeError, IsolationError) as err:
             yield _table(u, [_clip_error(u, (first, a, b), err, settings)], 1, read)
@@ -77,17 +78,23 @@ def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
     for i in range(0, len(spans), step):
         rows, n = _decode_spans(u, spans[i:i + step], settings)
         yield _table(u, rows, len(spans), read + n)
-        read = 0
+        read = Reads()
 
 
-def _decode_spans(u: dict, spans: list[Span], settings: DecodeSettings) -> tuple[list[dict], int]:
-    """(one row per clip, bytes read): their frames by one isolated decode_group call, or error rows."""
+def _probed(u: dict) -> Reads:
+    """What the split stage read for this unit (its probe's reads, on the item's first unit)."""
+    return Reads(u[BYTES_READ] or 0, u.get(READ_RETRIES) or 0)
+
+
+def _decode_spans(u: dict, spans: list[Span], settings: DecodeSettings) -> tuple[list[dict], Reads]:
+    """(one row per clip, what was read): their frames by one isolated decode_group call, or error rows."""
     limit = fetch_limit(spans[-1][2] - spans[0][1], u["bytes_per_s"])
     try:
         clips, read = guarded(decode_group, u["uri"], settings.storage_options, u["t0"], spans,
-                              settings.frames_per_clip, settings.image_size, limit, settings=settings)
+                              settings.frames_per_clip, settings.image_size, limit, retries=settings.retries,
+                              settings=settings)
     except (FetchError, DecodeError, IsolationError) as err:
-        return [_clip_error(u, span, err, settings) for span in spans], 0
+        return [_clip_error(u, span, err, settings) for span in spans], Reads()
     return [_clip_row(u, clip.index, clip.start_s, clip.end_s, clip.frames, frame_timestamps_s=clip.timestamps_s,
                       status=OK) for clip in clips], read
 
@@ -105,15 +112,16 @@ def _clip_error(u: dict, span: Span, err: Exception, settings: DecodeSettings) -
     return _clip_row(u, *span, empty, **error_columns(stage, str(err)))
 
 
-def _table(u: dict, rows: list[dict], unit_clips: int, read: int) -> pa.Table:
+def _table(u: dict, rows: list[dict], unit_clips: int, read: Reads) -> pa.Table:
     """Decoded rows -> CLIP_SCHEMA, with the unit's bookkeeping: rows in all (unit_clips x prompts), its group,
-    and `read` bytes spread over these rows (the sink sums them once per clip)."""
+    `read`'s bytes spread over these rows and its retries on the first (the sink sums both once per clip)."""
     prompts = len(u["prompts"])
     out = []
     for i, row in enumerate(rows):
         frames = np.ascontiguousarray(row.pop("frames"))
         row.update(frames=frames.tobytes(), frame_shape=list(frames.shape), prompts=u["prompts"])
         row.update({ITEM_ROWS: unit_clips * prompts, GROUP: u[GROUP], GROUPS: u[GROUPS],
-                    BYTES_READ: read // len(rows) + (read % len(rows) if i == 0 else 0)})
+                    BYTES_READ: read.bytes // len(rows) + (read.bytes % len(rows) if i == 0 else 0),
+                    READ_RETRIES: read.retries if i == 0 else 0})
         out.append(row)
     return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
