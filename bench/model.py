@@ -12,7 +12,7 @@ import gc
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -22,8 +22,9 @@ from torch import Tensor
 
 from bench import flops as F
 from bench.compiled import TimedGenerator
-from bench.configs import SHAPES, Setting, model_config, random_model, settings, weight_bytes
+from bench.configs import Setting, model_config, random_model, weight_bytes
 from bench.memory import PeakMemory, copy_bandwidth, probe_batch, trim_heap
+from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
 from bench.model_report import markdown, ratios
 from bench.report import command_line, device_description, versions, write_json, write_section
 from lavi.compress import VisualCompress
@@ -32,106 +33,8 @@ from lavi.model import LaVi
 from lavi.vlora import weight_shapes
 
 log = logging.getLogger(__name__)
-MODELS = ("lavi", "vlora", "concat", "hf-llava-ov")
-FUSION = {"lavi": "viln", "vlora": "vlora", "concat": "concat"}
 NEVER = -1  # an EOS id argmax never returns: every row generates exactly new_tokens
 Inputs = tuple[Callable[[], Visual], Tensor, list[list[int]]]  # (encode, rows, prompts) of one batch
-PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
-
-
-@dataclass(frozen=True)
-class ModelBenchConfig:
-    """One `bench model` run. Empty tuples mean: the default for the device (see `resolve`)."""
-
-    device: str = "cpu"
-    shapes: str = "tiny-shapes"
-    settings: tuple[str, ...] = ()  # image, anyres, video (empty: all of the shapes' settings)
-    models: tuple[str, ...] = ()  # empty: lavi, vlora, concat (+ hf-llava-ov on CUDA, tiny-random, qwen2-0.5b)
-    compress: tuple[str, ...] = ()  # each concat model also measured with these (lavi.compress: dct:K, fastv:K@L)
-    batch_sizes: tuple[int, ...] = ()  # empty: CPU 1, 8, 32; CUDA 1 and the largest that fits (probed)
-    prompt_tokens: int = 64
-    new_tokens: int = 48
-    repeats: int = 3
-    compile: bool | None = None  # None: on CUDA only
-    compile_backend: str = "inductor"  # inductor (+ CUDA graphs on CUDA) or cudagraphs (no codegen: compiles fast)
-    max_batch: int = 512  # the probe's ceiling
-    memory_fraction: float = 0.85  # the probe keeps peak memory under this share of the device
-    peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
-    seed: int = 0
-    checkpoints: tuple[str, ...] = ()  # real checkpoint directories (bench.checkpoints): then `shapes` is not used
-    quantize: str | None = None  # "int8": each engine model also measured with weight-only int8 decoder layers
-    mixed: int = 0  # > 0: also in-flight vs static batching on this many shapes-v1 images (bench.inflight)
-    mixed_model: str | None = None  # its LaVi checkpoint (None: the bundled tiny-shapes)
-    out: str = "bench-model.json"
-    markdown: str | None = "BENCHMARKS.md"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "settings", tuple(self.settings))
-        object.__setattr__(self, "models", tuple(self.models))
-        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
-        object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
-        object.__setattr__(self, "compress", tuple(VisualCompress.parse(v).spelled() for v in self.compress))
-        if self.checkpoints:
-            from bench.checkpoints import SETTINGS
-            if set(self.settings) - set(SETTINGS):
-                raise ValueError(f"--settings with --model must be among {SETTINGS}, got {self.settings}")
-            missing = [p for p in self.checkpoints if not (Path(p) / "config.json").exists()]
-            if missing:
-                raise ValueError(f"--model {missing[0]}: no config.json there (a local checkpoint directory)")
-        elif self.shapes not in SHAPES:
-            raise ValueError(f"--shapes must be one of {SHAPES}, got {self.shapes!r}")
-        else:
-            known = {s.name for s in settings(self.shapes)}
-            if set(self.settings) - known:
-                raise ValueError(f"--settings for {self.shapes} must be among {sorted(known)}, got {self.settings}")
-        if set(self.models) - set(MODELS):
-            raise ValueError(f"--models must be among {MODELS}, got {self.models}")
-        if any(b < 1 for b in self.batch_sizes):
-            raise ValueError(f"--batch-sizes must be positive, got {self.batch_sizes}")
-        if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1:
-            raise ValueError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
-        if self.compile_backend not in ("inductor", "cudagraphs", "eager"):
-            raise ValueError(f"--compile-backend must be inductor, cudagraphs or eager, got {self.compile_backend!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is visible to torch here")
-        if self.device.startswith("cpu") and self.shapes == "qwen2-7b-siglip":
-            raise ValueError("qwen2-7b-siglip is for --device cuda (a random 7B in fp32 on CPU is not a benchmark)")
-
-
-def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype, bool]:
-    cuda = c.device.startswith("cuda")
-    chosen = [s for s in settings(c.shapes) if not c.settings or s.name in c.settings]
-    if not c.settings and c.shapes == "tiny-shapes" and not cuda:
-        chosen = [s for s in chosen if s.name in ("image", "video")]  # the CPU default stays a few minutes
-    models = list(c.models) or ["lavi", "vlora", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
-        "tiny-random", "qwen2-0.5b-siglip") else [])
-    dtype = torch.bfloat16 if cuda else torch.float32
-    return chosen, models, dtype, cuda if c.compile is None else c.compile
-
-
-def cpu_matmul_peak(n: int = 2048, repeats: int = 3) -> float:
-    """This CPU's fp32 matmul FLOP/s at torch's thread count, measured: the best of `repeats` n x n x n products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def peak_flops(device: torch.device, given: float | None) -> float | None:
-    """The FLOP/s the utilisation columns divide by: given; a GPU's known dense bf16 peak; a CPU's measured fp32
-    matmul rate (`cpu_matmul_peak`)."""
-    if given:
-        return given
-    if device.type != "cuda":
-        return cpu_matmul_peak()
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 class Runner:
@@ -231,6 +134,7 @@ class Runner:
             commons[name] = self._flops(model, config, setting, name, vc)
         weights = weight_bytes(model)["decode"]
         model = self._packed(model)
+        self._release()  # the float weights packing replaced go back to the OS before any peak is taken
         rows, roofs = [], []
         for name, vc in variants:
             model.visual_compress = vc
@@ -259,14 +163,14 @@ class Runner:
         model.visual_compress = None
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
             from lavi.quant import quantize
-            del model
+            del model, inputs  # both hold the float model: it must be gone before the baseline is taken
             self._release()
+            self.mem.rebase()  # as for the float rows: the peak counts the model's own (int8) weights
             model = random_model(config, self.device, self.dtype, seed=c.seed)  # int8 replaces plain layers only
             inputs = partial(self._inputs, model, setting)
             quantize(model, c.quantize)
             model = self._packed(model)  # what int8 leaves in float (ViLN's heads, the ViT), as loading does
             self._release()
-            self.mem.rebase()
             common = self._flops(model, config, setting, f"{kind}-{c.quantize}", None)
             max_seq = common.pop("max_seq")
             for b in sizes:
@@ -354,9 +258,6 @@ class Runner:
             return [], f"hf-llava-ov is built for qwen2-0.5b-siglip, qwen2-7b-siglip and tiny-random, not {c.shapes}"
         self.mem.rebase()
 
-        def try_batch(b: int) -> None:
-            hf.timed_generate(model, hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)[0], 2)
-
         # transformers' API moves between releases: an incompatible version is a recorded skip, so the
         # LaVi and concat figures of the same run are still written
         try:
@@ -365,6 +266,10 @@ class Runner:
         except (ImportError, TypeError, ValueError) as err:
             self._release()
             return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
+
+        def try_batch(b: int) -> None:
+            hf.timed_generate(model, hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)[0], 2)
+
         probe = self.probe(try_batch)
         sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8])
         rows = []
@@ -389,6 +294,7 @@ class Runner:
 
 def run(c: ModelBenchConfig) -> dict:
     """Run the benchmark, write c.out (JSON) and c.markdown's section; returns the JSON document."""
+    started = time.monotonic()
     r = Runner(c)
     results, roofline, skipped = [], [], []
     for path in c.checkpoints:
@@ -417,7 +323,7 @@ def run(c: ModelBenchConfig) -> dict:
     doc = {"results": results, "ratios": ratios(results), "roofline": roofline, "skipped": skipped,
            "device": device_description(c.device), "versions": versions(), "command": command_line(),
            "config": asdict(c), "peak_mem_method": r.mem.method, "copy_bandwidth_bytes_per_s": r.bandwidth,
-           "peak_flops": r.peak}
+           "peak_flops": r.peak, "wall_s": time.monotonic() - started}
     if c.mixed:
         doc["inflight"] = inflight
     write_json(doc, c.out)

@@ -31,6 +31,21 @@ def ratios(results: list[dict]) -> list[dict]:
     return out
 
 
+def step_ratios(roofline: list[dict]) -> list[dict]:
+    """Per setting, each model's batch-1 decode step over concat's: measured time, bytes read, and their quotient."""
+    out = []
+    for r in roofline:
+        base = next((c for c in roofline if c["model"] == "concat" and c["setting"] == r["setting"]), None)
+        if base is None or r["model"] == "concat":
+            continue
+        step = r["measured_step_s"] / base["measured_step_s"]
+        nbytes = ((r["weight_bytes_per_step"] + r["state_bytes_per_step"])
+                  / (base["weight_bytes_per_step"] + base["state_bytes_per_step"]))
+        out.append({"setting": r["setting"], "model": r["model"], "step_ratio": step, "bytes_ratio": nbytes,
+                    "beyond_bytes": step / nbytes})
+    return out
+
+
 def markdown(doc: dict) -> str:
     c = doc["config"]
     checkpoints = c.get("checkpoints") or ()
@@ -61,6 +76,14 @@ def markdown(doc: dict) -> str:
                       ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
                       ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
                       ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]
+        steps = step_ratios(doc["roofline"])
+        if steps:
+            lines += ["", "Decode step at batch 1, each model over concat's: the time measured against the bytes read "
+                      "(weights + state), so a ratio of time above the ratio of bytes is time lost beyond the bytes:",
+                      "", table(steps, [("setting", "setting"), ("model", "model"), ("step_ratio", "step ratio"),
+                                        ("bytes_ratio", "bytes ratio"), ("beyond_bytes", "step / bytes")])]
+    if doc.get("wall_s"):
+        lines.append(f"\nThe whole run took {doc['wall_s'] / 60:.1f} min.")
     for s in doc["skipped"]:
         lines.append(f"\nskipped {s['model']} ({s['setting']}): {s['reason']}")
     if doc.get("inflight"):
