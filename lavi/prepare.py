@@ -49,5 +49,7 @@ def packed(model, pack: bool | None, compile: bool = False):
         if pack:
             raise ValueError("packed linear layers need torch's oneDNN (mkldnn), which this torch build lacks")
         return model
-    log.info("%s: %d linear layers packed for oneDNN (CPU, float32)", model.config.name, cpu_pack.pack(model))
+    n = cpu_pack.pack(model)
+    if n:
+        log.info("%s: %d linear layers packed for oneDNN (CPU, float32)", model.config.name, n)
     return model
