@@ -19,10 +19,8 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from multiprocessing.connection import Connection
 
-from workers.fetch import FetchError
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +173,9 @@ def run_isolated(fn, *args, timeout_s: float):
 
 def guarded(fn, *args, settings):
     """fn(*args) as the decode stages call it: in this process's isolated child when settings.isolate (a
-    workers.settings.DecodeSettings), with settings.timeout_s, and again on a transient read error (settings.retries
-    times, backing off). Raises FetchError, IsolationError, or what fn raises."""
-    for attempt in range(settings.retries + 1):
-        try:
-            if not settings.isolate:
-                return fn(*args)
-            return run_isolated(fn, *args, timeout_s=settings.timeout_s)
-        except FetchError as err:
-            if not err.transient or attempt == settings.retries:
-                raise
-            log.warning("transient read error (attempt %d): %s", attempt + 1, err)
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+    workers.settings.DecodeSettings), with settings.timeout_s. Not retried here: each of fn's reads is, on
+    transient errors (workers.stream), so a FetchError from fn is one whose retries ran out. Raises FetchError,
+    IsolationError, or what fn raises."""
+    if not settings.isolate:
+        return fn(*args)
+    return run_isolated(fn, *args, timeout_s=settings.timeout_s)

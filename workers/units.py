@@ -27,7 +27,7 @@ from workers.frames import DecodeError
 from workers.isolate import IsolationError, guarded
 from workers.seek import decode_group
 from workers.settings import DecodeSettings
-from workers.shots import detect_cuts, shot_clips
+from workers.shots import THRESHOLD, detect_cuts, shot_clips
 from workers.stream import Reads, fetch_limit
 
 Span = tuple[int, float, float]  # (clip index, start_s, end_s)
@@ -67,7 +67,7 @@ def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
     else:
         try:
             cuts, n = guarded(detect_cuts, u["uri"], settings.storage_options, u["t0"], a, b,
-                              fetch_limit(b - a, u["bytes_per_s"]), retries=settings.retries, settings=settings)
+                              fetch_limit(b - a, u["bytes_per_s"]), THRESHOLD, settings.retries, settings=settings)
             read += n
         except (FetchError, DecodeError, IsolationError) as err:
             yield _table(u, [_clip_error(u, (first, a, b), err, settings)], 1, read)
@@ -91,7 +91,7 @@ def _decode_spans(u: dict, spans: list[Span], settings: DecodeSettings) -> tuple
     limit = fetch_limit(spans[-1][2] - spans[0][1], u["bytes_per_s"])
     try:
         clips, read = guarded(decode_group, u["uri"], settings.storage_options, u["t0"], spans,
-                              settings.frames_per_clip, settings.image_size, limit, retries=settings.retries,
+                              settings.frames_per_clip, settings.image_size, limit, settings.retries,
                               settings=settings)
     except (FetchError, DecodeError, IsolationError) as err:
         return [_clip_error(u, span, err, settings) for span in spans], Reads()
