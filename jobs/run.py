@@ -51,7 +51,7 @@ EXECUTION_OPTIONS = [  # how a run labels, not what: `run` and `retry` take them
                   help="torch.compile the decode step (CUDA graphs). Default: on a GPU, not on CPU."),
     click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                   help="fsspec option for remote URIs, e.g. client_kwargs.endpoint_url=http://127.0.0.1:8333 "
-                       "(repeatable)."),
+                       "(repeatable; dotted keys nest; true/false and numbers are typed, credentials stay text)."),
     click.option("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1)."),
     click.option("--stall-timeout", default=300.0, show_default=True,
                   help="Seconds with no row before the driver says what the cluster has and what waits; after twice "

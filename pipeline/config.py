@@ -26,15 +26,32 @@ CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
 GPU_AUTO_BLOCK = 256  # clips per labeler input block when --batch-size is auto on a GPU
 
 
+VERBATIM_OPTIONS = frozenset({"key", "secret", "token", "password", "username", "profile"})  # never numbers
+
+
+def _option_value(leaf: str, value: str) -> Any:
+    """A storage option's value: true/false -> bool, a whole or decimal number -> int or float (s3fs retries=10,
+    config_kwargs.retries.max_attempts=1), anything else, and credentials always, as given."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if leaf.lower() not in VERBATIM_OPTIONS and any(c.isdigit() for c in value):  # not "nan" or "inf"
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
 def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE strings -> fsspec storage options (dotted keys nest, true/false -> bool)."""
+    """KEY=VALUE strings -> fsspec storage options (dotted keys nest; `_option_value` types the values)."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"storage option {pair!r} is not KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:8333)")
-        parsed: Any = {"true": True, "false": False}.get(value.lower(), value)
         *parents, leaf = key.split(".")
+        parsed = _option_value(leaf, value)
         node = options
         for parent in parents:
             node = node.setdefault(parent, {})

@@ -38,8 +38,14 @@ def flaky_s3(tmp_path_factory):
         weed.stop()
 
 
-def storage(weed: Weed) -> tuple[str, ...]:
-    return (f"key={weed.key}", f"secret={weed.secret}", f"client_kwargs.endpoint_url={weed.endpoint}")
+def storage(weed: Weed, *client_retries_off: str) -> tuple[str, ...]:
+    return (f"key={weed.key}", f"secret={weed.secret}", f"client_kwargs.endpoint_url={weed.endpoint}",
+            *client_retries_off)
+
+
+# botocore's own retries (5 attempts with random backoff) can outlast an outage by chance; with them off, the
+# outage reaches the pipeline's retries, what a test of those must see
+NO_CLIENT_RETRIES = ("config_kwargs.retries.max_attempts=1",)
 
 
 def s3fs_of(weed: Weed):
@@ -144,7 +150,7 @@ def test_an_output_store_down_at_commit_time_delays_the_job_and_shows_no_half_fi
     and against a half-written part file becoming visible: the commits retry until the store is back, every
     committed file reads whole, every row is there exactly once and nothing is left under _tmp/. The store goes
     down as the first commit starts (the driver's own commit, patched to stop it first), so the outage always
-    meets a commit."""
+    meets a commit; botocore's own retries are off so that it meets the commit's."""
     from pipeline.sink import ParquetSink
 
     n = 12
@@ -166,7 +172,8 @@ def test_an_output_store_down_at_commit_time_delays_the_job_and_shows_no_half_fi
 
     monkeypatch.setattr(ParquetSink, "_commit", first_commit_meets_the_outage)
     config = RunConfig(inputs=(str(corpus),), out=f"s3://{out}", model=tiny_model, task="vqa", questions=QUESTIONS,
-                       storage_options=storage(flaky_s3), max_new_tokens=8, batch_size=1, rows_per_file=2,
+                       storage_options=storage(flaky_s3, *NO_CLIENT_RETRIES), max_new_tokens=8, batch_size=1,
+                       rows_per_file=2,
                        address=ray_local)
     thread, result = run_in_thread(config)
     thread.join(600)

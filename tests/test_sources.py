@@ -154,6 +154,11 @@ def test_auto_batch_and_compile_defaults():
 
 
 def test_storage_options_parse():
-    """Guards against dotted keys (client_kwargs.endpoint_url) not nesting and 'false' being truthy."""
+    """Guards against dotted keys (client_kwargs.endpoint_url) not nesting, 'false' being truthy, a number reaching
+    the client as a string (s3fs retries="1" fails in range()) and a credential of digits becoming a number."""
     assert parse_storage_options(("client_kwargs.endpoint_url=http://h:1", "anon=false", "key=a=b")) == {
         "client_kwargs": {"endpoint_url": "http://h:1"}, "anon": False, "key": "a=b"}
+    assert parse_storage_options(("retries=1", "config_kwargs.retries.max_attempts=2", "default_block_size=1.5e6",
+                                  "secret=0123", "key=12", "client_kwargs.region_name=1e")) == {
+        "retries": 1, "config_kwargs": {"retries": {"max_attempts": 2}}, "default_block_size": 1.5e6,
+        "secret": "0123", "key": "12", "client_kwargs": {"region_name": "1e"}}
