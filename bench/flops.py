@@ -190,6 +190,13 @@ def caption_flops(c: LaViConfig, frames: int, text_tokens: int, new_tokens: int,
     return pre + (new_tokens - 1) * decode_step_flops(c, frames, slots).total
 
 
+def growing_decode_flops(c: LaViConfig, context: int, new_tokens: int) -> int:
+    """One row's (new_tokens - 1) decode steps over a cache that grows from `context` + 1 keys (transformers'
+    dynamic cache: no static slots, no fusion per step), lm_head included: what generate() adds to its prefill."""
+    head = 2 * c.decoder.hidden_size * c.decoder.vocab_size
+    return sum(decoder_flops(c, 1, context + i) + head for i in range(1, new_tokens))
+
+
 # ---- counted -------------------------------------------------------------------------------------
 def _sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """4 b h_q s_q s_k d for any SDPA kernel, K/V heads broadcast to the query's (GQA)."""

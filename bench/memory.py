@@ -70,10 +70,11 @@ class PeakMemory:
 
 
 @torch.no_grad()
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting the read and the write (2 x size per copy);
-    the best of `repeats` copies of 1 GiB (CUDA) or 64 MiB (CPU: well past the last-level cache)."""
-    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**26)
+    the best of `repeats` copies of 1 GiB (CUDA) or 256 MiB (CPU: well past a server's shared last-level cache,
+    which 64 MiB was not always)."""
+    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm up (page faults on CPU, first-touch on GPU)

@@ -71,8 +71,11 @@ def markdown(doc: dict) -> str:
             ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio"),
             ("flop_bound_ratio", "FLOP-bound ratio"), ("of_bound", "measured / bound")])]
     if doc["roofline"]:
+        measured = doc.get("copy_bandwidths_start_end")
         lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
-                  f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s):", "", table(doc["roofline"], [
+                  f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
+                  + (f", the better of {measured[0] / 1e9:.1f} at the run's start and {measured[1] / 1e9:.1f} at its "
+                     "end" if measured else "") + "):", "", table(doc["roofline"], [
                       ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
                       ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
                       ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]

@@ -217,8 +217,16 @@ def test_bench_model_command_end_to_end(tmp_path):
     assert by["concat-fastv:0.5@0"]["prefill_flops"] < concat["prefill_flops"]
     hf = next(r for r in doc["results"] if r["model"] == "hf-llava-ov")  # the same visual tokens in its context
     assert concat["prefill_flops"] < hf["prefill_flops"] < 2 * concat["prefill_flops"]
+    # transformers' caption: its counted prefill and 3 decode steps of the same decoder over a cache growing from its
+    # context (a few more visual tokens than concat's: image newlines), about concat's 3 over its static slots
+    steps, concat_steps = hf["caption_flops"] - hf["prefill_flops"], concat["caption_flops"] - concat["prefill_flops"]
+    assert 0.8 * concat_steps < steps < 1.25 * concat_steps, (steps, concat_steps)
     assert {r["model"] for r in doc["roofline"]} == set(models) - {"hf-llava-ov"}
+    assert all(r["measured_over_roofline"] > 0 for r in doc["roofline"])
+    assert len(doc["copy_bandwidths_start_end"]) == 2 and doc["copy_bandwidth_bytes_per_s"] == max(
+        doc["copy_bandwidths_start_end"])
     assert {x["versus"] for x in doc["ratios"]} == set(models) - {"lavi"}
+    assert all(x["flop_bound_ratio"] > 0 for x in doc["ratios"] if x["batch_size"] != "best")  # transformers too
     assert "bench model: tiny-random" in md.read_text()
 
 
