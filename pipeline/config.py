@@ -26,7 +26,7 @@ CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
 GPU_AUTO_BLOCK = 256  # clips per labeler input block when --batch-size is auto on a GPU
 
 
-VERBATIM_OPTIONS = frozenset({"key", "secret", "token", "password", "username", "profile"})  # never numbers
+VERBATIM_OPTIONS = frozenset({"key", "secret", "token", "password", "username", "profile", "project"})  # never numbers
 
 
 def _option_value(leaf: str, value: str) -> Any:

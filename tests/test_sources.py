@@ -159,6 +159,6 @@ def test_storage_options_parse():
     assert parse_storage_options(("client_kwargs.endpoint_url=http://h:1", "anon=false", "key=a=b")) == {
         "client_kwargs": {"endpoint_url": "http://h:1"}, "anon": False, "key": "a=b"}
     assert parse_storage_options(("retries=1", "config_kwargs.retries.max_attempts=2", "default_block_size=1.5e6",
-                                  "secret=0123", "key=12", "client_kwargs.region_name=1e")) == {
+                                  "secret=0123", "key=12", "project=123", "client_kwargs.region_name=1e")) == {
         "retries": 1, "config_kwargs": {"retries": {"max_attempts": 2}}, "default_block_size": 1.5e6,
-        "secret": "0123", "key": "12", "client_kwargs": {"region_name": "1e"}}
+        "secret": "0123", "key": "12", "project": "123", "client_kwargs": {"region_name": "1e"}}
