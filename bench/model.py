@@ -262,7 +262,8 @@ class Runner:
         # LaVi and concat figures of the same run are still written
         try:
             model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
-            counted = hf.prefill_flops(model, hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0])
+            one = hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0]  # a row: its FLOPs and context
+            counted = hf.prefill_flops(model, one)
         except (ImportError, TypeError, ValueError) as err:
             self._release()
             return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
@@ -274,9 +275,8 @@ class Runner:
         sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8])
         # a caption: the counted prefill and the decode steps over its growing cache (the decoder's shapes are the
         # engine's concat model's), so its rows get a FLOP bound and utilisation like the engine's
-        context = hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0]["input_ids"].shape[1]
-        caption = counted + F.growing_decode_flops(model_config(c.shapes, FUSION["concat"], setting), context,
-                                                   c.new_tokens)
+        caption = counted + F.growing_decode_flops(model_config(c.shapes, FUSION["concat"], setting),
+                                                   one["input_ids"].shape[1], c.new_tokens)
         rows = []
         for b in sizes:
             kwargs, nv = hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)
