@@ -43,8 +43,11 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
             raise click.UsageError("--init starts from a whole checkpoint: leave out --decoder and --vision")
         model = _load(init)
         kind = "llava-ov" if isinstance(model, OneVision) else model.config.fusion
-        if kind != fusion:
+        if kind != fusion and "llava-ov" in (kind, fusion):
             raise click.UsageError(f"--init {init} is a {kind} model: pass --fusion {kind}")
+        if kind != fusion:  # another fusion on this LaVi's trained backbones (VLoRA's own setting: a trained LLM and ViT)
+            log.info("a new %s fusion on %s's decoder, ViT and tokenizer", fusion, init)
+            return checkpoint.with_fusion(model, fusion), Path(init)
         return model, Path(init)  # train() puts it in training mode
     if decoder or vision:
         if fusion == "llava-ov":
@@ -108,7 +111,9 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
 @click.option("--vision", type=click.Path(exists=True, file_okay=False), help="Local HF SigLIP directory.")
 @click.option("--init", type=click.Path(exists=True, file_okay=False),
               help="Fine-tune: start from this LaVi (or, with --fusion llava-ov, LLaVA-OneVision) checkpoint "
-                   "directory (weights and tokenizer), with a fresh optimizer and schedule.")
+                   "directory (weights and tokenizer), with a fresh optimizer and schedule. A LaVi of another "
+                   "--fusion gives its decoder, ViT and tokenizer to a new fusion of this one, at its own init (the "
+                   "base LLM exactly): e.g. VLoRA on a trained LaVi's backbones, with --freeze-backbones.")
 @click.option("--freeze-backbones", is_flag=True,
               help="Train only the fusion (conditioner, weights generator or projector).")
 @click.option("--data", default="shapes", show_default=True,
@@ -263,7 +268,9 @@ def _prepare(o: dict, outp: Path, rank: int = 0, world: int = 1) -> _Setup:
                       grid_classes=GRID_CLASSES, row_mean=o["loss_per"] == "row",
                       focus_weight=o["focus"] if shapes else 0.0, vision_steps=o["vision_steps"])
     if rank == 0:
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad or not o["freeze_backbones"])
+        frozen = {id(p) for p in [*model.decoder.parameters(), *model.vision.parameters()]} \
+            if o["freeze_backbones"] else set()
+        n_train = sum(p.numel() for p in model.parameters() if id(p) not in frozen)
         click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
                    f"on {data if isinstance(data, str) else ', '.join(data)} for {o['steps']} steps on {device}"
                    f"{f' x {world} workers' if world > 1 else ''} -> {o['out']}")

@@ -6,6 +6,7 @@ code runs: a directory that only has .bin/.pt weights is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -120,6 +121,13 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     stored = next(iter(weights.values())).dtype
     return model.to(device=device, dtype=dtype or stored).eval()
+
+
+def with_fusion(model: LaVi, fusion: str) -> LaVi:
+    """A fresh LaVi for training: `model`'s decoder and vision tower (their weights shared, not copied), a new
+    `fusion` at its own init (zero outputs: exactly the base LLM), its hyper-parameters from `model`'s config."""
+    config = dataclasses.replace(model.config, fusion=fusion, name=f"{model.config.name}-{fusion}")
+    return LaVi(config, decoder=model.decoder, vision=model.vision).to(model.device, model.dtype).train()
 
 
 def from_backbones(decoder_dir: str | Path, vision_dir: str | Path, **options) -> LaVi:

@@ -22,11 +22,12 @@ def attention_mask(valid: Tensor, q_slots: Tensor, q_valid: Tensor) -> Tensor:
 
 
 class LaVi(OnDecoder, nn.Module):
-    def __init__(self, config: LaViConfig) -> None:
+    def __init__(self, config: LaViConfig, decoder: Decoder | None = None, vision: VisionTower | None = None) -> None:
+        """`decoder`, `vision`: backbones already built (and trained) to take, in place of new ones."""
         super().__init__()
         self.config = config
-        self.decoder = Decoder(config.decoder)
-        self.vision = VisionTower(config.vision)
+        self.decoder = decoder if decoder is not None else Decoder(config.decoder)
+        self.vision = vision if vision is not None else VisionTower(config.vision)
         self.viln = ViLNConditioner(config) if config.fusion == "viln" else None
         self.projector = Projector(config) if config.fusion == "concat" else None
         self.vlora = PerceptualWeights(config) if config.fusion == "vlora" else None

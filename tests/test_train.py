@@ -242,8 +242,26 @@ def test_train_command_fine_tunes_from_a_checkpoint(tmp_path):
     a, b = checkpoint.load(ck).state_dict(), checkpoint.load(tuned).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # started from ck: one step at lr 1e-9 moves nothing
     assert json.loads((tuned / "train_state.json").read_text())["step"] == 1
-    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "x"), "--init", str(ck), "--fusion", "concat"])
+    result = CliRunner().invoke(main, base + ["--out", str(tmp_path / "x"), "--init", str(ck), "--fusion", "llava-ov"])
     assert result.exit_code == 2 and "--fusion viln" in result.output, result.output
+
+
+def test_train_command_puts_a_new_fusion_on_a_lavis_backbones(tmp_path):
+    """Guards against `--init LAVI --fusion vlora --freeze-backbones` (VLoRA on a trained LaVi's decoder and ViT)
+    training anything but the new generator, or losing the LaVi's tokenizer and frames per clip."""
+    ck, vl = tmp_path / "ck", tmp_path / "vl"
+    base = ["train", "--images", "1", "--videos", "1", "--questions", "1", "--warmup", "1", "--threads", "1"]
+    assert CliRunner().invoke(main, base + ["--out", str(ck), "--steps", "2", "--frames", "2"]).exit_code == 0
+    result = CliRunner().invoke(main, base + ["--out", str(vl), "--init", str(ck), "--fusion", "vlora",
+                                              "--freeze-backbones", "--steps", "2", "--lr", "1e-2", "--frames", "2"])
+    assert result.exit_code == 0, result.output
+    a, b = checkpoint.load(ck), checkpoint.load(vl)
+    assert b.config.fusion == "vlora" and b.config.default_frames == a.config.default_frames == 2
+    assert (vl / "tokenizer.json").read_text() == (ck / "tokenizer.json").read_text()
+    sa, sb = a.state_dict(), b.state_dict()
+    backbone = [k for k in sa if k.startswith(("decoder.", "vision."))]
+    assert backbone and all(torch.equal(sa[k], sb[k]) for k in backbone)  # frozen: bit for bit the LaVi's
+    assert any(v.abs().sum() > 0 for k, v in sb.items() if k.startswith("vlora.B."))  # the generator trained
 
 
 def test_eval_command_scores_models_on_both_renderers_and_writes_the_card(tmp_path):

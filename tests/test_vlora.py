@@ -121,6 +121,29 @@ def test_a_vlora_checkpoint_labels_through_the_engine(tmp_path):
     assert batched == [engine.generate(clips, [r], gen)[0].text for r in requests]
 
 
+def test_a_vlora_on_a_trained_lavis_backbones_starts_as_that_decoder(tmp_path):
+    """Guards against `train --init LAVI --fusion vlora` (VLoRA on a trained LaVi's decoder and ViT, as the paper
+    builds it on a trained LLM) losing or copying the backbones, or starting with a delta: the new model's decoder
+    is the LaVi's own (base logits equal, bit for bit), its generator is fresh, and only it trains when frozen."""
+    from lavi.checkpoint import load, save, with_fusion
+
+    torch.manual_seed(3)
+    lavi = LaVi(tiny_config(40, "viln")).eval()
+    for p in lavi.viln.parameters():  # a trained conditioner: not at its zero init
+        torch.nn.init.normal_(p, std=0.1)
+    save(lavi, tmp_path / "lavi")
+    vlora = with_fusion(load(tmp_path / "lavi"), "vlora")
+    assert vlora.config.fusion == "vlora" and vlora.viln is None and vlora.config.name == "tiny-random-vlora"
+    ids, valid = _ids()
+    with torch.no_grad():
+        base = _base(lavi, ids)
+        assert torch.equal(vlora.eval()(ids, valid, vlora.encode(_pixels(2))), base)
+        assert not torch.equal(lavi(ids, valid, lavi.encode(_pixels(2))), base)  # the LaVi's own fusion mattered
+    vlora.train().freeze_backbones()
+    trainable = {n for n, p in vlora.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("vlora.") for n in trainable)
+
+
 def test_vlora_refuses_the_focus_loss():
     """Guards against a focus loss silently recording nothing for VLoRA (its text attends to no image tokens)."""
     from lavi.losses import FocusRecorder
