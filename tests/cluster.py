@@ -114,6 +114,28 @@ class RayCluster:
         r.raise_for_status()
         return r.json()
 
+    def post(self, path: str, body: dict | None = None, timeout: float = 10) -> dict:
+        r = requests.post(self.address + path, json=body, headers={"Authorization": f"Bearer {self.token}"},
+                          timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
+    def hold_cpus(self, cpus: float, timeout: float = 120) -> str:
+        """A Ray job that does nothing but hold `cpus` CPUs (its entrypoint asks for them: Ray runs it on a node
+        that has them), so that the other jobs' tasks are placed elsewhere; returns its id, for `release`."""
+        job = self.post("/api/jobs/", {"entrypoint": f"{sys.executable} -c 'import time; time.sleep(3600)'",
+                                       "entrypoint_num_cpus": cpus})["submission_id"]
+        deadline = time.monotonic() + timeout
+        while self.get(f"/api/jobs/{job}")["status"] != "RUNNING":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the job holding {cpus} CPUs did not start in {timeout} s")
+            time.sleep(0.5)
+        return job
+
+    def release(self, job: str) -> None:
+        """Stop a `hold_cpus` job."""
+        self.post(f"/api/jobs/{job}/stop")
+
     def alive_nodes(self) -> list[dict]:
         """Alive nodes from the state API (node_ip, resources_total, ...)."""
         data = self.get("/api/v0/nodes?limit=100&detail=true")["data"]["result"]["result"]

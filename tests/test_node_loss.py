@@ -61,20 +61,18 @@ def listing_started(out: Path) -> bool:
 def wait_for_moment(cluster: RayCluster, node, out: Path, moment: str) -> str:
     """Block until the job reaches `moment`; returns what was seen then (for the failure message).
 
-    listing:  its listing shards are written and the shard-reading task runs (on the node, if it lands there
-              within 20 s; else as soon as a decode task exists anywhere: the listing read just finished)
+    listing:  its listing shards are written and the shard-reading task runs on the node (the test holds the
+              head's CPUs, so the node is the only place it can run), or has just run there (a split or decode
+              task on the node: the shards' items are in its object store, lost with it)
     decoding: a decode task's process on the node, before any part file is committed
     labeling: a Labeler actor on the node and a part file committed"""
     if moment == "listing":
         wait_for(lambda: listing_started(out), 300, "the listing shards", poll=0.05)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if cluster.find("read_shards", node):
-                return "a read_shards task on the node"
-            if cluster.find("decode_units"):
-                return "the listing read done, decoding begun"
-            time.sleep(0.05)
-        return "the listing shards written"
+        return wait_for(lambda: ("a read_shards task on the node" if cluster.find("read_shards", node) else
+                                 "the shards just read on the node (a split or decode task there, no part file)"
+                                 if (cluster.find("split_batch", node) or cluster.find("decode_units", node))
+                                 and not parts(out) else None),
+                        300, "the listing's read on the worker node", poll=0.02)
     if moment == "decoding":
         wait_for(lambda: cluster.find("decode_units", node), 300, "a decode task on the worker node", poll=0.05)
         return f"a decode task on the node, {len(parts(out))} part files committed"
@@ -92,9 +90,17 @@ def test_worker_node_killed_at_any_moment(cluster, corpus, tiny_model, tmp_path,
     node = fresh_worker(cluster)
     inputs, items = corpus
     out = tmp_path / "out"
-    job = job_id_of(submit(cluster, inputs, out, tiny_model, *SLOW, "--workers", "2"))
-    seen = wait_for_moment(cluster, node, out, moment)
-    cluster.kill_node(node)
+    # listing: the head's CPUs held until the node dies, so that the shards are read there (one labeler: the node's
+    # 1 CPU holds it and one task at a time)
+    hold = cluster.hold_cpus(2) if moment == "listing" else None
+    try:
+        job = job_id_of(submit(cluster, inputs, out, tiny_model, *SLOW, "--workers",
+                               "1" if hold else "2"))
+        seen = wait_for_moment(cluster, node, out, moment)
+        cluster.kill_node(node)
+    finally:
+        if hold:
+            cluster.release(hold)
     logs = lambda: lavi(cluster, "logs", job).stdout[-3000:]
     assert wait_end(cluster, job, timeout=900) == "SUCCEEDED", f"killed at {seen}: {logs()}"
     assert_exactly_once(out, items)
