@@ -331,10 +331,10 @@ def run(c: ModelBenchConfig) -> dict:
     for roof in roofline:
         roof["roofline_step_s"] = (roof["weight_bytes_per_step"] + roof["state_bytes_per_step"]) / max(bandwidths)
         roof["measured_over_roofline"] = roof["measured_step_s"] / roof["roofline_step_s"]
-    doc = {"results": results, "ratios": ratios(results), "roofline": roofline, "skipped": skipped,
-           "device": device_description(c.device), "versions": versions(), "command": command_line(),
-           "config": asdict(c), "peak_mem_method": r.mem.method, "copy_bandwidth_bytes_per_s": max(bandwidths),
-           "copy_bandwidths_start_end": bandwidths,
+    doc = {"results": results, "ratios": ratios(results, roofline, r.peak, max(bandwidths)), "roofline": roofline,
+           "skipped": skipped, "device": device_description(c.device), "versions": versions(),
+           "command": command_line(), "config": asdict(c), "peak_mem_method": r.mem.method,
+           "copy_bandwidth_bytes_per_s": max(bandwidths), "copy_bandwidths_start_end": bandwidths,
            "peak_flops": r.peak, "wall_s": time.monotonic() - started}
     if c.mixed:
         doc["inflight"] = inflight

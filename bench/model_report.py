@@ -4,9 +4,28 @@ from __future__ import annotations
 from bench.report import table
 
 
-def ratios(results: list[dict]) -> list[dict]:
+def caption_time_bound(row: dict, roof: dict | None, peak: float | None, bandwidth: float | None) -> float | None:
+    """The least time one caption of `row` (at its batch size) can take on this machine: its prefill at the matmul
+    peak, then each decode step at the slower of its FLOPs at the peak and its bytes at the copy bandwidth (the
+    weights once per step for the whole batch, the row's own state: cache, K/U or factors). None without a
+    roofline entry (transformers' rows) or without the peak and bandwidth."""
+    if roof is None or not peak or not bandwidth or not row.get("caption_flops"):
+        return None
+    steps = row["new_tokens"] - 1
+    step_flops = (row["caption_flops"] - row["prefill_flops_analytic"]) / steps
+    step_bytes = roof["weight_bytes_per_step"] / row["batch_size"] + roof["state_bytes_per_step"]
+    return row["prefill_flops"] / peak + steps * max(step_flops / peak, step_bytes / bandwidth)
+
+
+def ratios(results: list[dict], roofline: list[dict] = (), peak: float | None = None,
+           bandwidth: float | None = None) -> list[dict]:
     """LaVi over the others (VLoRA, concat and its compressions, transformers), per setting: at equal batch size,
-    and best captions/s against best."""
+    with the FLOP bound and (engine rows) the roofline bound, and best captions/s against best."""
+    roofs = {(r["model"], r["setting"]): r for r in roofline}
+
+    def time_bound(row: dict) -> float | None:
+        return caption_time_bound(row, roofs.get((row["model"], row["setting"])), peak, bandwidth)
+
     out = []
     ok = [r for r in results if "error" not in r]
     for setting in dict.fromkeys(r["setting"] for r in ok):
@@ -23,9 +42,12 @@ def ratios(results: list[dict]) -> list[dict]:
                 # the FLOP bound: a caption's counted FLOPs (tower, fusion, prefill, decode), theirs over LaVi's
                 bound = (theirs[b]["caption_flops"] / lavi[b]["caption_flops"]
                          if theirs[b].get("caption_flops") and lavi[b].get("caption_flops") else None)
+                mine, their_time = time_bound(lavi[b]), time_bound(theirs[b])
+                roof_bound = their_time / mine if mine and their_time else None
                 out.append({"setting": setting, "versus": other, "batch_size": b, "captions_per_s_ratio": ratio,
                             "ttft_ratio": theirs[b]["ttft_s"] / lavi[b]["ttft_s"], "flop_bound_ratio": bound,
-                            "of_bound": ratio / bound if bound else None})
+                            "of_bound": ratio / bound if bound else None, "roofline_bound_ratio": roof_bound,
+                            "of_roofline_bound": ratio / roof_bound if roof_bound else None})
             out.append({"setting": setting, "versus": other, "batch_size": "best",
                         "captions_per_s_ratio": best_lavi / max(r["captions_per_s"] for r in theirs.values())})
     return out
@@ -69,7 +91,8 @@ def markdown(doc: dict) -> str:
         lines += ["", "LaVi over the others:", "", table(doc["ratios"], [
             ("setting", "setting"), ("versus", "versus"), ("batch_size", "batch"),
             ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio"),
-            ("flop_bound_ratio", "FLOP-bound ratio"), ("of_bound", "measured / bound")])]
+            ("flop_bound_ratio", "FLOP-bound ratio"), ("of_bound", "measured / bound"),
+            ("roofline_bound_ratio", "roofline-bound ratio"), ("of_roofline_bound", "measured / roofline bound")])]
     if doc["roofline"]:
         measured = doc.get("copy_bandwidths_start_end")
         lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "

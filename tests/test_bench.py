@@ -227,7 +227,28 @@ def test_bench_model_command_end_to_end(tmp_path):
         doc["copy_bandwidths_start_end"])
     assert {x["versus"] for x in doc["ratios"]} == set(models) - {"lavi"}
     assert all(x["flop_bound_ratio"] > 0 for x in doc["ratios"] if x["batch_size"] != "best")  # transformers too
-    assert "bench model: tiny-random" in md.read_text()
+    paired = [x for x in doc["ratios"] if x["batch_size"] != "best"]
+    assert all((x["roofline_bound_ratio"] is None) == (x["versus"] == "hf-llava-ov") for x in paired)
+    assert all(x["of_roofline_bound"] == x["captions_per_s_ratio"] / x["roofline_bound_ratio"]
+               for x in paired if x["roofline_bound_ratio"])
+    assert "bench model: tiny-random" in md.read_text() and "roofline-bound ratio" in md.read_text()
+
+
+def test_the_roofline_bound_takes_each_decode_step_at_the_slower_of_its_flops_and_its_bytes():
+    """Guards against a caption's time bound that ignores a bandwidth-bound decode step (batch 1: the FLOP bound
+    then asks for more than any engine can give) or that charges the weights to every row of a batch."""
+    from bench.model_report import caption_time_bound
+
+    row = {"new_tokens": 5, "caption_flops": 1000 + 4 * 10, "prefill_flops": 1000, "prefill_flops_analytic": 1000,
+           "batch_size": 1}
+    roof = {"weight_bytes_per_step": 400, "state_bytes_per_step": 20}
+    # prefill 1000 FLOP at 100 FLOP/s; each step: 10 FLOP (0.1 s) or 420 B at 1000 B/s (0.42 s): bytes win
+    assert caption_time_bound(row, roof, 100.0, 1000.0) == pytest.approx(10 + 4 * 0.42)
+    # batch 4: the weights are read once for the 4 rows (100 B each) plus the row's 20 B: 0.12 s; batch 8: 70 B,
+    # 0.07 s, and the FLOPs win
+    assert caption_time_bound({**row, "batch_size": 4}, roof, 100.0, 1000.0) == pytest.approx(10 + 4 * 0.12)
+    assert caption_time_bound({**row, "batch_size": 8}, roof, 100.0, 1000.0) == pytest.approx(10 + 4 * 0.1)
+    assert caption_time_bound(row, None, 100.0, 1000.0) is None and caption_time_bound(row, roof, None, 1.0) is None
 
 
 def test_bench_model_on_checkpoint_directories(tmp_path):
