@@ -14,24 +14,22 @@ continues where it stopped (the pipeline's resume, training's checkpoints).
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
-import re
-import statistics
 import time
 from pathlib import Path
 
 import click
 
 from jobs.console import cli_logging
+from jobs.distill_score import (CARD_BEGIN, CARD_END, agreement, card_section, fmt, ground_truth, output_rows,
+                                 time_captions)
 
 from pipeline.sources import sample, sample_key
-from schemas.rows import CAPTION, OK, TASKS, VQA
+from schemas.rows import CAPTION, TASKS, VQA
 
 log = logging.getLogger(__name__)
 PARTS = ("train", "held_out")
-CARD_BEGIN, CARD_END = "<!-- distill:begin -->", "<!-- distill:end -->"
 
 
 def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, list[dict]]:
@@ -49,124 +47,6 @@ def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, lis
             split[big].remove(move)
             split[small].append(move)
     return split
-
-
-def token_f1(a: str | None, b: str | None) -> float:
-    """SQuAD-style F1 of two texts' lower-cased word tokens (1 when both have none)."""
-    ta, tb = re.findall(r"\w+", (a or "").lower()), re.findall(r"\w+", (b or "").lower())
-    if not ta and not tb:
-        return 1.0
-    common = sum((collections.Counter(ta) & collections.Counter(tb)).values())
-    return 0.0 if common == 0 else 2 * common / (len(ta) + len(tb))
-
-
-def agreement(teacher: list[dict], student: list[dict]) -> dict:
-    """Per task, over the teacher's held-out rows: the student's exact match and token F1 (a row the student
-    errored on, or lacks, scores 0), and the rows each errored on."""
-    def key(r):
-        return r["item_id"], r["clip_index"], r["task"], r["prompt"]
-
-    got = {key(r): r for r in student}
-    out = {}
-    for task in sorted({r["task"] for r in teacher}):
-        rows = [r for r in teacher if r["task"] == task and r["status"] == OK]
-        exact = f1 = 0.0
-        for r in rows:
-            s = got.get(key(r))
-            ok = s is not None and s["status"] != "error"
-            exact += ok and s["text"] == r["text"]
-            f1 += token_f1(r["text"], s["text"]) if ok else 0.0
-        out[task] = {"rows": len(rows), "exact_match": exact / len(rows) if rows else None,
-                     "token_f1": f1 / len(rows) if rows else None,
-                     "teacher_errors": sum(r["task"] == task and r["status"] != OK for r in teacher),
-                     "student_errors": sum(r["task"] == task and r["status"] == "error" for r in student)}
-    return out
-
-
-def _rows(uri: str) -> list[dict]:
-    """Every row of a pipeline output."""
-    from pipeline.output import Output
-    from workers.storage import read_parquet_file
-
-    output = Output(uri)
-    rows = []
-    for path in output.part_paths():
-        with output.fs.open(path, "rb") as f:
-            rows += read_parquet_file(f).to_pylist()
-    return rows
-
-
-def time_captions(models: dict[str, str], entries: list[dict], device: str, max_new_tokens: int,
-                  storage_options: dict | None = None, repeats: int = 3) -> dict:
-    """Captions/s of each model over the same items (decoded once per model, to its own input contract) through the
-    labeler actor's code, the models taking turns `repeats` times after a warm-up each: the median pass counts."""
-    import pyarrow as pa
-
-    from lavi.engine import Engine
-    from schemas.manifest import ITEM_SCHEMA, make_item
-    from workers.decode import DecodeSettings, decode_batch
-    from workers.labeler import Labeler
-    from workers.model_cache import local_model_dir
-
-    items = pa.Table.from_pylist([make_item(e["uri"], [{"task": CAPTION, "prompt": e.get("prompt")}],
-                                            e.get("media_type")) for e in entries], schema=ITEM_SCHEMA)
-    runs = {}
-    for name, path in models.items():
-        engine = Engine.load(local_model_dir(path, storage_options), device=device, max_batch=64)
-        settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=engine.default_frames, isolate=False,
-                                  pinpoints=engine.pinpoints, storage_options=storage_options or {})
-        labeler = Labeler.from_engine(engine, job_id="distill-timing", generation={"max_new_tokens": max_new_tokens})
-        decoded = decode_batch(items, settings)
-        labeler(decoded)  # warm-up
-        runs[name] = (labeler, decoded, [])
-    for _ in range(repeats):
-        for labeler, decoded, walls in runs.values():
-            t0 = time.perf_counter()
-            labeler(decoded)
-            walls.append(time.perf_counter() - t0)
-    out = {name: {"captions": decoded.num_rows, "wall_s": statistics.median(walls),
-                  "captions_per_s": decoded.num_rows / statistics.median(walls)}
-           for name, (_, decoded, walls) in runs.items()}
-    out["student_over_teacher"] = out["student"]["captions_per_s"] / out["teacher"]["captions_per_s"]
-    out.update(device=device, repeats=repeats, max_new_tokens=max_new_tokens)
-    return out
-
-
-def _truth(entries: list[dict]) -> dict[str, dict] | None:
-    """Ground truth by uri where every sampled entry carries it (a shapes-v1 manifest: caption, questions, answers)."""
-    if entries and all({"caption", "answers", "questions"} <= set(e) for e in entries):
-        return {e["uri"]: e for e in entries}
-    return None
-
-
-def card_section(doc: dict, command: str) -> str:
-    """MODEL_CARD.md's distillation figures, from distill.json."""
-    s, sp, tr = doc["sample"], doc["speed"], doc["training"]
-    lines = [CARD_BEGIN, f"Written by: `{command}` on {sp['device']}, {doc['finished']}.", "",
-             f"Teacher `{doc['teacher_name']}`, student `{doc['student_name']}` (from `{doc['student_init']}`), "
-             f"{s['train']} train and {s['held_out']} held-out items of `{' '.join(doc['inputs'])}` (seed {s['seed']}); "
-             f"the student trained {tr['steps']} steps in {tr['wall_s'] / 60:.1f} min on {tr['device']} "
-             f"({tr.get('threads', '?')} threads), final loss {tr['final'].get('loss', float('nan')):.4f}.", "",
-             "| held-out figure | teacher | student | student / teacher |", "| --- | --- | --- | --- |"]
-    for task, a in doc["agreement"].items():
-        lines.append(f"| {task}: agreement with the teacher, exact match / token F1 ({a['rows']} rows) | | "
-                     f"{_fmt(a['exact_match'])} / {_fmt(a['token_f1'])} | |")
-    gt = doc.get("ground_truth")
-    if gt:
-        for key, label in (("image_caption_f1", "image caption object F1"), ("image_vqa_acc", "image VQA accuracy"),
-                           ("video_caption_f1", "video caption object F1"), ("video_vqa_acc", "video VQA accuracy")):
-            t, st = gt["teacher"].get(key), gt["student"].get(key)
-            if t is not None or st is not None:
-                lines.append(f"| {label} (ground truth) | {_fmt(t)} | {_fmt(st)} | {_fmt(gt['ratio'].get(key))} |")
-    lines.append(f"| captions/s ({sp['device']}, {sp['teacher']['captions']} held-out items, median of "
-                 f"{sp['repeats']}) | {sp['teacher']['captions_per_s']:.1f} | {sp['student']['captions_per_s']:.1f} | "
-                 f"{sp['student_over_teacher']:.2f} |")
-    lines.append(CARD_END)
-    return "\n".join(lines)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _label(stage: str, manifest: str, out: str, task: str, model: str, opts: dict, overwrite: bool = False) -> None:
@@ -326,15 +206,15 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
             ray.shutdown()
 
     t0 = time.time()
-    teacher_rows = [r for t in tasks for r in _rows(str(work / "teacher" / "held_out" / t))]
-    student_rows = [r for t in tasks for r in _rows(str(work / "student_labels" / "held_out" / t))]
+    teacher_rows = [r for t in tasks for r in output_rows(str(work / "teacher" / "held_out" / t))]
+    student_rows = [r for t in tasks for r in output_rows(str(work / "student_labels" / "held_out" / t))]
     doc = {"inputs": list(inputs), "teacher": teacher, "teacher_name": teacher_name, "student_init": str(student),
            "student": str(student_dir), "student_name": model_info(str(student_dir))["name"], "tasks": list(tasks),
            "sample": {"train": len(split["train"]), "held_out": len(split["held_out"]), "seed": seed},
            "agreement": agreement(teacher_rows, student_rows),
            "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data")
                         if k in training}}
-    truth = _truth(split["held_out"])
+    truth = ground_truth(split["held_out"])
     if truth:
         from shapes.score import score_rows
 
@@ -356,10 +236,10 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
     (work / "distill.json").write_text(json.dumps(doc, indent=2))
     for task, a in doc["agreement"].items():
         click.echo(f"{task}: student agrees with the teacher on {a['rows']} held-out rows: exact match "
-                   f"{_fmt(a['exact_match'])}, token F1 {_fmt(a['token_f1'])}")
+                   f"{fmt(a['exact_match'])}, token F1 {fmt(a['token_f1'])}")
     for key, ratio in (doc.get("ground_truth") or {}).get("ratio", {}).items():
-        click.echo(f"{key}: teacher {_fmt(doc['ground_truth']['teacher'][key])}, student "
-                   f"{_fmt(doc['ground_truth']['student'][key])} ({ratio:.2f} of the teacher)")
+        click.echo(f"{key}: teacher {fmt(doc['ground_truth']['teacher'][key])}, student "
+                   f"{fmt(doc['ground_truth']['student'][key])} ({ratio:.2f} of the teacher)")
     sp = doc["speed"]
     click.echo(f"captions/s on {device}: teacher {sp['teacher']['captions_per_s']:.1f}, student "
                f"{sp['student']['captions_per_s']:.1f} ({sp['student_over_teacher']:.2f}x)")

@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
-from jobs.distill import _rows, agreement, sample_entries, token_f1
+from jobs.distill import sample_entries
+from jobs.distill_score import agreement, output_rows, token_f1
 from lavi.bundled import DEFAULT_MODEL
 
 
@@ -70,7 +71,7 @@ def test_distill_labels_trains_scores_and_resumes(ray_local, tmp_path):
     doc = json.loads((out / "distill.json").read_text())
     n_train, n_held = doc["sample"]["train"], doc["sample"]["held_out"]
     assert n_train + n_held == 6 and n_train and n_held
-    teacher_train = [r for t in ("caption", "vqa") for r in _rows(str(out / "teacher" / "train" / t))]
+    teacher_train = [r for t in ("caption", "vqa") for r in output_rows(str(out / "teacher" / "train" / t))]
     teacher_ok = sum(r["status"] == "ok" for r in teacher_train)
     assert {r["item_id"] for r in teacher_train} and teacher_ok > 0
     data = json.loads((out / "student" / "train_summary.json").read_text())["data"]
