@@ -161,14 +161,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.attend = Attend()
+        self.qkv: nn.Module | None = None  # q, k and v as one product, in their place (lavi.cpu_pack.pack)
+
+    def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.c.num_kv_heads * self.c.head_dim
+        return self.qkv(x).split([self.c.num_heads * self.c.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv_cache: LayerCache | None = None,
                 input_pos: Tensor | None = None, delta: WeightDelta | None = None) -> Tensor:
         b, t, _ = x.shape
         c = self.c
-        q = plus_delta(self.q_proj(x), delta, "q", x).view(b, t, c.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
-        k = plus_delta(self.k_proj(x), delta, "k", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
-        v = plus_delta(self.v_proj(x), delta, "v", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)
+        q, k, v = self.projections(x)
+        q = plus_delta(q, delta, "q", x).view(b, t, c.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        k = plus_delta(k, delta, "k", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
+        v = plus_delta(v, delta, "v", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D)
@@ -182,9 +190,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_up: nn.Module | None = None  # gate and up as one product, in their place (lavi.cpu_pack.pack)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if self.gate_up is None else self.gate_up(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):

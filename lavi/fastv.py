@@ -21,8 +21,13 @@ def last_token_attention(attn: Attention, x: Tensor, cos: Tensor, sin: Tensor, k
     probabilities over the T tokens at that layer, the mean over its heads."""
     c = attn.c
     b, t, _ = x.shape
-    q = attn.q_proj(x[:, -1:]).view(b, 1, c.num_heads, -1).transpose(1, 2)  # (B, H, 1, D)
-    k = attn.k_proj(x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
+    if attn.qkv is None:  # the last token's query alone (what the FLOP count has)
+        q, k = attn.q_proj(x[:, -1:]), attn.k_proj(x)
+    else:  # packed as one product (lavi.cpu_pack): every token's, the last one's kept
+        q, k, _ = attn.projections(x)
+        q = q[:, -1:]
+    q = q.view(b, 1, c.num_heads, -1).transpose(1, 2)  # (B, H, 1, D)
+    k = k.reshape(b, t, c.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
     q, k = apply_rope(q, cos[:, :, -1:], sin[:, :, -1:]), apply_rope(k, cos, sin)
     k = k.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)  # (B, H, T, D)
     scores = (q.float() @ k.float().transpose(-1, -2)) * c.head_dim ** -0.5  # (B, H, 1, T)

@@ -73,3 +73,34 @@ def test_a_packed_engine_generates_what_the_plain_one_does(tmp_path, fusion, mon
     assert any(isinstance(m, cpu_pack.PackedLinear) for m in loaded.model.modules())  # the default packs
     compiled = Engine.load(path, compile=True)
     assert not any(isinstance(m, cpu_pack.PackedLinear) for m in compiled.model.modules())
+
+
+def test_products_of_one_input_are_packed_as_one_and_compute_what_the_layers_did():
+    """Guards against a fused q/k/v or gate/up product whose outputs come back in the wrong order or width (GQA:
+    k and v narrower than q), a bias dropped, or FastV's look at the last token's attention (which reads the
+    projections itself) broken by the fusion."""
+    from lavi.decoder import Attention, MLP, rope_cos_sin
+    from lavi.fastv import last_token_attention
+    from lavi.tiny import tiny_config
+
+    torch.manual_seed(0)
+    c = tiny_config(40, "viln").decoder
+    attn, mlp = Attention(c).eval(), MLP(c).eval()
+    for p in attn.parameters():  # biases too: zero at init would hide one dropped
+        torch.nn.init.normal_(p, std=0.2)
+    plain_attn, plain_mlp = Attention(c).eval(), MLP(c).eval()
+    plain_attn.load_state_dict(attn.state_dict())
+    plain_mlp.load_state_dict(mlp.state_dict())
+    assert cpu_pack.pack(attn, min_elements=0) == 2 and cpu_pack.pack(mlp, min_elements=0) == 2  # qkv, o; gate_up, down
+    assert isinstance(attn.qkv, cpu_pack.PackedLinear) and not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    x = torch.randn(2, 5, c.hidden_size)
+    cos, sin = rope_cos_sin(torch.arange(5)[None].expand(2, 5), c.head_dim, c.rope_theta)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    with torch.no_grad():
+        for got, want in zip(attn.projections(x), plain_attn.projections(x)):
+            assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(attn(x, cos, sin, mask), plain_attn(x, cos, sin, mask), rtol=1e-5, atol=1e-5)
+        assert_close(mlp(x), plain_mlp(x), rtol=1e-5, atol=1e-5)
+        valid = torch.ones(2, 5, dtype=torch.bool)
+        assert_close(last_token_attention(attn, x, cos, sin, valid),
+                     last_token_attention(plain_attn, x, cos, sin, valid))
