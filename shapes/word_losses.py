@@ -4,11 +4,11 @@
 
 For each model, on the same freshly rendered held-out images (their captions and every question): the mean
 next-token loss (nats, teacher-forced) of each word group where the target is one of its words (colours,
-shapes, sizes, horizontal and vertical places), the same with each item's image swapped for another item's (the
-loss the model would have blind to the image: a group whose loss does not rise did not come from the image), and
-the mean pairwise cosine of the group's tied input/output embeddings (near 1: the decoder can no longer tell them
-apart, whatever the residual stream says). This is how a VLoRA trained from scratch was found to have lost the
-colour words (MODEL_CARD.md, "VLoRA").
+shapes, sizes, counts: the answers to "how many", horizontal and vertical places), the same with each item's image
+swapped for another item's (the loss the model would have blind to the image: a group whose loss does not rise
+did not come from the image), and the mean pairwise cosine of the group's tied input/output embeddings (near 1:
+the decoder can no longer tell them apart, whatever the residual stream says). This is how a VLoRA trained from
+scratch was found to have lost the colour words (MODEL_CARD.md, "VLoRA").
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from shapes import spec
 
-GROUPS = {"colour": tuple(spec.COLOURS), "shape": spec.SHAPES, "size": tuple(spec.SIZES), "horizontal": ("left", "right"),
-          "vertical": ("top", "bottom")}
+GROUPS = {"colour": tuple(spec.COLOURS), "shape": spec.SHAPES, "size": tuple(spec.SIZES), "count": spec.NUMBER_WORDS,
+          "horizontal": ("left", "right"), "vertical": ("top", "bottom")}
 
 
 def _losses(model, batch) -> torch.Tensor:
