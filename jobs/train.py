@@ -45,7 +45,7 @@ def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resu
         kind = "llava-ov" if isinstance(model, OneVision) else model.config.fusion
         if kind != fusion and "llava-ov" in (kind, fusion):
             raise click.UsageError(f"--init {init} is a {kind} model: pass --fusion {kind}")
-        if kind != fusion:  # another fusion on this LaVi's trained backbones (VLoRA's own setting: a trained LLM and ViT)
+        if kind != fusion:  # another fusion on this LaVi's trained backbones (as VLoRA is built: on a trained LLM, ViT)
             log.info("a new %s fusion on %s's decoder, ViT and tokenizer", fusion, init)
             return checkpoint.with_fusion(model, fusion), Path(init)
         return model, Path(init)  # train() puts it in training mode
