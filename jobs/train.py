@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -11,60 +10,7 @@ from pathlib import Path
 import click
 
 from jobs.console import cli_logging
-
-log = logging.getLogger(__name__)
-
-
-def _load(directory: str | Path):
-    """A LaVi or LLaVA-OneVision checkpoint directory, by its config.json's model_type."""
-    import torch
-
-    from lavi import checkpoint, onevision_checkpoint
-    from lavi.onevision_config import MODEL_TYPE
-    config = json.loads((Path(directory) / "config.json").read_text())
-    if config.get("model_type") == MODEL_TYPE:
-        return onevision_checkpoint.load(directory, dtype=torch.float32)
-    return checkpoint.load(directory)
-
-
-def _build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict,
-           init: str | None = None) -> tuple:
-    """The model to train and its tokenizer directory: resumed, fine-tuned from a checkpoint (`init`), from
-    backbones, or tiny-shapes (or, `llava-ov`, its LLaVA-OneVision counterpart) from scratch. A new model takes its
-    default and max frames per clip from `frames` (those it is trained on); a fine-tuned one keeps its own."""
-    from lavi import checkpoint
-    from lavi.onevision import OneVision
-    from lavi.tiny import save_word_tokenizer, tiny_shapes_config, tiny_shapes_onevision
-    from lavi.train import init_from_scratch
-    if resume and (out / "train_state.json").exists():
-        return _load(out), out
-    if init:
-        if decoder or vision:
-            raise click.UsageError("--init starts from a whole checkpoint: leave out --decoder and --vision")
-        model = _load(init)
-        kind = "llava-ov" if isinstance(model, OneVision) else model.config.fusion
-        if kind != fusion and "llava-ov" in (kind, fusion):
-            raise click.UsageError(f"--init {init} is a {kind} model: pass --fusion {kind}")
-        if kind != fusion:  # another fusion on this LaVi's trained backbones (as VLoRA is built: on a trained LLM, ViT)
-            log.info("a new %s fusion on %s's decoder, ViT and tokenizer", fusion, init)
-            return checkpoint.with_fusion(model, fusion), Path(init)
-        return model, Path(init)  # train() puts it in training mode
-    if decoder or vision:
-        if fusion == "llava-ov":
-            raise click.UsageError("--fusion llava-ov trains tiny-shapes' LLaVA-OneVision from scratch, or fine-tunes "
-                                   "one (--init DIR): it takes no --decoder or --vision")
-        if not (decoder and vision):
-            raise click.UsageError("--decoder and --vision go together (two local Hugging Face directories)")
-        return checkpoint.from_backbones(decoder, vision, fusion=fusion, **frames), Path(decoder)
-    from shapes.spec import vocabulary
-    tok_dir = out / "_tokenizer"
-    if fusion == "llava-ov":
-        model = tiny_shapes_onevision(vocabulary(), tok_dir, **frames)
-    else:
-        tok = save_word_tokenizer(vocabulary(), tok_dir)
-        model = checkpoint.LaVi(tiny_shapes_config(tok.get_vocab_size(), fusion, **frames))
-    init_from_scratch(model)
-    return model, tok_dir
+from jobs.train_start import build
 
 
 def _clip_frames(frames: str) -> tuple[int, ...]:
@@ -232,7 +178,7 @@ def _prepare(o: dict, outp: Path, rank: int = 0, world: int = 1) -> _Setup:
     torch.manual_seed(o["seed"])
     clip_frames = _clip_frames(o["frames"])
     data = o["data"]
-    model, tok_dir = _build(outp, o["fusion"], o["decoder"], o["vision"], resume=not o["no_resume"],
+    model, tok_dir = build(outp, o["fusion"], o["decoder"], o["vision"], resume=not o["no_resume"],
                             frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)}, init=o["init"])
     if o["focus"] and o["fusion"] == "vlora":
         raise click.BadParameter("VLoRA's text attends to no image tokens, so there is no attention to focus: "

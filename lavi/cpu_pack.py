@@ -64,9 +64,8 @@ def _fuse(model: nn.Module, least: int) -> int:
             parts = [getattr(module, name, None) for name in names]
             if getattr(module, attr, False) is not None or not all(
                     type(p) is nn.Linear and p.weight.device.type == "cpu" and p.weight.dtype == torch.float32
-                    for p in parts) or sum(p.weight.numel() for p in parts) < least:
-                continue
-            if len({p.bias is None for p in parts}) > 1:
+                    for p in parts) or sum(p.weight.numel() for p in parts) < least \
+                    or len({p.bias is None for p in parts}) > 1:  # all with a bias or none
                 continue
             whole = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=parts[0].bias is not None,
                               device="meta")
