@@ -4,7 +4,8 @@ side by side in one run, at a 64-token prompt and exactly 48 new tokens (EOS nev
 Per (model, visual setting, batch size): captions/s, time to first token, decode tokens/s, peak memory,
 prefill FLOPs (counted on the real modules, shapes only, and the analytic formula beside it). Per
 (model, setting) at batch 1: the decode-step roofline, weights + per-row state read per step over the
-measured copy bandwidth, against the measured step time. Writes JSON and its BENCHMARKS.md section.
+measured copy bandwidth, against the measured step time and its linear layers alone (`bench.roofline`).
+Writes JSON and its BENCHMARKS.md section.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from bench.memory import PeakMemory, copy_bandwidth, probe_batch, trim_heap
 from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
 from bench.model_report import markdown, ratios
 from bench.report import command_line, device_description, versions, write_json, write_section
+from bench import roofline as R
 from lavi.compress import VisualCompress
 from lavi.fusion import Visual
 from lavi.model import LaVi
-from lavi.vlora import weight_shapes
 
 log = logging.getLogger(__name__)
 NEVER = -1  # an EOS id argmax never returns: every row generates exactly new_tokens
@@ -135,7 +136,7 @@ class Runner:
         weights = weight_bytes(model)["decode"]
         model = self._packed(model)
         self._release()  # the float weights packing replaced go back to the OS before any peak is taken
-        rows, roofs = [], []
+        rows, roofs, linears = [], [], None
         for name, vc in variants:
             model.visual_compress = vc
             common = dict(commons[name])
@@ -152,11 +153,11 @@ class Runner:
                 if probe:
                     r["probe"] = probe
                 rows.append(r)
-            roof = self.roofline(weights, config, setting, max_seq, name,
-                                 next((r for r in rows if r["model"] == name and r["batch_size"] == 1
-                                       and "error" not in r), None))
-            if roof:
-                roofs.append(roof)
+            one = next((r for r in rows if r["model"] == name and r["batch_size"] == 1 and "error" not in r), None)
+            if one is not None:
+                linears = linears or R.linears_step_s(model)  # once: a compression's are the model's own layers
+                roofs.append(R.entry(name, setting, weights, R.state_bytes(config, setting, max_seq, kind, self.dtype),
+                                     one["decode_step_s"], linears))
         model.visual_compress = None
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
             from lavi.quant import quantize
@@ -219,23 +220,6 @@ class Runner:
         from lavi.prepare import packed
 
         return packed(model, None, self.compile)
-
-    def roofline(self, weights: int, config, setting: Setting, max_seq: int, kind: str,
-                 row: dict | None) -> dict | None:
-        if row is None:
-            return None
-        d = config.decoder
-        elt = torch.finfo(self.dtype).bits // 8
-        state = d.num_layers * 2 * d.num_kv_heads * max_seq * d.head_dim * elt  # the static KV cache, all slots
-        if kind == "lavi":
-            sites = len(config.modulated_layers()) * len(config.site_names())
-            state += sites * 2 * setting.visual_tokens(config.vision.patch_size) * config.cond_dim * elt  # K, U
-        if kind == "vlora":  # each row's factors A, every (type, modulated layer)
-            shapes = weight_shapes(config)
-            state += len(config.modulated_layers()) * sum(shapes[t][0] for t in config.lora_types) * \
-                config.lora_rank * elt
-        return {"model": kind, "setting": setting.name, "weight_bytes_per_step": weights,
-                "state_bytes_per_step": state, "measured_step_s": row["decode_step_s"]}
 
     def measure_hf(self, model, kwargs: dict) -> dict:
         """One point of transformers' generate(): a warm-up, then one timed run of exactly new_tokens per row."""
@@ -328,9 +312,7 @@ def run(c: ModelBenchConfig) -> dict:
                                     repeats=c.repeats, seed=c.seed)
     # the bandwidth again at the end: a shared machine's varies over a run, and the roofline takes the better one
     bandwidths = [r.bandwidth, copy_bandwidth(r.device)]
-    for roof in roofline:
-        roof["roofline_step_s"] = (roof["weight_bytes_per_step"] + roof["state_bytes_per_step"]) / max(bandwidths)
-        roof["measured_over_roofline"] = roof["measured_step_s"] / roof["roofline_step_s"]
+    R.finish(roofline, max(bandwidths))
     doc = {"results": results, "ratios": ratios(results, roofline, r.peak, max(bandwidths)), "roofline": roofline,
            "skipped": skipped, "device": device_description(c.device), "versions": versions(),
            "command": command_line(), "config": asdict(c), "peak_mem_method": r.mem.method,

@@ -68,6 +68,60 @@ def step_ratios(roofline: list[dict]) -> list[dict]:
     return out
 
 
+def _goal(target: str, where: str, measured: float, threshold: float, at_least: bool, cause: str | None) -> dict:
+    met = measured >= threshold if at_least else measured <= threshold
+    return {"target": target, "where": where, "measured": measured, "met": "yes" if met else "no",
+            "gap": None if met else abs(threshold - measured), "cause": None if met else cause}
+
+
+def targets(doc: dict) -> list[dict]:
+    """The real-shape targets (not tiny shapes, all per-op overhead there) checked against this run's figures:
+    LaVi's speedup >= 0.9 of its FLOP bound, prefill >= 0.5 of the matmul peak, the batch-1 decode step within
+    1.5x of its roofline, and LaVi's step no slower than concat's beyond the bytes it adds. A missed one's cause
+    is what the run's other figures say of it."""
+    c = doc["config"]
+    if not c.get("checkpoints") and str(c.get("shapes", "")).startswith("tiny"):
+        return []
+    out = []
+    for r in doc["ratios"]:
+        if r["batch_size"] == "best" or r.get("of_bound") is None or r["versus"] not in ("concat", "hf-llava-ov"):
+            continue
+        if r.get("of_roofline_bound") is not None:
+            cause = (f"decode at batch {r['batch_size']} is bound by reading weights, alike for both, not by FLOPs: "
+                     f"the roofline bound is {r['roofline_bound_ratio']:.3g}x, and the measured ratio "
+                     f"{r['of_roofline_bound']:.3g} of it")
+        else:
+            cause = (f"no roofline for transformers' rows (its cache grows); at batch {r['batch_size']} its decode, as "
+                     "LaVi's, reads weights, which the FLOP bound does not count")
+        out.append(_goal(f"LaVi/{r['versus']} captions/s >= 0.9 of the FLOP bound",
+                         f"{r['setting']}, batch {r['batch_size']}", r["of_bound"], 0.9, True, cause))
+    for r in doc["results"]:
+        if r["model"] in ("lavi", "concat") and r.get("prefill_flop_utilization") is not None:
+            out.append(_goal("prefill >= 0.5 of the matmul peak", f"{r['model']}, {r['setting']}, batch "
+                             f"{r['batch_size']}", r["prefill_flop_utilization"], 0.5, True, None))
+    rest = {}
+    for roof in doc["roofline"]:
+        if roof["model"] not in ("lavi", "concat"):
+            continue
+        cause = None
+        if roof.get("linears_over_roofline") is not None:
+            rest[(roof["model"], roof["setting"])] = roof["rest_step_s"]
+            cause = (f"the linear layers alone take {roof['linears_over_roofline']:.3g}x the roofline (their kernels "
+                     f"read weights below the copy bandwidth); the rest of the step {roof['rest_step_s'] * 1e3:.3g} ms")
+        out.append(_goal("decode step at batch 1 <= 1.5x its roofline", f"{roof['model']}, {roof['setting']}",
+                         roof["measured_over_roofline"], 1.5, False, cause))
+    for s in step_ratios(doc["roofline"]):
+        if s["model"] != "lavi":
+            continue
+        mine, theirs = rest.get(("lavi", s["setting"])), rest.get(("concat", s["setting"]))
+        cause = None if mine is None or theirs is None else (
+            f"outside the linear layers LaVi's step takes {mine * 1e3:.3g} ms, concat's {theirs * 1e3:.3g} ms: "
+            "its conditioner's attention over K/U and the small ops around it")
+        out.append(_goal("LaVi's decode step / concat's <= their bytes' ratio", s["setting"], s["beyond_bytes"], 1.0,
+                         False, cause))
+    return out
+
+
 def markdown(doc: dict) -> str:
     c = doc["config"]
     checkpoints = c.get("checkpoints") or ()
@@ -101,13 +155,21 @@ def markdown(doc: dict) -> str:
                      "end" if measured else "") + "):", "", table(doc["roofline"], [
                       ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
                       ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
-                      ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline")])]
+                      ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline"),
+                      ("linears_step_s", "linears s"), ("linears_over_roofline", "linears / roofline"),
+                      ("rest_step_s", "rest s")])]
         steps = step_ratios(doc["roofline"])
         if steps:
             lines += ["", "Decode step at batch 1, each model over concat's: the time measured against the bytes read "
                       "(weights + state), so a ratio of time above the ratio of bytes is time lost beyond the bytes:",
                       "", table(steps, [("setting", "setting"), ("model", "model"), ("step_ratio", "step ratio"),
                                         ("bytes_ratio", "bytes ratio"), ("beyond_bytes", "step / bytes")])]
+    goals = targets(doc)
+    if goals:
+        lines += ["", "Targets (the engine's at real shapes), each with the figure it is read from, how far a missed one "
+                  "is from it, and what the run's own figures say of the cause:", "",
+                  table(goals, [("target", "target"), ("where", "where"), ("measured", "measured"),
+                                ("met", "met"), ("gap", "gap"), ("cause", "cause")])]
     if doc.get("wall_s"):
         lines.append(f"\nThe whole run took {doc['wall_s'] / 60:.1f} min.")
     for s in doc["skipped"]:

@@ -223,6 +223,9 @@ def test_bench_model_command_end_to_end(tmp_path):
     assert 0.8 * concat_steps < steps < 1.25 * concat_steps, (steps, concat_steps)
     assert {r["model"] for r in doc["roofline"]} == set(models) - {"hf-llava-ov"}
     assert all(r["measured_over_roofline"] > 0 for r in doc["roofline"])
+    for r in doc["roofline"]:  # the step's linear layers alone, timed in the run, and what the step spends beside
+        assert 0 < r["linears_step_s"] and r["rest_step_s"] == r["measured_step_s"] - r["linears_step_s"]
+        assert r["linears_over_roofline"] == r["linears_step_s"] / r["roofline_step_s"]
     assert len(doc["copy_bandwidths_start_end"]) == 2 and doc["copy_bandwidth_bytes_per_s"] == max(
         doc["copy_bandwidths_start_end"])
     assert {x["versus"] for x in doc["ratios"]} == set(models) - {"lavi"}
@@ -232,6 +235,57 @@ def test_bench_model_command_end_to_end(tmp_path):
     assert all(x["of_roofline_bound"] == x["captions_per_s_ratio"] / x["roofline_bound_ratio"]
                for x in paired if x["roofline_bound_ratio"])
     assert "bench model: tiny-random" in md.read_text() and "roofline-bound ratio" in md.read_text()
+    assert "linears / roofline" in md.read_text() and "Targets" not in md.read_text()  # tiny shapes: no targets
+
+
+def test_a_decode_steps_linears_are_the_decoders_its_head_and_vilns_site_heads():
+    """Guards against the linears-alone time leaving out a product the step runs (the output head, ViLN's q/o
+    projections, a packed layer) or counting one it does not (the vision tower's, the stage projections')."""
+    from bench.roofline import linears_step_s, step_linears
+    from lavi.cpu_pack import pack
+    from lavi.prepare import packed
+
+    for fusion in ("viln", "concat"):
+        model = LaVi(tiny_config(40, fusion)).eval()
+        c = model.config
+        heads = 2 * len(c.modulated_layers()) * len(c.site_names()) if fusion == "viln" else 0
+        assert len(step_linears(model)) == 7 * c.decoder.num_layers + 1 + heads
+        packed_model = packed(model, None)
+        pack(packed_model, min_elements=1)  # the tiny layers are under the packing threshold: pack them all
+        # q/k/v and gate/up are one product each once packed: 4 per layer
+        assert len(step_linears(packed_model)) == 4 * c.decoder.num_layers + 1 + heads
+        assert linears_step_s(packed_model, repeats=1) > 0
+
+
+def test_targets_are_checked_against_the_runs_figures_with_gap_and_cause():
+    """Guards against a missed target reported as met (or one without its distance), a cause typed rather than
+    read from the run's figures, and targets applied to tiny shapes (all per-op overhead)."""
+    from bench.model_report import targets
+
+    roof = lambda model, measured, linears: {  # noqa: E731
+        "model": model, "setting": "image", "weight_bytes_per_step": 100, "state_bytes_per_step": 0,
+        "measured_step_s": measured, "roofline_step_s": 0.1, "measured_over_roofline": measured / 0.1,
+        "linears_step_s": linears, "linears_over_roofline": linears / 0.1, "rest_step_s": measured - linears}
+    doc = {"config": {"shapes": "qwen2-0.5b-siglip"},
+           "ratios": [{"setting": "image", "versus": "concat", "batch_size": 1, "of_bound": 0.8,
+                       "roofline_bound_ratio": 1.5, "of_roofline_bound": 0.95},
+                      {"setting": "image", "versus": "concat", "batch_size": 4, "of_bound": 0.95,
+                       "roofline_bound_ratio": 1.7, "of_roofline_bound": 1.0},
+                      {"setting": "image", "versus": "concat", "batch_size": "best", "captions_per_s_ratio": 1.5}],
+           "results": [{"model": "lavi", "setting": "image", "batch_size": 1, "prefill_flop_utilization": 0.4}],
+           "roofline": [roof("lavi", 0.16, 0.13), roof("concat", 0.12, 0.11)]}
+    got = {(t["target"].split()[0], t["where"]): t for t in targets(doc)}
+    miss = got[("LaVi/concat", "image, batch 1")]
+    assert miss["met"] == "no" and miss["gap"] == pytest.approx(0.1) and "0.95 of it" in miss["cause"]
+    assert got[("LaVi/concat", "image, batch 4")]["met"] == "yes" and got[("LaVi/concat", "image, batch 4")]["gap"] \
+        is None
+    assert got[("prefill", "lavi, image, batch 1")]["met"] == "no"
+    step = got[("decode", "lavi, image")]
+    assert step["met"] == "no" and step["gap"] == pytest.approx(0.1) and "1.3x the roofline" in step["cause"]
+    assert got[("decode", "concat, image")]["met"] == "yes"
+    beyond = got[("LaVi's", "image")]  # 0.16 / 0.12 against equal bytes: missed by a third, 30 ms vs 10 ms outside
+    assert beyond["met"] == "no" and beyond["gap"] == pytest.approx(1 / 3) and "30 ms" in beyond["cause"]
+    assert targets({**doc, "config": {"shapes": "tiny-shapes"}}) == []
 
 
 def test_the_roofline_bound_takes_each_decode_step_at_the_slower_of_its_flops_and_its_bytes():
