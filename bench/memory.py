@@ -69,25 +69,46 @@ class PeakMemory:
         return self.reason or "peak RSS (VmHWM reset per run) minus the RSS right before the model was built"
 
 
-@torch.no_grad()
-def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting the read and the write (2 x size per copy);
-    the best of `repeats` copies of 1 GiB (CUDA) or 256 MiB (CPU: well past a server's shared last-level cache,
-    which 64 MiB was not always)."""
-    nbytes = nbytes or (2**30 if device.type == "cuda" else 2**28)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm up (page faults on CPU, first-touch on GPU)
+def _best_s(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The best of `repeats` timed calls of `fn` after one untimed (page faults on CPU, first-touch on GPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
     best = float("inf")
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        dst.copy_(src)
+        fn()
         sync()
         best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _buffer_bytes(device: torch.device, nbytes: int | None) -> int:
+    # 1 GiB on CUDA, 256 MiB on CPU: well past a server's shared last-level cache, which 64 MiB was not always
+    return nbytes or (2**30 if device.type == "cuda" else 2**28)
+
+
+@torch.no_grad()
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting the read and the write (2 x size per copy); the best
+    of `repeats` copies of `_buffer_bytes`."""
+    nbytes = _buffer_bytes(device, nbytes)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = _best_s(lambda: dst.copy_(src), device, repeats)
     del src, dst
     return 2 * nbytes / best
+
+
+@torch.no_grad()
+def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 7) -> float:
+    """A streaming read's bandwidth in bytes/s (a sum over the buffer: reads only, as a decode step's weights
+    are read); the best of `repeats`."""
+    nbytes = _buffer_bytes(device, nbytes)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    best = _best_s(src.sum, device, repeats)
+    del src
+    return nbytes / best
 
 
 def probe_batch(device: torch.device, try_batch: Callable[[int], None], release: Callable[[], None], max_batch: int,

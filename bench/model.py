@@ -24,7 +24,7 @@ from torch import Tensor
 from bench import flops as F
 from bench.compiled import TimedGenerator
 from bench.configs import Setting, model_config, random_model, weight_bytes
-from bench.memory import PeakMemory, copy_bandwidth, probe_batch, trim_heap
+from bench.memory import PeakMemory, copy_bandwidth, probe_batch, read_bandwidth, trim_heap
 from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
 from bench.model_report import markdown, ratios
 from bench.report import command_line, device_description, versions, write_json, write_section
@@ -47,6 +47,7 @@ class Runner:
         self.settings, self.models, self.dtype, self.compile = resolve(c)
         self.mem = PeakMemory(self.device)
         self.bandwidth = copy_bandwidth(self.device)
+        self.read = read_bandwidth(self.device)
         self.peak = peak_flops(self.device, c.peak_flops)
         self.gen = torch.Generator().manual_seed(c.seed)
 
@@ -155,7 +156,7 @@ class Runner:
                 rows.append(r)
             one = next((r for r in rows if r["model"] == name and r["batch_size"] == 1 and "error" not in r), None)
             if one is not None:
-                linears = linears or R.linears_step_s(model)  # once: a compression's are the model's own layers
+                linears = linears or (R.linears_step_s(model), R.linears_bytes(model))  # a compression's: the same
                 roofs.append(R.entry(name, setting, weights, R.state_bytes(config, setting, max_seq, kind, self.dtype),
                                      one["decode_step_s"], linears))
         model.visual_compress = None
@@ -312,11 +313,13 @@ def run(c: ModelBenchConfig) -> dict:
                                     repeats=c.repeats, seed=c.seed)
     # the bandwidth again at the end: a shared machine's varies over a run, and the roofline takes the better one
     bandwidths = [r.bandwidth, copy_bandwidth(r.device)]
+    reads = [r.read, read_bandwidth(r.device)]
     R.finish(roofline, max(bandwidths))
     doc = {"results": results, "ratios": ratios(results, roofline, r.peak, max(bandwidths)), "roofline": roofline,
            "skipped": skipped, "device": device_description(c.device), "versions": versions(),
            "command": command_line(), "config": asdict(c), "peak_mem_method": r.mem.method,
            "copy_bandwidth_bytes_per_s": max(bandwidths), "copy_bandwidths_start_end": bandwidths,
+           "read_bandwidth_bytes_per_s": max(reads), "read_bandwidths_start_end": reads,
            "peak_flops": r.peak, "wall_s": time.monotonic() - started}
     if c.mixed:
         doc["inflight"] = inflight

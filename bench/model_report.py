@@ -106,8 +106,11 @@ def targets(doc: dict) -> list[dict]:
         cause = None
         if roof.get("linears_over_roofline") is not None:
             rest[(roof["model"], roof["setting"])] = roof["rest_step_s"]
-            cause = (f"the linear layers alone take {roof['linears_over_roofline']:.3g}x the roofline (their kernels "
-                     f"read weights below the copy bandwidth); the rest of the step {roof['rest_step_s'] * 1e3:.3g} ms")
+            cause = (f"the linear layers alone take {roof['linears_over_roofline']:.3g}x the roofline, their kernels "
+                     f"reading weights at {roof['linears_read_bytes_per_s'] / 1e9:.3g} GB/s"
+                     + (f" (a streaming read: {doc['read_bandwidth_bytes_per_s'] / 1e9:.3g} GB/s)"
+                        if doc.get("read_bandwidth_bytes_per_s") else "")
+                     + f"; the rest of the step {roof['rest_step_s'] * 1e3:.3g} ms")
         out.append(_goal("decode step at batch 1 <= 1.5x its roofline", f"{roof['model']}, {roof['setting']}",
                          roof["measured_over_roofline"], 1.5, False, cause))
     for s in step_ratios(doc["roofline"]):
@@ -149,15 +152,19 @@ def markdown(doc: dict) -> str:
             ("roofline_bound_ratio", "roofline-bound ratio"), ("of_roofline_bound", "measured / roofline bound")])]
     if doc["roofline"]:
         measured = doc.get("copy_bandwidths_start_end")
+        roofs = [{**r, "linears_read_gb_s": r["linears_read_bytes_per_s"] / 1e9} if r.get("linears_read_bytes_per_s")
+                 else r for r in doc["roofline"]]
         lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
                   f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
                   + (f", the better of {measured[0] / 1e9:.1f} at the run's start and {measured[1] / 1e9:.1f} at its "
-                     "end" if measured else "") + "):", "", table(doc["roofline"], [
+                     "end" if measured else "")
+                  + (f"; a streaming read {doc['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, the better of the same two"
+                     if doc.get("read_bandwidth_bytes_per_s") else "") + "):", "", table(roofs, [
                       ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
                       ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
                       ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline"),
                       ("linears_step_s", "linears s"), ("linears_over_roofline", "linears / roofline"),
-                      ("rest_step_s", "rest s")])]
+                      ("linears_read_gb_s", "linears read GB/s"), ("rest_step_s", "rest s")])]
         steps = step_ratios(doc["roofline"])
         if steps:
             lines += ["", "Decode step at batch 1, each model over concat's: the time measured against the bytes read "

@@ -58,9 +58,16 @@ def linears_step_s(model, repeats: int = 5) -> float:
     return best
 
 
-def entry(kind: str, setting: Setting, weights: int, state: int, measured_s: float, linears_s: float) -> dict:
+def linears_bytes(model) -> int:
+    """Bytes of the weight matrices `step_linears` multiply by."""
+    elt = torch.finfo(model.dtype).bits // 8
+    return sum(m.in_features * m.out_features * elt for m in step_linears(model))
+
+
+def entry(kind: str, setting: Setting, weights: int, state: int, measured_s: float, linears: tuple[float, int]) -> dict:
+    """linears: (`linears_step_s`, `linears_bytes`) of the model."""
     return {"model": kind, "setting": setting.name, "weight_bytes_per_step": weights, "state_bytes_per_step": state,
-            "measured_step_s": measured_s, "linears_step_s": linears_s}
+            "measured_step_s": measured_s, "linears_step_s": linears[0], "linears_weight_bytes": linears[1]}
 
 
 def finish(roofline: list[dict], bandwidth: float) -> None:
@@ -71,3 +78,4 @@ def finish(roofline: list[dict], bandwidth: float) -> None:
         if roof.get("linears_step_s") is not None:
             roof["linears_over_roofline"] = roof["linears_step_s"] / roof["roofline_step_s"]
             roof["rest_step_s"] = roof["measured_step_s"] - roof["linears_step_s"]
+            roof["linears_read_bytes_per_s"] = roof["linears_weight_bytes"] / roof["linears_step_s"]

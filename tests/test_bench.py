@@ -226,6 +226,8 @@ def test_bench_model_command_end_to_end(tmp_path):
     for r in doc["roofline"]:  # the step's linear layers alone, timed in the run, and what the step spends beside
         assert 0 < r["linears_step_s"] and r["rest_step_s"] == r["measured_step_s"] - r["linears_step_s"]
         assert r["linears_over_roofline"] == r["linears_step_s"] / r["roofline_step_s"]
+        assert r["linears_read_bytes_per_s"] == r["linears_weight_bytes"] / r["linears_step_s"]
+    assert doc["read_bandwidth_bytes_per_s"] == max(doc["read_bandwidths_start_end"]) > 0
     assert len(doc["copy_bandwidths_start_end"]) == 2 and doc["copy_bandwidth_bytes_per_s"] == max(
         doc["copy_bandwidths_start_end"])
     assert {x["versus"] for x in doc["ratios"]} == set(models) - {"lavi"}
@@ -265,8 +267,9 @@ def test_targets_are_checked_against_the_runs_figures_with_gap_and_cause():
     roof = lambda model, measured, linears: {  # noqa: E731
         "model": model, "setting": "image", "weight_bytes_per_step": 100, "state_bytes_per_step": 0,
         "measured_step_s": measured, "roofline_step_s": 0.1, "measured_over_roofline": measured / 0.1,
-        "linears_step_s": linears, "linears_over_roofline": linears / 0.1, "rest_step_s": measured - linears}
-    doc = {"config": {"shapes": "qwen2-0.5b-siglip"},
+        "linears_step_s": linears, "linears_over_roofline": linears / 0.1, "rest_step_s": measured - linears,
+        "linears_read_bytes_per_s": 100 / linears}
+    doc = {"config": {"shapes": "qwen2-0.5b-siglip"}, "read_bandwidth_bytes_per_s": 2e9,
            "ratios": [{"setting": "image", "versus": "concat", "batch_size": 1, "of_bound": 0.8,
                        "roofline_bound_ratio": 1.5, "of_roofline_bound": 0.95},
                       {"setting": "image", "versus": "concat", "batch_size": 4, "of_bound": 0.95,
@@ -282,6 +285,7 @@ def test_targets_are_checked_against_the_runs_figures_with_gap_and_cause():
     assert got[("prefill", "lavi, image, batch 1")]["met"] == "no"
     step = got[("decode", "lavi, image")]
     assert step["met"] == "no" and step["gap"] == pytest.approx(0.1) and "1.3x the roofline" in step["cause"]
+    assert "a streaming read: 2 GB/s" in step["cause"]
     assert got[("decode", "concat, image")]["met"] == "yes"
     beyond = got[("LaVi's", "image")]  # 0.16 / 0.12 against equal bytes: missed by a third, 30 ms vs 10 ms outside
     assert beyond["met"] == "no" and beyond["gap"] == pytest.approx(1 / 3) and "30 ms" in beyond["cause"]
