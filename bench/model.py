@@ -313,6 +313,12 @@ def run(c: ModelBenchConfig) -> dict:
                                     repeats=c.repeats, seed=c.seed)
     # the bandwidth again at the end: a shared machine's varies over a run, and the roofline takes the better one
     bandwidths = [r.bandwidth, copy_bandwidth(r.device)]
+    if r.device.type != "cuda" and not c.peak_flops:  # the CPU's matmul rate too: the better of start and end
+        peaks = [r.peak, peak_flops(r.device, None)]
+        r.peak = max(peaks)
+        for row in results:
+            if "error" not in row and row.get("caption_flops"):
+                row.update(r._utilization(row, row["prefill_flops"], row["caption_flops"]))
     reads = [r.read, read_bandwidth(r.device)]
     R.finish(roofline, max(bandwidths))
     doc = {"results": results, "ratios": ratios(results, roofline, r.peak, max(bandwidths)), "roofline": roofline,
@@ -321,6 +327,8 @@ def run(c: ModelBenchConfig) -> dict:
            "copy_bandwidth_bytes_per_s": max(bandwidths), "copy_bandwidths_start_end": bandwidths,
            "read_bandwidth_bytes_per_s": max(reads), "read_bandwidths_start_end": reads,
            "peak_flops": r.peak, "wall_s": time.monotonic() - started}
+    if r.device.type != "cuda" and not c.peak_flops:
+        doc["peak_flops_start_end"] = peaks
     if c.mixed:
         doc["inflight"] = inflight
     write_json(doc, c.out)

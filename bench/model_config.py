@@ -86,7 +86,7 @@ def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype,
     return chosen, models, dtype, cuda if c.compile is None else c.compile
 
 
-def cpu_matmul_peak(n: int = 2048, repeats: int = 3) -> float:
+def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """This CPU's fp32 matmul FLOP/s at torch's thread count, measured: the best of `repeats` n x n x n products."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b

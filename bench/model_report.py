@@ -136,7 +136,10 @@ def markdown(doc: dict) -> str:
              f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
              f"{weights}. Peak memory: {doc['peak_mem_method']}."
              + (f" FLOP utilisation against {doc['peak_flops'] / 1e9:.0f} GFLOP/s" if doc.get("peak_flops") else "")
-             + (" (this CPU's fp32 matmul, measured in this run)." if doc.get("peak_flops") and "cuda" not in
+             + (" (this CPU's fp32 matmul, measured in this run" + (
+                 ": the better of {:.0f} at its start and {:.0f} at its end".format(*(p / 1e9 for p in
+                                                                                    doc["peak_flops_start_end"]))
+                 if doc.get("peak_flops_start_end") else "") + ")." if doc.get("peak_flops") and "cuda" not in
                 c["device"] and not c.get("peak_flops") else ""), ""]
     lines.append(table(doc["results"], [
         ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"),

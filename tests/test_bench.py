@@ -228,6 +228,9 @@ def test_bench_model_command_end_to_end(tmp_path):
         assert r["linears_over_roofline"] == r["linears_step_s"] / r["roofline_step_s"]
         assert r["linears_read_bytes_per_s"] == r["linears_weight_bytes"] / r["linears_step_s"]
     assert doc["read_bandwidth_bytes_per_s"] == max(doc["read_bandwidths_start_end"]) > 0
+    assert doc["peak_flops"] == max(doc["peak_flops_start_end"])  # each row's utilisation against the better one
+    assert all(r["flop_utilization"] == pytest.approx(r["captions_per_s"] * r["caption_flops"] / doc["peak_flops"])
+               for r in doc["results"])
     assert len(doc["copy_bandwidths_start_end"]) == 2 and doc["copy_bandwidth_bytes_per_s"] == max(
         doc["copy_bandwidths_start_end"])
     assert {x["versus"] for x in doc["ratios"]} == set(models) - {"lavi"}
