@@ -137,7 +137,7 @@ class Runner:
         weights = weight_bytes(model)["decode"]
         model = self._packed(model)
         self._release()  # the float weights packing replaced go back to the OS before any peak is taken
-        rows, roofs, linears = [], [], None
+        rows, roofs, vis = [], [], None
         for name, vc in variants:
             model.visual_compress = vc
             common = dict(commons[name])
@@ -156,10 +156,19 @@ class Runner:
                 rows.append(r)
             one = next((r for r in rows if r["model"] == name and r["batch_size"] == 1 and "error" not in r), None)
             if one is not None:
-                linears = linears or (R.linears_step_s(model), R.linears_bytes(model))  # a compression's: the same
-                roofs.append(R.entry(name, setting, weights, R.state_bytes(config, setting, max_seq, kind, self.dtype),
-                                     one["decode_step_s"], linears))
+                if self.compile:  # the step alone would be the eager one, not the compiled one the run timed
+                    alone, linears = None, R.linears_step_s(model)
+                else:
+                    if vis is None:  # one row's visual state, for each variant's step alone
+                        encode, one_row, _ = inputs(1)
+                        with torch.inference_mode():
+                            vis = encode().select(one_row.to(self.device))
+                    alone, linears = R.step_alone(model, vis, max_seq, c.new_tokens)
+                state = R.state_bytes(config, setting, max_seq, kind, self.dtype)
+                roofs.append(R.entry(name, setting, weights, state, one["decode_step_s"], linears,
+                                     R.linears_bytes(model), alone))
         model.visual_compress = None
+        del vis
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
             from lavi.quant import quantize
             del model, inputs  # both hold the float model: it must be gone before the baseline is taken

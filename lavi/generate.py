@@ -122,7 +122,7 @@ def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_v
     return logits[:, -1]
 
 
-def _fastv(model: LaVi) -> bool:
+def prunes_visual(model: LaVi) -> bool:
     """Whether the prefill prunes visual tokens (lavi.fastv): a concat model set to `fastv` below 1.0."""
     vc = getattr(model, "visual_compress", None)
     return (getattr(model, "projector", None) is not None and vc is not None and vc.method == "fastv"
@@ -225,7 +225,7 @@ class Generator:
                              "give the generator a larger one (setup_caches)")
         slot_valid = torch.zeros(b, cache.max_seq, dtype=torch.bool, device=device)
         slot_valid[:, :t0] = kvalid
-        fastv = _fastv(model)
+        fastv = prunes_visual(model)
         fixed = self._fixed(StepInputs(slot_valid, vis.mask, vis.cond_kv or (), vis.factors or (),
                                        slot_valid.clone() if fastv else None))
         slots = torch.arange(t0, device=device)

@@ -23,7 +23,7 @@ from .constrain import Constraint, Guide, Vocabulary
 from .decoder import RowsPrefill
 from .fastv import prefill_pruned
 from .fusion import Visual
-from .generate import GenerationConfig, Generator, RowTokens, StepInputs, _fastv, left_pad, prefill, sample
+from .generate import GenerationConfig, Generator, RowTokens, StepInputs, left_pad, prefill, prunes_visual, sample
 from .model import attention_mask
 
 
@@ -88,7 +88,7 @@ class InflightPool:
         if cache is None:
             raise ValueError("in-flight batching needs the generator's cache (setup_caches)")
         self.b, self.s, device = min(cache.max_batch, rows or cache.max_batch), cache.max_seq, self.model.device
-        self.device, self.fastv = device, _fastv(self.model)
+        self.device, self.fastv = device, prunes_visual(self.model)
         self.eos = torch.tensor(self.eos_ids, device=device)
         self.width = gen.max_new_tokens
         self.fixed: StepInputs | None = None  # allocated at the first admission (its visual state's shapes)
