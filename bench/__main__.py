@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="bench-pipeline.json")
     q.add_argument("--markdown", default="BENCHMARKS.md")
+    w = sub.add_parser("render", help="Write a recorded model run's section again from its JSON (after the report "
+                       "changes: the figures stay the run's).")
+    w.add_argument("json")
+    w.add_argument("--markdown", default="BENCHMARKS.md")
     g = sub.add_parser("merge", help="Copy the run sections of one BENCHMARKS.md (e.g. the GPU machine's) "
                        "into another.")
     g.add_argument("src")
@@ -66,6 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench.report import merge_sections
 
         print(json.dumps({"merged": merge_sections(args["src"], args["dst"]), "into": args["dst"]}))
+        return
+    if command == "render":
+        from bench.model_report import render
+
+        print(json.dumps({"section": render(args["json"], args["markdown"]), "into": args["markdown"]}))
         return
     args["markdown"] = args["markdown"] or None
     try:

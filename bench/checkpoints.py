@@ -99,6 +99,7 @@ def _bench_transformers(runner, path: str, config, setting: str, visual: np.ndar
     expanded as its processor expands it."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
+    from bench.hf_rows import measure
     from lavi.onevision import pixels
 
     c = runner.c
@@ -117,7 +118,7 @@ def _bench_transformers(runner, path: str, config, setting: str, visual: np.ndar
         rows.append({"model": "hf-llava-ov", "checkpoint": path, "shapes": Path(path).name, "setting": setting,
                      "frames": len(visual), "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
                      "new_tokens": c.new_tokens, "dtype": str(runner.dtype).removeprefix("torch."),
-                     "generator": "transformers generate()", **runner.measure_hf(model, kwargs)})
+                     "generator": "transformers generate()", **measure(runner, model, kwargs)})
     del model
     runner._release()
     return rows

@@ -15,7 +15,6 @@ import statistics
 import time
 from dataclasses import asdict
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -26,7 +25,7 @@ from bench.compiled import TimedGenerator
 from bench.configs import Setting, model_config, random_model, weight_bytes
 from bench.memory import PeakMemory, copy_bandwidth, probe_batch, read_bandwidth, trim_heap
 from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
-from bench.model_report import markdown, ratios
+from bench.model_report import markdown, ratios, section_key
 from bench.report import command_line, device_description, versions, write_json, write_section
 from bench import roofline as R
 from lavi.compress import VisualCompress
@@ -231,66 +230,6 @@ class Runner:
 
         return packed(model, None, self.compile)
 
-    def measure_hf(self, model, kwargs: dict) -> dict:
-        """One point of transformers' generate(): a warm-up, then one timed run of exactly new_tokens per row."""
-        from bench import hf
-
-        b, n = kwargs["input_ids"].shape[0], self.c.new_tokens
-        if self.device.type == "cuda" or self._cold(model):
-            hf.timed_generate(model, kwargs, 2)
-        self.mem.reset()
-        ttft, total = hf.timed_generate(model, kwargs, n)
-        return {"batch_size": b, "captions_per_s": b / total, "ttft_s": ttft,
-                "decode_tokens_per_s": b * (n - 1) / max(total - ttft, 1e-9), "peak_mem_bytes": self.mem.peak(),
-                "total_s": total}
-
-    def bench_hf(self, setting: Setting) -> tuple[list[dict], str | None]:
-        from bench import hf
-
-        c = self.c
-        if c.shapes not in ("qwen2-0.5b-siglip", "qwen2-7b-siglip", "tiny-random"):
-            return [], f"hf-llava-ov is built for qwen2-0.5b-siglip, qwen2-7b-siglip and tiny-random, not {c.shapes}"
-        self.mem.rebase()
-
-        # transformers' API moves between releases: an incompatible version is a recorded skip, so the
-        # LaVi and concat figures of the same run are still written
-        try:
-            model = hf.build(c.shapes, setting, self.device, self.dtype, seed=c.seed)
-            one = hf.inputs(model, setting, 1, c.prompt_tokens, seed=c.seed)[0]  # a row: its FLOPs and context
-            counted = hf.prefill_flops(model, one)
-        except (ImportError, TypeError, ValueError) as err:
-            self._release()
-            return [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
-
-        def try_batch(b: int) -> None:
-            hf.timed_generate(model, hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)[0], 2)
-
-        probe = self.probe(try_batch)
-        sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8])
-        # a caption: the counted prefill and the decode steps over its growing cache (the decoder's shapes are the
-        # engine's concat model's), so its rows get a FLOP bound and utilisation like the engine's
-        caption = counted + F.growing_decode_flops(model_config(c.shapes, FUSION["concat"], setting),
-                                                   one["input_ids"].shape[1], c.new_tokens)
-        rows = []
-        for b in sizes:
-            kwargs, nv = hf.inputs(model, setting, b, c.prompt_tokens, seed=c.seed)
-            try:
-                timed = self.measure_hf(model, kwargs)
-            except torch.cuda.OutOfMemoryError as err:
-                rows.append({"model": "hf-llava-ov", "setting": setting.name, "batch_size": b,
-                             "error": f"OutOfMemoryError: {str(err)[:200]}"})
-                self._release()
-                break
-            rows.append({"model": "hf-llava-ov", "shapes": c.shapes, "setting": setting.name,
-                         "frames": setting.frames, "visual_tokens": nv, "prompt_tokens": c.prompt_tokens,
-                         "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
-                         "generator": "transformers generate()", **timed, "prefill_flops": counted,
-                         "caption_flops": caption, **self._utilization(timed, counted, caption),
-                         **({"probe": probe} if probe else {})})
-        del model
-        self._release()
-        return rows, None
-
 
 def run(c: ModelBenchConfig) -> dict:
     """Run the benchmark, write c.out (JSON) and c.markdown's section; returns the JSON document."""
@@ -305,7 +244,8 @@ def run(c: ModelBenchConfig) -> dict:
     for setting in r.settings if not c.checkpoints else ():
         for kind in r.models:
             if kind == "hf-llava-ov":
-                rows, reason = r.bench_hf(setting)
+                from bench.hf_rows import bench_shapes
+                rows, reason = bench_shapes(r, setting)
                 if reason:
                     skipped.append({"model": kind, "setting": setting.name, "reason": reason})
                 results.extend(rows)
@@ -340,10 +280,8 @@ def run(c: ModelBenchConfig) -> dict:
         doc["peak_flops_start_end"] = peaks
     if c.mixed:
         doc["inflight"] = inflight
+    doc["section"] = section_key(asdict(c), c.settings if c.checkpoints else [s.name for s in r.settings])
     write_json(doc, c.out)
     if c.markdown:
-        subject = "+".join(Path(p).name for p in c.checkpoints) or c.shapes
-        names = c.settings if c.checkpoints else [s.name for s in r.settings]
-        key = f"model-{subject}-{r.device.type}-{'+'.join(names) or 'all'}"
-        write_section(c.markdown, key, markdown(doc))
+        write_section(c.markdown, doc["section"], markdown(doc))
     return doc

@@ -1,7 +1,9 @@
 """The model bench's results read side by side: LaVi over the others, and the BENCHMARKS.md section."""
 from __future__ import annotations
 
-from bench.report import table
+from pathlib import Path
+
+from bench.report import table, write_section
 
 
 def caption_time_bound(row: dict, roof: dict | None, peak: float | None, bandwidth: float | None) -> float | None:
@@ -130,6 +132,25 @@ def targets(doc: dict) -> list[dict]:
         out.append(_goal("LaVi's decode step / concat's <= their bytes' ratio" + (" (steps alone)" if alone else ""),
                          s["setting"], s["alone_beyond_bytes"] if alone else s["beyond_bytes"], 1.0, False, cause))
     return out
+
+
+def section_key(config: dict, settings: list[str]) -> str:
+    """The BENCHMARKS.md section of a run: what it measured (checkpoint names or shapes), where, which settings."""
+    subject = "+".join(Path(p).name for p in config.get("checkpoints") or ()) or config["shapes"]
+    return f"model-{subject}-{str(config['device']).split(':')[0]}-{'+'.join(settings) or 'all'}"
+
+
+def render(path: str, markdown_path: str) -> str:
+    """Write a recorded run's (its JSON at `path`) section again, as this report writes it: the figures are the
+    run's, the tables and targets today's. -> the section's key."""
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    key = doc.get("section") or section_key(  # runs recorded before the key was: the settings in their rows' order
+        doc["config"], doc["config"].get("settings") if doc["config"].get("checkpoints")
+        else list(dict.fromkeys(r["setting"] for r in doc["results"])))
+    write_section(markdown_path, key, markdown(doc))
+    return key
 
 
 def markdown(doc: dict) -> str:

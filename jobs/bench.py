@@ -89,6 +89,17 @@ def model_cmd(device, shapes, settings, models, compress, batch_sizes, prompt_to
     click.echo(f"results: {out}")
 
 
+@bench.command("render")
+@click.argument("json_path", metavar="JSON")
+@click.option("--markdown", default="BENCHMARKS.md", show_default=True)
+def render_cmd(json_path, markdown) -> None:
+    """Write a recorded `bench model` run's section again from its JSON, as the report writes it today (the figures
+    stay the run's: a new table or target over an old run)."""
+    from bench.model_report import render
+
+    click.echo(json.dumps({"section": render(json_path, markdown), "into": markdown}))
+
+
 @bench.command("pipeline")
 @click.option("--images", default=200, show_default=True, help="Images in the generated shapes-v1 corpus.")
 @click.option("--videos", default=0, show_default=True, help="Videos in the generated corpus.")

@@ -242,6 +242,10 @@ def test_bench_model_command_end_to_end(tmp_path):
                for x in paired if x["roofline_bound_ratio"])
     assert "bench model: tiny-random" in md.read_text() and "roofline-bound ratio" in md.read_text()
     assert "linears / roofline" in md.read_text() and "Targets" not in md.read_text()  # tiny shapes: no targets
+    again = tmp_path / "again.md"  # a recorded run's section written again from its JSON: the same section
+    result = CliRunner().invoke(bench, ["render", str(out), "--markdown", str(again)])
+    assert result.exit_code == 0, result.output
+    assert doc["section"] == "model-tiny-random-cpu-image" and again.read_text() == md.read_text()
 
 
 def test_a_decode_steps_linears_are_the_decoders_its_head_and_vilns_site_heads():
