@@ -377,6 +377,28 @@ def test_model_bench_imports_without_ray_av_decord_fsspec():
     assert done.returncode == 0, done.stderr
 
 
+def test_python_m_bench_takes_every_flag_of_lavi_label_bench_model():
+    """Guards against the GPU machine's entry (`python -m bench model`: argparse, no click there) falling behind the
+    click command: a flag the GPU run needs (--quantize and --mixed, for the 7B run with int8 and in-flight
+    batching) missing from it, or parsed into something the config does not take."""
+    import argparse
+
+    from bench.__main__ import parser
+    from bench.model_config import ModelBenchConfig
+    from jobs.bench import model_cmd
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["model"]
+    theirs = {o for a in sub._actions for o in a.option_strings}
+    ours = {o for p in model_cmd.params for o in p.opts + p.secondary_opts if o.startswith("--")}
+    assert ours - theirs == set()
+    args = vars(parser().parse_args(["model", "--device", "cpu", "--quantize", "int8", "--mixed", "8",
+                                     "--visual-compress", "dct:0.25", "--visual-compress", "fastv:0.5@2"]))
+    args.pop("command")
+    peak = args.pop("peak_tflops")
+    config = ModelBenchConfig(**args, peak_flops=peak)
+    assert (config.quantize, config.mixed, config.compress) == ("int8", 8, ("dct:0.25", "fastv:0.5@2"))
+
+
 def test_bench_pipeline_command_end_to_end(ray_local, tmp_path):
     """Guards against the pipeline benchmark drifting from the real `lavi-label run` entry point (RunConfig
     fields, summary keys) or comparing different work: both sides must label every corpus item."""
