@@ -69,18 +69,20 @@ class PeakMemory:
         return self.reason or "peak RSS (VmHWM reset per run) minus the RSS right before the model was built"
 
 
-def _best_s(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """The best of `repeats` timed calls of `fn` after one untimed (page faults on CPU, first-touch on GPU)."""
+def timed_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of `fn`, the device synchronised before and after (CUDA)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    sync()
+    return time.perf_counter() - start
+
+
+def best_s(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The best of `repeats` timed calls of `fn` after one untimed (page faults on CPU, first-touch on GPU)."""
+    fn()
+    return min(timed_s(fn, device) for _ in range(repeats))
 
 
 def _buffer_bytes(device: torch.device, nbytes: int | None) -> int:
@@ -95,7 +97,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     nbytes = _buffer_bytes(device, nbytes)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    best = _best_s(lambda: dst.copy_(src), device, repeats)
+    best = best_s(lambda: dst.copy_(src), device, repeats)
     del src, dst
     return 2 * nbytes / best
 
@@ -106,7 +108,7 @@ def read_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
     are read); the best of `repeats`."""
     nbytes = _buffer_bytes(device, nbytes)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    best = _best_s(src.sum, device, repeats)
+    best = best_s(src.sum, device, repeats)
     del src
     return nbytes / best
 

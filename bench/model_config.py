@@ -2,13 +2,13 @@
 device; and the FLOP/s the utilisation columns divide by."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench.configs import SHAPES, Setting, settings
+from bench.memory import best_s
 from lavi.compress import VisualCompress
 
 MODELS = ("lavi", "vlora", "concat", "hf-llava-ov")
@@ -89,15 +89,7 @@ def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype,
 def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """This CPU's fp32 matmul FLOP/s at torch's thread count, measured: the best of `repeats` n x n x n products."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n ** 3 / best
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return 2 * n ** 3 / best_s(lambda: a @ b, torch.device("cpu"), repeats)
 
 
 def peak_flops(device: torch.device, given: float | None) -> float | None:

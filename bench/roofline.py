@@ -11,13 +11,13 @@ rotary, the small ops between them).
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 from torch import nn
 
 from bench.configs import Setting
+from bench.memory import best_s, timed_s
 from lavi.cpu_pack import PackedLinear
 from lavi.fusion import Visual
 from lavi.generate import decode_one_token, prunes_visual, setup_caches
@@ -45,18 +45,6 @@ def step_linears(model) -> list[nn.Module]:
     return [m for part in parts for m in part.modules() if isinstance(m, (nn.Linear, PackedLinear))]
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def timed(fn: Callable[[], object]) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
-    return timed
-
-
 def _linears_pass(model) -> Callable[[], None]:
     layers = step_linears(model)
     inputs = [torch.randn(1, 1, m.in_features, device=model.device, dtype=model.dtype) for m in layers]
@@ -70,9 +58,7 @@ def _linears_pass(model) -> Callable[[], None]:
 @torch.inference_mode()
 def linears_step_s(model, repeats: int = 5) -> float:
     """Seconds for every linear product of a decode step, one row each, back to back (the best of `repeats`)."""
-    run, timed = _linears_pass(model), _timer(model.device)
-    run()  # warms the kernels up
-    return min(timed(run) for _ in range(repeats))
+    return best_s(_linears_pass(model), model.device, repeats)
 
 
 @torch.inference_mode()
@@ -94,12 +80,12 @@ def step_alone(model, vis: Visual, max_seq: int, new_tokens: int, rounds: int = 
         for _ in range(steps):
             decode_one_token(model, cache, tok, pos, slot_valid, slot, vis.mask, vis.cond_kv or (), vis.factors or (),
                              deep)
-    linears, timed = _linears_pass(model), _timer(model.device)
+    linears = _linears_pass(model)
     step(), linears()  # warm
     best_step = best_linears = float("inf")
     for _ in range(rounds):
-        best_step = min(best_step, timed(step) / steps)
-        best_linears = min(best_linears, timed(linears))
+        best_step = min(best_step, timed_s(step, model.device) / steps)
+        best_linears = min(best_linears, timed_s(linears, model.device))
     return best_step, best_linears
 
 
