@@ -56,6 +56,9 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", default="bench-pipeline.json")
     q.add_argument("--markdown", default="BENCHMARKS.md")
+    q.add_argument("--scale", type=lambda v: tuple(int(n) for n in v.split(",")), default=())
+    q.add_argument("--scale-batch", type=int, default=256)
+    q.add_argument("--resume-left", type=int, default=1000)
     w = sub.add_parser("render", help="Write a recorded model run's section again from its JSON (after the report "
                        "changes: the figures stay the run's).")
     w.add_argument("json")

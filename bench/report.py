@@ -77,6 +77,12 @@ def write_section(path: str | Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
+def section_head(title: str, doc: dict) -> list[str]:
+    """A run section's first lines: its title, the command that wrote it and the versions it ran with."""
+    return [f"## {title}", "", f"`{doc['command']}`", "",
+            "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), ""]
+
+
 def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A markdown table of `rows` with (key, header) columns; floats at 4 significant digits."""
     def cell(v) -> str:

@@ -1,4 +1,5 @@
-"""`lavi-label bench model|pipeline`: flags -> bench configs -> bench.model.run / bench.pipeline.run.
+"""`lavi-label bench model|pipeline|realsize`: flags -> bench configs -> bench.model.run / bench.pipeline.run /
+bench.realsize.run.
 
 Imports nothing heavy at import time: `python -m bench model --device cuda` runs on a machine that has
 torch and transformers but no ray, decord or av.
@@ -112,16 +113,42 @@ def render_cmd(json_path, markdown) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="bench-pipeline.json", show_default=True)
 @click.option("--markdown", default="BENCHMARKS.md", show_default=True, help="'' for none.")
-def pipeline_cmd(images, videos, batch_size, device, model, max_new_tokens, workdir, seed, out, markdown) -> None:
-    """`lavi-label run` on a generated corpus vs a plain model loop over the same decoded items."""
+@click.option("--scale", default=None, metavar="N[,N...]",
+              help="Scale mode: corpora of N images each through the pipeline with a labeler of the benchmark's own "
+                   "(no model): listing, reads, decodes and commits, and the driver's memory (bench.scale).")
+@click.option("--scale-batch", default=256, show_default=True, help="Scale mode: items per split task and block.")
+@click.option("--resume-left", default=1000, show_default=True,
+              help="Scale mode: images added to the largest corpus for the resume measurement (0: none).")
+def pipeline_cmd(images, videos, batch_size, device, model, max_new_tokens, workdir, seed, out, markdown, scale,
+                 scale_batch, resume_left) -> None:
+    """`lavi-label run` on a generated corpus vs a plain model loop over the same decoded items; with --scale, the
+    pipeline alone at corpus sizes."""
     from bench.pipeline import PipelineBenchConfig, markdown as render, run
 
     try:
+        sizes = tuple(int(n.replace("_", "")) for n in scale.split(",")) if scale else ()
         config = PipelineBenchConfig(images=images, videos=videos, batch_size=batch_size, device=device, model=model,
                                      max_new_tokens=max_new_tokens, workdir=workdir, seed=seed, out=out,
-                                     markdown=markdown or None)
+                                     markdown=markdown or None, scale=sizes, scale_batch=scale_batch,
+                                     resume_left=resume_left)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     doc = run(config)
     click.echo(render(doc))
-    click.echo(json.dumps({"wall_time_ratio": doc["wall_time_ratio"]}))
+    click.echo(json.dumps({"out": out}))
+
+
+@bench.command("realsize")
+@click.option("--new-tokens", default=12, show_default=True)
+@click.option("--workdir", default=None, help="Keep the checkpoint, photos and labels here (default: a temp dir).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", default="bench-realsize.json", show_default=True)
+@click.option("--markdown", default="BENCHMARKS.md", show_default=True, help="'' for none.")
+def realsize_cmd(new_tokens, workdir, seed, out, markdown) -> None:
+    """A LLaVA-OneVision of the 0.5B hub checkpoint's shapes (random weights) on four photos: `lavi-label run` end to
+    end vs transformers' generate() on the same machine."""
+    from bench.realsize import RealsizeConfig, markdown as render, run
+
+    doc = run(RealsizeConfig(new_tokens=new_tokens, workdir=workdir, seed=seed, out=out, markdown=markdown or None))
+    click.echo(render(doc))
+    click.echo(json.dumps({"out": out, "ratio": doc["ratio"]}))

@@ -14,7 +14,7 @@ import click
 from jobs.console import cli_logging
 
 from pipeline.config import RunConfig
-from pipeline.graph import run as run_pipeline
+from pipeline.driver import run as run_pipeline
 from pipeline.summary import format_summary
 from schemas.rows import CAPTION, VQA
 

@@ -51,7 +51,7 @@ def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, lis
 
 def _label(stage: str, manifest: str, out: str, task: str, model: str, opts: dict, overwrite: bool = False) -> None:
     from pipeline.config import RunConfig
-    from pipeline.graph import run as run_pipeline
+    from pipeline.driver import run as run_pipeline
     from pipeline.output import Output
     from pipeline.summary import format_summary
 
@@ -112,7 +112,8 @@ def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n
     from jobs.evaluate import write_card
     from jobs.train import train_model
     from pipeline.config import parse_storage_options
-    from pipeline.graph import connect_ray, model_info
+    from pipeline.cluster import connect_ray
+    from pipeline.models import model_info
     from pipeline.sources import iter_entries
 
     cli_logging()

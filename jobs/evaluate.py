@@ -194,7 +194,7 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
             raise click.UsageError(f"--include {f} was scored on another split ({same}); this one is "
                                    f"{ {k: split[k] for k in same} }")
     from lavi.compress import VisualCompress
-    from pipeline.graph import model_info
+    from pipeline.models import model_info
 
     try:
         compressions = tuple(VisualCompress.parse(c).spelled() for c in compressions)

@@ -1,4 +1,4 @@
-"""`lavi-label run INPUT... --out URI`: flags -> RunConfig -> pipeline.graph.run. No logic here."""
+"""`lavi-label run INPUT... --out URI`: flags -> RunConfig -> pipeline.driver.run. No logic here."""
 
 from __future__ import annotations
 
@@ -110,6 +110,9 @@ def execution_options(command):
 @click.option("--clips-per-group", type=int, default=16, show_default=True,
               help="Clips per clip group: a long video is decoded a group per task (its frames are what a task "
                    "holds) and committed a group at a time.")
+@click.option("--decode-batch-size", type=int, default=32, show_default=True,
+              help="Items per split task: their images are read and decoded together in one task (a video's clip "
+                   "groups each in a task of their own).")
 @click.option("--decode-workers", type=int, default=None,
               help="At most this many read/decode tasks at once (default: as many as the cluster's CPUs allow).")
 @click.option("--max-bytes", type=int, default=None,
@@ -118,7 +121,9 @@ def execution_options(command):
 @click.option("--overwrite", is_flag=True, help="Delete existing labels in --out first (default: resume).")
 @click.option("--max-error-rate", default=1.0, show_default=True, help="Exit non-zero above this fraction of error rows.")
 @click.option("--job-id", default=None, help="Job id written to every row (default: the output's, or a new one).")
-@click.option("--rows-per-file", default=5000, show_default=True, help="Rows per committed Parquet file.")
+@click.option("--rows-per-file", default=5000, show_default=True,
+              help="At most this many rows per committed Parquet file (a labeler block is committed as it comes: "
+                   "a file per block, or more for a block over this).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: the decoder's linear layers as weight-only int8 at load (a quarter of their memory; faster "
                    "decode steps at small batches).")
@@ -131,7 +136,7 @@ def execution_options(command):
 def run(inputs: tuple[str, ...], report: bool, **flags) -> None:
     """Caption or question images and videos into Parquet, on Ray. Reruns resume."""
     from pipeline.recovery import PipelineStalled
-    from pipeline.graph import run as run_pipeline
+    from pipeline.driver import run as run_pipeline
     from pipeline.summary import format_summary
 
     cli_logging(verbose=flags["verbose"])

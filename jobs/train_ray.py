@@ -41,7 +41,7 @@ def train_on_ray(o: dict, outp: Path, workers: int, gpus: float, address: str | 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipeline.graph import connect_ray
+    from pipeline.cluster import connect_ray
 
     storage = storage or str(outp.resolve() / "ray_train")
     owned = connect_ray(address)

@@ -159,6 +159,19 @@ class StepInputs:
         return self
 
 
+@dataclass
+class Work:
+    """What a generator has computed so far, for a progress display and a watchdog (plain host counters, never a
+    device sync): prefill batches and their tokens (rows x context), decode steps."""
+
+    prefills: int = 0
+    prefill_tokens: int = 0
+    decode_steps: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prefills": self.prefills, "prefill_tokens": self.prefill_tokens, "decode_steps": self.decode_steps}
+
+
 class Generator:
     """Batched generation over a static KV cache (`setup_caches`), gpt-fast style.
 
@@ -183,6 +196,7 @@ class Generator:
             self.step = torch.compile(decode_one_token, mode=mode, fullgraph=True, dynamic=False, backend=backend)
             self.row_step = torch.compile(decode_rows, mode=mode, fullgraph=True, dynamic=False, backend=backend)
         self.fixed: StepInputs | None = None  # the buffers of the last batch shape; another shape replaces them
+        self.work = Work()
 
     def _fixed(self, inputs: StepInputs) -> StepInputs:
         """`inputs` copied into the fixed-address buffers (allocated anew when the shapes change)."""
@@ -234,6 +248,8 @@ class Generator:
         generator = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
 
         mask = attention_mask(fixed.slot_valid, slots, kvalid)
+        self.work.prefills += 1
+        self.work.prefill_tokens += b * t0
         if fastv:
             logits, kept = prefill_pruned(model, cache, embeds, positions, mask, slots, kvalid,
                                           model.visual_positions(vis, ids, valid), model.visual_compress)
@@ -254,6 +270,7 @@ class Generator:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.step(model, cache, tok[:, None], pos, fixed.slot_valid, slot, fixed.vis_mask,
                                        fixed.cond_kv, fixed.factors, fixed.deep_valid)
+                    self.work.decode_steps += 1
                     pos = pos + 1
                 live = [-1 if d else r for r, d in enumerate(done.tolist())] if guide is not None else []
                 if guide is not None:

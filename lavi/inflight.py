@@ -276,6 +276,8 @@ class InflightPool:
         slots = torch.arange(t0, device=d)
         positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)
         mask = attention_mask(kvalid, slots, kvalid)
+        self.g.work.prefills += 1
+        self.g.work.prefill_tokens += len(take) * t0
         if self.fastv:
             logits, kept = prefill_pruned(model, RowsPrefill(self.g.kv_cache, idx), embeds, positions, mask, slots,
                                           kvalid, model.visual_positions(sub, ids, valid), model.visual_compress)
@@ -317,6 +319,7 @@ class InflightPool:
             torch.compiler.cudagraph_mark_step_begin()
         logits = g.row_step(self.model, g.kv_cache, self.tok[:, None], self.pos, fixed.slot_valid, self.slot,
                             fixed.vis_mask, fixed.cond_kv, fixed.factors, fixed.deep_valid)
+        g.work.decode_steps += 1
         serving = ([self.owner[r].gid if on and self.owner[r] is not None else -1
                     for r, on in enumerate(live.tolist())] if self.guide is not None else [])
         if self.guide is not None:

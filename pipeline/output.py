@@ -1,43 +1,36 @@
 """The output location of a run: its filesystem and base path, resolved once, and its layout.
 
 Layout of an output directory (any fsspec URI):
-    part-<16 hex of sha1(sorted unit keys)>.parquet  committed files: LABEL_SCHEMA + metadata (pipeline.sink)
-    _tmp/                                            files being written; never counted
-    _listing/                                        this run's item shards (pipeline.sources)
-    _retry/                                          a `retry`'s scratch output, until it is merged (pipeline.retry)
-    _summary.json                                    written last (pipeline.summary)
-    _report.html                                     a page for people (pipeline.report; `_`: readers skip it)
+    part-<shard>-<16 hex of sha1(sorted unit keys)>.parquet
+                       committed files: LABEL_SCHEMA + metadata, whole units of one listing shard (workers.parts)
+    _shards/<position>.json
+                       a listing shard whose items are all committed: its key and totals (pipeline.ledger)
+    _tmp/              files being written; never counted
+    _listing/          this run's listing shards, written as the inputs are listed (pipeline.listing)
+    _retry/            a `retry`'s scratch output, until it is merged (pipeline.retry)
+    _summary.json      written last (pipeline.summary)
+    _report.html       a page for people (pipeline.report; `_`: readers skip it)
 Readers (pyarrow, pandas, HF datasets) ignore `_`-prefixed paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from pipeline.storage import filesystem, full_uri
 from schemas.rows import read_metadata
+from workers.parts import GROUPS_KEY, PART_GLOB, PART_PREFIX, PART_SUFFIX, TMP_DIR, held_groups, part_name  # noqa: F401
 from workers.storage import read_parquet_file
 
-PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
-PART_GLOB = f"{PART_PREFIX}*{PART_SUFFIX}"
 SUMMARY_NAME = "_summary.json"
 REPORT_NAME = "_report.html"
-TMP_DIR = "_tmp"
 LISTING_DIR = "_listing"
 RETRY_DIR = "_retry"
-# a part file's metadata key for the clip groups it holds: JSON {item_id: {"of": groups of the video, "groups":
-# [its groups in this file]}}; an item absent from it (an image, or a file written before clip groups) is whole
-GROUPS_KEY = b"lavi_label.groups"
-
-
-def part_name(units: list[str]) -> str:
-    """Deterministic part file name from the units it holds (item ids, and "item_id/group" for a video's clip
-    groups): a rerun of the same units writes the same name."""
-    digest = hashlib.sha1("\n".join(sorted(set(units))).encode()).hexdigest()[:16]
-    return f"{PART_PREFIX}{digest}{PART_SUFFIX}"
+SHARDS_DIR = "_shards"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +66,26 @@ class Output:
         """The directory of this run's listing shards."""
         return self.path(LISTING_DIR)
 
-    def part_paths(self) -> list[str]:
-        """The committed part files, sorted."""
+    def part_paths(self, prefix: str = "") -> list[str]:
+        """The committed part files (those whose name starts with `part-<prefix>`), sorted."""
         if not self.fs.exists(self.base):
             return []
-        return sorted(self.fs.glob(self.path(PART_GLOB)))
+        return sorted(self.fs.glob(self.path(f"{PART_PREFIX}{prefix}*{PART_SUFFIX}")))
+
+    def metadata(self) -> dict:
+        """The settings (schemas.rows.read_metadata: model, job id, generation) the output's files were written with,
+        from one file's footer; {} when there is none."""
+        paths = self.part_paths()
+        if not paths:
+            return {}
+        with self.fs.open(paths[0], "rb") as f:
+            return read_metadata(pq.ParquetFile(f).schema_arrow.metadata)
 
     def scan(self) -> OutputState:
-        """Committed part files, their finished item_ids (an item is finished when it is whole in a file, or all its
-        clip groups are committed), the committed groups of the others, and the row count (reads the item_id column
-        and the files' metadata only)."""
+        """Every committed part file read back: their finished item_ids (an item is finished when it is whole in a
+        file, or all its clip groups are committed), the committed groups of the others, and the row count (reads
+        the item_id column and the files' metadata). Memory for every item: for tools and tests on small outputs;
+        a run decides its resume per listing shard (pipeline.resume)."""
         files = self.part_paths()
         done: set[str] = set()
         groups: dict[str, set[int]] = {}
@@ -94,7 +97,7 @@ class Output:
                 table = read_parquet_file(f, ["item_id"])
                 if i == 0:
                     meta = read_metadata(table.schema.metadata)
-                held = json.loads((table.schema.metadata or {}).get(GROUPS_KEY, b"{}"))
+                held = held_groups(table.schema.metadata)
                 ids = table.column("item_id")
             for item in ids.unique().to_pylist():
                 if item in held:
@@ -115,11 +118,14 @@ class Output:
         paths = self.part_paths() + [p for p in (self.path(SUMMARY_NAME), self.path(REPORT_NAME)) if self.fs.exists(p)]
         for path in paths:
             self.fs.rm(path)
+        if self.fs.exists(self.path(SHARDS_DIR)):
+            self.fs.rm(self.path(SHARDS_DIR), recursive=True)
         self.clear_scratch()
         return len(paths)
 
     def clear_scratch(self) -> None:
         """Delete _tmp/, _listing/ and _retry/ (leftovers of a killed run or retry: never part of the output)."""
+        self.fs.invalidate_cache()  # an object store's listings cached before the workers wrote there
         for sub in (TMP_DIR, LISTING_DIR, RETRY_DIR):
             if self.fs.exists(self.path(sub)):
                 self.fs.rm(self.path(sub), recursive=True)

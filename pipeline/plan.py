@@ -98,7 +98,7 @@ def measure(output: Output) -> dict[str, Any]:
 def plan(config: RunConfig, n: int = 64, seed: int = 0) -> dict[str, Any]:
     """Count the corpus, label a sample of n items with `config`'s settings (its `out` is ignored), and return the
     forecast (see the module doc)."""
-    from pipeline.graph import run
+    from pipeline.driver import run
 
     start = time.monotonic()
     corpus, picked = count(config, n, seed)

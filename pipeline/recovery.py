@@ -1,12 +1,12 @@
 """What the driver does when the cluster fails it: a lost node, actor or object (`lost_cluster_part`: the graph
-is rebuilt, pipeline.graph), a pipeline that stops producing rows (`stream`'s watchdog: `PipelineStalled`) and a
+is rebuilt, pipeline.driver), a pipeline that stops producing rows (`stream`'s watchdog: `PipelineStalled`) and a
 cluster that shrank below what the job needs (`stream`'s periodic check: `ClusterTooSmall`)."""
 from __future__ import annotations
 
 import logging
 import time
 
-from pipeline.config import DECODE_CPUS, RunConfig
+from pipeline.config import STAGE_CPUS, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,9 @@ def check_resources(config: RunConfig) -> None:
                              f"GPUs; the cluster has {total}: lower them, or use --gpus-per-worker 0 for CPU")
     else:
         need, total = config.workers * config.cpus_per_worker, have.get("CPU", 0)
-        if need > total - DECODE_CPUS:
-            raise ValueError(f"--workers {config.workers} CPU actors need {need} CPUs and read/decode needs "
-                             f"{DECODE_CPUS} more; the cluster has {total}: lower --workers")
+        if need > total - STAGE_CPUS:
+            raise ValueError(f"--workers {config.workers} CPU actors need {need:g} CPUs and the read, decode and "
+                             f"commit tasks {STAGE_CPUS:g} more; the cluster has {total:g}: lower --workers")
 
 
 def cluster_check(config: RunConfig):
@@ -85,10 +85,12 @@ def cluster_check(config: RunConfig):
 
 
 def stream(dataset, stall_s: float, describe=describe_cluster, check=None, check_s: float = 5.0,
-           stalls: list[dict] | None = None):
+           stalls: list[dict] | None = None, busy=None):
     """The dataset's output batches, pulled on a thread so that the driver notices a stall: after `stall_s` with no
-    batch it logs what the cluster has and waits on (and appends {"after_s", "cluster"} to `stalls`); after a second
-    such period it raises PipelineStalled. 0: wait forever. `check`, called every `check_s` seconds whether rows
+    batch and no labeler at work it logs what the cluster has and waits on (and appends {"after_s", "cluster"} to
+    `stalls`); after a second such period it raises PipelineStalled. 0: wait forever. `busy()`, when given, says
+    whether a labeler is computing right now (its heartbeat: workers.progress): a batch that takes minutes (a large
+    model's prefill, a first compile) is work, not a stall. `check`, called every `check_s` seconds whether rows
     come or not, raises when the cluster changed so that the job cannot go on (ClusterTooSmall): a node lost under
     it is noticed within seconds, not at the next stall. Errors of the dataset are raised here."""
     import queue
@@ -117,6 +119,9 @@ def stream(dataset, stall_s: float, describe=describe_cluster, check=None, check
         if check is not None and now - last_check >= check_s:
             check()
             last_check = now
+        if kind is None and busy is not None and busy():
+            last_row, warned = now, False  # a labeler computes: the pipeline is not waiting
+            continue
         if kind is None:
             idle = now - last_row
             if not stall_s or idle < stall_s * (2 if warned else 1):
@@ -142,7 +147,10 @@ def stream(dataset, stall_s: float, describe=describe_cluster, check=None, check
 LOST_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "RayActorError", "ObjectLostError",
                "ObjectFetchTimedOutError", "OwnerDiedError", "ObjectReconstructionFailedError",
                "ObjectReconstructionFailedMaxAttemptsExceededError", "ObjectReconstructionFailedLineageEvictedError",
-               "ReferenceCountingAssertionError", "WorkerCrashedError", "LocalRayletDiedError")
+               "ReferenceCountingAssertionError", "WorkerCrashedError", "LocalRayletDiedError",
+               # a streaming generator's task re-run after its node died that yielded otherwise than before (the
+               # listing's reader, after complete shards' listing files were emptied): the graph is rebuilt
+               "StreamingGeneratorReplayInconsistentError")
 
 
 def lost_cluster_part(err: BaseException) -> str | None:

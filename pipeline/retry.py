@@ -29,10 +29,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
-from pipeline.output import RETRY_DIR, TMP_DIR, Output
+from pipeline.output import RETRY_DIR, SHARDS_DIR, TMP_DIR, Output
 from pipeline.summary import totals
 from schemas.constraint import Constraint
 from schemas.rows import CAPTION, COLUMNS, DECODE, ERROR, INFER, READ, UNKNOWN
+from workers.parts import add_totals, held_groups, negated, parse_part_name, part_totals
 from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,28 @@ def merge(output: Output, retried: Retried, new_rows: dict[str, list[dict]]) -> 
         with output.fs.open(tmp, "wb") as f:
             pq.write_table(merged, f, compression="zstd")
         output.fs.mv(tmp, path)
+        held = held_groups(table.schema.metadata)
+        _update_record(output, path, part_totals(table, held), part_totals(merged, held))
         replaced += len(gone)
         for r in fresh:
             status[r["status"]] = status.get(r["status"], 0) + 1
     if output.fs.exists(output.path(TMP_DIR)):
         output.fs.rm(output.path(TMP_DIR), recursive=True)
     return {"files_rewritten": len(retried.files), "rows_replaced": replaced, "new_rows": dict(sorted(status.items()))}
+
+
+def _update_record(output: Output, path: str, old: dict, new: dict) -> None:
+    """A rewritten part file's shard record (pipeline.ledger) takes the file's new totals in place of its old."""
+    shard = parse_part_name(path)
+    record_path = output.path(f"{SHARDS_DIR}/{shard[0]:06d}.json") if shard else None
+    if record_path is None or not output.fs.exists(record_path):
+        return  # a legacy file, or a shard not complete: its totals are in no record yet
+    record = json.loads(output.fs.cat_file(record_path))
+    if record["key"] != shard[1]:
+        return
+    record["totals"] = add_totals(record["totals"], negated(old))
+    record["totals"] = add_totals(record["totals"], new)
+    output.fs.pipe_file(record_path, json.dumps(record, sort_keys=True).encode())
 
 
 def _within(row: dict, spans: list[tuple[float, float]] | None) -> bool:
@@ -150,7 +167,8 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
     with this retry's figures under `retry`. `run_options` are RunConfig fields that do not change labels
     (batch_size, workers, gpus_per_worker, address, ...). Raises ValueError on an output that did not finish or
     a model other than the one that labelled it."""
-    from pipeline.graph import model_info, run
+    from pipeline.driver import run
+    from pipeline.models import model_info
 
     start = time.monotonic()
     bad = set(stages) - set(RETRY_STAGES)
@@ -163,7 +181,7 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
     if summary is None:
         raise ValueError(f"{out} has no _summary.json: its run did not finish; run `lavi-label run` into it again "
                          "to resume it, then retry")
-    meta = output.scan().metadata
+    meta = output.metadata()
     generation = meta.get("generation") or summary.get("generation") or {}
     model = model if model is not None else summary.get("model_dir")
     info = model_info(model or _bundled(), probe.storage)

@@ -5,8 +5,11 @@ manifest (.jsonl / .csv / .parquet) with a `uri` column and optional `questions`
 a JSON list in CSV; a question is a string or {question, choices} / {question, json_schema}, its
 own constraint), `prompt` and `media_type` columns. Directories and prefixes are walked
 one directory listing at a time (`fs.walk`), manifests are read in record batches: the
-driver never holds the whole listing. Items are written to Parquet listing shards
-(`write_shards`) that Ray Data reads, so the listing streams into the cluster in chunks.
+driver never holds the whole listing (pipeline.listing writes it a shard at a time while the
+pipeline labels).
+
+Each uri is listed once: the listing keeps 64-bit fingerprints of the uris it has seen (pipeline.seen: 8 bytes a
+uri, spilled to disk when large), never a set of every uri.
 
 Items are built by schemas.manifest.make_item and written as its ITEM_SCHEMA. Problems with
 one item (a vqa item with no questions) become items with `error` set: they flow through the
@@ -30,13 +33,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
-import pyarrow as pa
+import numpy as np
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
+from pipeline.seen import Seen
 from pipeline.storage import filesystem, full_uri, is_local
 from schemas.constraint import Constraint, ConstraintError
-from schemas.manifest import ITEM_SCHEMA, MANIFEST_EXTS, make_item, media_type_from_name
+from schemas.manifest import MANIFEST_EXTS, make_item, media_type_from_name
 from schemas.rows import CAPTION, UNKNOWN, VQA
 from workers.storage import iter_parquet_file
 
@@ -57,42 +60,58 @@ class PromptSpec:
 
 
 def iter_items(inputs: Iterable[str], spec: PromptSpec, storage_options: dict[str, Any] | None = None,
-               skip: set[str] | frozenset[str] = frozenset(), stats: dict[str, int] | None = None) -> Iterator[dict]:
-    """Stream items for every INPUT, each uri once; items whose item_id is in `skip` are left out.
+               stats: dict[str, int] | None = None) -> Iterator[dict]:
+    """Stream items for every INPUT, each uri once.
 
-    `stats`, when given, receives counts: listed (distinct items), skipped, duplicates, own_constraints (items
-    with a question that carries its own constraint, from the manifest).
+    `stats`, when given, receives counts: listed (distinct items), duplicates, own_constraints (items with a
+    question that carries its own constraint, from the manifest), non_media (pipeline.sources.iter_entries).
     """
     stats = stats if stats is not None else {}
-    stats.update(listed=0, skipped=0, own_constraints=0)
+    stats.update(listed=0, own_constraints=0)
     for entry in iter_entries(inputs, storage_options, stats):
         item = item_for_entry(entry, spec)
         stats["listed"] += 1
         stats["own_constraints"] += any(p["constraint"] != spec.constraint for p in item["prompts"])
-        if item["item_id"] in skip:
-            stats["skipped"] += 1
-        else:
-            yield item
+        yield item
 
 
 def iter_entries(inputs: Iterable[str], storage_options: dict[str, Any] | None = None,
-                 stats: dict[str, int] | None = None) -> Iterator[dict]:
+                 stats: dict[str, int] | None = None, batch: int = 4096) -> Iterator[dict]:
     """The INPUTs' entries, each uri once: {uri (resolved), media_type, prompt, questions}, and a manifest
     record's other fields as they are. `stats` receives the count of duplicates, and `non_media`: the files a
-    walk left out as neither image nor video, by extension."""
+    walk left out as neither image nor video, by extension. Entries are de-duplicated `batch` at a time
+    (pipeline.seen)."""
     stats = stats if stats is not None else {}
     stats["duplicates"] = 0
     stats["non_media"] = {}
-    seen: set[str] = set()
-    for spec_uri in inputs:
-        for entry in _iter_entries(spec_uri, storage_options or {}, stats):
-            if entry["uri"] in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(entry["uri"])
-            yield entry
+    seen = Seen()
+    try:
+        entries = (e for spec_uri in inputs for e in _iter_entries(spec_uri, storage_options or {}, stats))
+        for chunk in _batched(entries, batch):
+            new = seen.add(uri_fingerprints([e["uri"] for e in chunk]))
+            stats["duplicates"] += len(chunk) - int(new.sum())
+            yield from (e for e, keep in zip(chunk, new) if keep)
+    finally:
+        seen.close()
     if stats["duplicates"]:
         log.warning("%d duplicate uris in the inputs were labeled once", stats["duplicates"])
+
+
+def uri_fingerprints(uris: list[str]) -> np.ndarray:
+    """uint64 fingerprints of uris: the first 64 bits of sha1(uri), those of its item_id (schemas.rows.item_id)."""
+    digests = b"".join(hashlib.sha1(u.encode("utf-8")).digest()[:8] for u in uris)
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    chunk: list = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def sample_key(seed: int, uri: str, salt: str = "") -> int:
@@ -104,31 +123,6 @@ def sample(entries: Iterable[dict], n: int, seed: int) -> list[dict]:
     """The n entries of smallest sample_key (streamed: memory for n): an entry is in the sample or not by its uri
     and the seed alone, never by the rest of the corpus."""
     return heapq.nsmallest(n, entries, key=lambda e: sample_key(seed, e["uri"]))
-
-
-def write_shards(items: Iterable[dict], fs: fsspec.AbstractFileSystem, base: str,
-                 shard_size: int = 10_000) -> tuple[list[str], int]:
-    """Write items as ITEM_SCHEMA Parquet shards under `base` in `fs`; returns (shard URIs, number of items)."""
-    fs.makedirs(base, exist_ok=True)
-    shards: list[str] = []
-    total = 0
-    chunk: list[dict] = []
-
-    def flush() -> None:
-        path = f"{base.rstrip('/')}/shard-{len(shards):06d}.parquet"
-        with fs.open(path, "wb") as f:
-            pq.write_table(pa.Table.from_pylist(chunk, schema=ITEM_SCHEMA), f)
-        shards.append(full_uri(fs, path))
-        chunk.clear()
-
-    for item in items:
-        chunk.append(item)
-        total += 1
-        if len(chunk) >= shard_size:
-            flush()
-    if chunk:
-        flush()
-    return shards, total
 
 
 def item_for_entry(entry: dict, spec: PromptSpec) -> dict:
@@ -166,25 +160,45 @@ def _question(q: str | dict, default: str | None) -> tuple[str, str | None]:
     return q["question"], c.to_json() if c is not None else default
 
 
-def _iter_entries(spec_uri: str, storage_options: dict[str, Any], stats: dict | None = None) -> Iterator[dict]:
+def check_inputs(inputs: Iterable[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Raise ValueError for an INPUT that does not exist (a glob: its directory), before anything is listed: a run's
+    listing streams while it labels, and a typo in its last INPUT must not wait for the others to be labelled."""
+    for spec_uri in inputs:
+        _kind(spec_uri, storage_options or {})
+
+
+def _kind(spec_uri: str, storage_options: dict[str, Any]) -> tuple[str, fsspec.AbstractFileSystem, str]:
+    """(glob / manifest / dir / file, its filesystem, its path); ValueError when it does not exist."""
     fs, path = filesystem(spec_uri, storage_options)
     if GLOB_CHARS.search(path):
+        root = GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0] or "/"
+        if not fs.isdir(root):
+            raise ValueError(f"input glob {path!r}: its directory {root!r} does not exist")
+        return "glob", fs, path
+    if path.lower().endswith(MANIFEST_EXTS) and fs.isfile(path):
+        return "manifest", fs, path
+    if fs.isdir(path):
+        return "dir", fs, path
+    if fs.isfile(path):
+        return "file", fs, path
+    raise ValueError(f"input {spec_uri!r} does not exist (a file, directory, glob, prefix or manifest)")
+
+
+def _iter_entries(spec_uri: str, storage_options: dict[str, Any], stats: dict | None = None) -> Iterator[dict]:
+    kind, fs, path = _kind(spec_uri, storage_options)
+    if kind == "glob":
         yield from _iter_glob(fs, path, stats)
-    elif path.lower().endswith(MANIFEST_EXTS) and fs.isfile(path):
+    elif kind == "manifest":
         yield from _iter_manifest(fs, path)
-    elif fs.isdir(path):
+    elif kind == "dir":
         yield from _iter_walk(fs, path, None, stats=stats)
-    elif fs.isfile(path):
-        yield {"uri": full_uri(fs, path)}
     else:
-        raise ValueError(f"input {spec_uri!r} does not exist (a file, directory, glob, prefix or manifest)")
+        yield {"uri": full_uri(fs, path)}
 
 
 def _iter_glob(fs: fsspec.AbstractFileSystem, pattern: str, stats: dict | None = None) -> Iterator[dict]:
     root = GLOB_CHARS.split(pattern, 1)[0].rsplit("/", 1)[0] or "/"
     regex = re.compile(fsspec.utils.glob_translate(pattern))
-    if not fs.isdir(root):
-        raise ValueError(f"input glob {pattern!r}: its directory {root!r} does not exist")
     depth = None if "**" in pattern else pattern[len(root):].strip("/").count("/") + 1  # no deeper than it can match
     yield from _iter_walk(fs, root, regex, depth, stats)
 
@@ -213,13 +227,14 @@ def _iter_walk(fs: fsspec.AbstractFileSystem, root: str, regex: re.Pattern | Non
 
 def _iter_manifest(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
     base = posixpath.dirname(path)
+    local = is_local(full_uri(fs, path))  # an absolute path in a local manifest is a local file
     for record in _iter_records(fs, path):
         uri = record.get("uri")
         if not isinstance(uri, str) or not uri:
             raise ValueError(f"manifest {path!r} has a record without a uri: {record!r:.200}")
         if "://" not in uri and not uri.startswith("/"):
             uri = full_uri(fs, f"{base}/{uri}")  # relative to the manifest
-        elif "://" not in uri and is_local(full_uri(fs, path)):
+        elif local and "://" not in uri:
             uri = f"file://{uri}"
         questions = record.get("questions")
         if isinstance(questions, str):  # CSV: a JSON list (of strings or question objects) or one question
@@ -241,16 +256,3 @@ def _iter_records(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[dict]:
         else:
             for batch in iter_parquet_file(f):
                 yield from batch.to_pylist()
-
-
-def remaining_shards(shards: list[str], fs: fsspec.AbstractFileSystem, base: str,
-                     done: set[str] | frozenset[str]) -> tuple[list[str], int]:
-    """Listing shards of the items of `shards` whose item_id is not in `done`, written under `base` (a pipeline
-    rebuilt after a node loss labels only those); returns (shard URIs, number of items)."""
-    def items() -> Iterator[dict]:
-        for shard in shards:
-            with fs.open(fs._strip_protocol(shard), "rb") as f:
-                for batch in iter_parquet_file(f):
-                    yield from (item for item in batch.to_pylist() if item["item_id"] not in done)
-
-    return write_shards(items(), fs, base)

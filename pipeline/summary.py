@@ -1,67 +1,49 @@
 """Run summary (`_summary.json`, written last) and the progress line shown while a run works.
 
-Totals (rows, items, clips, statuses, tokens) are read back from the committed Parquet
-files, so they describe the whole output, including rows from earlier resumed attempts;
+Totals (rows, items, clips, statuses, tokens) describe the whole output, rows of earlier resumed attempts included:
+the sum of the listing shards' records (pipeline.ledger), each the sum of its part files' records written at
+commit, so the end of a run reads nothing back; `totals` recounts them from the files' columns, one file at a time,
+where that sum cannot be trusted (pipeline.resume: inputs listed otherwise than before) and after a `retry`.
 `this_run` holds what this attempt did and how fast.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
 import threading
 import time
 from typing import Any
 
-import pyarrow.compute as pc
-
 from pipeline.output import Output
-from workers.progress import start_counter
 from schemas.rows import ERROR, SCHEMA_VERSION
-from workers.storage import read_parquet_file
+from workers.parts import add_totals, empty_totals, read_part_totals
+from workers.progress import start_counter
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["item_id", "clip_index", "status", "error_stage", "num_prompt_tokens", "num_generated_tokens"]
-
 
 def totals(output: Output) -> dict[str, Any]:
-    """Counts over every committed part file of the output."""
-    rows = 0
-    items: set[str] = set()
-    clips: set[tuple[str, int | None]] = set()
-    status: collections.Counter = collections.Counter()
-    stage: collections.Counter = collections.Counter()
-    prompt_tokens = generated_tokens = 0
+    """Counts over every committed part file of the output, read back a file at a time (memory for one file)."""
+    total = empty_totals()
     for path in output.part_paths():
-        with output.fs.open(path, "rb") as f:
-            table = read_parquet_file(f, _COLUMNS)  # on this thread: see there
-        rows += table.num_rows
-        ids = table.column("item_id").to_pylist()
-        items.update(ids)
-        clips.update(zip(ids, table.column("clip_index").to_pylist()))
-        status.update(table.column("status").to_pylist())
-        stage.update(s for s in table.column("error_stage").to_pylist() if s is not None)
-        prompt_tokens += pc.sum(table.column("num_prompt_tokens")).as_py() or 0
-        generated_tokens += pc.sum(table.column("num_generated_tokens")).as_py() or 0
-    return {
-        "rows": rows, "items": len(items), "clips": len(clips),
-        "status": dict(sorted(status.items())), "error_stage": dict(sorted(stage.items())),
-        "error_rate": (status.get(ERROR, 0) / rows) if rows else 0.0,
-        "prompt_tokens": prompt_tokens, "generated_tokens": generated_tokens,
-    }
+        total = add_totals(total, read_part_totals(output.fs, path)[0])
+    return with_rate(total)
 
 
-def build_summary(output: Output, *, job_id: str, model: str,
-                  generation: dict, wall_s: float, items_listed: int, items_skipped: int,
-                  rows_written: int, items_written: int, generated_tokens: int, files_written: int) -> dict:
-    """The `_summary.json` document."""
-    total = totals(output)
+def with_rate(total: dict[str, Any]) -> dict[str, Any]:
+    """Totals with their error rate (error rows over rows)."""
+    return {**total, "error_rate": (total["status"].get(ERROR, 0) / total["rows"]) if total["rows"] else 0.0}
+
+
+def build_summary(total: dict[str, Any], *, job_id: str, model: str, generation: dict, wall_s: float,
+                  items_listed: int, items_skipped: int, rows_written: int, items_written: int, generated_tokens: int,
+                  files_written: int) -> dict:
+    """The `_summary.json` document: the output's totals and this run's figures."""
     wall = max(wall_s, 1e-9)
     return {
         "schema_version": SCHEMA_VERSION, "job_id": job_id, "model": model, "generation": generation,
-        "complete": True, **total,
+        "complete": True, **with_rate(total),
         "this_run": {
             "wall_s": round(wall_s, 3), "items_listed": items_listed, "items_skipped": items_skipped,
             "items": items_written, "rows": rows_written, "files": files_written,
@@ -95,20 +77,25 @@ def format_summary(summary: dict) -> str:
 
 class Progress:
     """What a run has done so far, for the person waiting: on a terminal a live bar (tqdm: items written of the
-    total, rate, ETA, with rows labelled, rows written and error rows so far); off a terminal (Ray Jobs logs, CI) a
-    plain log line every `every_s` seconds. `update` comes from the driver's loop as rows are written, `labelled`
-    from a ticker while blocks are still generating (rows the labelers finished: workers.progress); both may
-    call at once. `bar` None: a bar when stderr is a terminal."""
+    items listed so far, rate, ETA, with rows labelled, rows written, error rows and the labelers' work so far); off a
+    terminal (Ray Jobs logs, CI) a plain log line every `every_s` seconds. `update` comes from the driver's loop as
+    files are committed, `labelled` from a ticker while blocks are still generating (rows the labelers finished and
+    their engines' work: workers.progress); both may call at once. The total grows while the inputs are listed
+    (`listing` True until it is final). `bar` None: a bar when stderr is a terminal."""
 
-    def __init__(self, total_items: int, every_s: float = 10.0, bar: bool | None = None, stream=None):
+    def __init__(self, total_items: int = 0, every_s: float = 10.0, bar: bool | None = None, stream=None,
+                 listed=None):
         self.total_items = total_items
+        self.listing = False
+        self.listed = listed  # fn -> (items listed so far, listing still going): the total between updates
         self.every_s = every_s
         self.start = self._last = time.monotonic()
         self._bar = None
-        self._shown: tuple[int, int, int] | None = None  # the figures of the last line logged
+        self._shown: tuple | None = None  # the figures of the last line logged
         self._lock = threading.Lock()
         self.items = self.rows = self.errors = 0
         self.rows_labelled: int | None = None
+        self.work: dict[str, int] = {}
         stream = stream or sys.stderr
         if bar if bar is not None else stream.isatty():
             from tqdm import tqdm
@@ -116,35 +103,54 @@ class Progress:
             self._bar = tqdm(total=total_items, unit="item", file=stream, dynamic_ncols=True, smoothing=0.1,
                              desc="labelling")
 
-    def update(self, items_done: int, rows_done: int, errors: int = 0, force: bool = False) -> str | None:
-        """Rows written (committed) so far."""
+    def update(self, items_done: int, rows_done: int, errors: int = 0, force: bool = False,
+               total: int | None = None, listing: bool | None = None) -> str | None:
+        """Items and rows committed so far (and the items listed so far, while the listing goes on)."""
         with self._lock:
             self.items, self.rows, self.errors = items_done, rows_done, errors
+            if total is not None:
+                self.total_items = total
+            if listing is not None:
+                self.listing = listing
             return self._show(force)
 
-    def labelled(self, rows: int) -> str | None:
-        """Rows the labelers have finished, written or not."""
+    def labelled(self, rows: int, work: dict[str, int] | None = None) -> str | None:
+        """Rows the labelers have finished, written or not, and their engines' work."""
         with self._lock:
             self.rows_labelled = rows
+            self.work = work or self.work
             return self._show(False)
+
+    def _work(self) -> str:
+        w = self.work
+        if not w:
+            return ""
+        return (f"; labelers: {w.get('prefills', 0)} prefills ({w.get('prefill_tokens', 0)} tokens), "
+                f"{w.get('decode_steps', 0)} decode steps")
 
     def _show(self, force: bool) -> str | None:
         now = time.monotonic()
+        if self.listed is not None:
+            self.total_items, self.listing = self.listed()
         labelled = max(self.rows_labelled or 0, self.rows)
-        done = f"{labelled} rows labelled, {self.rows} written ({self.errors} errors)"
+        done = f"{labelled} rows labelled, {self.rows} written ({self.errors} errors){self._work()}"
+        total = f"{self.total_items}{'+ (listing)' if self.listing else ''}"
         if self._bar is not None:
+            if self._bar.total != self.total_items:
+                self._bar.total = self.total_items
             self._bar.set_postfix_str(done, refresh=False)
             self._bar.update(self.items - self._bar.n)
             self._bar.refresh()
             return None
-        if (not force and now - self._last < self.every_s) or self._shown == (self.items, self.rows, labelled):
+        figures = (self.items, self.rows, labelled, self.total_items, tuple(sorted(self.work.items())))
+        if (not force and now - self._last < self.every_s) or self._shown == figures:
             return None
-        self._last, self._shown = now, (self.items, self.rows, labelled)
+        self._last, self._shown = now, figures
         elapsed = max(now - self.start, 1e-9)
         rate = self.items / elapsed
         left = self.total_items - self.items
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        line = (f"progress: {self.items}/{self.total_items} items, {done}, {rate:.2f} items/s, "
+        eta = f"{left / rate:.0f} s{'+' if self.listing else ''}" if rate > 0 else "?"
+        line = (f"progress: {self.items}/{total} items, {done}, {rate:.2f} items/s, "
                 f"{labelled / elapsed:.1f} rows/s, ETA {eta}")
         log.info(line)
         return line
@@ -156,12 +162,17 @@ class Progress:
 
 
 class Ticker:
-    """The run's row counter (workers.progress), read every `every_s` seconds on a thread of its own, so that the
-    progress display moves while blocks are still generating, and shows a line off a terminal even when no row
-    was written for a while. A counter that cannot be reached stops the ticker, never the run."""
+    """The run's counter (workers.progress), read every `every_s` seconds on a thread of its own, so that the
+    progress display moves while blocks are still generating (rows labelled, the engines' prefills and decode steps),
+    and the stall watchdog knows when a labeler is computing (`busy`). A counter that cannot be reached stops the
+    ticker, never the run."""
+
+    BUSY_S = 30.0  # a labeler's heartbeat at most this old: it computes (it beats every second while it does)
 
     def __init__(self, progress: Progress, name: str, every_s: float = 1.0) -> None:
         self.progress, self.name, self.every_s = progress, name, every_s
+        self.state: dict = {}
+        self._read_at = time.monotonic()
         self._stop = threading.Event()
         try:
             self._counter = start_counter(name)
@@ -171,15 +182,25 @@ class Ticker:
         self._thread = threading.Thread(target=self._tick, name="lavi-progress", daemon=True)
         self._thread.start()
 
-    def _tick(self) -> None:
+    def _read(self) -> None:
         import ray
 
+        self.state = ray.get(self._counter.state.remote(), timeout=10)
+        self._read_at = time.monotonic()
+        self.progress.labelled(self.state["rows"], self.state["work"])
+
+    def _tick(self) -> None:
         while self._counter is not None and not self._stop.wait(self.every_s):
             try:
-                self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
+                self._read()
             except Exception as err:  # noqa: BLE001 - progress only
                 log.debug("row counter: %s", err)
                 return
+
+    def busy(self) -> bool:
+        """Whether a labeler said, a moment ago, that it is computing (a long prefill is work, not a stall)."""
+        age = self.state.get("beat_age_s")
+        return age is not None and age + time.monotonic() - self._read_at < self.BUSY_S
 
     def stop(self) -> None:
         """One last read (the rows of the last blocks), then the counter goes."""
@@ -190,7 +211,7 @@ class Ticker:
         if self._counter is None:
             return
         try:
-            self.progress.labelled(ray.get(self._counter.total.remote(), timeout=10))
+            self._read()
             ray.kill(self._counter)
         except Exception:  # noqa: BLE001 - already gone with its node or the cluster
             pass

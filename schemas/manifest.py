@@ -3,6 +3,9 @@
 An item is `{item_id, uri, media_type, prompts: [{task, prompt}, ...], error}`, built by
 `make_item` only. `media_type` comes from the file name (or a manifest column); the decoder
 also sniffs the content and may correct it (a `.jpg` that is really an MP4 decodes as video).
+The listing adds two bookkeeping columns (never written to the output): SHARD, the listing shard
+the item belongs to (its rows are committed to that shard's part files), and DONE_GROUPS, the clip
+groups of a video that an earlier run committed (the split stage leaves them out).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ PROMPT_TYPE = pa.struct([
     pa.field("constraint", pa.string()),
 ])
 
+SHARD = "_shard"  # the item's listing shard, "<position, 6 digits>-<key, 8 hex>" (pipeline.listing)
+DONE_GROUPS = "_done_groups"  # a video's clip groups committed by an earlier run; null: none
+
 ITEM_SCHEMA = pa.schema(
     [
         pa.field("item_id", pa.string(), nullable=False),
@@ -31,6 +37,8 @@ ITEM_SCHEMA = pa.schema(
         pa.field("media_type", pa.string(), nullable=False),  # image / video / unknown
         pa.field("prompts", pa.list_(PROMPT_TYPE), nullable=False),
         pa.field("error", pa.string()),  # set: refused when listed; the item becomes error rows of stage "list"
+        pa.field(SHARD, pa.string()),
+        pa.field(DONE_GROUPS, pa.list_(pa.int32())),
     ]
 )
 

@@ -221,7 +221,7 @@ def test_a_two_hour_archive_file(archive, s3_server, tiny_model, ray_local, tmp_
                 run["bytes_read_over_size"] = round(run["bytes_read"] / size, 3)
                 log.info("archive run: %s", run)
                 figures["runs"].append(run)
-        from pipeline.graph import model_info
+        from pipeline.models import model_info
 
         size_in = model_info(tiny_model)["image_size"]
         for where, uri, opts in (("local", str(path), {}), ("s3", f"s3://{key}", s3_server.storage_options)):

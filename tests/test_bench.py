@@ -411,8 +411,32 @@ def test_bench_pipeline_command_end_to_end(ray_local, tmp_path):
     pipeline, plain = doc["results"]
     assert pipeline["mode"] == "pipeline" and plain["mode"] == "plain"
     assert pipeline["rows"] == plain["rows"] == 6
-    assert doc["wall_time_ratio"] > 0
+    assert doc["throughput_ratio"] > 0 and pipeline["first_commit_s"] > 0 and pipeline["driver_peak_rss_mb"] > 50
     assert "bench pipeline" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_bench_pipeline_scale_mode_measures_the_pipeline_without_a_model(tmp_path):
+    """Guards against the scale benchmark measuring anything but the real pipeline (its driver, listing, reads,
+    decodes and commits, every item committed once), its resume run labelling more than the items added, and its
+    targets table losing a figure."""
+    import pyarrow.parquet as pq
+
+    from bench.fixed_labeler import TEXT
+
+    out = tmp_path / "scale.json"
+    result = CliRunner().invoke(bench, [
+        "pipeline", "--scale", "300", "--resume-left", "20", "--scale-batch", "64", "--workdir", str(tmp_path / "w"),
+        "--out", str(out), "--markdown", str(tmp_path / "BENCHMARKS.md")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    run, resume = doc["results"]
+    assert run["rows"] == 300 and resume["rows"] == 20 and resume["items_skipped"] == 300
+    assert run["driver_peak_rss_mb"] > 50 and run["first_commit_s"] > 0 and doc["commit_alone"]["rows_per_s"] > 0
+    labels = pq.read_table(tmp_path / "w" / "labels-300")
+    assert labels.num_rows == 320 and set(labels.column("text").to_pylist()) == {TEXT}
+    assert len(set(labels.column("item_id").to_pylist())) == 320
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "bench pipeline --scale" in text and "commit path alone" in text
 
 
 def test_bench_model_measures_int8_beside_float(tmp_path):

@@ -26,9 +26,9 @@ from jobs.submit import derived_submission_id, redact_command, run_arguments
 
 ROOT = Path(__file__).parents[1]
 QUESTIONS = ("what shape is it?", "what color is it?")
-# fault tests: one item per batch and long generations (a random model never stops early), so
+# fault tests: one item per batch and per decode task, and long generations (a random model never stops early), so
 # labeling outlasts the actor start-up and a kill or a stop lands mid-job; a file per item
-SLOW = ("--rows-per-file", "2", "--batch-size", "1", "--max-new-tokens", "200")
+SLOW = ("--rows-per-file", "2", "--batch-size", "1", "--decode-batch-size", "1", "--max-new-tokens", "200")
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,8 @@ def test_entrypoint_forwards_every_run_option():
               "visual_compress": "fastv:0.5@2", "report": False, "verbose": True, "choices": "yes,no",
               "json_schema": '{"type": "object"}',
               "clips": "shots", "min_clip_seconds": 1.5, "max_clip_seconds": 8.0, "clips_per_group": 5,
-              "decode_workers": 2, "max_bytes": 1000, "cpus_per_worker": 0.25, "fetch_retries": 5}
+              "decode_workers": 2, "max_bytes": 1000, "cpus_per_worker": 0.25, "fetch_retries": 5,
+              "decode_batch_size": 3}
     names = {p.name for p in run_command.params if p.name not in ("inputs", "address")}
     assert names <= set(values), f"run options this test does not know yet: {names - set(values)}"
     on = {"compile": True, "batch_size": None, "inflight": True, "report": True}

@@ -248,7 +248,7 @@ def test_run_labels_through_a_compressed_concat_model_and_keeps_its_setting(ray_
     import pyarrow.parquet as pq
 
     from pipeline.config import RunConfig
-    from pipeline.graph import run
+    from pipeline.driver import run
 
     corpus = tmp_path / "in"
     corpus.mkdir()

@@ -163,7 +163,7 @@ def _corpus(tmp_path: Path) -> Path:
 def test_pipeline_rows_meet_their_manifest_constraints(ray_local, tmp_path):
     """End to end with per-question choices from a manifest, beside a free question in the same blocks: every ok
     row meets its own constraint, the free one is free, and a malformed question refuses only its item."""
-    from pipeline.graph import run
+    from pipeline.driver import run
 
     out = tmp_path / "out"
     summary = run(RunConfig(inputs=(str(_corpus(tmp_path)),), out=str(out), task="vqa", max_new_tokens=16,
@@ -215,7 +215,7 @@ def test_retry_keeps_the_runs_choices(ray_local, tmp_path):
     """Guards against a retry that relabels error rows free of the constraint their run had."""
     import shutil
 
-    from pipeline.graph import run
+    from pipeline.driver import run
     from pipeline.retry import retry
     from shapes.corpus import write_corpus
 

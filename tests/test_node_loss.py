@@ -1,9 +1,12 @@
 """A worker node lost under a submitted job at each moment of its life, and a cluster left too small to go on.
 
-A real two-node cluster (tests/cluster.py, its own for this module: the nodes are killed here) and real jobs
-(`lavi-label submit`, tests/test_cluster.py's helpers). A node is killed by SIGKILL to its whole process tree,
-the way a machine dies, at a moment the test waits for (a file the job wrote, a task's or an actor's process on
-that node), not after a guessed sleep.
+A real two-node cluster of the smallest shape that can shrink under a job: a head and a worker node of 1 CPU each
+(tests/cluster.py, its own for this module: the nodes are killed here), and real jobs (`lavi-label submit`,
+tests/test_cluster.py's helpers). The head's CPU is held until the moment (so the job's tasks and labeler start on
+the worker node), then freed, and the worker node is killed by SIGKILL to its whole process tree, the way a
+machine dies, at a moment the test waits for (a file the job wrote, a task's or an actor's process on that node),
+not after a guessed sleep. What is left, the head's 1 CPU with nothing else holding it, must run every stage of the
+job beside its 0.5-CPU labeler.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ pytestmark = pytest.mark.ray_cluster
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head (2 CPUs); the tests add the worker nodes they kill."""
+    """A head (1 CPU); the tests add the worker nodes they kill."""
     if loopback_hostname() is None:
         pytest.skip("the hostname does not resolve to 127.0.0.1: no second node on this machine")
-    c = start_cluster(secrets.token_hex(16), head_cpus=2)
+    c = start_cluster(secrets.token_hex(16), head_cpus=1)
     try:
         yield c
     finally:
@@ -44,10 +47,15 @@ def corpus(tmp_path_factory) -> tuple[str, int]:
     return f"{root}/images", 20
 
 
-def fresh_worker(cluster: RayCluster, num_cpus: int = 1):
-    """The module's one worker node: the last test's was killed, so a new one joins (twice, on a loaded machine)."""
+def fresh_worker(cluster: RayCluster, num_cpus: int = 1, hold_head: bool = False):
+    """The module's one worker node: the last test's was killed, so a new one joins (twice, on a loaded machine).
+    hold_head: first hold the head's CPU (while the head is the only node, so the hold lands there); returns
+    (node, the hold's job id) then."""
     for proc in list(cluster.workers):
         cluster.kill_node(proc)
+    if hold_head:
+        hold = cluster.hold_cpus(1)
+        return fresh_worker(cluster, num_cpus), hold
     try:
         return cluster.add_worker(num_cpus=num_cpus)
     except RuntimeError:
@@ -61,14 +69,14 @@ def listing_started(out: Path) -> bool:
 def wait_for_moment(cluster: RayCluster, node, out: Path, moment: str) -> str:
     """Block until the job reaches `moment`; returns what was seen then (for the failure message).
 
-    listing:  its listing shards are written and the shard-reading task runs on the node (the test holds the
-              head's CPUs, so the node is the only place it can run), or has just run there (a split or decode
-              task on the node: the shards' items are in its object store, lost with it)
+    listing:  its listing shards are written and the listing's reader task runs on the node (the head's CPU is
+              held, so the node is the only place it can run), or has just run there (a split or decode task on
+              the node: the shards' items are in its object store, lost with it)
     decoding: a decode task's process on the node, before any part file is committed
     labeling: a Labeler actor on the node and a part file committed"""
     if moment == "listing":
         wait_for(lambda: listing_started(out), 300, "the listing shards", poll=0.05)
-        return wait_for(lambda: ("a read_shards task on the node" if cluster.find("read_shards", node) else
+        return wait_for(lambda: ("a read_listing task on the node" if cluster.find("read_listing", node) else
                                  "the shards just read on the node (a split or decode task there, no part file)"
                                  if (cluster.find("split_batch", node) or cluster.find("decode_units", node))
                                  and not parts(out) else None),
@@ -86,21 +94,18 @@ def wait_for_moment(cluster: RayCluster, node, out: Path, moment: str) -> str:
 def test_worker_node_killed_at_any_moment(cluster, corpus, tiny_model, tmp_path, moment):
     """Guards against a job that fails or hangs when a worker node dies while it lists (Ray Data's read_parquet
     footer-read its shards with actors spread over the nodes: one lost with its node failed the job), decodes or
-    labels, and against rows lost or duplicated when what the node held is redone on the head."""
-    node = fresh_worker(cluster)
+    labels; against an operator that asks for more than a 1-CPU node beside a 0.5-CPU labeler has (a block-shaping
+    repartition of Ray Data's, at a whole CPU: the shrunk cluster then waits forever); and against rows lost or
+    duplicated when what the node held is redone on the head."""
+    node, hold = fresh_worker(cluster, hold_head=True)  # the head's CPU held: the job starts on the worker node
     inputs, items = corpus
     out = tmp_path / "out"
-    # listing: the head's CPUs held until the node dies, so that the shards are read there (one labeler: the node's
-    # 1 CPU holds it and one task at a time)
-    hold = cluster.hold_cpus(2) if moment == "listing" else None
     try:
-        job = job_id_of(submit(cluster, inputs, out, tiny_model, *SLOW, "--workers",
-                               "1" if hold else "2"))
+        job = job_id_of(submit(cluster, inputs, out, tiny_model, *SLOW))
         seen = wait_for_moment(cluster, node, out, moment)
-        cluster.kill_node(node)
     finally:
-        if hold:
-            cluster.release(hold)
+        cluster.release(hold)
+    cluster.kill_node(node)
     logs = lambda: lavi(cluster, "logs", job).stdout[-3000:]
     assert wait_end(cluster, job, timeout=900) == "SUCCEEDED", f"killed at {seen}: {logs()}"
     assert_exactly_once(out, items)
@@ -126,6 +131,6 @@ def test_a_cluster_left_too_small_for_a_replica_fails_naming_the_resources(clust
     assert wait_end(cluster, job, timeout=600) == "FAILED"
     took = time.monotonic() - killed
     logs = lavi(cluster, "logs", job).stdout
-    assert "asks for 2.5 CPUs (--cpus-per-worker); the largest alive node has 2" in logs, logs[-3000:]
-    assert "the cluster shrank under the job" in logs and "cluster {CPU: 2" in logs, logs[-3000:]
+    assert "asks for 2.5 CPUs (--cpus-per-worker); the largest alive node has 1" in logs, logs[-3000:]
+    assert "the cluster shrank under the job" in logs and "cluster {CPU: 1" in logs, logs[-3000:]
     assert took < 2 * stall, f"the job ended {took:.0f} s after the node died (watchdog: {2 * stall} s)"

@@ -308,7 +308,7 @@ def test_lavi_label_run_with_a_onevision_directory_writes_transformers_greedy_te
     from PIL import Image
 
     from pipeline.config import RunConfig
-    from pipeline.graph import run
+    from pipeline.driver import run
     from media import mp4
 
     corpus = tmp_path / "corpus"

@@ -19,14 +19,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.graph import run
+from pipeline.driver import run
 from pipeline.output import Output
 from pipeline.sources import PromptSpec, iter_items
 from schemas.clips import CLIP_SCHEMA, ITEM_ROWS
 from schemas.rows import LABEL_SCHEMA, read_metadata
 from shapes.corpus import write_corpus
 from workers.decode import DecodeSettings, fetch_and_decode
-from workers.labeler import Labeler
+from workers.labeler import Labeler, LabelerSpec
 
 pytestmark = pytest.mark.timeout(300)
 Q = "how many objects are there?"
@@ -151,7 +151,7 @@ def test_labeler_inference_error_becomes_infer_rows(tiny_model):
     from lavi.engine import Engine
 
     size = Engine.load(tiny_model).image_size
-    labeler = Labeler(tiny_model, "job", {"max_new_tokens": 2}, max_batch=8)
+    labeler = Labeler(LabelerSpec(tiny_model, "job", {"max_new_tokens": 2}, max_batch=8))
     good = np.zeros((1, size, size, 3), np.uint8)
     bad = np.zeros((1, 3, 3, 3), np.uint8)
 
@@ -249,8 +249,8 @@ def test_unschedulable_pool_and_bad_frames_are_refused(ray_local, tiny_model, tm
 @pytest.mark.timeout(600)  # three pipelines, one rebuilt: minutes on a loaded 2-core machine
 def test_a_lost_actor_rebuilds_the_pipeline_over_the_items_left(ray_local, tiny_model, tmp_path, monkeypatch):
     """Guards against a lost node, actor or object ending the job although its committed items are safe, and
-    against the rebuilt pipeline redoing finished items or leaving a half-labelled item's rows twice; anything else
-    must still fail."""
+    against the rebuilt pipeline redoing finished items: a part file whose commit record never reached the driver
+    (the graph died first) is found in its shard's files and not labelled again; anything else must still fail."""
     import ray.exceptions
 
     import pipeline.graph as graph
@@ -259,36 +259,40 @@ def test_a_lost_actor_rebuilds_the_pipeline_over_the_items_left(ray_local, tiny_
     real, calls = graph.build_dataset, []
 
     class Dying:
-        """The first graph: yields two batches, then its labeler actor dies."""
+        """The first graph: yields two batches of commit records, the second without its first record (the file
+        is written, its record lost), then its labeler actor dies (after its last batch, if the second is)."""
 
         def __init__(self, ds, error):
             self.ds, self.error = ds, error
 
         def iter_batches(self, **kwargs):
             for i, batch in enumerate(self.ds.iter_batches(**kwargs)):
-                if i == 2:
+                if i == 1:
+                    yield batch.slice(1)
                     raise self.error
-                yield batch.slice(0, batch.num_rows - 1) if i == 1 else batch  # item rows cut off mid-item
+                yield batch
+            raise AssertionError("the graph gave one batch of records: the test needs two")
 
-    def build(shards, *args, **kwargs):
-        calls.append(shards)
-        ds = real(shards, *args, **kwargs)
+    def build(spec):
+        calls.append(spec)
+        ds = real(spec)
         return Dying(ds, ray.exceptions.ActorDiedError()) if len(calls) == 1 else ds
 
     monkeypatch.setattr(graph, "build_dataset", build)
     out = tmp_path / "out"
     config = RunConfig(inputs=(str(tmp_path / "corpus"),), out=str(out), model=tiny_model, max_new_tokens=2,
-                       batch_size=2, decode_batch_size=1, rows_per_file=1, task="vqa", questions=(Q, "what is it?"))
+                       batch_size=2, decode_batch_size=2, rows_per_file=2, task="vqa", questions=(Q, "what is it?"))
     summary = run(config)
     rows = pq.read_table(out).to_pylist()
-    assert len(calls) == 2 and len(summary["pipeline_rebuilds"]) == 1
-    assert "ActorDiedError" in summary["pipeline_rebuilds"][0]["error"]
+    assert len(summary["pipeline_rebuilds"]) == 1  # a second graph only if the first had not committed everything
+    rebuild = summary["pipeline_rebuilds"][0]
+    assert "ActorDiedError" in rebuild["error"] and len(calls) == (1 if rebuild["items_left"] == 0 else 2)
     assert sorted(r["row_id"] for r in rows) == sorted(set(r["row_id"] for r in rows)) and len(rows) == 20
-    assert summary["pipeline_rebuilds"][0]["partial_items_redone"] == 1
-    assert summary["pipeline_rebuilds"][0]["items_left"] == 10 - summary["pipeline_rebuilds"][0]["items_done"]
+    assert rebuild["items_done"] >= 2 and rebuild["items_left"] == 10 - rebuild["items_done"]
+    assert summary["rows"] == 20 and summary["this_run"]["rows"] == 20 and summary["items"] == 10
 
     calls.clear()
-    monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Dying(real(*a, **k), ValueError("a real bug")))
+    monkeypatch.setattr(graph, "build_dataset", lambda spec: Dying(real(spec), ValueError("a real bug")))
     with pytest.raises(ValueError, match="a real bug"):
         run(RunConfig(**{**config.__dict__, "out": str(tmp_path / "out2")}))
 
@@ -306,7 +310,7 @@ def test_a_stalled_pipeline_says_what_it_waits_on_then_fails(ray_local, tiny_mod
             threading.Event().wait()  # never a batch, as when no node can take the pending tasks
             yield
 
-    monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Stuck())
+    monkeypatch.setattr(graph, "build_dataset", lambda spec: Stuck())
     write_corpus(str(tmp_path / "corpus"), 2, 0, seed=4)
     t0 = time.monotonic()
     with pytest.raises(PipelineStalled, match=r"no rows for 3 s: the pipeline is stalled \(cluster \{CPU: 2"):
@@ -314,3 +318,42 @@ def test_a_stalled_pipeline_says_what_it_waits_on_then_fails(ray_local, tiny_mod
                       stall_timeout=1.5))
     assert time.monotonic() - t0 < 60
     assert "the pipeline may be stalled" in caplog.text
+
+
+@pytest.mark.timeout(600)
+def test_labelling_starts_while_the_inputs_are_still_listed(ray_local, tiny_model, tmp_path, monkeypatch):
+    """Guards against a listing that must end before any item is labelled (a 100M-item prefix listed for half an
+    hour before a GPU works): the listing is held after its first shards until a part file is committed, which
+    only a pipeline that labels while it lists can do; the run then ends with every row once. Ray Data's block size
+    is made small here, so that a few shards make a block (a run's is 128 MiB of items), and the split batch and
+    labeler blocks fewer items than the held listing has."""
+    import glob
+    import threading
+
+    import pipeline.listing
+    import workers.settings
+
+    write_corpus(str(tmp_path / "corpus"), 30, 0, seed=6)
+    out = tmp_path / "out"
+    monkeypatch.setattr(workers.settings, "BLOCK_BYTES", 2048)
+    monkeypatch.setattr(pipeline.listing, "SHARD_SIZE", 5)
+    committed = threading.Event()
+    real = pipeline.listing.iter_items
+
+    def held(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 20:  # four shards listed: hold the rest until the pipeline has committed some
+                for _ in range(1200):
+                    if glob.glob(str(out / "part-*.parquet")):
+                        committed.set()
+                        break
+                    time.sleep(0.1)
+            yield item
+
+    monkeypatch.setattr(pipeline.listing, "iter_items", held)
+    summary = run(RunConfig(inputs=(str(tmp_path / "corpus" / "images"),), out=str(out), model=tiny_model,
+                            max_new_tokens=2, batch_size=2, decode_batch_size=2, task="vqa",
+                            questions=(Q, "what is it?")))
+    assert committed.is_set(), "nothing was committed while the listing was held"
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == len({r["row_id"] for r in rows}) == 60 == summary["rows"] and summary["items"] == 30

@@ -1,4 +1,5 @@
-"""pipeline.sink, pipeline.output and pipeline.summary without Ray: whole items per file, resume state, totals."""
+"""Committing without Ray: workers.commit (whole units per file, records), pipeline.sink (units cut between
+blocks), workers.parts (names, totals), pipeline.summary (totals, progress)."""
 
 from __future__ import annotations
 
@@ -8,20 +9,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.output import Output, part_name
+from pipeline.output import Output
 from pipeline.sink import ParquetSink
-from pipeline.summary import Progress, build_summary, format_summary
-from schemas.clips import ITEM_ROWS
+from pipeline.summary import Progress, build_summary, format_summary, totals
+from schemas.clips import BYTES_READ, GROUP, GROUPS, ITEM_ROWS, READ_RETRIES
+from schemas.manifest import SHARD
 from schemas.rows import LABEL_SCHEMA, item_id, metadata, read_metadata, row_id, table_from_rows
+from workers.commit import CommitSpec, commit_block, commit_rows, from_ipc
+from workers.parts import parse_part_name, part_name, shard_id
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 META = metadata("tiny", {"task": "caption", "max_new_tokens": 8}, "job-1")
+SHARD0 = shard_id(0, "0badc0de")
 
 
-def _rows(uri: str, clips: int, prompts: list[str], error: bool = False) -> pa.Table:
+def _rows(uri: str, clips: int, prompts: list[str], error: bool = False, group: tuple[int, int] | None = None,
+          shard: str = SHARD0, first_clip: int = 0) -> pa.Table:
+    """A unit's labelled rows with their bookkeeping: an item whole, or clip group `group` = (g, of) of a video."""
     iid = item_id(uri)
     rows = []
-    for c in range(clips):
+    for c in range(first_clip, first_clip + clips):
         for p in prompts:
             rows.append({
                 "row_id": row_id(iid, c, p, "vqa"), "item_id": iid, "uri": uri, "media_type": "video",
@@ -32,32 +39,62 @@ def _rows(uri: str, clips: int, prompts: list[str], error: bool = False) -> pa.T
                 "num_prompt_tokens": None if error else 3, "num_generated_tokens": None if error else 2,
                 "model": "tiny", "job_id": "job-1", "created_at": NOW,
             })
-    table = table_from_rows(rows)
-    return table.append_column(ITEM_ROWS, pa.array([clips * len(prompts)] * len(rows), pa.int32()))
+    n = len(rows)
+    return table_from_rows(rows).append_column(ITEM_ROWS, pa.array([n] * n, pa.int32())).append_column(
+        GROUP, pa.array([group[0] if group else None] * n, pa.int32())).append_column(
+        GROUPS, pa.array([group[1] if group else None] * n, pa.int32())).append_column(
+        BYTES_READ, pa.array([100] * n, pa.int64())).append_column(
+        READ_RETRIES, pa.array([0] * n, pa.int32())).append_column(SHARD, pa.array([shard] * n, pa.string()))
 
 
-def test_items_split_across_batches_commit_whole(tmp_path):
-    """Guards against a part file holding only some of an item's rows: resume would then skip the
-    item and its missing rows would never be written."""
-    out = str(tmp_path / "out")
+def _spec(out, rows_per_file: int = 5000) -> CommitSpec:
+    return CommitSpec(out=str(out), metadata=META, rows_per_file=rows_per_file)
+
+
+def test_a_block_commits_its_whole_units_and_hands_on_the_rest(tmp_path):
+    """Guards against a part file holding only some of a unit's rows (a resume would skip the unit and its missing
+    rows would never be written), and against a unit cut between blocks being lost: its rows leave the commit
+    stage for the driver, which commits it whole once its last rows come."""
+    out = tmp_path / "out"
     a, b = _rows("s3://x/a.mp4", 3, ["q1?", "q2?"]), _rows("s3://x/b.mp4", 1, ["q1?", "q2?"])
-    sink = ParquetSink(Output(out), META, rows_per_file=2)
-    sink.add(a.slice(0, 4))  # a is incomplete: nothing may be written
-    assert sink.files == [] and Output(out).scan().done_items == frozenset()
-    sink.add(pa.concat_tables([b, a.slice(4)]))
+    first, second = commit_block(pa.concat_tables([b, a.slice(0, 4)]), _spec(out)).to_pylist()
+    leftover = second["leftover"]
+    assert first["record"] is not None and first["leftover"] is None and second["record"] is None
+    assert from_ipc(leftover).num_rows == 4
+    assert [p.name for p in out.glob("part-*")] == [part_name([item_id("s3://x/b.mp4")], SHARD0)]
+    sink = ParquetSink(_spec(out))
+    assert sink.add(leftover) == []  # a's rows are not all in yet
+    [record] = sink.add(a.slice(4))
     sink.close()
-    state = Output(out).scan()
-    assert state.rows == 8 and state.done_items == {item_id("s3://x/a.mp4"), item_id("s3://x/b.mp4")}
+    assert record["whole"] == 1 and record["totals"]["rows"] == 6 and record["shard"] == SHARD0
     table = pq.read_table(out)
     assert table.schema.remove_metadata().equals(LABEL_SCHEMA) and table.num_rows == 8
     assert sorted(table.column("row_id").to_pylist()) == sorted(a["row_id"].to_pylist() + b["row_id"].to_pylist())
-    assert read_metadata(pq.read_schema(state.files[0].removeprefix("file://")).metadata)["model"] == "tiny"
-    assert state.metadata["job_id"] == "job-1"
+    assert read_metadata(pq.read_schema(next(out.glob("part-*"))).metadata)["model"] == "tiny"
+    assert Output(str(out)).scan().done_items == {item_id("s3://x/a.mp4"), item_id("s3://x/b.mp4")}
 
 
-def test_part_names_are_deterministic():
-    """Guards against random file names: a rerun of the same items must not create a second copy."""
-    assert part_name(["b", "a"]) == part_name(["a", "b", "a"]) != part_name(["a"])
+def test_part_names_are_deterministic_and_say_their_shard():
+    """Guards against random file names (a rerun of the same units would write a second copy) and against a name
+    that does not say its listing shard (a resume finds a shard's files by that prefix)."""
+    assert part_name(["b", "a"], SHARD0) == part_name(["a", "b", "a"], SHARD0) != part_name(["a"], SHARD0)
+    assert parse_part_name(part_name(["a"], SHARD0)) == (0, "0badc0de")
+    assert parse_part_name(part_name(["a"])) is None  # an earlier version's name: no shard
+
+
+def test_files_are_cut_between_units_and_by_shard(tmp_path):
+    """Guards against rows_per_file cutting a unit in two files, and a file mixing listing shards (its name says
+    one shard, which a resume reads as holding it)."""
+    out = tmp_path / "out"
+    other = shard_id(1, "feedf00d")
+    units = [_rows(f"/v{i}.mp4", 2, ["q?"], group=(0, 1)) for i in range(4)] + [_rows("/w.png", 1, ["q?"], shard=other)]
+    records, rest = commit_rows(pa.concat_tables(units), _spec(out, rows_per_file=3))
+    assert rest.num_rows == 0 and sorted(r["totals"]["rows"] for r in records) == [1, 2, 2, 2, 2]
+    assert {r["shard"] for r in records} == {SHARD0, other} and sum(r["units"] for r in records) == 5
+    for path in out.glob("part-*.parquet"):
+        ids = set(pq.read_table(path).column("item_id").to_pylist())
+        assert len(ids) == 1 or path.name.startswith(f"part-{other}")
+    assert sum(len(r["groups"]) for r in records) == 4 and sum(r["whole"] for r in records) == 1
 
 
 def test_leftover_temp_files_are_not_counted(tmp_path):
@@ -67,9 +104,7 @@ def test_leftover_temp_files_are_not_counted(tmp_path):
     (out / "_tmp" / "x-part-0000.parquet").write_bytes(b"PAR1 half written")
     output = Output(str(out))
     assert output.scan().rows == 0
-    sink = ParquetSink(output, META)
-    sink.add(_rows("/a.png", 1, ["q?"]))
-    sink.close()
+    commit_rows(_rows("/a.png", 1, ["q?"]), _spec(out))
     assert output.scan().rows == 1
     assert pq.read_table(str(out)).num_rows == 1  # readers skip _tmp/
     assert output.clear() == 1 and output.scan().rows == 0 and not (out / "_tmp").exists()
@@ -77,35 +112,33 @@ def test_leftover_temp_files_are_not_counted(tmp_path):
 
 def test_duplicate_and_missing_rows_raise(tmp_path):
     """Guards against a duplicated row or a lost row passing silently into the output."""
-    sink = ParquetSink(Output(str(tmp_path / "o1")), META)
     rows = _rows("/a.png", 1, ["q?", "r?"])
-    sink.add(rows.slice(0, 1))
     with pytest.raises(AssertionError, match="duplicated"):
-        sink.add(rows.slice(0, 2))
-    sink = ParquetSink(Output(str(tmp_path / "o2")), META)
+        commit_rows(pa.concat_tables([rows, rows.slice(0, 1)]), _spec(tmp_path / "o1"))
+    sink = ParquetSink(_spec(tmp_path / "o2"))
     sink.add(rows.slice(0, 1))
     with pytest.raises(AssertionError, match="rows missing"):
         sink.close()
 
 
 def test_summary_counts_and_text(tmp_path):
-    """Guards against a summary that counts only this attempt's rows or drops error stages."""
-    out = str(tmp_path / "out")
-    output = Output(out)
-    sink = ParquetSink(output, META, rows_per_file=1)
-    sink.add(_rows("/a.mp4", 2, ["q?"]))
-    sink.add(_rows("/b.mp4", 1, ["q?", "r?"], error=True))
-    sink.close()
-    assert len(sink.files) == 2
-    summary = build_summary(output, job_id="job-1", model="tiny", generation={}, wall_s=2.0, items_listed=2,
-                            items_skipped=0, rows_written=4, items_written=2, generated_tokens=4, files_written=2)
-    assert (summary["rows"], summary["items"], summary["clips"]) == (4, 2, 3)
-    assert summary["status"] == {"error": 2, "ok": 2} and summary["error_stage"] == {"decode": 2}
-    assert summary["generated_tokens"] == 4 and summary["this_run"]["tokens_per_s"] == 2.0
-    output.write_summary(summary)
-    assert Output(out).read_summary() == summary
+    """Guards against a summary that counts only this attempt's rows or drops error stages, and against a video
+    whose clip groups lie in two files counted as two items."""
+    out = tmp_path / "out"
+    commit_rows(_rows("/a.mp4", 2, ["q?"], group=(0, 2)), _spec(out))
+    records, _ = commit_rows(pa.concat_tables([_rows("/a.mp4", 1, ["q?"], group=(1, 2), first_clip=2),
+                                               _rows("/b.mp4", 1, ["q?", "r?"], error=True)]), _spec(out))
+    assert len(list(out.glob("part-*"))) == 2 and records[0]["totals"]["items"] == 1  # /b only: /a is in its group 0's
+    summary = build_summary(totals(Output(str(out))), job_id="job-1", model="tiny", generation={}, wall_s=2.0,
+                            items_listed=2, items_skipped=0, rows_written=5, items_written=2, generated_tokens=4,
+                            files_written=2)
+    assert (summary["rows"], summary["items"], summary["clips"]) == (5, 2, 4)
+    assert summary["status"] == {"error": 2, "ok": 3} and summary["error_stage"] == {"decode": 2}
+    assert summary["generated_tokens"] == 6 and summary["this_run"]["tokens_per_s"] == 2.0
+    Output(str(out)).write_summary(summary)
+    assert Output(str(out)).read_summary() == summary
     assert "errors by stage: decode 2" in format_summary(summary)
-    assert pq.read_table(out).num_rows == 4  # _summary.json is ignored by readers
+    assert pq.read_table(out).num_rows == 5  # _summary.json is ignored by readers
 
 
 def test_progress_line_has_rate_and_eta():
@@ -145,14 +178,13 @@ def test_progress_counts_rows_labelled_before_they_are_written():
 
 
 def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
-    """Guards against the row counter losing the labelers' counts on the way to the driver's progress display
-    (a remote labeler's reporter, the named actor, the ticker's reads), or the ticker outliving its run."""
+    """Guards against the row counter losing the labelers' counts and work on the way to the driver's progress
+    display (a remote labeler's reporter, the named actor, the ticker's reads), or the ticker outliving its run."""
     import numpy as np
-    import pyarrow as pa
     import ray
 
     from pipeline.summary import Ticker
-    from workers.labeler import Labeler
+    from workers.labeler import Labeler, LabelerSpec
 
     progress = Progress(total_items=4, every_s=0, bar=False)
     ticker = Ticker(progress, "lavi-rows-test", every_s=0.2)
@@ -163,33 +195,70 @@ def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
                 "clip_end_s": None, "frame_timestamps_s": None, "width": 8, "height": 8, "status": "ok",
                 "error_stage": None, "error": None, "_item_rows": 3,
                 "prompts": [{"task": "vqa", "prompt": q, "constraint": None} for q in ("a?", "b?", "c?")]}
-        labeler = Labeler(tiny_model, "job", {"max_new_tokens": 2}, max_batch=2, progress="lavi-rows-test")
+        labeler = Labeler(LabelerSpec(tiny_model, "job", {"max_new_tokens": 2}, max_batch=2,
+                                      progress="lavi-rows-test"))
         size = labeler.engine.image_size
         clip.update(frames=np.zeros((1, size, size, 3), np.uint8).tobytes(), frame_shape=[1, size, size, 3])
         return labeler(pa.Table.from_pylist([clip])).num_rows
 
     assert ray.get(label.remote()) == 3
     ticker.stop()
-    assert progress.rows_labelled == 3
+    assert progress.rows_labelled == 3 and progress.work["prefills"] >= 1 and progress.work["decode_steps"] >= 1
     assert not ticker._thread.is_alive()
+
+
+def test_a_labeler_at_work_beats_while_its_call_runs():
+    """Guards against a slow batch (a large model's prefill) looking like a stalled pipeline: while a labeler's
+    call runs, its reporter tells the counter it is busy every second, whether rows finish or not, and stops
+    when the call ends."""
+    import time
+
+    from workers.progress import RowCounter, RowReporter
+
+    counter = RowCounter()
+
+    class Local:
+        def __init__(self):
+            self.add = type("M", (), {"remote": staticmethod(lambda *a: counter.add(*a))})()
+
+    reporter = RowReporter("c", every_s=0.05, work=lambda: {"decode_steps": 7}, labeler="l")
+    reporter._actor = Local()
+    assert counter.state()["beat_age_s"] is None
+    with reporter.busy():
+        time.sleep(0.3)
+        assert counter.state()["beat_age_s"] < 0.2 and counter.state()["work"] == {"decode_steps": 7}
+    time.sleep(0.3)
+    assert counter.state()["beat_age_s"] > 0.2 and counter.state()["rows"] == 0
 
 
 def test_retried_reads_are_counted_once_per_unit(tmp_path):
     """Guards against the summary's retry counts being wrong: a unit's retries (on its first clip's rows, every
     prompt's row the same) counted once per clip not once per row; a unit whose reads recovered after a retry told
     apart from one whose read failed after its retries ran out."""
-    from schemas.clips import READ_RETRIES
 
     def retried(table: pa.Table, first: int) -> pa.Table:
         per_row = [first if c == 0 else 0 for c in table.column("clip_index").to_pylist()]
-        return table.append_column(READ_RETRIES, pa.array(per_row, pa.int32()))
+        return table.set_column(table.schema.get_field_index(READ_RETRIES), READ_RETRIES, pa.array(per_row, pa.int32()))
 
     failed = _rows("s3://x/c.jpg", 1, ["q1?"], error=True)
     failed = failed.set_column(failed.schema.get_field_index("error_stage"), "error_stage", pa.array(["read"]))
     failed = failed.set_column(failed.schema.get_field_index("error"), "error",
                                pa.array(["read failed after 3 attempts (retried for 1.5 s): ConnectionError"]))
-    sink = ParquetSink(Output(str(tmp_path / "out")), META, rows_per_file=100)
-    sink.add(pa.concat_tables([retried(_rows("s3://x/a.mp4", 3, ["q1?", "q2?"]), 2),
-                               retried(_rows("s3://x/b.mp4", 2, ["q1?"]), 0), retried(failed, 2)]))
-    sink.close()
-    assert (sink.read_retries, sink.reads_recovered, sink.reads_failed) == (4, 1, 1)
+    [record], _ = commit_rows(pa.concat_tables([retried(_rows("s3://x/a.mp4", 3, ["q1?", "q2?"]), 2),
+                                                retried(_rows("s3://x/b.mp4", 2, ["q1?"]), 0), retried(failed, 2)]),
+                              _spec(tmp_path / "out", rows_per_file=100))
+    assert (record["read_retries"], record["reads_recovered"], record["reads_failed"]) == (4, 1, 1)
+    assert record["bytes_read"] == 600  # 100 a clip: 3 + 2 + 1 clips
+
+
+def test_a_cpu_labeler_computes_on_the_cores_its_node_has():
+    """Guards against a CPU labeler computing on one thread of an idle node (Ray sets OMP_NUM_THREADS to a worker's
+    whole CPUs, 1 under one: a 0.5B model labelled on one core of two for minutes), and against a small model's
+    threads fighting the decode tasks beside it for every core (tiny-shapes labelled 38 rows/s on two threads and
+    62 on one)."""
+    from workers.labeler import cpu_threads
+
+    assert cpu_threads(2, 1, 0.5, 900_000_000) == 2  # a large model: the node's cores
+    assert cpu_threads(2, 1, 0.5, 5_000_000) == 1  # a small one leaves a core to the pipeline
+    assert cpu_threads(16, 2, 0.5, 900_000_000) == 8  # two labelers share the node
+    assert cpu_threads(1, 1, 0.5, 900_000_000) == 1 and cpu_threads(1, 1, 0.5, 5_000_000) == 1

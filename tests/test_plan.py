@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from jobs.cli import main
 from pipeline.config import RunConfig
-from pipeline.graph import run
+from pipeline.driver import run
 from pipeline.plan import count
 from shapes.corpus import write_corpus
 

@@ -68,9 +68,9 @@ def test_run_quantize_reaches_the_labelers_engine_and_the_resume_settings():
     """Guards against `run --quantize int8` labelling with the float model, and int8 labels resumed into an output
     of float ones (or the other way round) without notice."""
     from pipeline.config import RunConfig
-    from workers.labeler import Labeler
+    from workers.labeler import Labeler, LabelerSpec
 
-    labeler = Labeler(None, job_id="j", generation={"max_new_tokens": 4}, quantize="int8")
+    labeler = Labeler(LabelerSpec(None, job_id="j", generation={"max_new_tokens": 4}, quantize="int8"))
     assert any(isinstance(m, Int8Linear) for m in labeler.engine.model.modules())
     base = RunConfig(inputs=("x",), out="o")
     assert "quantize" not in base.generation_settings()  # float outputs keep the settings they were written with

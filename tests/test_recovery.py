@@ -1,5 +1,5 @@
 """The driver's defences without a cluster: the watchdog's periodic cluster check and its stall record
-(pipeline.recovery.stream), the bounded backoff of reads (workers.fetch), commits that retry (pipeline.sink)."""
+(pipeline.recovery.stream), the bounded backoff of reads (workers.fetch), commits that retry (workers.parts)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 
 from pipeline.output import Output
 from pipeline.recovery import ClusterTooSmall, PipelineStalled, stream
-from pipeline.sink import ParquetSink
 from workers.fetch import FetchError, backoff_delays, retrying
 
 
@@ -74,12 +73,15 @@ def test_read_backoff_is_exponential_and_bounded_in_time():
 def test_a_commit_that_fails_is_retried_and_never_shows_a_half_file(tmp_path, monkeypatch):
     """Guards against a job failing on an output store that is unreachable for a moment as it commits, and against
     a half-written part file where readers look: the commit is redone from _tmp/ until it goes through."""
-    from test_pipeline_sink import META, _rows
+    from test_pipeline_sink import _rows, _spec
 
-    monkeypatch.setattr("pipeline.sink.OWN_BUDGET_S", 2.0)
+    from workers.commit import commit_rows
+    from workers.storage import filesystem
+
+    monkeypatch.setattr("workers.parts.OWN_BUDGET_S", 2.0)
     output = Output(str(tmp_path / "out"))
-    sink = ParquetSink(output, META, rows_per_file=1)
-    real_mv, fails = output.fs.mv, []
+    fs = filesystem(str(tmp_path / "out"))[0]  # the commit stage's (cached) filesystem
+    real_mv, fails = fs.mv, []
 
     def flaky_mv(src, dst, **kw):
         assert not output.part_paths(), "a part file is visible before its commit went through"
@@ -88,7 +90,17 @@ def test_a_commit_that_fails_is_retried_and_never_shows_a_half_file(tmp_path, mo
             raise ConnectionError("the store went away")
         return real_mv(src, dst, **kw)
 
-    monkeypatch.setattr(output.fs, "mv", flaky_mv)
-    sink.add(_rows("s3://b/a.mp4", 1, ["q"]))
-    sink.close()
-    assert len(fails) == 2 and len(sink.files) == 1 and len(output.part_paths()) == 1 and output.scan().rows == 1
+    monkeypatch.setattr(fs, "mv", flaky_mv)
+    records, _ = commit_rows(_rows("s3://b/a.mp4", 1, ["q"]), _spec(tmp_path / "out", rows_per_file=1))
+    assert len(fails) == 2 and len(records) == 1 and len(output.part_paths()) == 1 and output.scan().rows == 1
+
+
+def test_a_busy_labeler_is_not_a_stall():
+    """Guards against the watchdog ending a job whose labeler is computing a long batch (a large model's prefill,
+    a first compile: no row for minutes): while `busy` says a labeler works, no stall is counted, and once it
+    stops the watchdog fires as before."""
+    busy_until = time.monotonic() + 1.5
+    got = list(stream(Slow(1, 2.0), stall_s=0.5, describe=lambda: "x", busy=lambda: time.monotonic() < busy_until))
+    assert len(got) == 1  # 2 s without a row, of which 1.5 s busy: under two 0.5 s periods idle
+    with pytest.raises(PipelineStalled):
+        list(stream(Slow(1, 3.0), stall_s=0.4, describe=lambda: "x", busy=lambda: False))

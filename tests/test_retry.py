@@ -18,7 +18,7 @@ import pytest
 
 from lavi.bundled import DEFAULT_MODEL
 from pipeline.config import RunConfig
-from pipeline.graph import run
+from pipeline.driver import run
 from pipeline.output import Output
 from pipeline.retry import retry
 from shapes.corpus import write_corpus

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig, parse_storage_options
-from pipeline.graph import run
+from pipeline.driver import run
 from pipeline.output import Output
 from pipeline.sink import ParquetSink
 from pipeline.sources import PromptSpec, iter_items
@@ -40,24 +40,35 @@ def test_cli_style_options_reach_s3(s3_server):
     assert options == s3_server.storage_options
 
 
-def test_walk_prefix_and_sink_on_s3(s3_server, tmp_path):
-    """Guards against s3:// prefixes not walked recursively, uris without the s3:// scheme, and the
-    sink's temp-then-move commit or resume scan failing on object storage."""
+def test_walk_prefix_and_commit_on_s3(s3_server, tmp_path):
+    """Guards against s3:// prefixes not walked recursively, uris without the s3:// scheme, and the commit
+    stage's temp-then-move commit, the driver's assembly of units cut between blocks, or a resume's scan of a
+    shard's files failing on object storage."""
     fs = s3_server.fs()
     root = f"{s3_server.bucket}/walk"
     for key in ("a.png", "sub/b.mp4", "sub/deeper/c.jpeg", "sub/readme.md"):
         fs.pipe_file(f"{root}/{key}", b"x")
     items = list(iter_items([f"s3://{root}"], PromptSpec(), s3_server.storage_options))
     assert [i["uri"] for i in items] == [f"s3://{root}/{k}" for k in ("a.png", "sub/b.mp4", "sub/deeper/c.jpeg")]
-    from tests.test_pipeline_sink import META, _rows
+    from tests.test_pipeline_sink import META, SHARD0, _rows
+
+    from pipeline.resume import read_committed
+    from workers.commit import CommitSpec, commit_rows
 
     out = f"s3://{s3_server.bucket}/sink-out"
-    sink = ParquetSink(Output(out, s3_server.storage_options), META, rows_per_file=1)
-    sink.add(_rows("s3://x/a.mp4", 2, ["q?"]))
-    sink.add(_rows("s3://x/b.mp4", 1, ["q?"]))
+    spec = CommitSpec(out=out, storage_options=s3_server.storage_options, metadata=META, rows_per_file=1)
+    a = _rows("s3://x/a.mp4", 2, ["q?"])
+    records, rest = commit_rows(a.slice(0, 1), spec)
+    assert records == [] and rest.num_rows == 1
+    sink = ParquetSink(spec)
+    sink.add(rest)
+    assert len(sink.add(a.slice(1))) == 1
+    assert len(commit_rows(_rows("s3://x/b.mp4", 1, ["q?"]), spec)[0]) == 1
     sink.close()
-    state = Output(out, s3_server.storage_options).scan()
+    output = Output(out, s3_server.storage_options)
+    state = output.scan()
     assert state.rows == 3 and len(state.files) == 2 and all(f.startswith("s3://") for f in state.files)
+    assert read_committed(output, 0, SHARD0.split("-")[1]).totals["rows"] == 3
     # (SeaweedFS may keep listing an emptied prefix: look for files, not for an empty listing)
     assert [p for p in fs.find(f"{s3_server.bucket}/sink-out/_tmp") if p.endswith(".parquet")] == []
 

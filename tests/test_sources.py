@@ -9,8 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig, parse_storage_options
-from pipeline.sources import PromptSpec, iter_items, write_shards
-from pipeline.storage import filesystem
+from pipeline.sources import PromptSpec, iter_items
 from schemas.clips import ITEM_ROWS
 from schemas.manifest import ITEM_SCHEMA
 from schemas.rows import item_id
@@ -104,21 +103,6 @@ def test_csv_and_parquet_manifests(tmp_path):
     assert items[1]["error"] is not None
 
 
-def test_skip_and_shards_round_trip(tmp_path):
-    """Guards against resume not skipping finished items and shards losing items at chunk edges."""
-    for i in range(7):
-        (tmp_path / f"{i}.png").write_bytes(b"x")
-    all_items = list(iter_items([str(tmp_path)], PromptSpec()))
-    skip = {all_items[0]["item_id"], all_items[3]["item_id"]}
-    shards, n = write_shards(iter_items([str(tmp_path)], PromptSpec(), skip=skip),
-                             *filesystem(str(tmp_path / "_listing")), shard_size=2)
-    assert n == 5 and len(shards) == 3
-    tables = [pq.read_table(s.removeprefix("file://")) for s in shards]
-    assert all(t.schema.equals(ITEM_SCHEMA) for t in tables)
-    ids = [x for t in tables for x in t.column("item_id").to_pylist()]
-    assert ids == [i["item_id"] for i in all_items if i["item_id"] not in skip]
-
-
 def test_run_config_validation_messages():
     """Guards against invalid flags reaching the cluster and failing there, late and obscurely."""
     RunConfig(inputs=("x",), out="o")
@@ -137,16 +121,16 @@ def test_run_config_validation_messages():
 
 def test_auto_batch_and_compile_defaults():
     """Guards the defaults: auto batch is 32 rows on CPU, as `run --help` says, resolved by the driver (the actor
-    gets a number), and on a GPU a large block with the actor sizing its batch from memory (None); compile is on
-    for GPUs only; `--batch-size auto|N` parses and junk is refused by name."""
+    gets a number) in blocks of four batches, and on a GPU a large block with the actor sizing its batch from memory
+    (None); compile is on for GPUs only; `--batch-size auto|N` parses and junk is refused by name."""
     from click.testing import CliRunner
 
     from jobs.run import BATCH, run as run_cmd
     cpu, gpu = RunConfig(inputs=("x",), out="o"), RunConfig(inputs=("x",), out="o", gpus_per_worker=0.5)
-    assert (cpu.batch_size, cpu.block_rows, cpu.labeler_batch, cpu.use_compile) == (None, 32, 32, False)
+    assert (cpu.batch_size, cpu.block_rows, cpu.labeler_batch, cpu.use_compile) == (None, 128, 32, False)
     assert (gpu.block_rows, gpu.labeler_batch, gpu.use_compile) == (256, None, True)
     fixed = RunConfig(inputs=("x",), out="o", gpus_per_worker=1.0, batch_size=12, compile=False)
-    assert (fixed.block_rows, fixed.labeler_batch, fixed.use_compile) == (12, 12, False)
+    assert (fixed.block_rows, fixed.labeler_batch, fixed.use_compile) == (48, 12, False)
     assert "32 on CPU" in " ".join(CliRunner().invoke(run_cmd, ["--help"]).output.split())
     assert BATCH.convert("auto", None, None) is None and BATCH.convert("7", None, None) == 7
     result = CliRunner().invoke(run_cmd, ["x", "--out", "o", "--batch-size", "many"])

@@ -8,7 +8,7 @@ import pytest
 from jobs.evaluate import HELD_OUT_SEED, evaluate, label_manifest
 from lavi.engine import DEFAULT_MODEL, Engine
 from pipeline.config import RunConfig
-from pipeline.graph import run
+from pipeline.driver import run
 from shapes.corpus import read_manifest, write_corpus
 from shapes.score import parse_caption, score_parquet
 

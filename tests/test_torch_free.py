@@ -21,7 +21,7 @@ for args in [["--help"]] + [[name, "--help"] for name in main.commands]:
 
 
 @pytest.mark.parametrize("code", [
-    pytest.param("import pipeline.graph", id="pipeline.graph"),
+    pytest.param("import pipeline.driver", id="pipeline.driver"),
     pytest.param(HELP, id="lavi-label --help"),
 ])
 def test_driver_and_cli_leave_torch_unimported(code):

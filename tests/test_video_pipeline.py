@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.graph import run
+from pipeline.driver import run
 from pipeline.output import GROUPS_KEY, Output
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,33 +52,55 @@ def test_a_video_killed_half_done_resumes_with_its_other_groups(ray_local, tiny_
     real = graph.build_dataset
 
     class Killed:
-        """The run dies (as a killed driver would) after its first three labelled blocks."""
+        """The driver dies (as a killed one would) when the first commit record reaches it, before it keeps any."""
 
         def __init__(self, ds):
             self.ds = ds
 
         def iter_batches(self, **kwargs):
-            for i, batch in enumerate(self.ds.iter_batches(**kwargs)):
-                if i == 3:
-                    raise KeyboardInterrupt
-                yield batch
+            for _ in self.ds.iter_batches(**kwargs):
+                raise KeyboardInterrupt
 
     out = tmp_path / "out"
     config = RunConfig(inputs=(str(path),), out=str(out), task="vqa", questions=Q, model=tiny_model,
                        max_new_tokens=2, batch_size=2, clip_seconds=1.0, clips_per_group=2, rows_per_file=1)
-    monkeypatch.setattr(graph, "build_dataset", lambda *a, **k: Killed(real(*a, **k)))
+    monkeypatch.setattr(graph, "build_dataset", lambda spec: Killed(real(spec)))
     with pytest.raises(KeyboardInterrupt):
         run(config)
     monkeypatch.setattr(graph, "build_dataset", real)
+    # the cluster commits on its own: how many groups it wrote before the graph went depends on timing, so the
+    # groups after the first half of those written are taken as not committed (their files removed)
+    parts = _settled_parts(out)
+    held = {p: json.loads(pq.read_schema(p).metadata[GROUPS_KEY]) for p in parts}
+    [item] = {i for h in held.values() for i in h}
+    order = sorted(parts, key=lambda p: min(held[p][item]["groups"]))
+    for p in order[max(1, len(order) // 2):]:
+        p.unlink()
     state = Output(str(out)).scan()
-    [(item, done)] = state.done_groups.items()
-    assert not state.done_items and 1 <= len(done) < 12 and state.rows == len(done) * 2 * len(Q)
+    assert list(state.done_groups) == [item] and not state.done_items
+    done = state.done_groups[item]
+    assert 1 <= len(done) < 12 and state.rows == len(done) * 2 * len(Q)
     summary = run(config)
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == len({r["row_id"] for r in rows}) == 24 * len(Q) == summary["rows"]
     assert summary["this_run"]["clip_groups_resumed"] == len(done) and summary["this_run"]["units"] == 12 - len(done)
     assert summary["this_run"]["rows"] == (24 - 2 * len(done)) * len(Q) and summary["items"] == 1
     assert Output(str(out)).scan().done_items == {item}
+
+
+def _settled_parts(out, quiet_s: float = 3.0, limit_s: float = 60.0) -> list:
+    """The part files once none has come for `quiet_s` (commit tasks in flight finish after their driver went)."""
+    import time
+
+    seen, since, end = None, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < end:
+        now = sorted(out.glob("part-*.parquet"))
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+        time.sleep(0.5)
+    raise AssertionError(f"part files still coming after {limit_s} s")
 
 
 def test_shots_through_the_pipeline(ray_local, tiny_model, tmp_path):
@@ -99,20 +121,32 @@ def test_shots_through_the_pipeline(ray_local, tiny_model, tmp_path):
 def test_decode_tasks_are_not_fused_into_the_labelers(ray_local, tiny_model, long_video, tmp_path):
     """Guards against Ray Data fusing the decode tasks into the labeler actors (it does when their remote arguments
     are equal, as with CPU labelers): every clip group would then be decoded inside a labeler, between its batches,
-    and a long video by as many workers as there are labelers."""
-    import fsspec
-
-    from pipeline.graph import build_dataset, model_info
-    from pipeline.sources import PromptSpec, iter_items, write_shards
+    and a long video by as many workers as there are labelers; and against a block-shaping repartition running as
+    an operator of its own, whose tasks ask for a whole CPU (Ray Data's default), which a 1-CPU node beside a
+    labeler never has (a shrinking cluster then stalls)."""
+    from pipeline.graph import GraphSpec, build_dataset
+    from pipeline.ledger import Ledger
+    from pipeline.listing import Lister
+    from pipeline.models import model_info
+    from pipeline.resume import Resume
+    from workers.commit import CommitSpec
+    from workers.labeler import LabelerSpec
 
     path, _ = long_video
-    fs = fsspec.filesystem("file")
-    shards, _ = write_shards(iter_items([str(path)], PromptSpec()), fs, str(tmp_path / "listing"))
     config = RunConfig(inputs=(str(path),), out=str(tmp_path / "out"), model=tiny_model, max_new_tokens=1,
                        clip_seconds=4.0)
+    output = Output(config.out)
+    lister = Lister(config, output, Resume.scan(output), Ledger(output)).start()
+    lister.join()
     info = model_info(tiny_model)
-    ds = build_dataset(shards, config, config.decode_settings(info["image_size"], info["default_frames"]),
-                       tiny_model, "job").materialize()
-    assert ds.count() == 6
+    spec = GraphSpec(config, config.decode_settings(info["image_size"], info["default_frames"]),
+                     LabelerSpec(tiny_model, "job", {"max_new_tokens": 1}), CommitSpec(out=config.out),
+                     output.uri_of(output.listing))
+    ds = build_dataset(spec).materialize()
+    records = [json.loads(r) for r in ds.to_pandas()["record"] if r]
+    assert sum(r["totals"]["rows"] for r in records) == 6
     stats = ds.stats()
     assert "MapBatches(decode_units)" in stats and "MapBatches(decode_units)->MapBatches(Labeler)" not in stats
+    assert "MapBatches(read_listing)->StreamingRepartition" in stats
+    assert "MapBatches(split_batch)->StreamingRepartition" in stats
+    assert "Operator 2 StreamingRepartition" not in stats and "] StreamingRepartition" not in stats

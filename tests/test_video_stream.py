@@ -7,13 +7,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, SHOTS, UNIT_SCHEMA
-from schemas.manifest import ITEM_SCHEMA, make_item
+from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, SHOTS, TASK_SCHEMA
+from schemas.manifest import DONE_GROUPS, ITEM_SCHEMA, make_item
 from workers.decode import DecodeSettings, decode_batch
 from workers.probe import probe_uri
 from workers.seek import decode_group
 from workers.shots import shot_clips
-from workers.split import split_batch, split_item
+from workers.split import split_batch, split_item, split_units
 from workers.units import decode_units
 from workers.video import decode_video, plan_clips
 
@@ -37,8 +37,14 @@ def video10(tmp_path_factory):
     return path
 
 
-def _units(uri: str, settings: DecodeSettings, done: dict | None = None) -> list[dict]:
-    return split_batch(pa.Table.from_pylist([make_item(uri, PROMPTS)], schema=ITEM_SCHEMA), settings, done).to_pylist()
+def _units(uri: str, settings: DecodeSettings, done: list[int] | None = None) -> list[dict]:
+    item = {**make_item(uri, PROMPTS), DONE_GROUPS: done}
+    return split_units(pa.Table.from_pylist([item], schema=ITEM_SCHEMA), settings)
+
+
+def _tasks(units: list[dict]) -> pa.Table:
+    """Each unit a decode task of its own (as the split stage sends a video's clip groups)."""
+    return pa.Table.from_pylist([{"units": [u]} for u in units], schema=TASK_SCHEMA)
 
 
 def test_probe_reads_the_header_not_the_file(padded):
@@ -72,7 +78,7 @@ def test_groups_read_the_file_about_once(padded):
     settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=3, isolate=False)
     units = _units(str(path), settings)
     assert len(units) == 4 and units[0][GROUPS] == 4
-    rows = pa.concat_tables(decode_units(pa.Table.from_pylist(units, schema=UNIT_SCHEMA), settings)).to_pylist()
+    rows = pa.concat_tables(decode_units(_tasks(units), settings)).to_pylist()
     assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}
     read = sum(r[BYTES_READ] for r in rows)
     assert 0.9 * size < read < 1.15 * size, (read, size)
@@ -102,7 +108,7 @@ def test_shot_boundaries_are_found_within_a_frame(tmp_path):
                               clips_per_group=2, isolate=False)
     units = _units(str(path), settings)
     assert [u["unit"] for u in units] == [SHOTS] and units[0]["clips"][0]["end_s"] == 14.0
-    tables = list(decode_units(pa.Table.from_pylist(units, schema=UNIT_SCHEMA), settings))
+    tables = list(decode_units(_tasks(units), settings))
     assert [t.num_rows for t in tables] == [2, 2, 1]
     rows = pa.concat_tables(tables).to_pylist()
     assert all(r["status"] == "ok" and r[ITEM_ROWS] == 5 for r in rows)
@@ -129,7 +135,7 @@ def test_a_broken_group_gives_error_rows_for_its_clips(padded, tmp_path):
     group that times out in its isolated child, or whose file went away, is error rows for exactly its clips."""
     path, _ = padded
     settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=5)
-    units = pa.Table.from_pylist(_units(str(path), settings), schema=UNIT_SCHEMA)
+    units = _tasks(_units(str(path), settings))
     rushed = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=5, timeout_s=0.001)
     rows = pa.concat_tables(decode_units(units.slice(1, 1), rushed)).to_pylist()
     assert [r["clip_index"] for r in rows] == [5, 6, 7, 8, 9] and {r[GROUP] for r in rows} == {1}
@@ -139,7 +145,7 @@ def test_a_broken_group_gives_error_rows_for_its_clips(padded, tmp_path):
     assert [r["status"] for r in ok] == ["ok"] * 5
     gone = tmp_path / "gone.mp4"
     gone.write_bytes(path.read_bytes())
-    later = pa.Table.from_pylist(_units(str(gone), settings), schema=UNIT_SCHEMA)
+    later = _tasks(_units(str(gone), settings))
     gone.unlink()
     rows = pa.concat_tables(decode_units(later.slice(0, 1), settings)).to_pylist()
     assert len(rows) == 5 and all((r["status"], r["error_stage"], r["error"]) == ("error", "read", "not found")
@@ -153,6 +159,7 @@ def test_split_leaves_out_committed_groups_and_refuses_by_size(padded, tmp_path)
     settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=3, isolate=False)
     item = make_item(str(path), PROMPTS)
     assert [u[GROUP] for u in split_item(item, settings, frozenset({0, 2}))] == [1, 3]
+    assert [u[GROUP] for u in _units(str(path), settings, done=[0, 2])] == [1, 3]  # the listing's DONE_GROUPS
     assert sum(len(c["clips"]) for c in [u for u in split_item(item, settings)]) == len(plan_clips(60.0, 5.0, None))
     small = DecodeSettings(image_size=S, max_bytes=size - 1, isolate=False)
     [refused] = split_item(item, small)
@@ -197,3 +204,42 @@ def test_a_range_read_is_retried_and_counted_and_a_lost_one_fails_as_a_read(tmp_
         with pytest.raises(FetchError, match="range read failed after 3 attempts"):
             f.read(100)
         assert f.reads.retries == 2 and isinstance(f.error, FetchError)
+
+
+def test_a_split_batch_packs_what_decodes_fast_into_one_task(padded, video10, tmp_path, monkeypatch):
+    """Guards against a Ray task per image (each costs more than its decode: the pipeline ran the model at a tenth
+    of its speed), against a long video's groups losing their parallel tasks, and against an image paying a process
+    hop when PIL's own guards suffice, while a file named .jpg whose bytes are a video still decodes in the isolated
+    child."""
+    import workers.decode
+
+    path, _ = padded
+    png = tmp_path / "a.png"
+    png.write_bytes(media.png())
+    disguised = tmp_path / "clip.jpg"
+    disguised.write_bytes(video10.read_bytes())
+    settings = DecodeSettings(image_size=S, clip_seconds=5.0, clips_per_group=3)
+    items = [make_item(str(p), PROMPTS) for p in (png, path, disguised, video10)]
+    tasks = split_batch(pa.Table.from_pylist(items, schema=ITEM_SCHEMA), settings).column("units").to_pylist()
+    assert [[u["uri"].rsplit("/", 1)[1] for u in t] for t in tasks] == [
+        ["a.png", "clip.jpg", "ten.mp4"], ["padded.mp4"], ["padded.mp4"], ["padded.mp4"], ["padded.mp4"]]
+    assert [u["unit"] for u in tasks[0]] == ["item", "item", CLIPS] and tasks[0][2][GROUPS] == 1
+    isolated = []
+    real = workers.decode.run_isolated
+    monkeypatch.setattr(workers.decode, "run_isolated", lambda fn, it, *a, **k: isolated.append(it["uri"]) or
+                        real(fn, it, *a, **k))
+    rows = pa.concat_tables(decode_units(pa.Table.from_pylist([{"units": tasks[0]}], schema=TASK_SCHEMA),
+                                         settings)).to_pylist()
+    assert [(r["uri"].rsplit("/", 1)[1], r["media_type"]) for r in rows if r["clip_index"] in (None, 0)] == [
+        ("a.png", "image"), ("clip.jpg", "video"), ("ten.mp4", "video")]
+    assert {r["status"] for r in rows} == {"ok"} and isolated == [str(disguised)]
+
+
+def test_a_clip_group_fits_a_block():
+    """Guards against a clip group whose frames pass Ray Data's block size (32 frames of 384 px, 16 clips: 226 MB):
+    its decode task's output would be cut between blocks, and the labelers would get the group apart (its rows then
+    assembled and committed by the driver, not the cluster). Fewer clips a group there; the user's count where they
+    fit."""
+    assert DecodeSettings(image_size=384, frames_per_clip=32).group_clips == 9
+    assert DecodeSettings(image_size=128, frames_per_clip=8).group_clips == 16
+    assert DecodeSettings(image_size=128, frames_per_clip=8, clips_per_group=3).group_clips == 3

@@ -102,19 +102,63 @@ Decoder = Callable[[dict, DecodeSettings, bytes], list[dict]]
 
 def read_and_decode(item: dict, settings: DecodeSettings, decoder: Decoder = decode_item) -> tuple[list[dict], Reads]:
     """`fetch_and_decode`, and what it read (bytes, fetches retried)."""
+    data, read = fetch_item(item, settings)
+    if isinstance(data, list):
+        return data, read
+    return decode_fetched(item, settings, data, decoder), read
+
+
+def fetch_item(item: dict, settings: DecodeSettings) -> tuple[bytes | list[dict], Reads]:
+    """An item's bytes, read whole with retries, and what that cost; a failed read gives its one error row
+    instead (a list)."""
     retried = [0]
     try:
         data = fetch_bytes(item["uri"], settings.storage_options, settings.retries, settings.whole_file_bytes,
                            on_retry=lambda: retried.__setitem__(0, retried[0] + 1))
     except FetchError as err:
         return [error_row(item, READ, str(err), settings.image_size)], Reads(0, retried[0])
-    read = Reads(len(data), retried[0])
-    if not settings.isolate:
-        return decoder(item, settings, data), read
+    return data, Reads(len(data), retried[0])
+
+
+def decode_fetched(item: dict, settings: DecodeSettings, data: bytes, decoder: Decoder = decode_item) -> list[dict]:
+    """Decode an item's bytes: an image (by its magic bytes, or by name when they say nothing) in this process,
+    where PIL's guards suffice (the pixel count checked on the header, decompression bombs refused before any
+    pixel is decoded); anything else (video decoders are reported to hang and crash on files in the wild) in the
+    process's isolated child with settings.timeout_s (a hang or crash: one error row, stage "decode")."""
+    if not settings.isolate or (decoder is decode_item and _is_image(item, data)):
+        return decoder(item, settings, data)
     try:
-        return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s), read
+        return run_isolated(decoder, item, settings, data, timeout_s=settings.timeout_s)
     except IsolationError as err:
-        return [error_row(item, DECODE, str(err), settings.image_size)], read
+        return [error_row(item, DECODE, str(err), settings.image_size)]
+
+
+def _is_image(item: dict, data: bytes) -> bool:
+    """Whether decode_item would decode these bytes as an image only (never as a video)."""
+    if not data:
+        return True  # an error row, no decoder
+    sniffed = sniff_media_type(data)
+    return sniffed == IMAGE or (sniffed is None and
+                                (item.get("media_type") or media_type_from_name(item["uri"])) == IMAGE)
+
+
+def fetch_window(items: list[dict], settings: DecodeSettings, window: int = 8):
+    """(item, bytes or its error row, Reads) for each item in order, with up to `window` reads in flight on a
+    thread pool (object stores answer each read after a round trip: reading one after another would leave a
+    decode task waiting), and no more than `window` items' bytes held at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) <= 1:
+        yield from ((item, *fetch_item(item, settings)) for item in items)
+        return
+    with ThreadPoolExecutor(max_workers=min(window, len(items)), thread_name_prefix="lavi-fetch") as pool:
+        pending = [pool.submit(fetch_item, item, settings) for item in items[:window]]
+        for i, item in enumerate(items):
+            data, read = pending[i].result()
+            pending[i] = None  # its bytes go with the decode
+            if i + window < len(items):
+                pending.append(pool.submit(fetch_item, items[i + window], settings))
+            yield item, data, read
 
 
 def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,20 +35,67 @@ if TYPE_CHECKING:  # torch loads in the actor, not where this module is imported
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LabelerSpec:
+    """What a labeler actor needs, frozen, built once by the driver from the run's config (pipeline.graph).
+
+    max_batch: generation rows per batch (the driver resolves auto on CPU to a number); None: on a GPU, as many rows
+    as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when replicas share
+    it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching (a finished row's cache
+    row goes to a waiting request) over each input block; False: static batches. quantize: "int8", weight-only int8
+    decoder linear layers (lavi.quant). visual_compress: a concat model's fewer visual tokens (lavi.compress).
+    progress: the name of the run's row counter (workers.progress), told of rows and work as they happen.
+    workers, cpus_per_worker: the run's CPU labelers, from which each sets its torch threads (`cpu_threads`)."""
+
+    model: str | None
+    job_id: str
+    generation: dict = field(default_factory=dict)
+    storage_options: dict = field(default_factory=dict)
+    device: str = "cpu"
+    max_batch: int | None = 32
+    compile: bool = False
+    memory_share: float = 1.0
+    frames: int | None = None
+    inflight: bool = True
+    quantize: str | None = None
+    visual_compress: str | None = None
+    progress: str | None = None
+    workers: int = 1
+    cpus_per_worker: float = 0.5
+
+
+BIG_MODEL = 100_000_000  # parameters: a model whose ops are large enough to gain from every core of its share
+
+
+def cpu_threads(node_cpus: float, workers: int, cpus_per_worker: float, parameters: int) -> int:
+    """torch threads of a CPU labeler. Ray sets OMP_NUM_THREADS to a worker's whole CPUs (1 under one), so a
+    0.5-CPU labeler would compute on one core of an idle node (seen: a 0.5B model at 99.5% of one core of two, for
+    minutes). Its share: the node's CPUs over the labelers that fit on it. A large model takes all of it (its
+    matmuls are long; the decode tasks, Ray and the driver beside it cost it little); a small one leaves a core to
+    them: its ops last microseconds, and OpenMP's threads wait at every op for the one the OS took away (on two
+    cores, tiny-shapes labelled 38 rows/s with two threads beside the pipeline and 62 with one)."""
+    on_node = max(1, min(workers, int(node_cpus // cpus_per_worker) if cpus_per_worker > 0 else workers))
+    share = max(1, int(node_cpus // on_node))
+    return share if parameters >= BIG_MODEL else max(1, share - 1)
+
+
+def _node_cpus() -> float:
+    """This Ray node's CPUs (as Ray counts them: what the node was started with), else the machine's."""
+    import os
+
+    try:
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return next(n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == here)
+    except Exception:  # noqa: BLE001 - outside a Ray worker (tests, eval): the machine
+        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 class Labeler:
     """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ the bookkeeping columns)."""
 
-    def __init__(self, model: str | None, job_id: str, generation: dict, storage_options: dict | None = None,
-                 device: str = "cpu", max_batch: int | None = 32, compile: bool = False, memory_share: float = 1.0,
-                 frames: int | None = None, inflight: bool = True, quantize: str | None = None,
-                 visual_compress: str | None = None, progress: str | None = None):
-        """max_batch: generation rows per batch (the driver resolves auto on CPU to a number); None: on a GPU, as
-        many rows as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when
-        replicas share it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching
-        (a finished row's cache row goes to a waiting request) over each input block; False: static batches.
-        quantize: "int8", weight-only int8 decoder linear layers (lavi.quant). visual_compress: a concat model's
-        fewer visual tokens (lavi.compress). progress: the name of the run's
-        row counter (workers.progress), told of rows as they finish."""
+    def __init__(self, spec: LabelerSpec):
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
@@ -55,17 +103,22 @@ class Labeler:
         from lavi.generate import GenerationConfig
 
         # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs
-        cuda = device.startswith("cuda")
-        batch = {} if max_batch is None else {"max_batch": max_batch}
-        engine = Engine.load(local_model_dir(model or DEFAULT_MODEL, storage_options), device=device,
-                             dtype=torch.bfloat16 if cuda else None, compile=compile, quantize=quantize,
-                             visual_compress=visual_compress, **batch)
-        engine.inflight = inflight
-        gen = GenerationConfig(**generation)
-        if max_batch is None and cuda:
-            engine.fit_batch(share=memory_share, new_tokens=gen.max_new_tokens, frames=frames)
+        cuda = spec.device.startswith("cuda")
+        batch = {} if spec.max_batch is None else {"max_batch": spec.max_batch}
+        engine = Engine.load(local_model_dir(spec.model or DEFAULT_MODEL, spec.storage_options), device=spec.device,
+                             dtype=torch.bfloat16 if cuda else None, compile=spec.compile, quantize=spec.quantize,
+                             visual_compress=spec.visual_compress, **batch)
+        engine.inflight = spec.inflight
+        if not cuda:
+            threads = cpu_threads(_node_cpus(), spec.workers, spec.cpus_per_worker,
+                                  sum(p.numel() for p in engine.model.parameters()))
+            torch.set_num_threads(threads)
+            log.info("CPU labeler: %d torch threads", threads)
+        gen = GenerationConfig(**spec.generation)
+        if spec.max_batch is None and cuda:
+            engine.fit_batch(share=spec.memory_share, new_tokens=gen.max_new_tokens, frames=spec.frames)
             log.info("labeler batch from GPU memory: %d rows", engine.max_batch)
-        self._attach(engine, job_id, gen, progress)
+        self._attach(engine, spec.job_id, gen, spec.progress)
 
     @classmethod
     def from_engine(cls, engine: "Engine", job_id: str, generation: dict) -> "Labeler":
@@ -77,7 +130,10 @@ class Labeler:
         return labeler
 
     def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", progress: str | None = None) -> None:
-        self.reporter = RowReporter(progress)
+        import uuid
+
+        self.reporter = RowReporter(progress, work=lambda: engine.generator.work.as_dict(),
+                                    labeler=uuid.uuid4().hex[:12])
         self.engine = engine
         self.gen = gen
         self.job_id = job_id
@@ -85,12 +141,13 @@ class Labeler:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """CLIP_SCHEMA rows -> LABEL_SCHEMA rows + the bookkeeping columns, one per (clip, prompt), in input order."""
-        clips, out, asks, rules = self._requests(batch)
-        # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
-        step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
-        for start in range(0, len(asks), step):
-            self._infer(clips, asks[start:start + step], out, rules)
-        return self._table(out)
+        with self.reporter.busy():
+            clips, out, asks, rules = self._requests(batch)
+            # in-flight batching: the whole block at once, the engine keeping its pool of max_batch rows full
+            step = max(1, len(asks)) if getattr(self.engine, "inflight", False) else self.max_batch
+            for start in range(0, len(asks), step):
+                self._infer(clips, asks[start:start + step], out, rules)
+            return self._table(out)
 
     def _requests(self, batch: pa.Table) -> tuple[list[dict], list[dict], list[tuple[int, int, str]], dict]:
         """A block's clips, its output rows (status still None), the requests to infer (output row, clip in the
@@ -214,6 +271,10 @@ class StreamingLabeler(Labeler):
         self.server = EngineServer(engine)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.reporter.busy():
+            return await self._call(batch)
+
+    async def _call(self, batch: pa.Table) -> pa.Table:
         import asyncio
 
         loop = asyncio.get_running_loop()

@@ -12,6 +12,13 @@ WHOLE_FILE_BYTES = 1 << 30
 # --clips shots numbers window w's clips from w * SHOT_STRIDE (its clips are found in its own decode task, so their
 # count is not known when the video is split): clip_index orders a video's clips but has gaps between windows
 SHOT_STRIDE = 10_000
+# Ray Data's target block size, as the pipeline sets it (pipeline.graph): a task's output leaves it a block at a time,
+# a block when its rows pass about this size or the task ends. So the listing's reader, one long task, passes its
+# items on a block at a time, and the listing runs at least that far ahead of the labelling (pipeline.listing), or
+# labelling would wait for a block the listing waits for; and a clip group's frames are kept under it
+# (`group_clips`), so that a group leaves its decode task in one block and reaches one labeler block whole (a unit cut
+# between blocks is committed by the driver instead).
+BLOCK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,13 @@ class DecodeSettings:
             raise ValueError(f"a shots window ({self.shot_window_s:g} s) could hold {self.max_shot_clips} clips of "
                              f"--min-clip-seconds {self.min_clip_seconds:g}; at most {SHOT_STRIDE - 1}: raise "
                              "--min-clip-seconds or lower --max-clip-seconds")
+
+    @property
+    def group_clips(self) -> int:
+        """Clips per clip group (--clips fixed): clips_per_group, fewer when that many clips' frames at the model's
+        input would pass BLOCK_BYTES (32 frames of 384 px: 9)."""
+        clip_bytes = self.frames_per_clip * self.image_size * self.image_size * 3
+        return max(1, min(self.clips_per_group, BLOCK_BYTES // clip_bytes))
 
     @property
     def shot_window_s(self) -> float:

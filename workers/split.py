@@ -3,21 +3,28 @@
 An image (by name) is one WHOLE unit, read and decoded whole by the decode stage. Any other item is probed
 (workers.probe: a few range reads, in the isolated child): a video is cut into clip groups, one unit each, so one
 long video is decoded by many tasks at once and no task holds more than `clips_per_group` clips' frames:
-  --clips fixed  its clips (workers.video.plan_clips), clips_per_group at a time (CLIPS units);
+  --clips fixed  its clips (workers.video.plan_clips), clips_per_group at a time (CLIPS units; fewer where that many
+                 clips' frames would pass Ray Data's block size: DecodeSettings.group_clips);
   --clips shots  windows of clips_per_group * max_clip_seconds seconds (SHOTS units), each cut at its own shots.
-A group already committed by an earlier run (`done`, from pipeline.output) is left out: a video half done when a
-run was killed is finished by labelling only its other groups. Content the probe finds to be an image, and a
+A group already committed by an earlier run (the item's DONE_GROUPS, from the listing) is left out: a video half
+done when a run was killed is finished by labelling only its other groups. Content the probe finds to be an image, and a
 video the probe cannot open (a truncated or odd file the whole-file decoders may still recover), are WHOLE units
 while they fit the whole-file limit; a failed read, a file over the user's byte limit or a video too large in
 pixels is a FAILED unit (one error row). Nothing here raises for bad input.
+
+`split_batch` packs the units into decode tasks (schemas.clips.TASK_SCHEMA): the batch's WHOLE and FAILED units,
+and the videos that are one clip group, together in one task (an image or a short video decodes in milliseconds:
+a task for each would cost more than its decode), and each group of a video of several groups in a task of its own
+(a long video decodes in parallel).
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, READ_RETRIES, SHOTS, UNIT_SCHEMA, WHOLE
-from schemas.manifest import media_type_from_name
+from schemas.clips import (BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, READ_RETRIES, SHOTS, TASK_SCHEMA, UNIT_SCHEMA,
+                           WHOLE)
+from schemas.manifest import DONE_GROUPS, media_type_from_name
 from schemas.rows import DECODE, IMAGE, LIST, READ
 from workers.fetch import FetchError
 from workers.isolate import IsolationError, guarded
@@ -66,7 +73,7 @@ def plan_units(item: dict, probe: VideoProbe, settings: DecodeSettings, done: fr
              "bytes_per_s": probe.size / max(probe.duration_s, 1e-3)}
     if settings.clips == FIXED:
         spans = plan_clips(probe.duration_s, settings.clip_seconds, settings.max_clips)
-        g = settings.clips_per_group
+        g = settings.group_clips
         groups = [[{"index": k, "start_s": a, "end_s": b} for k, (a, b) in enumerate(spans)][i:i + g]
                   for i in range(0, len(spans), g)]
         kind = CLIPS
@@ -78,10 +85,18 @@ def plan_units(item: dict, probe: VideoProbe, settings: DecodeSettings, done: fr
             for g, clips in enumerate(groups) if g not in done]
 
 
-def split_batch(items: pa.Table, settings: DecodeSettings, done: dict[str, list[int]] | None = None) -> pa.Table:
-    """Items (schemas.manifest.ITEM_SCHEMA) -> units (schemas.clips.UNIT_SCHEMA). `done`: item_id -> the clip
-    groups an earlier run committed (left out)."""
-    done = done or {}
-    rows = [u for item in items.to_pylist()
-            for u in split_item(item, settings, frozenset(done.get(item["item_id"], ())))]
-    return pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
+def split_units(items: pa.Table, settings: DecodeSettings) -> list[dict]:
+    """Items (schemas.manifest.ITEM_SCHEMA) -> their units (rows of schemas.clips.UNIT_SCHEMA), in order; a video's
+    DONE_GROUPS are left out."""
+    return [u for item in items.to_pylist()
+            for u in split_item(item, settings, frozenset(item.get(DONE_GROUPS) or ()))]
+
+
+def split_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:
+    """Ray Data fn: items -> decode tasks (TASK_SCHEMA): the units that decode in milliseconds (WHOLE, FAILED, a
+    video of one clip group) in one, each group of a longer video alone."""
+    units = split_units(items, settings)
+    alone = [u["unit"] in (CLIPS, SHOTS) and (u[GROUPS] or 1) > 1 for u in units]
+    batch = [u for u, a in zip(units, alone) if not a]
+    tasks = ([{"units": batch}] if batch else []) + [{"units": [u]} for u, a in zip(units, alone) if a]
+    return pa.Table.from_pylist(tasks, schema=TASK_SCHEMA)

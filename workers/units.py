@@ -1,9 +1,13 @@
-"""The decode stage: units (schemas.clips.UNIT_SCHEMA) -> decoded clips (CLIP_SCHEMA), one row per clip.
+"""The decode stage: decode tasks (schemas.clips.TASK_SCHEMA) -> decoded clips (CLIP_SCHEMA), one row per clip.
 
-`decode_units` is the Ray Data stage, a generator: a unit's rows leave in tables of at most clips_per_group clips,
-so a task never holds more than that many clips' frames (a shots window may give more clips than that). By kind:
+`decode_units` is the Ray Data stage, a generator over its tasks' units. A task's WHOLE and FAILED units (a split
+batch's images) are read with a few reads in flight (workers.decode.fetch_window) and decoded one by one, yielding
+one table; its clip groups (a split batch's short videos, or one group of a long video) follow, each in tables of
+at most clips_per_group clips, so a task never holds more than that many clips' frames beside the images' (a
+shots window may give more clips than that). By kind:
   FAILED  one error row (its stage and message from the split stage);
-  WHOLE   read whole and decoded in memory (workers.decode.read_and_decode);
+  WHOLE   read whole and decoded in memory (workers.decode.decode_fetched: images in this process, anything
+          else in the isolated child);
   CLIPS   its clips decoded by seeking (workers.seek.decode_group), one isolated call with the timeout;
   SHOTS   the window's shot changes found (workers.shots.detect_cuts, one isolated call), its clips bounded
           (shot_clips) and numbered from the window's first index, then decoded clips_per_group per call.
@@ -20,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.clips import BYTES_READ, CLIP_SCHEMA, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, READ_RETRIES, SHOTS, WHOLE
+from schemas.manifest import SHARD
 from schemas.rows import DECODE, OK, READ, VIDEO, error_columns
-from workers.decode import error_row, read_and_decode
+from workers.decode import decode_fetched, error_row, fetch_window, read_and_decode
 from workers.fetch import FetchError
 from workers.frames import DecodeError
 from workers.isolate import IsolationError, guarded
@@ -33,10 +38,27 @@ from workers.stream import Reads, fetch_limit
 Span = tuple[int, float, float]  # (clip index, start_s, end_s)
 
 
-def decode_units(units: pa.Table, settings: DecodeSettings) -> Iterator[pa.Table]:
-    """Units -> CLIP_SCHEMA tables (see the module doc); never raises for bad input."""
-    for u in units.to_pylist():
-        yield from decode_unit(u, settings)
+def decode_units(tasks: pa.Table, settings: DecodeSettings) -> Iterator[pa.Table]:
+    """Decode tasks -> CLIP_SCHEMA tables (see the module doc); never raises for bad input."""
+    for task in tasks.column("units").to_pylist():
+        whole = [u for u in task if u["unit"] in (WHOLE, FAILED)]
+        if whole:
+            yield _whole_units(whole, settings)
+        for u in task:
+            if u["unit"] in (CLIPS, SHOTS):
+                yield from decode_unit(u, settings)
+
+
+def _whole_units(units: list[dict], settings: DecodeSettings) -> pa.Table:
+    """A task of WHOLE and FAILED units: one table of their rows."""
+    out = [row for u in units if u["unit"] == FAILED
+           for row in _with_bookkeeping(u, [error_row(u, u["error_stage"], u["error"], settings.image_size)], 1,
+                                        _probed(u))]
+    wholes = [u for u in units if u["unit"] == WHOLE]
+    for u, data, read in fetch_window(wholes, settings):
+        rows = data if isinstance(data, list) else decode_fetched(u, settings, data)
+        out += _with_bookkeeping(u, rows, len(rows), _probed(u) + read)
+    return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
 
 
 def decode_unit(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
@@ -113,15 +135,21 @@ def _clip_error(u: dict, span: Span, err: Exception, settings: DecodeSettings) -
 
 
 def _table(u: dict, rows: list[dict], unit_clips: int, read: Reads) -> pa.Table:
-    """Decoded rows -> CLIP_SCHEMA, with the unit's bookkeeping: rows in all (unit_clips x prompts), its group,
-    `read`'s bytes spread over these rows and its retries on the first (the sink sums both once per clip)."""
+    """Decoded rows -> CLIP_SCHEMA, with the unit's bookkeeping (`_with_bookkeeping`)."""
+    return pa.Table.from_pylist(_with_bookkeeping(u, rows, unit_clips, read), schema=CLIP_SCHEMA)
+
+
+def _with_bookkeeping(u: dict, rows: list[dict], unit_clips: int, read: Reads) -> list[dict]:
+    """Decoded rows as CLIP_SCHEMA rows, with the unit's bookkeeping: rows in all (unit_clips x prompts), its group,
+    its shard, `read`'s bytes spread over these rows and its retries on the first (the commit sums both once per
+    clip)."""
     prompts = len(u["prompts"])
     out = []
     for i, row in enumerate(rows):
         frames = np.ascontiguousarray(row.pop("frames"))
         row.update(frames=frames.tobytes(), frame_shape=list(frames.shape), prompts=u["prompts"])
-        row.update({ITEM_ROWS: unit_clips * prompts, GROUP: u[GROUP], GROUPS: u[GROUPS],
+        row.update({ITEM_ROWS: unit_clips * prompts, GROUP: u[GROUP], GROUPS: u[GROUPS], SHARD: u.get(SHARD),
                     BYTES_READ: read.bytes // len(rows) + (read.bytes % len(rows) if i == 0 else 0),
                     READ_RETRIES: read.retries if i == 0 else 0})
         out.append(row)
-    return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
+    return out
