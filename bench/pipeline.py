@@ -33,6 +33,7 @@ from bench.report import (command_line, device_description, section_head, table,
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.8  # pipeline / plain rows/s on CPU at 2,000 images (#33)
 
 
 @dataclass(frozen=True)
@@ -274,8 +275,16 @@ def markdown(doc: dict) -> str:
                                ("steady_rows_per_s", "steady rows/s"), ("first_commit_s", "first commit s"),
                                ("driver_peak_rss_mb", "driver peak RSS MB"), ("generated_tokens", "tokens"),
                                ("gpu_busy_fraction", "GPU busy")]), "",
-        (f"pipeline / plain rows/s: {ratio:.3f} end to end, {steady:.3f} steady (target >= 0.8)"
+        (f"pipeline / plain rows/s: {ratio:.3f} end to end, {steady:.3f} steady (target >= {TARGET})"
          if ratio is not None and steady is not None else
          "pipeline and plain loop labelled different row counts: see the JSON"),
     ]
+    if ratio is not None and steady is not None and ratio < TARGET:
+        run = doc["results"][0]
+        lines += ["", f"Missed by {TARGET / ratio:.2f}x end to end: {run['first_commit_s']:.1f} s of the pipeline's "
+                  f"{run['wall_s']:.1f} s went before its first part file (Ray's start, the worker and labeler "
+                  "processes, the model's load, the first blocks), which the plain loop does not pay; from there "
+                  f"it ran at {steady:.3f} of the plain loop"
+                  + ("." if steady >= TARGET else f", itself {TARGET / steady:.2f}x short: the plain loop's clips "
+                     "were decoded beforehand and untimed, the pipeline decodes them on the same cores.")]
     return "\n".join(lines) + "\n"
