@@ -164,9 +164,8 @@ def run_child(config: dict, out: Path, work: Path, fixed: bool = False, poll_s: 
     rate (rows committed between its first and last part file, over that time)."""
     spec = work / f"spec-{uuid.uuid4().hex[:8]}.json"
     spec.write_text(json.dumps({"config": config, "fixed": fixed}))
-    before = {e.name for e in os.scandir(out)} if out.exists() and not config.get("overwrite") else set()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    start = time.time()
+    start = time.time()  # part files written before it are an earlier run's (--overwrite removes them, not at once)
     proc = subprocess.Popen([sys.executable, "-m", "bench.child", str(spec)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -174,8 +173,7 @@ def run_child(config: dict, out: Path, work: Path, fixed: bool = False, poll_s: 
     reader.start()
     first = None
     while proc.poll() is None:
-        if first is None and out.exists() and any(e.name.startswith("part-") and e.name not in before
-                                                  for e in os.scandir(out)):
+        if first is None and out.exists() and any(_written_since(e, start) for e in os.scandir(out)):
             first = time.time() - start
         time.sleep(poll_s)
     reader.join(30)
@@ -183,17 +181,25 @@ def run_child(config: dict, out: Path, work: Path, fixed: bool = False, poll_s: 
         raise RuntimeError(f"the pipeline run failed (exit {proc.returncode}); see its log above")
     result = json.loads(lines[-1])
     result.update(first_commit_s=first, process_wall_s=time.time() - start,
-                  steady_rows_per_s=steady_rate(out, before))
+                  steady_rows_per_s=steady_rate(out, start))
     return result
 
 
-def steady_rate(out: Path, before: set[str] = frozenset()) -> float | None:
+def _written_since(entry: os.DirEntry, since: float) -> bool:
+    """A part file written at `since` or later (one that --overwrite removes as it is looked at is not)."""
+    try:
+        return entry.name.startswith("part-") and entry.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
+
+
+def steady_rate(out: Path, since: float = 0.0) -> float | None:
     """Rows committed after the run's first part file and up to its last, over the time between them (the
-    pipeline's rate once it runs, its start-up left out); files in `before` are an earlier run's."""
+    pipeline's rate once it runs, its start-up left out); files written before `since` are an earlier run's."""
     import pyarrow.parquet as pq
 
     files = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in out.glob("part-*.parquet")
-                   if p.name not in before)
+                   if p.stat().st_mtime >= since)
     if len(files) < 2 or files[-1][0] <= files[0][0]:
         return None
     return sum(n for _, n in files[1:]) / (files[-1][0] - files[0][0])
