@@ -127,6 +127,14 @@ def transformers_generate(model_dir: Path, images: list[Path], new_tokens: int) 
             "threads": torch.get_num_threads(), "context_tokens": contexts}
 
 
+def _cpu_dtype() -> str:
+    """What a CPU labeler on this machine computes in (workers.labeler: lavi.cpu_pack.cpu_dtype)."""
+    from lavi.cpu_pack import cpu_dtype
+
+    dtype = cpu_dtype()
+    return "the checkpoint's dtype" if dtype is None else str(dtype)
+
+
 def run(c: RealsizeConfig) -> dict:
     from bench.pipeline import _mb, run_child
 
@@ -151,7 +159,7 @@ def run(c: RealsizeConfig) -> dict:
              "generate_s": ref["generate_s"], "rows": len(SIZES), "note": f"{ref['dtype']}, {ref['threads']} threads"},
             {"path": "lavi-label run", "wall_s": child["process_wall_s"], "rows": summary["this_run"]["rows"],
              "first_commit_s": child["first_commit_s"], "driver_peak_rss_mb": _mb(child["peak_rss_bytes"]),
-             "note": ", ".join(f"{k} {v}" for k, v in summary["status"].items())}]
+             "note": ", ".join([f"{k} {v}" for k, v in summary["status"].items()] + [f"computes in {_cpu_dtype()}"])}]
     ratio = child["process_wall_s"] / ref_total
     doc = {"results": rows, "ratio": ratio, "met": ratio <= 1.25, "context_tokens": ref["context_tokens"],
            "device": device_description("cpu"), "versions": versions(), "command": command_line(),

@@ -28,6 +28,24 @@ from torch import Tensor, nn
 MIN_ELEMENTS = 1 << 18  # 262,144 weights: a layer smaller than this is left to F.linear
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it oneDNN converts every product, and
+    a bf16 linear runs ~4x slower than a float32 one (measured on this project's 2-core Xeon, AVX-512 without BF16:
+    a SigLIP-so400m MLP product over 13 anyres tiles, 1.40 s in bf16 against 0.34 s in float32)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_dtype() -> torch.dtype | None:
+    """The dtype a CPU labeler computes in: float32 where bf16 is not native (a bf16 checkpoint is upcast once, at
+    load, and its linear layers are then packed), None (the checkpoint's own) where it is."""
+    return None if native_bf16() else torch.float32
+
+
 def available() -> bool:
     """Whether this torch has oneDNN's packed linear (x86 builds do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

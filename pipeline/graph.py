@@ -2,8 +2,8 @@
 
     from_items([one reader])
       -> map_batches(read_listing)   one long-lived task: the listing's shards as the driver writes them, their items
-                                     out a block (workers.settings.BLOCK_BYTES) at a time, cut into blocks of a split batch
-                                     (workers.shards)
+                                     out a block (workers.settings.READER_BLOCK_BYTES, its own) at a time, cut into
+                                     blocks of a split batch (workers.shards)
       -> map_batches(split_batch)    CPU tasks: images together, a video probed and cut into clip groups; out in
                                      blocks of one decode task each (workers.split)
       -> map_batches(decode_units)   CPU tasks: a split batch's images, or one clip group (workers.units)
@@ -64,7 +64,8 @@ def build_dataset(spec: GraphSpec):
     config = spec.config
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own progress
-    ctx.target_max_block_size = settings_module.BLOCK_BYTES  # what the listing's lookahead and groups are sized by
+    ctx.target_max_block_size = settings_module.BLOCK_BYTES  # what a clip group is sized by
+    _reader_blocks()
     quiet_ray_data(config.verbose)
     ds = ray.data.from_items([{SOURCE: 0}])
     ds = ds.map_batches(read_listing, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
@@ -101,3 +102,41 @@ def _shaped(ds, rows: int, num_cpus: float):
     if hasattr(op, "ray_remote_args"):
         object.__setattr__(op, "ray_remote_args", {"num_cpus": num_cpus})
     return ds
+
+
+READER_OP = f"MapBatches({read_listing.__name__})"
+
+
+def _reader_blocks() -> None:
+    """Give the listing reader's operator its own output block size (workers.settings.READER_BLOCK_BYTES).
+
+    Ray Data holds a task's output until it passes the context's block size (BLOCK_BYTES, 128 MiB) or the task ends;
+    the reader is one task for the whole run, so it would pass items on half a million at a time, all of them in flight
+    as blocks the driver keeps track of, and the driver's memory would grow with the corpus. Ray Data has no public
+    per-operator block size: a physical-plan rule (its optimizer's DeveloperAPI ruleset), run before operators are
+    fused, sets it on the reader's transform alone (a block size on the operator itself would pass up to nothing and
+    clash, once fused, with the row count of the repartition after it)."""
+    from ray.data._internal.logical.interfaces import Rule
+    from ray.data._internal.logical.optimizers import get_physical_ruleset
+    from ray.data._internal.logical.rules import FuseOperators
+
+    class ReaderBlocks(Rule):
+        @classmethod
+        def dependents(cls):
+            return [FuseOperators]
+
+        def apply(self, plan):
+            ops, seen = [plan.dag], set()
+            while ops:
+                op = ops.pop()
+                if id(op) not in seen:
+                    seen.add(id(op))
+                    ops.extend(op.input_dependencies)
+                    if op.name == READER_OP:
+                        for fn in op._map_transformer.get_transform_fns():
+                            fn.override_target_max_block_size(settings_module.READER_BLOCK_BYTES)
+            return plan
+
+    rules = get_physical_ruleset()
+    if not any(rule.__name__ == ReaderBlocks.__name__ for rule in rules):  # once a process
+        rules.add(ReaderBlocks)

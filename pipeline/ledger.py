@@ -36,7 +36,7 @@ class ShardState:
     items: int  # distinct items in the shard
     to_label: int  # of them, the items this run labels (not finished before)
     seq: int | None = None  # its listing file (None: not written, nothing to label)
-    bytes: int = 0  # its listing file's size
+    bytes: int = 0  # its items' bytes in memory (an Arrow table of them)
     committed: Committed = dataclasses.field(default_factory=Committed)  # its files, earlier runs' and this one's
     finished: int = 0  # items of to_label finished so far
     resumed_groups: int = 0  # clip groups that earlier runs committed of the videos it labels
@@ -59,7 +59,8 @@ class Ledger:
         self.to_label = 0  # items listed for labelling so far
         self.written = 0  # listing files written
         self.completed = 0  # of them, complete
-        self.ahead = 0  # bytes of the listing files written and not complete
+        self.ahead = 0  # bytes (in memory) of the items of the listing files written and not complete
+        self.largest = 0  # the most bytes of a listing file's items
         self.ahead_items = 0  # and their items
         self.listing_done = False
         self.positions = 0  # shards listed so far (written or not)
@@ -69,11 +70,16 @@ class Ledger:
 
     # -- the listing's side ----------------------------------------------------------------------------------
     def wait_room(self, max_ahead_bytes: int, min_ahead_items: int, stop: threading.Event) -> None:
-        """Block the listing while its files written and not complete reach `max_ahead_bytes` and hold at least
-        `min_ahead_items` (the listing runs ahead of the labelling by about that much, so its scratch files stay
-        bounded, and never by less than the pipeline gathers before it labels, which would wait forever)."""
+        """Block the listing while the items of its files written and not complete reach `max_ahead_bytes` (in memory)
+        plus two of its largest shards, and number at least `min_ahead_items`. So the listing runs ahead of the
+        labelling by about that much (its scratch files, and the items in flight, stay bounded whatever the corpus),
+        and never by less than the pipeline gathers before it labels, which would wait forever: the reader holds
+        less than a block of items (max_ahead_bytes is two) and the shards with items among those are at most two
+        more than that block's bytes, so while the listing waits some shard not complete has every item in the
+        pipeline, and completes."""
         with self._lock:
-            while self.ahead >= max_ahead_bytes and self.ahead_items >= min_ahead_items and not stop.is_set():
+            while self.ahead >= max_ahead_bytes + 2 * self.largest and self.ahead_items >= min_ahead_items \
+                    and not stop.is_set():
                 self._lock.wait(timeout=1.0)
 
     def wait_written(self, stop: threading.Event) -> bool:
@@ -92,6 +98,7 @@ class Ledger:
             if state.seq is not None:
                 self.written += 1
                 self.ahead += state.bytes
+                self.largest = max(self.largest, state.bytes)
                 self.ahead_items += state.to_label
             if state.recorded:
                 pass  # its record and totals are the output's already

@@ -7,7 +7,7 @@ labelled in part or whole otherwise. A shard with items to label is written to `
 (ITEM_SCHEMA, its items carrying their SHARD and a video's DONE_GROUPS; seq numbers the written shards in order),
 written aside and moved, so a reader sees it whole; `_listing/_done.json` says how many there are once the
 listing ends. The pipeline's reader (workers.shards) follows those files as they appear, so the first items are
-labelled while a large corpus is still being listed (a block, workers.settings.BLOCK_BYTES of items, at a time), and
+labelled while a large corpus is still being listed (a block, workers.settings.READER_BLOCK_BYTES of items, at a time), and
 the ledger (pipeline.ledger) learns of each shard. The listing runs at most `max_ahead_bytes` of listing files
 ahead of the labelling, so its scratch files stay bounded too.
 """
@@ -41,12 +41,12 @@ SHARD_SIZE = 10_000  # items per listing shard
 
 
 def max_ahead_bytes() -> int:
-    """How far the listing may run ahead of the labelling, in bytes of listing files: twice Ray Data's block size
-    (workers.settings.BLOCK_BYTES: the reader passes items on a block at a time, so less would wait forever; a
-    listing file's bytes are fewer than its items' in memory)."""
+    """How far the listing may run ahead of the labelling, in bytes of its items in memory, beyond what the ledger
+    adds for its largest shards (Ledger.wait_room): twice the reader's block size (workers.settings.READER_BLOCK_BYTES:
+    the reader passes items on a block at a time, so less would wait forever)."""
     from workers import settings
 
-    return 2 * settings.BLOCK_BYTES
+    return 2 * settings.READER_BLOCK_BYTES
 
 
 def min_ahead_items(config: RunConfig) -> int:
@@ -115,8 +115,7 @@ class Lister:
             if self.stop.is_set():
                 return
             state.seq = seq
-            data = self._encode(state, keep)
-            state.bytes = len(data)
+            data, state.bytes = self._encode(state, keep)
             self.ledger.listed(state)  # before its file: its first commit record may come at once
             self._put(self.output.path(f"_listing/{listing_name(seq)}"), data)
             seq += 1
@@ -159,13 +158,14 @@ class Lister:
         return state, keep
 
     @staticmethod
-    def _encode(state: ShardState, items: list[dict]) -> bytes:
-        """A listing file: the items (ITEM_SCHEMA), the shard's position and key in its metadata."""
+    def _encode(state: ShardState, items: list[dict]) -> tuple[bytes, int]:
+        """A listing file: the items (ITEM_SCHEMA), the shard's position and key in its metadata; and the items'
+        bytes in memory (as the reader holds them)."""
         meta = {LISTING_KEYS[0]: str(state.pos).encode(), LISTING_KEYS[1]: state.key.encode()}
         table = pa.Table.from_pylist(items, schema=ITEM_SCHEMA.with_metadata(meta))
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        return sink.getvalue().to_pybytes()
+        return sink.getvalue().to_pybytes(), table.nbytes
 
     def _put(self, path: str, data: bytes) -> None:
         """Write aside and move: a reader sees the file whole or not at all."""
@@ -186,4 +186,4 @@ class Lister:
 
     def empty(self, state: ShardState) -> None:
         """A complete shard's listing file, emptied (the scratch stays bounded; a reader after a rebuild skips it)."""
-        self._put(self.output.path(f"_listing/{listing_name(state.seq)}"), self._encode(state, []))
+        self._put(self.output.path(f"_listing/{listing_name(state.seq)}"), self._encode(state, [])[0])

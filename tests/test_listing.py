@@ -202,9 +202,9 @@ def test_the_reader_waits_for_shards_still_being_written(tmp_path):
 
 
 def test_the_listing_waits_for_room_by_bytes_and_never_below_what_a_labeler_gathers(tmp_path):
-    """Guards against a listing that runs unboundedly ahead of the labelling (its scratch files grow with the
-    corpus), and against one held back while the pipeline still waits for items to fill a block (each would wait on
-    the other forever)."""
+    """Guards against a listing that runs unboundedly ahead of the labelling (its scratch files and the items in
+    flight grow with the corpus), and against one held back while the pipeline still waits for items to fill a block,
+    a labeler's or the reader's (each would wait on the other forever)."""
     from pipeline.ledger import ShardState
 
     ledger, stop = Ledger(Output(str(tmp_path / "out"))), threading.Event()
@@ -215,8 +215,10 @@ def test_the_listing_waits_for_room_by_bytes_and_never_below_what_a_labeler_gath
         done.join(0.3)
         return done.is_alive()
 
-    ledger.listed(ShardState(pos=0, key="k0", items=4, to_label=4, seq=0, bytes=1000))
-    assert not waits(2000, 4)  # bytes under the bound
-    assert not waits(1000, 5)  # bytes at the bound, but fewer items than a block gathers: listed on
-    assert waits(1000, 4)
+    for seq in range(3):
+        ledger.listed(ShardState(pos=seq, key=f"k{seq}", items=4, to_label=4, seq=seq, bytes=1000))
+    # the bound is max_bytes plus two of the largest shards (the reader may hold items of two shards besides a block)
+    assert not waits(1001, 12)  # 3000 bytes ahead: under 1001 + 2 * 1000
+    assert not waits(1000, 13)  # at the bound, but fewer items than a block gathers: listed on
+    assert waits(1000, 12)
     stop.set()

@@ -324,9 +324,10 @@ def test_a_stalled_pipeline_says_what_it_waits_on_then_fails(ray_local, tiny_mod
 def test_labelling_starts_while_the_inputs_are_still_listed(ray_local, tiny_model, tmp_path, monkeypatch):
     """Guards against a listing that must end before any item is labelled (a 100M-item prefix listed for half an
     hour before a GPU works): the listing is held after its first shards until a part file is committed, which
-    only a pipeline that labels while it lists can do; the run then ends with every row once. Ray Data's block size
-    is made small here, so that a few shards make a block (a run's is 128 MiB of items), and the split batch and
-    labeler blocks fewer items than the held listing has."""
+    only a pipeline that labels while it lists can do; the run then ends with every row once. The reader's own block
+    size (pipeline.graph._reader_blocks) is made small here, so that a few shards make a block (a run's is 1 MiB of
+    items; the other operators' 128 MiB would hold them all), and the split batch and labeler blocks fewer items than
+    the held listing has."""
     import glob
     import threading
 
@@ -335,7 +336,7 @@ def test_labelling_starts_while_the_inputs_are_still_listed(ray_local, tiny_mode
 
     write_corpus(str(tmp_path / "corpus"), 30, 0, seed=6)
     out = tmp_path / "out"
-    monkeypatch.setattr(workers.settings, "BLOCK_BYTES", 2048)
+    monkeypatch.setattr(workers.settings, "READER_BLOCK_BYTES", 2048)
     monkeypatch.setattr(pipeline.listing, "SHARD_SIZE", 5)
     committed = threading.Event()
     real = pipeline.listing.iter_items

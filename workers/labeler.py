@@ -99,15 +99,17 @@ class Labeler:
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
+        from lavi.cpu_pack import cpu_dtype
         from lavi.engine import Engine
         from lavi.generate import GenerationConfig
 
-        # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs
+        # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs,
+        # float32 on a CPU without native bf16 (lavi.cpu_pack.cpu_dtype: a bf16 checkpoint would compute ~4x slower)
         cuda = spec.device.startswith("cuda")
         batch = {} if spec.max_batch is None else {"max_batch": spec.max_batch}
         engine = Engine.load(local_model_dir(spec.model or DEFAULT_MODEL, spec.storage_options), device=spec.device,
-                             dtype=torch.bfloat16 if cuda else None, compile=spec.compile, quantize=spec.quantize,
-                             visual_compress=spec.visual_compress, **batch)
+                             dtype=torch.bfloat16 if cuda else cpu_dtype(), compile=spec.compile,
+                             quantize=spec.quantize, visual_compress=spec.visual_compress, **batch)
         engine.inflight = spec.inflight
         if not cuda:
             threads = cpu_threads(_node_cpus(), spec.workers, spec.cpus_per_worker,

@@ -13,12 +13,14 @@ WHOLE_FILE_BYTES = 1 << 30
 # count is not known when the video is split): clip_index orders a video's clips but has gaps between windows
 SHOT_STRIDE = 10_000
 # Ray Data's target block size, as the pipeline sets it (pipeline.graph): a task's output leaves it a block at a time,
-# a block when its rows pass about this size or the task ends. So the listing's reader, one long task, passes its
-# items on a block at a time, and the listing runs at least that far ahead of the labelling (pipeline.listing), or
-# labelling would wait for a block the listing waits for; and a clip group's frames are kept under it
+# a block when its rows pass about this size or the task ends. A clip group's frames are kept under it
 # (`group_clips`), so that a group leaves its decode task in one block and reaches one labeler block whole (a unit cut
 # between blocks is committed by the driver instead).
 BLOCK_BYTES = 128 << 20
+# The listing reader's own block size (pipeline.graph sets it on that operator alone): its items leave it this many
+# bytes at a time (about 4,000 items), so the items in flight, and the driver's bookkeeping of their blocks, stay a
+# few shards whatever the corpus; every other operator keeps BLOCK_BYTES.
+READER_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
