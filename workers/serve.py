@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 class EngineServer:
     def __init__(self, engine: "Engine", idle_s: float = 0.05) -> None:
+        import torch
+
         self.engine, self.idle_s = engine, idle_s
+        # OpenMP's thread count is per thread: a new one starts at OMP_NUM_THREADS (Ray sets 1 under a whole CPU), not
+        # at what the labeler set (workers.labeler.cpu_threads), so this thread computed on one core of two
+        self.threads = torch.get_num_threads()
         self.jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self.wake = threading.Event()
         self.stopped = False
@@ -50,6 +55,9 @@ class EngineServer:
         self.thread.join(timeout=60)
 
     def _loop(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.threads)
         while not self.stopped:
             try:
                 if not self.jobs.empty():
