@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lavi import anyres
-from lavi.engine import Engine
-from lavi.onevision_engine import OneVisionEngine
+from bench.hf_rows import measure
+from bench.model_config import CHECKPOINT_SETTINGS
+from lavi.onevision import anyres
+from lavi.serving.engine import Engine
+from lavi.onevision.engine import OneVisionEngine
 
 log = logging.getLogger(__name__)
-SETTINGS = ("image", "anyres", "video")
 
 
 def visual_input(engine: Engine, setting: str, seed: int) -> tuple[np.ndarray, tuple[str, tuple[int, int]]] | None:
@@ -64,7 +65,7 @@ def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
     onevision = isinstance(engine, OneVisionEngine)
     kind = "concat" if onevision or engine.config.fusion == "concat" else "lavi"
     rows, skipped = [], []
-    for setting in c.settings or SETTINGS:
+    for setting in c.settings or CHECKPOINT_SETTINGS:
         item = visual_input(engine, setting, c.seed)
         if item is None:
             skipped.append({"model": kind, "setting": setting, "reason": f"{path} has no {setting} input"})
@@ -82,7 +83,7 @@ def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
                   "frames": len(visual), "image_size": list(media[1]), "visual_tokens": nv,
                   "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens,
                   "dtype": str(runner.dtype).removeprefix("torch."), "compiled": runner.compile and c.compile_backend,
-                  "generator": "lavi.generate.Generator"}
+                  "generator": "lavi.serving.generate.Generator"}
         for b in runner._sizes(probe, [1, 8, 32]):
             log.info("bench %s %s %s batch %d", path, kind, setting, b)
             rows.append({**common, **runner.measure(engine.model, inputs, b, max_seq)})
@@ -99,8 +100,7 @@ def _bench_transformers(runner, path: str, config, setting: str, visual: np.ndar
     expanded as its processor expands it."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from bench.hf_rows import measure
-    from lavi.onevision import pixels
+    from lavi.onevision.model import pixels
 
     c = runner.c
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=runner.dtype).to(runner.device).eval()

@@ -1,4 +1,4 @@
-"""Timed generation for the benchmarks: the engine's own `lavi.generate.Generator` (static caches, last-position
+"""Timed generation for the benchmarks: the engine's own `lavi.serving.generate.Generator` (static caches, last-position
 prefill, a sync-free decode step compiled with CUDA graphs on a GPU), with a device sync at each boundary.
 
 The benchmarks measure exactly the loop `lavi-label run` uses; only the timing is added here.
@@ -12,9 +12,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lavi.fusion import Visual
-from lavi.generate import GenerationConfig, Generator, RowTokens, setup_caches
-from lavi.model import LaVi
+from lavi.core.fusion import Visual
+from lavi.serving.generate import Generator
+from lavi.serving.steps import GenerationConfig, RowTokens, setup_caches
+from lavi.core.model import LaVi
 
 
 @dataclass(frozen=True)

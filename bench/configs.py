@@ -1,8 +1,8 @@
 """The shapes the benchmarks run at, and random-weight models built on the device without a CPU copy.
 
 Visual settings (frames x tokens per frame):
-    tiny-random      image 1 x 16, video 4 x 16                      (lavi.tiny.tiny_config, 32 px, patch 8)
-    tiny-shapes      image 1 x 36, anyres 10 x 36, video 16 x 36       (lavi.tiny.tiny_shapes_config(60))
+    tiny-random      image 1 x 16, video 4 x 16                      (lavi.tiny_models.tiny_config, 32 px, patch 8)
+    tiny-shapes      image 1 x 36, anyres 10 x 36, video 16 x 36       (lavi.tiny_models.tiny_shapes_config(60))
     qwen2-0.5b-siglip  image 1 x 729, anyres 3 x 729 (base view + 2 crops): LLaVA-OneVision-0.5B's shapes, for CPU
     qwen2-7b-siglip  image 1 x 729 (384 px, fed as 378 px: see settings()), anyres 10 x 729 = 7,290 (ten crops),
                      video 32 x 196 (frames given at 196 px = 14 x 14 patches of 14 px)
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lavi.config import DecoderConfig, LaViConfig, VisionConfig
-from lavi.model import LaVi
+from lavi.core.config import DecoderConfig, LaViConfig, VisionConfig
+from lavi.core.model import LaVi
 
 SHAPES = ("tiny-random", "tiny-shapes", "qwen2-0.5b-siglip", "qwen2-7b-siglip")
 SIGLIP_SO400M = dict(patch_size=14, hidden_size=1152, intermediate_size=4304, num_layers=26, num_heads=16)
@@ -57,8 +57,8 @@ def settings(shapes: str) -> list[Setting]:
 
 def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
     """The LaViConfig of `shapes` with `fusion` (viln, vlora or concat), its ViT input sized for `setting`. VLoRA at
-    the real shapes: rank 64, a generator of width 256 (the tiny shapes keep their own, lavi.tiny)."""
-    from lavi.tiny import tiny_config, tiny_shapes_config
+    the real shapes: rank 64, a generator of width 256 (the tiny shapes keep their own, lavi.tiny_models)."""
+    from lavi.tiny_models import tiny_config, tiny_shapes_config
 
     if shapes == "tiny-random":
         base = tiny_config(TINY_VOCAB, fusion)

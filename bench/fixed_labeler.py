@@ -40,7 +40,7 @@ class FixedLabeler(Labeler):
     """A labeler whose every answer is TEXT (see the module doc)."""
 
     def __init__(self, spec: LabelerSpec) -> None:
-        from lavi.generate import GenerationConfig
+        from lavi.serving.steps import GenerationConfig
 
         from pipeline.models import model_info
         from lavi.bundled import DEFAULT_MODEL

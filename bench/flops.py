@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from lavi.compress import VisualCompress
-from lavi.config import LaViConfig
-from lavi.vlora import weight_shapes
-from lavi.decoder import NONE, KVCache, rope_cos_sin
-from lavi.fastv import prefill_pruned
-from lavi.model import LaVi, attention_mask
+from lavi.visual_tokens.methods import VisualCompress
+from lavi.core.config import CONTEXT_FUSION, VILN, VLORA, LaViConfig
+from lavi.core.vlora import weight_shapes
+from lavi.core.decoder import NONE, KVCache, rope_cos_sin
+from lavi.visual_tokens.fastv import prefill_pruned
+from lavi.core.model import LaVi, attention_mask, rope_positions
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def vit_flops(c: LaViConfig, frames: int) -> int:
     v = c.vision
     p, d = v.num_patches, v.hidden_size
     per_layer = 4 * 2 * p * d * d + 4 * p * p * d + 2 * 2 * p * d * v.intermediate_size
-    layers = max(c.vision_taps()) + 1 if c.fusion == "viln" else v.num_layers
+    layers = max(c.vision_taps()) + 1 if c.fusion == VILN else v.num_layers
     return frames * (2 * p * (v.num_channels * v.patch_size ** 2) * d + layers * per_layer)
 
 
@@ -96,21 +96,21 @@ def lora_flops(c: LaViConfig, text_tokens: int) -> int:
 
 
 def dct_flops(side: int, r: int, d: int) -> int:
-    """One side x side grid of width d low-passed to r x r (lavi.dct: forward over h, then w; inverse twice)."""
+    """One side x side grid of width d low-passed to r x r (lavi.visual_tokens.dct: forward over h, then w; inverse twice)."""
     return 2 * r * side * side * d + 2 * r * r * side * d + 4 * r ** 3 * d
 
 
 def visual_context(c: LaViConfig, frames: int, compress: VisualCompress | None = None) -> int:
     """The visual tokens in the decoder's context: none for viln and vlora; concat's, after a dct compression."""
-    if c.fusion in ("viln", "vlora"):
+    if c.fusion != CONTEXT_FUSION:
         return 0
-    if compress is not None and compress.method == "dct":
-        return frames * compress.side(math.isqrt(c.vision.num_patches)) ** 2
+    if compress is not None:
+        return frames * compress.grid_side(math.isqrt(c.vision.num_patches)) ** 2
     return frames * c.vision.num_patches
 
 
 def _fastv(c: LaViConfig, compress: VisualCompress | None) -> bool:
-    return c.fusion == "concat" and compress is not None and compress.method == "fastv" and not compress.is_identity
+    return c.fusion == CONTEXT_FUSION and compress is not None and compress.prunes
 
 
 def conditioner_flops(c: LaViConfig, visual_tokens: int, text_tokens: int, per_item: bool = True) -> int:
@@ -131,12 +131,12 @@ def fusion_flops(c: LaViConfig, frames: int, text_tokens: int, compress: VisualC
     """The fusion's share of one item's prefill: ViLN's conditioner, VLoRA's generator and deltas, or concat's
     projector (and its dct compression)."""
     nv = frames * c.vision.num_patches
-    if c.fusion == "viln":
+    if c.fusion == VILN:
         return conditioner_flops(c, nv, text_tokens)
-    if c.fusion == "vlora":
+    if c.fusion == VLORA:
         return generator_flops(c, nv) + lora_flops(c, text_tokens)
     out = projector_flops(c, nv)
-    if compress is not None and compress.method == "dct" and not compress.is_identity:
+    if compress is not None and compress.lowpass:
         side = math.isqrt(c.vision.num_patches)
         out += frames * dct_flops(side, compress.side(side), c.decoder.hidden_size)
     return out
@@ -148,7 +148,7 @@ def prefill_flops(c: LaViConfig, frames: int, text_tokens: int, batch: int = 1, 
 
     key_slots: the attention's key length (None: the context itself, no cache; else the static
     cache's slot count). logits: "all" positions go through the lm_head (Decoder.forward) or "last".
-    compress: a concat model's visual compression (lavi.compress).
+    compress: a concat model's visual compression (lavi.visual_tokens.methods).
     """
     if logits not in ("all", "last"):
         raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
@@ -174,7 +174,7 @@ def decode_step_flops(c: LaViConfig, frames: int, key_slots: int, batch: int = 1
     """One decode step of `batch` rows: one query each against `key_slots` cache slots (+ ViLN per site, VLoRA's
     deltas). FastV's pruned slots are masked, not skipped: a step costs what the unpruned one does."""
     nv = frames * c.vision.num_patches
-    fusion = {"viln": conditioner_flops(c, nv, 1, per_item=False), "vlora": lora_flops(c, 1)}.get(c.fusion, 0)
+    fusion = {VILN: conditioner_flops(c, nv, 1, per_item=False), VLORA: lora_flops(c, 1)}.get(c.fusion, 0)
     head = 2 * c.decoder.hidden_size * c.decoder.vocab_size
     return Flops(vision=0, fusion=batch * fusion, decoder=batch * decoder_flops(c, 1, key_slots),
                  lm_head=batch * head)
@@ -225,7 +225,7 @@ def counted_prefill_flops(model: LaVi, frames: int, text_tokens: int, batch: int
     """Count the real modules' prefill: `LaVi.encode`, `LaVi.inputs`, then the decoder's layers over the
     context (and the lm_head over all positions or the last). Works on the meta device (shapes only,
     nothing allocated), so 7B shapes count on any machine; a model set to `fastv` (whose choice of tokens reads
-    the attention's values) runs its pruned prefill (lavi.fastv) for real, its lm_head on the last position."""
+    the attention's values) runs its pruned prefill (lavi.visual_tokens.fastv) for real, its lm_head on the last position."""
     c = model.config
     device = model.device
     size = c.vision.image_size
@@ -246,7 +246,7 @@ def counted_prefill_flops(model: LaVi, frames: int, text_tokens: int, batch: int
         mask = attention_mask(kv_valid, q_slots, kvalid)
         if _fastv(c, getattr(model, "visual_compress", None)):
             cache = KVCache(dec.config, batch, slots, embeds.dtype, device)
-            positions = (kvalid.long().cumsum(1) - 1).clamp(min=0)
+            positions = rope_positions(kvalid)
             total, _ = count(prefill_pruned, model, cache, embeds, positions, mask, q_slots, kvalid,
                              model.visual_positions(vis, ids, valid), model.visual_compress)
             head_flops, _ = count(lambda x: dec.lm_head(dec.norm(x)), embeds[:, -1:])

@@ -35,8 +35,8 @@ def measure_inflight(path: str, device: str = "cpu", n_images: int = 48, questio
     """Rows/s of `path` (a LaVi checkpoint directory) with in-flight batching and with static batches."""
     import torch
 
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
 
     engine = Engine.load(path, device=device, max_batch=batch)
     clips, requests = mixed_requests(n_images, questions, seed)

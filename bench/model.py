@@ -28,9 +28,9 @@ from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
 from bench.model_report import markdown, ratios, section_key
 from bench.report import command_line, device_description, versions, write_json, write_section
 from bench import roofline as R
-from lavi.compress import VisualCompress
-from lavi.fusion import Visual
-from lavi.model import LaVi
+from lavi.visual_tokens.methods import VisualCompress
+from lavi.core.fusion import Visual
+from lavi.core.model import LaVi
 
 log = logging.getLogger(__name__)
 NEVER = -1  # an EOS id argmax never returns: every row generates exactly new_tokens
@@ -169,7 +169,7 @@ class Runner:
         model.visual_compress = None
         del vis
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
-            from lavi.quant import quantize
+            from lavi.serving.quant import quantize
             del model, inputs  # both hold the float model: it must be gone before the baseline is taken
             self._release()
             self.mem.rebase()  # as for the float rows: the peak counts the model's own (int8) weights
@@ -202,7 +202,7 @@ class Runner:
         c = self.c
         nv = setting.visual_tokens(config.vision.patch_size)
         max_seq = c.prompt_tokens + F.visual_context(config, setting.frames, vc) + c.new_tokens
-        if vc is not None and vc.method == "fastv":
+        if vc is not None and vc.prunes:
             counted = F.counted_prefill_flops(model, setting.frames, c.prompt_tokens, key_slots=max_seq,
                                               logits="last")
         else:
@@ -218,15 +218,15 @@ class Runner:
                 "image_size": setting.image_size, "visual_tokens": nv,
                 "context_visual_tokens": F.visual_context(config, setting.frames, vc), "prompt_tokens": c.prompt_tokens,
                 "new_tokens": c.new_tokens, "dtype": str(self.dtype).removeprefix("torch."),
-                "compiled": self.compile and c.compile_backend, "generator": "lavi.generate.Generator",
+                "compiled": self.compile and c.compile_backend, "generator": "lavi.serving.generate.Generator",
                 "prefill_flops": counted.total, "prefill_flops_analytic": analytic.total,
                 "prefill_flops_breakdown": counted.to_dict(), "max_seq": max_seq,
                 "caption_flops": F.caption_flops(config, setting.frames, c.prompt_tokens, c.new_tokens,
                                                  key_slots=max_seq, compress=vc)}
 
     def _packed(self, model):
-        """As `Engine.load` does (`lavi.prepare`): on CPU in float32, eager, the linear layers oneDNN-packed."""
-        from lavi.prepare import packed
+        """As `Engine.load` does (`lavi.serving.load_prep`): on CPU in float32, eager, the linear layers oneDNN-packed."""
+        from lavi.serving.load_prep import packed
 
         return packed(model, None, self.compile)
 

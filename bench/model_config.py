@@ -9,10 +9,11 @@ import torch
 
 from bench.configs import SHAPES, Setting, settings
 from bench.memory import best_s
-from lavi.compress import VisualCompress
+from lavi.visual_tokens.methods import VisualCompress
 
 MODELS = ("lavi", "vlora", "concat", "hf-llava-ov")
 FUSION = {"lavi": "viln", "vlora": "vlora", "concat": "concat"}
+CHECKPOINT_SETTINGS = ("image", "anyres", "video")  # the settings of checkpoint directories (bench.checkpoints)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 
 
@@ -24,7 +25,7 @@ class ModelBenchConfig:
     shapes: str = "tiny-shapes"
     settings: tuple[str, ...] = ()  # image, anyres, video (empty: all of the shapes' settings)
     models: tuple[str, ...] = ()  # empty: lavi, vlora, concat (+ hf-llava-ov on CUDA, tiny-random, qwen2-0.5b)
-    compress: tuple[str, ...] = ()  # each concat model also measured with these (lavi.compress: dct:K, fastv:K@L)
+    compress: tuple[str, ...] = ()  # each concat model also measured with these (lavi.visual_tokens.methods: dct:K, fastv:K@L)
     batch_sizes: tuple[int, ...] = ()  # empty: CPU 1, 8, 32; CUDA 1 and the largest that fits (probed)
     prompt_tokens: int = 64
     new_tokens: int = 48
@@ -49,9 +50,8 @@ class ModelBenchConfig:
         object.__setattr__(self, "checkpoints", tuple(self.checkpoints))
         object.__setattr__(self, "compress", tuple(VisualCompress.parse(v).spelled() for v in self.compress))
         if self.checkpoints:
-            from bench.checkpoints import SETTINGS
-            if set(self.settings) - set(SETTINGS):
-                raise ValueError(f"--settings with --model must be among {SETTINGS}, got {self.settings}")
+            if set(self.settings) - set(CHECKPOINT_SETTINGS):
+                raise ValueError(f"--settings with --model must be among {CHECKPOINT_SETTINGS}, got {self.settings}")
             missing = [p for p in self.checkpoints if not (Path(p) / "config.json").exists()]
             if missing:
                 raise ValueError(f"--model {missing[0]}: no config.json there (a local checkpoint directory)")

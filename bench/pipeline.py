@@ -15,24 +15,22 @@ Imports ray (through pipeline/) only when run, never at import time.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import scale
+from bench.child import mb, run_child
 from bench.report import (command_line, device_description, section_head, table, versions, write_json,
                           write_section)
+from schemas.rows import ERROR
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.8  # pipeline / plain rows/s on CPU at 2,000 images (#33)
 
 
@@ -67,7 +65,7 @@ class PipelineBenchConfig:
 def resolve_model(model: str | None, workdir: Path, seed: int) -> tuple[str, str]:
     """(checkpoint dir, what it is): the given one, the bundled one, or a random tiny-shapes LaVi written
     to workdir with the shapes-v1 word tokenizer (same shapes and cost as the bundled model)."""
-    from lavi.engine import DEFAULT_MODEL
+    from lavi.bundled import DEFAULT_MODEL
 
     if model:
         return model, "given"
@@ -76,8 +74,8 @@ def resolve_model(model: str | None, workdir: Path, seed: int) -> tuple[str, str
     import torch
 
     from bench.configs import random_model
-    from lavi import checkpoint
-    from lavi.tiny import save_word_tokenizer, tiny_shapes_config
+    from lavi.core import checkpoint
+    from lavi.tiny_models import save_word_tokenizer, tiny_shapes_config
     from shapes.spec import vocabulary
 
     path = workdir / "random-tiny-shapes"
@@ -129,7 +127,7 @@ def decoded_clips(manifest: str, image_size: int, frames: int) -> list[tuple]:
     clips = []
     for item in iter_items([manifest], PromptSpec()):
         for row in fetch_and_decode(item, settings):
-            if row["status"] != "error":
+            if row["status"] != ERROR:
                 clips.append((np.ascontiguousarray(row["frames"]), row["media_type"]))
     return clips
 
@@ -138,8 +136,8 @@ def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str,
     """Engine.generate over decoded clips, batch by batch, as a script would: the model-only baseline."""
     import torch
 
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
 
     engine = Engine.load(model_dir, device=device, max_batch=batch_size)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
@@ -158,60 +156,11 @@ def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str,
     return {"wall_s": time.perf_counter() - start, "rows": len(clips), "generated_tokens": tokens}
 
 
-def run_child(config: dict, out: Path, work: Path, fixed: bool = False, poll_s: float = 0.05) -> dict:
-    """pipeline.driver.run(RunConfig(**config)) in a process of its own (bench.child), watched from here: its summary,
-    wall time and driver peak RSS, the seconds from its start to its first committed part file, and its steady
-    rate (rows committed between its first and last part file, over that time)."""
-    spec = work / f"spec-{uuid.uuid4().hex[:8]}.json"
-    spec.write_text(json.dumps({"config": config, "fixed": fixed}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    start = time.time()  # part files written before it are an earlier run's (--overwrite removes them, not at once)
-    proc = subprocess.Popen([sys.executable, "-m", "bench.child", str(spec)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
-    first = None
-    while proc.poll() is None:
-        if first is None and out.exists() and any(_written_since(e, start) for e in os.scandir(out)):
-            first = time.time() - start
-        time.sleep(poll_s)
-    reader.join(30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the pipeline run failed (exit {proc.returncode}); see its log above")
-    result = json.loads(lines[-1])
-    result.update(first_commit_s=first, process_wall_s=time.time() - start,
-                  steady_rows_per_s=steady_rate(out, start))
-    return result
-
-
-def _written_since(entry: os.DirEntry, since: float) -> bool:
-    """A part file written at `since` or later (one that --overwrite removes as it is looked at is not)."""
-    try:
-        return entry.name.startswith("part-") and entry.stat().st_mtime >= since
-    except FileNotFoundError:
-        return False
-
-
-def steady_rate(out: Path, since: float = 0.0) -> float | None:
-    """Rows committed after the run's first part file and up to its last, over the time between them (the
-    pipeline's rate once it runs, its start-up left out); files written before `since` are an earlier run's."""
-    import pyarrow.parquet as pq
-
-    files = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in out.glob("part-*.parquet")
-                   if p.stat().st_mtime >= since)
-    if len(files) < 2 or files[-1][0] <= files[0][0]:
-        return None
-    return sum(n for _, n in files[1:]) / (files[-1][0] - files[0][0])
-
-
 def run(c: PipelineBenchConfig) -> dict:
     """Write the corpus, run the pipeline and the plain loop (or, with --scale, the scale runs), write c.out and
     c.markdown's section."""
     if c.scale:
-        from bench.scale import run as run_scale
-
-        return run_scale(c)
+        return scale.run(c)
     from pipeline.models import model_info
     from shapes.corpus import write_corpus
 
@@ -240,7 +189,7 @@ def run(c: PipelineBenchConfig) -> dict:
     plain_rate = plain["rows"] / plain["wall_s"]
     pipeline_row = {"mode": "pipeline", "wall_s": wall, "rows": rows, "rows_per_s": rows / wall,
                     "steady_rows_per_s": child["steady_rows_per_s"], "first_commit_s": child["first_commit_s"],
-                    "driver_peak_rss_mb": _mb(child["peak_rss_bytes"]),
+                    "driver_peak_rss_mb": mb(child["peak_rss_bytes"]),
                     "generated_tokens": summary["this_run"]["generated_tokens"], "gpu_busy_fraction": gpu_busy,
                     "status": summary.get("status")}
     doc = {
@@ -260,15 +209,9 @@ def run(c: PipelineBenchConfig) -> dict:
     return doc
 
 
-def _mb(n: int | None) -> float | None:
-    return None if n is None else n / 2**20
-
-
 def markdown(doc: dict) -> str:
     if doc.get("scale"):
-        from bench.scale import markdown as scale_markdown
-
-        return scale_markdown(doc)
+        return scale.markdown(doc)
     c = doc["config"]
     ratio, steady = doc["throughput_ratio"], doc["steady_ratio"]
     lines = [

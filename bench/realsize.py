@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.child import mb, run_child
 from bench.report import (command_line, device_description, section_head, table, versions, write_json,
                           write_section)
 
@@ -128,16 +129,14 @@ def transformers_generate(model_dir: Path, images: list[Path], new_tokens: int) 
 
 
 def _cpu_dtype() -> str:
-    """What a CPU labeler on this machine computes in (workers.labeler: lavi.cpu_pack.cpu_dtype)."""
-    from lavi.cpu_pack import cpu_dtype
+    """What a CPU labeler on this machine computes in (workers.labeler: lavi.serving.cpu_pack.cpu_dtype)."""
+    from lavi.serving.cpu_pack import cpu_dtype
 
     dtype = cpu_dtype()
     return "the checkpoint's dtype" if dtype is None else str(dtype)
 
 
 def run(c: RealsizeConfig) -> dict:
-    from bench.pipeline import _mb, run_child
-
     tmp = None if c.workdir else tempfile.mkdtemp(prefix="lavi-realsize-")
     work = Path(c.workdir or tmp)
     try:
@@ -158,7 +157,7 @@ def run(c: RealsizeConfig) -> dict:
     rows = [{"path": "transformers generate()", "wall_s": ref_total, "load_s": ref["load_s"],
              "generate_s": ref["generate_s"], "rows": len(SIZES), "note": f"{ref['dtype']}, {ref['threads']} threads"},
             {"path": "lavi-label run", "wall_s": child["process_wall_s"], "rows": summary["this_run"]["rows"],
-             "first_commit_s": child["first_commit_s"], "driver_peak_rss_mb": _mb(child["peak_rss_bytes"]),
+             "first_commit_s": child["first_commit_s"], "driver_peak_rss_mb": mb(child["peak_rss_bytes"]),
              "note": ", ".join([f"{k} {v}" for k, v in summary["status"].items()] + [f"computes in {_cpu_dtype()}"])}]
     ratio = child["process_wall_s"] / ref_total
     doc = {"results": rows, "ratio": ratio, "met": ratio <= 1.25, "context_tokens": ref["context_tokens"],

@@ -18,10 +18,10 @@ from torch import nn
 
 from bench.configs import Setting
 from bench.memory import best_s, timed_s
-from lavi.cpu_pack import PackedLinear
-from lavi.fusion import Visual
-from lavi.generate import decode_one_token, prunes_visual, setup_caches
-from lavi.vlora import weight_shapes
+from lavi.serving.cpu_pack import PackedLinear
+from lavi.core.fusion import Visual
+from lavi.serving.steps import decode_rows, prunes_visual, setup_caches
+from lavi.core.vlora import weight_shapes
 
 
 def state_bytes(config, setting: Setting, max_seq: int, kind: str, dtype: torch.dtype) -> int:
@@ -73,13 +73,12 @@ def step_alone(model, vis: Visual, max_seq: int, new_tokens: int, rounds: int = 
     slot_valid = torch.zeros(1, max_seq, dtype=torch.bool, device=model.device)
     slot_valid[:, : at + 1] = True
     tok = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-    pos, slot = torch.full((1, 1), at, device=model.device), torch.tensor([at], device=model.device)
+    pos, slot = torch.full((1, 1), at, device=model.device), torch.full((1, 1), at, device=model.device)
     deep = slot_valid.clone() if prunes_visual(model) else None
 
     def step() -> None:
         for _ in range(steps):
-            decode_one_token(model, cache, tok, pos, slot_valid, slot, vis.mask, vis.cond_kv or (), vis.factors or (),
-                             deep)
+            decode_rows(model, cache, tok, pos, slot_valid, slot, vis.mask, vis.cond_kv or (), vis.factors or (), deep)
     linears = _linears_pass(model)
     step(), linears()  # warm
     best_step = best_linears = float("inf")

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from bench.child import mb, run_child
 from bench.report import (command_line, device_description, section_head, table, versions, write_json,
                           write_section)
 
@@ -94,8 +95,6 @@ def commit_alone(rows: int = 51_200, block: int = 256) -> dict:
 
 def run(c) -> dict:
     """The scale runs of a PipelineBenchConfig with `scale` (see the module doc); writes c.out and its section."""
-    from bench.pipeline import _mb, run_child
-
     tmp = None if c.workdir else tempfile.mkdtemp(prefix="lavi-scale-")
     work = Path(c.workdir or tmp)
     results = []
@@ -114,7 +113,7 @@ def run(c) -> dict:
             results.append({"run": f"{n:,} items", "items": n, "corpus_write_s": made, "wall_s": child["process_wall_s"],
                             "rows": this["rows"], "rows_per_s": this["rows"] / child["process_wall_s"],
                             "steady_rows_per_s": child["steady_rows_per_s"], "first_commit_s": child["first_commit_s"],
-                            "driver_peak_rss_mb": _mb(child["peak_rss_bytes"]), "files": this["files"]})
+                            "driver_peak_rss_mb": mb(child["peak_rss_bytes"]), "files": this["files"]})
         if c.resume_left:
             n = max(c.scale)
             manifest = scale_corpus(work / f"corpus-{n}", c.resume_left, start=n, seed=c.seed)
@@ -127,7 +126,7 @@ def run(c) -> dict:
                             "wall_s": child["process_wall_s"], "rows": this["rows"],
                             "rows_per_s": this["rows"] / child["process_wall_s"],
                             "first_commit_s": child["first_commit_s"],
-                            "driver_peak_rss_mb": _mb(child["peak_rss_bytes"]), "files": this["files"],
+                            "driver_peak_rss_mb": mb(child["peak_rss_bytes"]), "files": this["files"],
                             "items_skipped": this["items_skipped"]})
     finally:
         if tmp:

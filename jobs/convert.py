@@ -1,4 +1,7 @@
-"""`lavi-label convert DIR --out LAVI_DIR`: a LaVi from a LLaVA-OneVision checkpoint (lavi.convert)."""
+"""`lavi-label convert DIR --out LAVI_DIR`: a LaVi from a LLaVA-OneVision checkpoint (lavi.onevision.convert).
+
+--out may be object storage (s3://, gs://): the checkpoint is written to a local temporary directory and uploaded
+when it is whole (jobs.outdir.staged)."""
 from __future__ import annotations
 
 import click
@@ -6,7 +9,8 @@ import click
 
 @click.command("convert")
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where the LaVi checkpoint goes.")
+@click.option("--out", required=True, help="Where the LaVi checkpoint goes: a directory or an object-storage URI "
+              "(s3://, gs://).")
 @click.option("--stages", default=4, show_default=True, help="ViT taps feeding the conditioner (evenly spaced).")
 @click.option("--cond-dim", default=256, show_default=True, help="Conditioner width d_c.")
 @click.option("--cond-heads", default=4, show_default=True)
@@ -14,16 +18,24 @@ import click
               help="Which norms of each layer are modulated.")
 @click.option("--layer-stride", default=1, show_default=True, help="Modulate every k-th layer.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote --out, as for `run` (repeatable).")
 def convert_cmd(source: str, out: str, stages: int, cond_dim: int, cond_heads: int, sites: str, layer_stride: int,
-                seed: int) -> None:
+                seed: int, storage_options: tuple[str, ...]) -> None:
     """Build a LaVi from a Hugging Face LLaVA-OneVision directory: same tower, decoder, tokenizer and chat
     template, a new zero-initialised conditioner (exactly the base LLM until trained: `lavi-label train --init`)."""
-    from lavi.checkpoint import CheckpointError
-    from lavi.convert import convert
+    from jobs.outdir import staged
+    from lavi.families import FAMILIES, CheckpointError, family_at
+    from pipeline.config import parse_storage_options
 
     try:
-        model = convert(source, out, num_stages=stages, cond_dim=cond_dim, cond_heads=cond_heads, sites=sites,
-                        layer_stride=layer_stride, seed=seed)
+        family = family_at(source)
+        if family.convert is None:
+            takes = " or ".join(f.title for f in FAMILIES if f.convert is not None)
+            raise CheckpointError(f"{source} is {family.title}: convert makes a LaVi from {takes}")
+        with staged(out, parse_storage_options(storage_options), prefix="lavi-convert-") as stage:
+            model = family.convert(source, stage.dir, num_stages=stages, cond_dim=cond_dim, cond_heads=cond_heads,
+                                   sites=sites, layer_stride=layer_stride, seed=seed)
     except (CheckpointError, ValueError) as err:
         raise click.UsageError(str(err)) from err
     n = sum(p.numel() for p in model.viln.parameters())

@@ -10,13 +10,19 @@
    and VQA accuracy of both where the INPUT is a manifest with ground truth (shapes-v1's), and both models'
    captions/s measured side by side in this run.
 Every stage resumes: a finished one (its `_summary.json`, the student's last step) is skipped, a killed one
-continues where it stopped (the pipeline's resume, training's checkpoints).
+continues where it stopped (the pipeline's resume, training's checkpoints). DIR may be object storage (s3://, gs://):
+every file goes through fsspec (jobs.outdir), the student's checkpoint as `train` uploads a remote --out. A remote
+student is labelled and timed from workers.model_cache's download, which is keyed by its URI alone: a student trained
+further by a later run into the same DIR is read from an older download where one is left on that machine.
+
+`DistillConfig` holds the options, `distill(config)` runs the stages; the command only maps its flags onto the config.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -24,8 +30,10 @@ import click
 from jobs.console import cli_logging
 from jobs.distill_score import (CARD_BEGIN, CARD_END, agreement, card_section, fmt, ground_truth, output_rows,
                                  time_captions)
-
-from pipeline.sources import sample, sample_key
+from jobs.outdir import join, read_json, read_text, write_text
+from pipeline.cluster import connect_ray
+from pipeline.models import model_info
+from pipeline.sources import iter_entries, sample, sample_key
 from schemas.rows import CAPTION, TASKS, VQA
 
 log = logging.getLogger(__name__)
@@ -49,20 +57,271 @@ def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, lis
     return split
 
 
-def _label(stage: str, manifest: str, out: str, task: str, model: str, opts: dict, overwrite: bool = False) -> None:
+class DistillError(ValueError):
+    """What the user can change to make a distillation run (the CLI's usage errors): the message says what."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distillation. Each field is the `lavi-label distill` option of its name (`n_sample`: --sample, `tasks`:
+    --task, `questions`: --question, `storage_options`: --storage-option, as KEY=VALUE strings); `out` and the
+    pipeline stages' outputs may be local or object storage."""
+
+    inputs: tuple[str, ...]
+    teacher: str
+    student: str
+    out: str
+    n_sample: int = 1000
+    held_out: float = 0.2
+    tasks: tuple[str, ...] = (CAPTION,)  # empty: caption; repeats dropped
+    prompt: str | None = None
+    questions: tuple[str, ...] = ()
+    max_new_tokens: int = 48
+    batch_size: int | None = None
+    gpus_per_worker: float = 0.0
+    address: str | None = None
+    storage_options: tuple[str, ...] = ()
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    batch_items: int = 32
+    loss_per: str = "row"
+    freeze_backbones: bool = False
+    checkpoint_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    timing_items: int = 64
+    card: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_sample < 2 or not 0 < self.held_out < 1:
+            raise DistillError("--sample must be >= 2 and --held-out a fraction in (0, 1)")
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "tasks", tuple(dict.fromkeys(self.tasks or (CAPTION,))))
+
+    @property
+    def storage(self) -> dict:
+        """The fsspec storage options (pipeline.config.parse_storage_options; ValueError for a malformed one)."""
+        from pipeline.config import parse_storage_options
+
+        return parse_storage_options(self.storage_options)
+
+    def settings(self) -> dict:
+        """What a work directory is bound to (distill_settings.json): a rerun with other ones is refused."""
+        return {"inputs": list(self.inputs), "teacher": self.teacher, "student": str(self.student),
+                "sample": self.n_sample, "held_out": self.held_out, "seed": self.seed, "tasks": list(self.tasks),
+                "prompt": self.prompt, "questions": list(self.questions)}
+
+
+def distill(config: DistillConfig) -> dict:
+    """The five stages of the module docstring, in `config.out` (each resumed or skipped where an earlier run got
+    to); returns distill.json's document. Raises DistillError for what the user can fix."""
+    student_config = _student_config(config.student)
+    try:
+        storage = config.storage
+        teacher_name = model_info(config.teacher, storage)["name"]
+    except ValueError as err:
+        raise DistillError(str(err)) from err
+    work = _open_work(config, storage)
+    stages: dict[str, float] = {}
+    t0 = time.time()
+    split = _sample_stage(config, work, storage)
+    stages["sample_s"] = time.time() - t0
+    training = _label_and_train(config, work, storage, student_config, stages)
+    t0 = time.time()
+    doc = _score(config, work, storage, split, teacher_name, training)
+    stages["score_s"] = time.time() - t0
+    doc["stages"] = stages
+    doc["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    write_text(join(work, "distill.json"), json.dumps(doc, indent=2), storage)
+    _echo_results(doc, join(work, "distill.json"), config.card)
+    return doc
+
+
+def _student_config(student: str) -> dict:
+    """The student's config.json, refused unless it is a LaVi's."""
+    student_config = json.loads((Path(student) / "config.json").read_text())
+    if "decoder" not in student_config:
+        raise DistillError(f"--student {student} is not a LaVi checkpoint (its model_type is "
+                           f"{student_config.get('model_type')!r}): make one with `lavi-label convert`")
+    return student_config
+
+
+def _open_work(config: DistillConfig, storage: dict) -> str:
+    """The work directory (`join`'s spelling of --out), bound to the config's settings: made, or checked."""
+    work = join(config.out)
+    saved = join(work, "distill_settings.json")
+    earlier = read_json(saved, storage)
+    if earlier is not None and earlier != config.settings():
+        raise DistillError(f"{config.out} holds a distillation with other settings ({saved}): choose another --out")
+    write_text(saved, json.dumps(config.settings(), indent=2), storage)
+    return work
+
+
+def _manifests(work: str) -> dict[str, str]:
+    return {part: join(work, "sample", f"{part}.jsonl") for part in PARTS}
+
+
+def _sample_stage(config: DistillConfig, work: str, storage: dict) -> dict[str, list[dict]]:
+    """[1/5] the sample, split into train and held-out: WORK/sample/{train,held_out}.jsonl, read back where an
+    earlier run wrote them."""
+    manifests, where = _manifests(work), join(work, "sample")
+    texts = {part: read_text(m, storage) for part, m in manifests.items()}
+    if all(text is not None for text in texts.values()):
+        split = {part: [json.loads(line) for line in text.splitlines()] for part, text in texts.items()}
+        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items "
+                   f"(from {where})")
+        return split
+    try:
+        split = sample_entries(iter_entries(config.inputs, storage), config.n_sample, config.held_out, config.seed)
+    except ValueError as err:
+        raise DistillError(str(err)) from err
+    if not split["train"] or not split["held_out"]:
+        raise DistillError(f"the INPUTs hold {len(split['train']) + len(split['held_out'])} item(s): a "
+                           "distillation needs at least two")
+    for part, m in manifests.items():
+        write_text(m, "".join(json.dumps(e, default=str) + "\n" for e in split[part]), storage)
+    click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items -> {where}")
+    return split
+
+
+def _label(stage: str, manifest: str, out: str, task: str, model: str, config: DistillConfig, storage: dict,
+           overwrite: bool = False) -> None:
+    """One pipeline run (`lavi-label run`'s code) of `model` over a sample part, skipped where it is complete."""
     from pipeline.config import RunConfig
     from pipeline.driver import run as run_pipeline
     from pipeline.output import Output
     from pipeline.summary import format_summary
 
-    if not overwrite and Output(out).read_summary() is not None:
+    if not overwrite and Output(out, storage).read_summary() is not None:
         click.echo(f"{stage}: {out} is complete (skipped)")
         return
     click.echo(f"{stage}: {model} -> {out}")
-    config = RunConfig(inputs=(manifest,), out=out, task=task, model=model,
-                       prompt=opts["prompt"] if task == CAPTION else None,
-                       questions=opts["questions"] if task == VQA else (), overwrite=overwrite, **opts["run"])
-    click.echo(format_summary(run_pipeline(config)))
+    run = RunConfig(inputs=(manifest,), out=out, task=task, model=model,
+                    prompt=config.prompt if task == CAPTION else None,
+                    questions=config.questions if task == VQA else (), overwrite=overwrite,
+                    max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                    gpus_per_worker=config.gpus_per_worker, address=config.address,
+                    storage_options=config.storage_options)
+    click.echo(format_summary(run_pipeline(run)))
+
+
+def _label_and_train(config: DistillConfig, work: str, storage: dict, student_config: dict,
+                     stages: dict[str, float]) -> dict:
+    """[2/5] to [4/5] on one Ray: the teacher labels both parts, the student trains on the teacher's train labels,
+    the student labels the held-out part. Returns the student's train_summary.json; each stage's seconds go to
+    `stages`."""
+    manifests, student_dir = _manifests(work), join(work, "student")
+    owned = connect_ray(config.address)  # one Ray for every labeling stage
+    try:
+        t0 = time.time()
+        for part in PARTS:
+            for task in config.tasks:
+                _label(f"[2/5] teacher labels {part} ({task})", manifests[part], join(work, "teacher", part, task),
+                       task, config.teacher, config, storage)
+        stages["teacher_s"] = time.time() - t0
+
+        t0 = time.time()
+        training, trained = _train_student(config, work, storage, student_config)
+        stages["student_s"] = time.time() - t0
+
+        t0 = time.time()
+        for task in config.tasks:  # a student trained (further) in this run labels afresh
+            _label(f"[4/5] student labels held_out ({task})", manifests["held_out"],
+                   join(work, "student_labels", "held_out", task), task, student_dir, config, storage,
+                   overwrite=not trained)
+        stages["student_labels_s"] = time.time() - t0
+    finally:
+        if owned:
+            import ray
+
+            ray.shutdown()
+    return training
+
+
+def _train_student(config: DistillConfig, work: str, storage: dict, student_config: dict) -> tuple[dict, bool]:
+    """[3/5] the student trained on the teacher's ok rows of the train part (`lavi-label train`'s code) in
+    WORK/student, resumed from its checkpoint there. Returns its train_summary.json, and whether it was trained to
+    `config.steps` before this run (then skipped)."""
+    from jobs.train import train_model
+
+    student_dir = join(work, "student")
+    state = read_json(join(student_dir, "train_state.json"), storage)
+    trained = (state is not None and state["step"] >= config.steps
+               and read_text(join(student_dir, "train_summary.json"), storage) is not None)
+    if trained:
+        click.echo(f"[3/5] student: {student_dir} is trained ({config.steps} steps; skipped)")
+    else:
+        click.echo(f"[3/5] student: {config.student} trained on the teacher's train labels -> {student_dir}")
+        try:
+            train_model(out=student_dir, init=None if state is not None else str(config.student),
+                        fusion=student_config.get("fusion", "viln"),
+                        data=tuple(join(work, "teacher", "train", t) for t in config.tasks), steps=config.steps,
+                        lr=config.lr, warmup=config.warmup, batch_items=config.batch_items,
+                        frames=str(student_config.get("default_frames", 4)), loss_per=config.loss_per,
+                        seed=config.seed, checkpoint_every=config.checkpoint_every, device=config.device,
+                        threads=config.threads, freeze_backbones=config.freeze_backbones,
+                        storage_options=config.storage_options)
+        except click.BadParameter as err:
+            raise DistillError(f"the teacher's train labels cannot train the student: {err.message}") from err
+    return read_json(join(student_dir, "train_summary.json"), storage), trained
+
+
+def _score(config: DistillConfig, work: str, storage: dict, split: dict[str, list[dict]], teacher_name: str,
+           training: dict) -> dict:
+    """[5/5] distill.json's figures: agreement on the held-out rows, ground truth where the sample has it, and
+    both models' captions/s side by side."""
+    student_dir = join(work, "student")
+    teacher_rows = [r for t in config.tasks for r in output_rows(join(work, "teacher", "held_out", t), storage)]
+    student_rows = [r for t in config.tasks
+                    for r in output_rows(join(work, "student_labels", "held_out", t), storage)]
+    doc = {"inputs": list(config.inputs), "teacher": config.teacher, "teacher_name": teacher_name,
+           "student_init": str(config.student), "student": student_dir,
+           "student_name": model_info(student_dir, storage)["name"], "tasks": list(config.tasks),
+           "sample": {"train": len(split["train"]), "held_out": len(split["held_out"]), "seed": config.seed},
+           "agreement": agreement(teacher_rows, student_rows),
+           "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data")
+                        if k in training}}
+    truth = ground_truth(split["held_out"])
+    if truth:
+        from shapes.score import score_rows
+
+        gt = {"teacher": score_rows(teacher_rows, truth), "student": score_rows(student_rows, truth)}
+        gt["ratio"] = {k: (gt["student"][k] / gt["teacher"][k]) for k in gt["teacher"]
+                       if k.endswith(("_f1", "_acc")) and gt["teacher"][k] and gt["student"].get(k) is not None}
+        doc["ground_truth"] = gt
+    device = config.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    click.echo(f"[5/5] score: agreement on the held-out rows; captions/s of both on "
+               f"{min(config.timing_items, len(split['held_out']))} held-out items ({device})")
+    doc["speed"] = time_captions({"teacher": config.teacher, "student": student_dir},
+                                 split["held_out"][:config.timing_items], device, config.max_new_tokens, storage)
+    return doc
+
+
+def _echo_results(doc: dict, written: str, card: str | None) -> None:
+    """The figures on the console, then the card's section replaced (`card`)."""
+    import sys
+
+    from jobs.evaluate import write_card
+
+    for task, a in doc["agreement"].items():
+        click.echo(f"{task}: student agrees with the teacher on {a['rows']} held-out rows: exact match "
+                   f"{fmt(a['exact_match'])}, token F1 {fmt(a['token_f1'])}")
+    for key, ratio in (doc.get("ground_truth") or {}).get("ratio", {}).items():
+        click.echo(f"{key}: teacher {fmt(doc['ground_truth']['teacher'][key])}, student "
+                   f"{fmt(doc['ground_truth']['student'][key])} ({ratio:.2f} of the teacher)")
+    sp = doc["speed"]
+    click.echo(f"captions/s on {sp['device']}: teacher {sp['teacher']['captions_per_s']:.1f}, student "
+               f"{sp['student']['captions_per_s']:.1f} ({sp['student_over_teacher']:.2f}x)")
+    click.echo(f"distill.json: {written}")
+    if card:
+        write_card(Path(card), card_section(doc, "lavi-label " + " ".join(sys.argv[1:])), CARD_BEGIN, CARD_END)
+        click.echo(f"card: {card}")
 
 
 @click.command("distill")
@@ -71,7 +330,8 @@ def _label(stage: str, manifest: str, out: str, task: str, model: str, opts: dic
               "checkpoint directory.")
 @click.option("--student", required=True, type=click.Path(exists=True, file_okay=False),
               help="The LaVi checkpoint to train (typically `lavi-label convert TEACHER --out STUDENT`).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Work directory (resumed if it holds one).")
+@click.option("--out", required=True, help="Work directory, local or object storage (s3://, gs://; resumed if it "
+              "holds one).")
 @click.option("--sample", "n_sample", type=int, default=1000, show_default=True, help="Items of the corpus to label.")
 @click.option("--held-out", type=float, default=0.2, show_default=True, help="Fraction of the sample held out.")
 @click.option("--task", "tasks", type=click.Choice(TASKS), multiple=True,
@@ -84,7 +344,7 @@ def _label(stage: str, manifest: str, out: str, task: str, model: str, opts: dic
 @click.option("--gpus-per-worker", default=0.0, show_default=True, help="GPUs per labeler actor; 0 runs on CPU.")
 @click.option("--address", default=None, help="Ray cluster to join (default: a local Ray on 127.0.0.1).")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for remote INPUTs, as for `run` (repeatable).")
+              help="fsspec option for remote INPUTs, --teacher and --out, as for `run` (repeatable).")
 @click.option("--steps", type=int, default=2000, show_default=True, help="Student training steps.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--warmup", type=int, default=100, show_default=True)
@@ -99,152 +359,11 @@ def _label(stage: str, manifest: str, out: str, task: str, model: str, opts: dic
 @click.option("--timing-items", type=int, default=64, show_default=True, help="Held-out items both models caption "
               "for the speed figures.")
 @click.option("--card", type=click.Path(dir_okay=False), help="Replace the distillation section of this model card.")
-def distill_cmd(inputs: tuple[str, ...], teacher: str, student: str, out: str, n_sample: int, held_out: float,
-                tasks: tuple[str, ...], prompt: str | None, questions: tuple[str, ...], max_new_tokens: int,
-                batch_size: int | None, gpus_per_worker: float, address: str | None,
-                storage_options: tuple[str, ...], steps: int, lr: float,
-                warmup: int, batch_items: int, loss_per: str, freeze_backbones: bool, checkpoint_every: int, seed: int,
-                device: str, threads: int, timing_items: int, card: str | None) -> None:
+def distill_cmd(**flags) -> None:
     """Distil a LaVi on your own corpus: the teacher labels a sample, the student learns those labels, and both are
     scored on held-out items. Reruns resume."""
-    import sys
-
-    from jobs.evaluate import write_card
-    from jobs.train import train_model
-    from pipeline.config import parse_storage_options
-    from pipeline.cluster import connect_ray
-    from pipeline.models import model_info
-    from pipeline.sources import iter_entries
-
     cli_logging()
-    if n_sample < 2 or not 0 < held_out < 1:
-        raise click.UsageError("--sample must be >= 2 and --held-out a fraction in (0, 1)")
-    tasks = tuple(dict.fromkeys(tasks or (CAPTION,)))
-    student_config = json.loads((Path(student) / "config.json").read_text())
-    if "decoder" not in student_config:
-        raise click.UsageError(f"--student {student} is not a LaVi checkpoint (its model_type is "
-                               f"{student_config.get('model_type')!r}): make one with `lavi-label convert`")
     try:
-        teacher_name = model_info(teacher, parse_storage_options(storage_options))["name"]
-    except ValueError as err:
+        distill(DistillConfig(**flags))
+    except DistillError as err:
         raise click.UsageError(str(err)) from err
-    work = Path(out)
-    work.mkdir(parents=True, exist_ok=True)
-    settings = {"inputs": list(inputs), "teacher": teacher, "student": str(student), "sample": n_sample,
-                "held_out": held_out, "seed": seed, "tasks": list(tasks), "prompt": prompt, "questions": list(questions)}
-    saved = work / "distill_settings.json"
-    if saved.exists() and json.loads(saved.read_text()) != settings:
-        raise click.UsageError(f"{out} holds a distillation with other settings ({saved}): choose another --out")
-    saved.write_text(json.dumps(settings, indent=2))
-    stages: dict[str, float] = {}
-
-    t0 = time.time()
-    manifests = {part: work / "sample" / f"{part}.jsonl" for part in PARTS}
-    if all(m.exists() for m in manifests.values()):
-        split = {part: [json.loads(line) for line in m.read_text().splitlines()] for part, m in manifests.items()}
-        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items "
-                   f"(from {work / 'sample'})")
-    else:
-        try:
-            entries = iter_entries(inputs, parse_storage_options(storage_options))
-            split = sample_entries(entries, n_sample, held_out, seed)
-        except ValueError as err:
-            raise click.UsageError(str(err)) from err
-        if not split["train"] or not split["held_out"]:
-            raise click.UsageError(f"the INPUTs hold {len(split['train']) + len(split['held_out'])} item(s): a "
-                                   "distillation needs at least two")
-        (work / "sample").mkdir(exist_ok=True)
-        for part, m in manifests.items():
-            tmp = m.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(e, default=str) + "\n" for e in split[part]))
-            tmp.rename(m)
-        click.echo(f"[1/5] sample: {len(split['train'])} train, {len(split['held_out'])} held-out items "
-                   f"-> {work / 'sample'}")
-    stages["sample_s"] = time.time() - t0
-
-    opts = {"prompt": prompt, "questions": questions,
-            "run": {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "gpus_per_worker": gpus_per_worker,
-                    "address": address, "storage_options": storage_options}}
-    owned = connect_ray(address)  # one Ray for every labeling stage
-    try:
-        t0 = time.time()
-        for part in PARTS:
-            for task in tasks:
-                _label(f"[2/5] teacher labels {part} ({task})", str(manifests[part]),
-                       str(work / "teacher" / part / task), task, teacher, opts)
-        stages["teacher_s"] = time.time() - t0
-
-        t0 = time.time()
-        student_dir = work / "student"
-        state = student_dir / "train_state.json"
-        trained = state.exists() and json.loads(state.read_text())["step"] >= steps and (
-            student_dir / "train_summary.json").exists()
-        if trained:
-            click.echo(f"[3/5] student: {student_dir} is trained ({steps} steps; skipped)")
-        else:
-            click.echo(f"[3/5] student: {student} trained on the teacher's train labels -> {student_dir}")
-            try:
-                train_model(out=str(student_dir), init=None if state.exists() else str(student),
-                            fusion=student_config.get("fusion", "viln"),
-                            data=tuple(str(work / "teacher" / "train" / t) for t in tasks), steps=steps, lr=lr,
-                            warmup=warmup, batch_items=batch_items, frames=str(student_config.get("default_frames", 4)),
-                            loss_per=loss_per, seed=seed, checkpoint_every=checkpoint_every, device=device,
-                            threads=threads, freeze_backbones=freeze_backbones)
-            except click.BadParameter as err:
-                raise click.UsageError(f"the teacher's train labels cannot train the student: {err.message}") from err
-        training = json.loads((student_dir / "train_summary.json").read_text())
-        stages["student_s"] = time.time() - t0
-
-        t0 = time.time()
-        for task in tasks:  # a student trained (further) in this run labels afresh
-            _label(f"[4/5] student labels held_out ({task})", str(manifests["held_out"]),
-                   str(work / "student_labels" / "held_out" / task), task, str(student_dir), opts, overwrite=not trained)
-        stages["student_labels_s"] = time.time() - t0
-    finally:
-        if owned:
-            import ray
-
-            ray.shutdown()
-
-    t0 = time.time()
-    teacher_rows = [r for t in tasks for r in output_rows(str(work / "teacher" / "held_out" / t))]
-    student_rows = [r for t in tasks for r in output_rows(str(work / "student_labels" / "held_out" / t))]
-    doc = {"inputs": list(inputs), "teacher": teacher, "teacher_name": teacher_name, "student_init": str(student),
-           "student": str(student_dir), "student_name": model_info(str(student_dir))["name"], "tasks": list(tasks),
-           "sample": {"train": len(split["train"]), "held_out": len(split["held_out"]), "seed": seed},
-           "agreement": agreement(teacher_rows, student_rows),
-           "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data")
-                        if k in training}}
-    truth = ground_truth(split["held_out"])
-    if truth:
-        from shapes.score import score_rows
-
-        gt = {"teacher": score_rows(teacher_rows, truth), "student": score_rows(student_rows, truth)}
-        gt["ratio"] = {k: (gt["student"][k] / gt["teacher"][k]) for k in gt["teacher"]
-                       if k.endswith(("_f1", "_acc")) and gt["teacher"][k] and gt["student"].get(k) is not None}
-        doc["ground_truth"] = gt
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    click.echo(f"[5/5] score: agreement on the held-out rows; captions/s of both on "
-               f"{min(timing_items, len(split['held_out']))} held-out items ({device})")
-    doc["speed"] = time_captions({"teacher": teacher, "student": str(student_dir)}, split["held_out"][:timing_items],
-                                 device, max_new_tokens, parse_storage_options(storage_options))
-    stages["score_s"] = time.time() - t0
-    doc["stages"] = stages
-    doc["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (work / "distill.json").write_text(json.dumps(doc, indent=2))
-    for task, a in doc["agreement"].items():
-        click.echo(f"{task}: student agrees with the teacher on {a['rows']} held-out rows: exact match "
-                   f"{fmt(a['exact_match'])}, token F1 {fmt(a['token_f1'])}")
-    for key, ratio in (doc.get("ground_truth") or {}).get("ratio", {}).items():
-        click.echo(f"{key}: teacher {fmt(doc['ground_truth']['teacher'][key])}, student "
-                   f"{fmt(doc['ground_truth']['student'][key])} ({ratio:.2f} of the teacher)")
-    sp = doc["speed"]
-    click.echo(f"captions/s on {device}: teacher {sp['teacher']['captions_per_s']:.1f}, student "
-               f"{sp['student']['captions_per_s']:.1f} ({sp['student_over_teacher']:.2f}x)")
-    click.echo(f"distill.json: {work / 'distill.json'}")
-    if card:
-        write_card(Path(card), card_section(doc, "lavi-label " + " ".join(sys.argv[1:])), CARD_BEGIN, CARD_END)
-        click.echo(f"card: {card}")

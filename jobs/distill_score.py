@@ -7,7 +7,7 @@ import re
 import statistics
 import time
 
-from schemas.rows import CAPTION, OK
+from schemas.rows import CAPTION, ERROR, OK
 
 CARD_BEGIN, CARD_END = "<!-- distill:begin -->", "<!-- distill:end -->"
 
@@ -34,22 +34,22 @@ def agreement(teacher: list[dict], student: list[dict]) -> dict:
         exact = f1 = 0.0
         for r in rows:
             s = got.get(key(r))
-            ok = s is not None and s["status"] != "error"
+            ok = s is not None and s["status"] != ERROR
             exact += ok and s["text"] == r["text"]
             f1 += token_f1(r["text"], s["text"]) if ok else 0.0
         out[task] = {"rows": len(rows), "exact_match": exact / len(rows) if rows else None,
                      "token_f1": f1 / len(rows) if rows else None,
                      "teacher_errors": sum(r["task"] == task and r["status"] != OK for r in teacher),
-                     "student_errors": sum(r["task"] == task and r["status"] == "error" for r in student)}
+                     "student_errors": sum(r["task"] == task and r["status"] == ERROR for r in student)}
     return out
 
 
-def output_rows(uri: str) -> list[dict]:
-    """Every row of a pipeline output."""
+def output_rows(uri: str, storage_options: dict | None = None) -> list[dict]:
+    """Every row of a pipeline output (local or object storage)."""
     from pipeline.output import Output
     from workers.storage import read_parquet_file
 
-    output = Output(uri)
+    output = Output(uri, storage_options)
     rows = []
     for path in output.part_paths():
         with output.fs.open(path, "rb") as f:
@@ -63,11 +63,12 @@ def time_captions(models: dict[str, str], entries: list[dict], device: str, max_
     labeler actor's code, the models taking turns `repeats` times after a warm-up each: the median pass counts."""
     import pyarrow as pa
 
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
     from schemas.manifest import ITEM_SCHEMA, make_item
-    from workers.decode import DecodeSettings, decode_batch
+    from workers.decode import DecodeSettings
     from workers.labeler import Labeler
     from workers.model_cache import local_model_dir
+    from workers.units import decode_batch
 
     items = pa.Table.from_pylist([make_item(e["uri"], [{"task": CAPTION, "prompt": e.get("prompt")}],
                                             e.get("media_type")) for e in entries], schema=ITEM_SCHEMA)

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING
 
 import click
 
+from jobs.outdir import read_json, write_text
+
 if TYPE_CHECKING:  # torch, the engine and the decoders load when a command runs, not when the CLI starts
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
 
 HELD_OUT_SEED = 1_000_003  # training draws from seeds 0..; this split is disjoint by construction
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"
@@ -42,8 +44,9 @@ def label_manifest(engine: "Engine", entries: list[dict], frames: int, batch: in
 
     from schemas.manifest import ITEM_SCHEMA, make_item
     from schemas.rows import CAPTION, VQA
-    from workers.decode import DecodeSettings, decode_batch
+    from workers.decode import DecodeSettings
     from workers.labeler import Labeler
+    from workers.units import decode_batch
 
     generation = dataclasses.asdict(gen) if gen is not None else {"max_new_tokens": 48}
     labeler = Labeler.from_engine(engine, job_id="eval", generation=generation)
@@ -74,7 +77,7 @@ def write_split(workdir: str, images: int, videos: int, seed: int, renderer: str
 def evaluate(model: str, images: int, videos: int, seed: int, frames: int | None, workdir: str,
              device: str = "cpu", renderer: str = "shapes", quantize: str | None = None,
              visual_compress: str | None = None) -> dict:
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
     from shapes.corpus import read_manifest
     from shapes.score import score_rows
 
@@ -160,12 +163,12 @@ def merge_included(earlier: list[dict], results: list[dict], command: str) -> tu
 @click.option("--videos", type=int, default=150, show_default=True)
 @click.option("--seed", type=int, default=HELD_OUT_SEED, show_default=True, help="Split seed (not a training seed).")
 @click.option("--frames", type=int, default=None, help="Frames per video (default: the model's).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the figures as JSON here.")
+@click.option("--out", help="Write the figures as JSON here: a file path or an object-storage URI (s3://, gs://).")
 @click.option("--card", type=click.Path(dir_okay=False), help="Replace the figures section of this model card.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
-@click.option("--include", "includes", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Results written by an earlier `lavi-label eval --out` on the same split, shown beside these "
-                   "(repeatable): a model need not be scored twice.")
+@click.option("--include", "includes", multiple=True,
+              help="Results written by an earlier `lavi-label eval --out` on the same split (a path or URI), shown "
+                   "beside these (repeatable): a model need not be scored twice.")
 @click.option("--renderer", "renderers", multiple=True, type=click.Choice(RENDERERS),
               help="Who draws the split (repeatable; default: both): shapes (this repository's renderer) or pil "
                    "(an independent implementation of SHAPES.md).")
@@ -174,9 +177,11 @@ def merge_included(earlier: list[dict], results: list[dict], command: str) -> tu
 @click.option("--visual-compress", "compressions", multiple=True, metavar="dct:KEEP|fastv:KEEP[@LAYER]",
               help="Also score each concat model (LLaVA-OneVision, concat LaVi) with this visual token compression, "
                    "beside it (repeatable; see `run --visual-compress`).")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote --out or --include, as for `run` (repeatable).")
 def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frames: int | None, out: str | None,
              card: str | None, device: str, includes: tuple[str, ...], renderers: tuple[str, ...],
-             quantize: str | None, compressions: tuple[str, ...]) -> None:
+             quantize: str | None, compressions: tuple[str, ...], storage_options: tuple[str, ...]) -> None:
     """Score checkpoints on held-out shapes-v1 (object F1, exact match, VQA accuracy)."""
     import torch
 
@@ -187,13 +192,14 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
     models = models or (DEFAULT_MODEL,)
     split = {"images": images, "videos": videos, "seed": seed, "device": device,
              "frames": frames or "model default", "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    earlier = [json.loads(Path(f).read_text()) for f in includes]
+    storage = _storage(storage_options)
+    earlier = [_included(f, storage) for f in includes]
     for doc, f in zip(earlier, includes):
         same = {k: doc["split"].get(k) for k in ("images", "videos", "seed", "frames")}
         if same != {k: split[k] for k in same}:
             raise click.UsageError(f"--include {f} was scored on another split ({same}); this one is "
                                    f"{ {k: split[k] for k in same} }")
-    from lavi.compress import VisualCompress
+    from lavi.visual_tokens.methods import VisualCompress
     from pipeline.models import model_info
 
     try:
@@ -202,7 +208,7 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
         raise click.UsageError(str(err)) from None
     runs = []
     for m in models:
-        concat = model_info(m)["fusion"] not in ("viln", "vlora")
+        concat = model_info(m)["vision_in_context"]
         runs += [(m, None, None)] + ([(m, quantize, None)] if quantize else [])
         runs += [(m, None, c) for c in compressions if concat]
     results = []
@@ -222,8 +228,27 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
     if earlier:
         results, command = merge_included(earlier, results, command)
     if out:
-        Path(out).write_text(json.dumps({"split": split, "results": results, "command": command,
-                                         "torch": torch.__version__, "python": platform.python_version()}, indent=2))
+        write_text(out, json.dumps({"split": split, "results": results, "command": command,
+                                    "torch": torch.__version__, "python": platform.python_version()}, indent=2),
+                   storage)
     if card:
         write_card(Path(card), card_section(results, split, command))
         click.echo(f"figures written to {card}")
+
+
+def _storage(pairs: tuple[str, ...]) -> dict:
+    """--storage-option pairs as fsspec options (a malformed one is a usage error)."""
+    from pipeline.config import parse_storage_options
+
+    try:
+        return parse_storage_options(pairs)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--storage-option") from None
+
+
+def _included(uri: str, storage: dict) -> dict:
+    """An earlier `eval --out` document (--include), local or remote."""
+    doc = read_json(uri, storage)
+    if doc is None:
+        raise click.BadParameter(f"{uri!r} does not exist", param_hint="--include")
+    return doc

@@ -36,7 +36,7 @@ def probe_interpreter(client, python: str, runtime_env: dict, job_id: str, timeo
     interpreter and the missing module when the project cannot run there; the probe job is deleted after."""
     import click
 
-    from jobs.submit import submit_job
+    from jobs.ray_auth import submit_job  # not at import: this module runs on bare interpreters (see above)
 
     probe_id = f"{job_id}-probe-{secrets.token_hex(3)}"
     submit_job(client, entrypoint=shlex.join([python, "-m", "jobs.probe"]), submission_id=probe_id,

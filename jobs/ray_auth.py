@@ -6,13 +6,16 @@ token comes from `--token-file` or the environment (`RAY_AUTH_TOKEN`) and is sen
 alone (`get_auth_headers_if_auth_enabled`), so this works whatever RAY_AUTH_MODE the client
 process has. With neither, Ray's own lookup applies (RAY_AUTH_MODE=token with
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). The token is never printed: every error message
-that reaches the user goes through `redact`.
+that reaches the user goes through `redact`. `submit_job` submits through the client, retried while a
+just-started head has no job agent yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import click
 TOKEN_ENV = "RAY_AUTH_TOKEN"
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
 REDACTED = "<redacted>"
+log = logging.getLogger(__name__)
 
 
 def load_token(token_file: str | None) -> str | None:
@@ -59,6 +63,19 @@ def job_client(address: str, token: str | None):
     headers = {"Authorization": f"Bearer {token}"} if token else None
     with cli_errors(token, address):
         return JobSubmissionClient(normalize_address(address), headers=headers)
+
+
+def submit_job(client, retry_s: float = 60.0, **kwargs) -> str:
+    """client.submit_job, retried while a just-started head has no job agent yet."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            log.info("the head has no job agent yet; retrying")
+            time.sleep(2)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import logging
 import os
 import shlex
 import shutil
@@ -29,10 +28,8 @@ from typing import Any
 import click
 
 from jobs.probe import probe_interpreter
-from jobs.ray_auth import ADDRESS_ENV, cli_errors, job_client, load_token, normalize_address, redact
+from jobs.ray_auth import ADDRESS_ENV, cli_errors, job_client, load_token, normalize_address, redact, submit_job
 from jobs.run import run as run_command
-
-log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # not shipped to the cluster: anywhere in the tree / only at the top of the repository
@@ -159,19 +156,6 @@ def pick_submission_id(client, base: str):
         return base, None
     n = next(n for n in itertools.count(2) if f"{base}-{n}" not in taken)
     return f"{base}-{n}", None
-
-
-def submit_job(client, retry_s: float = 60.0, **kwargs) -> str:
-    """client.submit_job, retried while a just-started head has no job agent yet."""
-    deadline = time.monotonic() + retry_s
-    while True:
-        try:
-            return client.submit_job(**kwargs)
-        except RuntimeError as err:
-            if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise
-            log.info("the head has no job agent yet; retrying")
-            time.sleep(2)
 
 
 def cluster_gpus(address: str, token: str | None) -> float | None:

@@ -1,54 +1,33 @@
-"""`lavi-label train`: train a LaVi (or the concat baseline) on shapes-v1 or a Parquet of targets."""
+"""`lavi-label train`: train a LaVi (or the concat baseline) on shapes-v1 or a Parquet of targets.
+
+`--out` is a local directory or an object-storage URI (jobs.outdir). A remote out is trained in a local temporary
+directory: its files are uploaded at every checkpoint (train_state.json last) and at the end, and a run that resumes
+(no --no-resume) first downloads the remote out, so it continues from the last checkpoint uploaded, wherever the
+killed run was. With --workers > 1 that path resumes from Ray Train's checkpoints, kept by default in OUT/ray_train
+(for a remote OUT too: Ray Train and jobs.train_ray reach it with the environment's credentials and endpoint, as they
+take no --storage-option); the final checkpoint is uploaded at the end.
+"""
 from __future__ import annotations
 
 import json
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import click
 
 from jobs.console import cli_logging
-from jobs.train_start import build
+from jobs.outdir import Staged, join, staged
+from jobs.train_ray import train_on_ray
+from jobs.train_run import prepare, progress, summarise
+from lavi.families import TRAIN_FUSIONS
 
-
-def _clip_frames(frames: str) -> tuple[int, ...]:
-    """--frames: one number or a comma-separated list, each >= 1."""
-    try:
-        clip_frames = tuple(int(f) for f in frames.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected a number or a comma-separated list, got {frames!r}",
-                                 param_hint="--frames") from None
-    if not clip_frames or min(clip_frames) < 1:
-        raise click.BadParameter("frames per clip must be >= 1", param_hint="--frames")
-    return clip_frames
-
-
-def _progress(log_path: Path, start: int, steps: int, t0: float):
-    """The training log's `on_log`: a progress line on the console and a JSON line in `log_path`. A resumed run
-    redoes the steps after its checkpoint: their old records go first."""
-    if log_path.exists():
-        kept = [line for line in log_path.read_text().splitlines() if start and json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    logf = log_path.open("a")
-
-    def on_log(rec: dict) -> None:
-        eta = (steps - rec["step"]) * (time.time() - t0) / max(1, rec["step"] - start)
-        losses = "".join(f"  {name} {rec[key]:.4f}" for key, name in
-                         (("loss", "loss"), ("grid_loss", "grid"), ("focus_loss", "focus")) if key in rec)
-        rate = f"{rec['rows_per_s']:.1f} rows/s" if "rows_per_s" in rec else f"{rec['frames_per_s']:.1f} frames/s"
-        click.echo(f"step {rec['step']}/{steps} {rec['phase']}{losses}  lr {rec['lr']:.2e}  {rate}  "
-                   f"eta {eta / 60:.1f} min")
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
-
-    return on_log
+STATE = "train_state.json"  # written last at a checkpoint (lavi.training.train.save_state): uploaded last too
+LOG = "train_log.jsonl"
 
 
 @click.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint directory (resumed if it holds one).")
-@click.option("--fusion", type=click.Choice(["viln", "vlora", "concat", "llava-ov"]), default="viln",
+@click.option("--out", required=True, help="Checkpoint directory, local or object storage (s3://, gs://; resumed if "
+              "it holds one).")
+@click.option("--fusion", type=click.Choice(TRAIN_FUSIONS), default="viln",
               show_default=True,
               help="viln: LaVi. vlora: VLoRA (vision as per-image low-rank weight deltas). concat: the LLaVA-style "
                    "baseline on the same backbones, data and budget. llava-ov: that baseline as a LLaVA-OneVision "
@@ -106,6 +85,9 @@ def _progress(log_path: Path, start: int, steps: int, t0: float):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto: cuda when available.")
 @click.option("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default).")
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote --out and --data, as for `run` (repeatable; with --workers > 1 "
+                   "the workers read --data with the environment's credentials).")
 def train_cmd(**options) -> None:
     """Train LaVi and write a checkpoint directory (config.json, model.safetensors, tokenizer.json)."""
     train_model(**options)
@@ -119,132 +101,50 @@ def train_model(out: str, fusion: str = "viln", decoder: str | None = None, visi
                 vision_videos: int = 16, loss_per: str = "token", seed: int = 0, checkpoint_every: int = 250,
                 log_every: int = 50, device: str = "auto", threads: int = 0, no_resume: bool = False,
                 workers: int = 1, gpus_per_worker: float = 0.0, address: str | None = None,
-                checkpoint_storage: str | None = None) -> dict:
+                checkpoint_storage: str | None = None, storage_options: tuple[str, ...] = ()) -> dict:
     """`lavi-label train` (and distill's student training): the option defaults are the command's; `data` may be
     several URIs read as one (workers.train_data.read_records). `workers` > 1: data-parallel on Ray Train
-    (`jobs.train_ray`). Returns train_summary.json's document."""
+    (`jobs.train_ray`). `out` may be remote (the module's docstring). Returns train_summary.json's document."""
     options = {k: v for k, v in locals().items() if k not in ("workers", "gpus_per_worker", "address",
-                                                               "checkpoint_storage")}
+                                                               "checkpoint_storage", "storage_options")}
+    from pipeline.config import parse_storage_options
+
     cli_logging(fmt="%(asctime)s %(levelname)s %(message)s")
-    outp = Path(out)
-    outp.mkdir(parents=True, exist_ok=True)
     if workers < 1:
         raise click.BadParameter("must be >= 1", param_hint="--workers")
-    if workers > 1:
-        from jobs.train_ray import train_on_ray
-
-        return train_on_ray(options, outp, workers, gpus_per_worker, address, checkpoint_storage)
-    if gpus_per_worker or address or checkpoint_storage:
+    if workers == 1 and (gpus_per_worker or address or checkpoint_storage):
         raise click.UsageError("--gpus-per-worker, --address and --checkpoint-storage are for --workers > 1 (Ray "
                                "Train); one worker trains in this process (--device)")
-    setup = _prepare(options, outp)
-    start = json.loads((outp / "train_state.json").read_text())["step"] if (outp / "train_state.json").exists() and not no_resume else 0
-    t0 = time.time()
-    on_log = _progress(outp / "train_log.jsonl", start, steps, t0)
-    last = setup.run(outp, resume=not no_resume, on_log=on_log)
-    return _summarise(outp, options, last, start, time.time() - t0, setup.device, setup.source.summary())
-
-
-@dataclass
-class _Setup:
-    """What one training process (or Ray Train worker) trains: the model, its data and the loop's config."""
-
-    model: object
-    tok_dir: Path
-    source: object
-    vision_source: object
-    cfg: object
-    device: str
-
-    def run(self, out: Path, resume: bool, on_log=None, parallel=None) -> dict:
-        from lavi.train import train
-
-        return train(self.model, self.tok_dir, self.source, self.cfg, out, resume=resume, on_log=on_log,
-                     vision_data=self.vision_source, parallel=parallel)
-
-
-def _prepare(o: dict, outp: Path, rank: int = 0, world: int = 1) -> _Setup:
-    """The model (built, resumed from `outp` or fine-tuned), this rank's shard of the data, the TrainConfig."""
-    import torch
-
-    from lavi.train import TrainConfig
-    from shapes.batches import GRID_CLASSES
-
-    device = o["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if o["threads"]:
-        torch.set_num_threads(o["threads"])
-    torch.manual_seed(o["seed"])
-    clip_frames = _clip_frames(o["frames"])
-    data = o["data"]
-    model, tok_dir = build(outp, o["fusion"], o["decoder"], o["vision"], resume=not o["no_resume"],
-                            frames={"default_frames": clip_frames[0], "max_frames": max(clip_frames)}, init=o["init"])
-    if o["focus"] and o["fusion"] == "vlora":
-        raise click.BadParameter("VLoRA's text attends to no image tokens, so there is no attention to focus: "
-                                 "train it with --focus 0", param_hint="--focus")
-    if max(clip_frames) > model.config.max_frames:
-        raise click.BadParameter(f"{max(clip_frames)} frames per clip is over the model's max_frames "
-                                 f"{model.config.max_frames}", param_hint="--frames")
-    model.to(device)
-    vision_source = None
-    if o["vision_steps"] and (data != "shapes" or o["grid_probe"] <= 0):
-        raise click.UsageError("--vision-steps trains the ViT through the grid probe on shapes-v1: it needs "
-                               "--data shapes and --grid-probe > 0")
-    if o["image_root"] and data == "shapes":
-        raise click.UsageError("--image-root goes with --data naming media by relative path")
-    if data == "shapes":
-        from shapes.batches import ShapesData
-        source = _Shard(ShapesData(seed=o["seed"], images=o["images"], videos=o["videos"], questions=o["questions"],
-                                   frames=clip_frames, grid=o["grid_probe"] > 0, focus=o["focus"] > 0), rank, world)
-        vision_source = _Shard(ShapesData(seed=o["seed"], images=o["vision_images"], videos=o["vision_videos"],
-                                          questions=0, frames=clip_frames, grid=True, stream=1), rank, world)
-    else:
-        from workers.train_data import TrainData
-        try:
-            source = TrainData(data, image_size=model.config.vision.image_size, frames=clip_frames[0],
-                               batch_items=o["batch_items"], seed=o["seed"], image_root=o["image_root"],
-                               rank=rank, world=world)
-        except (ValueError, FileNotFoundError) as err:
-            raise click.BadParameter(str(err), param_hint="--data") from None
-    shapes = data == "shapes"
-    cfg = TrainConfig(steps=o["steps"], lr=o["lr"], warmup=o["warmup"], seed=o["seed"],
-                      freeze_backbones=o["freeze_backbones"], checkpoint_every=o["checkpoint_every"],
-                      log_every=o["log_every"], grid_weight=o["grid_probe"] if shapes else 0.0,
-                      grid_classes=GRID_CLASSES, row_mean=o["loss_per"] == "row",
-                      focus_weight=o["focus"] if shapes else 0.0, vision_steps=o["vision_steps"])
-    if rank == 0:
-        frozen = {id(p) for p in [*model.decoder.parameters(), *model.vision.parameters()]} \
-            if o["freeze_backbones"] else set()
-        n_train = sum(p.numel() for p in model.parameters() if id(p) not in frozen)
-        click.echo(f"training {model.config.name} ({model.config.fusion}, {n_train / 1e6:.2f}M trainable params) "
-                   f"on {data if isinstance(data, str) else ', '.join(data)} for {o['steps']} steps on {device}"
-                   f"{f' x {world} workers' if world > 1 else ''} -> {o['out']}")
-    return _Setup(model, tok_dir, source, vision_source, cfg, device)
-
-
-class _Shard:
-    """Rank `rank` of `world`'s share of a data source's step: every world-th example from its rank on."""
-
-    def __init__(self, source, rank: int, world: int) -> None:
-        self.source, self.rank, self.world = source, rank, world
-
-    def __call__(self, step: int):
-        return self.source(step)[self.rank::self.world]
-
-    def summary(self):
-        return "shapes"
-
-
-def _summarise(outp: Path, o: dict, last: dict, start: int, session: float, device: str, data, **extra) -> dict:
-    """train_summary.json, written and echoed."""
-    import torch
-
-    wall = json.loads((outp / "train_state.json").read_text())["wall_s"]  # every session's, to the last step
-    summary = {"steps": o["steps"], "final": last, "wall_s": wall, "session_wall_s": session, "device": device,
-               "threads": o["threads"] or torch.get_num_threads(), "resumed_from": start,
-               "command": "lavi-label " + " ".join(sys.argv[1:]), "torch": torch.__version__, "data": data, **extra}
-    (outp / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    click.echo(f"done in {wall / 60:.1f} min of training ({session / 60:.1f} min this session): final loss "
-               f"{last.get('loss', float('nan')):.4f}; checkpoint in {outp}")
+    try:
+        storage = parse_storage_options(storage_options)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--storage-option") from None
+    with staged(out, storage, last=(STATE,), prefix="lavi-train-") as stage:
+        if workers > 1:
+            if not no_resume:
+                stage.pull(names=(LOG,))  # Ray Train resumes from its own storage; the log is trimmed here
+            ray_storage = checkpoint_storage or (join(out, "ray_train") if stage.remote else None)
+            summary = train_on_ray(options, stage.dir, workers, gpus_per_worker, address, ray_storage)
+        else:
+            summary = _train_here(options, stage, no_resume, storage)
+    if stage.remote:
+        click.echo(f"uploaded to {out}")
     return summary
+
+
+def _train_here(o: dict, stage: Staged, no_resume: bool, storage: dict | None = None) -> dict:
+    """One process: resumed from `stage` (a remote out's files downloaded first), each checkpoint uploaded as it is
+    written."""
+    from lavi.training.train import train
+
+    if not no_resume:
+        stage.pull(skip=("ray_train",))
+    outp = stage.dir
+    setup = prepare(o, outp, storage_options=storage)
+    start = json.loads((outp / STATE).read_text())["step"] if (outp / STATE).exists() and not no_resume else 0
+    t0 = time.time()
+    on_log = progress(outp / LOG, start, o["steps"], t0)
+    upload = (lambda _step: stage.push(last=(STATE,))) if stage.remote else None
+    last = train(setup.model, setup.tok_dir, setup.source, setup.cfg, outp, resume=not no_resume, on_log=on_log,
+                 vision_data=setup.vision_source, on_saved=upload)
+    return summarise(outp, o, last, start, time.time() - t0, setup.device, setup.source.summary())

@@ -1,5 +1,5 @@
 """`lavi-label train --workers N`: data-parallel training on Ray Train's TorchTrainer, with the same setup, loop and
-summary as the in-process path (jobs.train)."""
+summary as the in-process path (jobs.train, through jobs.train_run)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from jobs.train import _prepare, _progress, _summarise
+from jobs.train_run import prepare, progress, summarise
 
 
 def _latest_checkpoint(storage: str, storage_options: dict | None = None):
@@ -29,7 +29,7 @@ def _latest_checkpoint(storage: str, storage_options: dict | None = None):
 
 
 def train_on_ray(o: dict, outp: Path, workers: int, gpus: float, address: str | None, storage: str | None) -> dict:
-    """Data-parallel training on Ray Train's TorchTrainer (`lavi.train.DataParallel` over its process group: gloo on
+    """Data-parallel training on Ray Train's TorchTrainer (`lavi.training.train.DataParallel` over its process group: gloo on
     CPU, NCCL on GPU). Each worker reads its shard of every step's batch; rank 0's checkpoints are reported to Ray
     Train, which keeps them in `storage` (default `OUT/ray_train`, local or object storage); a worker lost
     mid-run restarts the group from the last of them (up to 3 times), a rerun continues from the latest one in
@@ -64,7 +64,7 @@ def train_on_ray(o: dict, outp: Path, workers: int, gpus: float, address: str | 
             for rec in ray.get(sink.take.remote()):
                 if "start" in rec:  # the worker group started (again): the steps after its checkpoint are redone
                     starts.append(rec["start"])
-                    on_log = _progress(outp / "train_log.jsonl", rec["start"], o["steps"], t0)
+                    on_log = progress(outp / "train_log.jsonl", rec["start"], o["steps"], t0)
                     if len(starts) > 1:
                         click.echo(f"a worker was lost: the run restarts from its checkpoint at step {rec['start']}")
                 elif "data" in rec:
@@ -84,9 +84,9 @@ def train_on_ray(o: dict, outp: Path, workers: int, gpus: float, address: str | 
     finally:
         if owned:
             ray.shutdown()
-    return _summarise(outp, o, last, starts[0] if starts else 0, time.time() - t0,
-                      "cuda" if gpus > 0 else "cpu", data, workers=workers, restarts=starts[1:],
-                      checkpoint_storage=storage)
+    return summarise(outp, o, last, starts[0] if starts else 0, time.time() - t0,
+                     "cuda" if gpus > 0 else "cpu", data, workers=workers, restarts=starts[1:],
+                     checkpoint_storage=storage)
 
 
 def _fit(trainer):
@@ -103,7 +103,7 @@ def _ray_worker(config: dict) -> None:
 
     import ray.train
 
-    from lavi.train import DataParallel
+    from lavi.training.train import DataParallel
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -112,7 +112,7 @@ def _ray_worker(config: dict) -> None:
     if checkpoint is not None:
         checkpoint.to_directory(str(local))
     o = dict(config["options"], no_resume=False)
-    setup = _prepare(o, local, rank, world)
+    setup = prepare(o, local, rank, world)
     sink = config["sink"]
     start = json.loads((local / "train_state.json").read_text())["step"] if (local / "train_state.json").exists() else 0
     if rank == 0:

@@ -2,25 +2,22 @@
 its backbones), Hugging Face backbones, or tiny-shapes from scratch."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import click
 
+from lavi.families import LLAVA_OV
+
 log = logging.getLogger(__name__)
 
 
 def _load(directory: str | Path):
-    """A LaVi or LLaVA-OneVision checkpoint directory, by its config.json's model_type."""
+    """Any family's checkpoint directory (lavi.families), in float32 for training."""
     import torch
 
-    from lavi import checkpoint, onevision_checkpoint
-    from lavi.onevision_config import MODEL_TYPE
-    config = json.loads((Path(directory) / "config.json").read_text())
-    if config.get("model_type") == MODEL_TYPE:
-        return onevision_checkpoint.load(directory, dtype=torch.float32)
-    return checkpoint.load(directory)
+    from lavi.families import load_model
+    return load_model(directory, dtype=torch.float32)
 
 
 def build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict,
@@ -28,25 +25,25 @@ def build(out: Path, fusion: str, decoder: str | None, vision: str | None, resum
     """The model to train and its tokenizer directory: resumed, fine-tuned from a checkpoint (`init`), from
     backbones, or tiny-shapes (or, `llava-ov`, its LLaVA-OneVision counterpart) from scratch. A new model takes its
     default and max frames per clip from `frames` (those it is trained on); a fine-tuned one keeps its own."""
-    from lavi import checkpoint
-    from lavi.onevision import OneVision
-    from lavi.tiny import save_word_tokenizer, tiny_shapes_config, tiny_shapes_onevision
-    from lavi.train import init_from_scratch
+    from lavi.core import checkpoint
+    from lavi.onevision.model import OneVision
+    from lavi.tiny_models import save_word_tokenizer, tiny_shapes_config, tiny_shapes_onevision
+    from lavi.training.train import init_from_scratch
     if resume and (out / "train_state.json").exists():
         return _load(out), out
     if init:
         if decoder or vision:
             raise click.UsageError("--init starts from a whole checkpoint: leave out --decoder and --vision")
         model = _load(init)
-        kind = "llava-ov" if isinstance(model, OneVision) else model.config.fusion
-        if kind != fusion and "llava-ov" in (kind, fusion):
+        kind = LLAVA_OV if isinstance(model, OneVision) else model.config.fusion
+        if kind != fusion and LLAVA_OV in (kind, fusion):
             raise click.UsageError(f"--init {init} is a {kind} model: pass --fusion {kind}")
         if kind != fusion:  # another fusion on this LaVi's trained backbones (as VLoRA is built: on a trained LLM, ViT)
             log.info("a new %s fusion on %s's decoder, ViT and tokenizer", fusion, init)
             return checkpoint.with_fusion(model, fusion), Path(init)
         return model, Path(init)  # train() puts it in training mode
     if decoder or vision:
-        if fusion == "llava-ov":
+        if fusion == LLAVA_OV:
             raise click.UsageError("--fusion llava-ov trains tiny-shapes' LLaVA-OneVision from scratch, or fine-tunes "
                                    "one (--init DIR): it takes no --decoder or --vision")
         if not (decoder and vision):
@@ -54,7 +51,7 @@ def build(out: Path, fusion: str, decoder: str | None, vision: str | None, resum
         return checkpoint.from_backbones(decoder, vision, fusion=fusion, **frames), Path(decoder)
     from shapes.spec import vocabulary
     tok_dir = out / "_tokenizer"
-    if fusion == "llava-ov":
+    if fusion == LLAVA_OV:
         model = tiny_shapes_onevision(vocabulary(), tok_dir, **frames)
     else:
         tok = save_word_tokenizer(vocabulary(), tok_dir)

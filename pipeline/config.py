@@ -12,7 +12,7 @@ import json
 import math
 from typing import Any
 
-from lavi.compress import VisualCompress
+from lavi.visual_tokens.methods import VisualCompress
 from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
@@ -121,8 +121,8 @@ class RunConfig:
     job_id: str | None = None  # None: reuse the output's job id, else a fresh one
     rows_per_file: int = 5000
     inflight: bool = True  # in-flight batching in the labeler (False: static batches)
-    quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.quant)
-    visual_compress: str | None = None  # concat models: dct:KEEP or fastv:KEEP@LAYER (lavi.compress)
+    quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.serving.quant)
+    visual_compress: str | None = None  # concat models: dct:KEEP or fastv:KEEP@LAYER (lavi.visual_tokens.methods)
     stall_timeout: float = 300.0  # s with no row: warn (what the cluster has, what waits); twice that: fail. 0: off
     fetch_retries: int = DEFAULT_RETRIES  # retries of a read on transient errors (backoff, RETRY_BUDGET_S at most)
     max_rebuilds: int = 3  # times the Ray Data graph is rebuilt over what is left after a lost node, actor or object

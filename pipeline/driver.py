@@ -28,7 +28,7 @@ from pipeline.cluster import connect_ray
 from pipeline.config import RunConfig
 from pipeline.ledger import Ledger, ShardState
 from pipeline.listing import Lister
-from pipeline.models import model_info
+from pipeline.models import check_constraint, model_info
 from pipeline.output import LISTING_DIR, Output
 from pipeline.recovery import check_resources, cluster_check, lost_cluster_part, stream
 from pipeline.resume import Resume, read_committed
@@ -62,10 +62,12 @@ def run(config: RunConfig, labeler_class: type | None = None) -> dict:
     """
     start = time.monotonic()
     options = config.storage
-    info = model_info(config.model or _default_model(), options)
+    model = config.model or _default_model()
+    info = model_info(model, options)
+    check_constraint(model, info["name"], config.constraint, options)  # before listing: a run of only error rows
     if config.frames is not None and config.frames > info["max_frames"]:
         raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
-    if config.visual_compress and info["fusion"] in ("viln", "vlora"):
+    if config.visual_compress and not info["vision_in_context"]:
         raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
                          f"a {info['fusion']} model, with none there")
     generation = config.generation_settings()

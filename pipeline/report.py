@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.output import REPORT_NAME, Output
 from schemas.manifest import make_item
-from schemas.rows import CAPTION, ERROR, OK, TRUNCATED, VIDEO
+from schemas.rows import CAPTION, DECODE, ERROR, LIST, OK, READ, TRUNCATED, VIDEO
 from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _thumbnails(rows: list[dict], generation: dict, storage_options: dict | None
     decoded: dict[tuple[str, int], list[dict]] = {}
     out: dict[str, list[str]] = {}
     for row in rows:
-        if row["status"] == ERROR and row["error_stage"] in ("list", "read", "decode"):
+        if row["status"] == ERROR and row["error_stage"] in (LIST, READ, DECODE):
             continue
         times = row["frame_timestamps_s"] or ()
         settings = DecodeSettings(image_size=size, frames_per_clip=max(1, len(times)),

@@ -1,8 +1,8 @@
 """A prompt's constraint: its answer is one of a set of choices, or JSON that validates against a JSON schema.
 
 This is the contract (it travels with a prompt as JSON text, see `PROMPT_TYPE`) and the check of a finished text;
-the token masks that make a model keep it are in lavi.constrain. No torch here: the driver validates run options
-with it.
+the token masks that make a model keep it are in lavi.serving.constrain. No torch here: the driver validates run options
+with it, and refuses a run's constraint that the model's vocabulary can never meet (`vocabulary_gap`).
 """
 from __future__ import annotations
 
@@ -81,6 +81,46 @@ class Constraint:
         except jsonschema.ValidationError as err:
             return f"JSON does not validate against the schema: {err.message}"
         return None
+
+
+def is_word_level(tokenizer: Any) -> bool:
+    """Whether `tokenizer` (a `tokenizers.Tokenizer`: a checkpoint's tokenizer.json) is word level, as tiny-shapes':
+    its tokens are whole words, which its decoder joins with spaces, so it can spell only text made of them."""
+    return json.loads(tokenizer.to_str()).get("model", {}).get("type") == "WordLevel"
+
+
+def missing_words(tokenizer: Any, choice: str) -> list[str]:
+    """The words of `choice` a word-level `tokenizer` has no token for (each would come out as its unknown token);
+    all of `choice` when it makes no token at all."""
+    enc = tokenizer.encode(choice, add_special_tokens=False)
+    unknown = [choice[a:b] for (a, b), t in zip(enc.offsets, enc.tokens) if choice[a:b] != t]
+    return unknown or ([] if enc.ids else [choice])
+
+
+WORD_LEVEL_JSON = ("a JSON schema needs a tokenizer that can spell JSON (a byte-level BPE, as LLaVA-OneVision's): this "
+                   "model's is word level, whose decoder puts a space around every word and mark, inside JSON strings "
+                   "too")
+
+
+def vocabulary_gap(constraint: Constraint, tokenizer: Any) -> str | None:
+    """Why a model whose tokenizer is `tokenizer` (a `tokenizers.Tokenizer`) can never meet `constraint`, or None.
+
+    The one decision of it, torch-free: the driver refuses a run's --choices/--json-schema with it before listing
+    anything (a run whose every row would be an error), and the engine's vocabulary (lavi.serving.constrain) a row's
+    own. Only a word-level vocabulary is limited: a byte-level BPE spells any text, and what a JSON schema allows is
+    left to llguidance's compiler."""
+    if not is_word_level(tokenizer):
+        return None
+    if constraint.json_schema is not None:
+        return WORD_LEVEL_JSON
+    gaps = {choice: missing_words(tokenizer, choice) for choice in constraint.choices}
+    bad = [choice for choice, words in gaps.items() if words]
+    if not bad:
+        return None
+    words = list(dict.fromkeys(w for choice in bad for w in gaps[choice]))
+    named = ", ".join(map(repr, bad))
+    return (f"choice {named} has words this model's vocabulary lacks: {words}" if len(bad) == 1 else
+            f"choices {named} have words this model's vocabulary lacks: {words}")
 
 
 def _schema(text: str | None) -> dict:

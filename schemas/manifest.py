@@ -23,7 +23,7 @@ MANIFEST_EXTS = (".jsonl", ".csv", ".parquet")  # an INPUT ending so is a manife
 PROMPT_TYPE = pa.struct([
     pa.field("task", pa.string(), nullable=False),  # caption / vqa
     pa.field("prompt", pa.string()),  # null (caption only): the model's default prompt for the media type
-    # null: free text; else the JSON of a lavi.constrain.Constraint ({"choices": [...]} or {"json_schema": {...}})
+    # null: free text; else the JSON of a lavi.serving.constrain.Constraint ({"choices": [...]} or {"json_schema": {...}})
     pa.field("constraint", pa.string()),
 ])
 
@@ -59,7 +59,7 @@ def media_type_from_name(uri: str) -> str:
 
 def make_item(uri: str, prompts: list[dict], media_type: str | None = None, error: str | None = None) -> dict:
     """An item of ITEM_SCHEMA for `uri`: prompts are [{"task": "caption"|"vqa", "prompt": str}, ...], each with an
-    optional "constraint" (the JSON text of a lavi.constrain.Constraint; None or absent: free text).
+    optional "constraint" (the JSON text of a lavi.serving.constrain.Constraint; None or absent: free text).
 
     A caption prompt may be None (the model's default prompt for the decoded media type).
     `media_type` None: from the file name. `error`: the item was refused when listed."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from lavi.collate import Example
+from lavi.training.collate import Example
 from shapes import render, spec
 from workers.video import frame_for, sample_times
 
@@ -126,7 +126,7 @@ def focus_cells(question: str, placed, frame_indices: list[int]) -> np.ndarray |
 
 
 def focus_spans(prompt: str, target: str, placed, frame_indices: list[int]) -> tuple:
-    """The spans of `target` about objects in `placed`, with their cells per frame (lavi.collate.Span): a
+    """The spans of `target` about objects in `placed`, with their cells per frame (lavi.training.collate.Span): a
     caption's object phrases, each about its object (`placed` is in caption order); an answer, whole, about
     the objects its question is about (focus_cells); none for the rest."""
     if prompt in (spec.IMAGE_PROMPT, spec.VIDEO_PROMPT):

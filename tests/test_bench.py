@@ -13,9 +13,10 @@ from bench.compiled import TimedGenerator
 from bench.configs import Setting, model_config, random_model, settings
 from bench.report import write_section
 from jobs.bench import bench
-from lavi.generate import GenerationConfig, Generator, generate, setup_caches
-from lavi.model import LaVi
-from lavi.tiny import tiny_config
+from lavi.serving.generate import Generator, generate
+from lavi.serving.steps import GenerationConfig, setup_caches
+from lavi.core.model import LaVi
+from lavi.tiny_models import tiny_config
 
 NEVER = -1
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]  # unequal: left padding is exercised
@@ -55,7 +56,7 @@ def test_counted_flops_equal_the_formula(fusion, compress):
     generator and per-token deltas, the projector, the decoder over Nv + T tokens for concat (fewer after a dct
     compression; fewer past FastV's layer), the cache's key length, lm_head positions. Only matmuls count on
     both sides (norms, softmax, RoPE, activations are not matmuls)."""
-    from lavi.compress import VisualCompress
+    from lavi.visual_tokens.methods import VisualCompress
 
     torch.manual_seed(0)
     model = LaVi(tiny_config(40, fusion)).eval()
@@ -252,9 +253,9 @@ def test_a_decode_steps_linears_are_the_decoders_its_head_and_vilns_site_heads()
     """Guards against the linears-alone time leaving out a product the step runs (the output head, ViLN's q/o
     projections, a packed layer) or counting one it does not (the vision tower's, the stage projections')."""
     from bench.roofline import linears_step_s, step_alone, step_linears
-    from lavi.compress import VisualCompress
-    from lavi.cpu_pack import pack
-    from lavi.prepare import packed
+    from lavi.visual_tokens.methods import VisualCompress
+    from lavi.serving.cpu_pack import pack
+    from lavi.serving.load_prep import packed
 
     for fusion in ("viln", "concat"):
         model = LaVi(tiny_config(40, fusion)).eval()
@@ -331,9 +332,9 @@ def test_bench_model_on_checkpoint_directories(tmp_path):
     """`bench model --model DIR`: a LLaVA-OneVision directory gives concat rows (our engine on its weights) and
     transformers' rows on the same weights, at its own visual token counts (anyres from its largest pinpoint); a
     LaVi directory gives lavi rows and, having no anyres input, a recorded skip."""
-    from lavi import anyres
-    from lavi.onevision_config import OneVisionConfig
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.onevision import anyres
+    from lavi.onevision.config import OneVisionConfig
+    from lavi.tiny_models import make_tiny_checkpoint
     from onevision_fixture import make_onevision
 
     ov = make_onevision(tmp_path / "ov")

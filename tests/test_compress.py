@@ -1,4 +1,4 @@
-"""The concat path's parameter-free baselines (lavi.compress, lavi.fastv): DCT low-pass compression of the visual
+"""The concat path's parameter-free baselines (lavi.visual_tokens.methods, lavi.visual_tokens.fastv): DCT low-pass compression of the visual
 token grid (Fourier-VLM) and FastV pruning after a decoder layer, on a concat LaVi and a LLaVA-OneVision."""
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from engines import widen
 from onevision_fixture import make_onevision
 from torch.testing import assert_close
 
-from lavi.compress import VisualCompress
-from lavi.dct import dct_lowpass
-from lavi.engine import Engine
-from lavi.fastv import keep_mask, last_token_attention
-from lavi.generate import GenerationConfig, Generator, setup_caches
-from lavi.prepare import packed
-from lavi.tiny import make_tiny_checkpoint
+from lavi.visual_tokens.methods import VisualCompress
+from lavi.visual_tokens.dct import dct_lowpass
+from lavi.serving.engine import Engine
+from lavi.visual_tokens.fastv import keep_mask, last_token_attention
+from lavi.serving.generate import Generator
+from lavi.serving.steps import GenerationConfig, setup_caches
+from lavi.serving.load_prep import packed
+from lavi.tiny_models import make_tiny_checkpoint
 
 GEN = GenerationConfig(max_new_tokens=8)
 PROMPTS = ["describe the image.", "how many", "what colour is the big red circle on the left of the image?"]
@@ -30,8 +31,8 @@ def concat_dir(tmp_path_factory) -> str:
     """A tiny concat LaVi with 4 decoder layers (FastV's pruning needs layers past K to act on)."""
     import dataclasses
 
-    from lavi import checkpoint
-    from lavi.model import LaVi
+    from lavi.core import checkpoint
+    from lavi.core.model import LaVi
 
     tok = make_tiny_checkpoint(str(tmp_path_factory.mktemp("tok")), fusion="concat")
     torch.manual_seed(3)
@@ -112,7 +113,7 @@ def test_dct_shrinks_each_frame_grid_to_r_by_r(concat_dir, ov_dir):
     frames = np.random.default_rng(1).integers(0, 256, (3, 35, 35, 3), dtype=np.uint8)
     video = ov._encode([frames], [("video", (35, 35))])
     assert int(video.mask.sum()) == 3 * math.ceil(r / 2) ** 2 + 1
-    from lavi.anyres import anyres_tiles
+    from lavi.onevision.anyres import anyres_tiles
 
     img = np.random.default_rng(2).integers(0, 256, (35, 35, 3), dtype=np.uint8)
     one = ov._encode([anyres_tiles(img, c.pinpoints, c.tile_size, c.resample)], [("image", (35, 35))])
@@ -132,7 +133,7 @@ def _reference_greedy(model, vis, prompt: list[int], vc: VisualCompress, steps: 
     positions = torch.arange(t0)[None]
     mask = torch.ones(1, 1, t0, t0, dtype=torch.bool).tril()
     _, hidden = dec(embeds, positions, mask, output_hidden_states=True)
-    from lavi.decoder import rope_cos_sin
+    from lavi.core.decoder import rope_cos_sin
 
     cos, sin = rope_cos_sin(positions, dec.config.head_dim, dec.config.rope_theta)
     probs = last_token_attention(dec.layers[vc.layer].self_attn, dec.layers[vc.layer].input_layernorm(hidden[vc.layer]),

@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from lavi.anyres import anyres_tiles
+from lavi.onevision.anyres import anyres_tiles
 from lavi.bundled import DEFAULT_MODEL
-from lavi.constrain import ConstraintError
-from lavi.engine import Engine
-from lavi.generate import GenerationConfig
+from lavi.serving.constrain import ConstraintError
+from lavi.serving.engine import Engine
+from lavi.serving.steps import GenerationConfig
 from onevision_fixture import make_onevision
 from pipeline.config import RunConfig
-from schemas.constraint import Constraint
+from schemas.constraint import Constraint, vocabulary_gap
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -98,6 +98,52 @@ def test_word_level_refusals(shapes_engine):
         vocab.grammar(Constraint.of(json_schema={"type": "object"}))
     with pytest.raises(ConstraintError, match="purple"):
         vocab.grammar(Constraint.of(["red", "purple"]))
+
+
+@pytest.mark.parametrize("engine", ["shapes_engine", "ov_engine"])
+def test_the_driver_and_the_engine_refuse_the_same_constraints(engine, request):
+    """Guards against the driver's check of a run's constraint (schemas.constraint.vocabulary_gap, tokenizer.json
+    only) and the engine's (its compiled grammar) drifting apart: a run refused that the model could answer, or one
+    let through whose every row is then an infer error."""
+    vocab = request.getfixturevalue(engine).vocabulary
+    for c in [Constraint.of(["one", "two", "three"]), Constraint.of(["a red square.", "no"]),
+              Constraint.of(["one", "four", "Five", "two"]), Constraint.of(["purple"]), Constraint.of(["?!"]),
+              Constraint.of(json_schema={"type": "object"})]:
+        gap = vocabulary_gap(c, vocab.hf)
+        try:
+            vocab.grammar(c)
+        except ConstraintError as err:
+            assert gap is not None, (c, err)
+        else:
+            assert gap is None, (c, gap)
+    gap = vocabulary_gap(Constraint.of(["one", "four", "Five", "two"]), request.getfixturevalue(engine).vocabulary.hf)
+    assert gap is None or "['four', 'Five']" in gap, gap  # every word it lacks, in order, once
+
+
+def test_a_run_whose_choices_the_model_lacks_is_refused_before_listing(tmp_path, monkeypatch):
+    """Guards against issue #34: `--choices one,two,three,four,five` with the bundled model (no 'four' or 'five'
+    in its vocabulary) listing and labelling every item into an infer error row, instead of refusing the run."""
+    from PIL import Image
+
+    import pipeline.driver
+    from jobs.cli import main
+
+    corpus = tmp_path / "imgs"
+    corpus.mkdir()
+    Image.new("RGB", (32, 32), "red").save(corpus / "0.png")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run went on past its check of --choices")
+
+    monkeypatch.setattr(pipeline.driver, "check_inputs", never)  # the first step after the model's checks
+    monkeypatch.setattr(pipeline.driver, "connect_ray", never)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["run", str(corpus), "--out", str(out), "--task", "vqa", "--question",
+                                    "how many objects are there?", "--choices", "one,two,three,four,five"])
+    assert res.exit_code == 2, res.output  # a usage error
+    message = res.output.strip().splitlines()[-1]
+    assert "['four', 'five']" in message and "tiny-shapes" in message and "--choices" in message, res.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("inflight", [True, False])

@@ -1,4 +1,4 @@
-"""oneDNN-packed linear layers on CPU (lavi.cpu_pack): the same outputs as the plain model, where loading uses them."""
+"""oneDNN-packed linear layers on CPU (lavi.serving.cpu_pack): the same outputs as the plain model, where loading uses them."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +8,10 @@ from engines import widen
 from torch import nn
 from torch.testing import assert_close
 
-from lavi import cpu_pack
-from lavi.engine import Engine
-from lavi.generate import GenerationConfig
-from lavi.tiny import make_tiny_checkpoint
+from lavi.serving import cpu_pack
+from lavi.serving.engine import Engine
+from lavi.serving.steps import GenerationConfig
+from lavi.tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not cpu_pack.available(), reason="this torch has no oneDNN")
 
@@ -33,7 +33,7 @@ def test_a_packed_linear_computes_the_linear_layer(bias):
 def test_pack_replaces_float32_cpu_linears_only():
     """Guards against packing a layer whose weight is not float32 (oneDNN's packed path would then compute in
     another precision, or fail) or one already replaced (int8's layers)."""
-    from lavi.quant import Int8Linear
+    from lavi.serving.quant import Int8Linear
 
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), Int8Linear(nn.Linear(8, 8)),
                           nn.Sequential(nn.Linear(8, 4)))
@@ -79,9 +79,9 @@ def test_products_of_one_input_are_packed_as_one_and_compute_what_the_layers_did
     """Guards against a fused q/k/v or gate/up product whose outputs come back in the wrong order or width (GQA:
     k and v narrower than q), a bias dropped, or FastV's look at the last token's attention (which reads the
     projections itself) broken by the fusion."""
-    from lavi.decoder import Attention, MLP, rope_cos_sin
-    from lavi.fastv import last_token_attention
-    from lavi.tiny import tiny_config
+    from lavi.core.decoder import Attention, MLP, rope_cos_sin
+    from lavi.visual_tokens.fastv import last_token_attention
+    from lavi.tiny_models import tiny_config
 
     torch.manual_seed(0)
     c = tiny_config(40, "viln").decoder

@@ -90,3 +90,42 @@ def test_distill_labels_trains_scores_and_resumes(ray_local, tmp_path):
     assert again.output.count("complete (skipped)") == 6 and "is trained" in again.output
     other = CliRunner().invoke(main, args[:-2] + ["--sample", "5"])
     assert other.exit_code == 2 and "other settings" in other.output
+
+
+@pytest.mark.timeout(900)
+def test_distill_to_object_storage_writes_every_stage_there_and_resumes(ray_local, s3_server, tmp_path, monkeypatch):
+    """Guards against `distill --out s3://...` failing at any stage (a work file written with open(), the student's
+    checkpoint left on local disk, a finished stage's check that reads a local path) and against a rerun that redoes
+    the stages it finds complete in the bucket."""
+    from shapes.corpus import write_corpus
+
+    # The student's training data, the teacher's labels in the bucket, is read by workers.train_data.TrainData, which
+    # jobs.train_run.prepare builds without storage options: until it passes them, this driver reaches the bucket
+    # through the environment (the pipeline's Ray workers, started before, through --storage-option alone).
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    manifest = write_corpus(str(tmp_path / "corpus"), 6, 0, seed=5)
+    student = tmp_path / "student-init"
+    shutil.copytree(DEFAULT_MODEL, student)
+    uri = f"s3://{s3_server.bucket}/distill-{tmp_path.name}"
+    args = ["distill", manifest, "--teacher", DEFAULT_MODEL, "--student", str(student), "--out", uri,
+            "--sample", "4", "--held-out", "0.5", "--steps", "2", "--lr", "1e-9", "--warmup", "1", "--batch-items", "2",
+            "--threads", "1", "--timing-items", "1", "--device", "cpu", *s3_server.cli_options]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    fs, base = s3_server.fs(), uri[len("s3://"):]
+    names = {p[len(base) + 1:] for p in fs.find(base)}
+    assert {"distill.json", "distill_settings.json", "sample/train.jsonl", "sample/held_out.jsonl",
+            "student/config.json", "student/model.safetensors", "student/train_state.json",
+            "student/train_summary.json", "teacher/train/caption/_summary.json",
+            "teacher/held_out/caption/_summary.json", "student_labels/held_out/caption/_summary.json"} <= names, names
+    doc = json.loads(fs.cat_file(f"{base}/distill.json"))
+    assert doc["student"] == f"{uri}/student" and f"distill.json: {uri}/distill.json" in result.output
+    caption = doc["agreement"]["caption"]
+    assert caption["rows"] == doc["sample"]["held_out"] and caption["exact_match"] >= 0.5  # lr 1e-9: the teacher
+    assert doc["training"]["data"]["targets"] > 0
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("complete (skipped)") == 3 and "is trained" in again.output

@@ -7,9 +7,10 @@ import pytest
 import torch
 from engines import widen
 
-from lavi.engine import Engine
-from lavi.generate import GenerationConfig, Generator, setup_caches
-from lavi.tiny import make_tiny_checkpoint
+from lavi.serving.engine import Engine
+from lavi.serving.generate import Generator
+from lavi.serving.steps import GenerationConfig, setup_caches
+from lavi.tiny_models import make_tiny_checkpoint
 
 PROMPTS = ["describe the image.", "a", "what colour is the big red circle on the left of the image?",
            "how many", "describe", "is there a small blue square in the top right corner of the picture?", "the"]
@@ -120,7 +121,7 @@ def test_the_streaming_labeler_keeps_the_pool_full_across_blocks(engine):
     labeler gives that block alone."""
     import asyncio
 
-    from lavi.inflight import InflightPool
+    from lavi.serving.inflight import InflightPool
     from workers.labeler import Labeler, StreamingLabeler
 
     engine.inflight, engine.max_batch = True, 4
@@ -154,7 +155,7 @@ def test_a_failed_inflight_step_retries_the_blocks_in_static_batches(engine):
     in flight is retried in static batches, and its rows come out once, labelled as the plain labeler labels them."""
     import asyncio
 
-    from lavi.inflight import InflightPool
+    from lavi.serving.inflight import InflightPool
     from workers.labeler import Labeler, StreamingLabeler
 
     engine.inflight, engine.max_batch = True, 2

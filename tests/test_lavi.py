@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lavi import checkpoint
-from lavi.generate import GenerationConfig, generate, setup_caches
-from lavi.model import LaVi
-from lavi.shared_prefix import forward_shared
-from lavi.tiny import tiny_config
+from lavi.core import checkpoint
+from lavi.serving.generate import generate
+from lavi.serving.steps import GenerationConfig, setup_caches
+from lavi.core.model import LaVi
+from lavi.training.shared_prefix import forward_shared
+from lavi.tiny_models import tiny_config
 
 FUSIONS = ["viln", "concat", "vlora"]
 
@@ -141,8 +142,8 @@ def test_a_cache_too_small_is_refused_and_the_engine_grows_its_own_once(tmp_path
     what to do; the engine's cache grows to fit a larger request, then serves smaller ones as it is."""
     import numpy as np
 
-    from lavi.engine import Engine
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.serving.engine import Engine
+    from lavi.tiny_models import make_tiny_checkpoint
     model = _model()
     with pytest.raises(ValueError, match="setup_caches"):
         generate(model, setup_caches(model, 1, 8), model.encode(_pixels(1)), torch.tensor([0]), [[5, 6, 7]],
@@ -162,7 +163,7 @@ def test_a_cache_too_small_is_refused_and_the_engine_grows_its_own_once(tmp_path
 
 def test_top_p_keeps_only_the_nucleus():
     """Guards against a top-p filter that drops the top token or keeps the tail."""
-    from lavi.generate import sample
+    from lavi.serving.steps import sample
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     g = torch.Generator().manual_seed(0)
     draws = {int(sample(logits, 1.0, 0.8, g)) for _ in range(200)}
@@ -194,8 +195,8 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
 def test_missing_file_is_named(tmp_path, missing):
     """Guards against an opaque KeyError/OSError when a checkpoint directory is incomplete."""
-    from lavi.engine import Engine
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.serving.engine import Engine
+    from lavi.tiny_models import make_tiny_checkpoint
     make_tiny_checkpoint(tmp_path)
     (tmp_path / missing).unlink()
     with pytest.raises(ValueError, match=missing):
@@ -243,8 +244,8 @@ def test_shared_prefix_forward_equals_per_row_forward(fusion):
 def test_generation_in_half_precision(tmp_path, fusion, dtype):
     """Guards against dtype mismatches (fp32 masks, RoPE tables or pixels meeting half weights) and
     against a half-precision model drifting from the fp32 one on the first greedy token."""
-    from lavi.engine import Engine
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.serving.engine import Engine
+    from lavi.tiny_models import make_tiny_checkpoint
     import numpy as np
     make_tiny_checkpoint(tmp_path, fusion=fusion)
     frames = [np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)]
@@ -266,7 +267,7 @@ def test_generation_in_half_precision(tmp_path, fusion, dtype):
 
 def test_rows_that_fit_a_memory_budget():
     """Guards the auto batch size: floor of budget / per-row bytes, rounded to a multiple of 8, clamped."""
-    from lavi.engine import rows_that_fit
+    from lavi.serving.steps import rows_that_fit
     assert rows_that_fit(1000, 10) == 96  # 100 fit, 96 is the multiple of 8 below
     assert rows_that_fit(70, 10) == 7  # under 8: exact
     assert rows_that_fit(5, 10) == 1  # nothing fits: one row still runs (and may fail as an infer error)
@@ -277,8 +278,8 @@ def test_rows_that_fit_a_memory_budget():
 def test_a_failing_compiled_step_falls_back_to_eager(tmp_path):
     """Guards against a compiler failure (no C++ toolchain, a Triton bug) failing a whole labeling job:
     the engine continues eager, with the same greedy tokens."""
-    from lavi.engine import Engine
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.serving.engine import Engine
+    from lavi.tiny_models import make_tiny_checkpoint
     import numpy as np
     make_tiny_checkpoint(tmp_path)
     frames = [np.random.default_rng(0).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)]
@@ -302,8 +303,8 @@ def test_a_failing_compiled_step_falls_back_to_eager(tmp_path):
 def test_fit_batch_fills_gpu_memory(tmp_path):
     """Guards against an auto batch that overruns GPU memory or wastes it: the per-row memory is measured,
     the chosen batch actually runs, and CPU (nothing to measure) is refused."""
-    from lavi.engine import Engine
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.serving.engine import Engine
+    from lavi.tiny_models import make_tiny_checkpoint
     import numpy as np
     make_tiny_checkpoint(tmp_path)
     engine = Engine.load(str(tmp_path), device="cuda", dtype=torch.bfloat16)

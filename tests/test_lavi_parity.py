@@ -6,8 +6,8 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from lavi.checkpoint import load_decoder, load_vision
-from lavi.model import attention_mask
+from lavi.core.checkpoint import load_decoder, load_vision
+from lavi.core.model import attention_mask
 
 TOL = dict(atol=2e-5, rtol=1e-4)
 

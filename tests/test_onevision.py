@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from lavi import anyres
-from lavi.onevision import pixels
+from lavi.onevision import anyres
+from lavi.onevision.model import pixels
 from onevision_fixture import PINPOINTS, make_onevision
-from lavi.anyres import anyres_tiles
+from lavi.onevision.anyres import anyres_tiles
 
 transformers = pytest.importorskip("transformers")
 
 # (height, width): base resolution, wide, tall, tiny, larger than the largest pinpoint, odd sizes
-from lavi.generate import GenerationConfig
+from lavi.serving.steps import GenerationConfig
 
 GEN = GenerationConfig(max_new_tokens=12)
 SIZES = [(35, 35), (30, 97), (101, 33), (5, 9), (400, 260), (64, 70), (71, 36)]
@@ -34,7 +34,7 @@ def hf_model(ov_dir):
 
 @pytest.fixture(scope="module")
 def ours(ov_dir):
-    from lavi import onevision_checkpoint
+    from lavi.onevision import checkpoint as onevision_checkpoint
 
     return onevision_checkpoint.load(ov_dir)
 
@@ -74,7 +74,7 @@ def test_anyres_pixels_equal_the_reference_processor(ov_dir, size):
     resolution, fit, padding side, crop order, resampling filter or rescale arithmetic breaks equality."""
     img = _image(size, seed=sum(size))
     ref = _reference_pixels(ov_dir, img)
-    from lavi.onevision_config import OneVisionConfig
+    from lavi.onevision.config import OneVisionConfig
 
     c = OneVisionConfig.from_dir(ov_dir)
     ours = pixels(anyres_tiles(img, c.pinpoints, c.tile_size, c.resample), c)
@@ -99,7 +99,7 @@ def _prompt_ids(ov_dir, prompt: str, media: str) -> list[int]:
 
     from tokenizers import Tokenizer
 
-    from lavi.chat import ChatTemplate, find_template, special_tokens
+    from lavi.serving.chat_template import ChatTemplate, find_template, special_tokens
 
     cfg = json.loads((ov_dir / "tokenizer_config.json").read_text())
     text = ChatTemplate(find_template(ov_dir), special_tokens(cfg)).render(prompt, media)
@@ -153,7 +153,7 @@ def test_architecture_variants_match_transformers(variant, tmp_path):
     visual tokens)."""
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lavi import onevision_checkpoint
+    from lavi.onevision import checkpoint as onevision_checkpoint
 
     d = make_onevision(tmp_path / "ov", seed=1, **variant)
     ref_model = LlavaOnevisionForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
@@ -164,7 +164,7 @@ def test_unsupported_options_are_refused_by_name(ov_dir):
     """What the loader does not implement is refused with a message naming it, not run wrongly."""
     import json
 
-    from lavi.onevision_config import OneVisionConfig, UnsupportedCheckpoint
+    from lavi.onevision.config import OneVisionConfig, UnsupportedCheckpoint
 
     hf = json.loads((ov_dir / "config.json").read_text())
     pre = json.loads((ov_dir / "preprocessor_config.json").read_text())
@@ -196,7 +196,7 @@ def test_video_logits_equal_transformers(ours, hf_model, ov_dir):
 
 @pytest.fixture(scope="module")
 def engine(ov_dir):
-    from lavi.onevision_engine import OneVisionEngine
+    from lavi.onevision.engine import OneVisionEngine
 
     return OneVisionEngine.load(str(ov_dir), max_batch=8)
 
@@ -249,9 +249,9 @@ def test_engine_load_takes_a_onevision_directory_and_refuses_other_model_types(o
     one line naming what it found and what is supported, not a KeyError."""
     import json
 
-    from lavi.checkpoint import CheckpointError
-    from lavi.engine import Engine
-    from lavi.onevision_engine import OneVisionEngine
+    from lavi.core.checkpoint import CheckpointError
+    from lavi.serving.engine import Engine
+    from lavi.onevision.engine import OneVisionEngine
 
     assert isinstance(Engine.load(str(ov_dir)), OneVisionEngine)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
@@ -263,9 +263,9 @@ def test_converted_lavi_starts_as_the_onevision_decoder_on_text_alone(ours, ov_d
     """`convert` keeps the tower, decoder, tokenizer and chat template and adds a zero-initialised conditioner:
     with an image given, its logits equal the LLaVA-OneVision decoder's on the text-only turn, exactly (a
     non-zero head, a wrong weight copy or another prompt format breaks equality); it reloads as a LaVi."""
-    from lavi import checkpoint
-    from lavi.convert import convert
-    from lavi.engine import Engine
+    from lavi.core import checkpoint
+    from lavi.onevision.convert import convert
+    from lavi.serving.engine import Engine
 
     convert(ov_dir, tmp_path / "lavi", num_stages=2, cond_dim=16, cond_heads=2)
     engine = Engine.load(str(tmp_path / "lavi"))
@@ -323,7 +323,7 @@ def test_lavi_label_run_with_a_onevision_directory_writes_transformers_greedy_te
     assert summary["status"].get("error", 0) == 0, summary
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert set(rows) == {*sizes, "clip.mp4"} and rows["clip.mp4"]["text"] is not None
-    from lavi.onevision_engine import OneVisionEngine
+    from lavi.onevision.engine import OneVisionEngine
 
     engine = OneVisionEngine.load(str(ov_dir))
     c = engine.config
@@ -349,7 +349,7 @@ def test_saved_onevision_loads_in_transformers_with_the_same_weights(ours, hf_mo
 
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from lavi import onevision_checkpoint
+    from lavi.onevision import checkpoint as onevision_checkpoint
 
     onevision_checkpoint.save(ours, tmp_path / "saved")
     for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):

@@ -11,15 +11,16 @@ import torch
 from click.testing import CliRunner
 
 from jobs.cli import main
-from lavi import anyres, onevision_checkpoint
-from lavi.collate import Example, collate
-from lavi.losses import encode, losses
-from lavi.model import attention_mask
-from lavi.onevision import pixels
-from lavi.prompt import ChatPrompts
-from lavi.shared_prefix import forward_shared
-from lavi.tiny import tiny_shapes_onevision
-from lavi.tokenizer import Tokenizer
+from lavi.onevision import anyres
+from lavi.onevision import checkpoint as onevision_checkpoint
+from lavi.training.collate import Example, collate
+from lavi.training.losses import encode, losses
+from lavi.core.model import attention_mask
+from lavi.onevision.model import pixels
+from lavi.serving.prompts import ChatPrompts
+from lavi.training.shared_prefix import forward_shared
+from lavi.tiny_models import tiny_shapes_onevision
+from lavi.serving.tokenizer import Tokenizer
 from onevision_fixture import make_onevision
 from shapes import render, spec
 from shapes.batches import ShapesData
@@ -160,8 +161,8 @@ def _transformers_greedy(d: Path, item, kind: str, prompt: str, n: int) -> list[
 
 
 def _check_against_transformers(d: Path, count: int) -> None:
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
 
     engine = Engine.load(str(d))
     c = engine.config
@@ -191,8 +192,8 @@ def test_a_saved_llava_ov_keeps_its_frames_and_prompts_and_its_lavi_conversion_t
     `convert` of it prompting otherwise than its teacher; transformers still loads the config."""
     from transformers import AutoConfig
 
-    from lavi.convert import convert
-    from lavi.engine import Engine
+    from lavi.onevision.convert import convert
+    from lavi.serving.engine import Engine
 
     engine = Engine.load(str(shapes_ov))
     assert (engine.default_frames, engine.config.max_frames) == (4, 16)
@@ -229,7 +230,7 @@ def test_train_command_trains_resumes_and_fine_tunes_a_llava_onevision(tmp_path)
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "x"), "--init", str(out), "--steps", "1"])
     assert result.exit_code == 2 and "--fusion llava-ov" in result.output
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
     engine = Engine.load(str(tuned))
     assert engine.name == "tuned" and engine.config.eos_token_id == Tokenizer(tuned).tok.token_to_id("<eos>")
 
@@ -239,8 +240,8 @@ def test_eval_labels_a_llava_onevision_through_its_anyres_decode(shapes_ov, tmp_
     """`lavi-label eval`'s labelling of a LLaVA-OneVision: its images are cut into anyres tiles by the decoder (not
     squeezed into frames), so every row comes out ok."""
     from jobs.evaluate import label_manifest, write_split
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
     from shapes.corpus import read_manifest
 
     entries = read_manifest(write_split(str(tmp_path / "split"), 2, 1, seed=5))

@@ -57,7 +57,7 @@ def test_vqa_manifest_end_to_end_with_bad_inputs(ray_local, tiny_model, tmp_path
     """Guards against dropped rows (n out != clips x prompts), per-item questions ignored, bad inputs
     lost instead of becoming error rows with their stage, output unreadable by pandas/HF datasets,
     and a rerun of a finished job adding rows."""
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
 
     engine = Engine.load(tiny_model)
     manifest = _corpus(tmp_path / "corpus")
@@ -131,7 +131,7 @@ def test_a_corpus_of_bad_and_unusual_files_gives_one_row_each(ray_local, tiny_mo
 
 def test_caption_directory_uses_model_default_prompts(ray_local, tiny_model, tmp_path):
     """Guards against caption rows without a prompt, or videos captioned with the image prompt."""
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
 
     engine = Engine.load(tiny_model)
     write_corpus(str(tmp_path / "corpus"), 2, 1, seed=2)
@@ -148,7 +148,7 @@ def test_caption_directory_uses_model_default_prompts(ray_local, tiny_model, tmp
 def test_labeler_inference_error_becomes_infer_rows(tiny_model):
     """Guards against one bad batch killing the job or losing rows: frames the engine refuses
     become error rows of stage infer, one per prompt, and good clips in the batch still label."""
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
 
     size = Engine.load(tiny_model).image_size
     labeler = Labeler(LabelerSpec(tiny_model, "job", {"max_new_tokens": 2}, max_batch=8))
@@ -178,7 +178,7 @@ def test_labeler_inference_error_becomes_infer_rows(tiny_model):
 def test_labeler_refuses_to_return_rows_it_never_labelled(tiny_model):
     """Guards against the labeler's every-row-once check being one that cannot fail: a request that is never
     asked (here: inference skipped) must raise, not leave rows without a status."""
-    from lavi.engine import Engine
+    from lavi.serving.engine import Engine
 
     engine = Engine.load(tiny_model)
     labeler = Labeler.from_engine(engine, "job", {"max_new_tokens": 2})

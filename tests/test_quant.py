@@ -1,4 +1,4 @@
-"""Weight-only int8 decoder layers (lavi.quant): close to the float model, through the engine and the labeler."""
+"""Weight-only int8 decoder layers (lavi.serving.quant): close to the float model, through the engine and the labeler."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lavi.bundled import DEFAULT_MODEL
-from lavi.engine import Engine
-from lavi.generate import GenerationConfig
-from lavi.quant import Int8Linear, quantize
+from lavi.serving.engine import Engine
+from lavi.serving.steps import GenerationConfig
+from lavi.serving.quant import Int8Linear, quantize
 from shapes import render, spec
 
 # int8 weights (per-channel scales) and bf16 activations: a layer's output within 2% of the float one (relative
@@ -52,7 +52,7 @@ def test_the_int8_model_is_close_to_the_float_one_and_captions_alike():
         for e in (float_engine, int8_engine):
             embeds, kvalid, conds = e.model.inputs(vis, ids, valid)
             positions = torch.arange(embeds.shape[1])[None]
-            from lavi.model import attention_mask
+            from lavi.core.model import attention_mask
             mask = attention_mask(kvalid, torch.arange(embeds.shape[1]), kvalid)
             logits, _ = e.model.decoder(embeds, positions, mask, conds=conds)
             logp.append(torch.softmax(logits.float(), -1))

@@ -13,7 +13,8 @@ from pipeline.sources import PromptSpec, iter_items
 from schemas.clips import ITEM_ROWS
 from schemas.manifest import ITEM_SCHEMA
 from schemas.rows import item_id
-from workers.decode import DecodeSettings, decode_batch
+from workers.decode import DecodeSettings
+from workers.units import decode_batch
 
 
 def _tree(root) -> None:

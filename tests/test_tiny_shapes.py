@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from jobs.evaluate import HELD_OUT_SEED, evaluate, label_manifest
-from lavi.engine import DEFAULT_MODEL, Engine
+from lavi.bundled import DEFAULT_MODEL
+from lavi.serving.engine import Engine
 from pipeline.config import RunConfig
 from pipeline.driver import run
 from shapes.corpus import read_manifest, write_corpus
@@ -46,7 +47,7 @@ def small_object_shape_accuracy(model: str, items: int = 400, seed: int = HELD_O
     of that frame as an image: small objects at any offset to the patch grid (an image's sit at cell centres)."""
     import numpy as np
 
-    from lavi.generate import GenerationConfig
+    from lavi.serving.steps import GenerationConfig
     from shapes import render, spec
 
     visuals, requests, truth = [], [], []

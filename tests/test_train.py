@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from jobs.cli import main
-from lavi import checkpoint
-from lavi.collate import Example, cells_to_patches, collate
-from lavi.losses import length_groups, lm_loss, losses
-from lavi.model import LaVi
-from lavi.shared_prefix import forward_shared
-from lavi.tiny import save_word_tokenizer, tiny_config
-from lavi.tokenizer import Tokenizer
-from lavi.train import TrainConfig, init_from_scratch, lr_at, train
+from lavi.core import checkpoint
+from lavi.training.collate import Example, cells_to_patches, collate
+from lavi.training.losses import length_groups, lm_loss, losses
+from lavi.core.model import LaVi
+from lavi.training.shared_prefix import forward_shared
+from lavi.tiny_models import save_word_tokenizer, tiny_config
+from lavi.serving.tokenizer import Tokenizer
+from lavi.training.train import TrainConfig, init_from_scratch, lr_at, train
 from shapes import render, spec
 from shapes.batches import GRID_CLASSES, ShapesData, focus_cells, focus_spans, grid_labels
 from shapes.corpus import encode_image

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import main
-from lavi.chat import ChatTemplate, Turns
-from lavi.config import LaViConfig
-from lavi.prompt import prompt_ids
-from lavi.tokenizer import Tokenizer
+from lavi.serving.chat_template import ChatTemplate, Turns
+from lavi.core.config import LaViConfig
+from lavi.serving.prompts import prompt_ids
+from lavi.serving.tokenizer import Tokenizer
 from shapes.corpus import encode_image
 from shapes.render import sample_image
 from tests.onevision_fixture import QWEN2_TEMPLATE, write_tokenizer

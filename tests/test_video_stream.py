@@ -9,12 +9,12 @@ import pytest
 
 from schemas.clips import BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, ITEM_ROWS, SHOTS, TASK_SCHEMA
 from schemas.manifest import DONE_GROUPS, ITEM_SCHEMA, make_item
-from workers.decode import DecodeSettings, decode_batch
+from workers.decode import DecodeSettings
 from workers.probe import probe_uri
 from workers.seek import decode_group
 from workers.shots import shot_clips
 from workers.split import split_batch, split_item, split_units
-from workers.units import decode_units
+from workers.units import decode_batch, decode_units
 from workers.video import decode_video, plan_clips
 
 pytestmark = pytest.mark.timeout(120)
@@ -128,6 +128,61 @@ def test_shot_bounds_merge_short_and_split_long():
     assert shot_clips([3.0, 3.2, 8.0], 0.0, 12.0, 1.0, 4.0) == [(0.0, 3.2), (3.2, 5.6), (5.6, 8.0), (8.0, 12.0)]
     assert shot_clips([], 0.0, 25.0, 2.0, 10.0) == [(0.0, 25 / 3), (25 / 3, 50 / 3), (50 / 3, 25.0)]
     assert shot_clips([0.5], 0.0, 1.5, 2.0, 10.0) == [(0.0, 1.5)]  # one piece left, however short
+
+
+def _spanned(clips: list[tuple[float, float]], cuts: list[float], slack: float = 1e-6) -> list:
+    return [(a, b, c) for a, b in clips for c in cuts if a + slack < c < b - slack]
+
+
+def test_a_shot_cut_short_by_a_window_edge_never_merges_over_a_cut():
+    """Guards against issue #34: `--clips shots` on a 10-minute video with a cut every 37 s gave a clip 480.0-489.5 s
+    over the cut at 481 s (the 1 s piece between the 480 s window edge and the cut, under --min-clip-seconds,
+    merged into the next shot). A piece at a window edge inside the video stays its own clip, on either side of
+    the edge; every second is still in exactly one clip, in index order."""
+    settings = DecodeSettings(image_size=S, clips="shots")  # 2-10 s clips, 160 s windows
+    duration, min_s, max_s = 600.0, settings.min_clip_seconds, settings.max_clip_seconds
+    windows = plan_clips(duration, settings.shot_window_s, None)
+    assert [a for a, _ in windows] == [0.0, 160.0, 320.0, 480.0]
+    for cuts in ([37.0 * k for k in range(1, 17)],  # 481 s: a cut 1 s after an edge
+                 [37.0 * k for k in range(1, 17)] + [159.0, 161.5, 319.5]):  # and before one, and on both sides
+        clips = []
+        for w, (a, b) in enumerate(windows):
+            got = shot_clips([c for c in cuts if a < c < b], a, b, min_s, max_s,
+                             open_start=w > 0, open_end=w < len(windows) - 1)
+            assert len(got) < settings.max_shot_clips
+            clips += got
+        assert not _spanned(clips, cuts), _spanned(clips, cuts)
+        assert clips[0][0] == 0.0 and clips[-1][1] == duration
+        assert all(prev[1] == nxt[0] for prev, nxt in zip(clips, clips[1:]))  # each second once, in order
+        assert all(b - a <= max_s + 1e-9 for a, b in clips)
+        edges = {a for a, _ in windows[1:]}
+        assert all(a in edges or b in edges for a, b in clips if b - a < min_s - 1e-9), clips  # short: at an edge
+    assert (480.0, 481.0) in clips and (159.0, 160.0) in clips and (160.0, 161.5) in clips
+    # a real shot under the minimum still merges (into its shorter neighbour), beside an edge piece too
+    assert shot_clips([1.0, 4.0, 4.5, 9.0], 0.0, 12.0, 2.0, 10.0, open_start=True, open_end=True) == [
+        (0.0, 1.0), (1.0, 4.5), (4.5, 9.0), (9.0, 12.0)]
+    assert shot_clips([0.5], 0.0, 1.5, 2.0, 10.0, open_start=True) == [(0.0, 0.5), (0.5, 1.5)]
+    assert shot_clips([0.5], 0.0, 1.5, 2.0, 10.0) == [(0.0, 1.5)]  # a video's own start is no window edge
+
+
+def test_shot_windows_keep_their_edge_pieces_through_the_decode_stage(tmp_path):
+    """Guards against the decode stage not telling shot_clips which of a window's edges are inside the video: a real
+    video with cuts 1 s after and 1 s before a window edge, decoded window by window, gives no clip over a cut."""
+    cuts, fps = [4.0, 11.0, 15.0, 19.0, 24.5], 10
+    path = tmp_path / "scenes.mp4"
+    media.scenes_mp4(path, cuts, 30.0, fps)
+    settings = DecodeSettings(image_size=S, clips="shots", min_clip_seconds=2.0, max_clip_seconds=2.5,
+                              clips_per_group=4, isolate=False)  # windows of 10 s: edges at 10 and 20 s
+    units = _units(str(path), settings)
+    assert [u["clips"][0]["start_s"] for u in units] == [0.0, 10.0, 20.0]
+    rows = pa.concat_tables(list(decode_units(_tasks(units), settings))).to_pylist()
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert [r["clip_index"] for r in rows] == sorted(r["clip_index"] for r in rows)
+    clips = [(r["clip_start_s"], r["clip_end_s"]) for r in rows]
+    assert clips[0][0] == 0.0 and clips[-1][1] == 30.0 and all(p[1] == n[0] for p, n in zip(clips, clips[1:]))
+    assert not _spanned(clips, cuts, 1 / fps + 1e-6), _spanned(clips, cuts, 1 / fps + 1e-6)
+    assert any(abs(a - 10.0) < 1e-6 and abs(b - 11.0) <= 1 / fps + 1e-6 for a, b in clips), clips
+    assert any(abs(a - 19.0) <= 1 / fps + 1e-6 and abs(b - 20.0) < 1e-6 for a, b in clips), clips
 
 
 def test_a_broken_group_gives_error_rows_for_its_clips(padded, tmp_path):

@@ -1,4 +1,4 @@
-"""VLoRA (lavi.vlora): per-image low-rank weight deltas. Its share of the fusion invariants (cache == recompute,
+"""VLoRA (lavi.core.vlora): per-image low-rank weight deltas. Its share of the fusion invariants (cache == recompute,
 batch == rows alone, save/load, in-flight == static) runs in test_lavi.py and test_inflight.py beside ViLN's."""
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lavi.decoder import Conditioning, Decoder
-from lavi.model import LaVi
-from lavi.tiny import tiny_config
+from lavi.core.decoder import Conditioning, Decoder
+from lavi.core.model import LaVi
+from lavi.tiny_models import tiny_config
 
 
 def _model(seed: int = 0, random_b: bool = True, **options) -> LaVi:
@@ -107,9 +107,9 @@ def test_the_low_rank_path_equals_the_model_with_its_deltas_merged():
 def test_a_vlora_checkpoint_labels_through_the_engine(tmp_path):
     """Guards against a vlora checkpoint that saves but does not load or generate through the engine the pipeline
     runs (`run --model`): the same clips give the same texts batched and one by one."""
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
-    from lavi.tiny import make_tiny_checkpoint
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
+    from lavi.tiny_models import make_tiny_checkpoint
 
     engine = Engine.load(make_tiny_checkpoint(tmp_path, fusion="vlora"), max_batch=4)
     assert engine.config.fusion == "vlora"
@@ -125,7 +125,7 @@ def test_a_vlora_on_a_trained_lavis_backbones_starts_as_that_decoder(tmp_path):
     """Guards against `train --init LAVI --fusion vlora` (VLoRA on a trained LaVi's decoder and ViT, as the paper
     builds it on a trained LLM) losing or copying the backbones, or starting with a delta: the new model's decoder
     is the LaVi's own (base logits equal, bit for bit), its generator is fresh, and only it trains when frozen."""
-    from lavi.checkpoint import load, save, with_fusion
+    from lavi.core.checkpoint import load, save, with_fusion
 
     torch.manual_seed(3)
     lavi = LaVi(tiny_config(40, "viln")).eval()
@@ -146,7 +146,7 @@ def test_a_vlora_on_a_trained_lavis_backbones_starts_as_that_decoder(tmp_path):
 
 def test_vlora_refuses_the_focus_loss():
     """Guards against a focus loss silently recording nothing for VLoRA (its text attends to no image tokens)."""
-    from lavi.losses import FocusRecorder
+    from lavi.training.losses import FocusRecorder
 
     with pytest.raises(ValueError, match="VLoRA"):
         FocusRecorder(_model())

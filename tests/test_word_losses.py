@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from lavi import checkpoint
-from lavi.model import LaVi
-from lavi.tiny import save_word_tokenizer, tiny_shapes_config
+from lavi.core import checkpoint
+from lavi.core.model import LaVi
+from lavi.tiny_models import save_word_tokenizer, tiny_shapes_config
 from shapes.spec import vocabulary
 from shapes.word_losses import main, word_losses
 

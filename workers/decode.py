@@ -3,7 +3,7 @@
 `fetch_and_decode` reads an item whole and decodes it (images; a video whose header the probe cannot read, for
 the whole-file decoders to recover what they can; and the callers that want one item's frames: the report, the
 benchmarks, training data). The pipeline's own video path streams instead: workers.split probes and cuts a video
-into clip groups, workers.units decodes each by seeking. `decode_batch` runs both stages on a batch of items.
+into clip groups, workers.units decodes each by seeking (its `decode_batch` runs both stages on a batch of items).
 Nothing here raises for bad input: an item refused when listed, a failed read or a failed decode gives ONE error
 row for the item (status="error", error_stage "list", "read" or "decode", a readable message). Every row has the
 same keys (schemas.clips.DECODED_KEYS).
@@ -14,9 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import pyarrow as pa
 
-from schemas.clips import CLIP_SCHEMA, DECODED_KEYS
+from schemas.clips import DECODED_KEYS
 from schemas.manifest import media_type_from_name
 from schemas.rows import DECODE, IMAGE, OK, READ, UNKNOWN, VIDEO, error_columns
 from workers.fetch import FetchError, fetch_bytes
@@ -160,15 +159,3 @@ def fetch_window(items: list[dict], settings: DecodeSettings, window: int = 8):
                 pending.append(pool.submit(fetch_item, items[i + window], settings))
             yield item, data, read
 
-
-def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:
-    """Items (schemas.manifest.ITEM_SCHEMA) -> decoded clips (schemas.clips.CLIP_SCHEMA), with the bookkeeping
-    columns: the pipeline's split and decode stages (workers.split, workers.units) run one after the other here.
-
-    An item refused when listed (its `error` set, e.g. a vqa item without questions) is not
-    fetched: it gives one error row of stage "list"."""
-    from workers.split import split_batch
-    from workers.units import decode_units
-
-    tables = list(decode_units(split_batch(items, settings), settings))
-    return pa.concat_tables(tables) if tables else CLIP_SCHEMA.empty_table()

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers.frames import DecodedImage, DecodeError, to_model_input
-from lavi.anyres import anyres_tiles
+from lavi.onevision.anyres import anyres_tiles
 
 # Formats PIL may open. Others (EPS runs Ghostscript, etc.) are refused as "not an image".
 # The JPEG plugin also opens MPO, the multi-picture JPEG that phones write.
@@ -46,7 +46,7 @@ def decode_image(data: bytes, image_size: int, max_pixels: int,
     The pixel count is read from the header and checked against `max_pixels` before any
     pixel is decoded. EXIF orientation is applied (width/height are the upright size);
     animated images give their first frame. With `pinpoints` (an anyres model), frames are the base view
-    and the grid's tiles instead (T, S, S, 3) (`lavi.anyres.anyres_tiles`). Raises DecodeError with a row-ready message.
+    and the grid's tiles instead (T, S, S, 3) (`lavi.onevision.anyres.anyres_tiles`). Raises DecodeError with a row-ready message.
     """
     if not data:
         raise DecodeError("empty file")

@@ -8,7 +8,7 @@ plus the bookkeeping columns (schemas.clips.BOOKKEEPING: rows its unit yields in
 so the sink commits only whole units.
 Input error rows pass through as error rows; an inference error becomes error rows of stage
 "infer" for its sub-batch; every row leaves with a status (checked). A prompt's constraint (choices
-or a JSON schema, lavi.constrain) masks its tokens; one the model cannot meet, or a text that breaks
+or a JSON schema, lavi.serving.constrain) masks its tokens; one the model cannot meet, or a text that breaks
 it anyway, makes that row an infer error, so every ok row meets its constraint.
 """
 
@@ -28,9 +28,9 @@ from workers.model_cache import local_model_dir
 from workers.progress import RowReporter
 
 if TYPE_CHECKING:  # torch loads in the actor, not where this module is imported
-    from lavi.constrain import Constraint
-    from lavi.engine import Engine
-    from lavi.generate import GenerationConfig
+    from lavi.serving.constrain import Constraint
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class LabelerSpec:
     as its memory holds (`Engine.fit_batch`, measured once at load, `memory_share` of the device when replicas share
     it), on CPU the engine's default. compile: the decode step. inflight: in-flight batching (a finished row's cache
     row goes to a waiting request) over each input block; False: static batches. quantize: "int8", weight-only int8
-    decoder linear layers (lavi.quant). visual_compress: a concat model's fewer visual tokens (lavi.compress).
+    decoder linear layers (lavi.serving.quant). visual_compress: a concat model's fewer visual tokens (lavi.visual_tokens.methods).
     progress: the name of the run's row counter (workers.progress), told of rows and work as they happen.
     workers, cpus_per_worker: the run's CPU labelers, from which each sets its torch threads (`cpu_threads`)."""
 
@@ -99,12 +99,12 @@ class Labeler:
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
-        from lavi.cpu_pack import cpu_dtype
-        from lavi.engine import Engine
-        from lavi.generate import GenerationConfig
+        from lavi.serving.cpu_pack import cpu_dtype
+        from lavi.serving.engine import Engine
+        from lavi.serving.steps import GenerationConfig
 
         # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs,
-        # float32 on a CPU without native bf16 (lavi.cpu_pack.cpu_dtype: a bf16 checkpoint would compute ~4x slower)
+        # float32 on a CPU without native bf16 (lavi.serving.cpu_pack.cpu_dtype: a bf16 checkpoint would compute ~4x slower)
         cuda = spec.device.startswith("cuda")
         batch = {} if spec.max_batch is None else {"max_batch": spec.max_batch}
         engine = Engine.load(local_model_dir(spec.model or DEFAULT_MODEL, spec.storage_options), device=spec.device,
@@ -124,8 +124,8 @@ class Labeler:
 
     @classmethod
     def from_engine(cls, engine: "Engine", job_id: str, generation: dict) -> "Labeler":
-        """A labeler around an engine already loaded (lavi.engine.Engine), batching as its max_batch says."""
-        from lavi.generate import GenerationConfig
+        """A labeler around an engine already loaded (lavi.serving.engine.Engine), batching as its max_batch says."""
+        from lavi.serving.steps import GenerationConfig
 
         labeler = cls.__new__(cls)
         labeler._attach(engine, job_id, GenerationConfig(**generation))
@@ -186,7 +186,7 @@ class Labeler:
         """Note row i's constraint in `rules`; False (the row an infer error) when this model cannot meet it."""
         if spec is None:
             return True
-        from lavi.constrain import Constraint, ConstraintError
+        from lavi.serving.constrain import Constraint, ConstraintError
 
         try:
             constraint = Constraint.parse(spec)

@@ -3,7 +3,7 @@
 Output rows reach the driver a block at a time (the labeler's input block: 32 clips on CPU, 256 on a GPU), which on
 a slow model is minutes apart, and a large model's first prefill alone can take minutes. So each labeler tells one
 small actor the driver made for the run (`RowCounter`, found by name), every second or so: the rows it finished,
-its engine's work (prefills and their tokens, decode steps: lavi.generate.Work) and, while a call is under way, a
+its engine's work (prefills and their tokens, decode steps: lavi.serving.generate.Work) and, while a call is under way, a
 heartbeat. The driver's progress line shows the work; its stall watchdog (pipeline.recovery.stream) counts a
 labeler that computes as progress, so a slow batch is never taken for a stalled pipeline. The counts are for the
 person waiting and the watchdog, never for bookkeeping: a lost count costs nothing.

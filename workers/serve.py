@@ -1,7 +1,7 @@
 """An engine's in-flight pool on a thread of its own, shared by a labeler's concurrent calls.
 
 Ray Data calls an async labeler for several input blocks at once (`StreamingLabeler`); each call submits its block's
-requests here and awaits them, and this thread steps the engine (`lavi.engine.Engine.step`): the next block's
+requests here and awaits them, and this thread steps the engine (`lavi.serving.engine.Engine.step`): the next block's
 requests are admitted while the current one drains, so the pool stays full across blocks. Anything else that must
 use the engine's cache (a block retried in static batches after a failed step) runs here too, as an exclusive job,
 once no row is in flight.
@@ -15,8 +15,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from lavi.engine import Engine
-    from lavi.inflight import Ticket
+    from lavi.serving.engine import Engine
+    from lavi.serving.tickets import Ticket
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ class DecodeSettings:
     storage_options: dict = field(default_factory=dict)  # fsspec options (credentials stay out of rows)
     isolate: bool = True  # False: decode in this process (debugging; no timeout or crash guard)
     # The model's input contract for images: None, one image_size square; LLaVA-OneVision's anyres grid
-    # resolutions (height, width): the base view and the grid's image_size tiles (lavi.anyres.anyres_tiles). A tile
+    # resolutions (height, width): the base view and the grid's image_size tiles (lavi.onevision.anyres.anyres_tiles). A tile
     # count is bounded by the largest pinpoint, so an item's memory stays bounded too.
     pinpoints: tuple[tuple[int, int], ...] | None = None
 
@@ -88,8 +88,9 @@ class DecodeSettings:
 
     @property
     def max_shot_clips(self) -> int:
-        """The most clips one window can give (its last may be 1.25 windows long: workers.video.MERGE_TAIL)."""
-        return int(1.25 * self.shot_window_s / self.min_clip_seconds) + 1
+        """The most clips one window can give (its last may be 1.25 windows long: workers.video.MERGE_TAIL; the
+        pieces at its two edges may be shorter than min_clip_seconds: workers.shots.shot_clips)."""
+        return int(1.25 * self.shot_window_s / self.min_clip_seconds) + 3
 
     @property
     def whole_file_bytes(self) -> int:

@@ -6,7 +6,9 @@ shrunk to DETECT_WIDTH pixels wide (what PySceneDetect's SceneManager does by de
 `ContentDetector.process_frame` with its timecode from the frame's own timestamp; the cuts it returns are the
 first frames of new shots. `shot_clips` then bounds them: shots shorter than the minimum merge into their shorter
 neighbour, shots longer than the maximum split into equal parts. A window's edges are clip boundaries too (the
-shot that spans one is split there, as a long shot would be). Runs in the isolated child with the unit's timeout.
+shot that spans one is split there, as a long shot would be), and the piece of that shot on either side of the
+edge never merges across a cut, however short (`shot_clips`'s open_start / open_end). Runs in the isolated child
+with the unit's timeout.
 """
 
 from __future__ import annotations
@@ -70,20 +72,38 @@ def detect_cuts(uri: str, storage_options: dict | None, t0: float, start_s: floa
     return sorted(c for c in set(cuts) if start_s + 1e-6 < c < end_s - 1e-6), read
 
 
-def shot_clips(cuts: list[float], start_s: float, end_s: float, min_s: float,
-               max_s: float) -> list[tuple[float, float]]:
+def shot_clips(cuts: list[float], start_s: float, end_s: float, min_s: float, max_s: float,
+               open_start: bool = False, open_end: bool = False) -> list[tuple[float, float]]:
     """[(start, end), ...] covering [start_s, end_s): the pieces between cuts, bounded (see the module doc).
 
     Merging first: the shortest piece under min_s joins its shorter neighbour, until none is left (or one piece);
-    then each piece over max_s is split into ceil(length / max_s) equal parts."""
+    then each piece over max_s is split into ceil(length / max_s) equal parts. open_start / open_end: start_s /
+    end_s is a window edge inside the video, not its start / end, so the shot there may go on past it; the piece
+    at that edge is then kept as it is, neither merged nor merged into.
+
+    Why kept, even under min_s: that piece is the part of its shot on this side of the edge, and nothing else in
+    this window is in that shot, so a merge here can only cross a detected cut (a cut 1 s after a window edge gave a
+    clip from the edge to 9.5 s past it, over the cut). Its own shot's other part is in the neighbouring window,
+    another decode task and commit unit, detected on its own (and resumed on its own: a committed window is not
+    redone); joining the two would need both windows to agree on cuts each detects separately, and any
+    disagreement would cover seconds twice or not at all. So the window edge stays a clip boundary, every second
+    is still in exactly one clip, and only a shot that spans a window edge may give a clip under min_s."""
     edges = [start_s, *sorted(c for c in cuts if start_s < c < end_s), end_s]
     pieces = [[a, b] for a, b in zip(edges, edges[1:])]
-    while len(pieces) > 1:
-        i = min(range(len(pieces)), key=lambda k: (pieces[k][1] - pieces[k][0], k))
-        if pieces[i][1] - pieces[i][0] >= min_s:
+
+    def length(k: int) -> float:
+        return pieces[k][1] - pieces[k][0]
+
+    def free(k: int) -> bool:  # in range and not the piece at an open edge
+        return 0 <= k < len(pieces) and not ((k == 0 and open_start) or (k == len(pieces) - 1 and open_end))
+
+    while True:
+        short = [k for k in range(len(pieces)) if free(k) and length(k) < min_s and (free(k - 1) or free(k + 1))]
+        if not short:
             break
-        left = pieces[i - 1][1] - pieces[i - 1][0] if i > 0 else math.inf
-        right = pieces[i + 1][1] - pieces[i + 1][0] if i + 1 < len(pieces) else math.inf
+        i = min(short, key=lambda k: (length(k), k))
+        left = length(i - 1) if free(i - 1) else math.inf
+        right = length(i + 1) if free(i + 1) else math.inf
         other = i - 1 if left <= right else i + 1
         lo, hi = min(i, other), max(i, other)
         pieces[lo:hi + 1] = [[pieces[lo][0], pieces[hi][1]]]

@@ -25,7 +25,7 @@ import pyarrow as pa
 from schemas.clips import (BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, READ_RETRIES, SHOTS, TASK_SCHEMA, UNIT_SCHEMA,
                            WHOLE)
 from schemas.manifest import DONE_GROUPS, media_type_from_name
-from schemas.rows import DECODE, IMAGE, LIST, READ
+from schemas.rows import DECODE, IMAGE, LIST, READ, VIDEO
 from workers.fetch import FetchError
 from workers.isolate import IsolationError, guarded
 from workers.probe import VideoProbe, probe_uri
@@ -57,7 +57,7 @@ def split_item(item: dict, settings: DecodeSettings, done: frozenset[int] = froz
     if settings.max_bytes is not None and probe.size > settings.max_bytes:
         return [unit(item, FAILED, error_stage=READ, error=f"file too large: over the limit of {settings.max_bytes} "
                                                              "bytes", **probed)]
-    if probe.kind != "video":
+    if probe.kind != VIDEO:
         if probe.kind == "broken" and probe.size > settings.whole_file_bytes:
             return [unit(item, FAILED, error_stage=DECODE, error=probe.error, **probed)]
         return [unit(item, WHOLE, **probed)]  # the whole-file decoders take it from here
@@ -69,7 +69,7 @@ def split_item(item: dict, settings: DecodeSettings, done: frozenset[int] = froz
 
 def plan_units(item: dict, probe: VideoProbe, settings: DecodeSettings, done: frozenset[int]) -> list[dict]:
     """A probed video's clip groups not in `done`, as CLIPS or SHOTS units."""
-    video = {"t0": probe.t0, "width": probe.width, "height": probe.height, "media_type": "video",
+    video = {"t0": probe.t0, "width": probe.width, "height": probe.height, "media_type": VIDEO,
              "bytes_per_s": probe.size / max(probe.duration_s, 1e-3)}
     if settings.clips == FIXED:
         spans = plan_clips(probe.duration_s, settings.clip_seconds, settings.max_clips)

@@ -10,7 +10,7 @@ Formats, told apart by name and columns (`read_records`):
 - a Parquet of embedded images and conversations, as the LLaVA-OneVision data is published: `images` (a list of
   {bytes, path}) or `image`, and `conversations` (from/value) or `messages` (role/content, the content a string
   or a list of typed parts).
-A conversation gives one target per assistant turn, its earlier turns as context (`lavi.chat.Turns`), rendered
+A conversation gives one target per assistant turn, its earlier turns as context (`lavi.serving.chat_template.Turns`), rendered
 by the model's chat template at collate time. A directory of Parquet files is read whole.
 
 Media decode through the labeling pipeline's code, so training sees what inference sees. Nothing in the data
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from lavi.chat import Prompt, Turns
-from lavi.train import Example
-from schemas.rows import ERROR, OK
+from lavi.serving.chat_template import Prompt, Turns
+from lavi.training.train import Example
+from schemas.rows import DECODE, ERROR, OK, READ
 from workers.decode import DecodeSettings, decode_item
 from workers.fetch import FetchError, fetch_bytes
 from workers.storage import filesystem, read_parquet_file
@@ -204,7 +204,7 @@ def _text_of(content) -> str:
 
 @dataclass
 class TrainData:
-    """`data(step)` for `lavi.train.train`: batch_items records drawn per step (deterministic in seed and step, so
+    """`data(step)` for `lavi.training.train.train`: batch_items records drawn per step (deterministic in seed and step, so
     a resumed run sees the same batches), decoded at the model's input size. An undecodable record is counted,
     skipped and replaced by the next one drawn."""
 
@@ -249,14 +249,14 @@ class TrainData:
         try:
             data = record.data or fetch_bytes(record.uri, self.storage_options)
         except FetchError as err:
-            return self._skip(i, "read", err)
+            return self._skip(i, READ, err)
         item = {"item_id": "train", "uri": record.uri, "media_type": record.media_type, "prompts": []}
         decoded = decode_item(item, self.settings, data)
         if decoded[0]["status"] == ERROR:
-            return self._skip(i, "decode", decoded[0]["error"])
+            return self._skip(i, DECODE, decoded[0]["error"])
         clip = next((d for d in decoded if record.clip is None or d["clip_index"] == record.clip), None)
         if clip is None:
-            return self._skip(i, "decode", f"no clip {record.clip} in the decoded video (other --clip-seconds?)")
+            return self._skip(i, DECODE, f"no clip {record.clip} in the decoded video (other --clip-seconds?)")
         out = self._cache[i] = (clip["frames"], clip["media_type"])
         self._cached += out[0].nbytes
         while self._cached > self.cache_bytes and len(self._cache) > 1:

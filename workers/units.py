@@ -14,6 +14,7 @@ shots window may give more clips than that). By kind:
 A group that fails gives error rows for its clips (stage read or decode), never a failed task. Each row carries
 the unit's bookkeeping (schemas.clips.BOOKKEEPING): its rows in all, its group, the bytes read for it and the
 fetches retried (every read is retried on transient errors: workers.fetch, workers.stream).
+`decode_batch` runs the split stage and this one on a batch of items in one process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from workers.isolate import IsolationError, guarded
 from workers.seek import decode_group
 from workers.settings import DecodeSettings
 from workers.shots import THRESHOLD, detect_cuts, shot_clips
+from workers.split import split_batch
 from workers.stream import Reads, fetch_limit
 
 Span = tuple[int, float, float]  # (clip index, start_s, end_s)
@@ -47,6 +49,16 @@ def decode_units(tasks: pa.Table, settings: DecodeSettings) -> Iterator[pa.Table
         for u in task:
             if u["unit"] in (CLIPS, SHOTS):
                 yield from decode_unit(u, settings)
+
+
+def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:
+    """Items (schemas.manifest.ITEM_SCHEMA) -> decoded clips (schemas.clips.CLIP_SCHEMA), with the bookkeeping
+    columns: the pipeline's split stage (workers.split) and this decode stage run one after the other here.
+
+    An item refused when listed (its `error` set, e.g. a vqa item without questions) is not
+    fetched: it gives one error row of stage "list"."""
+    tables = list(decode_units(split_batch(items, settings), settings))
+    return pa.concat_tables(tables) if tables else CLIP_SCHEMA.empty_table()
 
 
 def _whole_units(units: list[dict], settings: DecodeSettings) -> pa.Table:
@@ -94,8 +106,11 @@ def _decode_window(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
         except (FetchError, DecodeError, IsolationError) as err:
             yield _table(u, [_clip_error(u, (first, a, b), err, settings)], 1, read)
             return
-    spans = [(first + k, s, e) for k, (s, e) in
-             enumerate(shot_clips(cuts, a, b, settings.min_clip_seconds, settings.max_clip_seconds))]
+    # an edge inside the video (not its first window's start, not its last's end) may cut a shot: the piece there
+    # stays its own clip rather than merge over a cut (shot_clips)
+    bounded = shot_clips(cuts, a, b, settings.min_clip_seconds, settings.max_clip_seconds,
+                         open_start=u[GROUP] > 0, open_end=u[GROUP] < u[GROUPS] - 1)
+    spans = [(first + k, s, e) for k, (s, e) in enumerate(bounded)]
     step = settings.clips_per_group
     for i in range(0, len(spans), step):
         rows, n = _decode_spans(u, spans[i:i + step], settings)

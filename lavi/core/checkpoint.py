@@ -1,0 +1,138 @@
+"""Checkpoints: Hugging Face format backbones in, LaVi directories in and out. Safetensors only.
+
+A LaVi checkpoint is a directory: config.json (the LaVi config, both backbone configs inside),
+model.safetensors, tokenizer.json (+ tokenizer_config.json). Nothing is unpickled and no remote
+code runs: a directory that only has .bin/.pt weights is refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lavi.core.config import DecoderConfig, LaViConfig, VisionConfig
+from lavi.core.decoder import Decoder
+from lavi.core.model import LaVi
+from lavi.families import CheckpointError
+from lavi.core.vision import VisionTower
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file missing: {path} (expected in {path.parent})")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(_need(path).read_text())
+
+
+def load_weights(directory: str | Path) -> dict[str, Tensor]:
+    """All tensors of a directory: model.safetensors, or shards listed by model.safetensors.index.json."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {d}")
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(read_json(index)["weight_map"].values()))
+    elif (d / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        pickled = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise CheckpointError(f"{d} has only pickled weights ({', '.join(pickled)}); they are refused because "
+                                  "unpickling can run code. Convert them to safetensors (model.safetensors).")
+        raise CheckpointError(f"checkpoint file missing: {d / 'model.safetensors'} (nor a sharded index)")
+    weights: dict[str, Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(_need(d / name))))
+    return weights
+
+
+def _assign(module: nn.Module, weights: dict[str, Tensor], what: str, optional: tuple[str, ...] = ()) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights and not k.startswith(optional)]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: weights do not match the config; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    module.load_state_dict(weights, strict=False)
+
+
+def load_decoder(directory: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
+    """A Qwen2ForCausalLM / LlamaForCausalLM directory -> our Decoder (HF names minus `model.`)."""
+    d = Path(directory)
+    config = DecoderConfig.from_hf(read_json(d / "config.json"))
+    weights = {k.removeprefix("model."): v for k, v in load_weights(d).items()}
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    decoder = Decoder(config)
+    _assign(decoder, weights, f"decoder {d}", optional=("lm_head",) if config.tie_word_embeddings else ())
+    return decoder.to(dtype)
+
+
+def load_vision(directory: str | Path, dtype: torch.dtype = torch.float32) -> VisionTower:
+    """A SiglipVisionModel (or full SiglipModel) directory -> our VisionTower. The pooling head is dropped."""
+    d = Path(directory)
+    config = VisionConfig.from_hf(read_json(d / "config.json"))
+    weights = {k.removeprefix("vision_model."): v for k, v in load_weights(d).items()
+               if not k.startswith(("text_model.", "logit_")) and not k.startswith(("vision_model.head.", "head."))}
+    tower = VisionTower(config)
+    _assign(tower, weights, f"vision tower {d}")
+    return tower.to(dtype)
+
+
+def save(model: LaVi, directory: str | Path, tokenizer_dir: str | Path | None = None) -> None:
+    """Write config.json + model.safetensors (+ the tokenizer files) to a directory; bit-exact with `load`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.decoder.tie_word_embeddings:
+        state.pop("decoder.lm_head.weight", None)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt", "lavi_fusion": model.config.fusion})
+    if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != d.resolve():
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(tokenizer_dir) / name).exists():
+                shutil.copy(Path(tokenizer_dir) / name, d / name)
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LaVi:
+    """A LaVi checkpoint directory -> LaVi in eval mode. dtype None keeps the stored dtype."""
+    d = Path(directory)
+    config = LaViConfig.from_dict(read_json(d / "config.json"))
+    weights = load_weights(d)
+    with torch.device("meta"):
+        model = LaVi(config)
+    model = model.to_empty(device="cpu")
+    optional = ("decoder.lm_head",) if config.decoder.tie_word_embeddings else ()
+    _assign(model, weights, f"LaVi {d}", optional=optional)
+    if config.decoder.tie_word_embeddings:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    stored = next(iter(weights.values())).dtype
+    return model.to(device=device, dtype=dtype or stored).eval()
+
+
+def with_fusion(model: LaVi, fusion: str) -> LaVi:
+    """A fresh LaVi for training: `model`'s decoder and vision tower (their weights shared, not copied), a new
+    `fusion` at its own init (zero outputs: exactly the base LLM), its hyper-parameters from `model`'s config."""
+    config = dataclasses.replace(model.config, fusion=fusion, name=f"{model.config.name}-{fusion}")
+    return LaVi(config, decoder=model.decoder, vision=model.vision).to(model.device, model.dtype).train()
+
+
+def from_backbones(decoder_dir: str | Path, vision_dir: str | Path, **options) -> LaVi:
+    """A fresh LaVi for training: both backbones loaded from HF directories, the fusion initialised
+    (ViLN's output heads at zero, so it starts as exactly the base LLM). `options` go to LaViConfig."""
+    decoder, tower = load_decoder(decoder_dir), load_vision(vision_dir)
+    config = LaViConfig(decoder=decoder.config, vision=tower.config, **options)
+    model = LaVi(config)
+    model.decoder.load_state_dict(decoder.state_dict())
+    model.vision.load_state_dict(tower.state_dict())
+    return model
