@@ -127,6 +127,38 @@ def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_v
     return logits[:, -1]
 
 
+# A prefill group's padding: rows of a group are left-padded to its longest, and the group takes a row only while its
+# padded tokens stay within this share of its real ones (or within PAD_TOKENS in all: short contexts batch whole)
+PAD_SHARE, PAD_TOKENS = 0.25, 512
+
+
+def context_lengths(model: LaVi, vis: Visual, prompts: list[list[int]]) -> list[int]:
+    """Each request's prefill context, about: its prompt, and its visual tokens where they enter the context (a concat
+    model's; `vision_in_context`), as `vis` (one row per request) holds them."""
+    if not getattr(model, "vision_in_context", True):
+        return [len(p) for p in prompts]
+    return [len(p) + n for p, n in zip(prompts, vis.mask.sum(1).tolist())]
+
+
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """The requests (by index) in prefill groups of similar context length, shortest first: every row of a group is
+    padded to its longest, so a 1,500-token image beside a 4,700-token one would compute 3,200 tokens of padding (and
+    attention over them). A group grows while its padding stays within PAD_SHARE of its real tokens or PAD_TOKENS."""
+    groups: list[list[int]] = []
+    real = longest = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if groups:
+            waste = (len(groups[-1]) + 1) * max(longest, n) - (real + n)
+            if waste <= max(PAD_SHARE * (real + n), PAD_TOKENS):
+                groups[-1].append(i)
+                real, longest = real + n, max(longest, n)
+                continue
+        groups.append([i])
+        real, longest = n, n
+    return groups
+
+
 def prunes_visual(model: LaVi) -> bool:
     """Whether the prefill prunes visual tokens (lavi.visual_tokens.fastv): a concat model set to `fastv` below 1.0."""
     vc = getattr(model, "visual_compress", None)
