@@ -200,6 +200,7 @@ def test_processor_configs_read_like_transformers(tmp_path):
     ({"do_resize": False}, "do_resize=false"),
     ({"cap_pixels_per_frame": True}, "cap_pixels_per_frame"),
     ({"size": {"height": 224, "width": 224}}, "'height', 'width'"),
+    ({"size": 224}, "size has 224"),
     ({"image_mean": [0.5, 0.5]}, "3 numbers"),
     ({"resample": 7}, "resample"),
 ])

@@ -46,7 +46,7 @@ def error_row(item: dict, stage: str, message: str, image_size: int, media_type:
 
 def _decode_as(kind: str, data: bytes, s: DecodeSettings) -> DecodedImage | DecodedVideo:
     if kind == IMAGE:
-        return decode_image(data, s.image_size, s.max_pixels, s.pinpoints, s.dynamic and s.dynamic.image)
+        return decode_image(data, s.image_size, s.max_pixels, s.pinpoints, s.dynamic.image if s.dynamic else None)
     return decode_video(data, video_fit(s), s.frames_per_clip, s.clip_seconds, s.max_clips, s.max_pixels)
 
 

@@ -148,7 +148,7 @@ def _parse(d: dict[str, Any], default: MediaProcessor, what: str) -> MediaProces
             fields[k] = tuple(float(v) for v in fields[k]) if isinstance(fields[k], (list, tuple)) else (
                 (float(fields[k]),) * 3)
     size = d.get("size") or {}
-    bad = sorted(set(size) - set(_SIZE_KEYS))
+    bad = sorted(set(size) - set(_SIZE_KEYS)) if isinstance(size, dict) else [size]
     if bad:
         raise ValueError(f"{what}'s size has {', '.join(map(repr, bad))}; a dynamic-resolution processor's size is "
                          "{shortest_edge, longest_edge} in pixels (or min_pixels/max_pixels)")
