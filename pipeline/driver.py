@@ -71,7 +71,8 @@ def run(config: RunConfig, labeler_class: type | None = None) -> dict:
         raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
                          f"a {info['fusion']} model, with none there")
     generation = config.generation_settings()
-    groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"]).group_clips
+    groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
+                                    info["dynamic"]).group_clips
     if groups != config.clips_per_group:  # fewer clips a group at this model's input (DecodeSettings.group_clips)
         generation["clips_per_group"] = groups
     check_inputs(config.inputs, options)
@@ -137,7 +138,8 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
     times, each in the result's `rebuilds`; a stall the job got over is in its `stalls`). The cluster is checked
     every few seconds to still hold the labeler pool (pipeline.recovery.cluster_check)."""
     result = Labelled()
-    settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"])
+    settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
+                                      info["dynamic"])
     # Ray starts while the inputs are listed (seconds each); a rerun with nothing left to label shuts it down unused
     owned = connect_ray(config.address, config.verbose)
     sink = ParquetSink(commit)
