@@ -1,7 +1,10 @@
 """Tiny random Qwen-VL checkpoints saved the way a user downloads one: transformers' `save_pretrained` of
 `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` or `Qwen3VLForConditionalGeneration`, a
 byte-level BPE tokenizer trained by `tokenizers` with the Qwen-VL special tokens, Qwen2-VL's chat template and the
-image processor's preprocessor_config.json.
+image processor's preprocessor_config.json; and the tests' shared fixtures (the checkpoints, transformers' models,
+our engines) and the transformers side of their comparisons: transformers' processors cannot be built here (their
+video processor needs torchvision), so pixel values come from Qwen2VLImageProcessorPil and the expanded prompts from
+the processors' own replace_image_token / replace_video_token.
 
 Patches of 4 px merged 2 x 2 (so an image side is a multiple of 8), temporal patches of 2 frames; a 2-layer decoder
 of width 32 whose M-RoPE sections (2, 1, 1) cover its head_dim of 8.
@@ -10,6 +13,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lavi.qwenvl.config import QwenVLConfig
+from lavi.qwenvl.engine import QwenVLEngine
+
+transformers = pytest.importorskip("transformers")
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
@@ -96,8 +109,6 @@ def hf_config(kind: str, ids: dict[str, int], vocab: int, flat: bool = False, ti
 
 def make_qwenvl(directory: str | Path, kind: str, seed: int = 0, flat: bool = False, tie: bool = False) -> Path:
     """Write a tiny checkpoint of `kind` (qwen2_vl, qwen2_5_vl, qwen3_vl) to `directory` and return it."""
-    import torch
-    import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     names = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL", "qwen3_vl": "Qwen3VL"}[kind]
@@ -128,3 +139,76 @@ def make_qwenvl(directory: str | Path, kind: str, seed: int = 0, flat: bool = Fa
     Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL, size=size,
                              ).save_pretrained(d)
     return d
+
+
+# -- what the tests share ---------------------------------------------------------------------------------------------
+SIZES = [(24, 40), (64, 16), (8, 8), (56, 48)]  # (height, width), multiples of 8 (patch 4, merge 2)
+# the checkpoints: every kind nested (transformers 5's layout), Qwen2-VL and Qwen2.5-VL also flat (the hub's)
+VARIANTS = [("qwen2_vl", False), ("qwen2_vl", True), ("qwen2_5_vl", False), ("qwen2_5_vl", True), ("qwen3_vl", False)]
+PROMPT = "describe the image."
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return {(k, flat): make_qwenvl(tmp_path_factory.mktemp(f"{k}-{int(flat)}") / "tiny", k, seed=1, flat=flat)
+            for k, flat in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def hf_models(dirs):
+    return {key: transformers.AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+            for key, d in dirs.items() if not key[1]}
+
+
+@pytest.fixture(scope="module")
+def engines(dirs):
+    return {key: QwenVLEngine.load(str(d), max_batch=8) for key, d in dirs.items()}
+
+
+def image(size: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+    img[: size[0] // 2] //= 2  # some structure
+    return img
+
+
+def reference_pixels(d, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Qwen2VLImageProcessorPil.from_pretrained(d)(images=Image.fromarray(img), return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+def reference_ids(d, media: str, grid, times: list[float] | None = None, kind: str = "qwen2_vl") -> list[int]:
+    """The processor's expanded prompt: the chat template's turn, its placeholder replaced by the processor's own
+    replace_image_token / replace_video_token (Qwen3-VL: the template's start/end pair collapsed first), tokenised by
+    transformers' tokenizer."""
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    msgs = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": PROMPT}]}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    ns = SimpleNamespace(image_processor=SimpleNamespace(merge_size=2), image_token="<|image_pad|>",
+                         video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                         video_token="<|video_pad|>", vision_start_token="<|vision_start|>",
+                         vision_end_token="<|vision_end|>")
+    grid_t = torch.tensor([grid])
+    if media == "image":
+        text = text.replace("<|image_pad|>", transformers.Qwen2VLProcessor.replace_image_token(
+            ns, {"image_grid_thw": grid_t}, 0))
+    elif kind == "qwen3_vl":
+        proc = transformers.Qwen3VLProcessor
+        ns._calculate_timestamps = lambda *a: proc._calculate_timestamps(ns, *a)
+        fps = 2.0  # frames at times[i] = index / fps
+        meta = SimpleNamespace(fps=fps, frames_indices=[round(t * fps) for t in times])
+        text = text.replace("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
+        text = text.replace("<|video_pad|>", proc.replace_video_token(
+            ns, {"video_grid_thw": grid_t, "video_metadata": [meta]}, 0))
+    else:
+        text = text.replace("<|video_pad|>", transformers.Qwen2VLProcessor.replace_video_token(
+            ns, {"video_grid_thw": grid_t}, 0))
+    return tok(text)["input_ids"]
+
+
+def mm_types(ids: torch.Tensor, c: QwenVLConfig) -> torch.Tensor:
+    return (ids == c.image_token_id).long() + 2 * (ids == c.video_token_id).long()
+
