@@ -162,3 +162,18 @@ def test_video_logits_equal_transformers(hf_models, engines, kind):
         ref = hf(input_ids=ids, pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.tensor([grid]),
                  mm_token_type_ids=mm_types(ids, c), **extra).logits[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_driver_describes_a_qwen_vl_without_torch(dirs):
+    """Guards against an import chain from the family's torch-free family.py (config, the registry) into torch:
+    the driver reads a checkpoint's model info and must start without the GPU stack."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (f"import json, sys\nfrom lavi.families import family_at\nd = {str(dirs[('qwen3_vl', False)])!r}\n"
+            "f = family_at(d)\ninfo = f.describe(json.load(open(d + '/config.json')), lambda n: None, 'x')\n"
+            "assert info.family == 'qwen-vl' and 'torch' not in sys.modules, sorted(sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
