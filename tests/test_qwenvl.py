@@ -31,6 +31,49 @@ def test_flat_and_nested_layouts_read_the_same(dirs):
     assert QwenVLConfig.from_dir(dirs[("qwen2_5_vl", False)]).tokens_per_second == 2
 
 
+# published config.json files (vision_config left out: lavi.qwenvl.vision_config's tests read those)
+HUB = {
+    "Qwen2-VL-7B-Instruct": {"model_type": "qwen2_vl", "hidden_size": 3584, "intermediate_size": 18944,
+                             "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+                             "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+                             "tie_word_embeddings": False, "use_sliding_window": False, "vocab_size": 152064,
+                             "max_window_layers": 28, "eos_token_id": 151645, "bos_token_id": 151643,
+                             "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+                             "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656,
+                             "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+    "Qwen2.5-VL-3B-Instruct": {"model_type": "qwen2_5_vl", "hidden_size": 2048, "intermediate_size": 11008,
+                               "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 2,
+                               "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+                               "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936,
+                               "eos_token_id": 151645, "image_token_id": 151655, "video_token_id": 151656,
+                               "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+                               "vision_config": {"tokens_per_second": 2, "patch_size": 14}},
+    "Qwen3-VL-4B-Instruct": {"model_type": "qwen3_vl", "image_token_id": 151655, "video_token_id": 151656,
+                             "tie_word_embeddings": True, "text_config": {
+                                 "attention_bias": False, "eos_token_id": 151645, "head_dim": 128,
+                                 "hidden_size": 2560, "intermediate_size": 9728, "num_attention_heads": 32,
+                                 "num_hidden_layers": 36, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+                                 "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                                  "rope_type": "default"},
+                                 "rope_theta": 5000000, "tie_word_embeddings": True, "vocab_size": 151936},
+                             "vision_config": {"patch_size": 16, "spatial_merge_size": 2}},
+}
+
+
+@pytest.mark.parametrize("name", HUB)
+def test_published_configs_map_onto_ours(name):
+    """The hub's own config.json files read as transformers reads them: Qwen2-VL's head_dim from hidden/heads and
+    q/k/v biases, Qwen3-VL's head_dim, q/k norms, interleaved sections and theta from text_config, ties, EOS."""
+    c = QwenVLConfig.from_hf(HUB[name], {"eos_token_id": [151645, 151643]})
+    d = c.decoder
+    want = {"Qwen2-VL-7B-Instruct": (128, True, False, (16, 24, 24), 1e6, False, 0.0, 28),
+            "Qwen2.5-VL-3B-Instruct": (128, True, False, (16, 24, 24), 1e6, True, 2.0, 28),
+            "Qwen3-VL-4B-Instruct": (128, False, True, (24, 20, 20), 5e6, True, 0.0, 32)}[name]
+    assert (d.head_dim, d.qkv_bias, d.qk_norm, d.mrope_section, d.rope_theta, d.tie_word_embeddings,
+            c.tokens_per_second, c.factor) == want
+    assert d.mrope_interleaved == (name == "Qwen3-VL-4B-Instruct") and c.eos_token_ids == (151645, 151643)
+
+
 @pytest.mark.parametrize("change, match", [
     ({"model_type": "qwen3_vl_moe"}, "'qwen3_vl_moe' is not supported .*mixture-of-experts"),
     ({"model_type": "qwen3_5"}, "'qwen3_5' is not supported .*linear-attention"),
