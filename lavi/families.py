@@ -1,7 +1,7 @@
 """The model families the engine serves, and the one place that maps a checkpoint to its family.
 
-A family is one package under lavi/ (today `lavi.core`, a LaVi of this project's own, and `lavi.onevision`, a Hugging
-Face LLaVA-OneVision). Each gives a torch-free `family.py` with:
+A family is one package under lavi/ (today `lavi.core`, a LaVi of this project's own, `lavi.onevision`, a Hugging
+Face LLaVA-OneVision, and `lavi.qwenvl`, a Qwen2-VL, Qwen2.5-VL or Qwen3-VL). Each gives a torch-free `family.py` with:
 
 - `claims(config)`: whether a config.json is one of its checkpoints;
 - `describe(config, read, name)`: its `ModelInfo`, the name and input contract the decode workers must produce
@@ -30,7 +30,7 @@ from typing import Any, Callable
 from lavi.core.config import FUSIONS
 from lavi.resolution import DynamicResolution
 
-LAVI, LLAVA_OV = "lavi", "llava-ov"  # the families' names (LLAVA_OV is also train's --fusion for that baseline)
+LAVI, LLAVA_OV, QWEN_VL = "lavi", "llava-ov", "qwen-vl"  # the families' names (LLAVA_OV is also train's --fusion)
 TRAIN_FUSIONS = (*FUSIONS, LLAVA_OV)  # what `train --fusion` builds: a LaVi's fusions, or a LLaVA-OneVision
 
 
@@ -94,7 +94,8 @@ class Family:
 
 
 FAMILIES = (Family(LAVI, "a LaVi checkpoint", "lavi.core.family"),
-            Family(LLAVA_OV, "a LLaVA-OneVision (model_type 'llava_onevision')", "lavi.onevision.family"))
+            Family(LLAVA_OV, "a LLaVA-OneVision (model_type 'llava_onevision')", "lavi.onevision.family"),
+            Family(QWEN_VL, "a Qwen-VL (model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl')", "lavi.qwenvl.family"))
 NAMES = tuple(f.name for f in FAMILIES)
 
 

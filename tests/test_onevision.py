@@ -261,8 +261,8 @@ def test_engine_load_takes_a_onevision_directory_and_refuses_other_model_types(o
     from lavi.onevision.engine import OneVisionEngine
 
     assert isinstance(Engine.load(str(ov_dir)), OneVisionEngine)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(CheckpointError, match="'qwen2_vl'.*supported: a LaVi checkpoint or a LLaVA-OneVision"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    with pytest.raises(CheckpointError, match="'mllama'.*supported: a LaVi checkpoint or a LLaVA-OneVision"):
         Engine.load(str(tmp_path))
 
 

@@ -23,7 +23,7 @@ from lavi.core.decoder import RowsPrefill
 from lavi.core.fusion import Visual
 from lavi.serving.tickets import Item, Request, Ticket
 from lavi.serving.steps import (GenerationConfig, RowTokens, StepInputs, context_lengths, left_pad, pick, prefill_groups,
-                                prunes_visual, run_prefill)
+                                prefill_positions, prunes_visual, run_prefill)
 
 if TYPE_CHECKING:  # the pool runs over a Generator's cache and decode step; generate builds pools (no cycle)
     from lavi.serving.generate import Generator
@@ -255,8 +255,10 @@ class InflightPool:
         if t0 + max(r.budget for r in take) > self.s:
             raise ValueError(f"a prompt of {t0} slots and its new tokens do not fit the cache's {self.s} slots: give the "
                              "generator a larger one (setup_caches)")
+        positions, nxt = prefill_positions(model, sub, ids, valid, kvalid)
         logits, kept = run_prefill(model, RowsPrefill(self.g.kv_cache, idx), embeds, kvalid, kvalid, conds,
-                                   model.visual_positions(sub, ids, valid) if self.fastv else None, self.g.work)
+                                   model.visual_positions(sub, ids, valid) if self.fastv else None, self.g.work,
+                                   positions)
         if self.fastv:
             fixed.deep_valid[idx] = False
             fixed.deep_valid[idx, :t0] = kept
@@ -271,7 +273,7 @@ class InflightPool:
         for a, a1 in zip(fixed.factors, sub.factors or ()):
             a[idx] = a1
         first = pick(logits, self.gen, self.rng, self.guide, [r.gid for r in take])
-        self.pos[idx, 0], self.slot[idx, 0] = kvalid.long().sum(1), t0
+        self.pos[idx, 0], self.slot[idx, 0] = nxt, t0
         self.tok[idx], self.out[idx, 0], self.count[idx] = first, first, 1
         self.budget[idx] = torch.tensor([r.budget for r in take], device=d)
         self.done[idx] = torch.isin(first, self.eos) | (self.budget[idx] <= 1)

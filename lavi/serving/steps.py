@@ -86,15 +86,24 @@ def pick(logits: Tensor, gen: GenerationConfig, generator: torch.Generator | Non
     return tok
 
 
+def prefill_positions(model: LaVi, vis: Visual, ids: Tensor, valid: Tensor, kvalid: Tensor) -> tuple[Tensor, Tensor]:
+    """The RoPE positions of `model.inputs`' context (B, T0) and each row's first decode position (B,): the model's
+    own where it has them (`model.prefill_positions`: Qwen-VL's M-RoPE, (3, B, T0)), else the real tokens counted."""
+    if hasattr(model, "prefill_positions"):
+        return model.prefill_positions(vis, ids, valid)
+    return rope_positions(kvalid), kvalid.long().sum(1)
+
+
 def run_prefill(model: LaVi, kv_cache, embeds: Tensor, kvalid: Tensor, keys: Tensor, conds: LayerConds | None,
-                visual_positions: Tensor | None, work: Work) -> tuple[Tensor, Tensor | None]:
+                visual_positions: Tensor | None, work: Work, positions: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
     """The prefill both generation loops run: a context (B, T0) through the decoder into `kv_cache` (the cache, or
-    rows of it), its RoPE positions, its attention mask over `keys` (the valid cache slots its queries see),
-    FastV's pruning when `visual_positions` (B, T0) is given. -> (the last position's logits (B, V), FastV's kept
-    slots (B, T0) or None)."""
+    rows of it), its RoPE positions (None: `rope_positions(kvalid)`), its attention mask over `keys` (the valid
+    cache slots its queries see), FastV's pruning when `visual_positions` (B, T0) is given. -> (the last position's
+    logits (B, V), FastV's kept slots (B, T0) or None)."""
     t0 = embeds.shape[1]
     slots = torch.arange(t0, device=embeds.device)
-    positions = rope_positions(kvalid)  # (B, T0)
+    positions = rope_positions(kvalid) if positions is None else positions  # (B, T0), or M-RoPE's (3, B, T0)
     mask = attention_mask(keys, slots, kvalid)
     work.prefills += 1
     work.prefill_tokens += embeds.shape[0] * t0
