@@ -1,0 +1,245 @@
+"""`bench model` for the Qwen-VL family: our engine (`qwen-vl` rows) and transformers' `generate()` (`hf-qwen-vl`
+rows) on the same weights, the same pixels and the same expanded prompt, greedy, exactly `new_tokens` each.
+
+Two ways in: a checkpoint directory (`bench.checkpoints`; transformers' model loaded from it, its images cut by
+Qwen2VLImageProcessorPil, videos by our `patches` as transformers' video processor needs torchvision), or a shape
+(`bench_shapes`): transformers builds a Qwen2.5-VL of the hub config's shapes with random weights, its rows are
+measured, and our model is then made of the very same tensors (no copy: transformers' model is dropped before ours
+is packed, so one model's weights are in memory at a time). The LaVi rows beside them (`bench.configs`) have the
+same decoder.
+
+The Qwen's prefill FLOPs are counted on transformers' forward over the expanded context (logits at the last
+position); a decode step's are the decoder's over the static cache's slots (ours) or the growing cache (theirs).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from bench import flops as F
+from bench import hf
+from bench import roofline as R
+from bench.configs import Setting
+from bench.hf_rows import measure as hf_measure
+from bench.report import versions
+from lavi.core.decoder import Decoder
+from lavi.families import QWEN_VL
+from lavi.qwenvl import checkpoint as qwen_checkpoint
+from lavi.qwenvl.config import IMAGE, QWEN2_5_VL, VIDEO, QwenVLConfig
+from lavi.qwenvl.model import QwenVL
+
+log = logging.getLogger(__name__)
+ENGINE, HF = QWEN_VL, f"hf-{QWEN_VL}"  # the rows' model names: our engine's, transformers'
+MODELS = (ENGINE, HF)
+NEVER = -1
+
+# the hub's Qwen2.5-VL config.json shapes (3B, 7B), and a tiny one for the tests
+_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+               in_channels=3)
+_TEXT_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                tie_word_embeddings=True)
+_TEXT_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                tie_word_embeddings=False)
+_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+            eos_token_id=151645, pad_token_id=151643)
+SHAPES = {  # shapes -> (text, vision, special ids, M-RoPE section)
+    "qwen2.5-vl-3b": (_TEXT_3B, {**_VISION, "out_hidden_size": 2048}, _IDS, [16, 24, 24]),
+    "qwen2.5-vl-7b": (_TEXT_7B, {**_VISION, "out_hidden_size": 3584}, _IDS, [16, 24, 24]),
+    "tiny-qwen2.5-vl": (dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                             rms_norm_eps=1e-6, tie_word_embeddings=False),
+                        dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=4,
+                             spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1],
+                             tokens_per_second=2, in_channels=3, out_hidden_size=32),
+                        dict(image_token_id=290, video_token_id=291, vision_start_token_id=292,
+                             vision_end_token_id=293, eos_token_id=294, pad_token_id=295), [2, 1, 1]),
+}
+
+
+def hub_config(shapes: str) -> dict:
+    """config.json of `shapes` (transformers 5's nested layout)."""
+    text, vision, ids, section = SHAPES[shapes]
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+    return dict(model_type=QWEN2_5_VL, text_config=dict(text, rope_parameters=rope, eos_token_id=ids["eos_token_id"],
+                                                         pad_token_id=ids["pad_token_id"], bos_token_id=None),
+                vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"], **ids)
+
+
+def build_hf(shapes: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """transformers' model of `shapes` with its own random init, made on `device` in `dtype`."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    d = hub_config(shapes)
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(seed)
+    with torch.device(device), hf._default_dtype(dtype):
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def ours_from(theirs) -> QwenVL:
+    """Our QwenVL made of transformers' model's own tensors (assigned, not copied)."""
+    config = QwenVLConfig.from_hf(theirs.config.to_dict(), name=theirs.config.model_type)
+    weights = qwen_checkpoint.ours(theirs.state_dict())
+    with torch.device("meta"):
+        decoder = Decoder(config.decoder)
+    model = QwenVL(config, decoder=decoder)
+    tied = config.decoder.tie_word_embeddings
+    if tied:
+        weights.pop("decoder.lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    missing = [k for k in missing if not (tied and k == "decoder.lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"transformers' weights do not map onto ours: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    if tied:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"transformers' weights left {left[:5]} unset")
+    return model.to(device=theirs.device, dtype=theirs.dtype).eval()  # the tower's tables; the weights stay shared
+
+
+def patches_of(c: QwenVLConfig, setting: Setting, gen: torch.Generator) -> tuple[Tensor, list[int]]:
+    """Random normalised pixels of one item of `setting` as the processor lays them out (t*h*w, C*tp*p*p), and its
+    grid (t, h, w) in patches."""
+    side = setting.image_size // c.patch_size
+    t = -(-setting.frames // c.temporal_patch_size)
+    grid = [t, side, side]
+    return torch.randn(t * side * side, 3 * c.temporal_patch_size * c.patch_size ** 2, generator=gen), grid
+
+
+def prompt_ids(c: QwenVLConfig, kind: int, n: int, gen: torch.Generator) -> list[int]:
+    """The chat template's visual block (start, placeholder, end) and `n` random text ids (no special ones)."""
+    special = {c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id, c.pad_token_id,
+               *c.eos_token_ids}
+    ids = [t for t in torch.randint(0, c.decoder.vocab_size, (4 * n + 8,), generator=gen).tolist()
+           if t not in special][:n]
+    placeholder = c.image_token_id if kind == IMAGE else c.video_token_id
+    return [c.vision_start_token_id, placeholder, c.vision_end_token_id] + ids
+
+
+def hf_kwargs(model: QwenVL, pixels: Tensor, grid: list[int], kind: int, seconds: float, prompt: list[int],
+              batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """generate() kwargs of `batch` copies of one item: the prompt expanded as the processor expands it."""
+    vis = model.encode(pixels, torch.tensor([grid]), [kind], [seconds])
+    ids = torch.tensor(model.rows(vis, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool)))
+    c = model.config
+    ids = ids.expand(batch, -1).to(device)
+    types = (ids == c.image_token_id).long() + 2 * (ids == c.video_token_id).long()
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types}
+    x, g = pixels.repeat(batch, 1).to(device, dtype), torch.tensor([grid] * batch, device=device)
+    if kind == IMAGE:
+        return {**out, "pixel_values": x, "image_grid_thw": g}
+    out.update(pixel_values_videos=x, video_grid_thw=g)
+    if c.tokens_per_second:
+        out["second_per_grid_ts"] = torch.tensor([seconds] * batch, device=device)
+    return out
+
+
+def transformers_rows(runner, model, kwargs_of, sizes: list[int], common: dict, counted: int | None,
+                      decoder_of) -> list[dict]:
+    """transformers' generate() rows at each batch size; `kwargs_of(b)` -> its kwargs. counted: one row's prefill
+    FLOPs (None: not counted), `decoder_of` the config whose decoder prices its decode steps."""
+    rows = []
+    for b in sizes:
+        kwargs = kwargs_of(b)
+        log.info("bench %s %s batch %d", HF, common["setting"], b)
+        r = {**common, "model": HF, "generator": "transformers generate()",
+             "context_tokens": kwargs["input_ids"].shape[1], **hf_measure(runner, model, kwargs)}
+        if counted is not None:
+            caption = counted + F.growing_decode_flops(decoder_of, kwargs["input_ids"].shape[1], runner.c.new_tokens)
+            r.update(prefill_flops=counted, prefill_flops_analytic=counted, caption_flops=caption,
+                     **runner._utilization(r, counted, caption))
+        rows.append(r)
+    return rows
+
+
+def decode_weight_bytes(model: QwenVL) -> int:
+    """What one decode step reads of the weights: the decoder's layers, its final norm and its output head."""
+    dec = model.decoder
+    parts = (dec.layers, dec.norm, dec.lm_head)
+    return sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+
+
+def bench_shapes(runner, setting: Setting) -> tuple[list[dict], list[dict], str | None]:
+    """transformers' rows, then our engine's on the same tensors, at one setting of a Qwen shape: (rows, roofline,
+    the reason there are none). Batch sizes: the run's, else 1 and 4 (CPU) or the probe's largest (CUDA)."""
+    c = runner.c
+    wanted = [m for m in (c.models or MODELS) if m in MODELS]
+    if c.shapes not in SHAPES:
+        return [], [], f"{', '.join(MODELS)} are built for the shapes {', '.join(SHAPES)}, not {c.shapes}"
+    runner.mem.rebase()
+    try:
+        theirs = build_hf(c.shapes, runner.device, runner.dtype, seed=c.seed)
+    except (ImportError, TypeError, ValueError) as err:
+        return [], [], f"transformers {versions().get('transformers')}: {type(err).__name__}: {str(err)[:300]}"
+    model = ours_from(theirs)
+    config = model.config
+    kind = VIDEO if setting.name == "video" else IMAGE
+    pixels, grid = patches_of(config, setting, runner.gen)
+    seconds = config.temporal_patch_size / 2.0 if kind == VIDEO else 1.0  # frames at 2 fps
+    prompt = prompt_ids(config, kind, c.prompt_tokens, runner.gen)
+    with torch.inference_mode():
+        one = hf_kwargs(model, pixels, grid, kind, seconds, prompt, 1, runner.device, runner.dtype)
+        counted = hf.prefill_flops(theirs, one)
+    context = one["input_ids"].shape[1]
+    nv = int((one["mm_token_type_ids"] > 0).sum())
+    max_seq = context + c.new_tokens
+    common = {"shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
+              "image_size": setting.image_size, "visual_tokens": nv, "context_visual_tokens": nv,
+              "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens,
+              "dtype": str(runner.dtype).removeprefix("torch.")}
+    sizes = runner._sizes([], [1, 4] if runner.device.type != "cuda" else [1, 8])
+    rows = []
+    if HF in wanted:
+        kw = lambda b: hf_kwargs(model, pixels, grid, kind, seconds, prompt, b, runner.device, runner.dtype)  # noqa
+        rows += transformers_rows(runner, theirs, kw, sizes, common, counted, config)
+    del theirs, one
+    runner._release()
+    if ENGINE not in wanted:
+        return rows, [], None
+    model = runner._packed(model)  # transformers' model is gone: our packed layers replace the only float copy
+    runner._release()
+    rows_, roofs = engine_rows(runner, model, setting, pixels, grid, kind, seconds, prompt, sizes, common, counted,
+                               max_seq)
+    del model
+    runner._release()
+    return rows + rows_, roofs, None
+
+
+def engine_rows(runner, model: QwenVL, setting: Setting, pixels: Tensor, grid: list[int], kind: int, seconds: float,
+                prompt: list[int], sizes: list[int], common: dict, counted: int, max_seq: int
+                ) -> tuple[list[dict], list[dict]]:
+    """Our engine's rows (the static-cache generation loop, `Runner.measure`) and its batch-1 decode roofline."""
+    def inputs(b: int):
+        x, g = pixels.repeat(b, 1), torch.tensor([grid] * b)
+        return (lambda: model.encode(x, g, [kind] * b, [seconds] * b)), torch.arange(b), [prompt] * b
+
+    steps = (runner.c.new_tokens - 1) * (F.decoder_flops(model.config, 1, max_seq)
+                                        + 2 * model.config.decoder.hidden_size * model.config.decoder.vocab_size)
+    rows, roofs = [], []
+    for b in sizes:
+        log.info("bench %s %s batch %d", ENGINE, setting.name, b)
+        r = {**common, "model": ENGINE, "generator": "lavi.serving.generate.Generator", "max_seq": max_seq,
+             "compiled": runner.compile and runner.c.compile_backend, **runner.measure(model, inputs, b, max_seq),
+             "prefill_flops": counted, "prefill_flops_analytic": counted, "caption_flops": counted + steps}
+        rows.append({**r, **runner._utilization(r, counted, counted + steps)})
+    one = next((r for r in rows if r["batch_size"] == 1), None)
+    if one is not None:
+        if runner.compile:
+            alone, linears = None, R.linears_step_s(model)
+        else:
+            encode, one_row, _ = inputs(1)
+            with torch.inference_mode():
+                vis = encode().select(one_row.to(runner.device))
+            alone, linears = R.step_alone(model, vis, max_seq, runner.c.new_tokens)
+        state = R.state_bytes(model.config, setting, max_seq, ENGINE, runner.dtype)
+        roofs.append(R.entry(ENGINE, setting, decode_weight_bytes(model), state, one["decode_step_s"], linears,
+                             R.linears_bytes(model), alone))
+    return rows, roofs
