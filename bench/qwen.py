@@ -13,7 +13,13 @@ position); a decode step's are the decoder's over the static cache's slots (ours
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -27,6 +33,7 @@ from bench.report import versions
 from lavi.core.decoder import Decoder
 from lavi.families import QWEN_VL
 from lavi.qwenvl import checkpoint as qwen_checkpoint
+from lavi.qwenvl import layout
 from lavi.qwenvl.config import IMAGE, QWEN2_5_VL, VIDEO, QwenVLConfig
 from lavi.qwenvl.model import QwenVL
 
@@ -124,13 +131,11 @@ def prompt_ids(c: QwenVLConfig, kind: int, n: int, gen: torch.Generator) -> list
     return [c.vision_start_token_id, placeholder, c.vision_end_token_id] + ids
 
 
-def hf_kwargs(model: QwenVL, pixels: Tensor, grid: list[int], kind: int, seconds: float, prompt: list[int],
-              batch: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """generate() kwargs of `batch` copies of one item: the prompt expanded as the processor expands it."""
-    vis = model.encode(pixels, torch.tensor([grid]), [kind], [seconds])
-    ids = torch.tensor(model.rows(vis, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool)))
-    c = model.config
-    ids = ids.expand(batch, -1).to(device)
+def hf_kwargs(c: QwenVLConfig, pixels: Tensor, grid: list[int], kind: int, seconds: float, prompt: list[int],
+              batch: int, device: torch.device, dtype: torch.dtype, stamps: Sequence[Sequence[int]] = ()) -> dict:
+    """generate() kwargs of `batch` copies of one item: its pixels as the processor gives them (t*h*w, C*tp*p*p), the
+    prompt's placeholder expanded as the processor expands it (`layout.expand`; stamps: a Qwen3-VL video's)."""
+    ids = torch.tensor([layout.expand(c, prompt, kind, grid, stamps)] * batch, device=device)
     types = (ids == c.image_token_id).long() + 2 * (ids == c.video_token_id).long()
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types}
     x, g = pixels.repeat(batch, 1).to(device, dtype), torch.tensor([grid] * batch, device=device)
@@ -186,19 +191,19 @@ def bench_shapes(runner, setting: Setting) -> tuple[list[dict], list[dict], str 
     seconds = config.temporal_patch_size / 2.0 if kind == VIDEO else 1.0  # frames at 2 fps
     prompt = prompt_ids(config, kind, c.prompt_tokens, runner.gen)
     with torch.inference_mode():
-        one = hf_kwargs(model, pixels, grid, kind, seconds, prompt, 1, runner.device, runner.dtype)
+        one = hf_kwargs(config, pixels, grid, kind, seconds, prompt, 1, runner.device, runner.dtype)
         counted = hf.prefill_flops(theirs, one)
     context = one["input_ids"].shape[1]
     nv = int((one["mm_token_type_ids"] > 0).sum())
     max_seq = context + c.new_tokens
     common = {"shapes": c.shapes, "setting": setting.name, "frames": setting.frames,
               "image_size": setting.image_size, "visual_tokens": nv, "context_visual_tokens": nv,
-              "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens,
+              "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens, "context_tokens": context,
               "dtype": str(runner.dtype).removeprefix("torch.")}
     sizes = runner._sizes([], [1, 4] if runner.device.type != "cuda" else [1, 8])
     rows = []
     if HF in wanted:
-        kw = lambda b: hf_kwargs(model, pixels, grid, kind, seconds, prompt, b, runner.device, runner.dtype)  # noqa
+        kw = lambda b: hf_kwargs(config, pixels, grid, kind, seconds, prompt, b, runner.device, runner.dtype)  # noqa
         rows += transformers_rows(runner, theirs, kw, sizes, common, counted, config)
     del theirs, one
     runner._release()
@@ -243,3 +248,63 @@ def engine_rows(runner, model: QwenVL, setting: Setting, pixels: Tensor, grid: l
         roofs.append(R.entry(ENGINE, setting, decode_weight_bytes(model), state, one["decode_step_s"], linears,
                              R.linears_bytes(model), alone))
     return rows, roofs
+
+
+# -- a checkpoint directory (bench.checkpoints) ---------------------------------------------------------------------
+def checkpoint_side(path: str, engine) -> int:
+    """The square side a benchmark's images and frames have: the engine's, within what the checkpoint's processors
+    take without resizing (max_pixels), a multiple of the merged patch."""
+    from lavi.qwenvl.processor_config import ProcessorConfig
+
+    c = engine.config
+    read = lambda name: json.loads((Path(path) / name).read_text()) if (Path(path) / name).exists() else None  # noqa
+    pc = ProcessorConfig.read(c.kind, read)
+    most = min(pc.image.max_pixels, pc.video.max_pixels)
+    return max(c.factor, min(engine.image_size, math.isqrt(most) // c.factor * c.factor))
+
+
+def checkpoint_input(path: str, engine, setting: str, seed: int) -> tuple[np.ndarray, tuple] | None:
+    """One item of `setting` (image, video; None: anyres, which a Qwen-VL has not) as the engine takes it."""
+    if setting == "anyres":
+        return None
+    side = checkpoint_side(path, engine)
+    rng = np.random.default_rng(seed)
+    n = engine.default_frames if setting == "video" else 1
+    frames = rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8)
+    if setting == "video":
+        return frames, ("video", (side, side), [i / 2.0 for i in range(n)])  # 2 fps
+    return frames, ("image", (side, side))
+
+
+def checkpoint_rows(runner, path: str, engine, common: dict, visual: np.ndarray, media: tuple,
+                    prompt: list[int]) -> list[dict]:
+    """transformers' generate() on the checkpoint's own weights, the same pixels (an image through its
+    Qwen2VLImageProcessorPil, a video through our `patches`: its video processor needs torchvision) and prompt."""
+    from transformers import AutoModelForImageTextToText
+
+    from lavi.qwenvl.engine import frame_times, patches, seconds_per_patch
+
+    c = engine.config
+    video = media[0] == "video"
+    if video:
+        x, grid = patches(visual, c, engine.norm)
+        x, grid = torch.from_numpy(x), list(grid)
+        times = frame_times(len(visual), media[2] if len(media) > 2 else None)
+        seconds = seconds_per_patch(times, c.temporal_patch_size)
+        stamps = engine._stamps(times) if c.stamped else ()
+    else:
+        from PIL import Image
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        out = Qwen2VLImageProcessorPil.from_pretrained(path)(images=Image.fromarray(visual[0]), return_tensors="pt")
+        x, grid, seconds, stamps = out["pixel_values"], out["image_grid_thw"][0].tolist(), 1.0, ()
+        if grid != list(patches(visual[:1], c, engine.norm)[1]):
+            raise ValueError(f"{path}: the image processor's grid {grid} is not ours; the benchmark's image must "
+                             "not be resized")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=runner.dtype).to(runner.device).eval()
+    kind = VIDEO if video else IMAGE
+    kw = lambda b: hf_kwargs(c, x, grid, kind, seconds, prompt, b, runner.device, runner.dtype, stamps)  # noqa: E731
+    rows = transformers_rows(runner, model, kw, runner._sizes([], [1, 4]), common, None, c)
+    del model
+    runner._release()
+    return rows
