@@ -279,7 +279,10 @@ def run(c: ModelBenchConfig) -> dict:
                 row.update(r._utilization(row, row["prefill_flops"], row["caption_flops"]))
     reads = [r.read, read_bandwidth(r.device)]
     R.finish(roofline, max(bandwidths))
+    from bench.qwen_report import engine_ratios
+
     doc = {"results": results, "ratios": ratios(results, roofline, r.peak, max(bandwidths)), "roofline": roofline,
+           "engine_ratios": engine_ratios(results),
            "skipped": skipped, "device": device_description(c.device), "versions": versions(),
            "command": command_line(), "config": asdict(c), "peak_mem_method": r.mem.method,
            "copy_bandwidth_bytes_per_s": max(bandwidths), "copy_bandwidths_start_end": bandwidths,
