@@ -80,9 +80,14 @@ def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
                                      c.prompt_tokens, runner.gen)
         else:
             prompt = _prompt(engine, media[0], c.prompt_tokens, runner.gen)
-        nv = int(engine._encode([visual], [media]).mask.sum())
-        in_context = engine._visual_tokens(visual, media) if is_qwen else nv if kind == "concat" else 0
-        max_seq = len(prompt) - int(onevision or is_qwen) + in_context + c.new_tokens
+        vis = engine._encode([visual], [media])
+        nv = int(vis.mask.sum())
+        if is_qwen:  # the prompt as the model expands it (a Qwen3-VL video's timestamps too)
+            max_seq = len(engine.model.rows(vis, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool))[0])
+            max_seq += c.new_tokens
+        else:
+            max_seq = len(prompt) - int(onevision) + (nv if kind == "concat" else 0) + c.new_tokens
+        del vis
 
         def inputs(b: int, visual=visual, media=media, prompt=prompt):
             return (lambda: engine._encode([visual] * b, [media] * b)), torch.arange(b), [prompt] * b
