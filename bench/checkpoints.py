@@ -70,7 +70,8 @@ def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
     kind = qwen.ENGINE if is_qwen else "concat" if onevision or engine.config.fusion == "concat" else "lavi"
     rows, skipped = [], []
     for setting in c.settings or CHECKPOINT_SETTINGS:
-        item = qwen.checkpoint_input(path, engine, setting, c.seed) if is_qwen else visual_input(engine, setting, c.seed)
+        item = (qwen.checkpoint_input(path, engine, setting, c.seed) if is_qwen
+                else visual_input(engine, setting, c.seed))
         if item is None:
             skipped.append({"model": kind, "setting": setting, "reason": f"{path} has no {setting} input"})
             continue
@@ -83,8 +84,8 @@ def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
         vis = engine._encode([visual], [media])
         nv = int(vis.mask.sum())
         if is_qwen:  # the prompt as the model expands it (a Qwen3-VL video's timestamps too)
-            max_seq = len(engine.model.rows(vis, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.bool))[0])
-            max_seq += c.new_tokens
+            valid = torch.ones(1, len(prompt), dtype=torch.bool)
+            max_seq = len(engine.model.rows(vis, torch.tensor([prompt]), valid)[0]) + c.new_tokens
         else:
             max_seq = len(prompt) - int(onevision) + (nv if kind == "concat" else 0) + c.new_tokens
         del vis

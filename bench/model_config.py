@@ -11,7 +11,7 @@ from bench.configs import QWEN_SHAPES, SHAPES, Setting, settings
 from bench.memory import best_s
 from lavi.visual_tokens.methods import VisualCompress
 
-MODELS = ("lavi", "vlora", "concat", "hf-llava-ov", "qwen-vl", "hf-qwen-vl")  # the last two: bench.qwen's
+MODELS = ("lavi", "vlora", "concat", "hf-llava-ov", "qwen-vl", "hf-qwen-vl")  # the Qwen's two: bench.qwen
 FUSION = {"lavi": "viln", "vlora": "vlora", "concat": "concat"}
 CHECKPOINT_SETTINGS = ("image", "anyres", "video")  # the settings of checkpoint directories (bench.checkpoints)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s

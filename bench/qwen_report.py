@@ -65,9 +65,10 @@ def targets(doc: dict) -> list[dict]:
                                                                                     r["batch_size"]))
         cause = "" if mine is None or theirs is None else (
             f"TTFT LaVi {mine['ttft_s']:.3g} s, the Qwen {theirs['ttft_s']:.3g} s; a decode step LaVi "
-            f"{mine['decode_step_s'] * 1e3:.3g} ms, the Qwen {theirs['decode_step_s'] * 1e3:.3g} ms; the Qwen's context "
-            f"holds {theirs.get('context_visual_tokens')} visual tokens, LaVi conditions on {mine['visual_tokens']}; "
-            f"the roofline bound is {r['roofline_bound_ratio']:.3g}x, the measured ratio {r['captions_per_s_ratio']:.3g}x")
+            f"{mine['decode_step_s'] * 1e3:.3g} ms, the Qwen {theirs['decode_step_s'] * 1e3:.3g} ms; the Qwen's "
+            f"context holds {theirs.get('context_visual_tokens')} visual tokens, LaVi conditions on "
+            f"{mine['visual_tokens']}; the roofline bound is {r['roofline_bound_ratio']:.3g}x, the measured ratio "
+            f"{r['captions_per_s_ratio']:.3g}x")
         out.append(_goal(f"LaVi/{ENGINE} captions/s >= {OF_ROOFLINE} of the roofline bound",
                          f"{r['setting']}, batch {r['batch_size']}, {(mine or {}).get('dtype')}",
                          r["of_roofline_bound"], OF_ROOFLINE, cause))
