@@ -105,7 +105,7 @@ def model_config(shapes: str, fusion: str, setting: Setting) -> LaViConfig:
 def qwen_lavi_config(shapes: str, fusion: str) -> LaViConfig:
     """A LaVi with the decoder of the Qwen shapes `shapes` (plain RoPE: a LaVi's context is text only) and a ViT of
     its tower's size (see the module doc); its conditioner as qwen2-0.5b-siglip's (the tiny one: as tiny-random's)."""
-    from bench.qwen import hub_config
+    from bench.qwen_shapes import hub_config
     from lavi.qwenvl.config import QwenVLConfig
 
     qwen = QwenVLConfig.from_hf(hub_config(shapes))
