@@ -60,20 +60,35 @@ def _prompt(engine: Engine, kind: str, n: int, gen: torch.Generator) -> list[int
 
 def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
     """Rows of one checkpoint directory over the run's settings (and transformers' on a OneVision), and the skips."""
+    from bench import qwen
+    from lavi.qwenvl.engine import QwenVLEngine
+
     c = runner.c
     engine = Engine.load(path, device=c.device, dtype=runner.dtype)
     onevision = isinstance(engine, OneVisionEngine)
-    kind = "concat" if onevision or engine.config.fusion == "concat" else "lavi"
+    is_qwen = isinstance(engine, QwenVLEngine)  # its rows: qwen-vl (ours) and hf-qwen-vl (transformers')
+    kind = qwen.ENGINE if is_qwen else "concat" if onevision or engine.config.fusion == "concat" else "lavi"
     rows, skipped = [], []
     for setting in c.settings or CHECKPOINT_SETTINGS:
-        item = visual_input(engine, setting, c.seed)
+        item = (qwen.checkpoint_input(path, engine, setting, c.seed) if is_qwen
+                else visual_input(engine, setting, c.seed))
         if item is None:
             skipped.append({"model": kind, "setting": setting, "reason": f"{path} has no {setting} input"})
             continue
         visual, media = item
-        prompt = _prompt(engine, media[0], c.prompt_tokens, runner.gen)
-        nv = int(engine._encode([visual], [media]).mask.sum())
-        max_seq = len(prompt) - int(onevision) + (nv if kind == "concat" else 0) + c.new_tokens
+        if is_qwen:
+            prompt = qwen.prompt_ids(engine.config, qwen.VIDEO if media[0] == "video" else qwen.IMAGE,
+                                     c.prompt_tokens, runner.gen)
+        else:
+            prompt = _prompt(engine, media[0], c.prompt_tokens, runner.gen)
+        vis = engine._encode([visual], [media])
+        nv = int(vis.mask.sum())
+        if is_qwen:  # the prompt as the model expands it (a Qwen3-VL video's timestamps too)
+            valid = torch.ones(1, len(prompt), dtype=torch.bool)
+            max_seq = len(engine.model.rows(vis, torch.tensor([prompt]), valid)[0]) + c.new_tokens
+        else:
+            max_seq = len(prompt) - int(onevision) + (nv if kind == "concat" else 0) + c.new_tokens
+        del vis
 
         def inputs(b: int, visual=visual, media=media, prompt=prompt):
             return (lambda: engine._encode([visual] * b, [media] * b)), torch.arange(b), [prompt] * b
@@ -84,9 +99,13 @@ def bench_checkpoint(runner, path: str) -> tuple[list[dict], list[dict]]:
                   "prompt_tokens": c.prompt_tokens, "new_tokens": c.new_tokens,
                   "dtype": str(runner.dtype).removeprefix("torch."), "compiled": runner.compile and c.compile_backend,
                   "generator": "lavi.serving.generate.Generator"}
-        for b in runner._sizes(probe, [1, 8, 32]):
+        if is_qwen:
+            common["context_tokens"] = max_seq - c.new_tokens
+        for b in runner._sizes(probe, [1, 4] if is_qwen else [1, 8, 32]):
             log.info("bench %s %s %s batch %d", path, kind, setting, b)
             rows.append({**common, **runner.measure(engine.model, inputs, b, max_seq)})
+        if is_qwen and qwen.HF in (c.models or (qwen.HF,)):
+            rows += qwen.checkpoint_rows(runner, path, engine, common, visual, media, prompt)
         if onevision and "hf-llava-ov" in (c.models or ("hf-llava-ov",)):
             rows += _bench_transformers(runner, path, engine.config, setting, visual, media, prompt, nv)
     del engine

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from bench import flops as F
 from bench.compiled import TimedGenerator
-from bench.configs import Setting, model_config, random_model, weight_bytes
+from bench.configs import QWEN_SHAPES, Setting, model_config, random_model, weight_bytes
 from bench.memory import PeakMemory, copy_bandwidth, probe_batch, read_bandwidth, trim_heap
 from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
 from bench.model_report import markdown, ratios, section_key
@@ -126,7 +126,7 @@ class Runner:
         inputs = partial(self._inputs, model, setting)
         plain = c.prompt_tokens + F.visual_context(config, setting.frames) + c.new_tokens
         probe = self.probe(self._try_engine(model, inputs, plain))
-        sizes = self._sizes(probe, [1, 4] if c.shapes == "qwen2-0.5b-siglip" else [1, 8, 32])
+        sizes = self._sizes(probe, [1, 4] if c.shapes in ("qwen2-0.5b-siglip", *QWEN_SHAPES) else [1, 8, 32])
         variants = [(kind, None)] + [(f"{kind}-{v}", VisualCompress.parse(v)) for v in c.compress
                                      if kind == "concat"]
         commons = {}  # counted before packing: FastV's count runs on the model, and a packed layer is opaque to it
@@ -250,6 +250,15 @@ def run(c: ModelBenchConfig) -> dict:
                     skipped.append({"model": kind, "setting": setting.name, "reason": reason})
                 results.extend(rows)
                 continue
+            if kind in ("qwen-vl", "hf-qwen-vl"):  # both from one model of the shapes (bench.qwen), at its first
+                if kind == next(k for k in r.models if k in ("qwen-vl", "hf-qwen-vl")):
+                    from bench.qwen import bench_shapes as qwen_shapes
+                    rows, roofs, reason = qwen_shapes(r, setting)
+                    if reason:
+                        skipped.append({"model": kind, "setting": setting.name, "reason": reason})
+                    results.extend(rows)
+                    roofline.extend(roofs)
+                continue
             rows, roofs = r.bench_engine(kind, setting)
             results.extend(rows)
             roofline.extend(roofs)
@@ -270,7 +279,10 @@ def run(c: ModelBenchConfig) -> dict:
                 row.update(r._utilization(row, row["prefill_flops"], row["caption_flops"]))
     reads = [r.read, read_bandwidth(r.device)]
     R.finish(roofline, max(bandwidths))
+    from bench.qwen_report import engine_ratios
+
     doc = {"results": results, "ratios": ratios(results, roofline, r.peak, max(bandwidths)), "roofline": roofline,
+           "engine_ratios": engine_ratios(results),
            "skipped": skipped, "device": device_description(c.device), "versions": versions(),
            "command": command_line(), "config": asdict(c), "peak_mem_method": r.mem.method,
            "copy_bandwidth_bytes_per_s": max(bandwidths), "copy_bandwidths_start_end": bandwidths,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from bench.configs import SHAPES, Setting, settings
+from bench.configs import QWEN_SHAPES, SHAPES, Setting, settings
 from bench.memory import best_s
 from lavi.visual_tokens.methods import VisualCompress
 
-MODELS = ("lavi", "vlora", "concat", "hf-llava-ov")
+MODELS = ("lavi", "vlora", "concat", "hf-llava-ov", "qwen-vl", "hf-qwen-vl")  # the Qwen's two: bench.qwen
 FUSION = {"lavi": "viln", "vlora": "vlora", "concat": "concat"}
 CHECKPOINT_SETTINGS = ("image", "anyres", "video")  # the settings of checkpoint directories (bench.checkpoints)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
@@ -71,8 +71,8 @@ class ModelBenchConfig:
             raise ValueError(f"--compile-backend must be inductor, cudagraphs or eager, got {self.compile_backend!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is visible to torch here")
-        if self.device.startswith("cpu") and self.shapes == "qwen2-7b-siglip":
-            raise ValueError("qwen2-7b-siglip is for --device cuda (a random 7B in fp32 on CPU is not a benchmark)")
+        if self.device.startswith("cpu") and self.shapes in ("qwen2-7b-siglip", "qwen2.5-vl-7b"):
+            raise ValueError(f"{self.shapes} is for --device cuda (a random 7B in fp32 on CPU is not a benchmark)")
 
 
 def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype, bool]:
@@ -80,8 +80,13 @@ def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype,
     chosen = [s for s in settings(c.shapes) if not c.settings or s.name in c.settings]
     if not c.settings and c.shapes == "tiny-shapes" and not cuda:
         chosen = [s for s in chosen if s.name in ("image", "video")]  # the CPU default stays a few minutes
-    models = list(c.models) or ["lavi", "vlora", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
-        "tiny-random", "qwen2-0.5b-siglip") else [])
+    if not c.settings and c.shapes in QWEN_SHAPES and not cuda:
+        chosen = [s for s in chosen if s.name == "image"]
+    if c.shapes in QWEN_SHAPES:  # a LaVi of the Qwen's decoder beside the Qwen in our engine and in transformers
+        models = list(c.models) or ["lavi", "qwen-vl", "hf-qwen-vl"]
+    else:
+        models = list(c.models) or ["lavi", "vlora", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
+            "tiny-random", "qwen2-0.5b-siglip") else [])
     dtype = torch.bfloat16 if cuda else torch.float32
     return chosen, models, dtype, cuda if c.compile is None else c.compile
 

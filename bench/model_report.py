@@ -84,10 +84,12 @@ def targets(doc: dict) -> list[dict]:
     LaVi's speedup >= 0.9 of its FLOP bound, prefill >= 0.5 of the matmul peak, the batch-1 decode step within
     1.5x of its roofline, and LaVi's step no slower than concat's beyond the bytes it adds. A missed one's cause
     is what the run's other figures say of it."""
+    from bench.qwen_report import targets as qwen_targets
+
     c = doc["config"]
     if not c.get("checkpoints") and str(c.get("shapes", "")).startswith("tiny"):
         return []
-    out = []
+    out = qwen_targets(doc)
     for r in doc["ratios"]:
         if r["batch_size"] == "best" or r.get("of_bound") is None or r["versus"] not in ("concat", "hf-llava-ov"):
             continue
@@ -181,6 +183,15 @@ def markdown(doc: dict) -> str:
             ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio"),
             ("flop_bound_ratio", "FLOP-bound ratio"), ("of_bound", "measured / bound"),
             ("roofline_bound_ratio", "roofline-bound ratio"), ("of_roofline_bound", "measured / roofline bound")])]
+    from bench.qwen_report import engine_ratios
+
+    engines = engine_ratios(doc["results"])
+    if engines:
+        lines += ["", "Our engine over transformers' generate() on the same weights, pixels and prompt:", "",
+                  table(engines, [("subject", "model"), ("setting", "setting"), ("batch_size", "batch"),
+                                  ("dtype", "dtype"), ("context_tokens", "context"),
+                                  ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio"),
+                                  ("decode_ratio", "decode tok/s ratio")])]
     if doc["roofline"]:
         measured = doc.get("copy_bandwidths_start_end")
         roofs = [{**r, "linears_read_gb_s": r["linears_read_bytes_per_s"] / 1e9} if r.get("linears_read_bytes_per_s")

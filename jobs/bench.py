@@ -32,11 +32,14 @@ def bench() -> None:
 @bench.command("model")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--shapes", default="tiny-shapes", show_default=True,
-              help="tiny-random, tiny-shapes, qwen2-0.5b-siglip or qwen2-7b-siglip (random weights of those shapes).")
+              help="tiny-random, tiny-shapes, qwen2-0.5b-siglip, qwen2-7b-siglip, tiny-qwen2.5-vl, qwen2.5-vl-3b or "
+                   "qwen2.5-vl-7b (CUDA) (random weights of those shapes; the Qwen ones: the Qwen in our engine and "
+                   "in transformers, and a LaVi of its decoder).")
 @click.option("--settings", default="", help="Visual settings, comma-separated: image, anyres, video "
               "(default: all; CPU tiny-shapes: image,video).")
-@click.option("--models", default="", help="lavi, vlora, concat, hf-llava-ov, comma-separated "
-              "(default: lavi,vlora,concat, plus hf-llava-ov on CUDA, for tiny-random and qwen2-0.5b-siglip).")
+@click.option("--models", default="", help="lavi, vlora, concat, hf-llava-ov, qwen-vl, hf-qwen-vl, comma-separated "
+              "(default: lavi,vlora,concat, plus hf-llava-ov on CUDA, for tiny-random and qwen2-0.5b-siglip; the "
+              "Qwen shapes: lavi,qwen-vl,hf-qwen-vl).")
 @click.option("--visual-compress", "compress", multiple=True, metavar="dct:KEEP|fastv:KEEP[@LAYER]",
               help="Also measure each concat model with this visual token compression (repeatable; rows "
                    "concat-dct:0.25 ...): the parameter-free baselines of `run --visual-compress`.")
@@ -56,7 +59,8 @@ def bench() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--model", "checkpoints", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A local checkpoint directory instead of --shapes (repeatable): a LLaVA-OneVision gives concat rows "
-                   "(our engine) and hf-llava-ov rows (transformers, same weights); a LaVi gives lavi rows.")
+                   "(our engine) and hf-llava-ov rows (transformers, same weights); a Qwen-VL qwen-vl and hf-qwen-vl rows; a "
+                   "LaVi gives lavi rows.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also measure each lavi/concat model with its decoder's linear layers as weight-only int8 "
                    "(rows lavi-int8, concat-int8), beside the float rows.")
