@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers.frames import DecodedImage, DecodeError, to_model_input
-from lavi.onevision.anyres import anyres_tiles
+from workers.anyres import anyres_tiles
 
 # Formats PIL may open. Others (EPS runs Ghostscript, etc.) are refused as "not an image".
 # The JPEG plugin also opens MPO, the multi-picture JPEG that phones write.

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lavi.core import checkpoint
 from lavi.onevision import checkpoint as onevision_checkpoint
-from lavi.training.collate import Batch, Example, collate
+from lavi.training.collate import Batch, Example, Tiles, collate
 from lavi.training.losses import GridProbe, encode, losses
 from lavi.core.model import LaVi
 from lavi.onevision.model import OneVision
@@ -186,11 +186,12 @@ class DataParallel:
 def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
           resume: bool = True, on_log: Callable[[dict], None] | None = None,
           vision_data: Callable[[int], list[Example]] | None = None, parallel: DataParallel | None = None,
-          on_saved: Callable[[int], None] | None = None) -> dict:
+          on_saved: Callable[[int], None] | None = None, tiles: Tiles | None = None) -> dict:
     """Train for cfg.steps; `data(step)` returns that step's examples (deterministic per step, so a resumed
     run sees the same batches; under `parallel`, this rank's shard of them), `vision_data(step)` those of the
     vision phase (examples with grid labels). Checkpoints to `out` every cfg.checkpoint_every steps and at the end;
-    `on_saved(step)` runs where a checkpoint was written, right after it (the caller's upload of `out`)."""
+    `on_saved(step)` runs where a checkpoint was written, right after it (the caller's upload of `out`). `tiles`
+    cuts a LLaVA-OneVision's images (collate's, workers.anyres.anyres_tiles)."""
     if cfg.vision_steps and vision_data is None:
         raise ValueError("cfg.vision_steps > 0 needs vision_data")
     torch.manual_seed(cfg.seed)
@@ -220,7 +221,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
             t0, seen = time.time(), 0  # rates of the main phase
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = collate((vision_data if vision else data)(step), model, tok, chat)
+        batch = collate((vision_data if vision else data)(step), model, tok, chat, tiles)
         loss, parts = _step_loss(model, batch, cfg, probe, vision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
