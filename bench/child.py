@@ -33,6 +33,33 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
+def census(top: int = 12) -> dict:
+    """Where this process's memory is, as far as Python can see it (cheap, once at the end of a run): its Python heap
+    (blocks allocated by pymalloc), Arrow's memory pool, and the live objects of the most common types, so that a
+    driver whose peak grows with the corpus shows which of them grew (bench.scale compares two runs)."""
+    import collections
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    return {"python_blocks": sys.getallocatedblocks(), "arrow_bytes": pa.total_allocated_bytes(),
+            "objects": dict(counts.most_common(top)), "rss_bytes": rss_bytes()}
+
+
+def rss_bytes() -> int | None:
+    """This process's resident set now (VmRSS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def main(path: str) -> None:
     from pipeline.config import RunConfig
     from pipeline.driver import run
@@ -48,7 +75,7 @@ def main(path: str) -> None:
     start = time.time()
     summary = run(RunConfig(**spec["config"]), labeler)
     print(json.dumps({"summary": summary, "wall_s": time.time() - start, "started_at": start,
-                      "peak_rss_bytes": peak_rss_bytes()}))
+                      "peak_rss_bytes": peak_rss_bytes(), "census": census()}))
 
 
 def run_child(config: dict, out: Path, work: Path, fixed: bool = False, poll_s: float = 0.05) -> dict:

@@ -113,7 +113,8 @@ def run(c) -> dict:
             results.append({"run": f"{n:,} items", "items": n, "corpus_write_s": made, "wall_s": child["process_wall_s"],
                             "rows": this["rows"], "rows_per_s": this["rows"] / child["process_wall_s"],
                             "steady_rows_per_s": child["steady_rows_per_s"], "first_commit_s": child["first_commit_s"],
-                            "driver_peak_rss_mb": mb(child["peak_rss_bytes"]), "files": this["files"]})
+                            "driver_peak_rss_mb": mb(child["peak_rss_bytes"]), "files": this["files"],
+                            "census": child.get("census")})
         if c.resume_left:
             n = max(c.scale)
             manifest = scale_corpus(work / f"corpus-{n}", c.resume_left, start=n, seed=c.seed)
@@ -176,4 +177,24 @@ def markdown(doc: dict) -> str:
         f"Commit path alone (workers.commit.commit_rows, {ca['rows']:,} rows in blocks of {ca['block_rows']}, one "
         f"process): {ca['rows_per_s']:,.0f} rows/s ({ca['files']} files).", "",
         table(doc["targets"], [("target", "target"), ("value", "value"), ("met", "met"), ("gap", "gap")]),
+        *rss_growth(doc["results"]),
     ]) + "\n"
+
+
+def rss_growth(results: list[dict]) -> list[str]:
+    """Where the driver's memory grew between the smallest and the largest run, as each run's census at its end saw it
+    (bench.child.census): the Python heap (pymalloc blocks, counted at 64 B each, their usual size here), Arrow's
+    pool, the live object types that grew most, and the rest (native: Ray's core worker, the allocator's arenas)."""
+    runs = [r for r in results if not r["run"].startswith("resume") and r.get("census")]
+    if len(runs) < 2:
+        return []
+    small, big = min(runs, key=lambda r: r["items"]), max(runs, key=lambda r: r["items"])
+    a, b = small["census"], big["census"]
+    peak = big["driver_peak_rss_mb"] - small["driver_peak_rss_mb"]
+    python = (b["python_blocks"] - a["python_blocks"]) * 64 / 2**20
+    arrow = (b["arrow_bytes"] - a["arrow_bytes"]) / 2**20
+    grew = sorted(((n - a["objects"].get(t, 0), t) for t, n in b["objects"].items()), reverse=True)[:4]
+    objects = ", ".join(f"{t} {d:+,}" for d, t in grew if d > 0) or "none of the commonest types"
+    return ["", f"Driver memory from {small['items']:,} to {big['items']:,} items: peak RSS {peak:+.1f} MB; at each run's "
+            f"end, the Python heap {python:+.1f} MB, Arrow's pool {arrow:+.1f} MB, the rest (native: Ray's core worker, "
+            f"the allocator) {peak - python - arrow:+.1f} MB; live objects that grew most: {objects}."]

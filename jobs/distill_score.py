@@ -83,7 +83,8 @@ def time_captions(models: dict[str, str], entries: list[dict], device: str, max_
     for name, path in models.items():
         engine = Engine.load(local_model_dir(path, storage_options), device=device, max_batch=64)
         settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=engine.default_frames, isolate=False,
-                                  pinpoints=engine.pinpoints, storage_options=storage_options or {})
+                                  pinpoints=engine.pinpoints, dynamic=engine.dynamic,
+                                  storage_options=storage_options or {})
         labeler = Labeler.from_engine(engine, job_id="distill-timing", generation={"max_new_tokens": max_new_tokens})
         decoded = decode_batch(items, settings)
         labeler(decoded)  # warm-up

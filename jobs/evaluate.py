@@ -51,7 +51,7 @@ def label_manifest(engine: "Engine", entries: list[dict], frames: int, batch: in
     generation = dataclasses.asdict(gen) if gen is not None else {"max_new_tokens": 48}
     labeler = Labeler.from_engine(engine, job_id="eval", generation=generation)
     settings = DecodeSettings(image_size=engine.image_size, frames_per_clip=frames, isolate=False,
-                              pinpoints=engine.pinpoints)
+                              pinpoints=engine.pinpoints, dynamic=engine.dynamic)
     rows: list[dict] = []
     for start in range(0, len(entries), batch):
         items = [make_item(e["uri"], [{"task": CAPTION, "prompt": None}] +

@@ -1,11 +1,11 @@
 """The model families the engine serves, and the one place that maps a checkpoint to its family.
 
-A family is one package under lavi/ (today `lavi.core`, a LaVi of this project's own, and `lavi.onevision`, a Hugging
-Face LLaVA-OneVision). Each gives a torch-free `family.py` with:
+A family is one package under lavi/ (today `lavi.core`, a LaVi of this project's own, `lavi.onevision`, a Hugging
+Face LLaVA-OneVision, and `lavi.qwenvl`, a Qwen2-VL, Qwen2.5-VL or Qwen3-VL). Each gives a torch-free `family.py` with:
 
 - `claims(config)`: whether a config.json is one of its checkpoints;
 - `describe(config, read, name)`: its `ModelInfo`, the name and input contract the decode workers must produce
-  (a square size, anyres tiles), read from its config files only (`read(file)` -> dict or None), so the driver
+  (a square size, anyres tiles, dynamic resolution), read from its config files only (`read(file)` -> dict or None), so the driver
   needs no torch;
 - `load(path, device, dtype)`: the model, and `ENGINE`: its engine class, as "module:Class" (loaded on first use);
 - `CONVERT`: its `convert` into a LaVi as "module:function", or None where it has none.
@@ -19,6 +19,7 @@ This module also holds the names a run may spell: the families, the fusions a La
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from types import ModuleType
 from typing import Any, Callable
 
 from lavi.core.config import FUSIONS
+from lavi.resolution import DynamicResolution
 
-LAVI, LLAVA_OV = "lavi", "llava-ov"  # the families' names (LLAVA_OV is also train's --fusion for that baseline)
+LAVI, LLAVA_OV, QWEN_VL = "lavi", "llava-ov", "qwen-vl"  # the families' names (LLAVA_OV is also train's --fusion)
 TRAIN_FUSIONS = (*FUSIONS, LLAVA_OV)  # what `train --fusion` builds: a LaVi's fusions, or a LLaVA-OneVision
 
 
@@ -49,17 +51,18 @@ class ModelInfo:
     family: str
     fusion: str
     vision_in_context: bool  # its visual tokens enter the LLM's context (concat, LLaVA-OneVision), or not (a LaVi)
-    image_size: int  # the square side frames (and anyres tiles) are cut to
+    image_size: int  # the square side frames (and anyres tiles) are cut to; with `dynamic`, not used for frames
     pinpoints: tuple[tuple[int, int], ...] | None = None  # anyres grid resolutions; None: square frames only
     default_frames: int = 8
     max_frames: int = 64
     default_prompts: dict[str, str] = field(default_factory=dict)
+    # dynamic resolution (lavi.resolution): each image at its own size and a video's frames at one size per clip,
+    # multiples of a factor between min and max pixels; None: square frames (or anyres tiles) of image_size
+    dynamic: DynamicResolution | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "family": self.family, "fusion": self.fusion,
-                "vision_in_context": self.vision_in_context, "image_size": self.image_size,
-                "pinpoints": self.pinpoints, "default_frames": self.default_frames, "max_frames": self.max_frames,
-                "default_prompts": dict(self.default_prompts)}
+        """Every field, nested dataclasses as dicts (`DynamicResolution.from_dict` reads `dynamic` back)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class Family:
 
 
 FAMILIES = (Family(LAVI, "a LaVi checkpoint", "lavi.core.family"),
-            Family(LLAVA_OV, "a LLaVA-OneVision (model_type 'llava_onevision')", "lavi.onevision.family"))
+            Family(LLAVA_OV, "a LLaVA-OneVision (model_type 'llava_onevision')", "lavi.onevision.family"),
+            Family(QWEN_VL, "a Qwen-VL (model_type 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl')", "lavi.qwenvl.family"))
 NAMES = tuple(f.name for f in FAMILIES)
 
 

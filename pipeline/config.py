@@ -12,6 +12,7 @@ import json
 import math
 from typing import Any
 
+from lavi.resolution import DynamicResolution
 from lavi.visual_tokens.methods import VisualCompress
 from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
@@ -216,14 +217,16 @@ class RunConfig:
         except ValueError as err:
             raise ValueError(str(err).replace("_clip_seconds", "-clip-seconds")) from None
 
-    def decode_settings(self, image_size: int, frames: int,
-                        pinpoints: tuple[tuple[int, int], ...] | None = None) -> DecodeSettings:
-        """The decode stages' settings for a model's input contract (image_size, frames per clip, pinpoints)."""
+    def decode_settings(self, image_size: int, frames: int, pinpoints: tuple[tuple[int, int], ...] | None = None,
+                        dynamic: DynamicResolution | dict | None = None) -> DecodeSettings:
+        """The decode stages' settings for a model's input contract (image_size, frames per clip, pinpoints, or
+        dynamic resolution: a lavi.resolution.DynamicResolution or ModelInfo.as_dict's dict of one)."""
         given = {"clip_seconds": self.clip_seconds, "max_clips": self.max_clips,
                  "min_clip_seconds": self.min_clip_seconds, "max_clip_seconds": self.max_clip_seconds}
         return DecodeSettings(image_size=image_size, frames_per_clip=frames, clips=self.clips,
                               clips_per_group=self.clips_per_group, max_bytes=self.max_bytes,
                               retries=self.fetch_retries, storage_options=self.storage, pinpoints=pinpoints,
+                              dynamic=DynamicResolution.from_dict(dynamic) if dynamic is not None else None,
                               **{k: v for k, v in given.items() if v is not None})
 
     @property

@@ -109,7 +109,8 @@ def _generation(config: RunConfig, model: str, info: dict[str, Any]) -> dict:
         raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
                          f"a {info['fusion']} model, with none there")
     generation = config.generation_settings()
-    groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"]).group_clips
+    groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
+                                    info["dynamic"]).group_clips
     if groups != config.clips_per_group:  # fewer clips a group at this model's input (DecodeSettings.group_clips)
         generation["clips_per_group"] = groups
     return generation
@@ -149,7 +150,8 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
     """Run the Ray Data graph over the listing into part files, following its commit records in the ledger (a lost
     node, actor or object: `_graphs`), with Ray up for as long as it runs and a progress line."""
     result = Labelled()
-    settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"])
+    settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
+                                      info["dynamic"])
     # Ray starts while the inputs are listed (seconds each); a rerun with nothing left to label shuts it down unused
     owned = connect_ray(config.address, config.verbose)
     progress = ticker = None

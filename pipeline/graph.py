@@ -20,6 +20,7 @@ CPU (its remote arguments are Ray Data's defaults), which a 1-CPU node with a la
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 
@@ -65,7 +66,7 @@ def build_dataset(spec: GraphSpec):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own progress
     ctx.target_max_block_size = settings_module.BLOCK_BYTES  # what a clip group is sized by
-    _reader_blocks()
+    _plan_rules()
     quiet_ray_data(config.verbose)
     ds = ray.data.from_items([{SOURCE: 0}])
     ds = ds.map_batches(read_listing, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
@@ -105,10 +106,12 @@ def _shaped(ds, rows: int, num_cpus: float):
 
 
 READER_OP = f"MapBatches({read_listing.__name__})"
+STATS_BLOCKS = 256  # the BlockStats each of Ray Data's map operators keeps (BoundedStats)
 
 
-def _reader_blocks() -> None:
-    """Give the listing reader's operator its own output block size (workers.settings.READER_BLOCK_BYTES).
+def _plan_rules() -> None:
+    """Two physical-plan rules: the listing reader's operator gets its own output block size
+    (workers.settings.READER_BLOCK_BYTES), and no operator keeps per-block stats without bound (BoundedStats).
 
     Ray Data holds a task's output until it passes the context's block size (BLOCK_BYTES, 128 MiB) or the task ends;
     the reader is one task for the whole run, so it would pass items on half a million at a time, all of them in flight
@@ -126,17 +129,42 @@ def _reader_blocks() -> None:
             return [FuseOperators]
 
         def apply(self, plan):
-            ops, seen = [plan.dag], set()
-            while ops:
-                op = ops.pop()
-                if id(op) not in seen:
-                    seen.add(id(op))
-                    ops.extend(op.input_dependencies)
-                    if op.name == READER_OP:
-                        for fn in op._map_transformer.get_transform_fns():
-                            fn.override_target_max_block_size(settings_module.READER_BLOCK_BYTES)
+            for op in _operators(plan.dag):
+                if op.name == READER_OP:
+                    for fn in op._map_transformer.get_transform_fns():
+                        fn.override_target_max_block_size(settings_module.READER_BLOCK_BYTES)
+            return plan
+
+    class BoundedStats(Rule):
+        """Ray Data's map operators keep a BlockStats of every block they ever passed on (for `Dataset.stats()`, which
+        only --verbose asks for): about 2 KB a block in the driver, 14,000 blocks at a million items. Each
+        operator keeps its last STATS_BLOCKS instead (a deque: the list's extend, iteration and len), so the driver's
+        memory does not grow with the corpus (--verbose's stats then cover those blocks). After fusion: a fused
+        operator is a new one."""
+
+        @classmethod
+        def dependencies(cls):
+            return [FuseOperators]
+
+        def apply(self, plan):
+            for op in _operators(plan.dag):
+                if isinstance(getattr(op, "_output_blocks_stats", None), list):
+                    op._output_blocks_stats = collections.deque(op._output_blocks_stats, maxlen=STATS_BLOCKS)
             return plan
 
     rules = get_physical_ruleset()
-    if not any(rule.__name__ == ReaderBlocks.__name__ for rule in rules):  # once a process
-        rules.add(ReaderBlocks)
+    for rule in (ReaderBlocks, BoundedStats):
+        if not any(r.__name__ == rule.__name__ for r in rules):  # once a process
+            rules.add(rule)
+
+
+def _operators(dag) -> list:
+    """Every operator of a plan, from its last one up."""
+    ops, seen, out = [dag], set(), []
+    while ops:
+        op = ops.pop()
+        if id(op) not in seen:
+            seen.add(id(op))
+            out.append(op)
+            ops.extend(op.input_dependencies)
+    return out

@@ -1,8 +1,8 @@
 """What the driver knows of a model before any worker loads it: its name and input contract, from its config files.
 
 The driver never loads torch for this: the decode stages need the input contract (the square size, anyres
-pinpoints, frames per clip) and the output needs the model's name, and both are in config.json (and
-preprocessor_config.json for a LLaVA-OneVision). A run's --choices or --json-schema is checked against its
+pinpoints or dynamic resolution, frames per clip) and the output needs the model's name, and both are in config.json
+(and preprocessor_config.json for a LLaVA-OneVision, the processor configs for dynamic resolution). A run's --choices or --json-schema is checked against its
 vocabulary from tokenizer.json alone (`check_constraint`).
 """
 
@@ -15,8 +15,9 @@ from pipeline.storage import filesystem
 
 
 def model_info(model: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """name, family, fusion, input contract (image_size, anyres pinpoints) and frames of a checkpoint, from its
-    config files only (lavi.families.ModelInfo as a dict). A checkpoint no family claims is refused by name."""
+    """name, family, fusion, input contract (image_size, anyres pinpoints, dynamic resolution) and frames of a
+    checkpoint, from its config files only (lavi.families.ModelInfo as a dict; `dynamic` a dict of
+    lavi.resolution.DynamicResolution, or None). A checkpoint no family claims is refused by name."""
     from lavi.families import family_of
 
     fs, path = filesystem(model, storage_options)

@@ -83,8 +83,10 @@ def png_bomb(side: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststart: bool = True) -> bytes:
-    """An H.264 MP4 whose frame i is filled with grey level 2*i mod 256 plus noise.
+def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststart: bool = True,
+        height: int | None = None) -> bytes:
+    """An H.264 MP4 whose frame i is filled with grey level 2*i mod 256 plus noise, size x size (or size wide and
+    `height` high).
 
     faststart puts the index (moov) first, so a truncated copy keeps its index and the
     frames before the cut are recoverable. Written to `path` (faststart needs a real file)."""
@@ -93,12 +95,13 @@ def mp4(path: Path, seconds: float = 2.0, fps: int = 8, size: int = 64, faststar
     n = int(round(seconds * fps))
     rng = np.random.default_rng(0)
     opts = {"movflags": "faststart"} if faststart else {}
+    height = height or size
     with av.open(str(path), mode="w", format="mp4", options=opts) as out:
         stream = out.add_stream("libx264", rate=fps)
-        stream.width = stream.height = size
+        stream.width, stream.height = size, height
         stream.pix_fmt = "yuv420p"
         for i in range(n):
-            level = np.full((size, size, 3), (2 * i) % 256, np.int16)
+            level = np.full((height, size, 3), (2 * i) % 256, np.int16)
             pixels = np.clip(level + rng.integers(-8, 9, level.shape), 0, 255).astype(np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 out.mux(packet)

@@ -471,3 +471,22 @@ def test_qwen2_0_5b_siglip_shapes_give_the_flop_bound_the_cpu_table_is_held_to()
     assert flops["concat"] / flops["viln"] == pytest.approx(1.78, rel=0.01)
     assert image.visual_tokens(14) == 729 and anyres.visual_tokens(14) == 3 * 729
     assert hf.tokens(anyres, 384, 14) == (729 + 27 * (54 + 1), {"views": 3, "image_px": (384, 768)})
+
+
+def test_scale_report_says_where_the_driver_memory_grew():
+    """A missed driver-RSS target must come with the cause its runs show: the growth split into the Python heap,
+    Arrow's pool and the rest, and the object types that grew, from each run's census (bench.child.census)."""
+    from bench.scale import rss_growth
+
+    def run(items, peak, blocks, arrow, objects):
+        return {"run": f"{items:,} items", "items": items, "driver_peak_rss_mb": peak,
+                "census": {"python_blocks": blocks, "arrow_bytes": arrow, "objects": objects}}
+
+    lines = rss_growth([run(100_000, 280.0, 1_000_000, 0, {"dict": 40_000, "BlockStats": 500}),
+                        run(1_000_000, 340.0, 1_163_840, 2 << 20, {"dict": 41_000, "BlockStats": 12_500}),
+                        {"run": "resume: ...", "items": 1_001_000, "driver_peak_rss_mb": 200.0}])
+    text = " ".join(lines)
+    assert "peak RSS +60.0 MB" in text and "Python heap +10.0 MB" in text and "Arrow's pool +2.0 MB" in text
+    assert "the allocator) +48.0 MB" in text and "BlockStats +12,000" in text
+    assert text.index("BlockStats") < text.index("dict +1,000")
+    assert rss_growth([run(100, 1.0, 1, 0, {})]) == []

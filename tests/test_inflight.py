@@ -178,3 +178,18 @@ def test_a_failed_inflight_step_retries_the_blocks_in_static_batches(engine):
         labeler.server.stop()
         InflightPool._admit = admit
     assert len(calls) >= 2 and got == want
+
+
+def test_prefill_groups_keep_rows_of_similar_length_together():
+    """Rows are padded to their group's longest: a long row gets a group of its own rather than padding short ones to
+    its length, and short contexts (a few hundred tokens of padding in all) stay one batch."""
+    from lavi.serving.steps import PAD_TOKENS, prefill_groups
+
+    assert prefill_groups([30, 20, 25, 31]) == [[1, 2, 0, 3]]  # short: one batch, shortest first
+    groups = prefill_groups([1493, 4733, 2600, 1500, 4700])
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    assert [0, 3] in groups and [4, 1] in groups and [2] in groups
+    lengths = [7, 900, 40, 3000, 3100, 12, 950]
+    for g in prefill_groups(lengths):  # every group within its padding allowance
+        real = sum(lengths[i] for i in g)
+        assert len(g) * max(lengths[i] for i in g) - real <= max(0.25 * real, PAD_TOKENS)

@@ -238,10 +238,17 @@ def test_batched_equals_one_by_one_with_mixed_sizes(engine):
     visuals.append(frames)
     media.append(("video", (35, 35)))
     requests = [(i, q) for i in range(len(visuals)) for q in ("describe the image.", "what colour is the square?")]
+    work = engine.generator.work
+    before = (work.prefills, work.prefill_tokens)
     batched = engine.generate(visuals, requests, GEN, media=media)
+    prefills, tokens = work.prefills - before[0], work.prefill_tokens - before[1]
     alone = [engine.generate([visuals[i]], [(0, q)], GEN, media=[media[i]])[0] for i, q in requests]
     assert [g.text for g in batched] == [g.text for g in alone]
     assert len({g.text for g in batched}) > 1  # the inputs matter
+    contexts = [engine._visual_tokens(visuals[i], media[i]) + len(engine.encode_prompt(q, media[i][0])) - 1
+                for i, q in requests]
+    # prefilled in groups of similar length (lavi.serving.steps.prefill_groups), not all padded to the longest
+    assert 1 < prefills < len(requests) and tokens < len(requests) * max(contexts)
 
 
 def test_engine_load_takes_a_onevision_directory_and_refuses_other_model_types(ov_dir, tmp_path):
@@ -254,8 +261,8 @@ def test_engine_load_takes_a_onevision_directory_and_refuses_other_model_types(o
     from lavi.onevision.engine import OneVisionEngine
 
     assert isinstance(Engine.load(str(ov_dir)), OneVisionEngine)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
-    with pytest.raises(CheckpointError, match="'qwen2_vl'.*supported: a LaVi checkpoint or a LLaVA-OneVision"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mllama"}))
+    with pytest.raises(CheckpointError, match="'mllama'.*supported: a LaVi checkpoint or a LLaVA-OneVision"):
         Engine.load(str(tmp_path))
 
 

@@ -1,4 +1,5 @@
-"""Whole-item decoding: item -> bytes -> frames at the model's input size, one row per clip.
+"""Whole-item decoding: item -> bytes -> frames at the model's input size (DecodeSettings: a square side, anyres
+tiles or dynamic resolution), one row per clip.
 
 `fetch_and_decode` reads an item whole and decodes it (images; a video whose header the probe cannot read, for
 the whole-file decoders to recover what they can; and the callers that want one item's frames: the report, the
@@ -21,6 +22,7 @@ from schemas.rows import DECODE, IMAGE, OK, READ, UNKNOWN, VIDEO, error_columns
 from workers.fetch import FetchError, fetch_bytes
 from workers.stream import Reads
 from workers.frames import Clip, DecodedImage, DecodedVideo, DecodeError, sniff_media_type  # noqa: F401 (re-exported)
+from workers.dynamic import video_fit
 from workers.image import decode_image
 from workers.isolate import IsolationError, run_isolated
 from workers.settings import DecodeSettings  # noqa: F401 (re-exported)
@@ -44,8 +46,8 @@ def error_row(item: dict, stage: str, message: str, image_size: int, media_type:
 
 def _decode_as(kind: str, data: bytes, s: DecodeSettings) -> DecodedImage | DecodedVideo:
     if kind == IMAGE:
-        return decode_image(data, s.image_size, s.max_pixels, s.pinpoints)
-    return decode_video(data, s.image_size, s.frames_per_clip, s.clip_seconds, s.max_clips, s.max_pixels)
+        return decode_image(data, s.image_size, s.max_pixels, s.pinpoints, s.dynamic.image if s.dynamic else None)
+    return decode_video(data, video_fit(s), s.frames_per_clip, s.clip_seconds, s.max_clips, s.max_pixels)
 
 
 def decode_item(item: dict, settings: DecodeSettings, data: bytes) -> list[dict]:

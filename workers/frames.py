@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,13 +12,18 @@ from PIL import Image
 from schemas.rows import IMAGE, VIDEO
 
 
+# What a video's frames are resized to: a square side S, or a callable (H, W, 3) -> (h, w, 3) uint8 that gives every
+# frame of a clip one size (workers.dynamic.ClipFit, a dynamic-resolution model's)
+Fit = int | Callable[[np.ndarray], np.ndarray]
+
+
 class DecodeError(Exception):
     """Bad input media; `str(err)` is a message fit for a row."""
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    frames: np.ndarray  # (1, S, S, 3) uint8, RGB
+    frames: np.ndarray  # (1, S, S, 3) uint8, RGB; anyres (1 + tiles, S, S, 3); dynamic resolution (1, h, w, 3)
     width: int  # original size, after EXIF orientation
     height: int
 
@@ -28,7 +34,7 @@ class Clip:
     start_s: float
     end_s: float
     timestamps_s: list[float]  # presentation time of each frame given to the model
-    frames: np.ndarray  # (F, S, S, 3) uint8, RGB
+    frames: np.ndarray  # (F, S, S, 3) uint8, RGB; dynamic resolution (F, h, w, 3)
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,11 @@ def to_model_input(im: Image.Image, size: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def rgb_array_to_model_input(frame: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8, the same resize as images get."""
+def rgb_array_to_model_input(frame: np.ndarray, size: Fit) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, the same resize as images get; or what a callable `size` (a
+    dynamic-resolution model's workers.dynamic.ClipFit) makes of it."""
+    if not isinstance(size, int):
+        return size(frame)
     if frame.shape[:2] == (size, size):
         return np.ascontiguousarray(frame, dtype=np.uint8)
     return to_model_input(Image.fromarray(frame), size)

@@ -1,4 +1,5 @@
-"""Image bytes -> the model's square RGB input, refusing decompression bombs before decoding."""
+"""Image bytes -> the model's RGB input (a square, anyres tiles or its own dynamic resolution), refusing
+decompression bombs before decoding."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from workers.dynamic import image_input
 from workers.frames import DecodedImage, DecodeError, to_model_input
 from workers.anyres import anyres_tiles
+from lavi.resolution import Sizing, aspect_error
 
 # Formats PIL may open. Others (EPS runs Ghostscript, etc.) are refused as "not an image".
 # The JPEG plugin also opens MPO, the multi-picture JPEG that phones write.
@@ -40,13 +43,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, image_size: int, max_pixels: int,
-                 pinpoints: tuple[tuple[int, int], ...] | None = None) -> DecodedImage:
+                 pinpoints: tuple[tuple[int, int], ...] | None = None, dynamic: Sizing | None = None) -> DecodedImage:
     """Image bytes -> DecodedImage with frames (1, S, S, 3) uint8 RGB, S = image_size.
 
     The pixel count is read from the header and checked against `max_pixels` before any
     pixel is decoded. EXIF orientation is applied (width/height are the upright size);
     animated images give their first frame. With `pinpoints` (an anyres model), frames are the base view
-    and the grid's tiles instead (T, S, S, 3) (`lavi.onevision.anyres.anyres_tiles`). Raises DecodeError with a row-ready message.
+    and the grid's tiles instead (T, S, S, 3) (`lavi.onevision.anyres.anyres_tiles`). With `dynamic` (a
+    dynamic-resolution model's image sizing), frames are (1, h, w, 3) at the image's own resolution
+    (workers.dynamic.image_input); an aspect ratio the model's processor refuses is refused from the header.
+    Raises DecodeError with a row-ready message.
     """
     if not data:
         raise DecodeError("empty file")
@@ -62,11 +68,11 @@ def decode_image(data: bytes, image_size: int, max_pixels: int,
         except _PIL_ERRORS as err:
             raise DecodeError(f"corrupt image header: {type(err).__name__}: {err}") from err
         with im:
-            return _decode_opened(im, image_size, max_pixels, pinpoints)
+            return _decode_opened(im, image_size, max_pixels, pinpoints, dynamic)
 
 
 def _decode_opened(im: Image.Image, image_size: int, max_pixels: int,
-                   pinpoints: tuple[tuple[int, int], ...] | None) -> DecodedImage:
+                   pinpoints: tuple[tuple[int, int], ...] | None, dynamic: Sizing | None) -> DecodedImage:
     width, height = im.size
     if width * height > max_pixels:
         raise DecodeError(
@@ -81,14 +87,20 @@ def _decode_opened(im: Image.Image, image_size: int, max_pixels: int,
         orientation = 1  # unreadable EXIF: keep the stored orientation
     if orientation in _SWAPS_AXES:
         width, height = height, width
-    if im.format in ("JPEG", "MPO") and pinpoints is None:  # anyres reads full resolution, as the reference does
-        im.draft(im.mode, (image_size, image_size))  # DCT scaling: decode at >= S, not full size
+    if dynamic is not None and (why := aspect_error(height, width)) is not None:
+        raise DecodeError(f"image {why}")
+    if im.format in ("JPEG", "MPO") and pinpoints is None and dynamic is None:  # anyres and dynamic resolution
+        im.draft(im.mode, (image_size, image_size))  # read full resolution, as the reference does; DCT scaling: >= S
     try:
         im.load()
         im = ImageOps.exif_transpose(im) if orientation != 1 else im
         rgb = _to_rgb(im)
-        frames = (anyres_tiles(np.asarray(rgb), pinpoints, image_size) if pinpoints
-                  else to_model_input(rgb, image_size)[None])
+        if dynamic is not None:
+            frames = image_input(rgb, dynamic)
+        elif pinpoints:
+            frames = anyres_tiles(np.asarray(rgb), pinpoints, image_size)
+        else:
+            frames = to_model_input(rgb, image_size)[None]
     except Image.DecompressionBombError as err:
         raise DecodeError(f"image too large: {err}") from err
     except _PIL_ERRORS as err:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.frames import Clip, DecodeError, clean_message
+from workers.frames import Clip, DecodeError, Fit, clean_message
 from workers.fetch import DEFAULT_RETRIES
 from workers.stream import DECODE_FETCH, InputFile, Reads, open_input
 from workers.video import _av, _frames, _to_input, sample_times
@@ -25,35 +25,38 @@ _EPS = 1e-6
 
 
 def decode_group(uri: str, storage_options: dict | None, t0: float, clips: list[tuple[int, float, float]],
-                 frames_per_clip: int, image_size: int, max_fetch: int = DECODE_FETCH,
+                 frames_per_clip: int, fit: Fit, max_fetch: int = DECODE_FETCH,
                  retries: int = DEFAULT_RETRIES) -> tuple[list[Clip], Reads]:
     """(clips with their frames (F, S, S, 3) uint8, what was read) for clips [(index, start_s, end_s), ...] of one
     video, times in seconds from its first frame (t0 on the stream's clock, from the probe). Raises FetchError
-    when the input cannot be read, DecodeError (row-ready) when it has no decodable frame there. `max_fetch`: the
-    largest range request (workers.stream.fetch_limit); `retries`: each fetch's, on transient errors."""
+    when the input cannot be read, DecodeError (row-ready) when it has no decodable frame there. `fit`: the square
+    side S, or a callable that sizes the frames itself (a dynamic-resolution model's workers.dynamic.ClipFit).
+    `max_fetch`: the largest range request (workers.stream.fetch_limit); `retries`: each fetch's, on transient
+    errors."""
     plan = [(k, a, b, sample_times(a, b, frames_per_clip)) for k, a, b in clips]
     wanted = sorted({float(t) for *_, times in plan for t in times})
     with open_input(uri, storage_options, max_fetch, retries) as f:
         try:
-            got = frames_at(f, wanted, t0, image_size)
+            got = frames_at(f, wanted, t0, fit)
         finally:
             f.raise_read_error()
         read = f.reads
     out = []
     for k, a, b, times in plan:
         picked = [got[float(t)] for t in times]
-        frames = np.stack([frame for frame, _ in picked])  # (F, S, S, 3)
+        frames = np.stack([frame for frame, _ in picked])  # (F, S, S, 3) or (F, h, w, 3)
         out.append(Clip(k, float(a), float(b), [t for _, t in picked], frames))
     return out, read
 
 
-def frames_at(f: InputFile, wanted: list[float], t0: float, image_size: int) -> dict[float, tuple[np.ndarray, float]]:
+def frames_at(f: InputFile, wanted: list[float], t0: float,
+              fit: Fit) -> dict[float, tuple[np.ndarray, float]]:
     """{t: (the frame on screen at t, resized; its own time)} for sorted times t (seconds from the first frame).
 
     A time past the last decodable frame (a truncated file) gets the last frame decoded before it, with that
     frame's time. Raises DecodeError when no frame decodes at all."""
     av = _av()
-    cursor = _Cursor(wanted, t0, image_size)
+    cursor = _Cursor(wanted, t0, fit)
     try:
         with av.open(f) as container:
             stream = container.streams.video[0]
@@ -77,8 +80,8 @@ class _Cursor:
     """The state of one pass over a video's wanted times: the next one (`j`), what is found (`got`), the last
     frame decoded (kept across seeks for a truncated tail) and the longest keyframe lead-in seen (`gop`)."""
 
-    def __init__(self, wanted: list[float], t0: float, image_size: int):
-        self.wanted, self.t0, self.image_size = wanted, t0, image_size
+    def __init__(self, wanted: list[float], t0: float, fit: Fit):
+        self.wanted, self.t0, self.fit = wanted, t0, fit
         self.got: dict[float, tuple[np.ndarray, float]] = {}
         self.j = 0
         self.last = None  # (frame, time)
@@ -86,7 +89,7 @@ class _Cursor:
 
     def _put(self, t: float, frame, frame_t: float, converted: list) -> None:
         if not converted or converted[0] is not frame:  # one resize for several times on one frame
-            converted[:] = [frame, _to_input(frame, self.image_size)]
+            converted[:] = [frame, _to_input(frame, self.fit)]
         self.got[t] = (converted[1], frame_t)
 
     def decode_forward(self, container, stream) -> bool:
@@ -122,7 +125,7 @@ class _Cursor:
                 self._put(t, *self.last, converted)
 
 
-def decode_at(uri: str, storage_options: dict | None, times: list[float], image_size: int) -> list[np.ndarray]:
+def decode_at(uri: str, storage_options: dict | None, times: list[float], fit: Fit) -> list[np.ndarray]:
     """The frames of one video on screen at `times` (seconds from its first frame, as rows record them), resized:
     a row's frames decoded again (the report's thumbnails) without reading the whole file."""
     from workers.probe import probe_input
@@ -131,7 +134,7 @@ def decode_at(uri: str, storage_options: dict | None, times: list[float], image_
         try:
             t0 = probe_input(f).t0
             f.seek(0)
-            got = frames_at(f, sorted(set(times)), t0, image_size)
+            got = frames_at(f, sorted(set(times)), t0, fit)
         finally:
             f.raise_read_error()
     return [got[t][0] for t in times]

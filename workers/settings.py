@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lavi.resolution import DynamicResolution
+
 FIXED, SHOTS = "fixed", "shots"  # --clips: fixed-length clips, or clips cut at shot changes (workers.shots)
 CLIP_MODES = (FIXED, SHOTS)
 # Files read whole into memory (images; a video the probe cannot open, for the whole-file decoders to recover what
@@ -48,6 +50,10 @@ class DecodeSettings:
     # resolutions (height, width): the base view and the grid's image_size tiles (lavi.onevision.anyres.anyres_tiles). A tile
     # count is bounded by the largest pinpoint, so an item's memory stays bounded too.
     pinpoints: tuple[tuple[int, int], ...] | None = None
+    # A dynamic-resolution model's contract (lavi.resolution): each image at its own size (1, h, w, 3), a video's
+    # frames all at one size per clip (F, h, w, 3), both within the contract's pixel bounds (its max_pixels bounds an
+    # item's memory); image_size and pinpoints are then not used for frames (workers.dynamic). None: square frames.
+    dynamic: DynamicResolution | None = None
 
     def __post_init__(self):
         if self.image_size < 1:
@@ -69,6 +75,12 @@ class DecodeSettings:
         if not 0 < self.min_clip_seconds <= self.max_clip_seconds:
             raise ValueError(f"need 0 < min_clip_seconds <= max_clip_seconds, got {self.min_clip_seconds} and "
                              f"{self.max_clip_seconds}")
+        if self.dynamic is not None and self.pinpoints is not None:
+            raise ValueError("a model's input is anyres tiles (pinpoints) or dynamic resolution, not both")
+        video = self.dynamic.video if self.dynamic is not None else None
+        if video is not None and video.per_clip and self.frames_per_clip < video.temporal_factor:
+            raise ValueError(f"this model takes a video clip's frames {video.temporal_factor} at a time: "
+                             f"--frames must be at least {video.temporal_factor}, got {self.frames_per_clip}")
         if self.clips == SHOTS and self.max_shot_clips >= SHOT_STRIDE:
             raise ValueError(f"a shots window ({self.shot_window_s:g} s) could hold {self.max_shot_clips} clips of "
                              f"--min-clip-seconds {self.min_clip_seconds:g}; at most {SHOT_STRIDE - 1}: raise "
@@ -77,8 +89,10 @@ class DecodeSettings:
     @property
     def group_clips(self) -> int:
         """Clips per clip group (--clips fixed): clips_per_group, fewer when that many clips' frames at the model's
-        input would pass BLOCK_BYTES (32 frames of 384 px: 9)."""
-        clip_bytes = self.frames_per_clip * self.image_size * self.image_size * 3
+        input would pass BLOCK_BYTES (32 frames of 384 px: 9; dynamic resolution: a clip at its most pixels)."""
+        pixels = (self.dynamic.video.max_clip_pixels(self.frames_per_clip) if self.dynamic is not None
+                  else self.frames_per_clip * self.image_size * self.image_size)
+        clip_bytes = pixels * 3
         return max(1, min(self.clips_per_group, BLOCK_BYTES // clip_bytes))
 
     @property

@@ -9,8 +9,9 @@ long video is decoded by many tasks at once and no task holds more than `clips_p
 A group already committed by an earlier run (the item's DONE_GROUPS, from the listing) is left out: a video half
 done when a run was killed is finished by labelling only its other groups. Content the probe finds to be an image, and a
 video the probe cannot open (a truncated or odd file the whole-file decoders may still recover), are WHOLE units
-while they fit the whole-file limit; a failed read, a file over the user's byte limit or a video too large in
-pixels is a FAILED unit (one error row). Nothing here raises for bad input.
+while they fit the whole-file limit; a failed read, a file over the user's byte limit, a video too large in
+pixels or (dynamic resolution) of an aspect ratio the model's processor refuses is a FAILED unit (one error row).
+Nothing here raises for bad input.
 
 `split_batch` packs the units into decode tasks (schemas.clips.TASK_SCHEMA): the batch's WHOLE and FAILED units,
 and the videos that are one clip group, together in one task (an image or a short video decodes in milliseconds:
@@ -26,6 +27,7 @@ from schemas.clips import (BYTES_READ, CLIPS, FAILED, GROUP, GROUPS, READ_RETRIE
                            WHOLE)
 from schemas.manifest import DONE_GROUPS, media_type_from_name
 from schemas.rows import DECODE, IMAGE, LIST, READ, VIDEO
+from lavi.resolution import aspect_error
 from workers.fetch import FetchError
 from workers.isolate import IsolationError, guarded
 from workers.probe import VideoProbe, probe_uri
@@ -61,6 +63,9 @@ def split_item(item: dict, settings: DecodeSettings, done: frozenset[int] = froz
         if probe.kind == "broken" and probe.size > settings.whole_file_bytes:
             return [unit(item, FAILED, error_stage=DECODE, error=probe.error, **probed)]
         return [unit(item, WHOLE, **probed)]  # the whole-file decoders take it from here
+    if settings.dynamic is not None and min(probe.width, probe.height) > 0 and (
+            why := aspect_error(probe.height, probe.width)) is not None:  # one error row, not one per clip
+        return [unit(item, FAILED, error_stage=DECODE, error=f"video frames {why}", **probed)]
     units = plan_units(item, probe, settings, done)
     if units:
         units[0].update(probed)

@@ -2,9 +2,9 @@
 
 `decode_units` is the Ray Data stage, a generator over its tasks' units. A task's WHOLE and FAILED units (a split
 batch's images) are read with a few reads in flight (workers.decode.fetch_window) and decoded one by one, yielding
-one table; its clip groups (a split batch's short videos, or one group of a long video) follow, each in tables of
-at most clips_per_group clips, so a task never holds more than that many clips' frames beside the images' (a
-shots window may give more clips than that). By kind:
+one table (a new one each time its frames pass BLOCK_BYTES); its clip groups (a split batch's short videos, or one
+group of a long video) follow, each in tables of at most clips_per_group clips, so a task never holds more than
+that many clips' frames beside the images' (a shots window may give more clips than that). By kind:
   FAILED  one error row (its stage and message from the split stage);
   WHOLE   read whole and decoded in memory (workers.decode.decode_fetched: images in this process, anything
           else in the isolated child);
@@ -28,11 +28,12 @@ from schemas.clips import BYTES_READ, CLIP_SCHEMA, CLIPS, FAILED, GROUP, GROUPS,
 from schemas.manifest import SHARD
 from schemas.rows import DECODE, OK, READ, VIDEO, error_columns
 from workers.decode import decode_fetched, error_row, fetch_window, read_and_decode
+from workers.dynamic import video_fit
 from workers.fetch import FetchError
 from workers.frames import DecodeError
 from workers.isolate import IsolationError, guarded
 from workers.seek import decode_group
-from workers.settings import DecodeSettings
+from workers.settings import BLOCK_BYTES, DecodeSettings
 from workers.shots import THRESHOLD, detect_cuts, shot_clips
 from workers.split import split_batch
 from workers.stream import Reads, fetch_limit
@@ -45,7 +46,7 @@ def decode_units(tasks: pa.Table, settings: DecodeSettings) -> Iterator[pa.Table
     for task in tasks.column("units").to_pylist():
         whole = [u for u in task if u["unit"] in (WHOLE, FAILED)]
         if whole:
-            yield _whole_units(whole, settings)
+            yield from _whole_units(whole, settings)
         for u in task:
             if u["unit"] in (CLIPS, SHOTS):
                 yield from decode_unit(u, settings)
@@ -61,16 +62,25 @@ def decode_batch(items: pa.Table, settings: DecodeSettings) -> pa.Table:
     return pa.concat_tables(tables) if tables else CLIP_SCHEMA.empty_table()
 
 
-def _whole_units(units: list[dict], settings: DecodeSettings) -> pa.Table:
-    """A task of WHOLE and FAILED units: one table of their rows."""
+def _whole_units(units: list[dict], settings: DecodeSettings) -> Iterator[pa.Table]:
+    """A task of WHOLE and FAILED units: tables of their rows, a new one once a table's frames pass BLOCK_BYTES (a
+    unit's rows are never split), so a task of many images at a dynamic resolution (up to ~38 MB each at 12.8 MP)
+    never holds them all at once; square models' images stay one table."""
     out = [row for u in units if u["unit"] == FAILED
            for row in _with_bookkeeping(u, [error_row(u, u["error_stage"], u["error"], settings.image_size)], 1,
                                         _probed(u))]
+    held = 0
     wholes = [u for u in units if u["unit"] == WHOLE]
     for u, data, read in fetch_window(wholes, settings):
         rows = data if isinstance(data, list) else decode_fetched(u, settings, data)
-        out += _with_bookkeeping(u, rows, len(rows), _probed(u) + read)
-    return pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
+        rows = _with_bookkeeping(u, rows, len(rows), _probed(u) + read)
+        out += rows
+        held += sum(len(r["frames"]) for r in rows)
+        if held >= BLOCK_BYTES:
+            yield pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
+            out, held = [], 0
+    if out:
+        yield pa.Table.from_pylist(out, schema=CLIP_SCHEMA)
 
 
 def decode_unit(u: dict, settings: DecodeSettings) -> Iterator[pa.Table]:
@@ -128,7 +138,7 @@ def _decode_spans(u: dict, spans: list[Span], settings: DecodeSettings) -> tuple
     limit = fetch_limit(spans[-1][2] - spans[0][1], u["bytes_per_s"])
     try:
         clips, read = guarded(decode_group, u["uri"], settings.storage_options, u["t0"], spans,
-                              settings.frames_per_clip, settings.image_size, limit, settings.retries,
+                              settings.frames_per_clip, video_fit(settings), limit, settings.retries,
                               settings=settings)
     except (FetchError, DecodeError, IsolationError) as err:
         return [_clip_error(u, span, err, settings) for span in spans], Reads()

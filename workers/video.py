@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from workers.frames import Clip, DecodedVideo, DecodeError, clean_message, rgb_array_to_model_input
+from workers.frames import Clip, DecodedVideo, DecodeError, Fit, clean_message, rgb_array_to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,11 @@ def frame_for(starts: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def decode_video(
-    data: bytes, image_size: int, frames_per_clip: int, clip_seconds: float, max_clips: int | None,
+    data: bytes, fit: Fit, frames_per_clip: int, clip_seconds: float, max_clips: int | None,
     max_pixels: int | None = None,
 ) -> DecodedVideo:
-    """Video bytes -> DecodedVideo; each clip has frames (F, S, S, 3) uint8 RGB.
+    """Video bytes -> DecodedVideo; each clip has frames (F, S, S, 3) uint8 RGB, S = fit (a square side), or what
+    a callable `fit` makes of them (a dynamic-resolution model's: (F, h, w, 3), workers.dynamic.ClipFit).
 
     Times are seconds from the first frame. A frame size over `max_pixels` (read from the
     stream header) is refused before decoding. Raises DecodeError with a row-ready message.
@@ -57,7 +58,7 @@ def decode_video(
         size = _probe_size(data)
         if size and size[0] * size[1] > max_pixels:
             raise DecodeError(f"video too large: {size[0]}x{size[1]} frames, over the limit of {max_pixels} pixels")
-    args = (image_size, frames_per_clip, clip_seconds, max_clips)
+    args = (fit, frames_per_clip, clip_seconds, max_clips)
     try:
         return _decode_decord(data, *args)
     except ImportError:  # e.g. no decord wheel for this platform
@@ -95,18 +96,18 @@ def _decord_error() -> type:
     return DECORDError
 
 
-def _clips(starts: np.ndarray, duration: float, read, image_size: int, frames_per_clip: int,
+def _clips(starts: np.ndarray, duration: float, read, fit: Fit, frames_per_clip: int,
            clip_seconds: float, max_clips: int | None) -> list[Clip]:
     """Build clips; read(indices) -> list of (H, W, 3) uint8 frames for those frame indices."""
     clips = []
     for k, (a, b) in enumerate(plan_clips(duration, clip_seconds, max_clips)):
         idx = frame_for(starts, sample_times(a, b, frames_per_clip))
-        frames = np.stack([rgb_array_to_model_input(f, image_size) for f in read(idx)])  # (F, S, S, 3)
+        frames = np.stack([rgb_array_to_model_input(f, fit) for f in read(idx)])  # (F, S, S, 3) or (F, h, w, 3)
         clips.append(Clip(k, float(a), float(b), [float(starts[i]) for i in idx], frames))
     return clips
 
 
-def _decode_decord(data: bytes, image_size: int, frames_per_clip: int, clip_seconds: float,
+def _decode_decord(data: bytes, fit: Fit, frames_per_clip: int, clip_seconds: float,
                    max_clips: int | None) -> DecodedVideo:
     import decord
 
@@ -124,11 +125,11 @@ def _decode_decord(data: bytes, image_size: int, frames_per_clip: int, clip_seco
         shape[:] = batch.shape[1:3]
         return list(batch)
 
-    clips = _clips(starts, duration, read, image_size, frames_per_clip, clip_seconds, max_clips)
+    clips = _clips(starts, duration, read, fit, frames_per_clip, clip_seconds, max_clips)
     return DecodedVideo(clips, int(shape[1]), int(shape[0]), duration, "decord")
 
 
-def _decode_pyav(data: bytes, image_size: int, frames_per_clip: int, clip_seconds: float,
+def _decode_pyav(data: bytes, fit: Fit, frames_per_clip: int, clip_seconds: float,
                  max_clips: int | None) -> DecodedVideo:
     av = _av()
     try:
@@ -153,7 +154,7 @@ def _decode_pyav(data: bytes, image_size: int, frames_per_clip: int, clip_second
     plan = [(a, b, frame_for(starts, sample_times(a, b, frames_per_clip)))
             for a, b in plan_clips(duration, clip_seconds, max_clips)]
     wanted = sorted({float(starts[i]) for _, _, idx in plan for i in idx})
-    got, size = _decode_wanted(data, wanted, t0, image_size)
+    got, size = _decode_wanted(data, wanted, t0, fit)
     if not got:
         raise DecodeError("no decodable video frames")
     clips = []
@@ -188,7 +189,7 @@ def _frames(container, stream):
         pass
 
 
-def _decode_wanted(data: bytes, wanted: list[float], t0: float, image_size: int):
+def _decode_wanted(data: bytes, wanted: list[float], t0: float, fit: Fit):
     """Decode once through the stream; keep only the wanted frames, resized, as
     {wanted time: (frame, its actual time)}. A wanted frame that does not decode is replaced
     by the last frame that did (or the next, at the start), with that frame's time."""
@@ -204,20 +205,20 @@ def _decode_wanted(data: bytes, wanted: list[float], t0: float, image_size: int)
             t = float(frame.pts * frame.time_base) - t0
             size = (frame.width, frame.height)
             while j < len(wanted) and wanted[j] < t - 1e-6:  # that frame never decoded
-                got[wanted[j]] = (_to_input(frame, image_size), t) if prev is None else (
-                    _to_input(prev, image_size), prev_t)
+                got[wanted[j]] = (_to_input(frame, fit), t) if prev is None else (
+                    _to_input(prev, fit), prev_t)
                 j += 1
             if j < len(wanted) and abs(wanted[j] - t) <= 1e-6:
-                got[wanted[j]] = (_to_input(frame, image_size), t)
+                got[wanted[j]] = (_to_input(frame, fit), t)
                 j += 1
             prev, prev_t = frame, t
             if j == len(wanted):
                 break  # every sampled frame is in: stop decoding
     for w in wanted[j:]:
         if prev is not None:
-            got[w] = (_to_input(prev, image_size), prev_t)
+            got[w] = (_to_input(prev, fit), prev_t)
     return got, size
 
 
-def _to_input(frame, image_size: int) -> np.ndarray:
-    return rgb_array_to_model_input(frame.to_ndarray(format="rgb24"), image_size)
+def _to_input(frame, fit: Fit) -> np.ndarray:
+    return rgb_array_to_model_input(frame.to_ndarray(format="rgb24"), fit)

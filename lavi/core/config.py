@@ -36,6 +36,9 @@ class DecoderConfig:
     o_bias: bool = False  # Llama attention_bias=True: all four have one
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k, before RoPE
+    mrope_section: tuple[int, ...] = ()  # M-RoPE (Qwen-VL): rotary frequencies per axis (t, h, w); (): plain RoPE
+    mrope_interleaved: bool = False  # Qwen3-VL's M-RoPE: the axes take turns over the frequencies (t h w t h w ...)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -44,6 +47,10 @@ class DecoderConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        if self.mrope_section and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.head_dim // 2):
+            raise ValueError(f"mrope_section {list(self.mrope_section)} must be 3 sections (t, h, w) summing to "
+                             f"head_dim / 2 = {self.head_dim // 2}")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "DecoderConfig":

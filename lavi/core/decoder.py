@@ -3,7 +3,12 @@
 Module names follow the Hugging Face layout (`layers.{i}.self_attn.q_proj` ...) so that loading
 is a prefix rename. Vision conditions a layer through `Conditioning`: every RMSNorm takes an optional
 `cond`, the ViLN hook that turns the unscaled normalised state into token-wise (delta_gamma, delta_beta);
-q, k, v, o and the MLP take an optional `delta`, VLoRA's per-row low-rank term added to their output.
+q, k, v, o and the MLP take an optional `delta`, VLoRA's per-row low-rank term added to their output; a layer's
+output takes an optional `residual` (Qwen3-VL's deepstack: visual features added at the visual positions, prefill only).
+
+Positions are plain RoPE's (B, T), or M-RoPE's (3, B, T) (Qwen-VL: temporal, height and width positions, each axis
+rotating its own section of the frequencies); a decoder with M-RoPE given (B, T) positions rotates as M-RoPE does
+with all three axes equal, which is what its decode steps are.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ class Conditioning(NamedTuple):
     attn: NormCond | None = None  # the attention norm's
     ffn: NormCond | None = None  # the ffn norm's
     delta: WeightDelta | None = None
+    residual: Tensor | None = None  # (B, T, d) added to the layer's output (Qwen3-VL's deepstack, in prefill)
 
 
 NONE = Conditioning()
@@ -128,12 +134,31 @@ class KVCache(nn.Module):
         return batch <= self.max_batch and seq <= self.max_seq
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """positions (B, T) int -> cos, sin (B, 1, T, D) in fp32, the HF 'rotate_half' layout."""
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, mrope_section: Sequence[int] = (),
+                 interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """positions (B, T) int, or M-RoPE's (3, B, T) with `mrope_section` -> cos, sin (B, 1, T, D) in fp32, the HF
+    'rotate_half' layout."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv  # (B, T, D/2)
+    freqs = positions.float()[..., None] * inv  # (B, T, D/2), or (3, B, T, D/2)
+    if positions.ndim == 3:
+        freqs = mrope_freqs(freqs, mrope_section, interleaved)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, D)
     return emb.cos(), emb.sin()
+
+
+def mrope_freqs(freqs: Tensor, section: Sequence[int], interleaved: bool) -> Tensor:
+    """(3, B, T, D/2) per-axis angles -> (B, T, D/2): each frequency takes its axis's angle. Qwen2-VL and Qwen2.5-VL:
+    in blocks (the first section[0] frequencies from t, the next section[1] from h, then w); Qwen3-VL: interleaved
+    (t h w t h w ..., frequency i from h when i % 3 == 1 and i < 3 * section[1], from w likewise, else t)."""
+    if len(section) != 3:
+        raise ValueError("(3, B, T) positions need the decoder's mrope_section")
+    if not interleaved:
+        return torch.cat([part[i % 3] for i, part in enumerate(freqs.split(list(section), dim=-1))], dim=-1)
+    out = freqs[0].clone()
+    for axis in (1, 2):
+        idx = slice(axis, section[axis] * 3, 3)
+        out[..., idx] = freqs[axis, ..., idx]
+    return out
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -161,6 +186,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         self.attend = Attend()
+        if c.qk_norm:  # Qwen3: over each head's D, before RoPE
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.qkv: nn.Module | None = None  # q, k and v as one product, in their place (lavi.serving.cpu_pack.pack)
 
     def projections(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -174,8 +202,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         c = self.c
         q, k, v = self.projections(x)
-        q = plus_delta(q, delta, "q", x).view(b, t, c.num_heads, -1).transpose(1, 2)  # (B, H, T, D)
-        k = plus_delta(k, delta, "k", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)  # (B, Hkv, T, D)
+        q = plus_delta(q, delta, "q", x).view(b, t, c.num_heads, -1)  # (B, T, H, D)
+        k = plus_delta(k, delta, "k", x).view(b, t, c.num_kv_heads, -1)  # (B, T, Hkv, D)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
         v = plus_delta(v, delta, "v", x).view(b, t, c.num_kv_heads, -1).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -209,7 +240,8 @@ class Block(nn.Module):
                 kv_cache: LayerCache | None = None, input_pos: Tensor | None = None) -> Tensor:
         h = h + self.self_attn(self.input_layernorm(h, cond.attn), cos, sin, mask, kv_cache, input_pos, cond.delta)
         x = self.post_attention_layernorm(h, cond.ffn)
-        return h + plus_delta(self.mlp(x), cond.delta, "m", x)
+        h = h + plus_delta(self.mlp(x), cond.delta, "m", x)
+        return h if cond.residual is None else h + cond.residual
 
 
 class Decoder(nn.Module):
@@ -226,12 +258,13 @@ class Decoder(nn.Module):
     def forward(self, embeds: Tensor, positions: Tensor, mask: Tensor, *, conds: LayerConds | None = None,
                 kv_cache: Cache | None = None, input_pos: Tensor | None = None, output_hidden_states: bool = False,
                 last_only: bool = False, pruned: tuple[int, Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
-        """embeds (B, T, d); positions (B, T) RoPE positions; mask (B, 1, T, S) bool, True = attend; conds:
+        """embeds (B, T, d); positions (B, T) RoPE positions (M-RoPE: (3, B, T) or (B, T)); mask (B, 1, T, S) bool, True = attend; conds:
         vision's Conditioning per layer (ViLN's norms, VLoRA's weight deltas); kv_cache: what each layer attends
         through, with input_pos (T,) the slots this call's K/V go to (None: the T tokens attend among themselves, S = T).
         pruned (K, mask'): layers past K attend with mask' instead (FastV's pruned visual tokens, lavi.visual_tokens.fastv).
         Returns logits (B, T, V) (last_only: (B, 1, V), as prefill needs) and hidden states."""
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        c = self.config
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, c.mrope_section, c.mrope_interleaved)
         h, hidden = embeds, []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:

@@ -32,12 +32,22 @@ class Visual:
     concat: `tokens` (N, Nv, d), the decoder's visual input.
     vlora: `factors[i]`, the per-item low-rank factors A of weight type `lora_types[i]` at every modulated layer,
     each (N, L_mod, d_in, r). `mask` (N, Nv) bool marks real (not padded-frame) visual tokens.
+    Qwen-VL (lavi.qwenvl) adds, per item, what its prompt's layout and M-RoPE positions need: `grids` (N, 3) the
+    (t, h, w) patch grid (transformers' grid_thw), `kinds` (N,) 1 image / 2 video (transformers' mm_token_type_ids
+    values), `seconds` (N,) float32 a video's seconds per temporal patch (Qwen2.5-VL), `stamps` per item the token
+    ids written before each temporal patch (Qwen3-VL's "<t seconds>"), and `deep`, per deepstack layer, features
+    (N, Nv, d) added at the visual positions.
     """
 
     mask: Tensor
     cond_kv: tuple[tuple[Tensor, Tensor], ...] | None = None
     tokens: Tensor | None = None
     factors: tuple[Tensor, ...] | None = None
+    grids: Tensor | None = None
+    kinds: Tensor | None = None
+    seconds: Tensor | None = None
+    stamps: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    deep: tuple[Tensor, ...] | None = None
 
     @staticmethod
     def cat(parts: list["Visual"]) -> "Visual":
@@ -62,15 +72,26 @@ class Visual:
                             for g in range(len(parts[0].cond_kv)))
         factors = None if parts[0].factors is None else tuple(
             torch.cat([p.factors[i] for p in parts]) for i in range(len(parts[0].factors)))
+        deep = None if parts[0].deep is None else tuple(
+            join([pad(p.deep[i], 1) for p in parts]) for i in range(len(parts[0].deep)))
+        stamps = None if parts[0].stamps is None else tuple(s for p in parts for s in p.stamps)
         return Visual(mask=join([pad(p.mask, 1) for p in parts]), cond_kv=cond_kv,
-                      tokens=join([pad(p.tokens, 1) for p in parts]), factors=factors)
+                      tokens=join([pad(p.tokens, 1) for p in parts]), factors=factors,
+                      grids=join([p.grids for p in parts]), kinds=join([p.kinds for p in parts]),
+                      seconds=join([p.seconds for p in parts]), stamps=stamps, deep=deep)
 
     def select(self, rows: Tensor) -> "Visual":
         """Gather per text row: rows (B,) item index -> a Visual with B entries."""
-        cond_kv = tuple((k.index_select(0, rows), u.index_select(0, rows)) for k, u in self.cond_kv or ()) or None
-        tokens = self.tokens.index_select(0, rows) if self.tokens is not None else None
-        factors = tuple(a.index_select(0, rows) for a in self.factors or ()) or None
-        return Visual(mask=self.mask.index_select(0, rows), cond_kv=cond_kv, tokens=tokens, factors=factors)
+        def pick(t: Tensor | None) -> Tensor | None:
+            return t.index_select(0, rows.to(t.device)) if t is not None else None
+
+        cond_kv = tuple((pick(k), pick(u)) for k, u in self.cond_kv or ()) or None
+        factors = tuple(pick(a) for a in self.factors or ()) or None
+        deep = tuple(pick(t) for t in self.deep) if self.deep is not None else None
+        stamps = tuple(self.stamps[i] for i in rows.tolist()) if self.stamps is not None else None
+        return Visual(mask=pick(self.mask), cond_kv=cond_kv, tokens=pick(self.tokens), factors=factors,
+                      grids=pick(self.grids), kinds=pick(self.kinds), seconds=pick(self.seconds), stamps=stamps,
+                      deep=deep)
 
 
 def frames_to_tokens(feats: Tensor, n: int, f: int, temporal: Tensor) -> Tensor:

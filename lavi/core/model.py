@@ -40,6 +40,11 @@ class LaVi(OnDecoder, nn.Module):
         self.vlora = PerceptualWeights(config) if config.fusion == VLORA else None
         self.visual_compress: VisualCompress | None = None  # concat: fewer visual tokens (lavi.visual_tokens.methods), at load
 
+    @property
+    def vision_in_context(self) -> bool:
+        """Whether its visual tokens enter the decoder's context (concat) or not (ViLN, VLoRA)."""
+        return self.projector is not None
+
     def encode(self, pixels: Tensor, frame_mask: Tensor | None = None) -> Visual:
         """pixels (N, F, 3, S, S) normalised; frame_mask (N, F) bool (None: all frames real, and nothing is
         read back from the device, so shapes alone will do: FLOP counting runs this on the meta device).

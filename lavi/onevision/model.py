@@ -57,6 +57,7 @@ class Projector(nn.Module):
 
 class OneVision(OnDecoder, nn.Module):
     viln = None  # no norm conditioner: the decode step runs the plain decoder over the cache
+    vision_in_context = True
 
     def __init__(self, config: OneVisionConfig) -> None:
         super().__init__()

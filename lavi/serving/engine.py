@@ -27,6 +27,7 @@ from lavi.core.fusion import Visual
 from lavi.core.model import LaVi
 from lavi.core.vision import pixels_from_frames
 from lavi.families import family_of
+from lavi.resolution import DynamicResolution
 from lavi.serving.load_prep import prepare
 from lavi.serving.prompts import prompt_ids
 from lavi.serving.tokenizer import Tokenizer
@@ -87,6 +88,12 @@ class Engine(Batching):
     @property
     def pinpoints(self) -> tuple[tuple[int, int], ...] | None:
         """The anyres grid resolutions the decoder tiles images into (None: square frames of image_size)."""
+        return None
+
+    @property
+    def dynamic(self) -> DynamicResolution | None:
+        """The dynamic-resolution contract the decoder resizes to (lavi.resolution; None: square frames or anyres
+        tiles of image_size). A dynamic-resolution family's engine returns its ModelInfo's."""
         return None
 
     @property

@@ -22,7 +22,8 @@ from lavi.serving.constrain import Constraint, Guide, Vocabulary
 from lavi.core.decoder import RowsPrefill
 from lavi.core.fusion import Visual
 from lavi.serving.tickets import Item, Request, Ticket
-from lavi.serving.steps import GenerationConfig, RowTokens, StepInputs, left_pad, pick, prunes_visual, run_prefill
+from lavi.serving.steps import (GenerationConfig, RowTokens, StepInputs, context_lengths, left_pad, pick, prefill_groups,
+                                prefill_positions, prunes_visual, run_prefill)
 
 if TYPE_CHECKING:  # the pool runs over a Generator's cache and decode step; generate builds pools (no cycle)
     from lavi.serving.generate import Generator
@@ -59,6 +60,7 @@ class InflightPool:
         self.ar = torch.arange(self.b, device=device)
         self.rng = torch.Generator(device=device).manual_seed(gen.seed) if gen.temperature > 0 else None
         self.owner: list[Request | None] = [None] * self.b  # the request each cache row serves
+        self.left = [0] * self.b  # the most tokens each row may still take (on the host: no device sync to know it)
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
         self.gids = 0
@@ -112,7 +114,7 @@ class InflightPool:
             raise RuntimeError("the in-flight pool's cache can change only while no row is in flight")
         cache = self.g.kv_cache
         self.b, self.s = min(self.b, cache.max_batch), cache.max_seq
-        self.fixed = None
+        self.fixed, self.left = None, [0] * self.b
 
     @torch.no_grad()
     def step(self, admit: bool = True) -> bool:
@@ -128,11 +130,11 @@ class InflightPool:
             self._admit(free[:len(take)], take)
         elif len(free) == self.b:
             return False
-        owned = torch.tensor([o is not None for o in self.owner], device=self.device)
-        left = int((self.budget - self.count).masked_fill(~owned, 0).max())  # the most tokens a row may still take
+        steps = min(self.g.check_every - bool(take), max(self.left))  # no further than the rows' budgets reach
         with self.g._recompiles():
-            for _ in range(min(self.g.check_every - bool(take), left)):
+            for _ in range(steps):
                 self._decode()
+        self.left = [max(0, n - steps) for n in self.left]
         return True
 
     def run(self, ticket: Ticket | None = None) -> None:
@@ -146,7 +148,7 @@ class InflightPool:
         with self.lock:
             reqs = [o for o in self.owner if o is not None] + list(self.waiting)
             self.waiting.clear()
-        self.owner = [None] * self.b
+        self.owner, self.left = [None] * self.b, [0] * self.b
         self.done.fill_(True)
         tickets = list({id(r.ticket): r.ticket for r in reqs}.values())
         for t in tickets:
@@ -172,7 +174,7 @@ class InflightPool:
                 req.ticket.finish(req.i, RowTokens(tokens=row if end is None else row[:end], finished=end is not None))
                 t, k = told.get(id(req.ticket), (req.ticket, 0))
                 told[id(req.ticket)] = (t, k + 1)
-                self.owner[r] = None
+                self.owner[r], self.left[r] = None, 0
         for t, k in told.values():
             if t.on_rows is not None:
                 t.on_rows(k)
@@ -226,18 +228,37 @@ class InflightPool:
         return self.fixed
 
     def _admit(self, free: list[int], take: list[Request]) -> None:
-        model, gen, d = self.model, self.gen, self.device
-        idx = torch.tensor(free, device=d)
-        ids, valid = left_pad([r.prompt for r in take], self.pad_id, d)
+        """The requests `take` into the free cache rows `free`: their visual states encoded, then prefilled in groups
+        of similar context length (`prefill_groups`: rows padded to a much longer neighbour's length would compute its
+        padding, quadratically in attention), each row given its first token."""
         sub = self._visuals(take)
         fixed = self._fit(sub)
+        lengths = context_lengths(self.model, sub, [r.prompt for r in take])
+        for group in prefill_groups(lengths):
+            self._prefill([free[i] for i in group], [take[i] for i in group],
+                          sub.select(torch.tensor(group, device=sub.mask.device)), fixed)
+        for row, r in zip(free, take):
+            self.owner[row] = r
+            self.left[row] = r.budget - 1
+        if self.on_admit is not None:
+            self.on_admit, told = None, self.on_admit
+            told()
+
+    def _prefill(self, rows: list[int], take: list[Request], sub: Visual, fixed: StepInputs) -> None:
+        """One prefill of requests `take` (their visual state `sub`) into cache rows `rows`, and those rows' state in
+        the decode step's buffers."""
+        model, d = self.model, self.device
+        idx = torch.tensor(rows, device=d)
+        ids, valid = left_pad([r.prompt for r in take], self.pad_id, d)
         embeds, kvalid, conds = model.inputs(sub, ids, valid)
         t0 = embeds.shape[1]
         if t0 + max(r.budget for r in take) > self.s:
             raise ValueError(f"a prompt of {t0} slots and its new tokens do not fit the cache's {self.s} slots: give the "
                              "generator a larger one (setup_caches)")
+        positions, nxt = prefill_positions(model, sub, ids, valid, kvalid)
         logits, kept = run_prefill(model, RowsPrefill(self.g.kv_cache, idx), embeds, kvalid, kvalid, conds,
-                                   model.visual_positions(sub, ids, valid) if self.fastv else None, self.g.work)
+                                   model.visual_positions(sub, ids, valid) if self.fastv else None, self.g.work,
+                                   positions)
         if self.fastv:
             fixed.deep_valid[idx] = False
             fixed.deep_valid[idx, :t0] = kept
@@ -251,16 +272,11 @@ class InflightPool:
             k[idx, :, :nv], u[idx, :, :nv] = k1, u1
         for a, a1 in zip(fixed.factors, sub.factors or ()):
             a[idx] = a1
-        first = pick(logits, gen, self.rng, self.guide, [r.gid for r in take])
-        self.pos[idx, 0], self.slot[idx, 0] = kvalid.long().sum(1), t0
+        first = pick(logits, self.gen, self.rng, self.guide, [r.gid for r in take])
+        self.pos[idx, 0], self.slot[idx, 0] = nxt, t0
         self.tok[idx], self.out[idx, 0], self.count[idx] = first, first, 1
         self.budget[idx] = torch.tensor([r.budget for r in take], device=d)
         self.done[idx] = torch.isin(first, self.eos) | (self.budget[idx] <= 1)
-        for row, r in zip(free, take):
-            self.owner[row] = r
-        if self.on_admit is not None:
-            self.on_admit, told = None, self.on_admit
-            told()
 
     def _decode(self) -> None:
         """One decode step of every row (static shapes; free and finished rows compute and are ignored)."""

@@ -86,15 +86,24 @@ def pick(logits: Tensor, gen: GenerationConfig, generator: torch.Generator | Non
     return tok
 
 
+def prefill_positions(model: LaVi, vis: Visual, ids: Tensor, valid: Tensor, kvalid: Tensor) -> tuple[Tensor, Tensor]:
+    """The RoPE positions of `model.inputs`' context (B, T0) and each row's first decode position (B,): the model's
+    own where it has them (`model.prefill_positions`: Qwen-VL's M-RoPE, (3, B, T0)), else the real tokens counted."""
+    if hasattr(model, "prefill_positions"):
+        return model.prefill_positions(vis, ids, valid)
+    return rope_positions(kvalid), kvalid.long().sum(1)
+
+
 def run_prefill(model: LaVi, kv_cache, embeds: Tensor, kvalid: Tensor, keys: Tensor, conds: LayerConds | None,
-                visual_positions: Tensor | None, work: Work) -> tuple[Tensor, Tensor | None]:
+                visual_positions: Tensor | None, work: Work, positions: Tensor | None = None
+                ) -> tuple[Tensor, Tensor | None]:
     """The prefill both generation loops run: a context (B, T0) through the decoder into `kv_cache` (the cache, or
-    rows of it), its RoPE positions, its attention mask over `keys` (the valid cache slots its queries see),
-    FastV's pruning when `visual_positions` (B, T0) is given. -> (the last position's logits (B, V), FastV's kept
-    slots (B, T0) or None)."""
+    rows of it), its RoPE positions (None: `rope_positions(kvalid)`), its attention mask over `keys` (the valid
+    cache slots its queries see), FastV's pruning when `visual_positions` (B, T0) is given. -> (the last position's
+    logits (B, V), FastV's kept slots (B, T0) or None)."""
     t0 = embeds.shape[1]
     slots = torch.arange(t0, device=embeds.device)
-    positions = rope_positions(kvalid)  # (B, T0)
+    positions = rope_positions(kvalid) if positions is None else positions  # (B, T0), or M-RoPE's (3, B, T0)
     mask = attention_mask(keys, slots, kvalid)
     work.prefills += 1
     work.prefill_tokens += embeds.shape[0] * t0
@@ -125,6 +134,38 @@ def decode_rows(model: LaVi, kv_cache: KVCache, tok: Tensor, pos: Tensor, slot_v
     logits, _ = model.decoder(model.decoder.embed_tokens(tok), pos, slot_valid[:, None, None, :], conds=conds,
                               kv_cache=kv_cache, input_pos=slot, pruned=pruned)
     return logits[:, -1]
+
+
+# A prefill group's padding: rows of a group are left-padded to its longest, and the group takes a row only while its
+# padded tokens stay within this share of its real ones (or within PAD_TOKENS in all: short contexts batch whole)
+PAD_SHARE, PAD_TOKENS = 0.25, 512
+
+
+def context_lengths(model: LaVi, vis: Visual, prompts: list[list[int]]) -> list[int]:
+    """Each request's prefill context, about: its prompt, and its visual tokens where they enter the context (a concat
+    model's; `vision_in_context`), as `vis` (one row per request) holds them."""
+    if not getattr(model, "vision_in_context", True):
+        return [len(p) for p in prompts]
+    return [len(p) + n for p, n in zip(prompts, vis.mask.sum(1).tolist())]
+
+
+def prefill_groups(lengths: list[int]) -> list[list[int]]:
+    """The requests (by index) in prefill groups of similar context length, shortest first: every row of a group is
+    padded to its longest, so a 1,500-token image beside a 4,700-token one would compute 3,200 tokens of padding (and
+    attention over them). A group grows while its padding stays within PAD_SHARE of its real tokens or PAD_TOKENS."""
+    groups: list[list[int]] = []
+    real = longest = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if groups:
+            waste = (len(groups[-1]) + 1) * max(longest, n) - (real + n)
+            if waste <= max(PAD_SHARE * (real + n), PAD_TOKENS):
+                groups[-1].append(i)
+                real, longest = real + n, max(longest, n)
+                continue
+        groups.append([i])
+        real, longest = n, n
+    return groups
 
 
 def prunes_visual(model: LaVi) -> bool:

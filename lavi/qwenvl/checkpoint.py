@@ -1,0 +1,65 @@
+"""Qwen-VL checkpoints as published, in. Safetensors only (one file, or shards listed by
+model.safetensors.index.json).
+
+Key layouts seen: the hub's (`model.layers.`, `model.embed_tokens.`, `model.norm.`, `visual.`, `lm_head.`: what
+Qwen's checkpoints hold and what transformers 5's save_pretrained still writes) and transformers 5's in-memory names
+(`model.language_model.`, `model.visual.`, `lm_head.`). Both load; tied embeddings (no `lm_head` stored) too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lavi.core.checkpoint import CheckpointError, load_weights
+from lavi.core.decoder import Decoder
+from lavi.qwenvl.config import QwenVLConfig
+from lavi.qwenvl.model import QwenVL
+
+# (HF prefix, ours), most specific first
+_PREFIXES = (("model.language_model.", "decoder."), ("model.visual.", "vision."), ("visual.", "vision."),
+             ("lm_head.", "decoder.lm_head."), ("model.", "decoder."))
+
+
+def ours(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HF names (either layout) -> this module's names."""
+    out = {}
+    for key, value in weights.items():
+        for hf, mine in _PREFIXES:
+            if key.startswith(hf):
+                out[mine + key[len(hf):]] = value
+                break
+        else:
+            raise CheckpointError(f"Qwen-VL weight {key!r} is not part of the architecture this loader knows")
+    return out
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         config: QwenVLConfig | None = None) -> QwenVL:
+    """A Qwen-VL directory -> QwenVL in eval mode. dtype None keeps the stored dtype."""
+    d = Path(directory)
+    config = config or QwenVLConfig.from_dir(d)
+    weights = ours(load_weights(d))
+    with torch.device("meta"):  # the decoder's weights are all loaded: no time spent initialising them
+        decoder = Decoder(config.decoder)
+    # the tower is made for real: its non-persistent buffers (rotary tables) are computed at construction
+    model = QwenVL(config, decoder=decoder.to_empty(device="cpu"))
+    tied = config.decoder.tie_word_embeddings
+    if tied:
+        weights.pop("decoder.lm_head.weight", None)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and not (tied and k == "decoder.lm_head.weight")]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"Qwen-VL {d}: weights do not match config.json; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for k, v in weights.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"Qwen-VL {d}: {k} is {tuple(v.shape)}, config.json says {tuple(own[k].shape)}")
+    model.load_state_dict(weights, strict=False)
+    if tied:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    stored = next(iter(weights.values())).dtype
+    return model.to(device=device, dtype=dtype or stored).eval()
+

@@ -1,0 +1,154 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL in our engine: greedy generation token-identical to transformers' generate(),
+batched == one by one, in-flight == static, a decode step that compiles whole; the checkpoint layouts and the family
+registry. Tiny random checkpoints written by `save_pretrained` (tests/qwenvl_fixture.py); fp32, CPU, seconds."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qwenvl_fixture import (KINDS, PROMPT, dirs, engines, hf_models, image, make_qwenvl,  # noqa: F401
+                            mm_types, reference_pixels)
+
+from lavi.qwenvl import checkpoint as qwen_checkpoint
+from lavi.qwenvl.engine import QwenVLEngine, frame_times, patches, seconds_per_patch
+from lavi.serving.steps import GenerationConfig
+
+GEN = GenerationConfig(max_new_tokens=12)
+
+
+# -- generation -----------------------------------------------------------------------------------------------------
+def _hf_generate(hf, engine, d, frames: np.ndarray, media: tuple) -> list[int]:
+    c = engine.config
+    vis = engine._encode([frames], [media])
+    prompt = torch.tensor([engine.encode_prompt(PROMPT, media[0])])
+    ids = torch.tensor(engine.model.rows(vis, prompt, torch.ones_like(prompt, dtype=torch.bool)))
+    if media[0] == "image":
+        pixels, grid = reference_pixels(d, frames[0])
+        inputs = {"pixel_values": pixels, "image_grid_thw": grid}
+    else:
+        pixels, grid = patches(frames, c, engine.norm)
+        inputs = {"pixel_values_videos": torch.from_numpy(pixels), "video_grid_thw": torch.tensor([grid])}
+        if c.tokens_per_second:
+            times = frame_times(len(frames), media[2] if len(media) > 2 else None)
+            inputs["second_per_grid_ts"] = torch.tensor([seconds_per_patch(times, c.temporal_patch_size)])
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types(ids, c), **inputs,
+                          max_new_tokens=GEN.max_new_tokens, do_sample=False)
+    ref = out[0, ids.shape[1]:].tolist()
+    return ref[: ref.index(c.eos_token_id)] if c.eos_token_id in ref else ref
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generation_is_token_identical_to_transformers_generate(dirs, hf_models, engines, kind):
+    """Our static-cache prefill (M-RoPE) and decode steps (plain positions from each row's largest + 1) pick
+    transformers' generate() tokens, for images of two sizes and a video (a decode position off by the rope delta
+    diverges within a few tokens)."""
+    engine, hf = engines[(kind, False)], hf_models[(kind, False)]
+    clip = np.stack([image((16, 24), i) for i in range(3)])
+    cases = [(image((24, 40), 7)[None], ("image", (24, 40))), (image((56, 48), 8)[None], ("image", (56, 48))),
+             (clip, ("video", (16, 24), [0.0, 0.5, 1.0]))]
+    for frames, media in cases:
+        [got] = engine.generate([frames], [(0, PROMPT)], GEN, media=[media])
+        ref = _hf_generate(hf, engine, dirs[(kind, False)], frames, media)
+        assert ref and got.text == engine.tokenizer.decode(ref), media
+        assert got.num_generated_tokens == len(ref) + int(got.finished)
+
+
+def _mixed(engine) -> tuple[list[np.ndarray], list[tuple], list[tuple[int, str]]]:
+    sizes = [(24, 40), (64, 16), (8, 8), (56, 48)]
+    visuals = [image(s, seed=i)[None] for i, s in enumerate(sizes)]
+    media: list[tuple] = [("image", s) for s in sizes]
+    visuals.append(np.stack([image((16, 24), i) for i in range(3)]))
+    media.append(("video", (16, 24), [0.0, 1.0, 2.0]))
+    requests = [(i, q) for i in range(len(visuals)) for q in (PROMPT, "what colour is the square?")]
+    return visuals, media, requests
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_equals_one_by_one_with_mixed_sizes_and_a_video(engines, kind):
+    """Images of different sizes (different token counts, so different left padding and rope deltas) and a video in
+    one batch give each row the text it gets alone: padding never leaks into attention, M-RoPE or deepstack."""
+    engine = engines[(kind, False)]
+    visuals, media, requests = _mixed(engine)
+    batched = engine.generate(visuals, requests, GEN, media=media, inflight=False)
+    alone = [engine.generate([visuals[i]], [(0, q)], GEN, media=[media[i]])[0] for i, q in requests]
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert len({g.text for g in batched}) > 2  # the inputs matter
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inflight_equals_static(engines, kind):
+    """The in-flight pool (3 rows for 10 requests: rows admitted into rows others left, each with its own first
+    decode position) gives the static batch's tokens."""
+    engine = engines[(kind, False)]
+    visuals, media, requests = _mixed(engine)
+    static = engine.generate(visuals, requests, GEN, media=media, inflight=False)
+    engine.max_batch = 3
+    try:
+        pooled = engine.generate(visuals, requests, GEN, media=media, inflight=True)
+    finally:
+        engine.max_batch = 8
+    assert [(g.text, g.num_generated_tokens) for g in pooled] == [(g.text, g.num_generated_tokens) for g in static]
+
+
+def test_the_decode_step_compiles_whole(engines):
+    """Guards against a graph break in Qwen3-VL's decode step (q/k norms, plain positions after an M-RoPE prefill,
+    no deepstack), which would stop CUDA graphs on the GPU: torch.compile(fullgraph=True) raises on any break; the
+    tokens equal eager's."""
+    from lavi.serving.generate import Generator
+    from lavi.serving.steps import setup_caches
+
+    engine = engines[("qwen3_vl", False)]
+    visuals, media, requests = _mixed(engine)
+    vis = engine._encode(visuals[-2:], media[-2:])
+    prompts = [engine.encode_prompt(PROMPT, m[0]) for m in media[-2:]] * 2
+    rows, gen = torch.tensor([0, 1, 0, 1]), GenerationConfig(max_new_tokens=6)
+    eager = Generator(engine.model, setup_caches(engine.model, 2, 128))(vis, rows, prompts, gen, -1, turns=True)
+    compiled = Generator(engine.model, setup_caches(engine.model, 2, 128), compile=True, backend="eager")
+    assert compiled(vis, rows, prompts, gen, -1, turns=True) == eager
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------------------
+def test_transformers_5_names_shards_and_tied_embeddings_load(dirs, tmp_path):
+    """A directory in transformers 5's in-memory names (model.language_model., model.visual.: Qwen3-VL's hub layout
+    too), sharded with an index, loads to the same model as Qwen2-VL's hub layout (model.layers., visual.); tied
+    embeddings (no lm_head stored) load tied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = dirs[("qwen2_vl", False)]
+    state = load_file(str(src / "model.safetensors"))
+    assert any(k.startswith("visual.") for k in state) and any(k.startswith("model.layers.") for k in state)
+    renamed = {("model.language_model." + k[6:] if k.startswith("model.") else
+                "model.visual." + k[7:] if k.startswith("visual.") else k): v for k, v in state.items()}
+    d = tmp_path / "v5"
+    shutil.copytree(src, d)
+    (d / "model.safetensors").unlink()
+    names = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: renamed[k] for k in keys}, str(d / file))
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    a, b = qwen_checkpoint.load(src), qwen_checkpoint.load(d)
+    assert all(torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items())
+    tied = make_qwenvl(tmp_path / "tied", "qwen2_vl", tie=True)
+    model = qwen_checkpoint.load(tied, dtype=torch.bfloat16)
+    assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight and model.dtype == torch.bfloat16
+
+
+def test_engine_load_dispatches_a_qwen_vl_directory(dirs):
+    """`Engine.load` (what the labeler and eval call) opens each kind through the family registry, and the driver's
+    model info says its visual tokens are in the context."""
+    from lavi.families import QWEN_VL, family_at
+    from lavi.serving.engine import Engine
+
+    for key, d in dirs.items():
+        assert isinstance(Engine.load(str(d), max_batch=2), QwenVLEngine)
+        family = family_at(d)
+        info = family.describe(json.loads((d / "config.json").read_text()), lambda name: None, "tiny")
+        assert family.name == info.family == QWEN_VL and info.vision_in_context
