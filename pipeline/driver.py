@@ -9,7 +9,7 @@
 The driver plans and watches; it does not carry the rows: part files are written in the cluster, and what reaches
 the driver is a record per file (and the rare unit cut between blocks, committed here: pipeline.sink). Its memory
 holds the shards in flight, not the corpus. A lost node, actor or object ends a graph; it is rebuilt over what is
-not committed (each shard in flight read back from its own files), up to config.max_rebuilds times.
+not committed (each shard in flight read back from its own files: Ledger.rescan), up to config.max_rebuilds times.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from typing import Any, Callable
 from pipeline import graph
 from pipeline.cluster import connect_ray
 from pipeline.config import RunConfig
-from pipeline.ledger import Ledger, ShardState
+from pipeline.ledger import Ledger
 from pipeline.listing import Lister
 from pipeline.models import check_constraint, model_info
 from pipeline.output import LISTING_DIR, Output
 from pipeline.recovery import check_resources, cluster_check, lost_cluster_part, stream
-from pipeline.resume import Resume, read_committed
+from pipeline.resume import Resume
 from pipeline.sink import ParquetSink
 from pipeline.sources import check_inputs
 from pipeline.summary import Progress, Ticker, build_summary, totals
@@ -39,8 +39,6 @@ from schemas.rows import metadata
 from workers.commit import CommitSpec
 from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.labeler import LabelerSpec
-from workers.shards import listing_name
-from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +233,7 @@ def _rebuilt(spec: graph.GraphSpec, lost: str, output: Output, ledger: Ledger, s
              result: Labelled) -> graph.GraphSpec:
     """The spec of the graph rebuilt after `lost` over what is not committed (the rebuild recorded in `result`)."""
     redone = sink.drop_partial()
-    skip, state = _rescan(output, ledger)
+    skip, state = ledger.rescan()
     left = ledger.to_label - ledger.items_finished()
     result.rebuilds.append({"error": lost, "items_left": left, "partial_items_redone": redone,
                             "items_done": ledger.items_finished(), "listing_done": ledger.listing_done})
@@ -263,37 +261,6 @@ def _show(progress: Progress, ledger: Ledger, force: bool = False) -> None:
 def _raise_listing_error(lister: Lister) -> None:
     if lister.error is not None:
         raise lister.error
-
-
-def _listed_ids(output: Output, state: ShardState) -> list[str] | None:
-    """The item ids of a shard's listing file (None: the listing has not written it yet)."""
-    path = output.path(f"{LISTING_DIR}/{listing_name(state.seq)}")
-    try:
-        with output.fs.open(path, "rb") as f:
-            return read_parquet_file(f, ["item_id"]).column("item_id").to_pylist()
-    except FileNotFoundError:
-        return None
-
-
-def _rescan(output: Output, ledger: Ledger) -> tuple[frozenset[int], dict[int, dict]]:
-    """After a lost graph: each shard in flight as its own part files say (a file whose record never reached the
-    driver is counted, never redone); returns what the rebuilt graph's reader leaves out: the complete shards, and
-    per shard in flight its finished items and committed groups."""
-    state: dict[int, dict] = {}
-    in_flight = ledger.in_flight()
-    for shard in in_flight:
-        listed = _listed_ids(output, shard)
-        if listed is None:
-            continue  # not written yet: nothing of it can be committed
-        ids = set(listed)
-        committed = read_committed(output, shard.pos, shard.key)
-        finished = ids & committed.finished
-        ledger.reset(shard, committed, len(finished))
-        if len(finished) < shard.to_label:
-            state[shard.seq] = {"done": sorted(finished),
-                                "groups": {i: sorted(g) for i, g in committed.groups.items() if i in ids}}
-    skip = frozenset(range(ledger.written)) - {s.seq for s in ledger.in_flight()}  # a shard its files complete included
-    return skip, state
 
 
 def _default_model() -> str:
