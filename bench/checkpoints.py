@@ -23,6 +23,7 @@ from bench.model_config import CHECKPOINT_SETTINGS
 from lavi.onevision import anyres
 from lavi.serving.engine import Engine
 from lavi.onevision.engine import OneVisionEngine
+from workers.anyres import anyres_tiles
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def visual_input(engine: Engine, setting: str, seed: int) -> tuple[np.ndarray, t
     if setting == "anyres" and anyres.grid_shape(size, pinpoints, tile) == (1, 1):
         return None
     image = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
-    return anyres.anyres_tiles(image, pinpoints, tile, engine.config.resample), ("image", size)
+    return anyres_tiles(image, pinpoints, tile, engine.config.resample), ("image", size)
 
 
 def _prompt(engine: Engine, kind: str, n: int, gen: torch.Generator) -> list[int]:

@@ -141,18 +141,7 @@ class Runner:
             model.visual_compress = vc
             common = dict(commons[name])
             max_seq = common.pop("max_seq")
-            for b in sizes:
-                log.info("bench %s %s batch %d", name, setting.name, b)
-                try:
-                    r = {**common, **self.measure(model, inputs, b, max_seq)}
-                except torch.cuda.OutOfMemoryError as err:
-                    self._release()
-                    rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
-                    continue
-                r.update(self._utilization(r, common["prefill_flops"], common["caption_flops"]))
-                if probe:
-                    r["probe"] = probe
-                rows.append(r)
+            rows += self._variant_rows(model, inputs, name, setting, common, max_seq, sizes, probe)
             one = next((r for r in rows if r["model"] == name and r["batch_size"] == 1 and "error" not in r), None)
             if one is not None:
                 if self.compile:  # the step alone would be the eager one, not the compiled one the run timed
@@ -167,26 +156,50 @@ class Runner:
                 roofs.append(R.entry(name, setting, weights, state, one["decode_step_s"], linears,
                                      R.linears_bytes(model), alone))
         model.visual_compress = None
-        del vis
+        del model, vis
         if c.quantize:  # the same weights as weight-only int8, the same points, beside the float rows
-            from lavi.serving.quant import quantize
-            del model, inputs  # both hold the float model: it must be gone before the baseline is taken
-            self._release()
-            self.mem.rebase()  # as for the float rows: the peak counts the model's own (int8) weights
-            model = random_model(config, self.device, self.dtype, seed=c.seed)  # int8 replaces plain layers only
-            inputs = partial(self._inputs, model, setting)
-            quantize(model, c.quantize)
-            model = self._packed(model)  # what int8 leaves in float (ViLN's heads, the ViT), as loading does
-            self._release()
-            common = self._flops(model, config, setting, f"{kind}-{c.quantize}", None)
-            max_seq = common.pop("max_seq")
-            for b in sizes:
-                log.info("bench %s-%s %s batch %d", kind, c.quantize, setting.name, b)
-                r = {**common, **self.measure(model, inputs, b, max_seq)}
-                rows.append({**r, **self._utilization(r, common["prefill_flops"], common["caption_flops"])})
-        del model
+            del inputs  # it holds the float model too: both must be gone before the int8 baseline is taken
+            rows += self._int8_rows(kind, config, setting, sizes)
         self._release()
         return rows, roofs
+
+    def _variant_rows(self, model, inputs, name: str, setting: Setting, common: dict, max_seq: int,
+                      sizes: list[int], probe: list[dict]) -> list[dict]:
+        """One variant's rows at each batch size; a batch the GPU cannot hold is a row with its error."""
+        rows = []
+        for b in sizes:
+            log.info("bench %s %s batch %d", name, setting.name, b)
+            try:
+                r = {**common, **self.measure(model, inputs, b, max_seq)}
+            except torch.cuda.OutOfMemoryError as err:
+                self._release()
+                rows.append({**common, "batch_size": b, "error": f"OutOfMemoryError: {str(err)[:200]}"})
+                continue
+            r.update(self._utilization(r, common["prefill_flops"], common["caption_flops"]))
+            if probe:
+                r["probe"] = probe
+            rows.append(r)
+        return rows
+
+    def _int8_rows(self, kind: str, config, setting: Setting, sizes: list[int]) -> list[dict]:
+        """The same weights as weight-only int8, a row per batch size (the caller has dropped the float model)."""
+        from lavi.serving.quant import quantize
+
+        c = self.c
+        self._release()  # the float model's memory goes back before the baseline is taken
+        self.mem.rebase()  # as for the float rows: the peak counts the model's own (int8) weights
+        model = random_model(config, self.device, self.dtype, seed=c.seed)  # int8 replaces plain layers only
+        inputs = partial(self._inputs, model, setting)
+        quantize(model, c.quantize)
+        model = self._packed(model)  # what int8 leaves in float (ViLN's heads, the ViT), as loading does
+        self._release()
+        common = self._flops(model, config, setting, f"{kind}-{c.quantize}", None)
+        max_seq, rows = common.pop("max_seq"), []
+        for b in sizes:
+            log.info("bench %s-%s %s batch %d", kind, c.quantize, setting.name, b)
+            r = {**common, **self.measure(model, inputs, b, max_seq)}
+            rows.append({**r, **self._utilization(r, common["prefill_flops"], common["caption_flops"])})
+        return rows
 
     def _utilization(self, row: dict, prefill: int, caption: int) -> dict:
         """A measured row's achieved FLOP/s over the measured matmul peak: whole captions, and the prefill (TTFT)."""

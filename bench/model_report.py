@@ -156,21 +156,9 @@ def render(path: str, markdown_path: str) -> str:
 
 
 def markdown(doc: dict) -> str:
-    c = doc["config"]
-    checkpoints = c.get("checkpoints") or ()
-    subject = ", ".join(checkpoints) if checkpoints else c["shapes"]
-    weights = "each checkpoint's own weights, random pixels" if checkpoints else "random weights"
-    lines = [f"## bench model: {subject} on {doc['device']}", "",
-             f"`{doc['command']}`", "",
-             "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
-             f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
-             f"{weights}. Peak memory: {doc['peak_mem_method']}."
-             + (f" FLOP utilisation against {doc['peak_flops'] / 1e9:.0f} GFLOP/s" if doc.get("peak_flops") else "")
-             + (" (this CPU's fp32 matmul, measured in this run" + (
-                 ": the better of {:.0f} at its start and {:.0f} at its end".format(*(p / 1e9 for p in
-                                                                                    doc["peak_flops_start_end"]))
-                 if doc.get("peak_flops_start_end") else "") + ")." if doc.get("peak_flops") and "cuda" not in
-                c["device"] and not c.get("peak_flops") else ""), ""]
+    """A recorded run's BENCHMARKS.md section: the setup, the rows, LaVi's ratios, the decode-step roofline, the
+    targets, and what was skipped."""
+    lines = _heading(doc)
     lines.append(table(doc["results"], [
         ("model", "model"), ("setting", "setting"), ("visual_tokens", "visual tokens"),
         ("context_visual_tokens", "in context"), ("batch_size", "batch"),
@@ -193,28 +181,7 @@ def markdown(doc: dict) -> str:
                                   ("captions_per_s_ratio", "captions/s ratio"), ("ttft_ratio", "TTFT ratio"),
                                   ("decode_ratio", "decode tok/s ratio")])]
     if doc["roofline"]:
-        measured = doc.get("copy_bandwidths_start_end")
-        roofs = [{**r, "linears_read_gb_s": r["linears_read_bytes_per_s"] / 1e9} if r.get("linears_read_bytes_per_s")
-                 else r for r in doc["roofline"]]
-        lines += ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
-                  f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
-                  + (f", the better of {measured[0] / 1e9:.1f} at the run's start and {measured[1] / 1e9:.1f} at its "
-                     "end" if measured else "")
-                  + (f"; a streaming read {doc['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, the better of the same two"
-                     if doc.get("read_bandwidth_bytes_per_s") else "") + "):", "", table(roofs, [
-                      ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
-                      ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
-                      ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline"),
-                      ("step_alone_s", "alone s"), ("step_alone_over_roofline", "alone / roofline"),
-                      ("linears_step_s", "linears s"), ("linears_over_roofline", "linears / roofline"),
-                      ("linears_read_gb_s", "linears read GB/s"), ("rest_step_s", "rest s")])]
-        steps = step_ratios(doc["roofline"])
-        if steps:
-            lines += ["", "Decode step at batch 1, each model over concat's: the time measured against the bytes read "
-                      "(weights + state), so a ratio of time above the ratio of bytes is time lost beyond the bytes:",
-                      "", table(steps, [("setting", "setting"), ("model", "model"), ("step_ratio", "step ratio"),
-                                        ("bytes_ratio", "bytes ratio"), ("beyond_bytes", "step / bytes"),
-                                        ("alone_ratio", "alone ratio"), ("alone_beyond_bytes", "alone / bytes")])]
+        lines += _roofline(doc)
     goals = targets(doc)
     if goals:
         lines += ["", "Targets (the engine's at real shapes), each with the figure it is read from, how far a missed one "
@@ -229,3 +196,49 @@ def markdown(doc: dict) -> str:
         from bench.inflight import markdown as inflight_markdown
         lines.append(inflight_markdown(doc["inflight"]))
     return "\n".join(lines) + "\n"
+
+
+def _heading(doc: dict) -> list[str]:
+    """The section's title, command, versions and setup (prompt, tokens, weights, how memory and FLOPs are read)."""
+    c = doc["config"]
+    checkpoints = c.get("checkpoints") or ()
+    subject = ", ".join(checkpoints) if checkpoints else c["shapes"]
+    weights = "each checkpoint's own weights, random pixels" if checkpoints else "random weights"
+    return [f"## bench model: {subject} on {doc['device']}", "",
+            f"`{doc['command']}`", "",
+            "versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
+            f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
+            f"{weights}. Peak memory: {doc['peak_mem_method']}."
+            + (f" FLOP utilisation against {doc['peak_flops'] / 1e9:.0f} GFLOP/s" if doc.get("peak_flops") else "")
+            + (" (this CPU's fp32 matmul, measured in this run" + (
+                ": the better of {:.0f} at its start and {:.0f} at its end".format(*(p / 1e9 for p in
+                                                                                   doc["peak_flops_start_end"]))
+                if doc.get("peak_flops_start_end") else "") + ")." if doc.get("peak_flops") and "cuda" not in
+               c["device"] and not c.get("peak_flops") else ""), ""]
+
+
+def _roofline(doc: dict) -> list[str]:
+    """The decode step at batch 1 against the weights-read roofline, then each model's step over concat's."""
+    measured = doc.get("copy_bandwidths_start_end")
+    roofs = [{**r, "linears_read_gb_s": r["linears_read_bytes_per_s"] / 1e9} if r.get("linears_read_bytes_per_s")
+             else r for r in doc["roofline"]]
+    lines = ["", f"Decode step at batch 1 vs the weights-read roofline (copy bandwidth "
+             f"{doc['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
+             + (f", the better of {measured[0] / 1e9:.1f} at the run's start and {measured[1] / 1e9:.1f} at its "
+                "end" if measured else "")
+             + (f"; a streaming read {doc['read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, the better of the same two"
+                if doc.get("read_bandwidth_bytes_per_s") else "") + "):", "", table(roofs, [
+                 ("model", "model"), ("setting", "setting"), ("weight_bytes_per_step", "weight B"),
+                 ("state_bytes_per_step", "state B"), ("roofline_step_s", "roofline s"),
+                 ("measured_step_s", "measured s"), ("measured_over_roofline", "measured / roofline"),
+                 ("step_alone_s", "alone s"), ("step_alone_over_roofline", "alone / roofline"),
+                 ("linears_step_s", "linears s"), ("linears_over_roofline", "linears / roofline"),
+                 ("linears_read_gb_s", "linears read GB/s"), ("rest_step_s", "rest s")])]
+    steps = step_ratios(doc["roofline"])
+    if steps:
+        lines += ["", "Decode step at batch 1, each model over concat's: the time measured against the bytes read "
+                  "(weights + state), so a ratio of time above the ratio of bytes is time lost beyond the bytes:",
+                  "", table(steps, [("setting", "setting"), ("model", "model"), ("step_ratio", "step ratio"),
+                                    ("bytes_ratio", "bytes ratio"), ("beyond_bytes", "step / bytes"),
+                                    ("alone_ratio", "alone ratio"), ("alone_beyond_bytes", "alone / bytes")])]
+    return lines

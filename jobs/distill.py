@@ -15,21 +15,21 @@ every file goes through fsspec (jobs.outdir), the student's checkpoint as `train
 student is labelled and timed from workers.model_cache's download, which is keyed by its URI alone: a student trained
 further by a later run into the same DIR is read from an older download where one is left on that machine.
 
-`DistillConfig` holds the options, `distill(config)` runs the stages; the command only maps its flags onto the config.
+`DistillConfig` (jobs.distill_config) holds the options, `distill(config)` runs the stages (the last, scoring, is
+jobs.distill_score's); the command only maps its flags onto the config.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from jobs.console import cli_logging
-from jobs.distill_score import (CARD_BEGIN, CARD_END, agreement, card_section, fmt, ground_truth, output_rows,
-                                 time_captions)
+from jobs.distill_config import DistillConfig, DistillError
+from jobs.distill_score import echo_results, score_stage
 from jobs.outdir import join, read_json, read_text, write_text
 from pipeline.cluster import connect_ray
 from pipeline.models import model_info
@@ -57,63 +57,6 @@ def sample_entries(entries, n: int, held_out: float, seed: int) -> dict[str, lis
     return split
 
 
-class DistillError(ValueError):
-    """What the user can change to make a distillation run (the CLI's usage errors): the message says what."""
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """One distillation. Each field is the `lavi-label distill` option of its name (`n_sample`: --sample, `tasks`:
-    --task, `questions`: --question, `storage_options`: --storage-option, as KEY=VALUE strings); `out` and the
-    pipeline stages' outputs may be local or object storage."""
-
-    inputs: tuple[str, ...]
-    teacher: str
-    student: str
-    out: str
-    n_sample: int = 1000
-    held_out: float = 0.2
-    tasks: tuple[str, ...] = (CAPTION,)  # empty: caption; repeats dropped
-    prompt: str | None = None
-    questions: tuple[str, ...] = ()
-    max_new_tokens: int = 48
-    batch_size: int | None = None
-    gpus_per_worker: float = 0.0
-    address: str | None = None
-    storage_options: tuple[str, ...] = ()
-    steps: int = 2000
-    lr: float = 1e-3
-    warmup: int = 100
-    batch_items: int = 32
-    loss_per: str = "row"
-    freeze_backbones: bool = False
-    checkpoint_every: int = 250
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    timing_items: int = 64
-    card: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.n_sample < 2 or not 0 < self.held_out < 1:
-            raise DistillError("--sample must be >= 2 and --held-out a fraction in (0, 1)")
-        object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "tasks", tuple(dict.fromkeys(self.tasks or (CAPTION,))))
-
-    @property
-    def storage(self) -> dict:
-        """The fsspec storage options (pipeline.config.parse_storage_options; ValueError for a malformed one)."""
-        from pipeline.config import parse_storage_options
-
-        return parse_storage_options(self.storage_options)
-
-    def settings(self) -> dict:
-        """What a work directory is bound to (distill_settings.json): a rerun with other ones is refused."""
-        return {"inputs": list(self.inputs), "teacher": self.teacher, "student": str(self.student),
-                "sample": self.n_sample, "held_out": self.held_out, "seed": self.seed, "tasks": list(self.tasks),
-                "prompt": self.prompt, "questions": list(self.questions)}
-
-
 def distill(config: DistillConfig) -> dict:
     """The five stages of the module docstring, in `config.out` (each resumed or skipped where an earlier run got
     to); returns distill.json's document. Raises DistillError for what the user can fix."""
@@ -130,12 +73,12 @@ def distill(config: DistillConfig) -> dict:
     stages["sample_s"] = time.time() - t0
     training = _label_and_train(config, work, storage, student_config, stages)
     t0 = time.time()
-    doc = _score(config, work, storage, split, teacher_name, training)
+    doc = score_stage(config, work, storage, split, teacher_name, training)
     stages["score_s"] = time.time() - t0
     doc["stages"] = stages
     doc["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     write_text(join(work, "distill.json"), json.dumps(doc, indent=2), storage)
-    _echo_results(doc, join(work, "distill.json"), config.card)
+    echo_results(doc, join(work, "distill.json"), config.card)
     return doc
 
 
@@ -266,62 +209,6 @@ def _train_student(config: DistillConfig, work: str, storage: dict, student_conf
         except click.BadParameter as err:
             raise DistillError(f"the teacher's train labels cannot train the student: {err.message}") from err
     return read_json(join(student_dir, "train_summary.json"), storage), trained
-
-
-def _score(config: DistillConfig, work: str, storage: dict, split: dict[str, list[dict]], teacher_name: str,
-           training: dict) -> dict:
-    """[5/5] distill.json's figures: agreement on the held-out rows, ground truth where the sample has it, and
-    both models' captions/s side by side."""
-    student_dir = join(work, "student")
-    teacher_rows = [r for t in config.tasks for r in output_rows(join(work, "teacher", "held_out", t), storage)]
-    student_rows = [r for t in config.tasks
-                    for r in output_rows(join(work, "student_labels", "held_out", t), storage)]
-    doc = {"inputs": list(config.inputs), "teacher": config.teacher, "teacher_name": teacher_name,
-           "student_init": str(config.student), "student": student_dir,
-           "student_name": model_info(student_dir, storage)["name"], "tasks": list(config.tasks),
-           "sample": {"train": len(split["train"]), "held_out": len(split["held_out"]), "seed": config.seed},
-           "agreement": agreement(teacher_rows, student_rows),
-           "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data")
-                        if k in training}}
-    truth = ground_truth(split["held_out"])
-    if truth:
-        from shapes.score import score_rows
-
-        gt = {"teacher": score_rows(teacher_rows, truth), "student": score_rows(student_rows, truth)}
-        gt["ratio"] = {k: (gt["student"][k] / gt["teacher"][k]) for k in gt["teacher"]
-                       if k.endswith(("_f1", "_acc")) and gt["teacher"][k] and gt["student"].get(k) is not None}
-        doc["ground_truth"] = gt
-    device = config.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    click.echo(f"[5/5] score: agreement on the held-out rows; captions/s of both on "
-               f"{min(config.timing_items, len(split['held_out']))} held-out items ({device})")
-    doc["speed"] = time_captions({"teacher": config.teacher, "student": student_dir},
-                                 split["held_out"][:config.timing_items], device, config.max_new_tokens, storage)
-    return doc
-
-
-def _echo_results(doc: dict, written: str, card: str | None) -> None:
-    """The figures on the console, then the card's section replaced (`card`)."""
-    import sys
-
-    from jobs.evaluate import write_card
-
-    for task, a in doc["agreement"].items():
-        click.echo(f"{task}: student agrees with the teacher on {a['rows']} held-out rows: exact match "
-                   f"{fmt(a['exact_match'])}, token F1 {fmt(a['token_f1'])}")
-    for key, ratio in (doc.get("ground_truth") or {}).get("ratio", {}).items():
-        click.echo(f"{key}: teacher {fmt(doc['ground_truth']['teacher'][key])}, student "
-                   f"{fmt(doc['ground_truth']['student'][key])} ({ratio:.2f} of the teacher)")
-    sp = doc["speed"]
-    click.echo(f"captions/s on {sp['device']}: teacher {sp['teacher']['captions_per_s']:.1f}, student "
-               f"{sp['student']['captions_per_s']:.1f} ({sp['student_over_teacher']:.2f}x)")
-    click.echo(f"distill.json: {written}")
-    if card:
-        write_card(Path(card), card_section(doc, "lavi-label " + " ".join(sys.argv[1:])), CARD_BEGIN, CARD_END)
-        click.echo(f"card: {card}")
 
 
 @click.command("distill")

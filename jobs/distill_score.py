@@ -1,12 +1,19 @@
 """What a distillation run measures (`lavi-label distill`'s last stage, jobs.distill): the student's agreement
-with its teacher on the held-out rows, both models' captions/s side by side, and the model card's section."""
+with its teacher on the held-out rows, both models' captions/s side by side, and the model card's section;
+`score_stage` writes them into distill.json's document, `echo_results` shows them."""
 from __future__ import annotations
 
 import collections
 import re
 import statistics
 import time
+from pathlib import Path
 
+import click
+
+from jobs.distill_config import DistillConfig
+from jobs.outdir import join
+from pipeline.models import model_info
 from schemas.rows import CAPTION, ERROR, OK
 
 CARD_BEGIN, CARD_END = "<!-- distill:begin -->", "<!-- distill:end -->"
@@ -130,3 +137,59 @@ def card_section(doc: dict, command: str) -> str:
 
 def fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4f}"
+
+
+def score_stage(config: DistillConfig, work: str, storage: dict, split: dict[str, list[dict]], teacher_name: str,
+                training: dict) -> dict:
+    """[5/5] distill.json's figures: agreement on the held-out rows, ground truth where the sample has it, and
+    both models' captions/s side by side."""
+    student_dir = join(work, "student")
+    teacher_rows = [r for t in config.tasks for r in output_rows(join(work, "teacher", "held_out", t), storage)]
+    student_rows = [r for t in config.tasks
+                    for r in output_rows(join(work, "student_labels", "held_out", t), storage)]
+    doc = {"inputs": list(config.inputs), "teacher": config.teacher, "teacher_name": teacher_name,
+           "student_init": str(config.student), "student": student_dir,
+           "student_name": model_info(student_dir, storage)["name"], "tasks": list(config.tasks),
+           "sample": {"train": len(split["train"]), "held_out": len(split["held_out"]), "seed": config.seed},
+           "agreement": agreement(teacher_rows, student_rows),
+           "training": {k: training[k] for k in ("steps", "wall_s", "device", "threads", "final", "data")
+                        if k in training}}
+    truth = ground_truth(split["held_out"])
+    if truth:
+        from shapes.score import score_rows
+
+        gt = {"teacher": score_rows(teacher_rows, truth), "student": score_rows(student_rows, truth)}
+        gt["ratio"] = {k: (gt["student"][k] / gt["teacher"][k]) for k in gt["teacher"]
+                       if k.endswith(("_f1", "_acc")) and gt["teacher"][k] and gt["student"].get(k) is not None}
+        doc["ground_truth"] = gt
+    device = config.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    click.echo(f"[5/5] score: agreement on the held-out rows; captions/s of both on "
+               f"{min(config.timing_items, len(split['held_out']))} held-out items ({device})")
+    doc["speed"] = time_captions({"teacher": config.teacher, "student": student_dir},
+                                 split["held_out"][:config.timing_items], device, config.max_new_tokens, storage)
+    return doc
+
+
+def echo_results(doc: dict, written: str, card: str | None) -> None:
+    """The figures on the console, then the card's section replaced (`card`)."""
+    import sys
+
+    from jobs.evaluate import write_card
+
+    for task, a in doc["agreement"].items():
+        click.echo(f"{task}: student agrees with the teacher on {a['rows']} held-out rows: exact match "
+                   f"{fmt(a['exact_match'])}, token F1 {fmt(a['token_f1'])}")
+    for key, ratio in (doc.get("ground_truth") or {}).get("ratio", {}).items():
+        click.echo(f"{key}: teacher {fmt(doc['ground_truth']['teacher'][key])}, student "
+                   f"{fmt(doc['ground_truth']['student'][key])} ({ratio:.2f} of the teacher)")
+    sp = doc["speed"]
+    click.echo(f"captions/s on {sp['device']}: teacher {sp['teacher']['captions_per_s']:.1f}, student "
+               f"{sp['student']['captions_per_s']:.1f} ({sp['student_over_teacher']:.2f}x)")
+    click.echo(f"distill.json: {written}")
+    if card:
+        write_card(Path(card), card_section(doc, "lavi-label " + " ".join(sys.argv[1:])), CARD_BEGIN, CARD_END)
+        click.echo(f"card: {card}")

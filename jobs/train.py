@@ -135,8 +135,6 @@ def train_model(out: str, fusion: str = "viln", decoder: str | None = None, visi
 def _train_here(o: dict, stage: Staged, no_resume: bool, storage: dict | None = None) -> dict:
     """One process: resumed from `stage` (a remote out's files downloaded first), each checkpoint uploaded as it is
     written."""
-    from lavi.training.train import train
-
     if not no_resume:
         stage.pull(skip=("ray_train",))
     outp = stage.dir
@@ -145,6 +143,5 @@ def _train_here(o: dict, stage: Staged, no_resume: bool, storage: dict | None = 
     t0 = time.time()
     on_log = progress(outp / LOG, start, o["steps"], t0)
     upload = (lambda _step: stage.push(last=(STATE,))) if stage.remote else None
-    last = train(setup.model, setup.tok_dir, setup.source, setup.cfg, outp, resume=not no_resume, on_log=on_log,
-                 vision_data=setup.vision_source, on_saved=upload)
+    last = setup.run(outp, resume=not no_resume, on_log=on_log, on_saved=upload)
     return summarise(outp, o, last, start, time.time() - t0, setup.device, setup.source.summary())

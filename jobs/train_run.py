@@ -25,11 +25,13 @@ class Setup:
     cfg: object
     device: str
 
-    def run(self, out: Path, resume: bool, on_log=None, parallel=None) -> dict:
+    def run(self, out: Path, resume: bool, on_log=None, parallel=None, on_saved=None) -> dict:
+        """lavi.training.train.train on this setup (a LLaVA-OneVision's images cut by workers.anyres)."""
         from lavi.training.train import train
+        from workers.anyres import anyres_tiles
 
         return train(self.model, self.tok_dir, self.source, self.cfg, out, resume=resume, on_log=on_log,
-                     vision_data=self.vision_source, parallel=parallel)
+                     vision_data=self.vision_source, parallel=parallel, on_saved=on_saved, tiles=anyres_tiles)
 
 
 def prepare(o: dict, outp: Path, rank: int = 0, world: int = 1, storage_options: dict | None = None) -> Setup:

@@ -12,29 +12,24 @@ from lavi.families import LLAVA_OV
 log = logging.getLogger(__name__)
 
 
-def _load(directory: str | Path):
-    """Any family's checkpoint directory (lavi.families), in float32 for training."""
-    import torch
-
-    from lavi.families import load_model
-    return load_model(directory, dtype=torch.float32)
-
-
 def build(out: Path, fusion: str, decoder: str | None, vision: str | None, resume: bool, frames: dict,
            init: str | None = None) -> tuple:
     """The model to train and its tokenizer directory: resumed, fine-tuned from a checkpoint (`init`), from
     backbones, or tiny-shapes (or, `llava-ov`, its LLaVA-OneVision counterpart) from scratch. A new model takes its
     default and max frames per clip from `frames` (those it is trained on); a fine-tuned one keeps its own."""
+    import torch
+
     from lavi.core import checkpoint
+    from lavi.families import load_model
     from lavi.onevision.model import OneVision
     from lavi.tiny_models import save_word_tokenizer, tiny_shapes_config, tiny_shapes_onevision
     from lavi.training.train import init_from_scratch
     if resume and (out / "train_state.json").exists():
-        return _load(out), out
+        return load_model(out, dtype=torch.float32), out  # any family's checkpoint, in float32 for training
     if init:
         if decoder or vision:
             raise click.UsageError("--init starts from a whole checkpoint: leave out --decoder and --vision")
-        model = _load(init)
+        model = load_model(init, dtype=torch.float32)
         kind = LLAVA_OV if isinstance(model, OneVision) else model.config.fusion
         if kind != fusion and LLAVA_OV in (kind, fusion):
             raise click.UsageError(f"--init {init} is a {kind} model: pass --fusion {kind}")

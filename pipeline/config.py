@@ -136,26 +136,7 @@ class RunConfig:
         object.__setattr__(self, "questions", tuple(self.questions))
         object.__setattr__(self, "choices", parse_choices(self.choices))
         object.__setattr__(self, "storage_options", tuple(self.storage_options))
-        if not self.inputs:
-            raise ValueError("give at least one INPUT (a file, directory, glob, s3:// prefix or manifest)")
-        if not self.out:
-            raise ValueError("give --out, the output directory URI (local path, s3://..., gs://...)")
-        if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.task == CAPTION and self.questions:
-            raise ValueError("--question is for --task vqa; for captions use --prompt")
-        if self.task == VQA and self.prompt is not None:
-            raise ValueError("--prompt is for --task caption; for vqa use --question (repeatable)")
-        if self.task == VQA and not self.questions and not _has_manifest(self.inputs):
-            raise ValueError("--task vqa needs questions: give --question, or a manifest with a questions column")
-        if any(not q.strip() for q in self.questions):
-            raise ValueError("--question must not be empty")
-        if self.choices and self.json_schema is not None:
-            raise ValueError("give --choices or --json-schema, not both")
-        try:
-            self.constraint  # noqa: B018 - parses and checks the choices or the schema
-        except ConstraintError as err:
-            raise ValueError(f"--choices/--json-schema: {err}") from None
+        self._check_task()
         if self.batch_size is not None:
             _positive("batch-size", self.batch_size)
         _positive("workers", self.workers)
@@ -192,6 +173,29 @@ class RunConfig:
         if self.job_id is not None and not self.job_id.strip():
             raise ValueError("--job-id must not be empty (leave it out to get one)")
         parse_storage_options(self.storage_options)  # raises on malformed pairs
+
+    def _check_task(self) -> None:
+        """What to label and where: inputs, out, the task and its prompt or questions, a constraint on the answers."""
+        if not self.inputs:
+            raise ValueError("give at least one INPUT (a file, directory, glob, s3:// prefix or manifest)")
+        if not self.out:
+            raise ValueError("give --out, the output directory URI (local path, s3://..., gs://...)")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.task == CAPTION and self.questions:
+            raise ValueError("--question is for --task vqa; for captions use --prompt")
+        if self.task == VQA and self.prompt is not None:
+            raise ValueError("--prompt is for --task caption; for vqa use --question (repeatable)")
+        if self.task == VQA and not self.questions and not _has_manifest(self.inputs):
+            raise ValueError("--task vqa needs questions: give --question, or a manifest with a questions column")
+        if any(not q.strip() for q in self.questions):
+            raise ValueError("--question must not be empty")
+        if self.choices and self.json_schema is not None:
+            raise ValueError("give --choices or --json-schema, not both")
+        try:
+            self.constraint  # noqa: B018 - parses and checks the choices or the schema
+        except ConstraintError as err:
+            raise ValueError(f"--choices/--json-schema: {err}") from None
 
     def _check_clips(self) -> None:
         if self.clips not in CLIP_MODES:

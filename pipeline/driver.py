@@ -9,7 +9,7 @@
 The driver plans and watches; it does not carry the rows: part files are written in the cluster, and what reaches
 the driver is a record per file (and the rare unit cut between blocks, committed here: pipeline.sink). Its memory
 holds the shards in flight, not the corpus. A lost node, actor or object ends a graph; it is rebuilt over what is
-not committed (each shard in flight read back from its own files), up to config.max_rebuilds times.
+not committed (each shard in flight read back from its own files: Ledger.rescan), up to config.max_rebuilds times.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ import logging
 import secrets
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from pipeline import graph
 from pipeline.cluster import connect_ray
 from pipeline.config import RunConfig
-from pipeline.ledger import Ledger, ShardState
+from pipeline.ledger import Ledger
 from pipeline.listing import Lister
 from pipeline.models import check_constraint, model_info
 from pipeline.output import LISTING_DIR, Output
 from pipeline.recovery import check_resources, cluster_check, lost_cluster_part, stream
-from pipeline.resume import Resume, read_committed
+from pipeline.resume import Resume
 from pipeline.sink import ParquetSink
 from pipeline.sources import check_inputs
 from pipeline.summary import Progress, Ticker, build_summary, totals
@@ -39,8 +39,6 @@ from schemas.rows import metadata
 from workers.commit import CommitSpec
 from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.labeler import LabelerSpec
-from workers.shards import listing_name
-from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +62,7 @@ def run(config: RunConfig, labeler_class: type | None = None) -> dict:
     options = config.storage
     model = config.model or _default_model()
     info = model_info(model, options)
-    check_constraint(model, info["name"], config.constraint, options)  # before listing: a run of only error rows
-    if config.frames is not None and config.frames > info["max_frames"]:
-        raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
-    if config.visual_compress and not info["vision_in_context"]:
-        raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
-                         f"a {info['fusion']} model, with none there")
-    generation = config.generation_settings()
-    groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
-                                    info["dynamic"]).group_clips
-    if groups != config.clips_per_group:  # fewer clips a group at this model's input (DecodeSettings.group_clips)
-        generation["clips_per_group"] = groups
+    generation = _generation(config, model, info)
     check_inputs(config.inputs, options)
     output = Output(config.out, options)
     if config.overwrite:
@@ -100,11 +88,37 @@ def run(config: RunConfig, labeler_class: type | None = None) -> dict:
     finally:
         lister.stop.set()
     output.clear_scratch()
-    stats = lister.stats
     total = totals(output) if lister.recount or _orphans(resume, ledger) else ledger.totals
+    summary = _summary(config, total, ledger, lister.stats, labelled, job_id=job_id, model=info["name"],
+                       generation=generation, wall_s=time.monotonic() - start)
+    # the completion marker, retried like a commit (an output store unreachable for a while)
+    retrying(lambda: output.write_summary(summary), "summary write", OWN_RETRIES, budget_s=OWN_BUDGET_S)
+    return summary
+
+
+def _generation(config: RunConfig, model: str, info: dict[str, Any]) -> dict:
+    """The run's generation settings (its output's metadata), once the model is checked to take the run's options
+    (a constraint its vocabulary can meet, its frames, a visual compression) before anything is listed: a run
+    refused only then would be all error rows."""
+    check_constraint(model, info["name"], config.constraint, config.storage)
+    if config.frames is not None and config.frames > info["max_frames"]:
+        raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
+    if config.visual_compress and not info["vision_in_context"]:
+        raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
+                         f"a {info['fusion']} model, with none there")
+    generation = config.generation_settings()
+    groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
+                                    info["dynamic"]).group_clips
+    if groups != config.clips_per_group:  # fewer clips a group at this model's input (DecodeSettings.group_clips)
+        generation["clips_per_group"] = groups
+    return generation
+
+
+def _summary(config: RunConfig, total: dict, ledger: Ledger, stats: dict, labelled: Labelled, **run: Any) -> dict:
+    """`_summary.json`'s document: the output's totals, this run's figures (the ledger's, the listing's `stats`),
+    and `run`'s fields (job_id, model, generation, wall_s)."""
     summary = build_summary(
-        total, job_id=job_id, model=info["name"], generation=generation, wall_s=time.monotonic() - start,
-        items_listed=stats["listed"], items_skipped=stats["skipped"], rows_written=ledger.run["rows"],
+        total, **run, items_listed=stats["listed"], items_skipped=stats["skipped"], rows_written=ledger.run["rows"],
         items_written=ledger.run["items"], generated_tokens=ledger.run["generated_tokens"],
         files_written=ledger.run["files"])
     summary["non_media_files"] = dict(sorted(stats.get("non_media", {}).items()))  # left out of walks, by extension
@@ -120,8 +134,6 @@ def run(config: RunConfig, labeler_class: type | None = None) -> dict:
                                clip_groups_resumed=ledger.resumed_groups)
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
-    # the completion marker, retried like a commit (an output store unreachable for a while)
-    retrying(lambda: output.write_summary(summary), "summary write", OWN_RETRIES, budget_s=OWN_BUDGET_S)
     return summary
 
 
@@ -133,18 +145,14 @@ def _orphans(resume: Resume, ledger: Ledger) -> bool:
 
 def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledger, lister: Lister,
            commit: CommitSpec, job_id: str, labeler_class: type | None = None) -> Labelled:
-    """Run the Ray Data graph over the listing into part files, following its commit records in the ledger. A lost
-    node, actor or object ends that graph: it is rebuilt over what is not committed (up to config.max_rebuilds
-    times, each in the result's `rebuilds`; a stall the job got over is in its `stalls`). The cluster is checked
-    every few seconds to still hold the labeler pool (pipeline.recovery.cluster_check)."""
+    """Run the Ray Data graph over the listing into part files, following its commit records in the ledger (a lost
+    node, actor or object: `_graphs`), with Ray up for as long as it runs and a progress line."""
     result = Labelled()
     settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
                                       info["dynamic"])
     # Ray starts while the inputs are listed (seconds each); a rerun with nothing left to label shuts it down unused
     owned = connect_ray(config.address, config.verbose)
-    sink = ParquetSink(commit)
-    progress = None
-    dataset = ticker = None
+    progress = ticker = None
     try:
         if not ledger.wait_written(lister.done):  # everything is committed already: no graph
             _raise_listing_error(lister)
@@ -156,18 +164,45 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
         spec = graph.GraphSpec(config, settings, labeler, commit, output.uri_of(output.path(LISTING_DIR)),
                                labeler_class=labeler_class)
         check_resources(config)
-        cluster = cluster_check(config)
+        _graphs(spec, output, ledger, lister, progress, lambda: ticker.busy() or lister.active(), result)
+        _raise_listing_error(lister)
+        ticker, last = None, ticker
+        last.stop()  # its last count is in the end's line
+        _show(progress, ledger, force=True)
+        if not ledger.complete():  # every listed item yields its rows, error rows included
+            raise RuntimeError(f"{ledger.to_label} items were listed but {ledger.items_finished()} came out of the "
+                               "pipeline; the finished ones are committed: rerun into the same --out to label the rest")
+    finally:
+        if ticker is not None:
+            ticker.stop()
+        if progress is not None:
+            progress.close()
+        if owned:
+            import ray
 
-        def checks() -> None:  # every few seconds while the graph runs: the cluster, the listing thread
-            cluster()
-            _raise_listing_error(lister)
+            ray.shutdown()
+    return result
 
+
+def _graphs(spec: graph.GraphSpec, output: Output, ledger: Ledger, lister: Lister, progress: Progress,
+            busy: Callable[[], bool], result: Labelled) -> None:
+    """Build the graph and follow its commit records into the ledger (a unit cut between blocks committed here, by
+    the sink). A lost node, actor or object ends that graph: it is rebuilt over what is not committed (up to
+    config.max_rebuilds times, each in `result.rebuilds`; a stall the job got over is in its `stalls`). The cluster
+    is checked every few seconds to still hold the labeler pool (pipeline.recovery.cluster_check)."""
+    config, sink, dataset = spec.config, ParquetSink(spec.commit), None
+    cluster = cluster_check(config)
+
+    def checks() -> None:  # every few seconds while the graph runs: the cluster, the listing thread
+        cluster()
+        _raise_listing_error(lister)
+
+    try:
         while True:
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
                 dataset = graph.build_dataset(spec)
-                for batch in stream(dataset, config.stall_timeout, check=checks, stalls=result.stalls,
-                                    busy=lambda: ticker.busy() or lister.active()):
+                for batch in stream(dataset, config.stall_timeout, check=checks, stalls=result.stalls, busy=busy):
                     for record, leftover in zip(batch.column("record").to_pylist(),
                                                 batch.column("leftover").to_pylist()):
                         for r in [json.loads(record)] if record is not None else sink.add(leftover):
@@ -182,40 +217,30 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
                     raise
                 dataset = None
                 gc.collect()
-                redone = sink.drop_partial()
-                skip, state = _rescan(output, ledger)
-                spec = dataclasses.replace(spec, skip=skip, state=tuple(sorted(state.items())))
-                left = ledger.to_label - ledger.items_finished()
-                result.rebuilds.append({"error": lost, "items_left": left, "partial_items_redone": redone,
-                                        "items_done": ledger.items_finished(), "listing_done": ledger.listing_done})
-                log.warning("the pipeline lost part of the cluster (%s): rebuilding it over what is not committed "
-                            "(%d items listed and not committed, %d of them half labelled, redone whole); rebuild %d of "
-                            "at most %d", lost, left, redone, len(result.rebuilds), config.max_rebuilds)
+                spec = _rebuilt(spec, lost, output, ledger, sink, result)
                 if ledger.complete():
                     break
                 cluster_check(config)()  # what is left must still hold the pool, or the rebuild would wait forever
-        sink.close()
-        _raise_listing_error(lister)
-        ticker, last = None, ticker
-        last.stop()  # its last count is in the end's line
-        _show(progress, ledger, force=True)
-        if not ledger.complete():  # every listed item yields its rows, error rows included
-            raise RuntimeError(f"{ledger.to_label} items were listed but {ledger.items_finished()} came out of the "
-                               "pipeline; the finished ones are committed: rerun into the same --out to label the rest")
     finally:
-        if ticker is not None:
-            ticker.stop()
-        if progress is not None:
-            progress.close()
         # the dataset (and the pyarrow readers it holds) goes while Ray and Arrow's thread pools are up,
         # not in the interpreter's teardown, where Arrow can abort (apache/arrow#39862)
         del dataset
         gc.collect()
-        if owned:
-            import ray
+    sink.close()
 
-            ray.shutdown()
-    return result
+
+def _rebuilt(spec: graph.GraphSpec, lost: str, output: Output, ledger: Ledger, sink: ParquetSink,
+             result: Labelled) -> graph.GraphSpec:
+    """The spec of the graph rebuilt after `lost` over what is not committed (the rebuild recorded in `result`)."""
+    redone = sink.drop_partial()
+    skip, state = ledger.rescan()
+    left = ledger.to_label - ledger.items_finished()
+    result.rebuilds.append({"error": lost, "items_left": left, "partial_items_redone": redone,
+                            "items_done": ledger.items_finished(), "listing_done": ledger.listing_done})
+    log.warning("the pipeline lost part of the cluster (%s): rebuilding it over what is not committed "
+                "(%d items listed and not committed, %d of them half labelled, redone whole); rebuild %d of "
+                "at most %d", lost, left, redone, len(result.rebuilds), spec.config.max_rebuilds)
+    return dataclasses.replace(spec, skip=skip, state=tuple(sorted(state.items())))
 
 
 def _labeler_spec(config: RunConfig, settings, job_id: str, progress: str | None) -> LabelerSpec:
@@ -236,37 +261,6 @@ def _show(progress: Progress, ledger: Ledger, force: bool = False) -> None:
 def _raise_listing_error(lister: Lister) -> None:
     if lister.error is not None:
         raise lister.error
-
-
-def _listed_ids(output: Output, state: ShardState) -> list[str] | None:
-    """The item ids of a shard's listing file (None: the listing has not written it yet)."""
-    path = output.path(f"{LISTING_DIR}/{listing_name(state.seq)}")
-    try:
-        with output.fs.open(path, "rb") as f:
-            return read_parquet_file(f, ["item_id"]).column("item_id").to_pylist()
-    except FileNotFoundError:
-        return None
-
-
-def _rescan(output: Output, ledger: Ledger) -> tuple[frozenset[int], dict[int, dict]]:
-    """After a lost graph: each shard in flight as its own part files say (a file whose record never reached the
-    driver is counted, never redone); returns what the rebuilt graph's reader leaves out: the complete shards, and
-    per shard in flight its finished items and committed groups."""
-    state: dict[int, dict] = {}
-    in_flight = ledger.in_flight()
-    for shard in in_flight:
-        listed = _listed_ids(output, shard)
-        if listed is None:
-            continue  # not written yet: nothing of it can be committed
-        ids = set(listed)
-        committed = read_committed(output, shard.pos, shard.key)
-        finished = ids & committed.finished
-        ledger.reset(shard, committed, len(finished))
-        if len(finished) < shard.to_label:
-            state[shard.seq] = {"done": sorted(finished),
-                                "groups": {i: sorted(g) for i, g in committed.groups.items() if i in ids}}
-    skip = frozenset(range(ledger.written)) - {s.seq for s in ledger.in_flight()}  # a shard its files complete included
-    return skip, state
 
 
 def _default_model() -> str:

@@ -17,10 +17,12 @@ import logging
 import threading
 from typing import Any
 
-from pipeline.output import SHARDS_DIR, Output
-from pipeline.resume import Committed
+from pipeline.output import LISTING_DIR, SHARDS_DIR, Output
+from pipeline.resume import Committed, read_committed
 from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.parts import add_totals, empty_totals, shard_id
+from workers.shards import listing_name
+from workers.storage import read_parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +201,32 @@ class Ledger:
             state.committed, state.finished = committed, finished
             if state.finished >= state.to_label:
                 self._complete(state)
+
+    def rescan(self) -> tuple[frozenset[int], dict[int, dict]]:
+        """After a lost graph: each shard in flight as its own part files say (a file whose record never reached the
+        driver is counted, never redone); returns what the rebuilt graph's reader leaves out: the complete shards,
+        and per shard in flight its finished items and committed groups."""
+        state: dict[int, dict] = {}
+        for shard in self.in_flight():
+            listed = _listed_ids(self.output, shard)
+            if listed is None:
+                continue  # not written yet: nothing of it can be committed
+            ids = set(listed)
+            committed = read_committed(self.output, shard.pos, shard.key)
+            finished = ids & committed.finished
+            self.reset(shard, committed, len(finished))
+            if len(finished) < shard.to_label:
+                state[shard.seq] = {"done": sorted(finished),
+                                    "groups": {i: sorted(g) for i, g in committed.groups.items() if i in ids}}
+        skip = frozenset(range(self.written)) - {s.seq for s in self.in_flight()}  # a shard its files complete included
+        return skip, state
+
+
+def _listed_ids(output: Output, state: ShardState) -> list[str] | None:
+    """The item ids of a shard's listing file (None: the listing has not written it yet)."""
+    path = output.path(f"{LISTING_DIR}/{listing_name(state.seq)}")
+    try:
+        with output.fs.open(path, "rb") as f:
+            return read_parquet_file(f, ["item_id"]).column("item_id").to_pylist()
+    except FileNotFoundError:
+        return None

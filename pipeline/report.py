@@ -200,7 +200,38 @@ def _card(row: dict, thumbs: list[str]) -> str:
             f'<p class=prompt>{html.escape(row["task"])}: {html.escape(row["prompt"])}</p>{body}</div>')
 
 
+_STYLE = """\
+body{font:14px system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+.figs{display:flex;flex-wrap:wrap;gap:10px} .fig{background:#fff;border:1px solid #ddd;padding:8px 12px}
+.fig b{display:block;font-size:16px} .fig span{color:#666;font-size:12px}
+table{border-collapse:collapse;background:#fff} td,th{border:1px solid #ddd;padding:4px 8px;text-align:left}
+.badge{padding:1px 6px;border-radius:3px;color:#fff;background:#888}
+.s-ok{background:#2e7d32} .s-truncated{background:#ef6c00} .s-error{background:#c62828}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:12px}
+.card{background:#fff;border:1px solid #ddd;padding:8px} .card.hidden{display:none}
+.frames{display:flex;gap:2px;min-height:60px} .frames img{flex:1;min-width:0;height:auto}
+.noframe{flex:1;background:#eee;color:#999;display:flex;align-items:center;justify-content:center}
+.meta{font-size:12px;color:#555} .prompt{color:#555;font-style:italic} .errtext{color:#c62828}
+.chart{width:100%;max-width:720px;background:#fff;border:1px solid #ddd} .chart rect{fill:#1565c0}
+.chart text{font-size:10px;text-anchor:middle;fill:#555} .chart text.top{text-anchor:end}
+button{margin:0 6px 10px 0} .empty{color:#888}
+"""
+_SCRIPT = """\
+document.querySelectorAll("#filters button").forEach(function (button) {
+  button.addEventListener("click", function () {
+    const want = button.dataset.filter;
+    document.querySelectorAll("#gallery .card").forEach(function (card) {
+      card.classList.toggle("hidden", want !== "all" && card.dataset.status !== want);
+    });
+  });
+});
+"""  # the gallery's status filter
+
+
 def _page(out: str, summary: dict, stats: _Stats, rows: list[dict], thumbs: dict[str, list[str]]) -> str:
+    """The report's one HTML page: the run's figures, its statuses, a gallery of `rows` (filtered by status), the
+    errors grouped by stage and message, and the rows/s and text-length charts."""
     run = summary.get("this_run") or {}
     figures = [("rows", stats.rows), ("items", summary.get("items", "?")), ("clips", summary.get("clips", "?")),
                ("model", summary.get("model", "?")), ("job", summary.get("job_id", "?")),
@@ -227,22 +258,7 @@ def _page(out: str, summary: dict, stats: _Stats, rows: list[dict], thumbs: dict
 <html lang=en><head><meta charset=utf-8><title>lavi-label report: {html.escape(out)}</title>
 <meta name=viewport content="width=device-width, initial-scale=1">
 <style>
-body{{font:14px system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}}
-h1{{font-size:20px}} h2{{font-size:16px;margin-top:28px}}
-.figs{{display:flex;flex-wrap:wrap;gap:10px}} .fig{{background:#fff;border:1px solid #ddd;padding:8px 12px}}
-.fig b{{display:block;font-size:16px}} .fig span{{color:#666;font-size:12px}}
-table{{border-collapse:collapse;background:#fff}} td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left}}
-.badge{{padding:1px 6px;border-radius:3px;color:#fff;background:#888}}
-.s-ok{{background:#2e7d32}} .s-truncated{{background:#ef6c00}} .s-error{{background:#c62828}}
-.gallery{{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:12px}}
-.card{{background:#fff;border:1px solid #ddd;padding:8px}} .card.hidden{{display:none}}
-.frames{{display:flex;gap:2px;min-height:60px}} .frames img{{flex:1;min-width:0;height:auto}}
-.noframe{{flex:1;background:#eee;color:#999;display:flex;align-items:center;justify-content:center}}
-.meta{{font-size:12px;color:#555}} .prompt{{color:#555;font-style:italic}} .errtext{{color:#c62828}}
-.chart{{width:100%;max-width:720px;background:#fff;border:1px solid #ddd}} .chart rect{{fill:#1565c0}}
-.chart text{{font-size:10px;text-anchor:middle;fill:#555}} .chart text.top{{text-anchor:end}}
-button{{margin:0 6px 10px 0}} .empty{{color:#888}}
-</style></head><body>
+{_STYLE}</style></head><body>
 <h1>lavi-label report</h1><p>{html.escape(out)}</p>
 <div class=figs>{head}</div>
 <h2>Status</h2><table><tr><th>status</th><th>rows</th><th>share</th></tr>{status_rows}</table>
@@ -254,14 +270,6 @@ button{{margin:0 6px 10px 0}} .empty{{color:#888}}
 <h2>Text length (words)</h2>{_bars(length, length_labels, "rows by words in text")}
 <script>
 const report = {data};
-document.querySelectorAll("#filters button").forEach(function (button) {{
-  button.addEventListener("click", function () {{
-    const want = button.dataset.filter;
-    document.querySelectorAll("#gallery .card").forEach(function (card) {{
-      card.classList.toggle("hidden", want !== "all" && card.dataset.status !== want);
-    }});
-  }});
-}});
-</script>
+{_SCRIPT}</script>
 </body></html>
 """

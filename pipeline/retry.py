@@ -168,7 +168,6 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
     (batch_size, workers, gpus_per_worker, address, ...). Raises ValueError on an output that did not finish or
     a model other than the one that labelled it."""
     from pipeline.driver import run
-    from pipeline.models import model_info
 
     start = time.monotonic()
     bad = set(stages) - set(RETRY_STAGES)
@@ -177,21 +176,8 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
                          f"got {stages}")
     probe = RunConfig(inputs=(out,), out=out, storage_options=storage_options)  # parses the storage options
     output = Output(out, probe.storage)
-    summary = output.read_summary()
-    if summary is None:
-        raise ValueError(f"{out} has no _summary.json: its run did not finish; run `lavi-label run` into it again "
-                         "to resume it, then retry")
-    meta = output.metadata()
-    generation = meta.get("generation") or summary.get("generation") or {}
-    model = model if model is not None else summary.get("model_dir")
-    info = model_info(model or _bundled(), probe.storage)
-    if info["name"] != summary["model"]:
-        given = f"--model {model!r} is {info['name']!r}" if model else f"the bundled model is {info['name']!r}"
-        raise ValueError(f"{out} was labelled by model {summary['model']!r} and {given}: a retry labels with the "
-                         "model that labelled it (pass its directory as --model)")
-    if summary.get("items_with_own_constraints"):
-        raise ValueError(f"{out} has questions with their own choices or JSON schema (from its manifest), which its "
-                         "rows do not record: rerun `lavi-label run` with that manifest into a new --out instead")
+    summary, model, info = _labelled_by(output, out, model, probe.storage)
+    generation = output.metadata().get("generation") or summary.get("generation") or {}
     retried = scan_errors(output, tuple(stages), generation.get("task", CAPTION), generation.get("prompt"),
                           info["default_prompts"])
     record = {"stages": list(stages), "items": len(retried.rows), "rows": sum(map(len, retried.rows.values())),
@@ -222,6 +208,28 @@ def retry(out: str, stages: tuple[str, ...] = RETRY_STAGES, model: str | None = 
     summary["error_rate_exceeded"] = summary["error_rate"] > rate
     output.write_summary(summary)
     return {**summary, "retry": record}
+
+
+def _labelled_by(output: Output, out: str, model: str | None, storage: dict) -> tuple[dict, str | None, dict]:
+    """OUT's summary, the model to relabel with (`model`, or the directory its summary names; None: the bundled
+    one) and that model's info. ValueError for an output that did not finish, a model other than the one that
+    labelled it, or questions with their own constraints (which the rows do not record)."""
+    from pipeline.models import model_info
+
+    summary = output.read_summary()
+    if summary is None:
+        raise ValueError(f"{out} has no _summary.json: its run did not finish; run `lavi-label run` into it again "
+                         "to resume it, then retry")
+    model = model if model is not None else summary.get("model_dir")
+    info = model_info(model or _bundled(), storage)
+    if info["name"] != summary["model"]:
+        given = f"--model {model!r} is {info['name']!r}" if model else f"the bundled model is {info['name']!r}"
+        raise ValueError(f"{out} was labelled by model {summary['model']!r} and {given}: a retry labels with the "
+                         "model that labelled it (pass its directory as --model)")
+    if summary.get("items_with_own_constraints"):
+        raise ValueError(f"{out} has questions with their own choices or JSON schema (from its manifest), which its "
+                         "rows do not record: rerun `lavi-label run` with that manifest into a new --out instead")
+    return summary, model, info
 
 
 def _constraint(spec: str | None) -> dict[str, Any]:

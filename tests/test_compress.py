@@ -113,7 +113,7 @@ def test_dct_shrinks_each_frame_grid_to_r_by_r(concat_dir, ov_dir):
     frames = np.random.default_rng(1).integers(0, 256, (3, 35, 35, 3), dtype=np.uint8)
     video = ov._encode([frames], [("video", (35, 35))])
     assert int(video.mask.sum()) == 3 * math.ceil(r / 2) ** 2 + 1
-    from lavi.onevision.anyres import anyres_tiles
+    from workers.anyres import anyres_tiles
 
     img = np.random.default_rng(2).integers(0, 256, (35, 35, 3), dtype=np.uint8)
     one = ov._encode([anyres_tiles(img, c.pinpoints, c.tile_size, c.resample)], [("image", (35, 35))])

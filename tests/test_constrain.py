@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from lavi.onevision.anyres import anyres_tiles
+from workers.anyres import anyres_tiles
 from lavi.bundled import DEFAULT_MODEL
 from lavi.serving.constrain import ConstraintError
 from lavi.serving.engine import Engine

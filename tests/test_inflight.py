@@ -61,7 +61,7 @@ def test_rows_that_stop_early_hand_their_cache_row_to_waiting_requests(engine):
     eos = next(t for t in dict.fromkeys(t for f in full for t in f.tokens)
                if 0 < sum(t in f.tokens[:n] for f, n in zip(full, budgets)) < len(full))
     pool = Generator(engine.model, setup_caches(engine.model, 2, 128))
-    got = pool.inflight(vis, rows, prompts, gen, eos, max_new_tokens=budgets)
+    got = pool(vis, rows, prompts, gen, eos, max_new_tokens=budgets, turns=True)
     stopped = 0
     for g, f, n in zip(got, full, budgets):
         want = f.tokens[:n]
@@ -79,9 +79,9 @@ def test_the_inflight_decode_step_compiles_whole(engine):
     prompts = [engine.encode_prompt(p) for p in PROMPTS[:4]]
     rows = torch.tensor([0, 1, 2, 0])
     gen = GenerationConfig(max_new_tokens=6)
-    eager = Generator(engine.model, setup_caches(engine.model, 2, 128)).inflight(vis, rows, prompts, gen, -1)
+    eager = Generator(engine.model, setup_caches(engine.model, 2, 128))(vis, rows, prompts, gen, -1, turns=True)
     compiled = Generator(engine.model, setup_caches(engine.model, 2, 128), compile=True, backend="eager")
-    assert compiled.inflight(vis, rows, prompts, gen, -1) == eager
+    assert compiled(vis, rows, prompts, gen, -1, turns=True) == eager
 
 
 def test_bench_measures_inflight_against_static_on_a_mixed_workload(tmp_path):

@@ -27,9 +27,7 @@ LAYERS = ("schemas", "lavi", "workers", "shapes", "pipeline", "bench", "jobs")  
 LAVI_LIBRARIES = frozenset({"torch", "numpy", "safetensors", "tokenizers", "jinja2", "llguidance", "schemas", "lavi"})
 # module -> {top-level package it may import beyond LAVI_LIBRARIES: why}. Each entry is a debt: it goes when the
 # reason does (test_lavi_allow_list_is_still_needed fails once the import is gone).
-LAVI_ALLOWED = {
-    "lavi.onevision.anyres": {"PIL": "until anyres_tiles moves to workers/"},
-}
+LAVI_ALLOWED: dict[str, dict[str, str]] = {}
 # module outside pipeline/ -> why it may import ray.data. None today: keep it that way.
 RAY_DATA_ALLOWED: dict[str, str] = {}
 

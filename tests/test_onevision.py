@@ -9,7 +9,7 @@ import torch
 from lavi.onevision import anyres
 from lavi.onevision.model import pixels
 from onevision_fixture import PINPOINTS, make_onevision
-from lavi.onevision.anyres import anyres_tiles
+from workers.anyres import anyres_tiles
 
 transformers = pytest.importorskip("transformers")
 

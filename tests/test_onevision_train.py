@@ -25,6 +25,7 @@ from onevision_fixture import make_onevision
 from shapes import render, spec
 from shapes.batches import ShapesData
 from shapes.spec import vocabulary
+from workers.anyres import anyres_tiles
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "lavi" / "weights"
 
@@ -55,13 +56,13 @@ def test_training_rows_over_the_prefix_equal_the_full_spliced_sequence(ov_dir):
     tok = Tokenizer(ov_dir)
     chat = ChatPrompts.load(ov_dir, tok)
     examples = _examples(np.random.default_rng(0))
-    b = collate(examples, model, tok, chat)
+    b = collate(examples, model, tok, chat, anyres_tiles)
     assert b.heads[0] and all(h == b.heads[0] for h in b.heads)
     with torch.no_grad():
         got = forward_shared(model, b.ids, b.valid, encode(model, b), b.rows)
         r = 0
         for e in examples:
-            frames = anyres.anyres_tiles(e.frames[0], c.pinpoints, c.tile_size, c.resample) if e.kind == "image" \
+            frames = anyres_tiles(e.frames[0], c.pinpoints, c.tile_size, c.resample) if e.kind == "image" \
                 else e.frames
             x = pixels(frames, c)
             visual = model.image_tokens(x, e.frames.shape[1:3]) if e.kind == "image" else model.video_tokens(x)
@@ -86,7 +87,7 @@ def test_focus_targets_sit_on_the_objects_tokens_in_the_prefix(tmp_path):
     c = model.config
     tok = Tokenizer(tmp_path)
     data = ShapesData(seed=3, images=1, videos=1, questions=0, frames=(4,), focus=True, augment=False)
-    b = collate(data(0), model, tok, ChatPrompts.load(tmp_path, tok))
+    b = collate(data(0), model, tok, ChatPrompts.load(tmp_path, tok), anyres_tiles)
     side = c.side
     assert b.focus.shape[-1] == max(len(h) for h in b.heads) + anyres.image_tokens((128, 128), c.pinpoints, 128, side, 9)
     img = b.focus[0][b.focus[0].any(-1)]  # positions predicting an object's words
@@ -173,7 +174,7 @@ def _check_against_transformers(d: Path, count: int) -> None:
         idx = [0, 5, 10, 15]
         vid = render.sample_video(rng, draw=idx)
         for kind, item, visual, prompt in (
-                ("image", img, anyres.anyres_tiles(img.pixels, c.pinpoints, c.tile_size, c.resample), spec.IMAGE_PROMPT),
+                ("image", img, anyres_tiles(img.pixels, c.pinpoints, c.tile_size, c.resample), spec.IMAGE_PROMPT),
                 ("video", vid, np.stack(vid.frames), spec.VIDEO_PROMPT)):
             [ours] = engine.generate([visual], [(0, prompt)], gen, media=[(kind, (128, 128))])
             ref = _transformers_greedy(d, item, kind, prompt, gen.max_new_tokens)

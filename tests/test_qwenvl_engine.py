@@ -106,9 +106,9 @@ def test_the_decode_step_compiles_whole(engines):
     vis = engine._encode(visuals[-2:], media[-2:])
     prompts = [engine.encode_prompt(PROMPT, m[0]) for m in media[-2:]] * 2
     rows, gen = torch.tensor([0, 1, 0, 1]), GenerationConfig(max_new_tokens=6)
-    eager = Generator(engine.model, setup_caches(engine.model, 2, 128)).inflight(vis, rows, prompts, gen, -1)
+    eager = Generator(engine.model, setup_caches(engine.model, 2, 128))(vis, rows, prompts, gen, -1, turns=True)
     compiled = Generator(engine.model, setup_caches(engine.model, 2, 128), compile=True, backend="eager")
-    assert compiled.inflight(vis, rows, prompts, gen, -1) == eager
+    assert compiled(vis, rows, prompts, gen, -1, turns=True) == eager
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------

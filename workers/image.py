@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workers.dynamic import image_input
 from workers.frames import DecodedImage, DecodeError, to_model_input
-from lavi.onevision.anyres import anyres_tiles
+from workers.anyres import anyres_tiles
 from lavi.resolution import Sizing, aspect_error
 
 # Formats PIL may open. Others (EPS runs Ghostscript, etc.) are refused as "not an image".

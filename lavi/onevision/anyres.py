@@ -1,23 +1,17 @@
 """LLaVA-OneVision's anyres geometry: which grid an image is tiled into, how its features are unpadded and how
-many visual tokens it becomes. Plain Python (no torch), so the decode workers and the driver share it with
+many visual tokens it becomes. Plain Python (no torch, no PIL), so the decode workers and the driver share it with
 the model.
 
 transformers (`image_processing_utils.select_best_resolution`, `get_patch_output_size`, and
 `modeling_llava_onevision.unpad_image` / `pack_image_features`) is the spec; every rule below is theirs,
 rounding included. Sizes are (height, width) throughout.
 
-`anyres_tiles` is LlavaOnevisionImageProcessor up to (not including) rescale and normalise, which the model does
-in float: the base view (the whole image resized to tile x tile), then the image fitted into the best grid
-resolution (aspect kept, PIL resampling), zero-padded to it (centred), cut into tile x tile crops, row by row.
-Everything stays uint8, so the tiles travel small (the decode workers cut them) and equal the reference's
-pixels once scaled.
+The tiles themselves (the image resized with PIL, padded and cut by this geometry) are `workers.anyres.anyres_tiles`:
+the decode workers cut them, and training's collate is handed that function.
 """
 from __future__ import annotations
 
 import math
-
-import numpy as np
-from PIL import Image
 
 Size = tuple[int, int]
 
@@ -92,19 +86,4 @@ def video_tokens(frames: int, side: int) -> int:
     """Visual tokens of a video: each frame's grid pooled 2x2 (ceil), then one newline."""
     pooled = math.ceil(side / 2)
     return frames * pooled * pooled + 1
-
-
-def anyres_tiles(image: np.ndarray, pinpoints: list[tuple[int, int]] | tuple[tuple[int, int], ...], tile: int,
-                 resample: int = Image.BICUBIC) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (1 + rows * cols, tile, tile, 3): the base view, then the grid's crops."""
-    h, w = image.shape[:2]
-    target = best_resolution((h, w), pinpoints)
-    fh, fw = fit_size((h, w), target)
-    pil = Image.fromarray(image)
-    canvas = np.zeros((*target, 3), np.uint8)
-    top, left = pad_offsets((fh, fw), target)
-    canvas[top:top + fh, left:left + fw] = np.asarray(pil.resize((fw, fh), resample=resample))
-    base = np.asarray(pil.resize((tile, tile), resample=resample))
-    crops = [canvas[i:i + tile, j:j + tile] for i in range(0, target[0], tile) for j in range(0, target[1], tile)]
-    return np.stack([base, *crops])
 

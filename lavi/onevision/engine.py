@@ -2,7 +2,7 @@
 static-cache generation loop as LaVi (`lavi.serving.generate`).
 
 Requests carry what the model must know of each input: its kind (image or video) and, for an image, the
-size it was tiled from (the unpadding needs it). Images arrive as the uint8 tiles `lavi.onevision.anyres.anyres_tiles` cuts.
+size it was tiled from (the unpadding needs it). Images arrive as the uint8 tiles `workers.anyres.anyres_tiles` cuts.
 """
 from __future__ import annotations
 

@@ -77,29 +77,23 @@ class Generator:
     def __call__(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
                  eos_id: int | tuple[int, ...], pad_id: int = 0,
                  on_first_token: Callable[[], None] | None = None, guide: Guide | None = None,
-                 max_new_tokens: list[int] | None = None, on_done: Callable[[int], None] | None = None
-                 ) -> list[RowTokens]:
-        """Generate for B text rows, a static batch: the in-flight pool (lavi.serving.inflight) with every row
-        admitted at once, so one prefill, one decode step and one sampling path serve both. Row i is conditioned on
-        item `rows[i]` of `vis` (N items, N <= B), so one item's visual state serves all of its prompts.
-        `on_first_token` is called once the first token of every row exists (benchmarks time it). A row ends at any
+                 max_new_tokens: list[int] | None = None, on_done: Callable[[int], None] | None = None,
+                 turns: bool = False) -> list[RowTokens]:
+        """Generate for B text rows through the in-flight pool (lavi.serving.inflight) over this generator's cache,
+        so one prefill, one decode step and one sampling path serve static and in-flight batches. Row i is
+        conditioned on item `rows[i]` of `vis` (N items, N <= B), so one item's visual state serves all of its
+        prompts. A static batch (not `turns`) has every row admitted at once and must fit the cache's rows; with
+        `turns`, a batch larger than the cache's rows takes turns in them. `on_first_token` is called once the first
+        admission's rows have their first token (a static batch: every row's; benchmarks time it). A row ends at any
         of `eos_id` (one id, or several: a chat model's end-of-turn and end-of-text) or its max_new_tokens (default
         gen's). guide: token masks for constrained rows (request i is row i); the host then looks at every step's
         tokens. on_done(n): told as n more rows finish."""
         cache = self.kv_cache
-        if cache is None or len(prompts) > cache.max_batch:
+        if cache is None or (not turns and len(prompts) > cache.max_batch):
             have = f"{cache.max_batch} x {cache.max_seq}" if cache is not None else "none"
             raise ValueError(f"a batch of {len(prompts)} rows does not fit the cache ({have}): give the generator a "
                              "larger one (setup_caches)")
         return inflight(self, vis, rows, prompts, gen, eos_id, pad_id, max_new_tokens, guide, on_done, on_first_token)
-
-    def inflight(self, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
-                 eos_id: int | tuple[int, ...], pad_id: int = 0,
-                 max_new_tokens: list[int] | None = None, guide: Guide | None = None,
-                 on_done: Callable[[int], None] | None = None) -> list[RowTokens]:
-        """In-flight batching over this generator's cache and decode step (`lavi.serving.inflight`): a batch larger
-        than the cache's rows takes turns in them."""
-        return inflight(self, vis, rows, prompts, gen, eos_id, pad_id, max_new_tokens, guide, on_done)
 
 
 def generate(model: LaVi, kv_cache: KVCache, vis: Visual, rows: Tensor, prompts: list[list[int]],

@@ -7,6 +7,7 @@ template's text before them) in the item's prefix.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +15,6 @@ import torch
 from torch import Tensor
 
 from lavi.onevision import anyres
-from lavi.onevision.anyres import anyres_tiles
 from lavi.serving.chat_template import Prompt
 from lavi.core.vision import pixels_from_frames
 from lavi.core.model import LaVi
@@ -27,6 +27,9 @@ from lavi.serving.tokenizer import Tokenizer
 # (start, end, cells): characters [start, end) of a target text are about one object, whose cells per frame
 # are cells, bool (F, G*G). A VQA answer is one span; a caption has one span per object phrase.
 Span = tuple[int, int, np.ndarray]
+# (image, pinpoints, tile, resample) -> uint8 (1 + rows * cols, tile, tile, 3): a LLaVA-OneVision image's anyres
+# tiles (workers.anyres.anyres_tiles: it resizes with PIL, which lavi/ does not import)
+Tiles = Callable[[np.ndarray, tuple[tuple[int, int], ...], int, int], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,13 @@ class Batch:
 
 
 def collate(examples: list[Example], model: LaVi | OneVision, tok: Tokenizer,
-            chat: ChatPrompts | None = None) -> Batch:
-    """A LaVi's batch, or (with `chat`, its prompts) a LLaVA-OneVision's."""
+            chat: ChatPrompts | None = None, tiles: Tiles | None = None) -> Batch:
+    """A LaVi's batch, or (with `chat`, its prompts, and `tiles`, what cuts its images) a LLaVA-OneVision's."""
     if isinstance(model, OneVision):
-        if chat is None:
-            raise ValueError("a LLaVA-OneVision's batches need its chat prompts")
-        return _collate_onevision(examples, model.config, chat)
+        if chat is None or tiles is None:
+            raise ValueError("a LLaVA-OneVision's batches need its chat prompts and a tiling function "
+                             "(workers.anyres.anyres_tiles)")
+        return _collate_onevision(examples, model.config, chat, tiles)
     c = model.config
     pixels, fmask = pixels_from_frames([e.frames for e in examples], c.image_mean, c.image_std, c.vision.image_size)
     seqs, offsets = [], []
@@ -81,7 +85,7 @@ def collate(examples: list[Example], model: LaVi | OneVision, tok: Tokenizer,
     return Batch(pixels, fmask, _item_rows(examples), *_text(seqs, c.pad_token_id), grid, focus)
 
 
-def _collate_onevision(examples: list[Example], c: OneVisionConfig, chat: ChatPrompts) -> Batch:
+def _collate_onevision(examples: list[Example], c: OneVisionConfig, chat: ChatPrompts, tiles: Tiles) -> Batch:
     """Each item's tiles (an image) or frames (a clip); each row the prompt after the item's placeholder, then
     the target. The text before the placeholder is the same for every prompt of an item (the template puts the
     image or video first): it goes, with the visual tokens, into the item's prefix (`OneVision.prefix`)."""
@@ -89,7 +93,7 @@ def _collate_onevision(examples: list[Example], c: OneVisionConfig, chat: ChatPr
     inputs, media, heads, lengths, seqs, offsets = [], [], [], [], [], []
     for e in examples:
         kind = e.kind
-        frames = anyres_tiles(e.frames[0], c.pinpoints, c.tile_size, c.resample) if kind == "image" else e.frames
+        frames = tiles(e.frames[0], c.pinpoints, c.tile_size, c.resample) if kind == "image" else e.frames
         if kind == "video" and frames.shape[1:3] != (c.tile_size, c.tile_size):
             raise ValueError(f"video frames must be {c.tile_size}x{c.tile_size}, got {frames.shape[1]}x{frames.shape[2]}")
         size = tuple(e.frames.shape[1:3])

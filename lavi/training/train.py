@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lavi.core import checkpoint
 from lavi.onevision import checkpoint as onevision_checkpoint
-from lavi.training.collate import Batch, Example, collate
+from lavi.training.collate import Batch, Example, Tiles, collate
 from lavi.training.losses import GridProbe, encode, losses
 from lavi.core.model import LaVi
 from lavi.onevision.model import OneVision
@@ -186,11 +186,12 @@ class DataParallel:
 def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg: TrainConfig, out: Path,
           resume: bool = True, on_log: Callable[[dict], None] | None = None,
           vision_data: Callable[[int], list[Example]] | None = None, parallel: DataParallel | None = None,
-          on_saved: Callable[[int], None] | None = None) -> dict:
+          on_saved: Callable[[int], None] | None = None, tiles: Tiles | None = None) -> dict:
     """Train for cfg.steps; `data(step)` returns that step's examples (deterministic per step, so a resumed
     run sees the same batches; under `parallel`, this rank's shard of them), `vision_data(step)` those of the
     vision phase (examples with grid labels). Checkpoints to `out` every cfg.checkpoint_every steps and at the end;
-    `on_saved(step)` runs where a checkpoint was written, right after it (the caller's upload of `out`)."""
+    `on_saved(step)` runs where a checkpoint was written, right after it (the caller's upload of `out`). `tiles`
+    cuts a LLaVA-OneVision's images (collate's, workers.anyres.anyres_tiles)."""
     if cfg.vision_steps and vision_data is None:
         raise ValueError("cfg.vision_steps > 0 needs vision_data")
     torch.manual_seed(cfg.seed)
@@ -199,19 +200,8 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
     model.train()
     tok = Tokenizer(tok_dir)
     chat = ChatPrompts.load(tok_dir, tok) if isinstance(model, OneVision) else None
-    probe = None
-    if cfg.grid_weight > 0:
-        vc = model.config.vision
-        probe = GridProbe(vc.hidden_size, cfg.grid_classes, cfg.grid_side, vc.layer_norm_eps).to(model.device)
-        hook = probe.watch(model)
-    opt = _optimizer(model, cfg, probe)
+    opt, probe, hook, start, wall0 = _prepare(model, cfg, out, resume, parallel)
     params = [p for g in opt.param_groups for p in g["params"]]
-    start, wall0 = 0, 0.0
-    if resume and (out / "train_state.json").exists():
-        start, wall0 = load_state(out, opt, probe)
-        log.info("resuming from step %d in %s", start, out)
-    if parallel is not None:  # resumed ranks hold the same checkpoint; fresh ones may not hold the same init
-        parallel.broadcast(model, probe)
     t0 = session = time.time()
     seen, last = 0, {}
     for step in range(start, cfg.steps):
@@ -220,7 +210,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
             t0, seen = time.time(), 0  # rates of the main phase
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        batch = collate((vision_data if vision else data)(step), model, tok, chat)
+        batch = collate((vision_data if vision else data)(step), model, tok, chat, tiles)
         loss, parts = _step_loss(model, batch, cfg, probe, vision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -230,15 +220,7 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
         opt.step()
         seen += int(batch.frame_mask.sum()) if vision else len(batch.ids)
         if (step + 1) % cfg.log_every == 0 or step + 1 in (cfg.vision_steps, cfg.steps):
-            if parallel is not None:
-                parts = parallel.mean(parts)
-                seen_all = torch.tensor(float(seen))
-                parallel.dist.all_reduce(seen_all)
-            dt = time.time() - t0
-            last = {"step": step + 1, "phase": "vision" if vision else "main", "lr": lr_at(step, cfg),
-                    "frames_per_s" if vision else "rows_per_s": (seen if parallel is None else float(seen_all)) / dt,
-                    "elapsed_s": dt}
-            last.update({key: float(value.detach()) for key, value in parts.items() if value is not None})
+            last = _record(step, vision, parts, seen, time.time() - t0, cfg, parallel)
             if on_log:
                 on_log(last)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -250,7 +232,40 @@ def train(model: LaVi, tok_dir: Path, data: Callable[[int], list[Example]], cfg:
             if parallel is not None and parallel.on_checkpoint is not None:
                 parallel.on_checkpoint(step + 1, last)
             model.train()
-    if probe is not None:
+    if hook is not None:
         hook.remove()
     model.eval()
     return last
+
+
+def _prepare(model: LaVi, cfg: TrainConfig, out: Path, resume: bool, parallel: DataParallel | None) -> tuple:
+    """(optimizer, grid probe or None, the probe's recording hook or None, step to start at, wall time so far):
+    restored from `out`'s checkpoint when resuming; under `parallel`, every rank holding rank 0's weights."""
+    probe = hook = None
+    if cfg.grid_weight > 0:
+        vc = model.config.vision
+        probe = GridProbe(vc.hidden_size, cfg.grid_classes, cfg.grid_side, vc.layer_norm_eps).to(model.device)
+        hook = probe.watch(model)
+    opt = _optimizer(model, cfg, probe)
+    start, wall0 = 0, 0.0
+    if resume and (out / "train_state.json").exists():
+        start, wall0 = load_state(out, opt, probe)
+        log.info("resuming from step %d in %s", start, out)
+    if parallel is not None:  # resumed ranks hold the same checkpoint; fresh ones may not hold the same init
+        parallel.broadcast(model, probe)
+    return opt, probe, hook, start, wall0
+
+
+def _record(step: int, vision: bool, parts: dict[str, Tensor | None], seen: int, dt: float, cfg: TrainConfig,
+            parallel: DataParallel | None) -> dict:
+    """The log record after `step`: phase, lr, the rate of rows (frames, in the vision phase) over `dt` seconds
+    and the losses; under `parallel`, every rank's rows and the ranks' mean losses."""
+    if parallel is not None:
+        parts = parallel.mean(parts)
+        seen_all = torch.tensor(float(seen))
+        parallel.dist.all_reduce(seen_all)
+        seen = float(seen_all)
+    rec = {"step": step + 1, "phase": "vision" if vision else "main", "lr": lr_at(step, cfg),
+           "frames_per_s" if vision else "rows_per_s": seen / dt, "elapsed_s": dt}
+    rec.update({key: float(value.detach()) for key, value in parts.items() if value is not None})
+    return rec
