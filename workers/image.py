@@ -49,7 +49,7 @@ def decode_image(data: bytes, image_size: int, max_pixels: int,
     The pixel count is read from the header and checked against `max_pixels` before any
     pixel is decoded. EXIF orientation is applied (width/height are the upright size);
     animated images give their first frame. With `pinpoints` (an anyres model), frames are the base view
-    and the grid's tiles instead (T, S, S, 3) (`lavi.onevision.anyres.anyres_tiles`). With `dynamic` (a
+    and the grid's tiles instead (T, S, S, 3) (`workers.anyres.anyres_tiles`). With `dynamic` (a
     dynamic-resolution model's image sizing), frames are (1, h, w, 3) at the image's own resolution
     (workers.dynamic.image_input); an aspect ratio the model's processor refuses is refused from the header.
     Raises DecodeError with a row-ready message.

@@ -47,7 +47,7 @@ class DecodeSettings:
     storage_options: dict = field(default_factory=dict)  # fsspec options (credentials stay out of rows)
     isolate: bool = True  # False: decode in this process (debugging; no timeout or crash guard)
     # The model's input contract for images: None, one image_size square; LLaVA-OneVision's anyres grid
-    # resolutions (height, width): the base view and the grid's image_size tiles (lavi.onevision.anyres.anyres_tiles). A tile
+    # resolutions (height, width): the base view and the grid's image_size tiles (workers.anyres.anyres_tiles). A tile
     # count is bounded by the largest pinpoint, so an item's memory stays bounded too.
     pinpoints: tuple[tuple[int, int], ...] | None = None
     # A dynamic-resolution model's contract (lavi.resolution): each image at its own size (1, h, w, 3), a video's

@@ -301,23 +301,3 @@ class InflightPool:
         self.pos = self.pos + live.long()[:, None]
         self.slot = self.slot + live.long()[:, None]
 
-
-@torch.no_grad()
-def inflight(generator: Generator, vis: Visual, rows: Tensor, prompts: list[list[int]], gen: GenerationConfig,
-             eos_id: int | tuple[int, ...], pad_id: int = 0, max_new_tokens: list[int] | None = None,
-             guide: Guide | None = None, on_done: Callable[[int], None] | None = None,
-             on_first_token: Callable[[], None] | None = None) -> list[RowTokens]:
-    """The requests (prompt i on item rows[i] of `vis`, already encoded) through one pool over `generator`'s cache,
-    up to each request's max_new_tokens (default gen's). guide: token masks for constrained requests (request i is
-    the guide's i). on_done(n): told as n more requests finish (progress while the call runs). on_first_token: called
-    after the first admission's prefill, once its rows have their first token (a static batch: every row's)."""
-    width = max(max_new_tokens or [gen.max_new_tokens])
-    if max_new_tokens is not None and (len(max_new_tokens) != len(prompts) or min(max_new_tokens) < 1):
-        raise ValueError("max_new_tokens: one count >= 1 per prompt")
-    pool = InflightPool(generator, GenerationConfig(width, gen.temperature, gen.top_p, gen.seed), eos_id, pad_id,
-                        guide=guide, rows=len(prompts))
-    ticket = pool.submit(lambda idx: vis.select(torch.tensor(idx, device=vis.mask.device)), rows.tolist(), prompts,
-                         max_new_tokens, on_rows=on_done)
-    pool.on_admit = on_first_token
-    pool.run(ticket)
-    return ticket.results
