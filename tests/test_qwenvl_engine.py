@@ -13,7 +13,8 @@ from qwenvl_fixture import (KINDS, PROMPT, dirs, engines, hf_models, image, make
                             mm_types, reference_pixels)
 
 from lavi.qwenvl import checkpoint as qwen_checkpoint
-from lavi.qwenvl.engine import QwenVLEngine, frame_times, patches, seconds_per_patch
+from lavi.qwenvl.engine import QwenVLEngine, _reader, frame_times, seconds_per_patch
+from lavi.qwenvl.pixels import pixel_values
 from lavi.serving.steps import GenerationConfig
 
 GEN = GenerationConfig(max_new_tokens=12)
@@ -29,8 +30,8 @@ def _hf_generate(hf, engine, d, frames: np.ndarray, media: tuple) -> list[int]:
         pixels, grid = reference_pixels(d, frames[0])
         inputs = {"pixel_values": pixels, "image_grid_thw": grid}
     else:
-        pixels, grid = patches(frames, c, engine.norm)
-        inputs = {"pixel_values_videos": torch.from_numpy(pixels), "video_grid_thw": torch.tensor([grid])}
+        pixels, grid = pixel_values(frames, engine.processor.video)
+        inputs = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
         if c.tokens_per_second:
             times = frame_times(len(frames), media[2] if len(media) > 2 else None)
             inputs["second_per_grid_ts"] = torch.tensor([seconds_per_patch(times, c.temporal_patch_size)])
@@ -150,5 +151,5 @@ def test_engine_load_dispatches_a_qwen_vl_directory(dirs):
     for key, d in dirs.items():
         assert isinstance(Engine.load(str(d), max_batch=2), QwenVLEngine)
         family = family_at(d)
-        info = family.describe(json.loads((d / "config.json").read_text()), lambda name: None, "tiny")
+        info = family.describe(json.loads((d / "config.json").read_text()), _reader(d), "tiny")
         assert family.name == info.family == QWEN_VL and info.vision_in_context

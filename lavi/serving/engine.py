@@ -119,8 +119,7 @@ class Engine:
         device = self.model.device
         if device.type != "cuda":
             raise ValueError("fit_batch measures GPU memory; on CPU give the batch size")
-        frames = frames or self.default_frames
-        clip = np.zeros((frames, self.image_size, self.image_size, 3), np.uint8)
+        clip, media = self._probe(frames or self.default_frames)
         prompt = " ".join(["a"] * max(1, prompt_tokens))
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -129,7 +128,7 @@ class Engine:
         self.max_batch, self.generator = probe, Generator(self.model)  # eager: no CUDA graph for the probe's shape
         try:
             self.generate([clip] * probe, [(i, prompt) for i in range(probe)],
-                          GenerationConfig(max_new_tokens=new_tokens))
+                          GenerationConfig(max_new_tokens=new_tokens), media=[media] * probe)
         finally:
             self.max_batch, self.generator = saved
         torch.cuda.synchronize(device)
@@ -138,6 +137,12 @@ class Engine:
         budget = headroom * min(free, share * total - base)
         self.max_batch = rows_that_fit(budget, per_row, ceiling)
         return self.max_batch
+
+    def _probe(self, frames: int) -> tuple[np.ndarray, tuple[str, tuple[int, int]]]:
+        """fit_batch's probe input and its media entry: a clip of `frames` square frames of image_size (a
+        dynamic-resolution engine gives its largest input instead)."""
+        side = self.image_size
+        return np.zeros((frames, side, side, 3), np.uint8), ("video", (side, side))
 
     def encode_prompt(self, text: str) -> list[int]:
         return prompt_ids(self.config, self.tokenizer, text)
@@ -244,7 +249,8 @@ class Engine:
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
         (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`: an image's visual
-        is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames.
+        is its anyres tiles), a video's optionally followed by its frames' times in seconds (a Qwen-VL reads them:
+        `QwenVLEngine`; the labeler passes a clip's frame_timestamps_s); None: every visual a clip of frames. A LaVi sees every input as frames.
         constraints: per request, its `lavi.serving.constrain.Constraint` or None (free); a finished constrained row that
         breaks its constraint anyway says why in `Completion.violation`. Raises ConstraintError (a ValueError)
         for a constraint this vocabulary cannot meet. on_rows(n): told as n more requests finish, while the call
