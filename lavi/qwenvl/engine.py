@@ -23,7 +23,7 @@ import torch
 from lavi.core.fusion import Visual
 from lavi.qwenvl import checkpoint as qwen_checkpoint
 from lavi.qwenvl.config import IMAGE, VIDEO, QwenVLConfig
-from lavi.qwenvl.family import largest_square, processors
+from lavi.qwenvl.family import largest_frame, largest_square, processors
 from lavi.qwenvl.model import QwenVL
 from lavi.qwenvl.pixels import patch_timestamps, pixel_values
 from lavi.qwenvl.processor_config import ProcessorConfig
@@ -98,9 +98,9 @@ class QwenVLEngine(Engine):
         """fit_batch's probe input: whichever has more visual tokens, an image at the image processor's most pixels
         or a clip of `frames` frames at the video processor's."""
         n = max(frames, self.config.temporal_patch_size)  # a per-clip bound takes no clip under one temporal patch
-        image, video = largest_square(self.dynamic.image), largest_square(self.dynamic.video, n)
-        inputs = [(np.zeros((1, image, image, 3), np.uint8), ("image", (image, image))),
-                  (np.zeros((n, video, video, 3), np.uint8), ("video", (video, video)))]
+        image, video = largest_frame(self.dynamic.image), largest_frame(self.dynamic.video, n)
+        inputs = [(np.zeros((1, *image, 3), np.uint8), ("image", image)),
+                  (np.zeros((n, *video, 3), np.uint8), ("video", video))]
         return max(inputs, key=lambda x: self._visual_tokens(*x))
 
     def default_prompt(self, media_type: str) -> str:

@@ -54,8 +54,20 @@ def processors(c, read: Callable[[str], dict | None]):
 
 def largest_square(sizing, frames: int = 1) -> int:
     """The side of the largest square frame `sizing` (a lavi.resolution.Sizing) gives, in a clip of `frames`
-    (ModelInfo.image_size of a dynamic-resolution model, and the frames the engine's memory probe measures)."""
+    (ModelInfo.image_size of a dynamic-resolution model: the frames never use it)."""
     return sizing.size(HUGE, HUGE, frames)[0]
+
+
+def largest_frame(sizing, frames: int = 1) -> tuple[int, int]:
+    """The (h, w) of the most pixels `sizing` gives a frame in a clip of `frames` (the engine's memory probe): a
+    square may fall a few percent short of the bound where its side is not a whole number of factors, and under a
+    small bound a thin frame's narrow side rounds up to one factor, past it; so huge frames of aspect ratios 1 to 4
+    in steps of 1/64, and on to the most the processor takes (MAX_ASPECT), are resized and the largest result taken."""
+    from lavi.resolution import MAX_ASPECT
+
+    widths = [HUGE * k // 64 for k in range(64, 257)] + [int(HUGE * MAX_ASPECT ** (i / 200)) for i in range(201)]
+    sizes = [sizing.size(HUGE, w, frames) for w in widths]
+    return max(sizes, key=lambda hw: (hw[0] * hw[1], -abs(hw[0] - hw[1])))
 
 
 def load(path, device="cpu", dtype=None):
