@@ -114,3 +114,19 @@ def test_vqa_with_choices_and_with_a_json_schema(ray_local, checkpoints, corpus,
     uri = write_report(str(shaped), sample=8)
     page = (shaped / REPORT_NAME).read_text()
     assert uri.endswith(REPORT_NAME) and "photo.jpg" in page and "clip.mp4" in page
+
+
+def test_plan_labels_a_sample_with_a_qwen_vl(ray_local, checkpoints, corpus, tmp_path):
+    """Guards against `lavi-label plan` (the corpus counted, a sample labelled through the pipeline, a forecast)
+    failing on a dynamic-resolution model, e.g. sizing its sample's frames without the checkpoint's contract."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    args = ["plan", str(corpus), "--sample", "3", "--json", str(tmp_path / "plan.json"), "--model",
+            str(checkpoints["qwen3_vl"]), "--max-new-tokens", "4", "--clip-seconds", "6", "--address", ray_local]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "plan.json").read_text())
+    assert "corpus: 6 items" in result.output and figures["sample"]["items"] == 3
+    assert figures["forecast"]["rows"] >= len(IMAGES)  # one row per image, and the video's clips as sampled
