@@ -22,7 +22,7 @@ import torch
 
 from lavi.core.fusion import Visual
 from lavi.qwenvl import checkpoint as qwen_checkpoint
-from lavi.qwenvl.config import IMAGE, VIDEO, QwenVLConfig
+from lavi.qwenvl.config import IMAGE, VIDEO
 from lavi.qwenvl.family import largest_frame, largest_square, processors
 from lavi.qwenvl.model import QwenVL
 from lavi.qwenvl.pixels import patch_timestamps, pixel_values
