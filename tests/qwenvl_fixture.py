@@ -180,12 +180,13 @@ def reference_pixels(d, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return out["pixel_values"], out["image_grid_thw"]
 
 
-def reference_ids(d, media: str, grid, times: list[float] | None = None, kind: str = "qwen2_vl") -> list[int]:
+def reference_ids(d, media: str, grid, times: list[float] | None = None, kind: str = "qwen2_vl",
+                  prompt: str = PROMPT) -> list[int]:
     """The processor's expanded prompt: the chat template's turn, its placeholder replaced by the processor's own
     replace_image_token / replace_video_token (Qwen3-VL: the template's start/end pair collapsed first), tokenised by
     transformers' tokenizer."""
     tok = transformers.AutoTokenizer.from_pretrained(d)
-    msgs = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": PROMPT}]}]
+    msgs = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": prompt}]}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     ns = SimpleNamespace(image_processor=SimpleNamespace(merge_size=2), image_token="<|image_pad|>",
                          video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2),

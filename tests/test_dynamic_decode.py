@@ -67,7 +67,8 @@ def test_an_aspect_ratio_the_processor_refuses_is_an_error_row():
 def test_video_frames_share_one_size_on_both_paths_and_reach_the_labeler_intact(dynamic, wide_video):
     """Guards against a clip's frames at different sizes (they would not stack), a size that ignores the clip's
     frame count (Qwen3-VL bounds T * h * w), the streamed path (split + seek) sizing otherwise than the whole-file
-    decoder, and blocks that lose or reshape frames of different sizes on their way to the labeler."""
+    decoder, blocks that lose or reshape frames of different sizes on their way to the labeler, and a clip's frame
+    times lost on the way to the engine."""
     s = settings(dynamic, clip_seconds=1.0)
     h, w = dynamic.video.size(H, W, FRAMES)
     whole = decode_item(make_item(str(wide_video), PROMPTS), s, wide_video.read_bytes())
@@ -87,7 +88,9 @@ def test_video_frames_share_one_size_on_both_paths_and_reach_the_labeler_intact(
     for streamed, mem in zip(visuals[1:], whole):
         assert streamed.shape == mem["frames"].shape == (FRAMES, h, w, 3)
         assert np.abs(streamed.astype(int) - mem["frames"].astype(int)).max() <= 2  # decord vs seeking, as square
-    assert media_of[1] == ("video", (H, W))
+    # the engine gets each clip's own frame times (Qwen2.5-VL's time positions, Qwen3-VL's prompt timestamps)
+    assert media_of[1] == ("video", (H, W), tuple(clips[1]["frame_timestamps_s"]))
+    assert len(media_of[1][2]) == FRAMES and media_of[1][2] != media_of[2][2] and media_of[0] == ("image", (517, 333))
 
 
 def test_a_video_of_a_refused_aspect_ratio_is_one_error_row(tmp_path):

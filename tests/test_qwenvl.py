@@ -14,7 +14,8 @@ from qwenvl_fixture import (KINDS, PROMPT, SIZES, VARIANTS, dirs, engines, hf_mo
 
 from lavi.core.decoder import rope_cos_sin
 from lavi.qwenvl.config import QwenVLConfig
-from lavi.qwenvl.engine import patches, seconds_per_patch
+from lavi.qwenvl.engine import seconds_per_patch
+from lavi.qwenvl.pixels import pixel_values
 
 
 # -- config ---------------------------------------------------------------------------------------------------------
@@ -111,26 +112,16 @@ def test_mrope_with_equal_axes_is_plain_rope(interleaved):
 
 # -- pixels and layout ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size", SIZES)
-def test_patches_equal_the_image_processor(dirs, size):
-    """Our uint8 -> pixel_values (rescale, normalise, merge-block patch order, the frame repeated over a temporal
-    patch) is Qwen2VLImageProcessorPil's for an image already at a valid size."""
+def test_the_engine_pixels_equal_the_image_processor(dirs, engines, size):
+    """The engine's image processor, read from the checkpoint's preprocessor_config.json, gives
+    Qwen2VLImageProcessorPil's pixel values for an image already at a valid size (a processor read with the model
+    type's defaults instead of the file's patch size or mean and std would not)."""
     d = dirs[("qwen2_vl", False)]
     img = image(size, sum(size))
     ref, grid = reference_pixels(d, img)
-    ours, our_grid = patches(img[None], QwenVLConfig.from_dir(d))
+    ours, our_grid = pixel_values(img[None], engines[("qwen2_vl", False)].processor.image)
     assert our_grid == tuple(grid[0].tolist())
-    torch.testing.assert_close(torch.from_numpy(ours), ref, rtol=0, atol=1e-6)
-
-
-def test_a_video_patch_of_equal_frames_is_theimage(dirs):
-    """A video's temporal patch holds its frames in order (an odd count completed by the last frame): two equal
-    frames give the image's patches, and a third frame makes a second temporal patch of itself twice."""
-    c = QwenVLConfig.from_dir(dirs[("qwen2_vl", False)])
-    img, other = image((16, 24), 0), image((16, 24), 1)
-    video, grid = patches(np.stack([img, img, other]), c)
-    assert grid == (2, 4, 6)
-    np.testing.assert_array_equal(video[:24], patches(img[None], c)[0])
-    np.testing.assert_array_equal(video[24:], patches(other[None], c)[0])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -198,11 +189,11 @@ def test_video_logits_equal_transformers(hf_models, engines, kind):
     c = engine.config
     clip, times = np.stack([image((16, 24), i) for i in range(3)]), [0.0, 1.0, 2.0]
     got, expanded = _our_logits(engine, clip, ("video", (16, 24), times))
-    pixels, grid = patches(clip, c, engine.norm)
+    pixels, grid = pixel_values(clip, engine.processor.video)
     ids = torch.tensor([expanded])
     extra = {"second_per_grid_ts": torch.tensor([seconds_per_patch(times, 2)])} if kind == "qwen2_5_vl" else {}
     with torch.no_grad():
-        ref = hf(input_ids=ids, pixel_values_videos=torch.from_numpy(pixels), video_grid_thw=torch.tensor([grid]),
+        ref = hf(input_ids=ids, pixel_values_videos=pixels, video_grid_thw=torch.tensor([grid]),
                  mm_token_type_ids=mm_types(ids, c), **extra).logits[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
@@ -214,9 +205,11 @@ def test_the_driver_describes_a_qwen_vl_without_torch(dirs):
     import sys
     from pathlib import Path
 
-    code = (f"import json, sys\nfrom lavi.families import family_at\nd = {str(dirs[('qwen3_vl', False)])!r}\n"
-            "f = family_at(d)\ninfo = f.describe(json.load(open(d + '/config.json')), lambda n: None, 'x')\n"
-            "assert info.family == 'qwen-vl' and 'torch' not in sys.modules, sorted(sys.modules)\n")
+    code = (f"import json, os, sys\nfrom lavi.families import family_at\nd = {str(dirs[('qwen3_vl', False)])!r}\n"
+            "f = family_at(d)\nread = lambda n: json.load(open(d + '/' + n)) if os.path.exists(d + '/' + n) else None\n"
+            "info = f.describe(read('config.json'), read, 'x')\n"
+            "assert info.family == 'qwen-vl' and info.dynamic.image.factor == 8, info\n"
+            "assert 'torch' not in sys.modules, sorted(sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,8 @@ from qwenvl_fixture import (KINDS, PROMPT, dirs, engines, hf_models, image, make
                             mm_types, reference_pixels)
 
 from lavi.qwenvl import checkpoint as qwen_checkpoint
-from lavi.qwenvl.engine import QwenVLEngine, frame_times, patches, seconds_per_patch
+from lavi.qwenvl.engine import QwenVLEngine, _reader, frame_times, seconds_per_patch
+from lavi.qwenvl.pixels import pixel_values
 from lavi.serving.steps import GenerationConfig
 
 GEN = GenerationConfig(max_new_tokens=12)
@@ -29,8 +30,8 @@ def _hf_generate(hf, engine, d, frames: np.ndarray, media: tuple) -> list[int]:
         pixels, grid = reference_pixels(d, frames[0])
         inputs = {"pixel_values": pixels, "image_grid_thw": grid}
     else:
-        pixels, grid = patches(frames, c, engine.norm)
-        inputs = {"pixel_values_videos": torch.from_numpy(pixels), "video_grid_thw": torch.tensor([grid])}
+        pixels, grid = pixel_values(frames, engine.processor.video)
+        inputs = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
         if c.tokens_per_second:
             times = frame_times(len(frames), media[2] if len(media) > 2 else None)
             inputs["second_per_grid_ts"] = torch.tensor([seconds_per_patch(times, c.temporal_patch_size)])
@@ -148,7 +149,29 @@ def test_engine_load_dispatches_a_qwen_vl_directory(dirs):
     from lavi.serving.engine import Engine
 
     for key, d in dirs.items():
-        assert isinstance(Engine.load(str(d), max_batch=2), QwenVLEngine)
+        engine = Engine.load(str(d), max_batch=2)
+        assert isinstance(engine, QwenVLEngine)
         family = family_at(d)
-        info = family.describe(json.loads((d / "config.json").read_text()), lambda name: None, "tiny")
+        info = family.describe(json.loads((d / "config.json").read_text()), _reader(d), "tiny")
         assert family.name == info.family == QWEN_VL and info.vision_in_context
+        # the driver's contract (the decode workers resize to it) is the engine's (its pixels assume it)
+        assert info.dynamic == engine.dynamic and info.dynamic.image.factor == 8 and info.image_size >= 8
+
+
+def test_the_memory_probe_is_the_largest_input_the_contract_gives(engines):
+    """Guards against fit_batch (GPU memory -> rows per batch) measuring a smaller input than a run can give (the
+    448 px square it measured before, where the processor takes up to max_pixels: the batch it set would overflow
+    the GPU on large images), or a probe the engine refuses."""
+    rng = np.random.default_rng(0)
+    for kind in ("qwen2_5_vl", "qwen3_vl"):
+        engine = engines[(kind, False)]
+        frames, media = engine._probe(4)
+        most = engine._visual_tokens(frames, media)
+        for h, w in rng.integers(8, 3000, (300, 2)).tolist():
+            if max(h, w) > 200 * min(h, w):
+                continue
+            image, clip = engine.dynamic.image.size(h, w), engine.dynamic.video.size(h, w, 4)
+            assert engine._visual_tokens(np.zeros((1, *image, 3), np.uint8), ("image", image)) <= most
+            assert engine._visual_tokens(np.zeros((4, *clip, 3), np.uint8), ("video", clip)) <= most
+        vis = engine._encode([frames], [media])
+        assert int(vis.mask.sum()) > 0

@@ -16,7 +16,8 @@ from transformers.vision_utils import get_vision_window_index
 
 from lavi.qwenvl import vision_config
 from lavi.qwenvl.vision import ACTIVATIONS, QwenVision, visual_weights, window_order
-from lavi.qwenvl.vision_config import KINDS, QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QwenVisionConfig
+from lavi.qwenvl.kinds import MODEL_TYPES as KINDS, QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from lavi.qwenvl.vision_config import QwenVisionConfig
 
 # kind -> transformers' (full config, full model, vision config) classes
 REFERENCE = {

@@ -217,7 +217,7 @@ class Labeler:
         local = {c: i for i, c in enumerate(used)}
         visuals = [np.frombuffer(clips[c]["frames"], np.uint8).reshape(clips[c]["frame_shape"]).copy()
                    for c in used]  # writable: torch refuses read-only buffers
-        media = [(clips[c]["media_type"], (clips[c]["height"], clips[c]["width"])) for c in used]
+        media = [_media(clips[c]) for c in used]
         return visuals, media, [(local[c], text) for _, c, text in asks]
 
     def _infer(self, clips: list[dict], asks: list[tuple[int, int, str]], out: list[dict], rules: dict,
@@ -257,6 +257,15 @@ class Labeler:
                 out[i].update(**error_columns(INFER, f"constraint not met: {g.violation}"), **counts)
             else:
                 out[i].update(text=g.text, status=OK if g.finished else TRUNCATED, **counts)
+
+
+def _media(clip: dict) -> tuple:
+    """A clip's media entry for the engine: (kind, (height, width)), and for a video its frames' times in seconds
+    (`frame_timestamps_s`), which a model that sees time reads (Qwen2.5-VL's temporal positions, Qwen3-VL's
+    "<t seconds>" prompt text); the others read the first two."""
+    entry = (clip["media_type"], (clip["height"], clip["width"]))
+    times = clip["frame_timestamps_s"]
+    return (*entry, tuple(times)) if clip["media_type"] == VIDEO and times else entry
 
 
 class StreamingLabeler(Labeler):

@@ -62,7 +62,7 @@ class OneVisionEngine(Engine):
         """An image's anyres tokens, a video's pooled ones (their grid side smaller after a dct compression)."""
         c, vc = self.config, self.model.visual_compress
         side = vc.grid_side(c.side) if vc is not None else c.side
-        kind, size = media
+        kind, size = media[:2]  # a video's third element (its frame times) is not read
         if kind == "image":
             return anyres.image_tokens(size, c.pinpoints, c.tile_size, side, c.max_tiles)
         return anyres.video_tokens(len(frames), side)

@@ -134,7 +134,7 @@ class OneVision(OnDecoder, nn.Module):
         """uint8 inputs per item (anyres tiles of an image, or a clip's frames) and (kind, (height, width)) per
         item -> their visual tokens, padded to the longest: `tokens` (N, Nv, d), `mask` (N, Nv)."""
         seqs = []
-        for frames, (kind, size) in zip(visuals, media):
+        for frames, (kind, size, *_) in zip(visuals, media):  # *_: a video's frame times
             x = pixels(frames, self.config).to(self.device)
             seqs.append(self.image_tokens(x, size) if kind == "image" else self.video_tokens(x))
         return self._padded(seqs)

@@ -16,13 +16,8 @@ from typing import Any
 
 from lavi.core.config import DecoderConfig
 from lavi.families import CheckpointError
+from lavi.qwenvl.kinds import MODEL_TYPES, QWEN2_5_VL, QWEN2_VL, QWEN3_VL, REFUSED
 
-QWEN2_VL, QWEN2_5_VL, QWEN3_VL = "qwen2_vl", "qwen2_5_vl", "qwen3_vl"
-MODEL_TYPES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
-# model types of the family's line this loader does not implement, and why
-REFUSED = {"qwen3_vl_moe": "its mixture-of-experts decoder", "qwen3_5": "its linear-attention (Gated DeltaNet) layers",
-           "qwen3_5_moe": "its linear-attention layers and mixture-of-experts decoder",
-           "qwen2_5_omni": "its audio and speech parts", "qwen3_omni_moe": "its audio parts and mixture-of-experts"}
 DEFAULT_PROMPTS = {"image": "Describe the image.", "video": "Describe the video."}
 IMAGE, VIDEO = 1, 2  # a visual item's kind, as transformers' mm_token_type_ids spell it
 # transformers' defaults, where config.json leaves a field out

@@ -3,17 +3,17 @@ static-cache generation loop as LaVi (`lavi.serving.generate`).
 
 Requests carry what the model must know of each input: its kind (image or video), its size, and for a video
 optionally its frames' times in seconds, a third element of its media entry `(kind, (height, width), times)` (the
-clip's `frame_timestamps_s`; without it the frames are taken 1 / DEFAULT_FPS apart from 0). Frames arrive as uint8
-(T, H, W, 3), already resized by the decode workers to sides that are multiples of patch_size * merge_size; a video's
-frames go in temporal patches of temporal_patch_size (an odd count completed by repeating the last frame, as
-transformers does). The times give Qwen2.5-VL its temporal positions (tokens_per_second x seconds per temporal
-patch) and Qwen3-VL its "<t seconds>" text before each temporal patch.
+clip's `frame_timestamps_s`, as the labeler passes them; without it the frames are taken 1 / DEFAULT_FPS apart from
+0). Frames arrive as uint8 (1, h, w, 3) for an image and (F, h, w, 3) for a clip, already resized by the decode
+workers to the checkpoint's dynamic-resolution contract (`dynamic`: its processors' smart resize, lavi.resolution);
+the pixel values are the processors' own arithmetic (lavi.qwenvl.pixels with the image or the video processor of
+lavi.qwenvl.processor_config). The times give Qwen2.5-VL its temporal positions (tokens_per_second x seconds per
+temporal patch) and Qwen3-VL its "<t seconds>" text before each temporal patch.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -22,64 +22,28 @@ import torch
 
 from lavi.core.fusion import Visual
 from lavi.qwenvl import checkpoint as qwen_checkpoint
-from lavi.qwenvl.config import IMAGE, VIDEO, QwenVLConfig
-from lavi.qwenvl.family import square_side
+from lavi.qwenvl.config import IMAGE, VIDEO
+from lavi.qwenvl.family import largest_frame, largest_square, processors
 from lavi.qwenvl.model import QwenVL
+from lavi.qwenvl.pixels import patch_timestamps, pixel_values
+from lavi.qwenvl.processor_config import ProcessorConfig
+from lavi.resolution import DynamicResolution
 from lavi.serving.engine import Engine
 from lavi.serving.load_prep import prepare
 from lavi.serving.prompts import ChatPrompts
 from lavi.visual_tokens.methods import VisualCompress
 
 DEFAULT_FPS = 2.0  # the frame rate Qwen's video processors sample at, taken when a clip comes without its times
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' Qwen2-VL image processor defaults
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class Normalise:
-    """preprocessor_config.json's rescale and normalisation.
-    TODO(q-prep): lavi/qwenvl/processor_config.py reads the whole file (min/max pixels too); use it when it lands."""
-
-    rescale_factor: float = 1 / 255
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
-
-    @classmethod
-    def from_dir(cls, directory: str | Path) -> "Normalise":
-        path = Path(directory) / "preprocessor_config.json"
-        pre = json.loads(path.read_text()) if path.exists() else {}
-        for flag in ("do_rescale", "do_normalize"):
-            if pre.get(flag, True) is not True:
-                raise ValueError(f"preprocessor_config.json {flag}={pre[flag]} is not supported")
-        return cls(float(pre.get("rescale_factor", 1 / 255)), tuple(pre.get("image_mean", CLIP_MEAN)),
-                   tuple(pre.get("image_std", CLIP_STD)))
-
-
-def patches(frames: np.ndarray, c: QwenVLConfig, norm: Normalise = Normalise()) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 frames (T, H, W, 3) (an image: T = 1) -> the processor's pixel_values (t*h*w, 3*tp*p*p) float32 and
-    grid (t, h, w) in patches, with its arithmetic: rescale in float64, cast to float32, (x - mean) / std.
-    TODO(q-prep): lavi/qwenvl/pixels.py does this for the decode workers; use it when it lands."""
-    t, height, width, _ = frames.shape
-    p, m, tp = c.patch_size, c.merge_size, c.temporal_patch_size
-    if height % c.factor or width % c.factor:
-        raise ValueError(f"frames of {height}x{width}: a Qwen-VL takes sides that are multiples of {c.factor} "
-                         "(the decode workers resize to them)")
-    x = (frames.astype(np.float64) * norm.rescale_factor).astype(np.float32)
-    x = ((x - np.array(norm.image_mean, np.float32)) / np.array(norm.image_std, np.float32)).astype(np.float32)
-    x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
-    if pad := -t % tp:  # the last frame repeated to fill the last temporal patch
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    gt, gh, gw = x.shape[0] // tp, height // p, width // p
-    x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, gh/m, gw/m, m, m, C, tp, p, p): merge blocks contiguous
-    return np.ascontiguousarray(x.reshape(gt * gh * gw, 3 * tp * p * p)), (gt, gh, gw)
 
 
 def frame_times(n: int, times: Sequence[float] | None) -> list[float]:
-    """Each frame's time in seconds: the clip's own, or 1 / DEFAULT_FPS apart from 0."""
-    if times is not None and len(times) == n:
-        return [float(t) for t in times]
-    return [i / DEFAULT_FPS for i in range(n)]
+    """Each frame's time in seconds: the clip's own (one per frame; ValueError otherwise), or 1 / DEFAULT_FPS apart
+    from 0 when the clip comes without them."""
+    if times is None:
+        return [i / DEFAULT_FPS for i in range(n)]
+    if len(times) != n:
+        raise ValueError(f"a clip of {n} frames came with {len(times)} frame times")
+    return [float(t) for t in times]
 
 
 def seconds_per_patch(times: list[float], tp: int) -> float:
@@ -90,17 +54,24 @@ def seconds_per_patch(times: list[float], tp: int) -> float:
 
 
 def stamp_texts(times: list[float], tp: int) -> list[str]:
-    """Qwen3-VL's "<t seconds>" per temporal patch: the mean of its first and last frame's times (the last frame
-    repeated to complete it), to one decimal, as Qwen3VLProcessor writes them."""
-    times = times + [times[-1]] * (-len(times) % tp)
-    return [f"<{(times[i] + times[i + tp - 1]) / 2:.1f} seconds>" for i in range(0, len(times), tp)]
+    """Qwen3-VL's "<t seconds>" per temporal patch (lavi.qwenvl.pixels.patch_timestamps), to one decimal, as
+    Qwen3VLProcessor writes them."""
+    return [f"<{t:.1f} seconds>" for t in patch_timestamps(times, tp)]
+
+
+def _reader(path: str | Path):
+    """`read(name)` -> a JSON file of the checkpoint directory, or None where it has none."""
+    def read(name: str) -> dict | None:
+        file = Path(path) / name
+        return json.loads(file.read_text()) if file.exists() else None
+    return read
 
 
 class QwenVLEngine(Engine):
-    def __init__(self, model: QwenVL, prompts: ChatPrompts, max_batch: int = 32, name: str | None = None,
-                 compile: bool = False, inflight: bool = True, norm: Normalise = Normalise()) -> None:
+    def __init__(self, model: QwenVL, prompts: ChatPrompts, processor: ProcessorConfig, max_batch: int = 32,
+                 name: str | None = None, compile: bool = False, inflight: bool = True) -> None:
         super().__init__(model, prompts.tokenizer, max_batch=max_batch, name=name, compile=compile, inflight=inflight)
-        self.prompts, self.norm = prompts, norm
+        self.prompts, self.processor = prompts, processor
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
@@ -110,12 +81,27 @@ class QwenVLEngine(Engine):
             raise ValueError("--visual-compress is not supported for a Qwen-VL yet")
         prompts = ChatPrompts.load(path)
         model = prepare(qwen_checkpoint.load(path, device=device, dtype=dtype), quantize, None, compile, pack)
-        return cls(model, prompts, max_batch=max_batch, name=model.config.name, compile=compile,
-                   norm=Normalise.from_dir(path))
+        return cls(model, prompts, processors(model.config, _reader(path)), max_batch=max_batch,
+                   name=model.config.name, compile=compile)
+
+    @property
+    def dynamic(self) -> DynamicResolution:
+        """The processors' dynamic-resolution contract: what the decode workers resize images and clips to."""
+        return self.processor.contract
 
     @property
     def image_size(self) -> int:
-        return square_side(self.config)
+        """The side of the largest square image the contract gives (ModelInfo.image_size; frames never use it)."""
+        return largest_square(self.dynamic.image)
+
+    def _probe(self, frames: int) -> tuple[np.ndarray, tuple]:
+        """fit_batch's probe input: whichever has more visual tokens, an image at the image processor's most pixels
+        or a clip of `frames` frames at the video processor's."""
+        n = max(frames, self.config.temporal_patch_size)  # a per-clip bound takes no clip under one temporal patch
+        image, video = largest_frame(self.dynamic.image), largest_frame(self.dynamic.video, n)
+        inputs = [(np.zeros((1, *image, 3), np.uint8), ("image", image)),
+                  (np.zeros((n, *video, 3), np.uint8), ("video", video))]
+        return max(inputs, key=lambda x: self._visual_tokens(*x))
 
     def default_prompt(self, media_type: str) -> str:
         prompts = self.config.default_prompts
@@ -132,15 +118,18 @@ class QwenVLEngine(Engine):
         return [tuple(self.tokenizer.encode(s)) for s in stamp_texts(times, self.config.temporal_patch_size)]
 
     def _encode(self, visuals: list[np.ndarray], media: list[tuple]) -> Visual:
+        """Each input's pixel values by its processor (an image's first frame by the image processor, a clip's
+        frames by the video processor), through the tower at once."""
         c = self.config
         pixels, grids, kinds, seconds, stamps = [], [], [], [], []
         for frames, m in zip(visuals, media):
             frames = frames[None] if frames.ndim == 3 else frames
             video = m[0] == "video"
             frames = frames if video else frames[:1]
-            x, grid = patches(frames, c, self.norm)
-            times = frame_times(len(frames), m[2] if len(m) > 2 else None)
-            pixels.append(torch.from_numpy(x))
+            x, grid = pixel_values(frames, self.processor.video if video else self.processor.image,
+                                   device=self.model.device)
+            times = frame_times(len(frames), m[2] if len(m) > 2 else None) if video else []
+            pixels.append(x)
             grids.append(grid)
             kinds.append(VIDEO if video else IMAGE)
             seconds.append(seconds_per_patch(times, c.temporal_patch_size) if video else 1.0)

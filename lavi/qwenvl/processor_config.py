@@ -21,9 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from lavi.qwenvl.kinds import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from lavi.resolution import BICUBIC, DynamicResolution, Sizing
 
-QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE = "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN and _STD
 
@@ -94,9 +94,7 @@ _QWEN2_VIDEO = replace(_IMAGE, min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 76
 _QWEN3_VIDEO = MediaProcessor(min_pixels=128 * 32 * 32, max_pixels=32 * 32 * 768, patch_size=16,
                               temporal_patch_size=2, merge_size=2, image_mean=HALF, image_std=HALF, per_clip=True,
                               fused=True)
-DEFAULTS = {QWEN2_VL: (_IMAGE, _QWEN2_VIDEO), QWEN2_5_VL: (_IMAGE, _QWEN2_VIDEO), QWEN3_VL: (_IMAGE, _QWEN3_VIDEO),
-            QWEN3_VL_MOE: (_IMAGE, _QWEN3_VIDEO)}
-MODEL_TYPES = tuple(DEFAULTS)
+DEFAULTS = {QWEN2_VL: (_IMAGE, _QWEN2_VIDEO), QWEN2_5_VL: (_IMAGE, _QWEN2_VIDEO), QWEN3_VL: (_IMAGE, _QWEN3_VIDEO)}
 
 
 @dataclass(frozen=True)

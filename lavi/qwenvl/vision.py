@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lavi.qwenvl.vision_config import QWEN2_5_VL, QWEN2_VL, QWEN3_VL, QwenVisionConfig
+from lavi.qwenvl.kinds import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+from lavi.qwenvl.vision_config import QwenVisionConfig
 
 VISUAL_PREFIXES = ("model.visual.", "visual.")  # transformers 5 (and Qwen3-VL's hub layout), then the hub's older one
 EPS = 1e-6  # every norm of the three towers

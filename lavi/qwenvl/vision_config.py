@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-QWEN2_VL, QWEN2_5_VL, QWEN3_VL = "qwen2_vl", "qwen2_5_vl", "qwen3_vl"
-KINDS = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
+from lavi.qwenvl.kinds import MODEL_TYPES, QWEN2_5_VL, QWEN2_VL, QWEN3_VL
+
 # the MLP activations the tower implements (transformers' ACT2FN names); vision.py maps each to its function
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "gelu_new", "silu", "swish")
 ROPE_TYPES = ("axial", "default")  # transformers 5 reads a vision "default" rope as "axial": both are the 2D rope
@@ -43,7 +43,7 @@ _ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "depth", "i
 class QwenVisionConfig:
     """One tower. Widths in our names: `hidden_size` is the ViT's, `out_hidden_size` the merger's (the LLM's)."""
 
-    kind: str  # QWEN2_VL | QWEN2_5_VL | QWEN3_VL
+    kind: str  # one of MODEL_TYPES
     depth: int
     hidden_size: int
     num_heads: int
@@ -64,8 +64,8 @@ class QwenVisionConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fullatt_block_indexes", tuple(self.fullatt_block_indexes))
         object.__setattr__(self, "deepstack_visual_indexes", tuple(self.deepstack_visual_indexes))
-        if self.kind not in KINDS:
-            raise ValueError(f"vision kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.kind not in MODEL_TYPES:
+            raise ValueError(f"vision kind {self.kind!r} is not one of {', '.join(MODEL_TYPES)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act {self.hidden_act!r} is not implemented "
                              f"(one of {', '.join(ACTIVATIONS)})")
@@ -120,8 +120,8 @@ class QwenVisionConfig:
     @classmethod
     def from_hf(cls, vision_config: dict[str, Any], kind: str) -> "QwenVisionConfig":
         """Map a config.json's vision_config (transformers 5 or the hub's older layout) onto ours; refuse the rest."""
-        if kind not in KINDS:
-            raise ValueError(f"vision kind {kind!r} is not one of {', '.join(KINDS)}")
+        if kind not in MODEL_TYPES:
+            raise ValueError(f"vision kind {kind!r} is not one of {', '.join(MODEL_TYPES)}")
         hf = {**_DEFAULTS[kind], **{_ALIASES.get(k, k): v for k, v in vision_config.items()}}
         if "in_channels" in vision_config and "in_chans" in vision_config:  # transformers 5 reads in_channels
             hf["in_channels"] = vision_config["in_channels"]

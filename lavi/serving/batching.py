@@ -72,8 +72,7 @@ class Batching:
         device = self.model.device
         if device.type != "cuda":
             raise ValueError("fit_batch measures GPU memory; on CPU give the batch size")
-        frames = frames or self.default_frames
-        clip = np.zeros((frames, self.image_size, self.image_size, 3), np.uint8)
+        clip, media = self._probe(frames or self.default_frames)
         prompt = " ".join(["a"] * max(1, prompt_tokens))
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -82,7 +81,7 @@ class Batching:
         self.max_batch, self.generator = probe, Generator(self.model)  # eager: no CUDA graph for the probe's shape
         try:
             self.generate([clip] * probe, [(i, prompt) for i in range(probe)],
-                          GenerationConfig(max_new_tokens=new_tokens))
+                          GenerationConfig(max_new_tokens=new_tokens), media=[media] * probe)
         finally:
             self.max_batch, self.generator = saved
         torch.cuda.synchronize(device)
@@ -91,6 +90,12 @@ class Batching:
         budget = headroom * min(free, share * total - base)
         self.max_batch = rows_that_fit(budget, per_row, ceiling)
         return self.max_batch
+
+    def _probe(self, frames: int) -> tuple[np.ndarray, tuple[str, tuple[int, int]]]:
+        """fit_batch's probe input and its media entry: a clip of `frames` square frames of image_size (a
+        dynamic-resolution engine gives its largest input instead)."""
+        side = self.image_size
+        return np.zeros((frames, side, side, 3), np.uint8), ("video", (side, side))
 
     def _ensure_cache(self, batch: int, seq: int) -> None:
         """The generator's static cache, allocated once; reallocated only if a request needs more rows or

@@ -114,7 +114,8 @@ class Engine(Batching):
         """visuals: uint8 (F, S, S, 3) per clip; requests: (visual index, prompt) pairs -> one Completion each.
         The visual state of each clip is computed once, whatever the number of prompts asked of it. media:
         (kind, (height, width)) per visual, which a LLaVA-OneVision needs (`OneVisionEngine`: an image's visual
-        is its anyres tiles); None: every visual a clip of frames. A LaVi sees every input as frames.
+        is its anyres tiles), a video's optionally followed by its frames' times in seconds (a Qwen-VL reads them:
+        `QwenVLEngine`; the labeler passes a clip's frame_timestamps_s); None: every visual a clip of frames. A LaVi sees every input as frames.
         constraints: per request, its `lavi.serving.constrain.Constraint` or None (free); a finished constrained row that
         breaks its constraint anyway says why in `Completion.violation`. Raises ConstraintError (a ValueError)
         for a constraint this vocabulary cannot meet. on_rows(n): told as n more requests finish, while the call

@@ -1,0 +1,132 @@
+"""A Qwen2.5-VL and a Qwen3-VL through the whole pipeline, as `lavi-label run DIR --model QWEN_DIR` labels a folder:
+the driver reads the checkpoint's dynamic-resolution contract, the decode workers resize each image to its own size,
+the labeler's engine computes the processors' pixels, and the Parquet's captions are transformers' own greedy texts
+(Qwen2VLImageProcessorPil on the same files, the chat template, generate()). Tiny random checkpoints written by
+`save_pretrained` (tests/qwenvl_fixture.py), the session's local Ray, CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import media
+from qwenvl_fixture import make_qwenvl, mm_types, reference_ids, transformers
+
+from pipeline.config import RunConfig
+from pipeline.driver import run
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+PROMPT = "describe the image."
+NEW = 8
+# (width, height): square, wide, tall, a photo's 4:3, a banner; PNG and JPEG
+IMAGES = {"square.png": (64, 64), "wide.jpg": (200, 50), "tall.png": (33, 200), "photo.jpg": (500, 375),
+          "banner.png": (1024, 200)}
+KINDS = ("qwen2_5_vl", "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    return {k: make_qwenvl(tmp_path_factory.mktemp(k) / "tiny", k, seed=3) for k in KINDS}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Images of many sizes and aspect ratios and a 12 s video (cut into 4 s clips)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i, (name, (w, h)) in enumerate(IMAGES.items()):
+        data = media.jpeg(w, h, seed=i) if name.endswith(".jpg") else media.png(w, h, seed=i)
+        (root / name).write_bytes(data)
+    media.mp4(root / "clip.mp4", seconds=12, fps=2, size=48, height=32)
+    return root
+
+
+def _reference_text(d: Path, hf, path: Path) -> str:
+    """transformers' greedy caption of the image file: its PIL image processor on the file as PIL opens it, the chat
+    template's prompt expanded by the processor's rule, generate(), decoded without special tokens."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    with Image.open(path) as im:
+        out = Qwen2VLImageProcessorPil.from_pretrained(d)(images=im.convert("RGB"), return_tensors="pt")
+    kind = hf.config.model_type
+    ids = torch.tensor([reference_ids(d, "image", out["image_grid_thw"][0].tolist(), kind=kind, prompt=PROMPT)])
+    with torch.no_grad():
+        gen = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"],
+                          image_grid_thw=out["image_grid_thw"], mm_token_type_ids=mm_types(ids, hf.config),
+                          max_new_tokens=NEW, do_sample=False)
+    tokens = gen[0, ids.shape[1]:].tolist()
+    eos = hf.generation_config.eos_token_id
+    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+    return transformers.AutoTokenizer.from_pretrained(d).decode(tokens, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_captions_equal_transformers_and_a_video_gives_its_rows(ray_local, checkpoints, corpus, kind, tmp_path):
+    """Guards against the joins between the driver, the decode workers and the engine: a square resize where the
+    processor keeps each image's own size and aspect ratio, a size off by one factor or another filter, the engine's
+    pixels by another processor's arithmetic, the chat template or the expanded prompt other than the processor's:
+    any of them changes the greedy text of a random model. A video's clips each give a row with its frames' times."""
+    d = checkpoints[kind]
+    out = tmp_path / "out"
+    summary = run(RunConfig(inputs=(str(corpus),), out=str(out), model=str(d), prompt=PROMPT, max_new_tokens=NEW,
+                            batch_size=4, clip_seconds=4.0, frames=4, address=ray_local))
+    rows = pq.read_table(out).to_pylist()
+    images = {Path(r["uri"]).name: r for r in rows if r["media_type"] == "image"}
+    videos = sorted((r for r in rows if r["media_type"] == "video"), key=lambda r: r["clip_index"])
+    assert summary["status"].get("error", 0) == 0, [r["error"] for r in rows if r["error"]]
+    assert set(images) == set(IMAGES) and [r["clip_index"] for r in videos] == [0, 1, 2]
+    assert all(r["status"] in ("ok", "truncated") and r["text"] for r in rows)
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+    for name, row in images.items():
+        assert (row["width"], row["height"]) == IMAGES[name]
+        assert row["text"] == _reference_text(d, hf, corpus / name), name
+    assert len({r["text"] for r in images.values()}) > 1  # the images matter
+    for r in videos:
+        times = r["frame_timestamps_s"]
+        assert len(times) == 4 and r["clip_start_s"] <= times[0] < times[-1] <= r["clip_end_s"]
+
+
+def test_vqa_with_choices_and_with_a_json_schema(ray_local, checkpoints, corpus, tmp_path):
+    """Guards against constrained decoding that does not meet a Qwen-VL's vocabulary and prompts (a choice masked
+    over the wrong vocabulary size, a JSON grammar on the wrong tokens): every answer is one of the choices, or JSON
+    valid under the schema; then `lavi-label report` on the run's output."""
+    from pipeline.output import REPORT_NAME
+    from pipeline.report import write_report
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    options = dict(inputs=(str(corpus),), task="vqa", questions=("is there a square?",), max_new_tokens=24,
+                   batch_size=4, clip_seconds=6.0, frames=2, address=ray_local)
+    chosen = tmp_path / "choices"
+    run(RunConfig(out=str(chosen), model=str(checkpoints["qwen3_vl"]), choices=("yes", "no"), **options))
+    rows = pq.read_table(chosen).to_pylist()
+    assert len(rows) == len(IMAGES) + 2 and {r["text"] for r in rows} <= {"yes", "no"}
+    assert {r["status"] for r in rows} == {"ok"}
+    shaped = tmp_path / "json"
+    run(RunConfig(out=str(shaped), model=str(checkpoints["qwen2_5_vl"]), json_schema=json.dumps(schema), **options))
+    rows = pq.read_table(shaped).to_pylist()
+    assert len(rows) == len(IMAGES) + 2 and {r["status"] for r in rows} <= {"ok", "truncated"}
+    answers = [json.loads(r["text"]) for r in rows if r["status"] == "ok"]
+    assert answers and all(set(a) == {"answer"} and a["answer"] in ("yes", "no") for a in answers)
+    uri = write_report(str(shaped), sample=8)
+    page = (shaped / REPORT_NAME).read_text()
+    assert uri.endswith(REPORT_NAME) and "photo.jpg" in page and "clip.mp4" in page
+
+
+def test_plan_labels_a_sample_with_a_qwen_vl(ray_local, checkpoints, corpus, tmp_path):
+    """Guards against `lavi-label plan` (the corpus counted, a sample labelled through the pipeline, a forecast)
+    failing on a dynamic-resolution model, e.g. sizing its sample's frames without the checkpoint's contract."""
+    from click.testing import CliRunner
+
+    from jobs.cli import main
+
+    args = ["plan", str(corpus), "--sample", "3", "--json", str(tmp_path / "plan.json"), "--model",
+            str(checkpoints["qwen3_vl"]), "--max-new-tokens", "4", "--clip-seconds", "6", "--address", ray_local]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads((tmp_path / "plan.json").read_text())
+    assert "corpus: 6 items" in result.output and figures["sample"]["items"] == 3
+    assert figures["forecast"]["rows"] >= len(IMAGES)  # one row per image, and the video's clips as sampled
