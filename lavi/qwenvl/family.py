@@ -9,7 +9,7 @@ from typing import Any, Callable
 from lavi.qwenvl.config import MODEL_TYPES, REFUSED
 
 ENGINE = "lavi.qwenvl.engine:QwenVLEngine"
-CONVERT = None  # no convert into a LaVi yet
+CONVERT = "lavi.qwenvl.convert:convert"
 
 
 def claims(config: dict[str, Any]) -> bool:
