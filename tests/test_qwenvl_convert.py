@@ -176,3 +176,30 @@ def test_convert_command_takes_a_qwen_vl(qwen_dirs, tmp_path):
     assert config["processor"]["model_type"] == "qwen2_5_vl" and config["num_stages"] == 2
     res = runner.invoke(main, ["convert", str(tmp_path / "lavi"), "--out", str(tmp_path / "again")])
     assert res.exit_code == 2 and "Qwen-VL" in res.output
+
+
+def test_converted_lavi_trains_on_images_and_videos_of_their_own_sizes(lavi_dirs, tmp_path):
+    """`lavi.training.train` takes a Qwen-VL tower's LaVi: batches of an image and a video at their own sizes are cut
+    into the tower's patches (collate), the conditioner's heads learn (no longer zero: vision now moves the logits),
+    and the checkpoint it writes reloads through lavi.families as that LaVi."""
+    from lavi.families import load_model
+    from lavi.qwenvl.lavi_model import QwenLaVi
+    from lavi.training.train import Example, TrainConfig, train
+
+    model = load_model(lavi_dirs["qwen2_vl"])
+    clip = np.stack([image((16, 24), s) for s in range(4)])
+    examples = [Example(frames=image((24, 40), 1)[None], pairs=((PROMPT, "a red circle"),), media="image"),
+                Example(frames=clip, pairs=(("describe the video.", "two blue triangles"),), media="video")]
+    summary = train(model, lavi_dirs["qwen2_vl"], lambda step: examples,
+                    TrainConfig(steps=3, lr=5e-2, warmup=1, log_every=1, checkpoint_every=3), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "train_state.json").read_text())["step"] == 3 and summary
+    trained = load_model(tmp_path / "out")
+    assert isinstance(trained, QwenLaVi)
+    heads = [p for n, p in trained.viln.named_parameters() if "o_proj" in n]
+    assert any(bool(p.abs().sum() > 0) for p in heads)
+    ids = torch.tensor([[5, 9, 11, 4, 7]])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        a = trained(ids, valid, trained.encode_frames([image((24, 40), 1)], [("image", (24, 40))]))
+        b = trained(ids, valid, trained.encode_frames([image((24, 40), 2)], [("image", (24, 40))]))
+    assert not torch.allclose(a, b)

@@ -148,14 +148,18 @@ class QwenLaVi(LaVi):
 
     def encode_frames(self, visuals: list[np.ndarray], media: list[tuple] | None = None) -> Visual:
         """uint8 frames per item, (T, H, W, 3) at the dynamic resolution (an image: T = 1, or (H, W, 3)); media
-        (kind, ...) per item: an image is cut by the image processor, a video by the video processor."""
+        (kind, ...) per item (None: a video where it has several frames) -> their visual state."""
+        return self.encode(*self.patches(visuals, media))
+
+    def patches(self, visuals: list[np.ndarray], media: list[tuple] | None = None) -> tuple[Tensor, Tensor]:
+        """The tower's input for these items (`encode_frames`' arguments): pixel_values (sum t*h*w, C*tp*p*p) and
+        grids (N, 3); an image is cut by the image processor, a video by the video processor."""
         values, grids = [], []
         for i, frames in enumerate(visuals):
             frames = frames[None] if frames.ndim == 3 else frames
-            video = media is not None and media[i][0] == "video" or media is None and len(frames) > 1
+            video = media[i][0] == "video" if media is not None else len(frames) > 1
             x, grid = pixels.pixel_values(frames if video else frames[:1],
                                           self.processor.video if video else self.processor.image)
             values.append(x)
             grids.append(grid)
-        return self.encode(torch.cat(values), torch.tensor(grids))
-
+        return torch.cat(values), torch.tensor(grids)
