@@ -326,8 +326,8 @@ def _echo_results(doc: dict, written: str, card: str | None) -> None:
 
 @click.command("distill")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--teacher", required=True, help="The model whose labels the student learns: a LLaVA-OneVision, Qwen-VL or LaVi "
-              "checkpoint directory.")
+@click.option("--teacher", required=True, help="The model whose labels the student learns: a LLaVA-OneVision, "
+              "Qwen-VL or LaVi checkpoint directory.")
 @click.option("--student", required=True, type=click.Path(exists=True, file_okay=False),
               help="The LaVi checkpoint to train (typically `lavi-label convert TEACHER --out STUDENT`).")
 @click.option("--out", required=True, help="Work directory, local or object storage (s3://, gs://; resumed if it "

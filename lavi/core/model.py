@@ -49,7 +49,7 @@ class LaVi(OnDecoder, nn.Module):
 
     @property
     def dynamic(self) -> DynamicResolution | None:
-        """A dynamic-resolution tower's input contract (lavi.resolution; lavi.qwenvl.lavi_model); None: square frames."""
+        """A dynamic-resolution tower's input contract (lavi.resolution, lavi.qwenvl.lavi_model); None: square."""
         return None
 
     def encode_frames(self, visuals: list[np.ndarray], media: list[tuple] | None = None) -> Visual:

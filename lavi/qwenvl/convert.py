@@ -40,11 +40,11 @@ def convert(source: str | Path, out: str | Path, num_stages: int = 4, cond_dim: 
     template = find_template(src)
     if template is None:
         raise checkpoint.CheckpointError(f"{src} has no chat template: a converted LaVi prompts through it")
-    tok_cfg = json.loads((src / "tokenizer_config.json").read_text()) if (src / "tokenizer_config.json").exists() else {}
 
     def read(file: str) -> dict | None:
         return json.loads((src / file).read_text()) if (src / file).exists() else None
 
+    tok_cfg = read("tokenizer_config.json") or {}
     processor = ProcessorConfig.read(c.kind, read)
     vision = QwenVisionConfig.from_hf(c.vision, c.kind)
     config = LaViConfig(decoder=c.decoder, vision=vision, fusion=VILN, sites=sites, layer_stride=layer_stride,
