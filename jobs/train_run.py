@@ -38,6 +38,7 @@ def prepare(o: dict, outp: Path, rank: int = 0, world: int = 1, storage_options:
     Ray Train's workers the environment's credentials read it)."""
     import torch
 
+    from lavi.core.model import LaVi
     from lavi.training.train import TrainConfig
     from shapes.batches import GRID_CLASSES
 
