@@ -1,4 +1,5 @@
-"""`lavi-label convert DIR --out LAVI_DIR`: a LaVi from a LLaVA-OneVision checkpoint (lavi.onevision.convert).
+"""`lavi-label convert DIR --out LAVI_DIR`: a LaVi from a LLaVA-OneVision (lavi.onevision.convert) or a Qwen2-VL,
+Qwen2.5-VL or Qwen3-VL checkpoint (lavi.qwenvl.convert): whichever family's CONVERT the registry finds for DIR.
 
 --out may be object storage (s3://, gs://): the checkpoint is written to a local temporary directory and uploaded
 when it is whole (jobs.outdir.staged)."""
@@ -22,7 +23,7 @@ import click
               help="fsspec option for a remote --out, as for `run` (repeatable).")
 def convert_cmd(source: str, out: str, stages: int, cond_dim: int, cond_heads: int, sites: str, layer_stride: int,
                 seed: int, storage_options: tuple[str, ...]) -> None:
-    """Build a LaVi from a Hugging Face LLaVA-OneVision directory: same tower, decoder, tokenizer and chat
+    """Build a LaVi from a Hugging Face LLaVA-OneVision or Qwen-VL directory: same tower, decoder, tokenizer and chat
     template, a new zero-initialised conditioner (exactly the base LLM until trained: `lavi-label train --init`)."""
     from jobs.outdir import staged
     from lavi.families import FAMILIES, CheckpointError, family_at

@@ -213,8 +213,8 @@ def _train_student(config: DistillConfig, work: str, storage: dict, student_conf
 
 @click.command("distill")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-@click.option("--teacher", required=True, help="The model whose labels the student learns: a LLaVA-OneVision or LaVi "
-              "checkpoint directory.")
+@click.option("--teacher", required=True, help="The model whose labels the student learns: a LLaVA-OneVision, "
+              "Qwen-VL or LaVi checkpoint directory.")
 @click.option("--student", required=True, type=click.Path(exists=True, file_okay=False),
               help="The LaVi checkpoint to train (typically `lavi-label convert TEACHER --out STUDENT`).")
 @click.option("--out", required=True, help="Work directory, local or object storage (s3://, gs://; resumed if it "

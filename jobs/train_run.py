@@ -40,6 +40,7 @@ def prepare(o: dict, outp: Path, rank: int = 0, world: int = 1, storage_options:
     Ray Train's workers the environment's credentials read it)."""
     import torch
 
+    from lavi.core.model import LaVi
     from lavi.training.train import TrainConfig
     from shapes.batches import GRID_CLASSES
 
@@ -75,7 +76,9 @@ def prepare(o: dict, outp: Path, rank: int = 0, world: int = 1, storage_options:
     else:
         from workers.train_data import TrainData
         try:
-            source = TrainData(data, image_size=model.config.vision.image_size, frames=clip_frames[0],
+            dynamic = model.dynamic if isinstance(model, LaVi) else None  # a Qwen-VL tower's LaVi: its own sizes
+            image_size = model.image_size if isinstance(model, LaVi) else model.config.vision.image_size
+            source = TrainData(data, image_size=image_size, frames=clip_frames[0], dynamic=dynamic,
                                batch_items=o["batch_items"], seed=o["seed"], image_root=o["image_root"],
                                rank=rank, world=world, storage_options=storage_options or {})
         except (ValueError, FileNotFoundError) as err:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from lavi.resolution import DynamicResolution
 from lavi.serving.chat_template import Prompt, Turns
 from lavi.training.train import Example
 from schemas.rows import DECODE, ERROR, OK, READ
@@ -218,6 +219,7 @@ class TrainData:
     cache_bytes: int = 1 << 30  # decoded frames kept between steps
     rank: int = 0  # data-parallel training: this rank of `world` reads (and decodes) its shard of each step only
     world: int = 1
+    dynamic: DynamicResolution | None = None  # a dynamic-resolution model's contract (frames at their own size)
 
     def __post_init__(self) -> None:
         read = read_records(self.uri, self.image_root, self.storage_options)
@@ -226,7 +228,7 @@ class TrainData:
         if not self.records:
             raise ValueError(f"{self.name}: no usable training records ({self._skips()})")
         self.settings = DecodeSettings(image_size=self.image_size, frames_per_clip=self.frames,
-                                       storage_options=self.storage_options, isolate=False)
+                                       storage_options=self.storage_options, isolate=False, dynamic=self.dynamic)
         self.bad: set[int] = set()
         self._cache: OrderedDict[int, tuple[np.ndarray, str]] = OrderedDict()
         self._cached = 0

@@ -110,7 +110,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     config = LaViConfig.from_dict(read_json(d / "config.json"))
     weights = load_weights(d)
     with torch.device("meta"):
-        model = LaVi(config)
+        model = model_class(config)(config)
     model = model.to_empty(device="cpu")
     optional = ("decoder.lm_head",) if config.decoder.tie_word_embeddings else ()
     _assign(model, weights, f"LaVi {d}", optional=optional)
@@ -118,6 +118,15 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
     stored = next(iter(weights.values())).dtype
     return model.to(device=device, dtype=dtype or stored).eval()
+
+
+def model_class(config: LaViConfig) -> type[LaVi]:
+    """The LaVi module of a config: over a square SigLIP tower, or (with a processor config) a Qwen-VL's ViT."""
+    if config.processor is None:
+        return LaVi
+    from lavi.qwenvl.lavi_model import QwenLaVi
+
+    return QwenLaVi
 
 
 def with_fusion(model: LaVi, fusion: str) -> LaVi:

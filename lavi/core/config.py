@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lavi.qwenvl.vision_config import QwenVisionConfig
+
 SITES = ("attn", "ffn", "both")
 VILN, CONCAT, VLORA = "viln", "concat", "vlora"  # how vision reaches the LLM: its norms, its context, its weights
 FUSIONS = (VILN, CONCAT, VLORA)
@@ -132,7 +134,7 @@ class LaViConfig:
     (per-image low-rank weight deltas, lavi.core.vlora)."""
 
     decoder: DecoderConfig
-    vision: VisionConfig
+    vision: VisionConfig | QwenVisionConfig  # a SigLIP tower, or a Qwen-VL's ViT (with `processor`: lavi.qwenvl.lavi)
     fusion: str = "viln"
     sites: str = "both"  # which norms are modulated: attn, ffn or both
     layer_stride: int = 1  # modulate every k-th layer (1 = all): ViLN's norms, VLoRA's weights
@@ -160,12 +162,19 @@ class LaViConfig:
         default_factory=lambda: {"image": "describe the image.", "video": "describe the video."}
     )
     name: str = "lavi"
+    # a dynamic-resolution tower's image and video processors (set with a Qwen-VL ViT as `vision`: a
+    # lavi.qwenvl.processor_config.ProcessorConfig as a dict); None: a SigLIP tower over square frames of image_size
+    processor: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.sites not in SITES:
             raise ValueError(f"sites must be one of {SITES}, got {self.sites!r}")
+        if isinstance(self.vision, QwenVisionConfig) != (self.processor is not None):
+            raise ValueError("a Qwen-VL vision tower and a processor config go together (lavi.qwenvl.convert)")
+        if self.processor is not None and self.fusion != VILN:
+            raise ValueError(f"a Qwen-VL vision tower conditions through {VILN} only, not {self.fusion!r}")
         if self.layer_stride < 1:
             raise ValueError("layer_stride must be >= 1")
         if not 1 <= self.num_stages <= self.vision.num_layers:
@@ -214,5 +223,6 @@ class LaViConfig:
     def from_dict(cls, d: dict[str, Any]) -> "LaViConfig":
         d = dict(d)
         d["decoder"] = DecoderConfig(**_known(DecoderConfig, d["decoder"]))
-        d["vision"] = VisionConfig(**_known(VisionConfig, d["vision"]))
+        tower = QwenVisionConfig if d.get("processor") else VisionConfig  # a Qwen-VL ViT comes with its processor
+        d["vision"] = tower(**_known(tower, d["vision"]))
         return cls(**_known(cls, d))

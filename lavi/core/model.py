@@ -1,6 +1,7 @@
 """LaVi: a decoder, a ViT and a fusion (ViLN, VLoRA or the concat baseline) in one module."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -8,7 +9,8 @@ from lavi.visual_tokens.methods import VisualCompress
 from lavi.core.config import CONTEXT_FUSION, VILN, VLORA, LaViConfig
 from lavi.core.decoder import Decoder, LayerConds, OnDecoder
 from lavi.core.fusion import Projector, ViLNConditioner, Visual
-from lavi.core.vision import VisionTower
+from lavi.core.vision import VisionTower, pixels_from_frames
+from lavi.resolution import DynamicResolution
 from lavi.core.vlora import PerceptualWeights
 
 
@@ -39,6 +41,22 @@ class LaVi(OnDecoder, nn.Module):
         self.projector = Projector(config) if config.fusion == CONTEXT_FUSION else None
         self.vlora = PerceptualWeights(config) if config.fusion == VLORA else None
         self.visual_compress: VisualCompress | None = None  # concat: fewer visual tokens (lavi.visual_tokens.methods), at load
+
+    @property
+    def image_size(self) -> int:
+        """The square side its frames are resized to (`encode_frames` takes them so)."""
+        return self.config.vision.image_size
+
+    @property
+    def dynamic(self) -> DynamicResolution | None:
+        """A dynamic-resolution tower's input contract (lavi.resolution, lavi.qwenvl.lavi_model); None: square."""
+        return None
+
+    def encode_frames(self, visuals: list[np.ndarray], media: list[tuple] | None = None) -> Visual:
+        """uint8 clips (F, S, S, 3) of side `image_size`, one per item (media: each item's (kind, (height, width)),
+        unused: a square tower sees every input as frames) -> their visual state: what the engine encodes."""
+        pixels, fmask = pixels_from_frames(visuals, self.config.image_mean, self.config.image_std, self.image_size)
+        return self.encode(pixels.to(self.device), fmask.to(self.device))
 
     @property
     def vision_in_context(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from lavi.qwenvl.kinds import MODEL_TYPES, REFUSED
 
 ENGINE = "lavi.qwenvl.engine:QwenVLEngine"
-CONVERT = None  # no convert into a LaVi yet
+CONVERT = "lavi.qwenvl.convert:convert"
 HUGE = 1 << 15  # a frame side far over any max_pixels: smart_resize brings it down to the largest the bound takes
 
 

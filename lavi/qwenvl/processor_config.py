@@ -83,6 +83,11 @@ class MediaProcessor:
         return self.patch_size * self.merge_size
 
     @property
+    def square_side(self) -> int:
+        """The square side a caller with no frames of its own (a memory probe) takes: 448 px rounded to the factor."""
+        return self.factor * max(1, round(448 / self.factor))
+
+    @property
     def sizing(self) -> Sizing:
         return Sizing(self.min_pixels, self.max_pixels, self.factor, per_clip=self.per_clip,
                       temporal_factor=self.temporal_patch_size, resample=self.resample)
@@ -121,6 +126,14 @@ class ProcessorConfig:
         image_default, video_default = DEFAULTS[model_type]
         return cls(model_type, _parse(image or {}, image_default, "the image processor"),
                    _parse(video or {}, video_default, "the video processor"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProcessorConfig":
+        """`dataclasses.asdict` of one, back (a converted LaVi keeps its processors so: LaViConfig.processor)."""
+        def media(m: dict[str, Any]) -> MediaProcessor:
+            return MediaProcessor(**{**m, "image_mean": tuple(m["image_mean"]), "image_std": tuple(m["image_std"])})
+
+        return cls(d["model_type"], media(d["image"]), media(d["video"]))
 
     @property
     def contract(self) -> DynamicResolution:

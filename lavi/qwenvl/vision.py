@@ -202,6 +202,23 @@ class QwenVision(nn.Module):
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor]]:
         """pixel_values (N, C*tp*p*p), grid_thw (n, 3) -> (tokens (N / m**2, out_hidden_size), deepstack: one
         (N / m**2, out_hidden_size) per deepstack layer, shallow first; empty but for Qwen3-VL)."""
+        c = self.config
+        x, rope, per_block, order = self.embed(pixel_values, grid_thw)
+        deepstack = []
+        for i, (block, attend) in enumerate(zip(self.blocks, per_block)):
+            x = block(x, rope, attend)
+            if i in c.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[c.deepstack_visual_indexes.index(i)](x))
+        tokens = self.merger(x)  # (N / m**2, out)
+        if order is not None:
+            tokens = tokens[torch.argsort(order)]  # back to the processor's order
+        return tokens, deepstack
+
+    def embed(self, pixel_values: Tensor, grid_thw: Tensor
+              ) -> tuple[Tensor, tuple[Tensor, Tensor], list[list[Tensor]], Tensor | None]:
+        """What the blocks run on: the patches' embeddings (N, d), the 2D rope's cos and sin, each block's attention
+        segments, and (Qwen2.5-VL) the order of merge blocks the patches were put in (window by window; None: the
+        processor's order, which `x.view(-1, m*m, d)[argsort(order)]` restores)."""
         c, unit = self.config, self.config.spatial_merge_size ** 2
         grids = self._grids(pixel_values, grid_thw)
         x = self.patch_embed(pixel_values)  # (N, d)
@@ -219,15 +236,7 @@ class QwenVision(nn.Module):
             rope = (_by_block(rope[0], order, unit), _by_block(rope[1], order, unit))
             windows = segments([n * unit for n in sizes], x.device)
             per_block = [frames if i in c.fullatt_block_indexes else windows for i in range(c.depth)]
-        deepstack = []
-        for i, (block, attend) in enumerate(zip(self.blocks, per_block)):
-            x = block(x, rope, attend)
-            if i in c.deepstack_visual_indexes:
-                deepstack.append(self.deepstack_merger_list[c.deepstack_visual_indexes.index(i)](x))
-        tokens = self.merger(x)  # (N / m**2, out)
-        if order is not None:
-            tokens = tokens[torch.argsort(order)]  # back to the processor's order
-        return tokens, deepstack
+        return x, rope, per_block, order
 
     def _grids(self, pixel_values: Tensor, grid_thw: Tensor) -> list[tuple[int, int, int]]:
         c, m = self.config, self.config.spatial_merge_size

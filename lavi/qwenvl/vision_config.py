@@ -99,6 +99,11 @@ class QwenVisionConfig:
                 raise ValueError(f"vision_config.{name} {list(indexes)} must be distinct blocks in 0..{self.depth - 1}")
 
     @property
+    def num_layers(self) -> int:
+        """The blocks (what a LaVi's stages tap, as a SigLIP tower's `num_layers`)."""
+        return self.depth
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 

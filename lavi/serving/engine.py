@@ -25,7 +25,6 @@ from lavi.serving.steps import GenerationConfig
 from lavi.serving.inflight import InflightPool
 from lavi.core.fusion import Visual
 from lavi.core.model import LaVi
-from lavi.core.vision import pixels_from_frames
 from lavi.families import family_of
 from lavi.resolution import DynamicResolution
 from lavi.serving.load_prep import prepare
@@ -83,7 +82,7 @@ class Engine(Batching):
 
     @property
     def image_size(self) -> int:
-        return self.config.vision.image_size
+        return self.model.image_size
 
     @property
     def pinpoints(self) -> tuple[tuple[int, int], ...] | None:
@@ -93,8 +92,8 @@ class Engine(Batching):
     @property
     def dynamic(self) -> DynamicResolution | None:
         """The dynamic-resolution contract the decoder resizes to (lavi.resolution; None: square frames or anyres
-        tiles of image_size). A dynamic-resolution family's engine returns its ModelInfo's."""
-        return None
+        tiles of image_size). A dynamic-resolution family's engine returns its ModelInfo's; a LaVi, its tower's."""
+        return self.model.dynamic if isinstance(self.model, LaVi) else None
 
     @property
     def default_frames(self) -> int:
@@ -134,8 +133,7 @@ class Engine(Batching):
 
     def _encode(self, visuals: list[np.ndarray], media: list[tuple[str, tuple[int, int]]]) -> Visual:
         """The visual state of the inputs one batch asks about (once per input, whatever its prompts)."""
-        pixels, fmask = pixels_from_frames(visuals, self.config.image_mean, self.config.image_std, self.image_size)
-        return self.model.encode(pixels.to(self.model.device), fmask.to(self.model.device))
+        return self.model.encode_frames(visuals, media)
 
     def _prompt(self, text: str, kind: str) -> list[int]:
         return self.encode_prompt(text)

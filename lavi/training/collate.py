@@ -60,6 +60,7 @@ class Batch:
     # a LLaVA-OneVision's prefix tokens) of the object the token it predicts is about (none: no target)
     media: list[tuple[str, tuple[int, int]]] | None = None  # a LLaVA-OneVision's items: kind and (height, width)
     heads: list[list[int]] | None = None  # and the ids of each item's prompt before its placeholder
+    grids: Tensor | None = None  # a dynamic-resolution LaVi's items (N, 3): `pixels` is then its patches
 
 
 def collate(examples: list[Example], model: LaVi | OneVision, tok: Tokenizer,
@@ -71,13 +72,19 @@ def collate(examples: list[Example], model: LaVi | OneVision, tok: Tokenizer,
                              "(workers.anyres.anyres_tiles)")
         return _collate_onevision(examples, model.config, chat, tiles)
     c = model.config
-    pixels, fmask = pixels_from_frames([e.frames for e in examples], c.image_mean, c.image_std, c.vision.image_size)
     seqs, offsets = [], []
     for e in examples:
         for prompt, target in e.pairs:
             y, off = tok.encode_offsets(target)
             seqs.append((prompt_ids(c, tok, prompt), y + [c.eos_token_id]))
             offsets.append(off)
+    if model.dynamic is not None:  # a Qwen-VL tower's LaVi: frames at their own size, cut into its patches
+        if any(e.grid is not None or e.focus is not None for e in examples):
+            raise ValueError("the grid probe and the focus loss take square frames: not a dynamic-resolution LaVi")
+        pixels, grids = model.patches([e.frames for e in examples], [(e.kind,) for e in examples])
+        fmask = torch.ones(len(examples), 1, dtype=torch.bool)
+        return Batch(pixels, fmask, _item_rows(examples), *_text(seqs, c.pad_token_id), grids=grids)
+    pixels, fmask = pixels_from_frames([e.frames for e in examples], c.image_mean, c.image_std, c.vision.image_size)
     side = int(round(c.vision.num_patches ** 0.5))
     grid = _grid(examples, [list(range(len(e.frames))) for e in examples], pixels.shape[1])
     focus = _focus(examples, seqs, offsets, pixels.shape[1] * c.vision.num_patches,

@@ -59,6 +59,8 @@ def encode(model: LaVi | OneVision, b: Batch) -> Visual:
     """The visual state training runs the text rows over: a LaVi's (`LaVi.encode`), or a LLaVA-OneVision's prefix
     (`OneVision.prefix`). The tower sees the batch's real frames (or tiles) in item order either way."""
     dev = model.device
+    if b.grids is not None:  # a dynamic-resolution LaVi: its items' patches and grids
+        return model.encode(b.pixels.to(dev), b.grids)
     if b.media is not None:
         return model.prefix(b.pixels.to(dev), b.frame_mask.to(dev), b.media, b.heads)
     return model.encode(b.pixels.to(dev), b.frame_mask.to(dev))
