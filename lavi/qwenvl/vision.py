@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from lavi.qwenvl.kinds import QWEN2_5_VL, QWEN2_VL, QWEN3_VL
 from lavi.qwenvl.vision_config import QwenVisionConfig
+from lavi.qwenvl.vision_grid import by_block, patch_positions, patch_rope, segments, window_order  # noqa: F401
 
 VISUAL_PREFIXES = ("model.visual.", "visual.")  # transformers 5 (and Qwen3-VL's hub layout), then the hub's older one
 EPS = 1e-6  # every norm of the three towers
@@ -225,15 +226,15 @@ class QwenVision(nn.Module):
         rows, cols = patch_positions(grids, c.spatial_merge_size, x.device)  # (N,) each
         if c.kind == QWEN3_VL:
             x = x + self._learned_positions(grids, rows, cols).to(x.dtype)
-        rope = _rope(rows, cols, c)
+        rope = patch_rope(rows, cols, c)
         frames = segments([h * w for t, h, w in grids for _ in range(t)], x.device)
         per_block = [frames] * c.depth
         order = None
         if c.kind == QWEN2_5_VL:  # merge blocks put window by window (each frame's stay within the frame)
             order, sizes = window_order(grids, c.spatial_merge_size, c.window_units)
             order = order.to(x.device)
-            x = _by_block(x, order, unit)
-            rope = (_by_block(rope[0], order, unit), _by_block(rope[1], order, unit))
+            x = by_block(x, order, unit)
+            rope = (by_block(rope[0], order, unit), by_block(rope[1], order, unit))
             windows = segments([n * unit for n in sizes], x.device)
             per_block = [frames if i in c.fullatt_block_indexes else windows for i in range(c.depth)]
         return x, rope, per_block, order
@@ -262,56 +263,3 @@ class QwenVision(nn.Module):
             out.append(grid[:, rows[start:end], cols[start:end]].T)  # (t*h*w, d)
             start = end
         return torch.cat(out)
-
-
-def patch_positions(grids: list[tuple[int, int, int]], merge: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The row and column of every patch in its frame, in the processor's merge-block order: (N,), (N,)."""
-    rows, cols = [], []
-    for t, h, w in grids:
-        r, c = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        blocks = (h // merge, merge, w // merge, merge)
-        rows.append(r.reshape(blocks).transpose(1, 2).flatten().repeat(t))  # (t*h*w,)
-        cols.append(c.reshape(blocks).transpose(1, 2).flatten().repeat(t))
-    return torch.cat(rows), torch.cat(cols)
-
-
-def _rope(rows: Tensor, cols: Tensor, c: QwenVisionConfig) -> tuple[Tensor, Tensor]:
-    """cos, sin (N, Dh) of the 2D rope: a quarter of the head's frequencies turn with the row, a quarter with the
-    column, and rotate_half's two halves repeat them."""
-    half = c.head_dim // 2
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float, device=rows.device) / half))
-    angles = torch.cat([rows[:, None] * inv_freq, cols[:, None] * inv_freq], dim=-1)  # (N, Dh/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (N, Dh)
-    return angles.cos(), angles.sin()
-
-
-def window_order(grids: list[tuple[int, int, int]], merge: int, side: int) -> tuple[Tensor, list[int]]:
-    """Qwen2.5-VL's windows: the order that puts each frame's merge blocks window by window (windows of side x side
-    blocks in raster order, the edge ones smaller; blocks in raster order within), and each window's size in blocks."""
-    order, sizes, start = [], [], 0
-    for t, h, w in grids:
-        bh, bw = h // merge, w // merge
-        r, c = torch.meshgrid(torch.arange(bh), torch.arange(bw), indexing="ij")
-        window = ((r // side) * -(-bw // side) + c // side).flatten()  # (bh*bw,): each block's window
-        frame = torch.argsort(window, stable=True)  # blocks grouped by window, raster order kept within
-        counts = torch.bincount(window).tolist()  # no window is empty: there are ceil(bh / side) rows of them
-        for f in range(t):
-            order.append(frame + start + f * bh * bw)
-            sizes += counts
-        start += t * bh * bw
-    return torch.cat(order), sizes
-
-
-def _by_block(x: Tensor, order: Tensor, unit: int) -> Tensor:
-    """x (N, ...) with its merge blocks of `unit` patches taken in `order`."""
-    return x.view(-1, unit, *x.shape[1:])[order].flatten(0, 1)
-
-
-def segments(lengths: list[int], device: torch.device) -> list[Tensor]:
-    """Token indices of consecutive segments of these lengths, equal lengths stacked: [(S, L)] (one attention each)."""
-    starts: dict[int, list[int]] = {}
-    at = 0
-    for n in lengths:
-        starts.setdefault(n, []).append(at)
-        at += n
-    return [torch.tensor(s, device=device)[:, None] + torch.arange(n, device=device) for n, s in starts.items()]
