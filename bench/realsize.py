@@ -160,7 +160,9 @@ def run(c: RealsizeConfig) -> dict:
              "first_commit_s": child["first_commit_s"], "driver_peak_rss_mb": mb(child["peak_rss_bytes"]),
              "note": ", ".join([f"{k} {v}" for k, v in summary["status"].items()] + [f"computes in {_cpu_dtype()}"])}]
     ratio = child["process_wall_s"] / ref_total
+    work = summary["this_run"].get("engine_work") or {}
     doc = {"results": rows, "ratio": ratio, "met": ratio <= 1.25, "context_tokens": ref["context_tokens"],
+           "engine_work": work, "ray_start_s": summary["this_run"].get("ray_start_s"),
            "device": device_description("cpu"), "versions": versions(), "command": command_line(),
            "config": asdict(c)}
     write_json(doc, c.out)
@@ -183,4 +185,18 @@ def markdown(doc: dict) -> str:
                                ("generate_s", "generate s"), ("rows", "rows"), ("first_commit_s", "first commit s"),
                                ("driver_peak_rss_mb", "driver peak RSS MB"), ("note", "")]), "",
         f"run / transformers wall time: {doc['ratio']:.3f} (target <= 1.25: {'met' if doc['met'] else 'missed'})",
+        *_work(doc),
     ]) + "\n"
+
+
+def _work(doc: dict) -> list[str]:
+    """What the run computed beside what transformers did: its prefills' tokens (rows x context, padding included)
+    against the sum of transformers' contexts (one image at a time, no padding), and Ray's start."""
+    work = doc.get("engine_work") or {}
+    if not work:
+        return []
+    real = sum(doc["context_tokens"])
+    return ["", f"The run's labeler prefilled {work.get('prefill_tokens', 0):,} tokens in {work.get('prefills', 0)} "
+            f"prefills ({work.get('prefill_tokens', 0) / real:.2f}x transformers' {real:,}: rows of one prefill are "
+            f"padded to its longest), then {work.get('decode_steps', 0)} decode steps; Ray started in "
+            f"{doc.get('ray_start_s') or 0:.1f} s."]

@@ -45,10 +45,13 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class Labelled:
-    """What `_label` found: the pipeline rebuilds it went through, the stalls it got over."""
+    """What `_label` found: the pipeline rebuilds it went through, the stalls it got over, the labelers' engines' work
+    (prefills, their tokens, decode steps) and the seconds Ray took to start or connect."""
 
     rebuilds: list[dict] = dataclasses.field(default_factory=list)
     stalls: list[dict] = dataclasses.field(default_factory=list)
+    work: dict = dataclasses.field(default_factory=dict)
+    ray_start_s: float | None = None
 
 
 def run(config: RunConfig, labeler_class: type | None = None) -> dict:
@@ -131,7 +134,9 @@ def _summary(config: RunConfig, total: dict, ledger: Ledger, stats: dict, labell
                                read_retries=ledger.run["read_retries"],  # fetches retried after a transient error
                                reads_recovered_by_retries=ledger.run["reads_recovered"],  # read whole after a retry
                                commit_retries=ledger.run["commit_retries"],  # part-file writes retried (store away)
-                               clip_groups_resumed=ledger.resumed_groups)
+                               clip_groups_resumed=ledger.resumed_groups,
+                               engine_work=labelled.work,  # the labelers' prefills, their tokens and decode steps
+                               ray_start_s=labelled.ray_start_s)  # Ray started (local) or connected to
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
     return summary
@@ -151,7 +156,9 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
     settings = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
                                       info["dynamic"])
     # Ray starts while the inputs are listed (seconds each); a rerun with nothing left to label shuts it down unused
+    started = time.monotonic()
     owned = connect_ray(config.address, config.verbose)
+    result.ray_start_s = time.monotonic() - started
     progress = ticker = None
     try:
         if not ledger.wait_written(lister.done):  # everything is committed already: no graph
@@ -168,6 +175,7 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
         _raise_listing_error(lister)
         ticker, last = None, ticker
         last.stop()  # its last count is in the end's line
+        result.work = dict(last.state.get("work") or {})
         _show(progress, ledger, force=True)
         if not ledger.complete():  # every listed item yields its rows, error rows included
             raise RuntimeError(f"{ledger.to_label} items were listed but {ledger.items_finished()} came out of the "

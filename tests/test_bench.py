@@ -490,3 +490,14 @@ def test_scale_report_says_where_the_driver_memory_grew():
     assert "the allocator) +48.0 MB" in text and "BlockStats +12,000" in text
     assert text.index("BlockStats") < text.index("dict +1,000")
     assert rss_growth([run(100, 1.0, 1, 0, {})]) == []
+
+
+def test_realsize_report_says_what_the_run_prefilled():
+    """The real-size bench's miss must show its cause: the run's prefill tokens against transformers' contexts."""
+    from bench.realsize import _work
+
+    doc = {"context_tokens": [1000, 3000], "engine_work": {"prefills": 2, "prefill_tokens": 6000, "decode_steps": 22},
+           "ray_start_s": 4.25}
+    text = " ".join(_work(doc))
+    assert "6,000 tokens in 2 prefills (1.50x transformers' 4,000" in text and "22 decode steps" in text
+    assert "Ray started in 4.2 s" in text and _work({"context_tokens": [1]}) == []
