@@ -191,7 +191,7 @@ def run(c: PipelineBenchConfig) -> dict:
                     "steady_rows_per_s": child["steady_rows_per_s"], "first_commit_s": child["first_commit_s"],
                     "driver_peak_rss_mb": mb(child["peak_rss_bytes"]),
                     "generated_tokens": summary["this_run"]["generated_tokens"], "gpu_busy_fraction": gpu_busy,
-                    "status": summary.get("status")}
+                    "status": summary.get("status"), "ray_start_s": summary["this_run"].get("ray_start_s")}
     doc = {
         "results": [pipeline_row, {"mode": "plain", "wall_s": plain["wall_s"], "rows": plain["rows"],
                                    "rows_per_s": plain_rate, "steady_rows_per_s": plain_rate,
@@ -231,8 +231,9 @@ def markdown(doc: dict) -> str:
     if ratio is not None and steady is not None and ratio < TARGET:
         run = doc["results"][0]
         lines += ["", f"Missed by {TARGET / ratio:.2f}x end to end: {run['first_commit_s']:.1f} s of the pipeline's "
-                  f"{run['wall_s']:.1f} s went before its first part file (Ray's start, the worker and labeler "
-                  "processes, the model's load, the first blocks), which the plain loop does not pay; from there "
+                  f"{run['wall_s']:.1f} s went before its first part file (Ray's start: "
+                  f"{run.get('ray_start_s') or 0:.1f} s; the worker and labeler processes, the model's load, the first "
+                  "blocks), which the plain loop does not pay; from there "
                   f"it ran at {steady:.3f} of the plain loop"
                   + ("." if steady >= TARGET else f", itself {TARGET / steady:.2f}x short: the plain loop's clips "
                      "were decoded beforehand and untimed, the pipeline decodes them on the same cores.")]
