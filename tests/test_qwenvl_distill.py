@@ -79,6 +79,7 @@ def test_distill_from_a_qwen_teacher_to_its_converted_student(ray_local, teacher
     assert all(r["status"] == "ok" and r["text"].strip() == ANSWER for r in teacher_train)
     data = json.loads((out / "student" / "train_summary.json").read_text())["data"]
     assert data["format"] == "pipeline output" and data["targets"] == len(teacher_train)
+    assert json.loads((out / "student" / "train_state.json").read_text())["step"] == 2
     student_rows = output_rows(str(out / "student_labels" / "held_out" / "caption"))
     assert len(student_rows) == n_held and all(r["status"] == "ok" for r in student_rows)
     caption, vqa = doc["agreement"]["caption"], doc["agreement"]["vqa"]
