@@ -141,6 +141,37 @@ def make_qwenvl(directory: str | Path, kind: str, seed: int = 0, flat: bool = Fa
     return d
 
 
+def make_fixed_answer_qwenvl(directory: str | Path, kind: str = "qwen2_vl", answer: str = "square",
+                             seed: int = 0) -> Path:
+    """A tiny Qwen-VL whose greedy answer to every prompt and image is `answer` then EOS: a teacher whose rows end (a
+    random one never emits EOS, so all its rows are truncated and a student has nothing finished to learn from).
+
+    Every decoder layer's o_proj and down_proj are zeroed (weights and any biases), so no layer adds to the residual
+    stream and the last norm sees the current token's embedding: the next token depends on the current one alone.
+    lm_head is then zero but for the rows of the answer's tokens and EOS, solved so that the generation prompt's
+    last token maps to the answer's first token, each answer token to the next, and the last one to EOS."""
+    d = make_qwenvl(directory, kind, seed=seed)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    turn = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False)
+    chain = [tok(turn)["input_ids"][-1], *tok(answer)["input_ids"], tok.convert_tokens_to_ids("<|im_end|>")]
+    if len(set(chain[:-1])) < len(chain) - 1:  # a token met twice would map to two successors
+        raise ValueError(f"{answer!r} repeats a token (or the generation prompt's last one): choose another answer")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32)
+    lm, head = model.model.language_model, model.get_output_embeddings().weight
+    assert head.data_ptr() != lm.embed_tokens.weight.data_ptr(), "make_qwenvl(tie=False) keeps lm_head its own"
+    with torch.no_grad():
+        for name, p in lm.layers.named_parameters():
+            if ".o_proj." in name or ".down_proj." in name:
+                p.zero_()
+        h = lm.norm(lm.embed_tokens(torch.tensor(chain[:-1])))  # (n, d): lm_head's input after each source token
+        n = h.shape[0]
+        want = 20.0 * torch.eye(n) - 10.0  # (n targets, n sources): +10 for a source's successor, -10 otherwise
+        head.zero_()  # every other token's logit is 0
+        head[chain[1:]] = want @ torch.linalg.pinv(h.T)  # rows (n, d) with rows @ h.T == want (h's rows independent)
+    model.save_pretrained(d)
+    return d
+
+
 # -- what the tests share ---------------------------------------------------------------------------------------------
 SIZES = [(24, 40), (64, 16), (8, 8), (56, 48)]  # (height, width), multiples of 8 (patch 4, merge 2)
 # the checkpoints: every kind nested (transformers 5's layout), Qwen2-VL and Qwen2.5-VL also flat (the hub's)
