@@ -2,7 +2,7 @@
 rows) on the same weights, the same pixels and the same expanded prompt, greedy, exactly `new_tokens` each.
 
 Two ways in: a checkpoint directory (`bench.checkpoints`; transformers' model loaded from it, its images cut by
-Qwen2VLImageProcessorPil, videos by our `patches` as transformers' video processor needs torchvision), or a shape
+Qwen2VLImageProcessorPil, videos by our `pixel_values` as transformers' video processor needs torchvision), or a shape
 (`bench_shapes`): transformers builds a Qwen2.5-VL of the hub config's shapes with random weights, its rows are
 measured, and our model is then made of the very same tensors (no copy: transformers' model is dropped before ours
 is packed, so one model's weights are in memory at a time). The LaVi rows beside them (`bench.configs`) have the
@@ -245,16 +245,17 @@ def checkpoint_input(path: str, engine, setting: str, seed: int) -> tuple[np.nda
 def checkpoint_rows(runner, path: str, engine, common: dict, visual: np.ndarray, media: tuple,
                     prompt: list[int]) -> list[dict]:
     """transformers' generate() on the checkpoint's own weights, the same pixels (an image through its
-    Qwen2VLImageProcessorPil, a video through our `patches`: its video processor needs torchvision) and prompt."""
+    Qwen2VLImageProcessorPil, a video through our `pixel_values`: its video processor needs torchvision) and prompt."""
     from transformers import AutoModelForImageTextToText
 
-    from lavi.qwenvl.engine import frame_times, patches, seconds_per_patch
+    from lavi.qwenvl.engine import frame_times, seconds_per_patch
+    from lavi.qwenvl.pixels import pixel_values
 
     c = engine.config
     video = media[0] == "video"
     if video:
-        x, grid = patches(visual, c, engine.norm)
-        x, grid = torch.from_numpy(x), list(grid)
+        x, grid = pixel_values(visual, engine.processor.video)
+        grid = list(grid)
         times = frame_times(len(visual), media[2] if len(media) > 2 else None)
         seconds = seconds_per_patch(times, c.temporal_patch_size)
         stamps = engine._stamps(times) if c.stamped else ()
@@ -264,7 +265,7 @@ def checkpoint_rows(runner, path: str, engine, common: dict, visual: np.ndarray,
 
         out = Qwen2VLImageProcessorPil.from_pretrained(path)(images=Image.fromarray(visual[0]), return_tensors="pt")
         x, grid, seconds, stamps = out["pixel_values"], out["image_grid_thw"][0].tolist(), 1.0, ()
-        if grid != list(patches(visual[:1], c, engine.norm)[1]):
+        if grid != list(pixel_values(visual[:1], engine.processor.image)[1]):
             raise ValueError(f"{path}: the image processor's grid {grid} is not ours; the benchmark's image must "
                              "not be resized")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=runner.dtype).to(runner.device).eval()
