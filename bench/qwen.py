@@ -41,7 +41,7 @@ from lavi.qwenvl.model import QwenVL
 log = logging.getLogger(__name__)
 ENGINE, HF = QWEN_VL, f"hf-{QWEN_VL}"  # the rows' model names: our engine's, transformers'
 MODELS = (ENGINE, HF)
-NEVER = -1
+
 
 def build_hf(shapes: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """transformers' model of `shapes` with its own random init, made on `device` in `dtype`."""

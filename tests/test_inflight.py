@@ -193,3 +193,32 @@ def test_prefill_groups_keep_rows_of_similar_length_together():
     for g in prefill_groups(lengths):  # every group within its padding allowance
         real = sum(lengths[i] for i in g)
         assert len(g) * max(lengths[i] for i in g) - real <= max(0.25 * real, PAD_TOKENS)
+
+
+def test_a_failed_admission_fails_its_tickets_instead_of_leaving_them_waiting(engine):
+    """Guards against requests taken from the queue for an admission that then fails (its second prefill group, say)
+    being in neither the queue nor the cache's rows: reset() would not fail their ticket and its caller would wait
+    forever. The engine's failed step must leave the ticket done, with the error."""
+    from lavi.serving.inflight import InflightPool
+    from lavi.serving.steps import GenerationConfig
+
+    engine.inflight, engine.max_batch = True, 3
+    prefill, calls = InflightPool._prefill, []
+
+    def fail_second(pool, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        prefill(pool, *args)
+
+    clips = _clips(2, engine.image_size)
+    InflightPool._prefill = fail_second
+    try:  # prompts of a few and ~800 tokens: two prefill groups (lavi.serving.steps.prefill_groups)
+        ticket = engine.submit(clips, [(0, "a"), (1, " ".join(["describe the image."] * 200))],
+                               GenerationConfig(max_new_tokens=3))
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.run(ticket)
+    finally:
+        InflightPool._prefill = prefill
+    assert len(calls) == 2 and ticket.done.is_set() and isinstance(ticket.error, RuntimeError)
+    assert not engine.in_flight and not engine._pool.waiting

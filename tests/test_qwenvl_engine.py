@@ -87,11 +87,11 @@ def test_inflight_equals_static(engines, kind):
     engine = engines[(kind, False)]
     visuals, media, requests = _mixed(engine)
     static = engine.generate(visuals, requests, GEN, media=media, inflight=False)
-    engine.max_batch = 3
+    saved, engine.max_batch = engine.max_batch, 3
     try:
         pooled = engine.generate(visuals, requests, GEN, media=media, inflight=True)
     finally:
-        engine.max_batch = 8
+        engine.max_batch = saved
     assert [(g.text, g.num_generated_tokens) for g in pooled] == [(g.text, g.num_generated_tokens) for g in static]
 
 

@@ -28,7 +28,10 @@ def image_input(im: Image.Image, sizing: Sizing) -> np.ndarray:
     """An upright RGB PIL image -> (1, h, w, 3) uint8 at the model's dynamic resolution."""
     if (why := aspect_error(im.height, im.width)) is not None:
         raise DecodeError(f"image {why}")
-    return resized(im, sizing.size(im.height, im.width), sizing.resample)[None]
+    size = sizing.size(im.height, im.width)
+    if min(size) < 1:  # a contract whose min_pixels lets a thin side round to nothing (transformers' would fail too)
+        raise DecodeError(f"image of {im.width}x{im.height} resizes to nothing under min_pixels {sizing.min_pixels}")
+    return resized(im, size, sizing.resample)[None]
 
 
 class ClipFit:

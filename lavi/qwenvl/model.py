@@ -29,6 +29,7 @@ from lavi.qwenvl.vision_config import QwenVisionConfig
 
 class QwenVL(OnDecoder, nn.Module):
     viln = None  # no norm conditioner: the decode step runs the plain decoder over the cache
+    vision_in_context = True  # its merged patches sit in the decoder's context (lavi.serving.steps.context_lengths)
 
     def __init__(self, config: QwenVLConfig, decoder: Decoder | None = None) -> None:
         """decoder: one already built to take (the loader's, made on the meta device), in place of a new one."""

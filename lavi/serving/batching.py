@@ -25,7 +25,8 @@ from lavi.serving.steps import GenerationConfig, RowTokens, rows_that_fit, setup
 from lavi.serving.tickets import Ticket
 from lavi.serving.tokenizer import Tokenizer
 
-Media = tuple[str, tuple[int, int]]  # (kind, (height, width)) of one visual
+# (kind, (height, width)) of one visual; a video's may add its frames' times in seconds (a Qwen-VL reads them)
+Media = tuple[str, tuple[int, int]] | tuple[str, tuple[int, int], tuple[float, ...]]
 
 
 @dataclass

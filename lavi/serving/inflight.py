@@ -127,7 +127,12 @@ class InflightPool:
             n = min(len(free), len(self.waiting)) if admit else 0
             take = [self.waiting.popleft() for _ in range(n)]
         if take:
-            self._admit(free[:len(take)], take)
+            try:
+                self._admit(free[:len(take)], take)
+            except BaseException:
+                with self.lock:  # back in the queue, so that reset() fails their tickets (none waits forever)
+                    self.waiting.extendleft(reversed(take))
+                raise
         elif len(free) == self.b:
             return False
         steps = min(self.g.check_every - bool(take), max(self.left))  # no further than the rows' budgets reach
