@@ -175,3 +175,33 @@ def test_the_memory_probe_is_the_largest_input_the_contract_gives(engines):
             assert engine._visual_tokens(np.zeros((4, *clip, 3), np.uint8), ("video", clip)) <= most
         vis = engine._encode([frames], [media])
         assert int(vis.mask.sum()) > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_qwen_vl_is_close_to_the_float_one(dirs, engines, kind):
+    """--quantize int8 reaches a Qwen-VL's decoder (every linear of its layers and the head swapped) and keeps its
+    next-token distribution within 0.02 of the float model's over a batch of mixed images and a video."""
+    from lavi.core.model import attention_mask
+    from lavi.serving.quant import Int8Linear
+    from lavi.serving.steps import left_pad
+
+    engine = engines[(kind, False)]
+    q = QwenVLEngine.load(str(dirs[(kind, False)]), max_batch=8, quantize="int8")
+    layers = engine.config.decoder.num_layers
+    assert sum(isinstance(m, Int8Linear) for m in q.model.modules()) == 7 * layers + 1
+    visuals, media, requests = _mixed(engine)
+    probs = []
+    for e in (engine, q):
+        vis = e._encode(visuals, media)
+        prompts = [e._prompt(p, media[v][0]) for v, p in requests]
+        ids, valid = left_pad(prompts, e.pad_id, e.model.device)
+        sub = vis.select(torch.tensor([v for v, _ in requests]))
+        embeds, kvalid, conds = e.model.inputs(sub, ids, valid)
+        positions, _ = e.model.prefill_positions(sub, ids, valid)
+        mask = attention_mask(kvalid, torch.arange(embeds.shape[1]), kvalid)
+        with torch.no_grad():
+            logits, _ = e.model.decoder(embeds, positions, mask, conds=conds, last_only=True)
+        probs.append(torch.softmax(logits.float(), -1))
+    torch.testing.assert_close(probs[1], probs[0], atol=0.02, rtol=0)
+    texts = [c.text for c in q.generate(visuals, requests, GEN, media=media)]
+    assert len(texts) == len(requests) and all(isinstance(t, str) for t in texts)
