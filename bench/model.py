@@ -27,6 +27,7 @@ from bench.memory import PeakMemory, copy_bandwidth, probe_batch, read_bandwidth
 from bench.model_config import FUSION, ModelBenchConfig, peak_flops, resolve
 from bench.model_report import markdown, ratios, section_key
 from bench.report import command_line, device_description, versions, write_json, write_section
+from bench.shape_rows import shape_rows
 from bench import roofline as R
 from lavi.visual_tokens.methods import VisualCompress
 from lavi.core.fusion import Visual
@@ -254,27 +255,8 @@ def run(c: ModelBenchConfig) -> dict:
         rows, skips = bench_checkpoint(r, path)
         results.extend(rows)
         skipped.extend(skips)
-    for setting in r.settings if not c.checkpoints else ():
-        for kind in r.models:
-            if kind == "hf-llava-ov":
-                from bench.hf_rows import bench_shapes
-                rows, reason = bench_shapes(r, setting)
-                if reason:
-                    skipped.append({"model": kind, "setting": setting.name, "reason": reason})
-                results.extend(rows)
-                continue
-            if kind in ("qwen-vl", "hf-qwen-vl"):  # both from one model of the shapes (bench.qwen), at its first
-                if kind == next(k for k in r.models if k in ("qwen-vl", "hf-qwen-vl")):
-                    from bench.qwen import bench_shapes as qwen_shapes
-                    rows, roofs, reason = qwen_shapes(r, setting)
-                    if reason:
-                        skipped.append({"model": kind, "setting": setting.name, "reason": reason})
-                    results.extend(rows)
-                    roofline.extend(roofs)
-                continue
-            rows, roofs = r.bench_engine(kind, setting)
-            results.extend(rows)
-            roofline.extend(roofs)
+    if not c.checkpoints:
+        shape_rows(r, results, roofline, skipped)
     if c.mixed:
         from bench.inflight import measure_inflight
         from lavi.bundled import DEFAULT_MODEL
