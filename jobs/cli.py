@@ -7,6 +7,7 @@ import click
 from jobs.bench import bench
 from jobs.convert import convert_cmd
 from jobs.demo import demo_cmd
+from jobs.exits import exit_hard
 from jobs.distill import distill_cmd
 from jobs.evaluate import eval_cmd
 from jobs.manage import list_jobs, logs, status, stop
@@ -37,5 +38,11 @@ main.add_command(plan_cmd, name="plan")
 for _cmd in (status, logs, stop, list_jobs):
     main.add_command(_cmd)
 
+
+def entry() -> None:
+    """The `lavi-label` console script: `main`, then out of the process without the interpreter's finalisation."""
+    exit_hard(main)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -174,4 +174,6 @@ def _report(config: RunConfig) -> None:
 
 
 if __name__ == "__main__":  # `python -m jobs.run ...`: the same command without the other subcommands' imports
-    run()
+    from jobs.exits import exit_hard
+
+    exit_hard(run)
