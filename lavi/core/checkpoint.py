@@ -66,6 +66,28 @@ def _assign(module: nn.Module, weights: dict[str, Tensor], what: str, optional: 
     module.load_state_dict(weights, strict=False)
 
 
+def fill(model: nn.Module, weights: dict[str, Tensor], tied: bool, what: str, device, dtype: torch.dtype | None):
+    """A model made on empty storage, given a checkpoint's whole state (our names) -> it in eval mode on `device`, in
+    `dtype` (None: the stored one). Every weight must be there with config.json's shape (tied: the head is the
+    embedding's); `what` names the checkpoint in the refusal."""
+    if tied:
+        weights.pop("decoder.lm_head.weight", None)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights and not (tied and k == "decoder.lm_head.weight")]
+    unexpected = [k for k in weights if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: weights do not match config.json; missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for k, v in weights.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(f"{what}: {k} is {tuple(v.shape)}, config.json says {tuple(own[k].shape)}")
+    model.load_state_dict(weights, strict=False)
+    if tied:
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    stored = next(iter(weights.values())).dtype
+    return model.to(device=device, dtype=dtype or stored).eval()
+
+
 def load_decoder(directory: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
     """A Qwen2ForCausalLM / LlamaForCausalLM directory -> our Decoder (HF names minus `model.`)."""
     d = Path(directory)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lavi.core.checkpoint import CheckpointError, load_weights
+from lavi.core.checkpoint import CheckpointError, fill, load_weights
 from lavi.onevision.model import OneVision
 from lavi.onevision.config import MODEL_TYPE, OURS, OneVisionConfig
 
@@ -56,23 +56,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     with torch.device("meta"):
         model = OneVision(config)
     model = model.to_empty(device="cpu")
-    tied = config.decoder.tie_word_embeddings
-    if tied:
-        weights.pop("decoder.lm_head.weight", None)
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights and not (tied and k == "decoder.lm_head.weight")]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"LLaVA-OneVision {d}: weights do not match config.json; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for k, v in weights.items():
-        if own[k].shape != v.shape:
-            raise CheckpointError(f"LLaVA-OneVision {d}: {k} is {tuple(v.shape)}, config.json says {tuple(own[k].shape)}")
-    model.load_state_dict(weights, strict=False)
-    if tied:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    stored = next(iter(weights.values())).dtype
-    return model.to(device=device, dtype=dtype or stored).eval()
+    return fill(model, weights, config.decoder.tie_word_embeddings, f"LLaVA-OneVision {d}", device, dtype)
 
 
 def hf_config(model: OneVision) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lavi.core.checkpoint import CheckpointError, load_weights
+from lavi.core.checkpoint import CheckpointError, fill, load_weights
 from lavi.core.decoder import Decoder
 from lavi.qwenvl.config import QwenVLConfig
 from lavi.qwenvl.model import QwenVL
@@ -45,21 +45,5 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
         decoder = Decoder(config.decoder)
     # the tower is made for real: its non-persistent buffers (rotary tables) are computed at construction
     model = QwenVL(config, decoder=decoder.to_empty(device="cpu"))
-    tied = config.decoder.tie_word_embeddings
-    if tied:
-        weights.pop("decoder.lm_head.weight", None)
-    own = model.state_dict()
-    missing = [k for k in own if k not in weights and not (tied and k == "decoder.lm_head.weight")]
-    unexpected = [k for k in weights if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(f"Qwen-VL {d}: weights do not match config.json; missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    for k, v in weights.items():
-        if own[k].shape != v.shape:
-            raise CheckpointError(f"Qwen-VL {d}: {k} is {tuple(v.shape)}, config.json says {tuple(own[k].shape)}")
-    model.load_state_dict(weights, strict=False)
-    if tied:
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    stored = next(iter(weights.values())).dtype
-    return model.to(device=device, dtype=dtype or stored).eval()
+    return fill(model, weights, config.decoder.tie_word_embeddings, f"Qwen-VL {d}", device, dtype)
 
