@@ -48,7 +48,7 @@ class Runner:
         self.mem = PeakMemory(self.device)
         self.bandwidth = copy_bandwidth(self.device)
         self.read = read_bandwidth(self.device)
-        self.peak = peak_flops(self.device, c.peak_flops)
+        self.peak = peak_flops(self.device, c.peak_flops, self.dtype)
         self.gen = torch.Generator().manual_seed(c.seed)
 
     def _inputs(self, model, setting: Setting, batch: int) -> Inputs:
@@ -267,7 +267,7 @@ def run(c: ModelBenchConfig) -> dict:
     # the bandwidth again at the end: a shared machine's varies over a run, and the roofline takes the better one
     bandwidths = [r.bandwidth, copy_bandwidth(r.device)]
     if r.device.type != "cuda" and not c.peak_flops:  # the CPU's matmul rate too: the better of start and end
-        peaks = [r.peak, peak_flops(r.device, None)]
+        peaks = [r.peak, peak_flops(r.device, None, r.dtype)]
         r.peak = max(peaks)
         for row in results:
             if "error" not in row and row.get("caption_flops"):

@@ -36,6 +36,7 @@ class ModelBenchConfig:
     memory_fraction: float = 0.85  # the probe keeps peak memory under this share of the device
     peak_flops: float | None = None  # dense bf16 FLOP/s for the utilisation column (None: by device name)
     seed: int = 0
+    dtype: str | None = None  # float32 or bfloat16 (None: bfloat16 on CUDA, float32 on CPU)
     checkpoints: tuple[str, ...] = ()  # real checkpoint directories (bench.checkpoints): then `shapes` is not used
     quantize: str | None = None  # "int8": each engine model also measured with weight-only int8 decoder layers
     mixed: int = 0  # > 0: also in-flight vs static batching on this many shapes-v1 images (bench.inflight)
@@ -67,6 +68,8 @@ class ModelBenchConfig:
             raise ValueError(f"--batch-sizes must be positive, got {self.batch_sizes}")
         if self.prompt_tokens < 1 or self.new_tokens < 2 or self.repeats < 1:
             raise ValueError("--prompt-tokens >= 1, --new-tokens >= 2 and --repeats >= 1 are required")
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.compile_backend not in ("inductor", "cudagraphs", "eager"):
             raise ValueError(f"--compile-backend must be inductor, cudagraphs or eager, got {self.compile_backend!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -87,22 +90,23 @@ def resolve(c: ModelBenchConfig) -> tuple[list[Setting], list[str], torch.dtype,
     else:
         models = list(c.models) or ["lavi", "vlora", "concat"] + (["hf-llava-ov"] if cuda or c.shapes in (
             "tiny-random", "qwen2-0.5b-siglip") else [])
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, c.dtype) if c.dtype else torch.bfloat16 if cuda else torch.float32
     return chosen, models, dtype, cuda if c.compile is None else c.compile
 
 
-def cpu_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul FLOP/s at torch's thread count, measured: the best of `repeats` n x n x n products."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def cpu_matmul_peak(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """This CPU's matmul FLOP/s in `dtype` at torch's thread count, measured: the best of `repeats` n x n x n
+    products."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / best_s(lambda: a @ b, torch.device("cpu"), repeats)
 
 
-def peak_flops(device: torch.device, given: float | None) -> float | None:
-    """The FLOP/s the utilisation columns divide by: given; a GPU's known dense bf16 peak; a CPU's measured fp32
-    matmul rate (`cpu_matmul_peak`)."""
+def peak_flops(device: torch.device, given: float | None, dtype: torch.dtype = torch.float32) -> float | None:
+    """The FLOP/s the utilisation columns divide by: given; a GPU's known dense bf16 peak; a CPU's measured matmul
+    rate in the run's dtype (`cpu_matmul_peak`)."""
     if given:
         return given
     if device.type != "cuda":
-        return cpu_matmul_peak()
+        return cpu_matmul_peak(dtype=dtype)
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16.items() if k in name), None)

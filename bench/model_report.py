@@ -139,7 +139,8 @@ def targets(doc: dict) -> list[dict]:
 def section_key(config: dict, settings: list[str]) -> str:
     """The BENCHMARKS.md section of a run: what it measured (checkpoint names or shapes), where, which settings."""
     subject = "+".join(Path(p).name for p in config.get("checkpoints") or ()) or config["shapes"]
-    return f"model-{subject}-{str(config['device']).split(':')[0]}-{'+'.join(settings) or 'all'}"
+    dtype = f"-{config['dtype']}" if config.get("dtype") else ""  # a dtype chosen by --dtype: a section of its own
+    return f"model-{subject}-{str(config['device']).split(':')[0]}-{'+'.join(settings) or 'all'}{dtype}"
 
 
 def render(path: str, markdown_path: str) -> str:
@@ -210,7 +211,7 @@ def _heading(doc: dict) -> list[str]:
             f"Prompt {c['prompt_tokens']} tokens, exactly {c['new_tokens']} new tokens (EOS ignored), greedy, "
             f"{weights}. Peak memory: {doc['peak_mem_method']}."
             + (f" FLOP utilisation against {doc['peak_flops'] / 1e9:.0f} GFLOP/s" if doc.get("peak_flops") else "")
-            + (" (this CPU's fp32 matmul, measured in this run" + (
+            + (f" (this CPU's {c.get('dtype') or 'float32'} matmul, measured in this run" + (
                 ": the better of {:.0f} at its start and {:.0f} at its end".format(*(p / 1e9 for p in
                                                                                    doc["peak_flops_start_end"]))
                 if doc.get("peak_flops_start_end") else "") + ")." if doc.get("peak_flops") and "cuda" not in

@@ -57,6 +57,9 @@ def bench() -> None:
 @click.option("--peak-tflops", type=float, default=None, help="Dense bf16 TFLOP/s for the FLOP-utilisation column "
               "(default: known from the GPU's name).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=None,
+              help="The weights' and activations' dtype (default: bfloat16 on CUDA, float32 on CPU; bfloat16 on a "
+                   "CPU with AMX or AVX512-BF16 runs its matmuls several times faster).")
 @click.option("--model", "checkpoints", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="A local checkpoint directory instead of --shapes (repeatable): a LLaVA-OneVision gives concat rows "
                    "(our engine) and hf-llava-ov rows (transformers, same weights); a Qwen-VL qwen-vl and hf-qwen-vl rows; a "
@@ -73,7 +76,7 @@ def bench() -> None:
 @click.option("--markdown", default="BENCHMARKS.md", show_default=True,
               help="Markdown file whose section this run writes ('' for none).")
 def model_cmd(device, shapes, settings, models, compress, batch_sizes, prompt_tokens, new_tokens, repeats, compile_,
-              compile_backend, max_batch, memory_fraction, peak_tflops, seed, checkpoints, quantize, mixed,
+              compile_backend, max_batch, memory_fraction, peak_tflops, seed, dtype, checkpoints, quantize, mixed,
               mixed_model, out, markdown) -> None:
     """LaVi vs the concat baseline (and transformers' LLaVA-OneVision): captions/s, TTFT, memory, FLOPs."""
     from bench.model import ModelBenchConfig, run
@@ -83,7 +86,7 @@ def model_cmd(device, shapes, settings, models, compress, batch_sizes, prompt_to
             device=device, shapes=shapes, settings=_names(settings), models=_names(models), compress=compress,
             batch_sizes=_ints(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
             compile=compile_, compile_backend=compile_backend, max_batch=max_batch, memory_fraction=memory_fraction,
-            peak_flops=peak_tflops * 1e12 if peak_tflops else None, seed=seed, checkpoints=checkpoints,
+            peak_flops=peak_tflops * 1e12 if peak_tflops else None, seed=seed, dtype=dtype, checkpoints=checkpoints,
             quantize=quantize, mixed=mixed, mixed_model=mixed_model, out=out, markdown=markdown or None)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
