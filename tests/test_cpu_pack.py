@@ -30,16 +30,33 @@ def test_a_packed_linear_computes_the_linear_layer(bias):
     assert packed(torch.randn(2, 96)).shape == (2, 200)
 
 
-def test_pack_replaces_float32_cpu_linears_only():
-    """Guards against packing a layer whose weight is not float32 (oneDNN's packed path would then compute in
-    another precision, or fail) or one already replaced (int8's layers)."""
+@pytest.mark.parametrize("native", [False, True])
+def test_pack_replaces_float32_cpu_linears_and_native_bf16_ones_only(monkeypatch, native):
+    """Guards against packing a bf16 layer on a CPU without native bf16 (oneDNN would convert every product, ~4x
+    slower), a float16 one, or one already replaced (int8's layers); and against leaving bf16 unpacked where the
+    CPU computes it (AVX512-BF16, AMX: packed, its decode products read the weights ~1.2x faster)."""
     from lavi.serving.quant import Int8Linear
 
+    monkeypatch.setattr(cpu_pack, "native_bf16", lambda: native)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), Int8Linear(nn.Linear(8, 8)),
-                          nn.Sequential(nn.Linear(8, 4)))
-    assert cpu_pack.pack(model, min_elements=0) == 2
-    kinds = [type(m).__name__ for m in (model[0], model[1], model[2], model[3][0])]
-    assert kinds == ["PackedLinear", "Linear", "Int8Linear", "PackedLinear"]
+                          nn.Sequential(nn.Linear(8, 4)), nn.Linear(8, 8).to(torch.float16))
+    assert cpu_pack.pack(model, min_elements=0) == 2 + native
+    kinds = [type(m).__name__ for m in (model[0], model[1], model[2], model[3][0], model[4])]
+    assert kinds == ["PackedLinear", "PackedLinear" if native else "Linear", "Int8Linear", "PackedLinear", "Linear"]
+
+
+@pytest.mark.skipif(not cpu_pack.native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
+def test_a_packed_bf16_linear_computes_the_bf16_linear_layer():
+    """Guards against a bf16 weight packed through float32 or read in another layout: the packed product is the
+    plain bf16 one (oneDNN's summation order only), one row and a prefill's."""
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 1024).to(torch.bfloat16)
+    packed = cpu_pack.PackedLinear(linear)
+    for x in (torch.randn(1, 512), torch.randn(3, 5, 512), torch.randn(300, 512)):
+        x = x.to(torch.bfloat16)
+        with torch.no_grad():
+            assert packed(x).dtype == torch.bfloat16
+            assert_close(packed(x).float(), linear(x).float(), rtol=1e-2, atol=1e-2)
 
 
 def test_small_layers_are_left_to_f_linear():
