@@ -128,7 +128,8 @@ def execution_options(command):
               help="int8: the decoder's linear layers as weight-only int8 at load (a quarter of their memory; faster "
                    "decode steps at small batches).")
 @click.option("--visual-compress", default=None, metavar="dct:KEEP|fastv:KEEP[@LAYER]",
-              help="Concat models (LLaVA-OneVision, a concat LaVi): fewer visual tokens in the context, no training. "
+              help="Models with their visual tokens in the context (LLaVA-OneVision, Qwen-VL: fastv only, a concat "
+                   "LaVi): fewer of them, no training. "
                    "dct:KEEP low-passes each frame's token grid to KEEP of its tokens (Fourier-VLM); "
                    "fastv:KEEP@LAYER keeps the KEEP most attended visual tokens past decoder layer LAYER (FastV).")
 @click.option("--report/--no-report", "report", default=True, show_default=True,

@@ -59,6 +59,9 @@ class ModelInfo:
     # dynamic resolution (lavi.resolution): each image at its own size and a video's frames at one size per clip,
     # multiples of a factor between min and max pixels; None: square frames (or anyres tiles) of image_size
     dynamic: DynamicResolution | None = None
+    # the `--visual-compress` methods it takes (lavi.visual_tokens.methods); None: every method where its vision is
+    # in its context, none otherwise
+    compress_methods: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, nested dataclasses as dicts (`DynamicResolution.from_dict` reads `dynamic` back)."""

@@ -23,6 +23,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from lavi.visual_tokens.methods import checked
 from pipeline import graph
 from pipeline.cluster import connect_ray
 from pipeline.config import RunConfig
@@ -106,9 +107,9 @@ def _generation(config: RunConfig, model: str, info: dict[str, Any]) -> dict:
     check_constraint(model, info["name"], config.constraint, config.storage)
     if config.frames is not None and config.frames > info["max_frames"]:
         raise ValueError(f"--frames {config.frames} is over the model's max_frames {info['max_frames']}: lower it")
-    if config.visual_compress and not info["vision_in_context"]:
-        raise ValueError(f"--visual-compress thins the visual tokens in a concat model's context; {info['name']} is "
-                         f"a {info['fusion']} model, with none there")
+    if config.visual_compress:
+        checked(config.visual_compress, info["name"], info["fusion"], info.get("compress_methods"),
+                info["vision_in_context"])
     generation = config.generation_settings()
     groups = config.decode_settings(info["image_size"], config.frames or info["default_frames"], info["pinpoints"],
                                     info["dynamic"]).group_clips

@@ -77,10 +77,9 @@ class QwenVLEngine(Engine):
     def load(cls, path: str, device: str = "cpu", dtype: torch.dtype | None = None, max_batch: int = 32,
              compile: bool = False, quantize: str | None = None,
              visual_compress: str | VisualCompress | None = None, pack: bool | None = None) -> "QwenVLEngine":
-        if visual_compress is not None:
-            raise ValueError("--visual-compress is not supported for a Qwen-VL yet")
         prompts = ChatPrompts.load(path)
-        model = prepare(qwen_checkpoint.load(path, device=device, dtype=dtype), quantize, None, compile, pack)
+        model = prepare(qwen_checkpoint.load(path, device=device, dtype=dtype), quantize, visual_compress, compile,
+                        pack)
         return cls(model, prompts, processors(model.config, _reader(path)), max_batch=max_batch,
                    name=model.config.name, compile=compile)
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from lavi.qwenvl.kinds import MODEL_TYPES, REFUSED
+from lavi.visual_tokens.methods import FASTV
 
 ENGINE = "lavi.qwenvl.engine:QwenVLEngine"
 CONVERT = "lavi.qwenvl.convert:convert"
+# FastV only: dct low-passes each item's grid of visual tokens to a square R x R one, made for a fixed-resolution
+# tower's square tiles; a Qwen's grids are each item's own h x w, which its M-RoPE positions follow
+COMPRESS_METHODS = (FASTV,)
 HUGE = 1 << 15  # a frame side far over any max_pixels: smart_resize brings it down to the largest the bound takes
 
 
@@ -29,7 +33,8 @@ def describe(config: dict[str, Any], read: Callable[[str], dict | None], name: s
     dynamic = processors(c, read).contract
     return ModelInfo(name=c.name, family=QWEN_VL, fusion=QWEN_VL, vision_in_context=True,
                      image_size=largest_square(dynamic.image), default_frames=c.default_frames,
-                     max_frames=c.max_frames, default_prompts=dict(c.default_prompts), dynamic=dynamic)
+                     max_frames=c.max_frames, default_prompts=dict(c.default_prompts), dynamic=dynamic,
+                     compress_methods=COMPRESS_METHODS)
 
 
 def processors(c, read: Callable[[str], dict | None]):

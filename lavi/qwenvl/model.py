@@ -23,19 +23,22 @@ from lavi.core.fusion import Visual
 from lavi.core.model import attention_mask
 from lavi.qwenvl import layout
 from lavi.qwenvl.config import QwenVLConfig
+from lavi.qwenvl.family import COMPRESS_METHODS
 from lavi.qwenvl.vision import QwenVision
 from lavi.qwenvl.vision_config import QwenVisionConfig
+from lavi.visual_tokens.methods import VisualCompress
 
 
 class QwenVL(OnDecoder, nn.Module):
     viln = None  # no norm conditioner: the decode step runs the plain decoder over the cache
     vision_in_context = True  # its merged patches sit in the decoder's context (lavi.serving.steps.context_lengths)
+    compress_methods = COMPRESS_METHODS  # FastV (lavi.visual_tokens.fastv) prunes them past its layer
 
     def __init__(self, config: QwenVLConfig, decoder: Decoder | None = None) -> None:
         """decoder: one already built to take (the loader's, made on the meta device), in place of a new one."""
         super().__init__()
         self.config = config
-        self.visual_compress = None  # no visual token compression (lavi.visual_tokens) for this family yet
+        self.visual_compress: VisualCompress | None = None  # FastV's pruning, set at load (lavi.serving.load_prep)
         self.vision = QwenVision(QwenVisionConfig.from_hf(config.vision, config.kind))
         self.decoder = decoder if decoder is not None else Decoder(config.decoder)
 

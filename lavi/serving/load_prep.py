@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
-from lavi.visual_tokens.methods import VisualCompress
+from lavi.visual_tokens.methods import VisualCompress, checked
 
 log = logging.getLogger(__name__)
 
 
 def prepare(model, quantize: str | None = None, visual_compress: str | VisualCompress | None = None,
             compile: bool = False, pack: bool | None = None):
-    """The model, ready to serve. pack: None packs a float32 CPU model's linear layers when this torch can and
-    the decode step is not compiled (torch.compile traces plain weights); False never does."""
+    """The model, ready to serve. pack: None packs a CPU model's linear layers (float32, or bfloat16 where the CPU
+    computes it natively: `cpu_pack.packable`) when this torch can and the decode step is not compiled
+    (torch.compile traces plain weights); False never does."""
     return packed(compressed(quantized(model, quantize), visual_compress), pack, compile)
 
 
@@ -31,10 +31,8 @@ def compressed(model, compress: str | VisualCompress | None):
     context (viln, vlora)."""
     if compress is None:
         return model
-    vc = VisualCompress.parse(compress) if isinstance(compress, str) else compress
-    if getattr(model, "projector", None) is None:
-        raise ValueError(f"--visual-compress {vc.spelled()} thins the visual tokens in a concat model's context; "
-                         f"{model.config.name} is a {model.config.fusion} model, with none there")
+    vc = checked(compress, model.config.name, getattr(model.config, "fusion", type(model).__name__),
+                 getattr(model, "compress_methods", None), bool(getattr(model, "vision_in_context", False)))
     model.visual_compress = vc
     log.info("%s: visual tokens compressed (%s)", model.config.name, vc.spelled())
     return model
@@ -43,7 +41,7 @@ def compressed(model, compress: str | VisualCompress | None):
 def packed(model, pack: bool | None, compile: bool = False):
     from lavi.serving import cpu_pack
 
-    if pack is False or model.device.type != "cpu" or model.dtype != torch.float32 or compile:
+    if pack is False or model.device.type != "cpu" or not cpu_pack.packable(model.dtype) or compile:
         return model
     if not cpu_pack.available():
         if pack:
@@ -51,5 +49,6 @@ def packed(model, pack: bool | None, compile: bool = False):
         return model
     n = cpu_pack.pack(model)
     if n:
-        log.info("%s: %d linear layers packed for oneDNN (CPU, float32)", model.config.name, n)
+        log.info("%s: %d linear layers packed for oneDNN (CPU, %s)", model.config.name, n,
+                 str(model.dtype).removeprefix("torch."))
     return model

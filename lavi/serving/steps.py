@@ -109,7 +109,7 @@ def run_prefill(model: LaVi, kv_cache, embeds: Tensor, kvalid: Tensor, keys: Ten
     work.prefill_tokens += embeds.shape[0] * t0
     if visual_positions is not None:
         return prefill_pruned(model, kv_cache, embeds, positions, mask, slots, kvalid, visual_positions,
-                              model.visual_compress)
+                              model.visual_compress, conds)
     return prefill(model, kv_cache, embeds, positions, mask, slots, conds), None
 
 
@@ -169,9 +169,10 @@ def prefill_groups(lengths: list[int]) -> list[list[int]]:
 
 
 def prunes_visual(model: LaVi) -> bool:
-    """Whether the prefill prunes visual tokens (lavi.visual_tokens.fastv): a concat model set to `fastv` below 1.0."""
+    """Whether the prefill prunes visual tokens (lavi.visual_tokens.fastv): a model whose visual tokens are in its
+    context (concat, LLaVA-OneVision, Qwen-VL) set to `fastv` below 1.0."""
     vc = getattr(model, "visual_compress", None)
-    return getattr(model, "projector", None) is not None and vc is not None and vc.prunes
+    return bool(getattr(model, "vision_in_context", False)) and vc is not None and vc.prunes
 
 
 @dataclass

@@ -75,3 +75,18 @@ class VisualCompress:
     def kept(self, n: int) -> int:
         """fastv: how many of a row's n visual tokens it keeps (at least one)."""
         return n if self.is_identity else max(1, min(n, math.ceil(self.keep * n)))
+
+
+def checked(compress: "str | VisualCompress", name: str, kind: str, methods: tuple[str, ...] | None,
+            in_context: bool) -> VisualCompress:
+    """`compress` parsed, refused (ValueError, one line) where the model `name` (a `kind` model) does not take it:
+    `methods` the ones it takes (None: every method where its visual tokens are in its context, none otherwise)."""
+    vc = VisualCompress.parse(compress) if isinstance(compress, str) else compress
+    methods = (METHODS if in_context else ()) if methods is None else methods
+    if not methods:
+        raise ValueError(f"--visual-compress {vc.spelled()} thins the visual tokens in a concat model's context; "
+                         f"{name} is a {kind} model, with none there")
+    if vc.method not in methods:
+        raise ValueError(f"--visual-compress {vc.spelled()}: {name} (a {kind} model) takes "
+                         f"{' or '.join(m + ':KEEP' + ('[@LAYER]' if m == FASTV else '') for m in methods)} only")
+    return vc
