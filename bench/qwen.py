@@ -175,19 +175,21 @@ def bench_shapes(runner, setting: Setting) -> tuple[list[dict], list[dict], str 
     runner._release()
     if ENGINE not in wanted:
         return rows, [], None
+    weights = decode_weight_bytes(model)  # counted before packing: a packed layer's weight is no parameter
     model = runner._packed(model)  # transformers' model is gone: our packed layers replace the only float copy
     runner._release()
     rows_, roofs = engine_rows(runner, model, setting, pixels, grid, kind, seconds, prompt, sizes, common, counted,
-                               max_seq)
+                               max_seq, weights)
     del model
     runner._release()
     return rows + rows_, roofs, None
 
 
 def engine_rows(runner, model: QwenVL, setting: Setting, pixels: Tensor, grid: list[int], kind: int, seconds: float,
-                prompt: list[int], sizes: list[int], common: dict, counted: int, max_seq: int
+                prompt: list[int], sizes: list[int], common: dict, counted: int, max_seq: int, weights: int
                 ) -> tuple[list[dict], list[dict]]:
-    """Our engine's rows (the static-cache generation loop, `Runner.measure`) and its batch-1 decode roofline."""
+    """Our engine's rows (the static-cache generation loop, `Runner.measure`) and its batch-1 decode roofline
+    (`weights`: the bytes a decode step reads, `decode_weight_bytes`)."""
     def inputs(b: int):
         x, g = pixels.repeat(b, 1), torch.tensor([grid] * b)
         return (lambda: model.encode(x, g, [kind] * b, [seconds] * b)), torch.arange(b), [prompt] * b
@@ -211,7 +213,7 @@ def engine_rows(runner, model: QwenVL, setting: Setting, pixels: Tensor, grid: l
                 vis = encode().select(one_row.to(runner.device))
             alone, linears = R.step_alone(model, vis, max_seq, runner.c.new_tokens)
         state = R.state_bytes(model.config, setting, max_seq, ENGINE, runner.dtype)
-        roofs.append(R.entry(ENGINE, setting, decode_weight_bytes(model), state, one["decode_step_s"], linears,
+        roofs.append(R.entry(ENGINE, setting, weights, state, one["decode_step_s"], linears,
                              R.linears_bytes(model), alone))
     return rows, roofs
 
