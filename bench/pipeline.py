@@ -132,14 +132,41 @@ def decoded_clips(manifest: str, image_size: int, frames: int) -> list[tuple]:
     return clips
 
 
-def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str, max_new_tokens: int) -> dict:
-    """Engine.generate over decoded clips, batch by batch, as a script would: the model-only baseline."""
+def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str, max_new_tokens: int,
+               threads: int | None = None) -> dict:
+    """Engine.generate over decoded clips, batch by batch, as a script would: the model-only baseline, on torch's
+    default threads or on `threads` (then restored)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _plain(model_dir, clips, batch_size, device, max_new_tokens)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def labeler_threads(parameters: int) -> int:
+    """The torch threads the run's one CPU labeler computes on here (workers.labeler.cpu_threads at this machine's
+    CPUs and the run's default CPUs per labeler)."""
+    import os
+
+    from pipeline.config import RunConfig
+    from workers.labeler import cpu_threads
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpu_threads(float(cpus), 1, RunConfig.__dataclass_fields__["cpus_per_worker"].default, parameters)
+
+
+def _plain(model_dir: str, clips: list[tuple], batch_size: int, device: str, max_new_tokens: int) -> dict:
     import torch
 
     from lavi.serving.engine import Engine
     from lavi.serving.steps import GenerationConfig
 
     engine = Engine.load(model_dir, device=device, max_batch=batch_size)
+    parameters = sum(p.numel() for p in engine.model.parameters())
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     warm = clips[:batch_size]  # one warm-up batch: the pipeline's actor also loads before its first batch
@@ -153,7 +180,8 @@ def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str,
                               gen)
         tokens += sum(g.num_generated_tokens for g in out)
     sync()
-    return {"wall_s": time.perf_counter() - start, "rows": len(clips), "generated_tokens": tokens}
+    return {"wall_s": time.perf_counter() - start, "rows": len(clips), "generated_tokens": tokens,
+            "parameters": parameters, "threads": torch.get_num_threads()}
 
 
 def run(c: PipelineBenchConfig) -> dict:
@@ -181,6 +209,9 @@ def run(c: PipelineBenchConfig) -> dict:
         gpu_busy = busy.stop() if busy else None
         clips = decoded_clips(manifest, info["image_size"], info["default_frames"])
         plain = plain_loop(model_dir, clips, c.batch_size, c.device, c.max_new_tokens)
+        threads = None if gpus else labeler_threads(plain["parameters"])
+        alone = (plain_loop(model_dir, clips, c.batch_size, c.device, c.max_new_tokens, threads)
+                 if threads is not None and threads < plain["threads"] else None)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -192,10 +223,16 @@ def run(c: PipelineBenchConfig) -> dict:
                     "driver_peak_rss_mb": mb(child["peak_rss_bytes"]),
                     "generated_tokens": summary["this_run"]["generated_tokens"], "gpu_busy_fraction": gpu_busy,
                     "status": summary.get("status"), "ray_start_s": summary["this_run"].get("ray_start_s")}
+    plains = [(f"plain, {p['threads']} torch thread{'s' * (p['threads'] > 1)}", p) for p in (plain, alone) if p]
     doc = {
-        "results": [pipeline_row, {"mode": "plain", "wall_s": plain["wall_s"], "rows": plain["rows"],
-                                   "rows_per_s": plain_rate, "steady_rows_per_s": plain_rate,
-                                   "generated_tokens": plain["generated_tokens"]}],
+        "results": [pipeline_row] + [{"mode": mode, "wall_s": p["wall_s"], "rows": p["rows"],
+                                      "rows_per_s": p["rows"] / p["wall_s"],
+                                      "steady_rows_per_s": p["rows"] / p["wall_s"],
+                                      "generated_tokens": p["generated_tokens"], "threads": p["threads"]}
+                                     for mode, p in plains],
+        "labeler_threads": threads,
+        "steady_ratio_labeler_threads": (child["steady_rows_per_s"] * alone["wall_s"] / alone["rows"]
+                                         if alone and child["steady_rows_per_s"] else None),
         "throughput_ratio": (rows / wall) / plain_rate if plain["rows"] == rows else None,
         "steady_ratio": (child["steady_rows_per_s"] / plain_rate) if child["steady_rows_per_s"] else None,
         "model": model_dir, "model_kind": model_kind, "corpus_write_s": corpus_s,
@@ -209,6 +246,18 @@ def run(c: PipelineBenchConfig) -> dict:
     return doc
 
 
+def _threads_cause(doc: dict) -> str:
+    """The steady shortfall's cause when the labeler computes on fewer threads than the plain loop: what the plain
+    loop does on the labeler's threads, and the pipeline's steady rate against that."""
+    alone, n = doc.get("steady_ratio_labeler_threads"), doc.get("labeler_threads")
+    if alone is None:
+        return "."
+    rate = doc["results"][-1]["rows_per_s"]
+    return (f", and its labeler computes on {n} torch thread{'s' * (n > 1)} (workers.labeler.cpu_threads: a small "
+            "model's microsecond ops beside the pipeline's other processes wait on OpenMP's barriers with more), where "
+            f"the plain loop runs at {rate:.1f} rows/s: the pipeline's steady rate is {alone:.3f} of that.")
+
+
 def markdown(doc: dict) -> str:
     if doc.get("scale"):
         return scale.markdown(doc)
@@ -219,7 +268,8 @@ def markdown(doc: dict) -> str:
         f"Model: {doc['model_kind']}; batch {c['batch_size']}, {c['max_new_tokens']} max new tokens. "
         "pipeline = `lavi-label run` end to end in a process of its own (Ray start, listing, decode, labeler, "
         "commits, summary); steady = rows committed between its first and last part file over that time; plain = "
-        "Engine.generate over the same clips, decoded beforehand (not timed), torch's default threads.", "",
+        "Engine.generate over the same clips, decoded beforehand (not timed), on torch's default threads and, on "
+        "CPU, on the threads the pipeline's labeler computes on (workers.labeler.cpu_threads).", "",
         table(doc["results"], [("mode", "mode"), ("wall_s", "wall s"), ("rows", "rows"), ("rows_per_s", "rows/s"),
                                ("steady_rows_per_s", "steady rows/s"), ("first_commit_s", "first commit s"),
                                ("driver_peak_rss_mb", "driver peak RSS MB"), ("generated_tokens", "tokens"),
@@ -236,5 +286,6 @@ def markdown(doc: dict) -> str:
                   "blocks), which the plain loop does not pay; from there "
                   f"it ran at {steady:.3f} of the plain loop"
                   + ("." if steady >= TARGET else f", itself {TARGET / steady:.2f}x short: the plain loop's clips "
-                     "were decoded beforehand and untimed, the pipeline decodes them on the same cores.")]
+                     "were decoded beforehand and untimed, the pipeline decodes them on the same cores"
+                     + _threads_cause(doc))]
     return "\n".join(lines) + "\n"

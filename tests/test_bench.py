@@ -402,16 +402,20 @@ def test_python_m_bench_takes_every_flag_of_lavi_label_bench_model():
 
 def test_bench_pipeline_command_end_to_end(ray_local, tmp_path):
     """Guards against the pipeline benchmark drifting from the real `lavi-label run` entry point (RunConfig
-    fields, summary keys) or comparing different work: both sides must label every corpus item."""
+    fields, summary keys) or comparing different work: both sides must label every corpus item; and, where the
+    labeler computes on fewer threads than torch's default, the plain loop is measured on those too."""
     out = tmp_path / "pipeline.json"
     result = CliRunner().invoke(bench, [
         "pipeline", "--images", "6", "--batch-size", "4", "--max-new-tokens", "3", "--workdir", str(tmp_path / "w"),
         "--out", str(out), "--markdown", str(tmp_path / "BENCHMARKS.md")])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    pipeline, plain = doc["results"]
-    assert pipeline["mode"] == "pipeline" and plain["mode"] == "plain"
+    pipeline, plain, *alone = doc["results"]
+    assert pipeline["mode"] == "pipeline" and plain["mode"].startswith("plain")
     assert pipeline["rows"] == plain["rows"] == 6
+    assert [p["threads"] for p in alone] == ([doc["labeler_threads"]] if doc["labeler_threads"] < plain["threads"]
+                                             else [])
+    assert all(p["rows"] == 6 for p in alone)
     assert doc["throughput_ratio"] > 0 and pipeline["first_commit_s"] > 0 and pipeline["driver_peak_rss_mb"] > 50
     assert "bench pipeline" in (tmp_path / "BENCHMARKS.md").read_text()
 
