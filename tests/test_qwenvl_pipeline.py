@@ -130,3 +130,49 @@ def test_plan_labels_a_sample_with_a_qwen_vl(ray_local, checkpoints, corpus, tmp
     figures = json.loads((tmp_path / "plan.json").read_text())
     assert "corpus: 6 items" in result.output and figures["sample"]["items"] == 3
     assert figures["forecast"]["rows"] >= len(IMAGES)  # one row per image, and the video's clips as sampled
+
+
+def test_retry_relabels_an_error_row_at_its_own_size(ray_local, checkpoints, tmp_path):
+    """Guards against `lavi-label retry` on a Qwen-VL's output sizing the retried image without the checkpoint's
+    dynamic-resolution contract (a square frame, another factor) or with other generation settings: the mended
+    file's row is relabelled once, at its own size, with transformers' own greedy caption."""
+    from pipeline.retry import retry
+
+    d = checkpoints["qwen2_5_vl"]
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "fine.png").write_bytes(media.png(64, 64, seed=0))
+    (root / "mended.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    out = tmp_path / "out"
+    first = run(RunConfig(inputs=(str(root),), out=str(out), model=str(d), prompt=PROMPT, max_new_tokens=NEW,
+                          batch_size=4, address=ray_local))
+    assert first["error_stage"] == {"decode": 1}, first["error_stage"]
+    before = {Path(r["uri"]).name: r for r in pq.read_table(out).to_pylist()}
+    (root / "mended.jpg").write_bytes(media.jpeg(200, 50, seed=1))
+    summary = retry(str(out), ("decode",), str(d), address=ray_local, batch_size=4)
+    rows = {Path(r["uri"]).name: r for r in pq.read_table(out).to_pylist()}
+    assert summary["retry"]["rows"] == 1 and len(rows) == 2 and rows["fine.png"] == before["fine.png"]
+    mended = rows["mended.jpg"]
+    assert mended["status"] in ("ok", "truncated") and (mended["width"], mended["height"]) == (200, 50)
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+    assert mended["text"] == _reference_text(d, hf, root / "mended.jpg")
+
+
+def test_run_with_fastv_and_dct_refused_before_listing(ray_local, checkpoints, corpus, tmp_path):
+    """Guards against `--visual-compress` on a Qwen-VL reaching the labeler unchecked: fastv labels every item and
+    is kept in the output's settings; dct is refused by the driver, naming what the model takes, before a row is
+    written."""
+    from schemas.rows import read_metadata
+
+    d = str(checkpoints["qwen3_vl"])
+    options = dict(inputs=(str(corpus),), model=d, prompt=PROMPT, max_new_tokens=4, batch_size=4, clip_seconds=6.0,
+                   frames=2, address=ray_local)
+    with pytest.raises(ValueError, match=r"takes fastv:KEEP\[@LAYER\] only"):
+        run(RunConfig(out=str(tmp_path / "dct"), visual_compress="dct:0.25", **options))
+    assert not list((tmp_path / "dct").glob("part-*.parquet"))
+    out = tmp_path / "fastv"
+    summary = run(RunConfig(out=str(out), visual_compress="fastv:0.5@0", **options))
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == len(IMAGES) + 2 and summary["status"].get("error", 0) == 0
+    meta = read_metadata(pq.read_schema(next(out.glob("part-*.parquet"))).metadata)
+    assert meta["generation"]["visual_compress"] == "fastv:0.5@0"
