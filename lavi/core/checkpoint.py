@@ -6,6 +6,7 @@ code runs: a directory that only has .bin/.pt weights is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -64,6 +65,26 @@ def _assign(module: nn.Module, weights: dict[str, Tensor], what: str, optional: 
         raise CheckpointError(f"{what}: weights do not match the config; missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     module.load_state_dict(weights, strict=False)
+
+
+INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                  "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def no_init():
+    """Modules built inside are not initialised (torch.nn.init's functions leave the tensor as it is), for a model
+    whose every weight a checkpoint then fills (`fill` checks that): a real tower's random init is seconds of CPU at
+    real sizes, and on the meta device an Embedding's normal_ runs through torch's Python reference, whose first call
+    imports torch._dynamo (1.7 s of a CPU labeler's start). Non-persistent buffers (rotary tables) are still computed."""
+    saved = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+    try:
+        for name in INIT_FUNCTIONS:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def fill(model: nn.Module, weights: dict[str, Tensor], tied: bool, what: str, device, dtype: torch.dtype | None):
@@ -131,7 +152,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     d = Path(directory)
     config = LaViConfig.from_dict(read_json(d / "config.json"))
     weights = load_weights(d)
-    with torch.device("meta"):
+    with no_init(), torch.device("meta"):
         model = model_class(config)(config)
     model = model.to_empty(device="cpu")
     optional = ("decoder.lm_head",) if config.decoder.tie_word_embeddings else ()

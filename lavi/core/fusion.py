@@ -141,8 +141,9 @@ class ViLNConditioner(nn.Module):
         # A ViT's own position embedding can be drowned by its patch features (seen training from scratch:
         # 0.4% of the variance), and unlike concat, whose visual tokens get RoPE positions in the decoder,
         # the conditioner's keys and values have no other source of place and time.
-        self.spatial = nn.Parameter(torch.randn(c.vision.num_patches, d_c) * 0.5)
-        self.temporal = nn.Parameter(torch.randn(c.max_frames, d_c) * 0.5)
+        # (drawn by nn.init, which a checkpoint's load skips: lavi.core.checkpoint.no_init)
+        self.spatial = nn.Parameter(nn.init.normal_(torch.empty(c.vision.num_patches, d_c), std=0.5))
+        self.temporal = nn.Parameter(nn.init.normal_(torch.empty(c.max_frames, d_c), std=0.5))
         self.heads = nn.ModuleDict(
             {f"{l}_{s}": SiteHead(d, d_c) for l in c.modulated_layers() for s in c.site_names()})
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lavi.core.checkpoint import CheckpointError, fill, load_weights
+from lavi.core.checkpoint import CheckpointError, fill, load_weights, no_init
 from lavi.onevision.model import OneVision
 from lavi.onevision.config import MODEL_TYPE, OURS, OneVisionConfig
 
@@ -53,7 +53,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     d = Path(directory)
     config = config or OneVisionConfig.from_dir(d)
     weights = ours(load_weights(d))
-    with torch.device("meta"):
+    with no_init(), torch.device("meta"):
         model = OneVision(config)
     model = model.to_empty(device="cpu")
     return fill(model, weights, config.decoder.tie_word_embeddings, f"LLaVA-OneVision {d}", device, dtype)
