@@ -38,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--memory-fraction", type=float, default=0.85)
     m.add_argument("--peak-tflops", type=float, default=None)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     m.add_argument("--visual-compress", dest="compress", action="append", default=[])
     m.add_argument("--model", dest="checkpoints", action="append", default=[])
     m.add_argument("--quantize", choices=("int8",), default=None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-
 from lavi.visual_tokens.methods import VisualCompress, checked
 
 log = logging.getLogger(__name__)

@@ -73,8 +73,6 @@ def _layer_and_rows(cache, i: int, b: int, device) -> tuple[LayerKV, Tensor]:
 
 def _tokens(x: Tensor, idx: Tensor, dim: int) -> Tensor:
     """x's tokens along `dim` at idx (B, T1): a row's hidden states (B, T, d) at dim 1, cos/sin (B, 1, T, D) at 2."""
-    shape = [-1] * x.ndim
-    shape[dim] = idx.shape[1]
     index = idx.view(idx.shape[0], *([1] * (dim - 1)), idx.shape[1], *([1] * (x.ndim - dim - 1)))
     return x.gather(dim, index.expand(*x.shape[:dim], idx.shape[1], *x.shape[dim + 1:]))
 
