@@ -10,14 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from lavi.qwenvl.kinds import MODEL_TYPES, REFUSED
-from lavi.visual_tokens.methods import FASTV
+from lavi.qwenvl.kinds import COMPRESS_METHODS, MODEL_TYPES, REFUSED
 
 ENGINE = "lavi.qwenvl.engine:QwenVLEngine"
 CONVERT = "lavi.qwenvl.convert:convert"
-# FastV only: dct low-passes each item's grid of visual tokens to a square R x R one, made for a fixed-resolution
-# tower's square tiles; a Qwen's grids are each item's own h x w, which its M-RoPE positions follow
-COMPRESS_METHODS = (FASTV,)
 HUGE = 1 << 15  # a frame side far over any max_pixels: smart_resize brings it down to the largest the bound takes
 
 

@@ -23,7 +23,7 @@ from lavi.core.fusion import Visual
 from lavi.core.model import attention_mask
 from lavi.qwenvl import layout
 from lavi.qwenvl.config import QwenVLConfig
-from lavi.qwenvl.family import COMPRESS_METHODS
+from lavi.qwenvl.kinds import COMPRESS_METHODS
 from lavi.qwenvl.vision import QwenVision
 from lavi.qwenvl.vision_config import QwenVisionConfig
 from lavi.visual_tokens.methods import VisualCompress
