@@ -36,7 +36,8 @@ from torch import Tensor
 from lavi.visual_tokens.methods import VisualCompress
 from lavi.core.config import CONTEXT_FUSION, VILN, VLORA, LaViConfig
 from lavi.core.vlora import weight_shapes
-from lavi.core.decoder import NONE, KVCache, rope_cos_sin
+from lavi.core.decoder import NONE, KVCache
+from lavi.core.rope import rope_cos_sin
 from lavi.visual_tokens.fastv import prefill_pruned
 from lavi.core.model import LaVi, attention_mask, rope_positions
 

@@ -148,12 +148,12 @@ def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str,
 
 
 def labeler_threads(parameters: int) -> int:
-    """The torch threads the run's one CPU labeler computes on here (workers.labeler.cpu_threads at this machine's
+    """The torch threads the run's one CPU labeler computes on here (workers.cpu_share.cpu_threads at this machine's
     CPUs and the run's default CPUs per labeler)."""
     import os
 
     from pipeline.config import RunConfig
-    from workers.labeler import cpu_threads
+    from workers.cpu_share import cpu_threads
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return cpu_threads(float(cpus), 1, RunConfig.__dataclass_fields__["cpus_per_worker"].default, parameters)
@@ -253,7 +253,7 @@ def _threads_cause(doc: dict) -> str:
     if alone is None:
         return "."
     rate = doc["results"][-1]["rows_per_s"]
-    return (f", and its labeler computes on {n} torch thread{'s' * (n > 1)} (workers.labeler.cpu_threads: a small "
+    return (f", and its labeler computes on {n} torch thread{'s' * (n > 1)} (workers.cpu_share.cpu_threads: a small "
             "model's microsecond ops beside the pipeline's other processes wait on OpenMP's barriers with more), where "
             f"the plain loop runs at {rate:.1f} rows/s: the pipeline's steady rate is {alone:.3f} of that.")
 
@@ -269,7 +269,7 @@ def markdown(doc: dict) -> str:
         "pipeline = `lavi-label run` end to end in a process of its own (Ray start, listing, decode, labeler, "
         "commits, summary); steady = rows committed between its first and last part file over that time; plain = "
         "Engine.generate over the same clips, decoded beforehand (not timed), on torch's default threads and, on "
-        "CPU, on the threads the pipeline's labeler computes on (workers.labeler.cpu_threads).", "",
+        "CPU, on the threads the pipeline's labeler computes on (workers.cpu_share.cpu_threads).", "",
         table(doc["results"], [("mode", "mode"), ("wall_s", "wall s"), ("rows", "rows"), ("rows_per_s", "rows/s"),
                                ("steady_rows_per_s", "steady rows/s"), ("first_commit_s", "first commit s"),
                                ("driver_peak_rss_mb", "driver peak RSS MB"), ("generated_tokens", "tokens"),

@@ -133,7 +133,7 @@ def _reference_greedy(model, vis, prompt: list[int], vc: VisualCompress, steps: 
     positions = torch.arange(t0)[None]
     mask = torch.ones(1, 1, t0, t0, dtype=torch.bool).tril()
     _, hidden = dec(embeds, positions, mask, output_hidden_states=True)
-    from lavi.core.decoder import rope_cos_sin
+    from lavi.core.rope import rope_cos_sin
 
     cos, sin = rope_cos_sin(positions, dec.config.head_dim, dec.config.rope_theta)
     probs = last_token_attention(dec.layers[vc.layer].self_attn, dec.layers[vc.layer].input_layernorm(hidden[vc.layer]),

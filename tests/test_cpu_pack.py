@@ -96,7 +96,8 @@ def test_products_of_one_input_are_packed_as_one_and_compute_what_the_layers_did
     """Guards against a fused q/k/v or gate/up product whose outputs come back in the wrong order or width (GQA:
     k and v narrower than q), a bias dropped, or FastV's look at the last token's attention (which reads the
     projections itself) broken by the fusion."""
-    from lavi.core.decoder import Attention, MLP, rope_cos_sin
+    from lavi.core.decoder import Attention, MLP
+    from lavi.core.rope import rope_cos_sin
     from lavi.visual_tokens.fastv import last_token_attention
     from lavi.tiny_models import tiny_config
 

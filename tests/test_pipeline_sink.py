@@ -256,7 +256,7 @@ def test_a_cpu_labeler_computes_on_the_cores_its_node_has():
     whole CPUs, 1 under one: a 0.5B model labelled on one core of two for minutes), and against a small model's
     threads fighting the decode tasks beside it for every core (tiny-shapes labelled 38 rows/s on two threads and
     62 on one)."""
-    from workers.labeler import cpu_threads
+    from workers.cpu_share import cpu_threads
 
     assert cpu_threads(2, 1, 0.5, 900_000_000) == 2  # a large model: the node's cores
     assert cpu_threads(2, 1, 0.5, 5_000_000) == 1  # a small one leaves a core to the pipeline

@@ -12,7 +12,7 @@ import torch
 from qwenvl_fixture import (KINDS, PROMPT, SIZES, VARIANTS, dirs, engines, hf_models,  # noqa: F401
                             image, mm_types, reference_ids, reference_pixels)
 
-from lavi.core.decoder import rope_cos_sin
+from lavi.core.rope import rope_cos_sin
 from lavi.qwenvl.config import QwenVLConfig
 from lavi.qwenvl.engine import seconds_per_patch
 from lavi.qwenvl.pixels import pixel_values

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lavi.core.decoder import rope_cos_sin
+from lavi.core.rope import rope_cos_sin
 from lavi.core.model import attention_mask
 from tests.qwenvl_fixture import KINDS, image, make_qwenvl
 

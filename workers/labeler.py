@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from schemas.clips import BOOKKEEPING, CLIP_SCHEMA
 from schemas.rows import ERROR, IMAGE, INFER, OK, TRUNCATED, VIDEO, error_columns, row_id, table_from_rows
+from workers.cpu_share import cpu_threads, node_cpus
 from workers.model_cache import local_model_dir
 from workers.progress import RowReporter
 
@@ -64,34 +65,6 @@ class LabelerSpec:
     cpus_per_worker: float = 0.5
 
 
-BIG_MODEL = 100_000_000  # parameters: a model whose ops are large enough to gain from every core of its share
-
-
-def cpu_threads(node_cpus: float, workers: int, cpus_per_worker: float, parameters: int) -> int:
-    """torch threads of a CPU labeler. Ray sets OMP_NUM_THREADS to a worker's whole CPUs (1 under one), so a
-    0.5-CPU labeler would compute on one core of an idle node (seen: a 0.5B model at 99.5% of one core of two, for
-    minutes). Its share: the node's CPUs over the labelers that fit on it. A large model takes all of it (its
-    matmuls are long; the decode tasks, Ray and the driver beside it cost it little); a small one leaves a core to
-    them: its ops last microseconds, and OpenMP's threads wait at every op for the one the OS took away (on two
-    cores, tiny-shapes labelled 38 rows/s with two threads beside the pipeline and 62 with one)."""
-    on_node = max(1, min(workers, int(node_cpus // cpus_per_worker) if cpus_per_worker > 0 else workers))
-    share = max(1, int(node_cpus // on_node))
-    return share if parameters >= BIG_MODEL else max(1, share - 1)
-
-
-def _node_cpus() -> float:
-    """This Ray node's CPUs (as Ray counts them: what the node was started with), else the machine's."""
-    import os
-
-    try:
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        return next(n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == here)
-    except Exception:  # noqa: BLE001 - outside a Ray worker (tests, eval): the machine
-        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 class Labeler:
     """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ the bookkeeping columns)."""
 
@@ -112,7 +85,7 @@ class Labeler:
                              quantize=spec.quantize, visual_compress=spec.visual_compress, **batch)
         engine.inflight = spec.inflight
         if not cuda:
-            threads = cpu_threads(_node_cpus(), spec.workers, spec.cpus_per_worker,
+            threads = cpu_threads(node_cpus(), spec.workers, spec.cpus_per_worker,
                                   sum(p.numel() for p in engine.model.parameters()))
             torch.set_num_threads(threads)
             log.info("CPU labeler: %d torch threads", threads)

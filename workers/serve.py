@@ -27,7 +27,7 @@ class EngineServer:
 
         self.engine, self.idle_s = engine, idle_s
         # OpenMP's thread count is per thread: a new one starts at OMP_NUM_THREADS (Ray sets 1 under a whole CPU), not
-        # at what the labeler set (workers.labeler.cpu_threads), so this thread computed on one core of two
+        # at what the labeler set (workers.cpu_share.cpu_threads), so this thread computed on one core of two
         self.threads = torch.get_num_threads()
         self.jobs: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future]] = queue.Queue()
         self.wake = threading.Event()

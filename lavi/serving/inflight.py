@@ -16,7 +16,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from torch import Tensor
 
 from lavi.serving.constrain import Constraint, Guide, Vocabulary
 from lavi.core.decoder import RowsPrefill
@@ -204,32 +203,11 @@ class InflightPool:
         return Visual.cat(parts)
 
     def _fit(self, sub: Visual) -> StepInputs:
-        """The decode step's fixed buffers, allocated at the first admission and grown (rows kept, padding masked)
-        when an item brings a longer visual token axis than any before it."""
-        nv = sub.mask.shape[1]
+        """The decode step's fixed buffers, allocated at the first admission and grown (`StepInputs.grown`) when an
+        item brings a longer visual token axis than any before it."""
         f = self.fixed
-        if f is not None and f.vis_mask.shape[1] >= nv:
-            return f
-        b, d = self.b, self.device
-
-        def grown(t: Tensor | None, new: Tensor, dim: int) -> Tensor:  # old rows in front, zeros past them
-            z = new.new_zeros([b, *new.shape[1:dim], max(nv, new.shape[dim]), *new.shape[dim + 1:]])
-            if t is not None:
-                z.narrow(dim, 0, t.shape[dim]).copy_(t)
-            return z
-
-        slot_valid = f.slot_valid if f is not None else torch.zeros(b, self.s, dtype=torch.bool, device=d)
-        if f is None:
-            slot_valid[:, 0] = True  # a free row holds one valid slot, so that it stays finite
-        one = sub.select(torch.zeros(1, dtype=torch.long, device=d))
-        inputs = StepInputs(
-            slot_valid.clone(), grown(f.vis_mask if f else None, one.mask, 1),
-            tuple((grown(f.cond_kv[g][0] if f else None, k, 2), grown(f.cond_kv[g][1] if f else None, u, 2))
-                  for g, (k, u) in enumerate(one.cond_kv or ())),
-            tuple(f.factors[i] if f else torch.zeros(b, *a.shape[1:], dtype=a.dtype, device=d)
-                  for i, a in enumerate(one.factors or ())),
-            (f.deep_valid if f else slot_valid).clone() if self.fastv else None)
-        self.fixed = self.g._fixed(inputs)
+        if f is None or f.vis_mask.shape[1] < sub.mask.shape[1]:
+            self.fixed = self.g._fixed(StepInputs.grown(f, sub, self.b, self.s, self.device, self.fastv))
         return self.fixed
 
     def _admit(self, free: list[int], take: list[Request]) -> None:

@@ -193,6 +193,32 @@ class StepInputs:
     def matches(self, other: "StepInputs") -> bool:
         return [(t.shape, t.dtype) for t in self.tensors()] == [(t.shape, t.dtype) for t in other.tensors()]
 
+    @classmethod
+    def grown(cls, f: "StepInputs | None", sub: Visual, b: int, s: int, d: torch.device, fastv: bool
+              ) -> "StepInputs":
+        """Buffers on device d for b rows over s cache slots that hold `sub`'s visual token axis: `f`'s rows in front (their
+        padding masked), zeros past them; new ones (every row with one valid slot, so that a free row stays finite)
+        where `f` is None. fastv: with FastV's deep slots."""
+        nv = sub.mask.shape[1]
+
+        def grown(t: Tensor | None, new: Tensor, dim: int) -> Tensor:  # old rows in front, zeros past them
+            z = new.new_zeros([b, *new.shape[1:dim], max(nv, new.shape[dim]), *new.shape[dim + 1:]])
+            if t is not None:
+                z.narrow(dim, 0, t.shape[dim]).copy_(t)
+            return z
+
+        slot_valid = f.slot_valid if f is not None else torch.zeros(b, s, dtype=torch.bool, device=d)
+        if f is None:
+            slot_valid[:, 0] = True
+        one = sub.select(torch.zeros(1, dtype=torch.long, device=d))
+        return cls(
+            slot_valid.clone(), grown(f.vis_mask if f else None, one.mask, 1),
+            tuple((grown(f.cond_kv[g][0] if f else None, k, 2), grown(f.cond_kv[g][1] if f else None, u, 2))
+                  for g, (k, u) in enumerate(one.cond_kv or ())),
+            tuple(f.factors[i] if f else torch.zeros(b, *a.shape[1:], dtype=a.dtype, device=d)
+                  for i, a in enumerate(one.factors or ())),
+            (f.deep_valid if f else slot_valid).clone() if fastv else None)
+
     def empty_like(self) -> "StepInputs":
         return StepInputs(torch.empty_like(self.slot_valid), torch.empty_like(self.vis_mask),
                           tuple((torch.empty_like(k), torch.empty_like(u)) for k, u in self.cond_kv),

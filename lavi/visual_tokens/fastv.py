@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from lavi.visual_tokens.methods import VisualCompress
-from lavi.core.decoder import NONE, Attention, Conditioning, LayerConds, LayerKV, apply_rope, rope_cos_sin
+from lavi.core.decoder import NONE, Attention, Conditioning, LayerConds, LayerKV
+from lavi.core.rope import apply_rope, rope_cos_sin
 from lavi.core.model import attention_mask
 
 
