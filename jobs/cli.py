@@ -7,9 +7,9 @@ import click
 from jobs.bench import bench
 from jobs.convert import convert_cmd
 from jobs.demo import demo_cmd
-from jobs.exits import exit_hard
 from jobs.distill import distill_cmd
 from jobs.evaluate import eval_cmd
+from jobs.exits import exit_hard
 from jobs.manage import list_jobs, logs, status, stop
 from jobs.plan import plan_cmd
 from jobs.report import report_cmd

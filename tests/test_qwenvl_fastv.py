@@ -36,6 +36,18 @@ def _texts(engine: QwenVLEngine, visuals, media, requests) -> list[str]:
     return [g.text for g in engine.generate(visuals, requests, GEN, media=media)]
 
 
+def _padded(conds, extra: int):
+    """Per-layer conditioning whose residual (deepstack, over the prompt) gets `extra` zero tokens after it: the
+    generated tokens take no deepstack features."""
+    if conds is None:
+        return None
+
+    def cond(i: int):
+        c = conds(i)
+        return c if c.residual is None else c._replace(residual=F.pad(c.residual, (0, 0, 0, extra)))
+    return cond
+
+
 def _reference(model, vis, prompt: list[int], vc, steps: int) -> tuple[list[int], torch.Tensor]:
     """FastV by recomputation: the whole sequence through the uncached decoder at its M-RoPE positions (generated
     tokens on plain positions from the prompt's next one, equal on the three axes), deepstack added at the visual
@@ -65,8 +77,7 @@ def _reference(model, vis, prompt: list[int], vc, steps: int) -> tuple[list[int]
         t = embeds.shape[1]
         after = (nxt[0] + torch.arange(t - t0)).view(1, 1, -1).expand(3, 1, -1)
         pos = torch.cat([positions, after], dim=2)
-        padded = None if conds is None else (lambda i: (lambda d: d if d.residual is None else d._replace(
-            residual=F.pad(d.residual, (0, 0, 0, t - t0))))(conds(i)))
+        padded = _padded(conds, t - t0)
         deep = causal(t) & torch.cat([kept[0], torch.ones(t - t0, dtype=torch.bool)])[None, None, None, :]
         logits, _ = dec(embeds, pos, causal(t), conds=padded, pruned=(vc.layer, deep))
         out.append(int(logits[0, -1].argmax()))
