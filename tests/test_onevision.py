@@ -124,7 +124,7 @@ def test_prompt_renders_as_the_tokenizers_chat_template(ov_dir):
         assert _prompt_ids(ov_dir, "what is it?", media) == tok(ref)["input_ids"]
 
 
-def _assert_image_logits_match(model, ref_model, ckpt, size: tuple[int, int], seed: int) -> None:
+def _assert_image_logits_match(model, ref_model, ckpt, size: tuple[int, int], seed: int, exact: bool = False) -> None:
     c = model.config
     img = _image(size, seed=seed)
     ids = _prompt_ids(ckpt, "describe the image.", "image")
@@ -135,6 +135,8 @@ def _assert_image_logits_match(model, ref_model, ckpt, size: tuple[int, int], se
         x = torch.tensor([ids[:k] + [c.image_token_id] * feats.shape[0] + ids[k + 1:]])
         ref = ref_model(input_ids=x, pixel_values=_reference_pixels(ckpt, img)[None],
                         image_sizes=torch.tensor([size])).logits[0]
+    if exact:
+        assert torch.equal(got, ref), (size, (got.float() - ref.float()).abs().max().item())
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
@@ -192,6 +194,31 @@ def test_video_logits_equal_transformers(ours, hf_model, ov_dir):
         expanded = ids[:k] + [c.video_token_id] * feats.shape[0] + ids[k + 1:]
         ref = hf_model(input_ids=torch.tensor([expanded]), pixel_values_videos=frames[None]).logits[0]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_logits_are_bit_identical_to_transformers(ov_dir):
+    """A hub checkpoint is bf16 and runs in bf16 where the CPU computes it (or on a GPU): logits equal transformers'
+    bf16 forward bit for bit for images (one downscaled) and a clip, so greedy captions follow theirs. Guards against
+    roundings of our own: rotary positions computed in float32 (transformers rounds each product in bf16), the
+    processor's pixels in the permuted layout (another convolution kernel), one feature layer copied before the
+    projector (another product kernel); each moved the logits by up to 0.05."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from lavi.onevision import checkpoint as onevision_checkpoint
+
+    ours = onevision_checkpoint.load(ov_dir, dtype=torch.bfloat16)
+    ref_model = LlavaOnevisionForConditionalGeneration.from_pretrained(ov_dir, dtype=torch.bfloat16).eval()
+    for size in [(35, 35), (30, 97), (400, 260)]:
+        _assert_image_logits_match(ours, ref_model, ov_dir, size, seed=7, exact=True)
+    frames = torch.randn(4, 3, 35, 35, generator=torch.Generator().manual_seed(3))
+    ids = _prompt_ids(ov_dir, "describe the video.", "video")
+    with torch.no_grad():
+        feats = ours.video_tokens(frames)
+        got = _logits(ours, ours.splice(ids, feats))
+        k = ids.index(ours.config.video_token_id)
+        expanded = ids[:k] + [ours.config.video_token_id] * feats.shape[0] + ids[k + 1:]
+        ref = ref_model(input_ids=torch.tensor([expanded]), pixel_values_videos=frames[None]).logits[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref), (got.float() - ref.float()).abs().max().item()
 
 
 @pytest.fixture(scope="module")

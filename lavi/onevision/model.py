@@ -34,11 +34,12 @@ ACTS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="ta
 
 def pixels(frames: np.ndarray, c: OneVisionConfig) -> Tensor:
     """uint8 tiles or frames (T, S, S, 3) -> normalised float32 (T, 3, S, S), with the reference's arithmetic:
-    the rescale in float64, cast to float32, then (x - mean) / std in float32."""
+    the rescale in float64, cast to float32, then (x - mean) / std in float32; contiguous, as the processor's (the
+    patch convolution picks another kernel for the permuted layout, and a bf16 tower then rounds otherwise)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).double() * c.rescale_factor
     mean = torch.tensor(c.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(c.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x.float() - mean) / std
+    return ((x.float() - mean) / std).contiguous()
 
 
 class Projector(nn.Module):
@@ -76,7 +77,9 @@ class OneVision(OnDecoder, nn.Module):
         for layer in self.vision.encoder.layers[: max(want)]:
             x = layer(x)
             hidden.append(x)
-        x = self.projector(torch.cat([hidden[i] for i in want], dim=-1))  # (N, P, d_vit * len(want)) -> d
+        # one layer as it is (transformers: hidden_states[layer], in the patch embedding's transposed layout, which a
+        # bf16 product rounds otherwise than a contiguous copy), several concatenated
+        x = self.projector(hidden[want[0]] if len(want) == 1 else torch.cat([hidden[i] for i in want], dim=-1))
         vc = self.visual_compress
         if vc is not None and vc.lowpass:  # each tile's grid side^2 -> R^2
             side = self.config.side

@@ -253,13 +253,23 @@ class QwenVision(nn.Module):
         return grids
 
     def _learned_positions(self, grids: list[tuple[int, int, int]], rows: Tensor, cols: Tensor) -> Tensor:
-        """Qwen3-VL: the square position table resized to each grid (bilinear, corners aligned), at each patch."""
+        """Qwen3-VL: the square position table resized to each grid (bilinear, corners aligned), at each patch (N, d),
+        float32. Written as transformers 5 computes it (each patch's four table rows times float32 weights, summed),
+        not as F.interpolate (the same values, other roundings: a bf16 tower then differs in its last bit)."""
         side = self.config.position_side
-        table = self.pos_embed.weight[: side * side].float().T.reshape(1, -1, side, side)  # (1, d, side, side)
-        out, start = [], 0
-        for t, h, w in grids:
-            grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=True)[0]  # (d, h, w)
-            end = start + t * h * w
-            out.append(grid[:, rows[start:end], cols[start:end]].T)  # (t*h*w, d)
-            start = end
-        return torch.cat(out)
+        sizes = torch.tensor([(h, w) for t, h, w in grids for _ in range(t * h * w)], device=rows.device)  # (N, 2)
+        h_taps, h_weights = _bilinear_taps(rows, sizes[:, 0], side)
+        w_taps, w_weights = _bilinear_taps(cols, sizes[:, 1], side)
+        index = (h_taps[:, :, None] * side + w_taps[:, None, :]).flatten(1)  # (N, 4)
+        weight = (h_weights[:, :, None] * w_weights[:, None, :]).flatten(1)  # (N, 4) float32
+        return (self.pos_embed(index) * weight[:, :, None]).sum(1)
+
+
+def _bilinear_taps(index: Tensor, size: Tensor, side: int) -> tuple[Tensor, Tensor]:
+    """Along one axis of `size` patches, the two table entries a patch at `index` reads (clamped to the table's
+    `side`) and their float32 weights, corners aligned: (N, 2), (N, 2)."""
+    src = index.float() * (side - 1) / torch.clamp(size - 1, min=1)
+    floor = torch.floor(src)
+    offsets = torch.arange(2, device=index.device)
+    taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
+    return taps, (1 - (src[:, None] - floor[:, None] - offsets).abs()).clamp(min=0)
