@@ -88,9 +88,9 @@ def execution_options(command):
                    "or with --task vqa every question's answer (a manifest question may carry its own).")
 @click.option("--json-schema", default=None, metavar="FILE", callback=_schema_text,
               help="Answer with JSON that validates against this JSON schema (a file, or the JSON itself); needs a "
-                   "byte-level BPE tokenizer (LLaVA-OneVision's).")
-@click.option("--model", default=None, help="A LaVi or LLaVA-OneVision checkpoint directory, local or object storage "
-              "(default: the bundled tiny-shapes).")
+                   "byte-level BPE tokenizer (LLaVA-OneVision's, a Qwen-VL's).")
+@click.option("--model", default=None, help="A checkpoint directory, local or object storage: a LaVi, a "
+              "LLaVA-OneVision, a Qwen2-VL, Qwen2.5-VL or Qwen3-VL as published (default: the bundled tiny-shapes).")
 @execution_options
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 is greedy.")
@@ -146,7 +146,7 @@ def run(inputs: tuple[str, ...], report: bool, **flags) -> None:
         if config.model is None:
             click.echo("note: the bundled model, tiny-shapes, knows only shapes-v1 (synthetic coloured shapes): on "
                        "real photos or videos it writes shape words. For real labels pass --model DIR, a "
-                       "LLaVA-OneVision checkpoint (see the README) or a LaVi distilled from one.", err=True)
+                       "Qwen-VL or LLaVA-OneVision checkpoint (see the README) or a LaVi distilled from one.", err=True)
         summary = run_pipeline(config)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
