@@ -193,6 +193,25 @@ def test_engine_load_dispatches_a_qwen_vl_directory(dirs):
         assert info.dynamic == engine.dynamic and info.dynamic.image.factor == 8 and info.image_size >= 8
 
 
+def test_context_lengths_are_the_expanded_rows(engines):
+    """The prefill groups (lavi.serving.steps.context_lengths) and the cache's size see each row's context as the
+    prefill lays it out: Qwen3-VL's video with its "<t seconds>" text and each temporal patch's start and end (a
+    count of visual tokens alone left those out)."""
+    from lavi.serving.steps import context_lengths, left_pad
+
+    for kind in KINDS:
+        engine = engines[(kind, False)]
+        visuals, media, _ = _mixed(engine)
+        vis = engine._encode(visuals, media)
+        prompts = [engine.encode_prompt(PROMPT, m[0]) for m in media]
+        ids, valid = left_pad(prompts, engine.pad_id, engine.model.device)
+        want = [len(r) for r in engine.model.rows(vis, ids, valid)]
+        assert context_lengths(engine.model, vis, prompts) == want
+        assert engine._context(vis, list(range(len(prompts))), prompts) == max(want)
+        if kind == "qwen3_vl":  # the video's timestamps are text beside its visual tokens
+            assert want[-1] > len(prompts[-1]) - 1 + int(vis.mask[-1].sum())
+
+
 def test_the_memory_probe_is_the_largest_input_the_contract_gives(engines):
     """Guards against fit_batch (GPU memory -> rows per batch) measuring a smaller input than a run can give (the
     448 px square it measured before, where the processor takes up to max_pixels: the batch it set would overflow

@@ -157,5 +157,4 @@ class QwenVLEngine(Engine):
 
     def _context(self, vis: Visual, rows: list[int], prompts: list[list[int]]) -> int:
         """Each row's one placeholder becomes its item's visual tokens (and Qwen3-VL's video timestamps)."""
-        extra = [sum(len(s) + 2 for s in vis.stamps[r]) if vis.stamps is not None else 0 for r in rows]
-        return max(len(p) - 1 + int(vis.mask[r].sum()) + e for r, p, e in zip(rows, prompts, extra))
+        return max(self.model.context_lengths(vis, prompts, rows))

@@ -80,6 +80,18 @@ class QwenVL(OnDecoder, nn.Module):
             out.append(expanded)
         return out
 
+    def context_lengths(self, vis: Visual, prompts: Sequence[list[int]], items: Sequence[int] | None = None
+                        ) -> list[int]:
+        """Each prompt's prefill context, exactly: its placeholder expanded as `rows` expands it (Qwen3-VL's video
+        with its timestamps and each temporal patch's start and end). items: each prompt's item in `vis` (default:
+        prompt i's is item i)."""
+        kinds, grids = vis.kinds.tolist(), vis.grids.tolist()
+        out = []
+        for b, p in zip(range(len(prompts)) if items is None else items, prompts):
+            stamps = vis.stamps[b] if vis.stamps is not None else ()
+            out.append(len(layout.expand(self.config, p, kinds[b], grids[b], stamps)))
+        return out
+
     def _left_padded(self, rows: list[list[int]]) -> tuple[Tensor, Tensor]:
         t = max(len(r) for r in rows)
         ids = torch.full((len(rows), t), self.config.pad_token_id, dtype=torch.long)

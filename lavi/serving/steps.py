@@ -143,9 +143,13 @@ PAD_SHARE, PAD_TOKENS = 0.25, 512
 
 def context_lengths(model: LaVi, vis: Visual, prompts: list[list[int]]) -> list[int]:
     """Each request's prefill context, about: its prompt, and its visual tokens where they enter the context (a concat
-    model's; `vision_in_context`), as `vis` (one row per request) holds them."""
+    model's; `vision_in_context`), as `vis` (one row per request) holds them; a model that lays its context out
+    otherwise says it (a Qwen-VL's `context_lengths`: a video's timestamps too)."""
     if not getattr(model, "vision_in_context", True):
         return [len(p) for p in prompts]
+    own = getattr(model, "context_lengths", None)
+    if own is not None:
+        return own(vis, prompts)
     return [len(p) + n for p, n in zip(prompts, vis.mask.sum(1).tolist())]
 
 
