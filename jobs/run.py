@@ -127,6 +127,11 @@ def execution_options(command):
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: the decoder's linear layers as weight-only int8 at load (a quarter of their memory; faster "
                    "decode steps at small batches).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
+              help="What the labelers compute in. auto: bf16 on a GPU; on a CPU the checkpoint's own dtype where the "
+                   "CPU computes bf16 natively (AMX, AVX512-BF16), else float32. float32: transformers' float32 texts "
+                   "(slower); float16: GPUs without bf16 (T4, V100).")
 @click.option("--visual-compress", default=None, metavar="dct:KEEP|fastv:KEEP[@LAYER]",
               help="Models with their visual tokens in the context (LLaVA-OneVision, Qwen-VL: fastv only, a concat "
                    "LaVi): fewer of them, no training. "

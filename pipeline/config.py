@@ -27,6 +27,8 @@ DECODE_CPUS = 0.25  # split and decode tasks
 COMMIT_CPUS = 0.1  # commit tasks: a labeler block's part files
 STAGE_CPUS = READ_CPUS + DECODE_CPUS + COMMIT_CPUS  # what the CPU stages need beside the labelers to go on
 CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: what a labeler computes in (auto: bf16 on a GPU; on CPU bf16
+# where the CPU computes it natively and the checkpoint is bf16, float32 otherwise)
 # A labeler's input block (one labeler call, and one commit task's part file) holds several generation batches:
 # every block costs Ray tasks and a part file, and an in-flight pool fills a batch's freed rows from the rest of
 # its block (measured: 2,000 images, bundled model, 2 cores: 51.7 s in blocks of 32, 45.1 s in blocks of 128)
@@ -123,6 +125,7 @@ class RunConfig:
     rows_per_file: int = 5000
     inflight: bool = True  # in-flight batching in the labeler (False: static batches)
     quantize: str | None = None  # "int8": weight-only int8 decoder linear layers in the labelers (lavi.serving.quant)
+    dtype: str | None = None  # the labelers' compute dtype (DTYPES); None: bf16 on a GPU, lavi.serving.cpu_pack.cpu_dtype on CPU
     visual_compress: str | None = None  # concat models: dct:KEEP or fastv:KEEP@LAYER (lavi.visual_tokens.methods)
     stall_timeout: float = 300.0  # s with no row: warn (what the cluster has, what waits); twice that: fail. 0: off
     fetch_retries: int = DEFAULT_RETRIES  # retries of a read on transient errors (backoff, RETRY_BUDGET_S at most)
@@ -146,6 +149,10 @@ class RunConfig:
             raise ValueError(f"--stall-timeout must be >= 0 seconds (0: off), got {self.stall_timeout}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"--quantize must be int8 (or left out), got {self.quantize!r}")
+        if self.dtype == "auto":
+            object.__setattr__(self, "dtype", None)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.visual_compress is not None:
             object.__setattr__(self, "visual_compress", VisualCompress.parse(self.visual_compress).spelled())
         if not isinstance(self.fetch_retries, int) or self.fetch_retries < 0:
@@ -278,6 +285,7 @@ class RunConfig:
             "clip_seconds": self.clip_seconds,
             "max_clips": self.max_clips,
             **({"quantize": self.quantize} if self.quantize else {}),  # int8 labels are not float labels
+            **({"dtype": self.dtype} if self.dtype else {}),  # nor float32 labels bf16 ones
             **({"visual_compress": self.visual_compress} if self.visual_compress else {}),
             # other clips, and (for a resume) other clip groups; written only when not the default, so an output
             # of an earlier version, or of a run with the defaults, keeps its settings

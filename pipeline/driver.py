@@ -257,7 +257,7 @@ def _labeler_spec(config: RunConfig, settings, job_id: str, progress: str | None
         model=config.model, job_id=job_id, storage_options=config.storage, device=config.device,
         max_batch=config.labeler_batch, compile=config.use_compile, memory_share=min(1.0, config.gpus_per_worker),
         frames=settings.frames_per_clip, inflight=config.inflight, quantize=config.quantize,
-        visual_compress=config.visual_compress, progress=progress, workers=config.workers,
+        dtype=config.dtype, visual_compress=config.visual_compress, progress=progress, workers=config.workers,
         cpus_per_worker=config.cpus_per_worker,
         generation={"max_new_tokens": config.max_new_tokens, "seed": config.seed, "temperature": config.temperature,
                     "top_p": config.top_p})

@@ -41,7 +41,7 @@ RETRY_STAGES = (READ, DECODE, INFER)
 _SCAN = ["item_id", "row_id", "uri", "media_type", "task", "prompt", "status", "error_stage"]
 # what a retry takes from the output's metadata, so its labels are those the run would have written
 _GENERATION = ("max_new_tokens", "temperature", "top_p", "seed", "frames", "clip_seconds", "max_clips", "quantize",
-               "visual_compress", "clips", "min_clip_seconds", "max_clip_seconds", "clips_per_group")
+               "dtype", "visual_compress", "clips", "min_clip_seconds", "max_clip_seconds", "clips_per_group")
 
 
 @dataclasses.dataclass

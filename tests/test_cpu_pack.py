@@ -122,3 +122,27 @@ def test_products_of_one_input_are_packed_as_one_and_compute_what_the_layers_did
         valid = torch.ones(2, 5, dtype=torch.bool)
         assert_close(last_token_attention(attn, x, cos, sin, valid),
                      last_token_attention(plain_attn, x, cos, sin, valid))
+
+
+def test_run_dtype_reaches_the_labelers_engine_and_the_resume_settings():
+    """Guards against `run --dtype` not reaching the labelers (a bf16 run labelled in float32, or the other way
+    round) and against labels of two dtypes resumed into one output without notice; auto keeps the default (the
+    bundled float32 checkpoint in float32) and writes no setting, so outputs of earlier runs resume as they were."""
+    from types import SimpleNamespace
+
+    from pipeline.config import RunConfig
+    from pipeline.driver import _labeler_spec
+    from workers.labeler import Labeler, LabelerSpec
+
+    for flag, want in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float32", torch.float32)):
+        config = RunConfig(inputs=("x",), out="o", dtype=flag)
+        assert config.generation_settings()["dtype"] == flag
+        spec = _labeler_spec(config, SimpleNamespace(frames_per_clip=None), "j", None)
+        assert spec.dtype == flag
+        labeler = Labeler(LabelerSpec(None, job_id="j", generation={"max_new_tokens": 2}, dtype=spec.dtype))
+        assert labeler.engine.model.dtype == want
+    auto = RunConfig(inputs=("x",), out="o", dtype="auto")
+    assert auto.dtype is None and "dtype" not in auto.generation_settings()
+    assert Labeler(LabelerSpec(None, job_id="j", generation={"max_new_tokens": 2})).engine.model.dtype == torch.float32
+    with pytest.raises(ValueError, match="--dtype"):
+        RunConfig(inputs=("x",), out="o", dtype="int8")

@@ -59,6 +59,7 @@ class LabelerSpec:
     frames: int | None = None
     inflight: bool = True
     quantize: str | None = None
+    dtype: str | None = None  # pipeline.config.DTYPES; None: bf16 on a GPU, lavi.serving.cpu_pack.cpu_dtype on CPU
     visual_compress: str | None = None
     progress: str | None = None
     workers: int = 1
@@ -76,12 +77,14 @@ class Labeler:
         from lavi.serving.engine import Engine
         from lavi.serving.steps import GenerationConfig
 
-        # None: the bundled model of this node's installation (a driver's path may not exist here); bf16 on GPUs,
-        # float32 on a CPU without native bf16 (lavi.serving.cpu_pack.cpu_dtype: a bf16 checkpoint would compute ~4x slower)
+        # None: the bundled model of this node's installation (a driver's path may not exist here); by default bf16 on
+        # GPUs, float32 on a CPU without native bf16 (lavi.serving.cpu_pack.cpu_dtype: a bf16 checkpoint would compute
+        # ~4x slower), the checkpoint's own dtype on one with it
         cuda = spec.device.startswith("cuda")
         batch = {} if spec.max_batch is None else {"max_batch": spec.max_batch}
+        dtype = getattr(torch, spec.dtype) if spec.dtype else torch.bfloat16 if cuda else cpu_dtype()
         engine = Engine.load(local_model_dir(spec.model or DEFAULT_MODEL, spec.storage_options), device=spec.device,
-                             dtype=torch.bfloat16 if cuda else cpu_dtype(), compile=spec.compile,
+                             dtype=dtype, compile=spec.compile,
                              quantize=spec.quantize, visual_compress=spec.visual_compress, **batch)
         engine.inflight = spec.inflight
         if not cuda:
