@@ -268,3 +268,27 @@ def test_errors_are_clear_and_never_show_the_token(cluster, corpus, tiny_model, 
     assert unwritable.returncode == 1, unwritable.stdout[-2000:] + unwritable.stderr[-2000:]
     assert re.search(r"job \S+ FAILED: .*(/proc/lavi-out|Error)", unwritable.stderr), unwritable.stderr[-2000:]
     assert cluster.token not in unwritable.stdout + unwritable.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray_cluster
+@pytest.mark.timeout(900)
+def test_submit_with_a_qwen_vl_labels_as_transformers(cluster, corpus, tmp_path):
+    """A Qwen-VL directory submitted to the cluster (uploaded with the job, its processor files read by the driver
+    there, the decode workers of both nodes resizing for it): every row once, each answer transformers' greedy
+    answer to that question about that image."""
+    import torch
+    from qwenvl_fixture import make_qwenvl, reference_text, transformers
+
+    d = make_qwenvl(tmp_path / "qwen", "qwen2_5_vl", seed=3)
+    inputs, items = corpus["small"]
+    out = tmp_path / "out"
+    done = submit(cluster, inputs, out, str(d), wait=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "_model/" in done.stdout  # the model travelled with the job
+    assert_exactly_once(out, items)
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(d, dtype=torch.float32).eval()
+    rows = pq.read_table(str(out)).to_pylist()
+    for r in rows[:: max(1, len(rows) // 6)]:  # six of them: transformers' side takes a second each
+        path = Path(r["uri"].removeprefix("file://"))
+        assert r["text"] == reference_text(d, hf, path, r["prompt"], 3), r["uri"]

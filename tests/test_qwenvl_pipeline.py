@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import media
-from qwenvl_fixture import make_qwenvl, mm_types, reference_ids, transformers
+from qwenvl_fixture import make_qwenvl, reference_text, transformers
 
 from pipeline.config import RunConfig
 from pipeline.driver import run
@@ -44,23 +44,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def _reference_text(d: Path, hf, path: Path) -> str:
-    """transformers' greedy caption of the image file: its PIL image processor on the file as PIL opens it, the chat
-    template's prompt expanded by the processor's rule, generate(), decoded without special tokens."""
-    from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    with Image.open(path) as im:
-        out = Qwen2VLImageProcessorPil.from_pretrained(d)(images=im.convert("RGB"), return_tensors="pt")
-    kind = hf.config.model_type
-    ids = torch.tensor([reference_ids(d, "image", out["image_grid_thw"][0].tolist(), kind=kind, prompt=PROMPT)])
-    with torch.no_grad():
-        gen = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=out["pixel_values"],
-                          image_grid_thw=out["image_grid_thw"], mm_token_type_ids=mm_types(ids, hf.config),
-                          max_new_tokens=NEW, do_sample=False)
-    tokens = gen[0, ids.shape[1]:].tolist()
-    eos = hf.generation_config.eos_token_id
-    tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-    return transformers.AutoTokenizer.from_pretrained(d).decode(tokens, skip_special_tokens=True)
+    return reference_text(d, hf, path, PROMPT, NEW)
 
 
 @pytest.mark.parametrize("kind", KINDS)
