@@ -12,6 +12,7 @@ import torch
 from qwenvl_fixture import (KINDS, PROMPT, dirs, engines, hf_models, image, make_qwenvl,  # noqa: F401
                             mm_types, reference_pixels, transformers)
 
+from lavi.core.fusion import Visual
 from lavi.qwenvl import checkpoint as qwen_checkpoint
 from lavi.qwenvl.engine import QwenVLEngine, _reader, frame_times, seconds_per_patch
 from lavi.qwenvl.pixels import pixel_values
@@ -21,7 +22,9 @@ GEN = GenerationConfig(max_new_tokens=12)
 
 
 # -- generation -----------------------------------------------------------------------------------------------------
-def _hf_generate(hf, engine, d, frames: np.ndarray, media: tuple) -> list[int]:
+def _hf_inputs(engine, d, frames: np.ndarray, media: tuple) -> tuple[Visual, torch.Tensor, torch.Tensor, dict]:
+    """One item and PROMPT on both sides: our encoded item and prompt, and transformers' expanded ids and pixel
+    inputs (the PIL image processor's for an image; a video's at the model's input, as our engine computes them)."""
     c = engine.config
     vis = engine._encode([frames], [media])
     prompt = torch.tensor([engine.encode_prompt(PROMPT, media[0])])
@@ -35,9 +38,15 @@ def _hf_generate(hf, engine, d, frames: np.ndarray, media: tuple) -> list[int]:
         if c.tokens_per_second:
             times = frame_times(len(frames), media[2] if len(media) > 2 else None)
             inputs["second_per_grid_ts"] = torch.tensor([seconds_per_patch(times, c.temporal_patch_size)])
+    inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types(ids, c))
+    return vis, prompt, ids, inputs
+
+
+def _hf_generate(hf, engine, d, frames: np.ndarray, media: tuple) -> list[int]:
+    c = engine.config
+    _, _, ids, inputs = _hf_inputs(engine, d, frames, media)
     with torch.no_grad():
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types(ids, c), **inputs,
-                          max_new_tokens=GEN.max_new_tokens, do_sample=False)
+        out = hf.generate(**inputs, max_new_tokens=GEN.max_new_tokens, do_sample=False)
     ref = out[0, ids.shape[1]:].tolist()
     return ref[: ref.index(c.eos_token_id)] if c.eos_token_id in ref else ref
 
@@ -68,27 +77,14 @@ def test_bf16_logits_are_bit_identical_to_transformers(dirs, kind):
     d = dirs[(kind, False)]
     hf = transformers.AutoModelForImageTextToText.from_pretrained(d, dtype=torch.bfloat16).eval()
     engine = QwenVLEngine.load(str(d), max_batch=2, dtype=torch.bfloat16)
-    c = engine.config
     clip = np.stack([image((16, 24), i) for i in range(3)])
     cases = [(image(s, i)[None], ("image", s)) for i, s in enumerate([(24, 40), (64, 16), (56, 48)])]
     cases.append((clip, ("video", (16, 24), [0.0, 0.5, 1.0])))
     for frames, media in cases:
-        vis = engine._encode([frames], [media])
-        prompt = torch.tensor([engine.encode_prompt(PROMPT, media[0])])
-        valid = torch.ones_like(prompt, dtype=torch.bool)
-        ids = torch.tensor(engine.model.rows(vis, prompt, valid))
-        if media[0] == "image":
-            pixels, grid = reference_pixels(d, frames[0])
-            inputs = {"pixel_values": pixels, "image_grid_thw": grid}
-        else:
-            pixels, grid = pixel_values(frames, engine.processor.video)
-            inputs = {"pixel_values_videos": pixels, "video_grid_thw": torch.tensor([grid])}
-            if c.tokens_per_second:
-                inputs["second_per_grid_ts"] = torch.tensor([seconds_per_patch([0.0, 0.5, 1.0], c.temporal_patch_size)])
+        vis, prompt, _, inputs = _hf_inputs(engine, d, frames, media)
         with torch.no_grad():
-            ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types(ids, c),
-                     **inputs).logits
-            ours = engine.model(vis, prompt, valid)
+            ref = hf(**inputs).logits
+            ours = engine.model(vis, prompt, torch.ones_like(prompt, dtype=torch.bool))
         assert ours.dtype == ref.dtype == torch.bfloat16
         assert torch.equal(ours, ref), (media, (ours.float() - ref.float()).abs().max().item())
 
