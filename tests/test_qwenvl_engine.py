@@ -173,6 +173,33 @@ def test_transformers_5_names_shards_and_tied_embeddings_load(dirs, tmp_path):
     assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight and model.dtype == torch.bfloat16
 
 
+def test_checkpoints_fill_storage_made_in_the_dtype_they_compute_in(dirs, tmp_path, monkeypatch):
+    """Guards against a bf16 model filled into float32 storage and cast after: twice its memory at load (a 7B
+    Qwen's 16 GB of weights became 33 GB of float32, more than a 24 GB machine has) and a conversion each way (a
+    random 3B loaded in 37 s, 17 s without). Every family's loader: the module's parameters are already in the
+    requested dtype when the checkpoint's tensors are copied into them."""
+    from onevision_fixture import make_onevision
+
+    from lavi.core import checkpoint as lavi_checkpoint
+    from lavi.onevision import checkpoint as onevision_checkpoint
+    from lavi.tiny_models import make_tiny_checkpoint
+
+    seen = []
+    original = torch.nn.Module.load_state_dict
+
+    def recording(module, state, *args, **kwargs):
+        seen.append({p.dtype for p in module.parameters()})
+        return original(module, state, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", recording)
+    lavi_dir = make_tiny_checkpoint(tmp_path / "lavi")
+    for load, d in ((qwen_checkpoint.load, dirs[("qwen3_vl", False)]),
+                    (onevision_checkpoint.load, make_onevision(tmp_path / "ov")), (lavi_checkpoint.load, lavi_dir)):
+        seen.clear()
+        model = load(d, dtype=torch.bfloat16)
+        assert seen == [{torch.bfloat16}] and {p.dtype for p in model.parameters()} == {torch.bfloat16}, load
+
+
 def test_engine_load_dispatches_a_qwen_vl_directory(dirs):
     """`Engine.load` (what the labeler and eval call) opens each kind through the family registry, and the driver's
     model info says its visual tokens are in the context."""

@@ -87,9 +87,15 @@ def no_init():
             setattr(nn.init, name, fn)
 
 
+def stored_dtype(weights: dict[str, Tensor]) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (its first tensor's): what a load with dtype None computes in."""
+    return next(iter(weights.values())).dtype
+
+
 def fill(model: nn.Module, weights: dict[str, Tensor], tied: bool, what: str, device, dtype: torch.dtype | None):
-    """A model made on empty storage, given a checkpoint's whole state (our names) -> it in eval mode on `device`, in
-    `dtype` (None: the stored one). Every weight must be there with config.json's shape (tied: the head is the
+    """A model made on empty storage (in its target dtype already: a bf16 checkpoint filled into float32 storage costs
+    twice its memory and a conversion each way), given a checkpoint's whole state (our names) -> it in eval mode on
+    `device`, in `dtype` (None: the stored one). Every weight must be there with config.json's shape (tied: the head is the
     embedding's); `what` names the checkpoint in the refusal."""
     if tied:
         weights.pop("decoder.lm_head.weight", None)
@@ -105,8 +111,7 @@ def fill(model: nn.Module, weights: dict[str, Tensor], tied: bool, what: str, de
     model.load_state_dict(weights, strict=False)
     if tied:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    stored = next(iter(weights.values())).dtype
-    return model.to(device=device, dtype=dtype or stored).eval()
+    return model.to(device=device, dtype=dtype or stored_dtype(weights)).eval()
 
 
 def load_decoder(directory: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
@@ -154,13 +159,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     weights = load_weights(d)
     with no_init(), torch.device("meta"):
         model = model_class(config)(config)
-    model = model.to_empty(device="cpu")
+    model = model.to(dtype=dtype or stored_dtype(weights)).to_empty(device="cpu")  # storage in the dtype it computes in
     optional = ("decoder.lm_head",) if config.decoder.tie_word_embeddings else ()
     _assign(model, weights, f"LaVi {d}", optional=optional)
     if config.decoder.tie_word_embeddings:
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    stored = next(iter(weights.values())).dtype
-    return model.to(device=device, dtype=dtype or stored).eval()
+    return model.to(device=device).eval()
 
 
 def model_class(config: LaViConfig) -> type[LaVi]:
