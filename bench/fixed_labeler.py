@@ -10,9 +10,11 @@ Used only by the benchmark (pipeline.driver.run's `labeler_class`), never by a l
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from schemas.rows import OK
 from workers.labeler import Labeler, LabelerSpec
+from workers.progress import RowReporter
 
 TEXT = "a fixed caption"
 
@@ -47,7 +49,7 @@ class FixedLabeler(Labeler):
 
         info = model_info(spec.model or DEFAULT_MODEL, spec.storage_options)
         self._attach(_NoModel(info["name"], info["default_prompts"]), spec.job_id,
-                     GenerationConfig(**spec.generation), spec.progress)
+                     GenerationConfig(**spec.generation), RowReporter(spec.progress, labeler=uuid.uuid4().hex[:12]))
 
     def _infer(self, clips, asks, out, rules, inflight=None) -> None:
         now = dt.datetime.now(dt.timezone.utc)

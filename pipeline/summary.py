@@ -126,7 +126,8 @@ class Progress:
         w = self.work
         if not w:
             return ""
-        return (f"; labelers: {w.get('prefills', 0)} prefills ({w.get('prefill_tokens', 0)} tokens), "
+        loading = f"{w['loading']} loading the model, " if w.get("loading") else ""
+        return (f"; labelers: {loading}{w.get('prefills', 0)} prefills ({w.get('prefill_tokens', 0)} tokens), "
                 f"{w.get('decode_steps', 0)} decode steps")
 
     def _show(self, force: bool) -> str | None:

@@ -231,6 +231,39 @@ def test_a_labeler_at_work_beats_while_its_call_runs():
     assert counter.state()["beat_age_s"] > 0.2 and counter.state()["rows"] == 0
 
 
+def test_a_labeler_loading_its_model_beats_and_says_so(monkeypatch, tiny_model):
+    """Guards against a labeler's model download and load (minutes for a 7B from object storage) passing for a
+    stalled pipeline (no heartbeat until its first block: the watchdog ended such runs after twice --stall-timeout)
+    or for idle labelers on the progress line: while it loads, it beats and says "loading the model"; once loaded,
+    its engine's counts replace that before any block comes."""
+    import time
+
+    import ray
+
+    from lavi.serving.engine import Engine
+    from lavi.serving.steps import GenerationConfig
+    from workers.labeler import Labeler, LabelerSpec
+    from workers.progress import RowCounter
+
+    counter, seen = RowCounter(), []
+    local = type("A", (), {"add": type("M", (), {"remote": staticmethod(lambda *a: counter.add(*a))})()})()
+    monkeypatch.setattr(ray, "get_actor", lambda name: local)
+
+    def slow_load(spec):
+        time.sleep(0.5)
+        seen.append(counter.state())
+        return Engine.load(tiny_model, max_batch=2), GenerationConfig(max_new_tokens=2)
+
+    monkeypatch.setattr(Labeler, "_load", staticmethod(slow_load))
+    Labeler(LabelerSpec(tiny_model, "job", progress="lavi-rows-test"))
+    [loading] = seen
+    assert loading["work"] == {"loading": 1} and loading["beat_age_s"] is not None and loading["beat_age_s"] < 1
+    progress = Progress(every_s=0, bar=False)
+    progress.labelled(0, loading["work"])
+    assert "labelers: 1 loading the model" in progress._work()
+    assert "loading" not in counter.state()["work"] and counter.state()["work"]["prefills"] == 0
+
+
 def test_retried_reads_are_counted_once_per_unit(tmp_path):
     """Guards against the summary's retry counts being wrong: a unit's retries (on its first clip's rows, every
     prompt's row the same) counted once per clip not once per row; a unit whose reads recovered after a retry told

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,16 @@ class Labeler:
     """map_batches callable: CLIP_SCHEMA batches -> LABEL_SCHEMA rows (+ the bookkeeping columns)."""
 
     def __init__(self, spec: LabelerSpec):
+        # the run's counter hears of this labeler from the start: a model's download and load (minutes at real sizes)
+        # is work under way, shown as such and never taken for a stall
+        reporter = RowReporter(spec.progress, work=lambda: {"loading": 1}, labeler=uuid.uuid4().hex[:12])
+        with reporter.busy():
+            engine, gen = self._load(spec)
+        self._attach(engine, spec.job_id, gen, reporter)
+        reporter.flush(wait=True)  # loaded: the counter has the engine's counts, not "loading", before any block
+
+    @staticmethod
+    def _load(spec: LabelerSpec) -> tuple["Engine", "GenerationConfig"]:
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
@@ -96,7 +107,7 @@ class Labeler:
         if spec.max_batch is None and cuda:
             engine.fit_batch(share=spec.memory_share, new_tokens=gen.max_new_tokens, frames=spec.frames)
             log.info("labeler batch from GPU memory: %d rows", engine.max_batch)
-        self._attach(engine, spec.job_id, gen, spec.progress)
+        return engine, gen
 
     @classmethod
     def from_engine(cls, engine: "Engine", job_id: str, generation: dict) -> "Labeler":
@@ -104,14 +115,12 @@ class Labeler:
         from lavi.serving.steps import GenerationConfig
 
         labeler = cls.__new__(cls)
-        labeler._attach(engine, job_id, GenerationConfig(**generation))
+        labeler._attach(engine, job_id, GenerationConfig(**generation), RowReporter(None))
         return labeler
 
-    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", progress: str | None = None) -> None:
-        import uuid
-
-        self.reporter = RowReporter(progress, work=lambda: engine.generator.work.as_dict(),
-                                    labeler=uuid.uuid4().hex[:12])
+    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", reporter: RowReporter) -> None:
+        reporter.work = lambda: engine.generator.work.as_dict()  # the engine's counts from now on (no longer loading)
+        self.reporter = reporter
         self.engine = engine
         self.gen = gen
         self.job_id = job_id
@@ -251,10 +260,10 @@ class StreamingLabeler(Labeler):
     current one frees. A block whose requests fail in flight is retried in static batches on that thread (only
     the batches that fail again become infer error rows). Rows leave with their own block, each exactly once."""
 
-    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", progress: str | None = None) -> None:
+    def _attach(self, engine: "Engine", job_id: str, gen: "GenerationConfig", reporter: RowReporter) -> None:
         from workers.serve import EngineServer
 
-        super()._attach(engine, job_id, gen, progress)
+        super()._attach(engine, job_id, gen, reporter)
         self.server = EngineServer(engine)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
