@@ -197,9 +197,9 @@ def test_video_logits_equal_transformers(ours, hf_model, ov_dir):
 
 
 def test_bf16_logits_are_bit_identical_to_transformers(ov_dir):
-    """A hub checkpoint is bf16 and runs in bf16 where the CPU computes it (or on a GPU): logits equal transformers'
-    bf16 forward bit for bit for images (one downscaled) and a clip, so greedy captions follow theirs. Guards against
-    roundings of our own: rotary positions computed in float32 (transformers rounds each product in bf16), the
+    """A hub checkpoint is bf16 and runs in bf16 where the CPU computes it (or on a GPU): at these sizes logits equal
+    transformers' bf16 forward bit for bit for images (one downscaled) and a clip. Guards against roundings of our
+    own: rotary positions computed in float32 (transformers rounds each product in bf16), the
     processor's pixels in the permuted layout (another convolution kernel), one feature layer copied before the
     projector (another product kernel); each moved the logits by up to 0.05."""
     from transformers import LlavaOnevisionForConditionalGeneration
