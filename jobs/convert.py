@@ -27,7 +27,7 @@ def convert_cmd(source: str, out: str, stages: int, cond_dim: int, cond_heads: i
     template, a new zero-initialised conditioner (exactly the base LLM until trained: `lavi-label train --init`)."""
     from jobs.outdir import staged
     from lavi.families import FAMILIES, CheckpointError, family_at
-    from pipeline.config import parse_storage_options
+    from pipeline.storage_options import parse_storage_options
 
     try:
         family = family_at(source)

@@ -52,8 +52,8 @@ class DistillConfig:
 
     @property
     def storage(self) -> dict:
-        """The fsspec storage options (pipeline.config.parse_storage_options; ValueError for a malformed one)."""
-        from pipeline.config import parse_storage_options
+        """The fsspec storage options (pipeline.storage_options.parse_storage_options; ValueError for a malformed one)."""
+        from pipeline.storage_options import parse_storage_options
 
         return parse_storage_options(self.storage_options)
 

@@ -238,7 +238,7 @@ def eval_cmd(models: tuple[str, ...], images: int, videos: int, seed: int, frame
 
 def _storage(pairs: tuple[str, ...]) -> dict:
     """--storage-option pairs as fsspec options (a malformed one is a usage error)."""
-    from pipeline.config import parse_storage_options
+    from pipeline.storage_options import parse_storage_options
 
     try:
         return parse_storage_options(pairs)

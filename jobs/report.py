@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from pipeline.config import parse_storage_options
+from pipeline.storage_options import parse_storage_options
 
 
 @click.command("report")

@@ -107,7 +107,7 @@ def train_model(out: str, fusion: str = "viln", decoder: str | None = None, visi
     (`jobs.train_ray`). `out` may be remote (the module's docstring). Returns train_summary.json's document."""
     options = {k: v for k, v in locals().items() if k not in ("workers", "gpus_per_worker", "address",
                                                                "checkpoint_storage", "storage_options")}
-    from pipeline.config import parse_storage_options
+    from pipeline.storage_options import parse_storage_options
 
     cli_logging(fmt="%(asctime)s %(levelname)s %(message)s")
     if workers < 1:

@@ -1,8 +1,8 @@
 """RunConfig: everything one labeling run needs, validated once, frozen.
 
 The CLI maps its flags onto this dataclass and holds no logic; `pipeline.driver.run`
-takes one. Storage options are given as KEY=VALUE strings (as on the command line) and
-parsed here: dotted keys nest (`client_kwargs.region_name=x`), `true`/`false` become bools.
+takes one. Storage options are kept as the KEY=VALUE strings of the command line and
+parsed by `pipeline.storage_options`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from lavi.resolution import DynamicResolution
 from lavi.visual_tokens.methods import VisualCompress
+from pipeline.storage_options import parse_storage_options
 from schemas.constraint import Constraint, ConstraintError
 from schemas.manifest import MANIFEST_EXTS
 from schemas.rows import CAPTION, TASKS, VQA
@@ -27,48 +28,12 @@ DECODE_CPUS = 0.25  # split and decode tasks
 COMMIT_CPUS = 0.1  # commit tasks: a labeler block's part files
 STAGE_CPUS = READ_CPUS + DECODE_CPUS + COMMIT_CPUS  # what the CPU stages need beside the labelers to go on
 CPU_BATCH = 32  # generation rows per batch on CPU when --batch-size is auto
-DTYPES = ("float32", "bfloat16", "float16")  # --dtype: what a labeler computes in (auto: bf16 on a GPU; on CPU bf16
-# where the CPU computes it natively and the checkpoint is bf16, float32 otherwise)
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: what a labeler computes in (auto: workers.labeler decides)
 # A labeler's input block (one labeler call, and one commit task's part file) holds several generation batches:
 # every block costs Ray tasks and a part file, and an in-flight pool fills a batch's freed rows from the rest of
 # its block (measured: 2,000 images, bundled model, 2 cores: 51.7 s in blocks of 32, 45.1 s in blocks of 128)
 BLOCK_BATCHES = 4
 GPU_AUTO_BLOCK = 256  # clips per block when --batch-size is auto on a GPU (the actor sizes its batch from memory)
-
-
-VERBATIM_OPTIONS = frozenset({"key", "secret", "token", "password", "username", "profile", "project"})  # never numbers
-
-
-def _option_value(leaf: str, value: str) -> Any:
-    """A storage option's value: true/false -> bool, a whole or decimal number -> int or float (s3fs retries=10,
-    config_kwargs.retries.max_attempts=1), anything else, and credentials always, as given."""
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if leaf.lower() not in VERBATIM_OPTIONS and any(c.isdigit() for c in value):  # not "nan" or "inf"
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    return value
-
-
-def parse_storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE strings -> fsspec storage options (dotted keys nest; `_option_value` types the values)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"storage option {pair!r} is not KEY=VALUE (e.g. endpoint_url=http://127.0.0.1:8333)")
-        *parents, leaf = key.split(".")
-        parsed = _option_value(leaf, value)
-        node = options
-        for parent in parents:
-            node = node.setdefault(parent, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"storage option {key!r} nests under a key that already has a value")
-        node[leaf] = parsed
-    return options
 
 
 def parse_choices(value: tuple[str, ...] | list[str] | str | None) -> tuple[str, ...]:
@@ -149,9 +114,8 @@ class RunConfig:
             raise ValueError(f"--stall-timeout must be >= 0 seconds (0: off), got {self.stall_timeout}")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"--quantize must be int8 (or left out), got {self.quantize!r}")
-        if self.dtype == "auto":
-            object.__setattr__(self, "dtype", None)
-        if self.dtype is not None and self.dtype not in DTYPES:
+        object.__setattr__(self, "dtype", None if self.dtype == "auto" else self.dtype)
+        if self.dtype not in (None, *DTYPES):
             raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.visual_compress is not None:
             object.__setattr__(self, "visual_compress", VisualCompress.parse(self.visual_compress).spelled())

@@ -7,7 +7,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RunConfig, parse_storage_options
+from pipeline.config import RunConfig
+from pipeline.storage_options import parse_storage_options
 from pipeline.driver import run
 from pipeline.output import Output
 from pipeline.sink import ParquetSink

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import RunConfig, parse_storage_options
+from pipeline.config import RunConfig
+from pipeline.storage_options import parse_storage_options
 from pipeline.sources import PromptSpec, iter_items
 from schemas.clips import ITEM_ROWS
 from schemas.manifest import ITEM_SCHEMA
