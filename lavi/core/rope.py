@@ -37,7 +37,7 @@ def mrope_freqs(freqs: Tensor, section: Sequence[int], interleaved: bool) -> Ten
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x * cos + rotate_half(x) * sin in x's dtype, cos and sin cast to it (as transformers' Llama, Qwen2 and
-    Qwen-VL decoders compute it: in bf16, the same roundings, so greedy texts follow theirs)."""
+    Qwen-VL decoders compute it: in bf16, the same roundings)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

@@ -257,18 +257,21 @@ class QwenVision(nn.Module):
         float32. Written as transformers 5 computes it (each patch's four table rows times float32 weights, summed),
         not as F.interpolate (the same values, other roundings: a bf16 tower then differs in its last bit)."""
         side = self.config.position_side
-        sizes = torch.tensor([(h, w) for t, h, w in grids for _ in range(t * h * w)], device=rows.device)  # (N, 2)
-        h_taps, h_weights = _bilinear_taps(rows, sizes[:, 0], side)
-        w_taps, w_weights = _bilinear_taps(cols, sizes[:, 1], side)
-        index = (h_taps[:, :, None] * side + w_taps[:, None, :]).flatten(1)  # (N, 4)
-        weight = (h_weights[:, :, None] * w_weights[:, None, :]).flatten(1)  # (N, 4) float32
-        return (self.pos_embed(index) * weight[:, :, None]).sum(1)
+        out, start = [], 0
+        for t, h, w in grids:  # a grid's frames share their patches' positions: computed on its first
+            rows_0, cols_0 = rows[start:start + h * w], cols[start:start + h * w]
+            h_taps, h_weights = _bilinear_taps(rows_0, h, side)
+            w_taps, w_weights = _bilinear_taps(cols_0, w, side)
+            index = (h_taps[:, :, None] * side + w_taps[:, None, :]).flatten(1)  # (h*w, 4)
+            weight = (h_weights[:, :, None] * w_weights[:, None, :]).flatten(1)  # (h*w, 4) float32
+            out.append((self.pos_embed(index) * weight[:, :, None]).sum(1).repeat(t, 1))  # (t*h*w, d)
+            start += t * h * w
+        return torch.cat(out)
 
-
-def _bilinear_taps(index: Tensor, size: Tensor, side: int) -> tuple[Tensor, Tensor]:
+def _bilinear_taps(index: Tensor, size: int, side: int) -> tuple[Tensor, Tensor]:
     """Along one axis of `size` patches, the two table entries a patch at `index` reads (clamped to the table's
     `side`) and their float32 weights, corners aligned: (N, 2), (N, 2)."""
-    src = index.float() * (side - 1) / torch.clamp(size - 1, min=1)
+    src = index.float() * (side - 1) / max(size - 1, 1)
     floor = torch.floor(src)
     offsets = torch.arange(2, device=index.device)
     taps = (floor.long()[:, None] + offsets).clamp(0, side - 1)
