@@ -162,11 +162,12 @@ def labeler_threads(parameters: int) -> int:
 def _plain(model_dir: str, clips: list[tuple], batch_size: int, device: str, max_new_tokens: int) -> dict:
     import torch
 
+    from lavi.serving.cpu_pack import weight_count
     from lavi.serving.engine import Engine
     from lavi.serving.steps import GenerationConfig
 
     engine = Engine.load(model_dir, device=device, max_batch=batch_size)
-    parameters = sum(p.numel() for p in engine.model.parameters())
+    parameters = weight_count(engine.model)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     warm = clips[:batch_size]  # one warm-up batch: the pipeline's actor also loads before its first batch

@@ -146,3 +146,21 @@ def test_run_dtype_reaches_the_labelers_engine_and_the_resume_settings():
     assert Labeler(LabelerSpec(None, job_id="j", generation={"max_new_tokens": 2})).engine.model.dtype == torch.float32
     with pytest.raises(ValueError, match="--dtype"):
         RunConfig(inputs=("x",), out="o", dtype="int8")
+
+
+def test_weight_count_sees_packed_weights():
+    """Guards against a CPU labeler sizing its threads from `parameters()` alone: a packed layer's weight is not a
+    parameter, so a packed 0.5B LLaVA-OneVision counted as a small model and computed on one thread of two (the
+    realsize run 2.3x transformers' time, its engine alone 0.92x). Packing, fused or not, keeps the count (a tied
+    output head packed is a copy of the embedding's weights: counted too)."""
+    from lavi.tiny_models import tiny_config
+    from lavi.core.model import LaVi
+
+    model = LaVi(tiny_config(40, "viln")).eval()
+    before = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    assert cpu_pack.weight_count(model) == before
+    assert cpu_pack.pack(model, min_elements=0) > 0
+    assert sum(p.numel() for p in model.parameters()) < before / 2  # what the labeler counted
+    head = model.decoder.lm_head
+    tied_copy = head.in_features * head.out_features if isinstance(head, cpu_pack.PackedLinear) else 0
+    assert cpu_pack.weight_count(model) == before + tied_copy

@@ -84,7 +84,7 @@ class Labeler:
         import torch  # workers only: the driver never loads torch for this
 
         from lavi.bundled import DEFAULT_MODEL
-        from lavi.serving.cpu_pack import cpu_dtype
+        from lavi.serving.cpu_pack import cpu_dtype, weight_count
         from lavi.serving.engine import Engine
         from lavi.serving.steps import GenerationConfig
 
@@ -99,8 +99,7 @@ class Labeler:
                              quantize=spec.quantize, visual_compress=spec.visual_compress, **batch)
         engine.inflight = spec.inflight
         if not cuda:
-            threads = cpu_threads(node_cpus(), spec.workers, spec.cpus_per_worker,
-                                  sum(p.numel() for p in engine.model.parameters()))
+            threads = cpu_threads(node_cpus(), spec.workers, spec.cpus_per_worker, weight_count(engine.model))
             torch.set_num_threads(threads)
             log.info("CPU labeler: %d torch threads", threads)
         gen = GenerationConfig(**spec.generation)

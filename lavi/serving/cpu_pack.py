@@ -62,6 +62,13 @@ def packable(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16())
 
 
+def weight_count(model: nn.Module) -> int:
+    """The model's weights, whatever holds them: its parameters, its buffers (int8 weights: lavi.serving.quant) and
+    its packed products (a PackedLinear's weight is a plain attribute: a packed 3B model has ~0.3M parameters)."""
+    held = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    return held + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+
+
 def available() -> bool:
     """Whether this torch has oneDNN's packed linear (x86 builds do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
