@@ -163,6 +163,7 @@ def run(c: RealsizeConfig) -> dict:
     work = summary["this_run"].get("engine_work") or {}
     doc = {"results": rows, "ratio": ratio, "met": ratio <= 1.25, "context_tokens": ref["context_tokens"],
            "engine_work": work, "ray_start_s": summary["this_run"].get("ray_start_s"),
+           "labeler_ready_s": summary["this_run"].get("labeler_ready_s"),
            "device": device_description("cpu"), "versions": versions(), "command": command_line(),
            "config": asdict(c)}
     write_json(doc, c.out)
@@ -199,4 +200,9 @@ def _work(doc: dict) -> list[str]:
     return ["", f"The run's labeler prefilled {work.get('prefill_tokens', 0):,} tokens in {work.get('prefills', 0)} "
             f"prefills ({work.get('prefill_tokens', 0) / real:.2f}x transformers' {real:,}: rows of one prefill are "
             f"padded to its longest), then {work.get('decode_steps', 0)} decode steps; Ray started in "
-            f"{doc.get('ray_start_s') or 0:.1f} s."]
+            f"{doc.get('ray_start_s') or 0:.1f} s{_ready(doc)}."]
+
+
+def _ready(doc: dict) -> str:
+    ready = doc.get("labeler_ready_s")
+    return "" if ready is None else f", and its labeler had its model {ready:.1f} s after Ray's start began"

@@ -47,12 +47,14 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Labelled:
     """What `_label` found: the pipeline rebuilds it went through, the stalls it got over, the labelers' engines' work
-    (prefills, their tokens, decode steps) and the seconds Ray took to start or connect."""
+    (prefills, their tokens, decode steps), the seconds Ray took to start or connect, and those from then until the
+    first labeler had loaded its model."""
 
     rebuilds: list[dict] = dataclasses.field(default_factory=list)
     stalls: list[dict] = dataclasses.field(default_factory=list)
     work: dict = dataclasses.field(default_factory=dict)
     ray_start_s: float | None = None
+    labeler_ready_s: float | None = None
 
 
 def run(config: RunConfig, labeler_class: type | None = None) -> dict:
@@ -137,7 +139,8 @@ def _summary(config: RunConfig, total: dict, ledger: Ledger, stats: dict, labell
                                commit_retries=ledger.run["commit_retries"],  # part-file writes retried (store away)
                                clip_groups_resumed=ledger.resumed_groups,
                                engine_work=labelled.work,  # the labelers' prefills, their tokens and decode steps
-                               ray_start_s=labelled.ray_start_s)  # Ray started (local) or connected to
+                               ray_start_s=labelled.ray_start_s,  # Ray started (local) or connected to
+                               labeler_ready_s=labelled.labeler_ready_s)  # from Ray's start: a labeler has its model
     summary["max_error_rate"] = config.max_error_rate
     summary["error_rate_exceeded"] = summary["error_rate"] > config.max_error_rate
     return summary
@@ -177,6 +180,7 @@ def _label(config: RunConfig, info: dict[str, Any], output: Output, ledger: Ledg
         ticker, last = None, ticker
         last.stop()  # its last count is in the end's line
         result.work = dict(last.state.get("work") or {})
+        result.labeler_ready_s = last.ready_at - started if last.ready_at is not None else None
         _show(progress, ledger, force=True)
         if not ledger.complete():  # every listed item yields its rows, error rows included
             raise RuntimeError(f"{ledger.to_label} items were listed but {ledger.items_finished()} came out of the "

@@ -193,6 +193,7 @@ class Ticker:
     def __init__(self, progress: Progress, name: str, every_s: float = 1.0) -> None:
         self.progress, self.name, self.every_s = progress, name, every_s
         self.state: dict = {}
+        self.ready_at: float | None = None  # time.monotonic() here when the first labeler had loaded its model
         self._read_at = time.monotonic()
         self._stop = threading.Event()
         try:
@@ -208,6 +209,8 @@ class Ticker:
 
         self.state = ray.get(self._counter.state.remote(), timeout=10)
         self._read_at = time.monotonic()
+        if self.ready_at is None and self.state.get("ready_age_s") is not None:
+            self.ready_at = self._read_at - self.state["ready_age_s"]
         self.progress.labelled(self.state["rows"], self.state["work"])
 
     def _tick(self) -> None:

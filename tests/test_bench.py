@@ -505,3 +505,4 @@ def test_realsize_report_says_what_the_run_prefilled():
     text = " ".join(_work(doc))
     assert "6,000 tokens in 2 prefills (1.50x transformers' 4,000" in text and "22 decode steps" in text
     assert "Ray started in 4.2 s" in text and _work({"context_tokens": [1]}) == []
+    assert "had its model 9.5 s after Ray's start began" in " ".join(_work({**doc, "labeler_ready_s": 9.5}))

@@ -143,6 +143,7 @@ def test_caption_directory_uses_model_default_prompts(ray_local, tiny_model, tmp
     work = summary["this_run"]["engine_work"]  # what the labelers computed, for a bench's account of its time
     assert work["prefills"] >= 1 and work["prefill_tokens"] > 0 and work["decode_steps"] >= 2
     assert summary["this_run"]["ray_start_s"] > 0
+    assert summary["this_run"]["ray_start_s"] < summary["this_run"]["labeler_ready_s"] < summary["this_run"]["wall_s"]
     for r in rows:
         assert r["task"] == "caption" and r["prompt"] == engine.default_prompt(r["media_type"])
         assert r["status"] == "ok" or (r["status"] == "truncated" and r["num_generated_tokens"] == 3)

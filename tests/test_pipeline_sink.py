@@ -180,6 +180,8 @@ def test_progress_counts_rows_labelled_before_they_are_written():
 def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
     """Guards against the row counter losing the labelers' counts and work on the way to the driver's progress
     display (a remote labeler's reporter, the named actor, the ticker's reads), or the ticker outliving its run."""
+    import time
+
     import numpy as np
     import ray
 
@@ -205,6 +207,7 @@ def test_labelers_row_counts_reach_the_drivers_progress(ray_local, tiny_model):
     ticker.stop()
     assert progress.rows_labelled == 3 and progress.work["prefills"] >= 1 and progress.work["decode_steps"] >= 1
     assert not ticker._thread.is_alive()
+    assert ticker.ready_at is not None and ticker.ready_at <= time.monotonic()  # when the labeler had its model
 
 
 def test_a_labeler_at_work_beats_while_its_call_runs():
@@ -258,10 +261,12 @@ def test_a_labeler_loading_its_model_beats_and_says_so(monkeypatch, tiny_model):
     Labeler(LabelerSpec(tiny_model, "job", progress="lavi-rows-test"))
     [loading] = seen
     assert loading["work"] == {"loading": 1} and loading["beat_age_s"] is not None and loading["beat_age_s"] < 1
+    assert loading["ready_age_s"] is None  # not loaded yet: the summary's labeler_ready_s counts from its end
     progress = Progress(every_s=0, bar=False)
     progress.labelled(0, loading["work"])
     assert "labelers: 1 loading the model" in progress._work()
     assert "loading" not in counter.state()["work"] and counter.state()["work"]["prefills"] == 0
+    assert 0 <= counter.state()["ready_age_s"] < 5
 
 
 def test_retried_reads_are_counted_once_per_unit(tmp_path):

@@ -27,12 +27,15 @@ class RowCounter:
         self.rows = 0
         self.work: dict[str, dict[str, int]] = {}  # labeler -> its engine's latest counts
         self.beat = 0.0  # time.time() of the last heartbeat of a busy labeler
+        self.ready = 0.0  # time.time() when a labeler first said it had loaded its model (its counts, not "loading")
 
     def add(self, n: int, labeler: str | None = None, work: dict[str, int] | None = None,
             busy: bool = False) -> None:
         self.rows += n
         if labeler is not None and work is not None:
             self.work[labeler] = work
+            if not self.ready and "loading" not in work:
+                self.ready = time.time()
         if busy:
             self.beat = time.time()
 
@@ -41,12 +44,15 @@ class RowCounter:
 
     def state(self) -> dict:
         """{"rows", "work": summed engine counts, "beat_age_s": seconds since a busy labeler's heartbeat (None:
-        never)}."""
+        never), "ready_age_s": seconds since the first labeler had loaded its model (None: none yet)}. Ages, not
+        times: the driver's clock may not be this node's."""
         work: dict[str, int] = {}
         for counts in self.work.values():
             for k, v in counts.items():
                 work[k] = work.get(k, 0) + v
-        return {"rows": self.rows, "work": work, "beat_age_s": time.time() - self.beat if self.beat else None}
+        now = time.time()
+        return {"rows": self.rows, "work": work, "beat_age_s": now - self.beat if self.beat else None,
+                "ready_age_s": now - self.ready if self.ready else None}
 
 
 def start_counter(name: str):
