@@ -122,7 +122,7 @@ def test_entrypoint_forwards_every_run_option():
               "max_new_tokens": 9, "temperature": 0.7, "top_p": 0.9, "seed": 5, "frames": 4,
               "clip_seconds": 2.5, "max_clips": 6, "storage_options": ("key=k", "client_kwargs.endpoint_url=http://x"),
               "overwrite": True, "max_error_rate": 0.25, "job_id": "j1", "rows_per_file": 11, "compile": False,
-              "inflight": False, "max_rebuilds": 2, "stall_timeout": 42.5, "quantize": "int8",
+              "inflight": False, "max_rebuilds": 2, "stall_timeout": 42.5, "quantize": "int8", "dtype": "bfloat16",
               "visual_compress": "fastv:0.5@2", "report": False, "verbose": True, "choices": "yes,no",
               "json_schema": '{"type": "object"}',
               "clips": "shots", "min_clip_seconds": 1.5, "max_clip_seconds": 8.0, "clips_per_group": 5,
