@@ -147,7 +147,7 @@ def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str,
         torch.set_num_threads(saved)
 
 
-def labeler_threads(parameters: int) -> int:
+def labeler_threads(weights: int) -> int:
     """The torch threads the run's one CPU labeler computes on here (workers.cpu_share.cpu_threads at this machine's
     CPUs and the run's default CPUs per labeler)."""
     import os
@@ -156,7 +156,7 @@ def labeler_threads(parameters: int) -> int:
     from workers.cpu_share import cpu_threads
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cpu_threads(float(cpus), 1, RunConfig.__dataclass_fields__["cpus_per_worker"].default, parameters)
+    return cpu_threads(float(cpus), 1, RunConfig.__dataclass_fields__["cpus_per_worker"].default, weights)
 
 
 def _plain(model_dir: str, clips: list[tuple], batch_size: int, device: str, max_new_tokens: int) -> dict:
@@ -167,7 +167,7 @@ def _plain(model_dir: str, clips: list[tuple], batch_size: int, device: str, max
     from lavi.serving.steps import GenerationConfig
 
     engine = Engine.load(model_dir, device=device, max_batch=batch_size)
-    parameters = weight_count(engine.model)
+    weights = weight_count(engine.model)
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     warm = clips[:batch_size]  # one warm-up batch: the pipeline's actor also loads before its first batch
@@ -182,7 +182,7 @@ def _plain(model_dir: str, clips: list[tuple], batch_size: int, device: str, max
         tokens += sum(g.num_generated_tokens for g in out)
     sync()
     return {"wall_s": time.perf_counter() - start, "rows": len(clips), "generated_tokens": tokens,
-            "parameters": parameters, "threads": torch.get_num_threads()}
+            "weights": weights, "threads": torch.get_num_threads()}
 
 
 def run(c: PipelineBenchConfig) -> dict:
@@ -210,7 +210,7 @@ def run(c: PipelineBenchConfig) -> dict:
         gpu_busy = busy.stop() if busy else None
         clips = decoded_clips(manifest, info["image_size"], info["default_frames"])
         plain = plain_loop(model_dir, clips, c.batch_size, c.device, c.max_new_tokens)
-        threads = None if gpus else labeler_threads(plain["parameters"])
+        threads = None if gpus else labeler_threads(plain["weights"])
         alone = (plain_loop(model_dir, clips, c.batch_size, c.device, c.max_new_tokens, threads)
                  if threads is not None and threads < plain["threads"] else None)
     finally:

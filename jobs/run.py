@@ -8,7 +8,7 @@ import click
 
 from jobs.console import cli_logging
 
-from pipeline.config import RunConfig
+from pipeline.config import DTYPES, RunConfig
 from schemas.rows import CAPTION, TASKS
 
 
@@ -127,7 +127,7 @@ def execution_options(command):
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="int8: the decoder's linear layers as weight-only int8 at load (a quarter of their memory; faster "
                    "decode steps at small batches).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto",
               show_default=True,
               help="What the labelers compute in. auto: bf16 on a GPU; on a CPU the checkpoint's own dtype where the "
                    "CPU computes bf16 natively (AMX, AVX512-BF16), else float32. float32: transformers' float32 texts "

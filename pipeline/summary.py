@@ -19,7 +19,7 @@ from typing import Any
 from pipeline.output import Output
 from schemas.rows import ERROR, SCHEMA_VERSION
 from workers.parts import add_totals, empty_totals, read_part_totals
-from workers.progress import start_counter
+from workers.progress import LOADING, start_counter
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Progress:
         w = self.work
         if not w:
             return ""
-        loading = f"{w['loading']} loading the model, " if w.get("loading") else ""
+        loading = f"{w[LOADING]} loading the model, " if w.get(LOADING) else ""
         return (f"; labelers: {loading}{w.get('prefills', 0)} prefills ({w.get('prefill_tokens', 0)} tokens), "
                 f"{w.get('decode_steps', 0)} decode steps")
 

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 
-BIG_MODEL = 100_000_000  # parameters: a model whose ops are large enough to gain from every core of its share
+BIG_MODEL = 100_000_000  # weights: a model whose ops are large enough to gain from every core of its share
 
 
-def cpu_threads(node_cpus: float, workers: int, cpus_per_worker: float, parameters: int) -> int:
+def cpu_threads(node_cpus: float, workers: int, cpus_per_worker: float, weights: int) -> int:
     """torch threads of a CPU labeler. Ray sets OMP_NUM_THREADS to a worker's whole CPUs (1 under one), so a
     0.5-CPU labeler would compute on one core of an idle node (seen: a 0.5B model at 99.5% of one core of two, for
     minutes). Its share: the node's CPUs over the labelers that fit on it. A large model takes all of it (its
     matmuls are long; the decode tasks, Ray and the driver beside it cost it little); a small one leaves a core to
     them: its ops last microseconds, and OpenMP's threads wait at every op for the one the OS took away (on two
-    cores, tiny-shapes labelled 38 rows/s with two threads beside the pipeline and 62 with one)."""
+    cores, tiny-shapes labelled 38 rows/s with two threads beside the pipeline and 62 with one). weights: the model's
+    (lavi.serving.cpu_pack.weight_count: packed ones too)."""
     on_node = max(1, min(workers, int(node_cpus // cpus_per_worker) if cpus_per_worker > 0 else workers))
     share = max(1, int(node_cpus // on_node))
-    return share if parameters >= BIG_MODEL else max(1, share - 1)
+    return share if weights >= BIG_MODEL else max(1, share - 1)
 
 
 def node_cpus() -> float:

@@ -27,7 +27,7 @@ from schemas.clips import BOOKKEEPING, CLIP_SCHEMA
 from schemas.rows import ERROR, IMAGE, INFER, OK, TRUNCATED, VIDEO, error_columns, row_id, table_from_rows
 from workers.cpu_share import cpu_threads, node_cpus
 from workers.model_cache import local_model_dir
-from workers.progress import RowReporter
+from workers.progress import LOADING, RowReporter
 
 if TYPE_CHECKING:  # torch loads in the actor, not where this module is imported
     from lavi.serving.constrain import Constraint
@@ -73,7 +73,7 @@ class Labeler:
     def __init__(self, spec: LabelerSpec):
         # the run's counter hears of this labeler from the start: a model's download and load (minutes at real sizes)
         # is work under way, shown as such and never taken for a stall
-        reporter = RowReporter(spec.progress, work=lambda: {"loading": 1}, labeler=uuid.uuid4().hex[:12])
+        reporter = RowReporter(spec.progress, work=lambda: {LOADING: 1}, labeler=uuid.uuid4().hex[:12])
         with reporter.busy():
             engine, gen = self._load(spec)
         self._attach(engine, spec.job_id, gen, reporter)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 
 log = logging.getLogger(__name__)
+LOADING = "loading"  # a labeler's work while it loads its model ({LOADING: 1}); its engine's counts replace it
 
 
 class RowCounter:
@@ -34,7 +35,7 @@ class RowCounter:
         self.rows += n
         if labeler is not None and work is not None:
             self.work[labeler] = work
-            if not self.ready and "loading" not in work:
+            if not self.ready and LOADING not in work:
                 self.ready = time.time()
         if busy:
             self.beat = time.time()

@@ -92,11 +92,17 @@ def stored_dtype(weights: dict[str, Tensor]) -> torch.dtype:
     return next(iter(weights.values())).dtype
 
 
+def empty_storage(model: nn.Module, weights: dict[str, Tensor], dtype: torch.dtype | None) -> nn.Module:
+    """A model built on the meta device -> on uninitialised CPU storage in the dtype it will compute in (`dtype`, None:
+    the checkpoint's): a bf16 checkpoint filled into float32 storage and cast after costs twice its memory and a
+    conversion each way."""
+    return model.to(dtype=dtype or stored_dtype(weights)).to_empty(device="cpu")
+
+
 def fill(model: nn.Module, weights: dict[str, Tensor], tied: bool, what: str, device, dtype: torch.dtype | None):
-    """A model made on empty storage (in its target dtype already: a bf16 checkpoint filled into float32 storage costs
-    twice its memory and a conversion each way), given a checkpoint's whole state (our names) -> it in eval mode on
-    `device`, in `dtype` (None: the stored one). Every weight must be there with config.json's shape (tied: the head is the
-    embedding's); `what` names the checkpoint in the refusal."""
+    """A model made on empty storage (in its target dtype already: `empty_storage`), given a checkpoint's whole state
+    (our names) -> it in eval mode on `device`, in `dtype` (None: the stored one). Every weight must be there with
+    config.json's shape (tied: the head is the embedding's); `what` names the checkpoint in the refusal."""
     if tied:
         weights.pop("decoder.lm_head.weight", None)
     own = model.state_dict()
@@ -159,7 +165,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     weights = load_weights(d)
     with no_init(), torch.device("meta"):
         model = model_class(config)(config)
-    model = model.to(dtype=dtype or stored_dtype(weights)).to_empty(device="cpu")  # storage in the dtype it computes in
+    model = empty_storage(model, weights, dtype)
     optional = ("decoder.lm_head",) if config.decoder.tie_word_embeddings else ()
     _assign(model, weights, f"LaVi {d}", optional=optional)
     if config.decoder.tie_word_embeddings:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from lavi.core.checkpoint import CheckpointError, fill, load_weights, no_init, stored_dtype
+from lavi.core.checkpoint import CheckpointError, empty_storage, fill, load_weights, no_init
 from lavi.onevision.model import OneVision
 from lavi.onevision.config import MODEL_TYPE, OURS, OneVisionConfig
 
@@ -55,7 +55,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     weights = ours(load_weights(d))
     with no_init(), torch.device("meta"):
         model = OneVision(config)
-    model = model.to(dtype=dtype or stored_dtype(weights)).to_empty(device="cpu")  # storage in the dtype it computes in
+    model = empty_storage(model, weights, dtype)
     return fill(model, weights, config.decoder.tie_word_embeddings, f"LLaVA-OneVision {d}", device, dtype)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lavi.core.checkpoint import CheckpointError, fill, load_weights, no_init, stored_dtype
+from lavi.core.checkpoint import CheckpointError, empty_storage, fill, load_weights, no_init
 from lavi.core.decoder import Decoder
 from lavi.qwenvl.config import QwenVLConfig
 from lavi.qwenvl.model import QwenVL
@@ -41,12 +41,12 @@ def load(directory: str | Path, device: str | torch.device = "cpu", dtype: torch
     d = Path(directory)
     config = config or QwenVLConfig.from_dir(d)
     weights = ours(load_weights(d))
-    target = dtype or stored_dtype(weights)  # storage made in the dtype it computes in
     with no_init():  # every weight is loaded: none initialised
         with torch.device("meta"):
             decoder = Decoder(config.decoder)
         # the tower is made for real: its non-persistent buffers (rotary tables) are computed at construction (in
-        # float32, then cast, as the load always did); its weights' storage is not touched before the cast
-        model = QwenVL(config, decoder=decoder.to(dtype=target).to_empty(device="cpu")).to(dtype=target)
+        # float32, then cast to the decoder's dtype, as the load always did); its weights' storage untouched till then
+        model = QwenVL(config, decoder=empty_storage(decoder, weights, dtype))
+    model.to(dtype=model.dtype)
     return fill(model, weights, config.decoder.tie_word_embeddings, f"Qwen-VL {d}", device, dtype)
 
