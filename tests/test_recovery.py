@@ -99,8 +99,8 @@ def test_a_busy_labeler_is_not_a_stall():
     """Guards against the watchdog ending a job whose labeler is computing a long batch (a large model's prefill,
     a first compile: no row for minutes): while `busy` says a labeler works, no stall is counted, and once it
     stops the watchdog fires as before."""
-    busy_until = time.monotonic() + 1.5
-    got = list(stream(Slow(1, 2.0), stall_s=0.5, describe=lambda: "x", busy=lambda: time.monotonic() < busy_until))
-    assert len(got) == 1  # 2 s without a row, of which 1.5 s busy: under two 0.5 s periods idle
+    busy_until = time.monotonic() + 2.5  # margins of a second: a loaded CI machine delays the loop's ticks
+    got = list(stream(Slow(1, 3.0), stall_s=1.0, describe=lambda: "x", busy=lambda: time.monotonic() < busy_until))
+    assert len(got) == 1  # 3 s without a row, of which 2.5 s busy: under two 1 s periods idle
     with pytest.raises(PipelineStalled):
         list(stream(Slow(1, 3.0), stall_s=0.4, describe=lambda: "x", busy=lambda: False))
