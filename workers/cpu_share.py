@@ -19,13 +19,17 @@ def cpu_threads(node_cpus: float, workers: int, cpus_per_worker: float, weights:
 
 
 def node_cpus() -> float:
-    """This Ray node's CPUs (as Ray counts them: what the node was started with), else the machine's."""
+    """This Ray node's CPUs (as Ray counts them: what the node was started with), else the machine's (outside Ray:
+    a labeler made in a plain process, where asking Ray's runtime context would start a Ray of its own)."""
     import os
+    import sys
 
+    machine = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return machine
     try:
-        import ray
-
         here = ray.get_runtime_context().get_node_id()
         return next(n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == here)
-    except Exception:  # noqa: BLE001 - outside a Ray worker (tests, eval): the machine
-        return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    except Exception:  # noqa: BLE001 - a node Ray no longer lists: the machine
+        return machine
