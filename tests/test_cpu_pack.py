@@ -37,7 +37,13 @@ def test_pack_replaces_float32_cpu_linears_and_native_bf16_ones_only(monkeypatch
     CPU computes it (AVX512-BF16, AMX: packed, its decode products read the weights ~1.2x faster)."""
     from lavi.serving.quant import Int8Linear
 
+    class PackedLinear(nn.Module):  # which layers are packed, not how: oneDNN packs bf16 only on AVX-512 CPUs
+        def __init__(self, linear: nn.Linear):
+            super().__init__()
+            self.linear = linear
+
     monkeypatch.setattr(cpu_pack, "native_bf16", lambda: native)
+    monkeypatch.setattr(cpu_pack, "PackedLinear", PackedLinear)
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), Int8Linear(nn.Linear(8, 8)),
                           nn.Sequential(nn.Linear(8, 4)), nn.Linear(8, 8).to(torch.float16))
     assert cpu_pack.pack(model, min_elements=0) == 2 + native

@@ -95,8 +95,11 @@ def stored_dtype(weights: dict[str, Tensor]) -> torch.dtype:
 def empty_storage(model: nn.Module, weights: dict[str, Tensor], dtype: torch.dtype | None) -> nn.Module:
     """A model built on the meta device -> on uninitialised CPU storage in the dtype it will compute in (`dtype`, None:
     the checkpoint's): a bf16 checkpoint filled into float32 storage and cast after costs twice its memory and a
-    conversion each way."""
-    return model.to(dtype=dtype or stored_dtype(weights)).to_empty(device="cpu")
+    conversion each way. torch.empty per tensor, not Module.to_empty: its empty_like of a meta tensor goes through
+    torch's Python references, whose first use imports sympy and the meta registrations (~1 s of a labeler's start)."""
+    dtype = dtype or stored_dtype(weights)
+    return model._apply(lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype,
+                                              device="cpu"))
 
 
 def fill(model: nn.Module, weights: dict[str, Tensor], tied: bool, what: str, device, dtype: torch.dtype | None):
