@@ -506,3 +506,21 @@ def test_realsize_report_says_what_the_run_prefilled():
     assert "6,000 tokens in 2 prefills (1.50x transformers' 4,000" in text and "22 decode steps" in text
     assert "Ray started in 4.2 s" in text and _work({"context_tokens": [1]}) == []
     assert "had its model 9.5 s after Ray's start began" in " ".join(_work({**doc, "labeler_ready_s": 9.5}))
+
+
+def test_realsize_reads_its_ratio_against_transformers_in_the_run_s_dtype():
+    """Guards against a real-size ratio that compares two arithmetics (transformers in bf16 emulated on a CPU
+    without native bf16, the run in float32) without saying so: with a second transformers run in the run's dtype,
+    the report names which one the ratio is read against and gives the other beside it."""
+    from bench.realsize import markdown
+
+    doc = {"config": {"new_tokens": 12}, "device": "cpu", "versions": {}, "command": "lavi-label bench realsize",
+           "context_tokens": [10, 20, 30, 40], "ratio": 1.1, "met": True, "ratio_as_published": 0.3,
+           "results": [{"path": "transformers generate()", "wall_s": 400.0, "note": "torch.bfloat16, as published"},
+                       {"path": "transformers generate()", "wall_s": 100.0, "note": "torch.float32, the run's dtype"},
+                       {"path": "lavi-label run", "wall_s": 110.0, "note": "ok 4, computes in float32"}]}
+    text = markdown(doc)
+    assert ("1.100 (target <= 1.25: met); read against transformers in the dtype the run computes in "
+            "(torch.float32)") in text
+    assert "against transformers as published (torch.bfloat16) 0.300" in text
+    assert "read against" not in markdown({**doc, "results": [doc["results"][0], doc["results"][2]]})
