@@ -45,36 +45,37 @@ class FetchError(Exception):
         return FetchError, (self.message, self.transient)
 
 
-def _optional_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(transient, permanent) exception types of the HTTP and S3 clients, when installed."""
+def _client_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(transient, permanent) exception types of the HTTP and S3 clients this process has imported: an error of a
+    client comes only from one that is, and importing them for every worker (aiohttp, botocore) would cost each
+    worker process a quarter of a second at its start."""
+    import sys
+
     transient: list[type] = []
     permanent: list[type] = []
-    try:
-        import aiohttp
-
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
         transient += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientResponseError]
-    except ImportError:
-        pass
-    try:
-        import botocore.exceptions as bx
-
+    bx = sys.modules.get("botocore.exceptions")
+    if bx is not None:
         transient += [bx.ConnectionError, bx.HTTPClientError]
         permanent += [bx.NoCredentialsError, bx.PartialCredentialsError]
-    except ImportError:
-        pass
     return tuple(transient), tuple(permanent)
 
 
-_CLIENT_TRANSIENT, _CLIENT_PERMANENT = _optional_errors()
-_KNOWN = (OSError, TimeoutError) + _CLIENT_TRANSIENT + _CLIENT_PERMANENT
+def known(err: BaseException) -> bool:
+    """Whether `err` is a storage error this module classifies (`_classify`): an OSError, a timeout, an HTTP or S3
+    client's."""
+    transient, permanent = _client_errors()
+    return isinstance(err, (OSError, TimeoutError) + transient + permanent)
 
 
 def _classify(err: BaseException) -> str:
-    """'transient' or 'permanent', for an error of the _KNOWN types."""
+    """'transient' or 'permanent', for an error `known` knows."""
     status = getattr(err, "status", None)  # aiohttp.ClientResponseError
     if isinstance(status, int) and status >= 400:
         return "transient" if status >= 500 or status in (408, 429) else "permanent"
-    if isinstance(err, _PERMANENT + _CLIENT_PERMANENT):
+    if isinstance(err, _PERMANENT + _client_errors()[1]):
         return "permanent"
     return "transient"  # connection, timeout, other OSErrors (s3fs maps 5xx to OSError EIO)
 
@@ -131,7 +132,9 @@ def retrying(call: Callable[[], T], what: str, retries: int = DEFAULT_RETRIES, b
     for attempt in range(len(delays) + 1):
         try:
             return call()
-        except _KNOWN as err:
+        except Exception as err:  # noqa: BLE001 - storage errors only (`known`), the rest raised as they are
+            if not known(err):
+                raise
             if _classify(err) == "permanent":
                 raise FetchError(_describe(err)) from err
             if attempt == len(delays):

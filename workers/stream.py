@@ -16,7 +16,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from workers.fetch import (_KNOWN, DEFAULT_RETRIES, RETRY_BUDGET_S, FetchError, _classify, _describe,
+from workers.fetch import (DEFAULT_RETRIES, RETRY_BUDGET_S, FetchError, _classify, _describe, known,
                            open_filesystem, retrying)
 
 MIN_FETCH = 1 << 15  # 32 KiB (what PyAV asks at once): the first read after a seek (a header, an index, a keyframe)
@@ -142,7 +142,7 @@ def as_fetch_error(err: BaseException) -> FetchError:
     """A storage error (workers.fetch's known kinds) as a picklable FetchError with a row-ready message."""
     if isinstance(err, FetchError):
         return err
-    if isinstance(err, _KNOWN):
+    if known(err):
         return FetchError(_describe(err), transient=_classify(err) == "transient")
     return FetchError(f"{type(err).__name__}: {err}"[:300])
 
