@@ -42,6 +42,10 @@ from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.labeler import LabelerSpec
 
 log = logging.getLogger(__name__)
+# CPU labelers: Ray Data's executor in the driver (a scheduling loop and a consumer that polls every 10 ms: ~10-15%
+# of a core) yields a core it shares with a labeler, whose compute is the run's pace (its threads wait at every op
+# for one the OS gave away); its own work is milliseconds a block, so a lower priority costs it nothing
+DRIVER_NICE = 5
 
 
 @dataclasses.dataclass
@@ -215,7 +219,8 @@ def _graphs(spec: graph.GraphSpec, output: Output, ledger: Ledger, lister: Liste
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
                 dataset = graph.build_dataset(spec)
-                for batch in stream(dataset, config.stall_timeout, check=checks, stalls=result.stalls, busy=busy):
+                for batch in stream(dataset, config.stall_timeout, check=checks, stalls=result.stalls, busy=busy,
+                                    nice=DRIVER_NICE if config.gpus_per_worker == 0 else 0):
                     for record, leftover in zip(batch.column("record").to_pylist(),
                                                 batch.column("leftover").to_pylist()):
                         for r in [json.loads(record)] if record is not None else sink.add(leftover):
