@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -42,10 +43,11 @@ from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.labeler import LabelerSpec
 
 log = logging.getLogger(__name__)
-# CPU labelers: Ray Data's executor in the driver (a scheduling loop and a consumer that polls every 10 ms: ~10-15%
-# of a core) yields a core it shares with a labeler, whose compute is the run's pace (its threads wait at every op
-# for one the OS gave away); its own work is milliseconds a block, so a lower priority costs it nothing
-DRIVER_NICE = 5
+# CPU labelers: Ray starts its worker processes (the labelers among them) at nice 15 (its worker_niceness, set by
+# $RAY_worker_niceness) and the driver's at 0, so Ray Data's executor in the driver (a scheduling loop and a consumer
+# that polls every 10 ms: ~10-15% of a core) had ~28x a labeler's claim on a core they share, and the labeler's
+# threads wait at every op for the one the OS gave away; at the workers' nice value they share it evenly
+DRIVER_NICE = int(os.environ.get("RAY_worker_niceness", "15"))
 
 
 @dataclasses.dataclass

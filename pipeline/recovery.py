@@ -93,7 +93,8 @@ def stream(dataset, stall_s: float, describe=describe_cluster, check=None, check
     model's prefill, a first compile) is work, not a stall. `check`, called every `check_s` seconds whether rows
     come or not, raises when the cluster changed so that the job cannot go on (ClusterTooSmall): a node lost under
     it is noticed within seconds, not at the next stall. Errors of the dataset are raised here. `nice`: the pulling
-    thread, and the threads of Ray Data's executor it starts, at that much lower priority (`lower_this_thread`)."""
+    thread, and the threads of Ray Data's executor it starts, at that much lower priority (`lower_this_thread`;
+    pipeline.driver.DRIVER_NICE)."""
     import queue
     import threading
 
