@@ -160,6 +160,7 @@ def lower_this_thread(by: int) -> bool:
         return False
     return True
 
+
 # what a node, actor or object lost under a running pipeline raises (Ray's names: ray.exceptions)
 LOST_ERRORS = ("NodeDiedError", "ActorDiedError", "ActorUnavailableError", "RayActorError", "ObjectLostError",
                "ObjectFetchTimedOutError", "OwnerDiedError", "ObjectReconstructionFailedError",

@@ -302,7 +302,6 @@ def test_a_cpu_labeler_computes_on_the_cores_its_node_has():
     assert cpu_threads(1, 1, 0.5, 900_000_000) == 1 and cpu_threads(1, 1, 0.5, 5_000_000) == 1
 
 
-
 def test_a_labeler_outside_ray_counts_the_machine_s_cores_and_starts_no_ray():
     """Guards against node_cpus asking Ray's runtime context in a plain process (a labeler made outside a Ray
     worker), which started a local Ray of its own (seconds, and a token written to ~/.ray)."""
@@ -316,6 +315,7 @@ def test_a_labeler_outside_ray_counts_the_machine_s_cores_and_starts_no_ray():
         pytest.skip("a Ray of an earlier test is still up in this process")
     assert node_cpus() == float(len(os.sched_getaffinity(0)))
     assert not ray.is_initialized()
+
 
 def test_the_driver_gives_freed_heap_back_to_the_system(tmp_path):
     """glibc keeps freed pages in its arenas: a driver that frees each block's bookkeeping still grew in resident

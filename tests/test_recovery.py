@@ -54,7 +54,6 @@ def test_a_stall_got_over_is_recorded_and_a_second_period_fails():
         list(stream(Slow(1, 5), stall_s=0.2, describe=lambda: "x"))
 
 
-
 class Priorities:
     """A dataset that notes the nice value of the thread that pulls it, and of a thread that one starts (as Ray Data's
     executor does)."""
@@ -76,9 +75,9 @@ class Priorities:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value is a thread's own on Linux only")
 def test_the_driver_s_pipeline_threads_yield_the_cpu_and_its_own_thread_does_not():
-    """Guards against the driver's Ray Data executor (its polling: ~10-15% of a core) taking CPU from a CPU labeler at
-    the same priority, and against lowering the driver's own thread (a nice value cannot be raised back): the pulling
-    thread and the threads it starts run `nice` steps lower, the caller's thread as before."""
+    """Guards against the driver's Ray Data executor (its polling: ~10-15% of a core) keeping the driver's nice 0
+    beside CPU labelers that Ray runs at nice 15, and against lowering the driver's own thread (a nice value cannot be
+    raised back): the pulling thread and the threads it starts run `nice` steps lower, the caller's thread as before."""
     import os
     import threading
 
@@ -88,6 +87,7 @@ def test_the_driver_s_pipeline_threads_yield_the_cpu_and_its_own_thread_does_not
     assert plain.seen == [mine, mine]
     assert lowered.seen == [min(19, mine + 3)] * 2
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
 
 def test_read_backoff_is_exponential_and_bounded_in_time():
     """Guards against retries that wait without bound on a store that is down (a job stuck for minutes on one
