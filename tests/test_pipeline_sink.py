@@ -302,6 +302,32 @@ def test_a_cpu_labeler_computes_on_the_cores_its_node_has():
     assert cpu_threads(1, 1, 0.5, 900_000_000) == 1 and cpu_threads(1, 1, 0.5, 5_000_000) == 1
 
 
+def test_a_cpu_labeler_loads_on_its_share_of_the_cores_then_computes_on_its_threads(monkeypatch, tiny_model):
+    """Guards against a CPU labeler loading its model on the one thread Ray gives a 0.5-CPU worker (a real-size
+    checkpoint's copies, casts and oneDNN packing: ~10 s of a 0.5B model's start, on one core of two): it loads on
+    all of its share, then computes on what cpu_threads gives its model (a small one: one core fewer)."""
+    import torch
+
+    from lavi.serving.engine import Engine
+    from workers import labeler as labeler_module
+    from workers.labeler import Labeler, LabelerSpec
+
+    loading, load = [], Engine.load
+
+    def load_noting(*args, **kwargs):
+        loading.append(torch.get_num_threads())
+        return load(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.setattr(Engine, "load", staticmethod(load_noting))
+        monkeypatch.setattr(labeler_module, "node_cpus", lambda: 4.0)
+        Labeler(LabelerSpec(tiny_model, "job", workers=1, cpus_per_worker=0.5))
+        assert loading == [4] and torch.get_num_threads() == 3  # tiny: a core left to the pipeline
+    finally:
+        torch.set_num_threads(before)
+
 def test_a_labeler_outside_ray_counts_the_machine_s_cores_and_starts_no_ray():
     """Guards against node_cpus asking Ray's runtime context in a plain process (a labeler made outside a Ray
     worker), which started a local Ray of its own (seconds, and a token written to ~/.ray)."""
