@@ -330,17 +330,18 @@ def test_a_cpu_labeler_loads_on_its_share_of_the_cores_then_computes_on_its_thre
 
 def test_a_labeler_outside_ray_counts_the_machine_s_cores_and_starts_no_ray():
     """Guards against node_cpus asking Ray's runtime context in a plain process (a labeler made outside a Ray
-    worker), which started a local Ray of its own (seconds, and a token written to ~/.ray)."""
+    worker), which started a local Ray of its own (seconds, and a token written to ~/.ray). In a process of its own:
+    this one may hold an earlier test's Ray."""
+    import json
     import os
+    import subprocess
+    import sys
 
-    import ray
-
-    from workers.cpu_share import node_cpus
-
-    if ray.is_initialized():
-        pytest.skip("a Ray of an earlier test is still up in this process")
-    assert node_cpus() == float(len(os.sched_getaffinity(0)))
-    assert not ray.is_initialized()
+    code = ("import json, ray; from workers.cpu_share import node_cpus; "
+            "print(json.dumps([node_cpus(), ray.is_initialized()]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [float(len(os.sched_getaffinity(0))), False]
 
 
 def test_the_driver_gives_freed_heap_back_to_the_system(tmp_path):
