@@ -18,7 +18,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -43,11 +42,6 @@ from workers.fetch import OWN_BUDGET_S, OWN_RETRIES, retrying
 from workers.labeler import LabelerSpec
 
 log = logging.getLogger(__name__)
-# CPU labelers: Ray starts its worker processes (the labelers among them) at nice 15 (its worker_niceness, set by
-# $RAY_worker_niceness) and the driver's at 0, so Ray Data's executor in the driver (a scheduling loop and a consumer
-# that polls every 10 ms: ~10-15% of a core) had ~28x a labeler's claim on a core they share, and the labeler's
-# threads wait at every op for the one the OS gave away; at the workers' nice value they share it evenly
-DRIVER_NICE = int(os.environ.get("RAY_worker_niceness", "15"))
 
 
 @dataclasses.dataclass
@@ -221,8 +215,7 @@ def _graphs(spec: graph.GraphSpec, output: Output, ledger: Ledger, lister: Liste
             try:
                 # config.model, not the resolved default: None lets each actor find the bundled model on its node
                 dataset = graph.build_dataset(spec)
-                for batch in stream(dataset, config.stall_timeout, check=checks, stalls=result.stalls, busy=busy,
-                                    nice=DRIVER_NICE if config.gpus_per_worker == 0 else 0):
+                for batch in stream(dataset, config.stall_timeout, check=checks, stalls=result.stalls, busy=busy):
                     for record, leftover in zip(batch.column("record").to_pylist(),
                                                 batch.column("leftover").to_pylist()):
                         for r in [json.loads(record)] if record is not None else sink.add(leftover):

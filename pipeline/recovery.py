@@ -85,23 +85,20 @@ def cluster_check(config: RunConfig):
 
 
 def stream(dataset, stall_s: float, describe=describe_cluster, check=None, check_s: float = 5.0,
-           stalls: list[dict] | None = None, busy=None, nice: int = 0):
+           stalls: list[dict] | None = None, busy=None):
     """The dataset's output batches, pulled on a thread so that the driver notices a stall: after `stall_s` with no
     batch and no labeler at work it logs what the cluster has and waits on (and appends {"after_s", "cluster"} to
     `stalls`); after a second such period it raises PipelineStalled. 0: wait forever. `busy()`, when given, says
     whether a labeler is computing right now (its heartbeat: workers.progress): a batch that takes minutes (a large
     model's prefill, a first compile) is work, not a stall. `check`, called every `check_s` seconds whether rows
     come or not, raises when the cluster changed so that the job cannot go on (ClusterTooSmall): a node lost under
-    it is noticed within seconds, not at the next stall. Errors of the dataset are raised here. `nice`: the pulling
-    thread, and the threads of Ray Data's executor it starts, at that much lower priority (`lower_this_thread`;
-    pipeline.driver.DRIVER_NICE)."""
+    it is noticed within seconds, not at the next stall. Errors of the dataset are raised here."""
     import queue
     import threading
 
     q: queue.Queue = queue.Queue(maxsize=4)
 
     def pump() -> None:
-        lower_this_thread(nice)
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 q.put(("batch", batch))
@@ -144,21 +141,6 @@ def stream(dataset, stall_s: float, describe=describe_cluster, check=None, check
         if kind == "error":
             raise value
         yield value
-
-
-def lower_this_thread(by: int) -> bool:
-    """The calling thread, and the threads it starts from now on, `by` steps nicer (lower priority), on Linux, where
-    a nice value is a thread's own (elsewhere it is the process's: nothing is done). Whether it was lowered."""
-    import os
-    import sys
-
-    if by <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        os.nice(by)
-    except OSError:
-        return False
-    return True
 
 
 # what a node, actor or object lost under a running pipeline raises (Ray's names: ray.exceptions)

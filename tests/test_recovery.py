@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import pyarrow as pa
@@ -52,41 +51,6 @@ def test_a_stall_got_over_is_recorded_and_a_second_period_fails():
     assert len(stalls) == 2 and stalls[0]["cluster"] == "cluster {CPU: 2}" and stalls[0]["after_s"] >= 0.7
     with pytest.raises(PipelineStalled, match=r"no rows for 0 s"):
         list(stream(Slow(1, 5), stall_s=0.2, describe=lambda: "x"))
-
-
-class Priorities:
-    """A dataset that notes the nice value of the thread that pulls it, and of a thread that one starts (as Ray Data's
-    executor does)."""
-
-    def __init__(self):
-        self.seen: list[int] = []
-
-    def iter_batches(self, **kwargs):
-        import os
-        import threading
-
-        self.seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        inner = threading.Thread(target=lambda: self.seen.append(
-            os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
-        inner.start()
-        inner.join()
-        yield pa.table({"i": [0]})
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value is a thread's own on Linux only")
-def test_the_driver_s_pipeline_threads_yield_the_cpu_and_its_own_thread_does_not():
-    """Guards against the driver's Ray Data executor (its polling: ~10-15% of a core) keeping the driver's nice 0
-    beside CPU labelers that Ray runs at nice 15, and against lowering the driver's own thread (a nice value cannot be
-    raised back): the pulling thread and the threads it starts run `nice` steps lower, the caller's thread as before."""
-    import os
-    import threading
-
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    plain, lowered = Priorities(), Priorities()
-    assert len(list(stream(plain, stall_s=0))) == len(list(stream(lowered, stall_s=0, nice=3))) == 1
-    assert plain.seen == [mine, mine]
-    assert lowered.seen == [min(19, mine + 3)] * 2
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 def test_read_backoff_is_exponential_and_bounded_in_time():
