@@ -150,13 +150,10 @@ def plain_loop(model_dir: str, clips: list[tuple], batch_size: int, device: str,
 def labeler_threads(weights: int) -> int:
     """The torch threads the run's one CPU labeler computes on here (workers.cpu_share.cpu_threads at this machine's
     CPUs and the run's default CPUs per labeler)."""
-    import os
-
     from pipeline.config import RunConfig
-    from workers.cpu_share import cpu_threads
+    from workers.cpu_share import cpu_threads, machine_cpus
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cpu_threads(float(cpus), 1, RunConfig.__dataclass_fields__["cpus_per_worker"].default, weights)
+    return cpu_threads(machine_cpus(), 1, RunConfig.__dataclass_fields__["cpus_per_worker"].default, weights)
 
 
 def _plain(model_dir: str, clips: list[tuple], batch_size: int, device: str, max_new_tokens: int) -> dict:

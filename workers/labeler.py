@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from schemas.clips import BOOKKEEPING, CLIP_SCHEMA
 from schemas.rows import ERROR, IMAGE, INFER, OK, TRUNCATED, VIDEO, error_columns, row_id, table_from_rows
-from workers.cpu_share import BIG_MODEL, cpu_threads, node_cpus
+from workers.cpu_share import cpu_share, cpu_threads, node_cpus
 from workers.model_cache import local_model_dir
 from workers.progress import LOADING, RowReporter
 
@@ -94,14 +94,15 @@ class Labeler:
         cuda = spec.device.startswith("cuda")
         batch = {} if spec.max_batch is None else {"max_batch": spec.max_batch}
         dtype = getattr(torch, spec.dtype) if spec.dtype else torch.bfloat16 if cuda else cpu_dtype()
+        cpus = None if cuda else node_cpus()
         if not cuda:  # the load (copies, casts, oneDNN's packing) on all of this labeler's share, not Ray's one thread
-            torch.set_num_threads(cpu_threads(node_cpus(), spec.workers, spec.cpus_per_worker, BIG_MODEL))
+            torch.set_num_threads(cpu_share(cpus, spec.workers, spec.cpus_per_worker))
         engine = Engine.load(local_model_dir(spec.model or DEFAULT_MODEL, spec.storage_options), device=spec.device,
                              dtype=dtype, compile=spec.compile,
                              quantize=spec.quantize, visual_compress=spec.visual_compress, **batch)
         engine.inflight = spec.inflight
         if not cuda:
-            threads = cpu_threads(node_cpus(), spec.workers, spec.cpus_per_worker, weight_count(engine.model))
+            threads = cpu_threads(cpus, spec.workers, spec.cpus_per_worker, weight_count(engine.model))
             torch.set_num_threads(threads)
             log.info("CPU labeler: %d torch threads", threads)
         gen = GenerationConfig(**spec.generation)
